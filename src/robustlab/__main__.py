@@ -1,0 +1,3 @@
+from robustlab.cli import main
+
+raise SystemExit(main())
