@@ -1,0 +1,140 @@
+"""Projected gradient descent (Madry et al. 2018) and its one-step cases FGSM and FGM.
+
+`perturb` is the one loop; it neither switches the model's mode nor touches parameter gradients
+(gradients are taken for the input only). The public attacks wrap it in `attack_mode`, which runs
+the model in eval mode and restores the caller's mode afterwards.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustlab.attacks.threat import make_threat
+from robustlab.errors import RobustlabError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> per-example loss
+
+
+def cross_entropy(logits, y):
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+@contextmanager
+def frozen_params(model: nn.Module):
+    """Parameters stop requiring grad for the duration, so attack backward passes skip weight gradients."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+@contextmanager
+def attack_mode(model: nn.Module):
+    """Eval mode and frozen parameters; the caller's mode (per module) is restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with frozen_params(model):
+            yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def perturb(model, x, y, threat, steps: int, *, random_start: bool = True, targeted: bool = False,
+            loss_fn: LossFn = cross_entropy, keep_best: bool = False, generator=None,
+            x_init: torch.Tensor | None = None) -> torch.Tensor:
+    """Run `steps` projected ascent steps on `loss_fn` (descent toward `y` if `targeted`).
+
+    keep_best: return, per example, the first iterate that the model misclassified (or classified
+    as the target), else the last one: any iterate inside the ball is a valid adversarial example.
+    Evaluation uses this; training uses the last iterate.
+    """
+    x = x.detach()
+    if x_init is not None:
+        x_adv = threat.project(x_init.detach(), x)
+    elif random_start:
+        x_adv = threat.random_start(x, generator)
+    else:
+        x_adv = x.clone()
+    best = x_adv.clone() if keep_best else None
+    done = torch.zeros(len(x), dtype=torch.bool, device=x.device) if keep_best else None
+    sign = -1.0 if targeted else 1.0
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        logits = model(x_adv)
+        loss = loss_fn(logits, y).sum()
+        (grad,) = torch.autograd.grad(sign * loss, x_adv)
+        x_adv = x_adv.detach()
+        if keep_best:
+            _record_success(logits.detach(), y, targeted, x_adv, best, done)
+        x_adv = threat.project(threat.step(x_adv, grad), x)
+    if keep_best:
+        with torch.no_grad():
+            _record_success(model(x_adv), y, targeted, x_adv, best, done)
+        return torch.where(done.view(-1, *([1] * (x.dim() - 1))), best, x_adv)
+    return x_adv.detach()
+
+
+def _record_success(logits, y, targeted, x_adv, best, done):
+    pred = logits.argmax(1)
+    success = (pred == y) if targeted else (pred != y)
+    new = success & ~done
+    best[new] = x_adv[new]
+    done |= new
+
+
+def _check_budget(eps, steps, restarts):
+    if eps < 0:
+        raise RobustlabError(f"eps must be >= 0, got {eps}")
+    if steps < 1:
+        raise RobustlabError(f"steps must be >= 1, got {steps}")
+    if restarts < 1:
+        raise RobustlabError(f"restarts must be >= 1, got {restarts}")
+
+
+def pgd(model, x, y, *, eps: float, norm: str = "linf", steps: int = 10, step_size: float | None = None,
+        random_start: bool = True, restarts: int = 1, targeted: bool = False,
+        loss_fn: LossFn = cross_entropy, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Evaluation PGD: worst case per example over `restarts` runs, model in eval mode.
+
+    step_size defaults to 2.5·ε/steps (Madry et al.), so the iterate can cross the ball.
+    A restart only runs on examples that earlier restarts did not break.
+    """
+    _check_budget(eps, steps, restarts)
+    threat = make_threat(norm, eps, step_size if step_size is not None else 2.5 * eps / steps)
+    with attack_mode(model):
+        x_adv = x.clone()
+        remaining = torch.arange(len(x), device=x.device)
+        for r in range(restarts):
+            xr, yr = x[remaining], y[remaining]
+            adv = perturb(model, xr, yr, threat, steps, random_start=random_start or r > 0,
+                          targeted=targeted, loss_fn=loss_fn, keep_best=True, generator=generator)
+            x_adv[remaining] = adv
+            with torch.no_grad():
+                pred = model(adv).argmax(1)
+            robust = (pred != yr) if targeted else (pred == yr)
+            remaining = remaining[robust]
+            if len(remaining) == 0:
+                break
+    return x_adv
+
+
+def fgsm(model, x, y, *, eps: float, targeted: bool = False, loss_fn: LossFn = cross_entropy) -> torch.Tensor:
+    """Fast gradient sign method (Goodfellow et al. 2015): one L∞ step of size ε from x."""
+    return pgd(model, x, y, eps=eps, norm="linf", steps=1, step_size=eps, random_start=False,
+               targeted=targeted, loss_fn=loss_fn)
+
+
+def fgm(model, x, y, *, eps: float, targeted: bool = False, loss_fn: LossFn = cross_entropy) -> torch.Tensor:
+    """Fast gradient method (L2): one step of L2 length ε along the normalized gradient."""
+    return pgd(model, x, y, eps=eps, norm="l2", steps=1, step_size=eps, random_start=False,
+               targeted=targeted, loss_fn=loss_fn)

@@ -1,0 +1,69 @@
+"""Threat models as small steps (after MadryLab's robustness): random start, ascent step, projection.
+
+Every method keeps the iterate inside both the ε-ball around `x` and the valid box [0, 1].
+Clipping only in the forward pass would give saturated pixels zero gradient forever.
+"""
+from __future__ import annotations
+
+import torch
+
+from robustlab.errors import RobustlabError, check_choice
+
+NORMS = ("linf", "l2")
+
+
+def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+class LinfBall:
+    def __init__(self, eps: float, step_size: float):
+        self.eps, self.step_size = eps, step_size
+
+    def random_start(self, x, generator=None):
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return (x + (2 * noise - 1) * self.eps).clamp(0, 1)
+
+    def step(self, x_adv, grad):
+        return x_adv + self.step_size * grad.sign()
+
+    def project(self, x_adv, x):
+        return torch.min(torch.max(x_adv, x - self.eps), x + self.eps).clamp(0, 1)
+
+
+class L2Ball:
+    def __init__(self, eps: float, step_size: float):
+        self.eps, self.step_size = eps, step_size
+
+    def random_start(self, x, generator=None):
+        # Uniform in the ball: a Gaussian direction with radius eps·U^(1/d).
+        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        direction = direction / _per_example_norm(direction).clamp_min(1e-12)
+        d = x[0].numel()
+        radius = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype) ** (1.0 / d)
+        return self.project(x + direction * self.eps * radius.view(-1, *([1] * (x.dim() - 1))), x)
+
+    def step(self, x_adv, grad):
+        return x_adv + self.step_size * grad / _per_example_norm(grad).clamp_min(1e-12)
+
+    def project(self, x_adv, x):
+        delta = x_adv - x
+        factor = (self.eps / _per_example_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
+        return (x + delta * factor).clamp(0, 1)
+
+
+def make_threat(norm: str, eps: float, step_size: float):
+    check_choice("norm", norm, NORMS)
+    if eps < 0:
+        raise RobustlabError(f"eps must be >= 0, got {eps}")
+    if step_size < 0:
+        raise RobustlabError(f"step size must be >= 0, got {step_size}")
+    return (LinfBall if norm == "linf" else L2Ball)(eps, step_size)
+
+
+def within_ball(x_adv, x, norm: str, eps: float, tol: float = 1e-6) -> bool:
+    """True when every example lies inside the ε-ball around `x` and inside [0, 1]."""
+    in_box = bool((x_adv >= -tol).all() and (x_adv <= 1 + tol).all())
+    delta = (x_adv - x).flatten(1)
+    dist = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    return in_box and bool((dist <= eps + tol).all())

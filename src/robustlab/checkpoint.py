@@ -1,0 +1,99 @@
+"""Checkpoints without pickle: safetensors tensors plus JSON metadata.
+
+The metadata lives inside the safetensors header (so one file is self-contained) and beside it as a
+`.json` file for people to read. Both are written to a temporary file and renamed, so a run killed
+mid-write leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+from robustlab.errors import RobustlabError
+
+FORMAT = "robustlab-checkpoint/1"
+
+
+def versions() -> dict:
+    from robustlab import __version__
+    return {"robustlab": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _atomic_write_bytes(path: Path, write):
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save(path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": FORMAT, "versions": versions(), **metadata}
+    text = json.dumps(metadata, indent=1, sort_keys=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic_write_bytes(path, lambda p: save_file(tensors, str(p), metadata={"robustlab": text}))
+    _atomic_write_bytes(path.with_suffix(".json"), lambda p: p.write_text(text + "\n"))
+
+
+def read_metadata(path) -> dict:
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise RobustlabError(f"{path} is not a readable safetensors checkpoint ({str(exc).splitlines()[0]})") from None
+    if "robustlab" not in header:
+        raise RobustlabError(f"{path} is a safetensors file but not a robustlab checkpoint (no robustlab metadata)")
+    meta = json.loads(header["robustlab"])
+    if meta.get("format") != FORMAT:
+        raise RobustlabError(f"{path} has checkpoint format {meta.get('format')!r}; this robustlab reads {FORMAT}")
+    return meta
+
+
+def load(path) -> tuple[dict[str, torch.Tensor], dict]:
+    meta = read_metadata(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise RobustlabError(f"{path} is corrupted ({str(exc).splitlines()[0]})") from None
+    return tensors, meta
+
+
+def prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}{k}": v for k, v in state.items()}
+
+
+def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer's state into tensors (for safetensors) and JSON-able hyper-parameters."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], info: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(info["scalars"].items()):
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})

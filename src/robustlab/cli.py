@@ -1,0 +1,203 @@
+"""The `robustlab` command: train, eval, bench. Bad input exits with status 2 and a one-line error."""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+from robustlab.errors import RobustlabError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: one line, status 2
+        self.exit(2, f"robustlab: error: {message}\n")
+
+
+def _positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def _nonneg_float(text):
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from robustlab.models import MODELS
+    from robustlab.training.methods import METHODS
+    from robustlab.training.schedules import SCHEDULES
+
+    p = _Parser(prog="robustlab", description="Adversarial robustness for PyTorch.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a model (adversarially)")
+    t.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, mnist, cifar10, cifar100")
+    t.add_argument("--data-dir", help="where the dataset files are (default: the usual places)")
+    t.add_argument("--download", action="store_true", help="download missing dataset files (sha256-checked)")
+    t.add_argument("--model", default="cnn-small", help=", ".join(MODELS))
+    t.add_argument("--width", type=_positive(int), help="channel width of the ResNets (default 64)")
+    t.add_argument("--method", default="pgd-at", help=", ".join(METHODS))
+    t.add_argument("--norm", default="linf", help="linf or l2")
+    t.add_argument("--eps", type=_nonneg_float, help="attack radius in pixel scale (default: the protocol's)")
+    t.add_argument("--steps", type=_positive(int), help="attack steps during training")
+    t.add_argument("--step-size", type=_nonneg_float, help="attack step size in pixel scale")
+    t.add_argument("--epochs", type=_positive(int), default=10)
+    t.add_argument("--batch-size", type=_positive(int), default=128)
+    t.add_argument("--optimizer", default="sgd", help="sgd or adam")
+    t.add_argument("--lr", type=_positive(float), default=0.05)
+    t.add_argument("--momentum", type=float, default=0.9)
+    t.add_argument("--weight-decay", type=_nonneg_float, default=5e-4)
+    t.add_argument("--schedule", default="one-cycle", help=", ".join(SCHEDULES))
+    t.add_argument("--augment", help="none, crop, crop-flip (default: the dataset's)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--precision", default="fp32", help="fp32 or bf16 (autocast; slower on CPUs without bf16 units)")
+    t.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    t.add_argument("--val-n", type=_positive(int), default=1000, help="validation images for the per-epoch PGD check")
+    t.add_argument("--train-n", type=_positive(int), help="train on the first N training images only")
+    t.add_argument("--threads", type=_positive(int), help="torch CPU threads")
+    t.add_argument("--out", required=True, help="run directory (checkpoints, metrics, reports)")
+    t.add_argument("--resume", action="store_true", help="continue from RUN/last.safetensors")
+
+    e = sub.add_parser("eval", help="evaluate a trained run under attack and write RUN/report.md")
+    e.add_argument("run", help="run directory or checkpoint file")
+    e.add_argument("--attack", default="pgd", help="fgsm, fgm, pgd")
+    e.add_argument("--norm", help="linf or l2 (default: the run's)")
+    e.add_argument("--eps", type=_nonneg_float, help="default: the protocol's for the run's dataset")
+    e.add_argument("--steps", type=_positive(int), help="PGD steps (default: the protocol's)")
+    e.add_argument("--step-size", type=_nonneg_float)
+    e.add_argument("--restarts", type=_positive(int))
+    e.add_argument("--n", type=_positive(int), help="evaluate the first N test images (default: all)")
+    e.add_argument("--batch-size", type=_positive(int), default=500)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--sweep-n", type=int, default=1000, help="test images for the accuracy-vs-ε plot (0: no plot)")
+    e.add_argument("--checkpoint", default="best", help="best or last")
+    e.add_argument("--data-dir")
+    e.add_argument("--json", action="store_true", help="print the results as JSON")
+    e.add_argument("--threads", type=_positive(int))
+
+    b = sub.add_parser("bench", help="throughput against a textbook PyTorch loop")
+    b.add_argument("--model", default="cnn-small")
+    b.add_argument("--batch-size", type=_positive(int), default=128)
+    b.add_argument("--iters", type=_positive(int), default=10)
+    return p
+
+
+def cmd_train(args) -> int:
+    from robustlab.training.run import build_trainer
+    from robustlab.training.trainer import TrainConfig
+
+    out = Path(args.out)
+    if not args.resume and (out / "last.safetensors").exists():
+        raise RobustlabError(f"{out} already holds a run; add --resume to continue it or choose another --out")
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                         momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
+                         seed=args.seed, precision=args.precision, channels_last=args.channels_last,
+                         augment=args.augment, val_n=args.val_n, train_n=args.train_n, threads=args.threads)
+    trainer = build_trainer(dataset=args.dataset, model=args.model, method=args.method, norm=args.norm, out=out,
+                            data_dir=args.data_dir, download=args.download, config=config,
+                            model_kwargs={"width": args.width} if args.width else None,
+                            method_kwargs={"eps": args.eps, "steps": args.steps, "step_size": args.step_size})
+    if args.resume and trainer.resume():
+        print(f"resuming {out} after epoch {trainer.start_epoch}", file=sys.stderr)
+    elif args.resume:
+        raise RobustlabError(f"--resume: {out} holds no last.safetensors to continue from")
+    metrics = trainer.fit()
+    print(json.dumps({"run": str(out), "best": trainer.best, "last": metrics}))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+    from robustlab import load_model
+    from robustlab.attacks import ATTACKS, pgd
+    from robustlab.data import load_dataset
+    from robustlab.errors import check_choice
+    from robustlab.evaluate import accuracy
+    from robustlab.evaluate.report import plot_accuracy_vs_eps, write_report
+    from robustlab.protocol import threat_defaults
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    check_choice("attack", args.attack, ATTACKS)
+    model = load_model(args.run, args.checkpoint)
+    meta = model.checkpoint_meta
+    dataset = meta["dataset"]["name"]
+    norm = args.norm or meta.get("method", {}).get("norm", "linf")
+    if args.attack == "fgsm":
+        norm = "linf"
+    if args.attack == "fgm":
+        norm = "l2"
+    budget = threat_defaults(dataset, norm).eval
+    eps = budget.eps if args.eps is None else args.eps
+    steps, restarts = args.steps or budget.steps, args.restarts or budget.restarts
+    step_size = args.step_size if args.step_size is not None else (budget.step_size if args.steps is None else 2.5 * eps / steps)
+    test = load_dataset(dataset, data_dir=args.data_dir).test
+    test = test.subset(args.n) if args.n else test
+
+    def attack_at(e):
+        if args.attack == "pgd":
+            return partial(pgd, eps=e, norm=norm, steps=steps, step_size=step_size * (e / eps if eps else 1), restarts=restarts)
+        return lambda m, x, y, generator=None: ATTACKS[args.attack](m, x, y, eps=e)
+
+    label = (f"PGD-{steps}{'×' + str(restarts) if restarts > 1 else ''} {norm} ε={eps:g} step {step_size:g}"
+             if args.attack == "pgd" else f"{args.attack.upper()} ε={eps:g}")
+    start = time.perf_counter()
+    clean = accuracy(model, test, batch_size=args.batch_size, progress="clean")
+    robust = accuracy(model, test, attack=attack_at(eps), batch_size=args.batch_size, seed=args.seed,
+                      progress=label) if eps > 0 else clean
+    results = {"run": {"model": meta["model"]["name"], "dataset": dataset, "method": meta.get("method", {}).get("name"),
+                       "epoch": meta.get("epoch")},
+               "attack": {"name": args.attack, "norm": norm, "eps": eps, "steps": steps, "step_size": step_size,
+                          "restarts": restarts, "seed": args.seed},
+               "clean": clean, "robust": robust, "n": len(test), "wall_s": round(time.perf_counter() - start, 1),
+               "rows": [{"name": "clean", "n": len(test), "accuracy": clean}, {"name": label, "n": len(test), "accuracy": robust}],
+               "command": "robustlab " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None}
+    run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
+    plots = {}
+    if args.sweep_n > 0 and eps > 0:
+        sweep = test.subset(min(args.sweep_n, len(test)))
+        points = [(0.0, accuracy(model, sweep, batch_size=args.batch_size))]
+        for f in (0.25, 0.5, 0.75, 1.0, 1.5, 2.0):
+            points.append((f * eps, accuracy(model, sweep, attack=attack_at(f * eps), batch_size=args.batch_size,
+                                             seed=args.seed, progress=f"sweep ε={f * eps:g}")))
+        results["sweep"] = {"n": len(sweep), "points": points}
+        plot_accuracy_vs_eps({label.split(" ")[0]: points}, run_dir / "accuracy_vs_eps.png",
+                             f"{meta['model']['name']} on {dataset} ({len(sweep)} test images)", norm)
+        plots["Accuracy versus ε"] = "accuracy_vs_eps.png"
+    write_report(run_dir, results, plots)
+    if args.json:
+        print(json.dumps({k: results[k] for k in ("clean", "robust", "n", "attack", "wall_s")}))
+    else:
+        print(f"clean accuracy   {clean:.2%} ({len(test)} test images)")
+        print(f"robust accuracy  {robust:.2%} under {label}")
+        print(f"report: {run_dir / 'report.md'}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from robustlab.bench import main as bench_main
+    bench_main(["--model", args.model, "--batch-size", str(args.batch_size), "--iters", str(args.iters)])
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench}[args.command](args)
+    except RobustlabError as exc:
+        print(f"robustlab: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("robustlab: interrupted (the last completed epoch is saved; continue with --resume)", file=sys.stderr)
+        return 130

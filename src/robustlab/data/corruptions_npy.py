@@ -1,0 +1,69 @@
+"""Reader for CIFAR-10-C style corruption sets: one (5·N)×H×W×3 uint8 .npy per corruption.
+
+Rows (s-1)·N : s·N hold severity s. Arrays are memory-mapped so that only the requested
+corruptions and severities are read from disk.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import RobustlabError
+from .datasets import ImageSet
+
+SEVERITIES = (1, 2, 3, 4, 5)
+_HOW_TO_GET = ("download CIFAR-10-C (https://zenodo.org/record/2535967), unpack it and pass "
+               "the folder holding labels.npy")
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise RobustlabError(f"cannot read {path}: {exc}; "
+                             "delete it and unpack the archive again") from None
+
+
+def load_cifar_c(data_dir: str | os.PathLike, corruptions: list[str] | None = None,
+                 severities=SEVERITIES) -> dict[str, dict[int, ImageSet]]:
+    """Return {corruption: {severity: ImageSet}}; all corruptions in the folder if none named."""
+    folder = Path(data_dir).expanduser()
+    if not (folder / "labels.npy").is_file() and (folder / "CIFAR-10-C" / "labels.npy").is_file():
+        folder = folder / "CIFAR-10-C"
+    if not (folder / "labels.npy").is_file():
+        raise RobustlabError(f"labels.npy not found in {folder}; {_HOW_TO_GET}")
+    available = sorted(p.stem for p in folder.glob("*.npy") if p.stem != "labels")
+    if corruptions is None:
+        corruptions = available
+    missing = [c for c in corruptions if c not in available]
+    if missing:
+        raise RobustlabError(f"corruption {', '.join(missing)} not found in {folder}; "
+                             f"available: {', '.join(available) or 'none'}")
+    bad = [s for s in severities if s not in SEVERITIES]
+    if bad:
+        raise RobustlabError(f"severities must be among 1..5, got {bad}")
+
+    labels = _load_npy(folder / "labels.npy")
+    result = {}
+    for name in corruptions:
+        path = folder / f"{name}.npy"
+        images = _load_npy(path)
+        if images.ndim != 4 or images.shape[3] not in (1, 3) or images.dtype != np.uint8:
+            raise RobustlabError(f"{path} holds {images.dtype} {images.shape}; "
+                                 "expected uint8 (5·N)×H×W×C")
+        rows = images.shape[0]
+        if rows % 5 or labels.shape != (rows,):
+            raise RobustlabError(f"{path} has {rows} rows and labels.npy has shape {labels.shape}; "
+                                 "expected 5·N rows and one label per row")
+        n = rows // 5
+        result[name] = {
+            s: ImageSet(
+                torch.from_numpy(images[(s - 1) * n: s * n].transpose(0, 3, 1, 2).copy()),
+                torch.from_numpy(np.array(labels[(s - 1) * n: s * n], dtype=np.int64)))
+            for s in severities
+        }
+    return result

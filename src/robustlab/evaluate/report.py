@@ -1,0 +1,47 @@
+"""report.md / report.json for a run, with plots people would rather look at than read."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_accuracy_vs_eps(curves: dict[str, list[tuple[float, float]]], path, title: str, norm: str):
+    """One line per attack: accuracy (%) against ε."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    for name, points in curves.items():
+        eps, acc = zip(*sorted(points))
+        ax.plot(eps, [100 * a for a in acc], marker="o", label=name)
+    ax.set_xlabel(f"ε ({'L∞' if norm == 'linf' else 'L2'}, pixel scale)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(run_dir, results: dict, plots: dict[str, str]):
+    """Write RUN/report.json (everything) and RUN/report.md (a readable summary with the plots)."""
+    run_dir = Path(run_dir)
+    (run_dir / "report.json").write_text(json.dumps(results, indent=1) + "\n")
+    lines = [f"# Evaluation of `{run_dir.name}`", ""]
+    meta = results.get("run", {})
+    if meta:
+        lines += [f"- model: `{meta.get('model')}`, dataset: `{meta.get('dataset')}`, method: `{meta.get('method')}`, "
+                  f"epoch {meta.get('epoch')}", ""]
+    lines += ["| evaluation | images | accuracy |", "|---|---|---|"]
+    for row in results["rows"]:
+        lines.append(f"| {row['name']} | {row['n']} | {100 * row['accuracy']:.2f}% |")
+    lines.append("")
+    if results.get("command"):
+        lines += ["Command:", "", f"    {results['command']}", ""]
+    for title, file in plots.items():
+        lines += [f"## {title}", "", f"![{title}]({file})", ""]
+    (run_dir / "report.md").write_text("\n".join(lines))

@@ -1,0 +1,70 @@
+"""Build models by name. Each builder takes the input shape (C, H, W) and the number of classes."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+from torch import nn
+
+from robustlab.errors import check_choice
+from robustlab.models import resnet
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel, so that attacks and users only ever see pixels in [0, 1]."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+def cnn_small(input_shape, num_classes):
+    """The protocol's reference CNN: two 3×3 conv blocks with max-pooling, then 128 hidden units."""
+    c, h, w = input_shape
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(c, 32, 3, padding=1), relu1=nn.ReLU(), pool1=nn.MaxPool2d(2),
+        conv2=nn.Conv2d(32, 64, 3, padding=1), relu2=nn.ReLU(), pool2=nn.MaxPool2d(2),
+        flatten=nn.Flatten(),
+        fc1=nn.Linear(64 * (h // 4) * (w // 4), 128), relu3=nn.ReLU(),
+        fc2=nn.Linear(128, num_classes),
+    ))
+
+
+def lenet(input_shape, num_classes):
+    """LeNet-5 layout (5×5 convs with 6 and 16 channels, 120-84 hidden units)."""
+    c, h, w = input_shape
+    h2, w2 = (h // 2 - 4) // 2, (w // 2 - 4) // 2
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(c, 6, 5, padding=2), relu1=nn.ReLU(), pool1=nn.MaxPool2d(2),
+        conv2=nn.Conv2d(6, 16, 5), relu2=nn.ReLU(), pool2=nn.MaxPool2d(2),
+        flatten=nn.Flatten(),
+        fc1=nn.Linear(16 * h2 * w2, 120), relu3=nn.ReLU(),
+        fc2=nn.Linear(120, 84), relu4=nn.ReLU(),
+        fc3=nn.Linear(84, num_classes),
+    ))
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "cnn-small": cnn_small,
+    "lenet": lenet,
+    "preact-resnet18": resnet.preact_resnet18,
+    "resnet18": resnet.resnet18,
+    "wrn-28-10": resnet.wide_resnet28_10,
+}
+
+
+def build_model(name: str, input_shape, num_classes: int, mean, std, **kwargs) -> nn.Module:
+    """`Normalize` followed by the named network; `kwargs` go to the builder (e.g. `width`)."""
+    check_choice("model", name, MODELS)
+    net = MODELS[name](tuple(input_shape), num_classes, **kwargs)
+    return nn.Sequential(OrderedDict(normalize=Normalize(mean, std), net=net))
+
+
+def classifier_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The Conv and Linear modules of a model, by qualified name (the units RiFT and AWP work on)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]

@@ -1,0 +1,45 @@
+"""Threat-model defaults of the evaluation protocol (shared/PROTOCOL.md), per dataset and norm.
+
+Training: Madry et al. 2018 settings (PGD-40 step 0.01 for MNIST, PGD-10 step 2/255 for CIFAR);
+Fashion-MNIST follows the same recipe scaled to ε = 0.1. Evaluation: stronger PGD with restarts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from robustlab.errors import check_choice
+
+
+@dataclass(frozen=True)
+class Budget:
+    eps: float
+    steps: int
+    step_size: float
+    restarts: int = 1
+
+
+@dataclass(frozen=True)
+class ThreatDefaults:
+    train: Budget
+    eval: Budget
+
+
+_CIFAR = {
+    "linf": ThreatDefaults(Budget(8 / 255, 10, 2 / 255), Budget(8 / 255, 20, 2 / 255)),
+    "l2": ThreatDefaults(Budget(0.5, 10, 0.125), Budget(0.5, 20, 0.0625)),
+}
+_FMNIST = {
+    "linf": ThreatDefaults(Budget(0.1, 10, 0.025), Budget(0.1, 50, 0.01, restarts=3)),
+    "l2": ThreatDefaults(Budget(1.5, 10, 0.375), Budget(1.5, 50, 0.15, restarts=3)),
+}
+_MNIST = {
+    "linf": ThreatDefaults(Budget(0.3, 40, 0.01), Budget(0.3, 100, 0.01)),
+    "l2": ThreatDefaults(Budget(2.0, 40, 0.1), Budget(2.0, 100, 0.1)),  # not in the protocol table
+}
+PROTOCOL = {"fashion-mnist": _FMNIST, "mnist": _MNIST, "cifar10": _CIFAR, "cifar100": _CIFAR}
+
+
+def threat_defaults(dataset: str, norm: str) -> ThreatDefaults:
+    check_choice("dataset", dataset, PROTOCOL)
+    check_choice("norm", norm, ("linf", "l2"))
+    return PROTOCOL[dataset][norm]

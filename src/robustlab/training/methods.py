@@ -1,0 +1,93 @@
+"""Training methods: each turns a batch into a loss (and may take over the optimizer step).
+
+A method holds its hyper-parameters only (no model, no global state), so the same object serves
+one process or many under DDP. `Batch`-level work goes through `StepContext`, which the Trainer builds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustlab.attacks import attack_mode, frozen_params, make_threat, perturb
+
+
+@dataclass
+class StepContext:
+    """What a method needs besides the batch: the model (maybe DDP-wrapped), the plain module for
+    attacks, the optimizer, a seeded generator for random starts, and the autocast context."""
+    model: nn.Module
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    autocast: Callable
+    state: dict = field(default_factory=dict)  # per-run scratch space a method may keep (e.g. FreeAT's δ)
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor
+    logits: torch.Tensor          # on the examples the loss was trained on
+    logits_clean: torch.Tensor | None = None
+
+
+class Method:
+    name = "base"
+    adversarial = True
+
+    def loss(self, ctx: StepContext, x, y) -> StepResult:
+        raise NotImplementedError
+
+    def train_step(self, ctx: StepContext, x, y) -> StepResult:
+        """One optimizer step. Methods that replay batches or perturb weights override this."""
+        with ctx.autocast():
+            result = self.loss(ctx, x, y)
+        ctx.optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        ctx.optimizer.step()
+        return result
+
+    def config(self) -> dict:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+
+class Standard(Method):
+    """Plain training on clean inputs (the undefended baseline)."""
+    name = "standard"
+    adversarial = False
+
+    def loss(self, ctx, x, y):
+        logits = ctx.model(x)
+        return StepResult(F.cross_entropy(logits, y), logits)
+
+
+class PGDAT(Method):
+    """Madry et al. 2018: minimize the cross-entropy on PGD examples.
+
+    Examples are generated with the model in eval mode (`attack_in_eval=True`, as in the TRADES and
+    MART reference code), so BatchNorm statistics are not updated by attack forward passes; set it to
+    False to generate in train mode (Madry's and Rice et al.'s code).
+    """
+    name = "pgd-at"
+
+    def __init__(self, eps=0.1, norm="linf", steps=10, step_size=0.025, random_start=True, attack_in_eval=True):
+        self.eps, self.norm, self.steps, self.step_size = eps, norm, steps, step_size
+        self.random_start, self.attack_in_eval = random_start, attack_in_eval
+        self._threat = make_threat(norm, eps, step_size)
+
+    def adversarial_examples(self, ctx, x, y):
+        guard = attack_mode(ctx.module) if self.attack_in_eval else frozen_params(ctx.module)
+        with guard:
+            return perturb(ctx.module, x, y, self._threat, self.steps,
+                           random_start=self.random_start, generator=ctx.generator)
+
+    def loss(self, ctx, x, y):
+        x_adv = self.adversarial_examples(ctx, x, y)
+        logits = ctx.model(x_adv)
+        return StepResult(F.cross_entropy(logits, y), logits)
+
+
+METHODS = {m.name: m for m in (Standard, PGDAT)}

@@ -1,0 +1,91 @@
+"""Runs as users see them: build everything from names, and load a trained model back."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from robustlab import checkpoint
+from robustlab.attacks import pgd
+from robustlab.data import DatasetInfo, load_dataset
+from robustlab.errors import RobustlabError, check_choice
+from robustlab.models import build_model
+from robustlab.protocol import threat_defaults
+from robustlab.training.methods import METHODS
+from robustlab.training.trainer import TrainConfig, Trainer
+
+
+def model_from_meta(meta: dict) -> torch.nn.Module:
+    info = meta["dataset"]
+    return build_model(meta["model"]["name"], info["input_shape"], info["num_classes"],
+                       info["mean"], info["std"], **meta["model"].get("kwargs", {}))
+
+
+def resolve_checkpoint(path, which: str = "best") -> Path:
+    path = Path(path)
+    if path.is_dir():
+        check_choice("checkpoint", which, ("best", "last"))
+        for name in ((f"{which}.safetensors", "last.safetensors") if which == "best" else ("last.safetensors",)):
+            if (path / name).exists():
+                return path / name
+        raise RobustlabError(f"{path} holds no checkpoint (looked for best.safetensors and last.safetensors); "
+                             f"train one with `robustlab train --out {path}`")
+    if not path.exists():
+        raise RobustlabError(f"no run directory or checkpoint at {path}")
+    return path
+
+
+def load_model(path, which: str = "best") -> torch.nn.Module:
+    """Rebuild a model from a robustlab checkpoint; returns it in eval mode, on the CPU, in fp32."""
+    file = resolve_checkpoint(path, which)
+    tensors, meta = checkpoint.load(file)
+    model = model_from_meta(meta)
+    try:
+        model.load_state_dict(checkpoint.unprefixed("model.", tensors))
+    except RuntimeError as exc:
+        raise RobustlabError(f"{file}: weights do not fit model {meta['model']['name']!r} ({str(exc).splitlines()[0]})") from None
+    model.eval()
+    model.checkpoint_meta = meta
+    return model
+
+
+def make_method(name: str, dataset: str, norm: str, **overrides):
+    """A method with the protocol's training threat model for `dataset`, overridable per field."""
+    check_choice("method", name, METHODS)
+    cls = METHODS[name]
+    if not cls.adversarial:
+        return cls(**overrides)
+    budget = threat_defaults(dataset, norm).train
+    params = {"eps": budget.eps, "norm": norm, "steps": budget.steps, "step_size": budget.step_size}
+    params.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**params)
+
+
+def validation_attack(method, dataset: str, norm: str):
+    """The per-epoch robust check: the method's own threat model (or the protocol's), PGD from a random start."""
+    budget = threat_defaults(dataset, norm).train
+    eps = getattr(method, "eps", budget.eps)
+    steps = getattr(method, "steps", budget.steps)
+    step = getattr(method, "step_size", budget.step_size)
+    return partial(pgd, eps=eps, norm=getattr(method, "norm", norm), steps=max(steps, 10),
+                   step_size=step if steps >= 10 else 2.5 * eps / 10)
+
+
+def build_trainer(*, dataset: str, model: str, method: str, out, norm: str = "linf", data_dir=None,
+                  download: bool = False, config: TrainConfig | None = None, model_kwargs=None,
+                  method_kwargs=None, show_progress=None) -> Trainer:
+    config = config or TrainConfig()
+    config.validate()
+    data = load_dataset(dataset, data_dir=data_dir, download=download, seed=0)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    info: DatasetInfo = data.info
+    net = build_model(model, info.input_shape, info.num_classes, info.mean, info.std, **(model_kwargs or {}))
+    m = make_method(method, dataset, norm, **(method_kwargs or {}))
+    run_meta = {"model": {"name": model, "kwargs": model_kwargs or {}},
+                "dataset": {**asdict(info), "split_seed": 0, "val_size": len(data.val)}}
+    return Trainer(net, m, data, config, out, run_meta, val_attack=validation_attack(m, dataset, norm),
+                   show_progress=show_progress)

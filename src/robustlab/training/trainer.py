@@ -1,0 +1,204 @@
+"""The one training loop. A method turns batches into losses; the Trainer does everything else:
+batching and augmentation, learning-rate schedule, validation, metrics, checkpoints and resume.
+
+Determinism: the data order, augmentation, attack random starts and torch's global RNG are seeded
+from (seed, epoch) at the start of every epoch, so resuming from an epoch checkpoint replays exactly
+the epochs an uninterrupted run would have trained.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from robustlab import checkpoint
+from robustlab.data import ImageSet, Splits, augment_batch
+from robustlab.errors import RobustlabError, check_choice
+from robustlab.evaluate.accuracy import accuracy, progress_disabled
+from robustlab.training.methods import Method, StepContext
+from robustlab.training.schedules import learning_rate
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "one-cycle"
+    seed: int = 0
+    precision: str = "bf16"
+    channels_last: bool = True
+    augment: str | None = None            # None: the dataset's default
+    val_n: int = 1000                     # validation images for the per-epoch robust check
+    train_n: int | None = None            # train on the first n training images (tests, quick runs)
+    threads: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def validate(self):
+        check_choice("optimizer", self.optimizer, ("sgd", "adam"))
+        check_choice("precision", self.precision, ("fp32", "bf16"))
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise RobustlabError(f"{name.replace('_', ' ')} must be > 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise RobustlabError(f"learning rate must be > 0, got {self.lr}")
+
+
+def epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    return (seed * 1_000_003 + epoch * 101 + stream) % (2**63)
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def make_optimizer(config: TrainConfig, params):
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+class Trainer:
+    """Train `model` with `method` on `data`, writing metrics and checkpoints to `out_dir`.
+
+    `run_meta` (model name and kwargs, dataset info) goes into every checkpoint so that
+    `robustlab.load_model` can rebuild the model without the code that trained it.
+    """
+
+    def __init__(self, model: nn.Module, method: Method, data: Splits, config: TrainConfig, out_dir,
+                 run_meta: dict, val_attack=None, device: str | torch.device = "cpu", show_progress=None):
+        config.validate()
+        self.config, self.method, self.data = config, method, data
+        self.device = torch.device(device)
+        self.out = Path(out_dir)
+        self.run_meta = run_meta
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=self.memory_format)
+        self.optimizer = make_optimizer(config, self.model.parameters())
+        self.autocast = autocast_for(config.precision, self.device)
+        self.val_attack = val_attack
+        self.show_progress = show_progress
+        self.train_set = data.train.subset(config.train_n) if config.train_n else data.train
+        self.augment = config.augment or data.info.augment
+        self.start_epoch, self.elapsed = 0, 0.0
+        self.best = {"epoch": None, "val_robust": -1.0}
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _metadata(self, epoch: int, metrics: dict, kind: str) -> dict:
+        return {**self.run_meta, "kind": kind, "epoch": epoch, "metrics": metrics,
+                "method": {"name": self.method.name, **self.method.config()},
+                "config": asdict(self.config), "best": self.best, "elapsed_s": self.elapsed}
+
+    def save(self, epoch: int, metrics: dict, is_best: bool):
+        opt_tensors, opt_info = checkpoint.optimizer_tensors(self.optimizer)
+        tensors = {**checkpoint.prefixed("model.", self.model.state_dict()),
+                   **checkpoint.prefixed("optim.", opt_tensors)}
+        meta = self._metadata(epoch, metrics, "training-state")
+        meta["optimizer"] = opt_info
+        if is_best:  # the best weights first: a kill between the two writes then loses nothing
+            checkpoint.save(self.out / "best.safetensors", checkpoint.prefixed("model.", self.model.state_dict()),
+                            self._metadata(epoch, metrics, "model"))
+        checkpoint.save(self.out / "last.safetensors", tensors, meta)
+
+    def resume(self) -> bool:
+        path = self.out / "last.safetensors"
+        if not path.exists():
+            return False
+        tensors, meta = checkpoint.load(path)
+        if meta.get("method", {}).get("name") != self.method.name:
+            raise RobustlabError(f"{path} was trained with method {meta['method']['name']!r}, not {self.method.name!r}")
+        self.model.load_state_dict(checkpoint.unprefixed("model.", tensors))
+        checkpoint.restore_optimizer(self.optimizer, checkpoint.unprefixed("optim.", tensors), meta["optimizer"])
+        self.start_epoch, self.elapsed, self.best = meta["epoch"] + 1, meta["elapsed_s"], meta["best"]
+        self._truncate_metrics(meta["epoch"])
+        return True
+
+    def _truncate_metrics(self, last_epoch: int):
+        path = self.out / "metrics.jsonl"
+        if path.exists():
+            lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["epoch"] <= last_epoch]
+            path.write_text("".join(l + "\n" for l in lines))
+
+    # -- loop ----------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(
+            {**self.run_meta, "method": {"name": self.method.name, **self.method.config()},
+             "config": asdict(self.config)}, indent=1) + "\n")
+        metrics = {}
+        for epoch in range(self.start_epoch, self.config.epochs):
+            start = time.perf_counter()
+            train_metrics = self.train_epoch(epoch)
+            self.elapsed += time.perf_counter() - start
+            val_metrics = self.validate(epoch)
+            metrics = {"epoch": epoch, **train_metrics, **val_metrics, "elapsed_s": round(self.elapsed, 2)}
+            is_best = val_metrics["val_robust"] > self.best["val_robust"]
+            if is_best:
+                self.best = {"epoch": epoch, "val_robust": val_metrics["val_robust"], "val_clean": val_metrics["val_clean"]}
+            self.save(epoch, metrics, is_best)
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            tqdm.write(f"epoch {epoch + 1}/{self.config.epochs}: train loss {train_metrics['train_loss']:.4f} "
+                       f"acc {train_metrics['train_acc']:.2%} | val clean {val_metrics['val_clean']:.2%} "
+                       f"robust {val_metrics['val_robust']:.2%}{' (best)' if is_best else ''} | {self.elapsed:.0f}s")
+        return metrics
+
+    def batches(self, epoch: int):
+        n, bs = len(self.train_set), self.config.batch_size
+        g = torch.Generator().manual_seed(epoch_seed(self.config.seed, epoch, 0))
+        order = torch.randperm(n, generator=g)
+        for i in range(math.ceil(n / bs)):
+            idx = order[i * bs:(i + 1) * bs]
+            x = self.train_set.images[idx].float().div_(255)
+            if self.augment != "none":
+                x = augment_batch(x, self.augment, g)
+            yield (x.to(self.device, memory_format=self.memory_format, non_blocking=True),
+                   self.train_set.labels[idx].to(self.device, non_blocking=True))
+
+    def train_epoch(self, epoch: int) -> dict:
+        cfg = self.config
+        torch.manual_seed(epoch_seed(cfg.seed, epoch, 1))
+        attack_gen = torch.Generator(self.device).manual_seed(epoch_seed(cfg.seed, epoch, 2))
+        ctx = StepContext(self.model, self.model, self.optimizer, attack_gen, self.autocast)
+        steps = math.ceil(len(self.train_set) / cfg.batch_size)
+        self.model.train()
+        total_loss = total_correct = seen = 0
+        bar = tqdm(self.batches(epoch), total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                   leave=False, disable=progress_disabled(self.show_progress), mininterval=0.5)
+        start = time.perf_counter()
+        for i, (x, y) in enumerate(bar):
+            lr = learning_rate(cfg.schedule, cfg.lr, (epoch + i / steps) / cfg.epochs)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            result = self.method.train_step(ctx, x, y)
+            total_loss += result.loss.item() * len(y)
+            total_correct += (result.logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            if i % 10 == 0:
+                bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{total_correct / seen:.1%}",
+                                lr=f"{lr:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+        bar.close()
+        return {"train_loss": total_loss / seen, "train_acc": total_correct / seen,
+                "train_images_per_s": seen / (time.perf_counter() - start)}
+
+    def validate(self, epoch: int) -> dict:
+        val = self.data.val
+        if len(val) == 0:
+            return {"val_clean": float("nan"), "val_robust": float("nan")}
+        clean = accuracy(self.model, val, batch_size=500, device=self.device)
+        subset = val.subset(min(self.config.val_n, len(val)))
+        robust = clean if self.val_attack is None else accuracy(
+            self.model, subset, attack=self.val_attack, batch_size=500, device=self.device, seed=1234)
+        return {"val_clean": clean, "val_robust": robust}

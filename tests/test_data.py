@@ -1,0 +1,379 @@
+"""Tests for robustlab.data on tiny synthetic files; the only network is a loopback HTTP server."""
+
+import functools
+import gzip
+import hashlib
+import http.server
+import pickle
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from robustlab.data import (DATASETS, DEFAULT_DATA_DIRS, ImageSet, augment_batch, load_cifar_c,
+                            load_dataset)
+from robustlab.data import download
+from robustlab.errors import RobustlabError
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+# ---- synthetic data writers ----
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    header = bytes((0, 0, 0x08, array.ndim)) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx_dataset(folder: Path, n_train=30, n_test=10, gz=True, seed=0):
+    """Four idx files; image i of the training set carries i in pixel (0, 0) to trace splits."""
+    rng = np.random.default_rng(seed)
+    train_x = rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8)
+    train_x[:, 0, 0] = np.arange(n_train)
+    test_x = rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8)
+    train_y = rng.integers(0, 10, n_train, dtype=np.uint8)
+    test_y = rng.integers(0, 10, n_test, dtype=np.uint8)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, array in zip(IDX_NAMES, (train_x, train_y, test_x, test_y)):
+        data = idx_bytes(array)
+        if gz:
+            (folder / f"{name}.gz").write_bytes(gzip.compress(data))
+        else:
+            (folder / name).write_bytes(data)
+    return train_x, train_y, test_x, test_y
+
+
+def write_cifar(folder: Path, files, label_key: bytes, num_classes: int, per_file=4, seed=0):
+    """Pickled batches in the publisher's layout; returns the images (N×3×32×32) and labels."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    images, labels = [], []
+    for name in files:
+        x = rng.integers(0, 256, (per_file, 3, 32, 32), dtype=np.uint8)
+        y = rng.integers(0, num_classes, per_file).tolist()
+        batch = {b"data": x.reshape(per_file, 3072), label_key: y, b"batch_label": b"synthetic"}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+        images.append(x)
+        labels += y
+    return np.concatenate(images), np.array(labels)
+
+
+def write_cifar10(root: Path):
+    folder = root / "cifar-10-batches-py"
+    train = write_cifar(folder, [f"data_batch_{i}" for i in range(1, 6)], b"labels", 10)
+    test = write_cifar(folder, ["test_batch"], b"labels", 10, per_file=3, seed=1)
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"airplane"] * 10}))
+    return train, test
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---- registry and ImageSet ----
+
+def test_registry_is_consistent():
+    assert set(DATASETS) == {"fashion-mnist", "mnist", "cifar10", "cifar100"}
+    for name, info in DATASETS.items():
+        assert info.name == name
+        assert len(info.class_names) == info.num_classes == len(set(info.class_names))
+        assert len(info.mean) == len(info.std) == info.input_shape[0]
+        assert info.augment in ("none", "crop", "crop-flip")
+    assert DATASETS["fashion-mnist"].augment == "crop" and DATASETS["cifar10"].augment == "crop-flip"
+
+
+def test_imageset_subset_and_float():
+    s = ImageSet(torch.arange(24, dtype=torch.uint8).view(6, 1, 2, 2), torch.arange(6))
+    assert len(s.subset(4)) == 4 and torch.equal(s.subset(4).labels, torch.arange(4))
+    assert len(s.subset(100)) == 6
+    f = s.as_float()
+    assert f.dtype == torch.float32 and torch.allclose(f * 255, s.images.float())
+
+
+# ---- idx readers ----
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_roundtrip(tmp_path, gz):
+    train_x, train_y, test_x, test_y = write_idx_dataset(tmp_path, gz=gz)
+    splits = load_dataset("mnist", data_dir=tmp_path, val_size=0)
+    assert splits.info is DATASETS["mnist"] and len(splits.val) == 0
+    assert splits.test.images.shape == (10, 1, 28, 28) and splits.test.images.dtype == torch.uint8
+    assert np.array_equal(splits.test.images[:, 0].numpy(), test_x)
+    assert splits.test.labels.dtype == torch.int64
+    assert np.array_equal(splits.test.labels.numpy(), test_y)
+    order = splits.train.images[:, 0, 0, 0].long()  # the identity pixel
+    assert np.array_equal(splits.train.images[:, 0].numpy(), train_x[order])
+    assert np.array_equal(splits.train.labels.numpy(), train_y[order])
+
+
+def test_data_dir_subfolder_is_accepted(tmp_path):
+    write_idx_dataset(tmp_path / "fashion-mnist")
+    assert len(load_dataset("fashion-mnist", data_dir=tmp_path, val_size=5).test) == 10
+
+
+def test_truncated_and_foreign_idx_files_fail_clearly(tmp_path):
+    write_idx_dataset(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    good = path.read_bytes()
+    cases = {
+        "truncated gzip": good[: len(good) // 2],
+        "short data": gzip.compress(gzip.decompress(good)[:-5]),
+        "wrong magic": gzip.compress(b"\x00\x00\x08\x01" + gzip.decompress(good)[4:]),
+        "not gzip, not idx": b"<html>not found</html>",
+    }
+    for case, data in cases.items():
+        path.write_bytes(data)
+        with pytest.raises(RobustlabError) as err:
+            load_dataset("mnist", data_dir=tmp_path, val_size=5)
+        assert str(path) in str(err.value), case
+        assert "\n" not in str(err.value)
+
+
+def test_missing_data_names_searched_dirs(tmp_path, monkeypatch):
+    with pytest.raises(RobustlabError) as err:
+        load_dataset("fashion-mnist", data_dir=tmp_path)
+    msg = str(err.value)
+    assert "\n" not in msg and str(tmp_path) in msg and str(tmp_path / "fashion-mnist") in msg
+    assert "--download" in msg and "--data-dir" in msg
+
+    defaults = (str(tmp_path / "system"), str(tmp_path / "cache"))
+    monkeypatch.setitem(DEFAULT_DATA_DIRS, "mnist", defaults)
+    with pytest.raises(RobustlabError) as err:
+        load_dataset("mnist")
+    assert all(d in str(err.value) for d in defaults)
+    write_idx_dataset(Path(defaults[1]))
+    assert len(load_dataset("mnist", val_size=5).train) == 25  # falls through to the 2nd dir
+
+
+def test_unknown_dataset_and_bad_val_size(tmp_path):
+    with pytest.raises(RobustlabError, match="allowed"):
+        load_dataset("imagenet", data_dir=tmp_path)
+    write_idx_dataset(tmp_path)
+    with pytest.raises(RobustlabError, match="val_size"):
+        load_dataset("mnist", data_dir=tmp_path, val_size=30)
+
+
+# ---- splits ----
+
+def test_splits_follow_the_randperm_protocol(tmp_path):
+    write_idx_dataset(tmp_path, n_train=40)
+    a = load_dataset("mnist", data_dir=tmp_path, val_size=12, seed=3)
+    b = load_dataset("mnist", data_dir=tmp_path, val_size=12, seed=3)
+    assert torch.equal(a.train.images, b.train.images) and torch.equal(a.val.labels, b.val.labels)
+    train_ids = a.train.images[:, 0, 0, 0].long()
+    val_ids = a.val.images[:, 0, 0, 0].long()
+    assert len(train_ids) == 28 and len(val_ids) == 12
+    assert set(train_ids.tolist()).isdisjoint(val_ids.tolist())
+    assert sorted(train_ids.tolist() + val_ids.tolist()) == list(range(40))
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(train_ids, perm[:28]) and torch.equal(val_ids, perm[28:])
+    other = load_dataset("mnist", data_dir=tmp_path, val_size=12, seed=4)
+    assert not torch.equal(other.val.images, a.val.images)
+
+
+# ---- CIFAR ----
+
+def test_cifar10_pickles(tmp_path):
+    (train_x, train_y), (test_x, test_y) = write_cifar10(tmp_path)
+    for data_dir in (tmp_path, tmp_path / "cifar-10-batches-py"):  # parent or the folder itself
+        s = load_dataset("cifar10", data_dir=data_dir, val_size=0)
+        assert s.train.images.shape == (20, 3, 32, 32) and s.train.images.is_contiguous()
+        assert np.array_equal(s.test.images.numpy(), test_x)
+        assert np.array_equal(s.test.labels.numpy(), test_y)
+        perm = torch.randperm(20, generator=torch.Generator().manual_seed(0)).numpy()
+        assert np.array_equal(s.train.images.numpy(), train_x[perm])
+        assert np.array_equal(s.train.labels.numpy(), train_y[perm])
+
+
+def test_cifar100_pickles(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    train_x, train_y = write_cifar(folder, ["train"], b"fine_labels", 100, per_file=9)
+    test_x, test_y = write_cifar(folder, ["test"], b"fine_labels", 100, per_file=5, seed=2)
+    s = load_dataset("cifar100", data_dir=tmp_path, val_size=4)
+    assert (len(s.train), len(s.val), len(s.test)) == (5, 4, 5)
+    assert s.info.num_classes == 100
+    assert np.array_equal(s.test.images.numpy(), test_x)
+    assert np.array_equal(s.test.labels.numpy(), test_y)
+
+
+def test_cifar_archive_is_extracted(tmp_path):
+    src = tmp_path / "src"
+    (_, _), (test_x, _) = write_cifar10(src)
+    archive = tmp_path / "data" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    s = load_dataset("cifar10", data_dir=archive, val_size=2)  # the archive itself
+    assert np.array_equal(s.test.images.numpy(), test_x)
+    assert (archive.parent / "cifar-10-batches-py" / "test_batch").is_file()
+    assert [p.name for p in archive.parent.iterdir() if p.name.startswith(".")] == []
+    assert len(load_dataset("cifar10", data_dir=archive.parent, val_size=2).test) == 3
+
+
+def test_cifar_pickle_cannot_run_code(tmp_path):
+    write_cifar10(tmp_path)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps({b"data": Evil()}))
+    with pytest.raises(RobustlabError, match="test_batch"):
+        load_dataset("cifar10", data_dir=tmp_path)
+
+
+# ---- download over a loopback server ----
+
+@pytest.fixture
+def mirror(tmp_path, monkeypatch):
+    """A local HTTP server for ROBUSTLAB_DATA_MIRROR; yields the folder it serves."""
+    served = tmp_path / "served"
+    served.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=served)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    monkeypatch.setenv(download.MIRROR_ENV, f"http://127.0.0.1:{server.server_address[1]}")
+    for var in ("no_proxy", "NO_PROXY"):  # never route loopback through a configured proxy
+        monkeypatch.setenv(var, "*")
+    yield served
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_download_idx_and_checksum_mismatch(tmp_path, mirror, monkeypatch):
+    _, _, test_x, _ = write_idx_dataset(mirror)
+    digests = {f"{n}.gz": sha256(mirror / f"{n}.gz") for n in IDX_NAMES}
+    monkeypatch.setitem(download.SHA256, "fashion-mnist", digests)
+
+    dest = tmp_path / "dl"
+    s = load_dataset("fashion-mnist", data_dir=dest, download=True, val_size=5)
+    assert sorted(p.name for p in dest.iterdir()) == sorted(digests)
+    assert np.array_equal(s.test.images[:, 0].numpy(), test_x)
+
+    bad = dict(digests, **{"t10k-images-idx3-ubyte.gz": "0" * 64})
+    monkeypatch.setitem(download.SHA256, "fashion-mnist", bad)
+    dest2 = tmp_path / "dl2"
+    with pytest.raises(RobustlabError) as err:
+        load_dataset("fashion-mnist", data_dir=dest2, download=True)
+    msg = str(err.value)
+    assert msg.startswith("checksum mismatch for http://127.0.0.1:") and "t10k-images" in msg
+    assert "\n" not in msg and "0" * 64 in msg and digests["t10k-images-idx3-ubyte.gz"] in msg
+    assert not (dest2 / "t10k-images-idx3-ubyte.gz").exists()
+    assert not [p for p in dest2.iterdir() if p.name.endswith(".part")]
+
+
+def test_download_missing_file_on_server(tmp_path, mirror, monkeypatch):
+    monkeypatch.setitem(download.SHA256, "mnist", {"train-images-idx3-ubyte.gz": "0" * 64})
+    with pytest.raises(RobustlabError, match="download of .* failed") as err:
+        load_dataset("mnist", data_dir=tmp_path / "dl", download=True)
+    assert "\n" not in str(err.value)
+    assert list((tmp_path / "dl").iterdir()) == []
+
+
+def test_download_cifar_archive(tmp_path, mirror, monkeypatch):
+    (_, _), (test_x, _) = write_cifar10(tmp_path / "src")
+    archive = mirror / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    monkeypatch.setitem(download.SHA256, "cifar10", {archive.name: sha256(archive)})
+    s = load_dataset("cifar10", data_dir=tmp_path / "dl", download=True, val_size=2)
+    assert np.array_equal(s.test.images.numpy(), test_x)
+
+
+# ---- augmentation ----
+
+def test_augment_preserves_shape_range_and_is_deterministic():
+    x = torch.rand(16, 3, 32, 32)
+    assert augment_batch(x, "none") is x
+    for kind in ("crop", "crop-flip"):
+        y = augment_batch(x, kind, torch.Generator().manual_seed(1))
+        assert y.shape == x.shape and y.dtype == x.dtype
+        assert y.min() >= 0 and y.max() <= 1
+        assert torch.equal(y, augment_batch(x, kind, torch.Generator().manual_seed(1)))
+        assert not torch.equal(y, augment_batch(x, kind, torch.Generator().manual_seed(2)))
+    with pytest.raises(RobustlabError, match="allowed"):
+        augment_batch(x, "rotate")
+
+
+def shifted(x: torch.Tensor, dy: int, dx: int, p: int) -> torch.Tensor:
+    """Reference crop: x translated so that output[i, j] = x[i + dy, j + dx], zeros outside."""
+    padded = torch.nn.functional.pad(x, (p, p, p, p))
+    h, w = x.shape[-2:]
+    return padded[..., p + dy: p + dy + h, p + dx: p + dx + w]
+
+
+def test_crop_is_a_per_example_shift():
+    x = torch.rand(12, 1, 28, 28) + 0.01  # no zeros, so padding is visible
+    y = augment_batch(x, "crop", torch.Generator().manual_seed(0))
+    shifts = []
+    for xi, yi in zip(x, y):
+        match = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                 if torch.equal(yi, shifted(xi, dy, dx, 2))]
+        assert len(match) == 1
+        shifts.append(match[0])
+    assert len(set(shifts)) > 1 and any(s != (0, 0) for s in shifts)
+
+
+def test_flip_only_for_crop_flip():
+    x = torch.rand(32, 3, 8, 8)
+    assert torch.equal(augment_batch(x, "crop", torch.Generator().manual_seed(0), padding=0), x)
+    y = augment_batch(x, "crop-flip", torch.Generator().manual_seed(0), padding=0)
+    flipped = [torch.equal(yi, xi.flip(-1)) for xi, yi in zip(x, y)]
+    kept = [torch.equal(yi, xi) for xi, yi in zip(x, y)]
+    assert all(f or k for f, k in zip(flipped, kept))
+    assert 0 < sum(flipped) < len(x)
+
+
+# ---- CIFAR-10-C ----
+
+def test_cifar_c_npy(tmp_path):
+    n = 7
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 5 * n)
+    np.save(tmp_path / "labels.npy", labels)
+    fog = rng.integers(0, 256, (5 * n, 32, 32, 3), dtype=np.uint8)
+    np.save(tmp_path / "fog.npy", fog)
+    np.save(tmp_path / "snow.npy", fog[::-1].copy())
+
+    sets = load_cifar_c(tmp_path, severities=(1, 3))
+    assert set(sets) == {"fog", "snow"} and set(sets["fog"]) == {1, 3}
+    s3 = sets["fog"][3]
+    assert s3.images.shape == (n, 3, 32, 32) and s3.images.dtype == torch.uint8
+    assert s3.images.is_contiguous()
+    assert np.array_equal(s3.images.numpy(), fog[2 * n: 3 * n].transpose(0, 3, 1, 2))
+    assert np.array_equal(s3.labels.numpy(), labels[2 * n: 3 * n])
+    assert list(load_cifar_c(tmp_path, ["snow"])) == ["snow"]
+
+    with pytest.raises(RobustlabError, match="rain"):
+        load_cifar_c(tmp_path, ["rain"])
+    np.save(tmp_path / "blur.npy", fog[:-5])
+    with pytest.raises(RobustlabError, match="blur.npy"):
+        load_cifar_c(tmp_path, ["blur"])
+    (tmp_path / "labels.npy").unlink()
+    with pytest.raises(RobustlabError, match="labels.npy not found") as err:
+        load_cifar_c(tmp_path)
+    assert str(tmp_path) in str(err.value)
+
+
+# ---- the real Fashion-MNIST, when installed ----
+
+@pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="Fashion-MNIST is not installed")
+def test_real_fashion_mnist():
+    s = load_dataset("fashion-mnist")
+    assert (len(s.train), len(s.val), len(s.test)) == (55000, 5000, 10000)
+    for part in (s.train, s.val, s.test):
+        assert part.images.dtype == torch.uint8 and part.images.shape[1:] == (1, 28, 28)
+        assert part.labels.dtype == torch.int64 and part.labels.max() == 9
+    assert torch.equal(s.test.labels.bincount(), torch.full((10,), 1000))
