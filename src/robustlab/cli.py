@@ -35,7 +35,7 @@ def _nonneg_float(text):
 
 def build_parser() -> argparse.ArgumentParser:
     from robustlab.models import MODELS
-    from robustlab.training.methods import METHODS
+    from robustlab.training.registry import METHODS
     from robustlab.training.schedules import SCHEDULES
 
     p = _Parser(prog="robustlab", description="Adversarial robustness for PyTorch.")

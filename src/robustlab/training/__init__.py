@@ -1,4 +1,5 @@
-from robustlab.training.methods import METHODS, PGDAT, Method, Standard, StepContext, StepResult
+from robustlab.training.methods import PGDAT, Method, Standard, StepContext, StepResult
+from robustlab.training.registry import METHODS
 from robustlab.training.run import build_trainer, load_model, make_method
 from robustlab.training.schedules import SCHEDULES, learning_rate
 from robustlab.training.trainer import TrainConfig, Trainer

@@ -89,5 +89,3 @@ class PGDAT(Method):
         logits = ctx.model(x_adv)
         return StepResult(F.cross_entropy(logits, y), logits)
 
-
-METHODS = {m.name: m for m in (Standard, PGDAT)}

@@ -13,7 +13,7 @@ from robustlab.data import DatasetInfo, load_dataset
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.models import build_model
 from robustlab.protocol import threat_defaults
-from robustlab.training.methods import METHODS
+from robustlab.training.registry import METHODS
 from robustlab.training.trainer import TrainConfig, Trainer
 
 
@@ -51,16 +51,19 @@ def load_model(path, which: str = "best") -> torch.nn.Module:
     return model
 
 
+THREAT_KEYS = ("eps", "norm", "steps", "step_size")
+
+
 def make_method(name: str, dataset: str, norm: str, **overrides):
     """A method with the protocol's training threat model for `dataset`, overridable per field."""
     check_choice("method", name, METHODS)
     cls = METHODS[name]
-    if not cls.adversarial:
-        return cls(**overrides)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if not cls.adversarial:  # a clean-training method has no threat model to set
+        return cls(**{k: v for k, v in overrides.items() if k not in THREAT_KEYS})
     budget = threat_defaults(dataset, norm).train
     params = {"eps": budget.eps, "norm": norm, "steps": budget.steps, "step_size": budget.step_size}
-    params.update({k: v for k, v in overrides.items() if v is not None})
-    return cls(**params)
+    return cls(**{**params, **overrides})
 
 
 def validation_attack(method, dataset: str, norm: str):
