@@ -52,6 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eps", type=_nonneg_float, help="attack radius in pixel scale (default: the protocol's)")
     t.add_argument("--steps", type=_positive(int), help="attack steps during training")
     t.add_argument("--step-size", type=_nonneg_float, help="attack step size in pixel scale")
+    m = t.add_argument_group("method options (defaults: each method's paper; see docs/methods.md)")
+    m.add_argument("--beta", type=_nonneg_float, help="TRADES / MART regularization weight")
+    m.add_argument("--replays", type=_positive(int), help="FreeAT: replays m per minibatch")
+    m.add_argument("--outer", type=_positive(int), help="YOPO: outer steps m (full backward passes)")
+    m.add_argument("--inner", type=_positive(int), help="YOPO: inner steps n per outer step")
+    m.add_argument("--first-layer", help="YOPO: qualified name of the first layer (default net.conv1)")
+    m.add_argument("--awp-gamma", type=_nonneg_float, help="AWP: relative weight-perturbation size γ")
+    m.add_argument("--awp-warmup", type=_nonneg_float, help="AWP: fraction of epochs before AWP starts")
+    m.add_argument("--co-drop", type=_nonneg_float,
+                   help="Fast-AT: stop when validation robust accuracy drops this much below the best")
     t.add_argument("--epochs", type=_positive(int), default=10)
     t.add_argument("--batch-size", type=_positive(int), default=128)
     t.add_argument("--optimizer", default="sgd", help="sgd or adam")
@@ -66,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-n", type=_positive(int), default=1000, help="validation images for the per-epoch PGD check")
     t.add_argument("--train-n", type=_positive(int), help="train on the first N training images only")
     t.add_argument("--threads", type=_positive(int), help="torch CPU threads")
+    t.add_argument("--ema", type=float, help="weight-EMA decay, e.g. 0.999 (validated and exported weights)")
     t.add_argument("--out", required=True, help="run directory (checkpoints, metrics, reports)")
     t.add_argument("--resume", action="store_true", help="continue from RUN/last.safetensors")
 
@@ -86,11 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     e.add_argument("--threads", type=_positive(int))
 
+    d = sub.add_parser("demo", help="PGD-AT on Fashion-MNIST, evaluation and report, in a few minutes")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--epochs", type=_positive(int), default=DEMO_EPOCHS)
+    d.add_argument("--data-dir")
+
     b = sub.add_parser("bench", help="throughput against a textbook PyTorch loop")
     b.add_argument("--model", default="cnn-small")
     b.add_argument("--batch-size", type=_positive(int), default=128)
     b.add_argument("--iters", type=_positive(int), default=10)
     return p
+
+
+METHOD_OPTIONS = ("eps", "steps", "step_size", "beta", "replays", "outer", "inner", "first_layer", "awp_gamma",
+                  "awp_warmup", "co_drop")
 
 
 def cmd_train(args) -> int:
@@ -103,11 +123,12 @@ def cmd_train(args) -> int:
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                          momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
                          seed=args.seed, precision=args.precision, channels_last=args.channels_last,
-                         augment=args.augment, val_n=args.val_n, train_n=args.train_n, threads=args.threads)
+                         augment=args.augment, val_n=args.val_n, train_n=args.train_n, threads=args.threads,
+                         ema=args.ema)
     trainer = build_trainer(dataset=args.dataset, model=args.model, method=args.method, norm=args.norm, out=out,
                             data_dir=args.data_dir, download=args.download, config=config,
                             model_kwargs={"width": args.width} if args.width else None,
-                            method_kwargs={"eps": args.eps, "steps": args.steps, "step_size": args.step_size})
+                            method_kwargs={k: getattr(args, k) for k in METHOD_OPTIONS})
     if args.resume and trainer.resume():
         print(f"resuming {out} after epoch {trainer.start_epoch}", file=sys.stderr)
     elif args.resume:
@@ -185,6 +206,25 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# Chosen so the demo finishes in under 10 minutes on a 2-core CPU (see docs/results.md).
+DEMO_EPOCHS = 2
+DEMO_TRAIN = ["--steps", "5", "--step-size", "0.05", "--augment", "none", "--ema", "0.999", "--val-n", "500"]
+DEMO_EVAL = ["--n", "1000", "--sweep-n", "500"]
+
+
+def cmd_demo(args) -> int:
+    """Train cnn-small with PGD-AT, evaluate it with the protocol's PGD-50×3, write the report."""
+    out = Path(args.out)
+    data = ["--data-dir", args.data_dir] if args.data_dir else []
+    resume = ["--resume"] if (out / "last.safetensors").exists() else []
+    print(f"[1/2] PGD adversarial training of cnn-small on Fashion-MNIST ({args.epochs} epochs) -> {out}")
+    code = main(["train", "--epochs", str(args.epochs), *DEMO_TRAIN, *data, *resume, "--out", str(out)])
+    if code:
+        return code
+    print("[2/2] evaluation: clean and PGD-50×3 (ε = 0.1) on the first 1,000 test images")
+    return main(["eval", str(out), *DEMO_EVAL, *data])
+
+
 def cmd_bench(args) -> int:
     from robustlab.bench import main as bench_main
     bench_main(["--model", args.model, "--batch-size", str(args.batch_size), "--iters", str(args.iters)])
@@ -194,7 +234,8 @@ def cmd_bench(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench}[args.command](args)
+        commands = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench}
+        return commands[args.command](args)
     except RobustlabError as exc:
         print(f"robustlab: error: {exc}", file=sys.stderr)
         return 2

@@ -24,7 +24,9 @@ class StepContext:
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
     autocast: Callable
-    state: dict = field(default_factory=dict)  # per-run scratch space a method may keep (e.g. FreeAT's δ)
+    state: dict = field(default_factory=dict)  # per-epoch scratch space a method may keep (e.g. FreeAT's δ)
+    epoch: int = 0                             # the epoch being trained (0-based), for warm-ups such as AWP's
+    epochs: int = 1                            # the number of epochs the Trainer runs
 
 
 @dataclass
@@ -37,6 +39,9 @@ class StepResult:
 class Method:
     name = "base"
     adversarial = True
+    # The protocol's training-threat fields that `make_method` fills in when not given: a method whose
+    # defaults come from its paper instead (Fast-AT's step 1.25·ε, FreeAT's step ε) leaves them out.
+    protocol_fields = ("eps", "norm", "steps", "step_size")
 
     def loss(self, ctx: StepContext, x, y) -> StepResult:
         raise NotImplementedError
@@ -49,6 +54,16 @@ class Method:
         result.loss.backward()
         ctx.optimizer.step()
         return result
+
+    def epochs_for(self, requested: int) -> int:
+        """Epochs the Trainer runs when `requested` are asked for. A method that takes several optimizer
+        steps per minibatch (FreeAT) runs fewer, so that the total number of passes stays comparable."""
+        return requested
+
+    def should_stop(self, metrics: dict, best: dict) -> str | None:
+        """Called after each epoch with its metrics and the best epoch so far (by validation robust
+        accuracy): a one-line reason to stop training early, or None to go on."""
+        return None
 
     def config(self) -> dict:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}

@@ -1,6 +1,7 @@
 """Runs as users see them: build everything from names, and load a trained model back."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -54,23 +55,45 @@ def load_model(path, which: str = "best") -> torch.nn.Module:
 THREAT_KEYS = ("eps", "norm", "steps", "step_size")
 
 
+def method_options(cls) -> list[str]:
+    """The keyword options a method class takes (its hyper-parameters)."""
+    return [n for n, p in inspect.signature(cls).parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
 def make_method(name: str, dataset: str, norm: str, **overrides):
-    """A method with the protocol's training threat model for `dataset`, overridable per field."""
+    """A method with the protocol's training threat model for `dataset`, overridable per field.
+
+    Only the fields in the method's `protocol_fields` come from the protocol; the others keep the
+    method's own (paper) defaults, e.g. Fast-AT's step 1.25·ε. An option the method does not take is
+    an error, except the threat options for clean-training methods (which have none to set).
+    """
     check_choice("method", name, METHODS)
     cls = METHODS[name]
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if not cls.adversarial:  # a clean-training method has no threat model to set
-        return cls(**{k: v for k, v in overrides.items() if k not in THREAT_KEYS})
+        overrides = {k: v for k, v in overrides.items() if k not in THREAT_KEYS}
+    options = method_options(cls)
+    unknown = sorted(set(overrides) - set(options))
+    if unknown:
+        raise RobustlabError(f"method {name} takes no option {', '.join(unknown)}; its options: {', '.join(options)}")
+    if not cls.adversarial:
+        return cls(**overrides)
     budget = threat_defaults(dataset, norm).train
-    params = {"eps": budget.eps, "norm": norm, "steps": budget.steps, "step_size": budget.step_size}
+    protocol = {"eps": budget.eps, "norm": norm, "steps": budget.steps, "step_size": budget.step_size}
+    params = {k: protocol[k] for k in cls.protocol_fields}
     return cls(**{**params, **overrides})
 
 
 def validation_attack(method, dataset: str, norm: str):
-    """The per-epoch robust check: the method's own threat model (or the protocol's), PGD from a random start."""
+    """The per-epoch robust check: the method's own threat model (or the protocol's), PGD from a random start.
+
+    A method's own PGD (steps and step size) is reused when it has at least 10 steps; one-step and
+    YOPO-style methods are checked with PGD-10 of step 2.5·ε/10.
+    """
     budget = threat_defaults(dataset, norm).train
     eps = getattr(method, "eps", budget.eps)
-    steps = getattr(method, "steps", budget.steps)
+    steps = getattr(method, "steps", 0)
     step = getattr(method, "step_size", budget.step_size)
     return partial(pgd, eps=eps, norm=getattr(method, "norm", norm), steps=max(steps, 10),
                    step_size=step if steps >= 10 else 2.5 * eps / 10)

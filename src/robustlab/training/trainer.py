@@ -8,6 +8,7 @@ the epochs an uninterrupted run would have trained.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import time
@@ -42,6 +43,7 @@ class TrainConfig:
     val_n: int = 1000                     # validation images for the per-epoch robust check
     train_n: int | None = None            # train on the first n training images (tests, quick runs)
     threads: int | None = None
+    ema: float | None = None              # weight-EMA decay (e.g. 0.999); validation and best.safetensors use the EMA
     extra: dict = field(default_factory=dict)
 
     def validate(self):
@@ -52,6 +54,8 @@ class TrainConfig:
                 raise RobustlabError(f"{name.replace('_', ' ')} must be > 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise RobustlabError(f"learning rate must be > 0, got {self.lr}")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise RobustlabError(f"ema decay must be in (0, 1), got {self.ema}")
 
 
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:
@@ -94,6 +98,13 @@ class Trainer:
         self.augment = config.augment or data.info.augment
         self.start_epoch, self.elapsed = 0, 0.0
         self.best = {"epoch": None, "val_robust": -1.0}
+        self.epochs = method.epochs_for(config.epochs)  # FreeAT: config.epochs / replays (see Method.epochs_for)
+        self.ema = WeightEMA(self.model, config.ema) if config.ema else None
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights that are validated and exported: the EMA when enabled."""
+        return self.ema.model if self.ema else self.model
 
     # -- checkpoints -------------------------------------------------------------------------
     def _metadata(self, epoch: int, metrics: dict, kind: str) -> dict:
@@ -103,12 +114,15 @@ class Trainer:
 
     def save(self, epoch: int, metrics: dict, is_best: bool):
         opt_tensors, opt_info = checkpoint.optimizer_tensors(self.optimizer)
-        tensors = {**checkpoint.prefixed("model.", self.model.state_dict()),
+        tensors = {**checkpoint.prefixed("model.", self.eval_model.state_dict()),
                    **checkpoint.prefixed("optim.", opt_tensors)}
+        if self.ema:  # "model." holds what load_model should see; the raw weights go beside it
+            tensors.update(checkpoint.prefixed("raw.", self.model.state_dict()))
         meta = self._metadata(epoch, metrics, "training-state")
         meta["optimizer"] = opt_info
+        meta["ema_updates"] = self.ema.updates if self.ema else None
         if is_best:  # the best weights first: a kill between the two writes then loses nothing
-            checkpoint.save(self.out / "best.safetensors", checkpoint.prefixed("model.", self.model.state_dict()),
+            checkpoint.save(self.out / "best.safetensors", checkpoint.prefixed("model.", self.eval_model.state_dict()),
                             self._metadata(epoch, metrics, "model"))
         checkpoint.save(self.out / "last.safetensors", tensors, meta)
 
@@ -119,9 +133,16 @@ class Trainer:
         tensors, meta = checkpoint.load(path)
         if meta.get("method", {}).get("name") != self.method.name:
             raise RobustlabError(f"{path} was trained with method {meta['method']['name']!r}, not {self.method.name!r}")
-        self.model.load_state_dict(checkpoint.unprefixed("model.", tensors))
+        if self.ema:
+            self.model.load_state_dict(checkpoint.unprefixed("raw.", tensors))
+            self.ema.model.load_state_dict(checkpoint.unprefixed("model.", tensors))
+            self.ema.updates = meta["ema_updates"]
+        else:
+            self.model.load_state_dict(checkpoint.unprefixed("model.", tensors))
         checkpoint.restore_optimizer(self.optimizer, checkpoint.unprefixed("optim.", tensors), meta["optimizer"])
         self.start_epoch, self.elapsed, self.best = meta["epoch"] + 1, meta["elapsed_s"], meta["best"]
+        if meta["metrics"].get("stopped_early"):  # e.g. Fast-AT overfitted: training on would undo the stop
+            self.start_epoch = self.epochs
         self._truncate_metrics(meta["epoch"])
         return True
 
@@ -138,7 +159,7 @@ class Trainer:
             {**self.run_meta, "method": {"name": self.method.name, **self.method.config()},
              "config": asdict(self.config)}, indent=1) + "\n")
         metrics = {}
-        for epoch in range(self.start_epoch, self.config.epochs):
+        for epoch in range(self.start_epoch, self.epochs):
             start = time.perf_counter()
             train_metrics = self.train_epoch(epoch)
             self.elapsed += time.perf_counter() - start
@@ -147,12 +168,18 @@ class Trainer:
             is_best = val_metrics["val_robust"] > self.best["val_robust"]
             if is_best:
                 self.best = {"epoch": epoch, "val_robust": val_metrics["val_robust"], "val_clean": val_metrics["val_clean"]}
+            stop = self.method.should_stop(metrics, self.best)  # e.g. Fast-AT's catastrophic-overfitting check
+            if stop:
+                metrics["stopped_early"] = stop
             self.save(epoch, metrics, is_best)
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-            tqdm.write(f"epoch {epoch + 1}/{self.config.epochs}: train loss {train_metrics['train_loss']:.4f} "
+            tqdm.write(f"epoch {epoch + 1}/{self.epochs}: train loss {train_metrics['train_loss']:.4f} "
                        f"acc {train_metrics['train_acc']:.2%} | val clean {val_metrics['val_clean']:.2%} "
                        f"robust {val_metrics['val_robust']:.2%}{' (best)' if is_best else ''} | {self.elapsed:.0f}s")
+            if stop:
+                tqdm.write(f"early stop after epoch {epoch + 1}: {stop}")
+                break
         return metrics
 
     def batches(self, epoch: int):
@@ -171,18 +198,20 @@ class Trainer:
         cfg = self.config
         torch.manual_seed(epoch_seed(cfg.seed, epoch, 1))
         attack_gen = torch.Generator(self.device).manual_seed(epoch_seed(cfg.seed, epoch, 2))
-        ctx = StepContext(self.model, self.model, self.optimizer, attack_gen, self.autocast)
+        ctx = StepContext(self.model, self.model, self.optimizer, attack_gen, self.autocast, epoch=epoch, epochs=self.epochs)
         steps = math.ceil(len(self.train_set) / cfg.batch_size)
         self.model.train()
         total_loss = total_correct = seen = 0
-        bar = tqdm(self.batches(epoch), total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+        bar = tqdm(self.batches(epoch), total=steps, desc=f"epoch {epoch + 1}/{self.epochs}", unit="batch",
                    leave=False, disable=progress_disabled(self.show_progress), mininterval=0.5)
         start = time.perf_counter()
         for i, (x, y) in enumerate(bar):
-            lr = learning_rate(cfg.schedule, cfg.lr, (epoch + i / steps) / cfg.epochs)
+            lr = learning_rate(cfg.schedule, cfg.lr, (epoch + i / steps) / self.epochs)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             result = self.method.train_step(ctx, x, y)
+            if self.ema:
+                self.ema.update(self.model)
             total_loss += result.loss.item() * len(y)
             total_correct += (result.logits.argmax(1) == y).sum().item()
             seen += len(y)
@@ -197,8 +226,33 @@ class Trainer:
         val = self.data.val
         if len(val) == 0:
             return {"val_clean": float("nan"), "val_robust": float("nan")}
-        clean = accuracy(self.model, val, batch_size=500, device=self.device)
+        model = self.eval_model
+        clean = accuracy(model, val, batch_size=500, device=self.device)
         subset = val.subset(min(self.config.val_n, len(val)))
         robust = clean if self.val_attack is None else accuracy(
-            self.model, subset, attack=self.val_attack, batch_size=500, device=self.device, seed=1234)
+            model, subset, attack=self.val_attack, batch_size=500, device=self.device, seed=1234)
         return {"val_clean": clean, "val_robust": robust}
+
+
+class WeightEMA:
+    """Exponential moving average of parameters and buffers (Polyak averaging, as in Rebuffi et al. 2021).
+
+    The decay warms up as min(decay, (1 + t) / (10 + t)) so early averages are not dominated by the
+    random initialization.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module):
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for avg, new in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if avg.dtype.is_floating_point:
+                avg.mul_(d).add_(new.detach(), alpha=1 - d)
+            else:
+                avg.copy_(new)

@@ -1,0 +1,104 @@
+"""TRADES (Zhang et al. 2019) and MART (Wang et al. 2020): clean-vs-adversarial regularized objectives.
+
+Both generate their examples with PGD in **eval mode** (as `model.eval()` in both reference
+implementations), started from x + 0.001·N(0, 1), and train on the clean and the adversarial logits.
+Each method splits into `adversarial_examples` and `objective(model, x, x_adv, y)`, so that AWP can
+evaluate the same objective on a proxy model.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from robustlab.attacks import attack_mode, make_threat, perturb
+from robustlab.errors import RobustlabError
+from robustlab.training.methods import Method, StepResult
+
+
+def kl_to_target(logits, target_probs):
+    """Per-example KL(target ‖ softmax(logits)): TRADES's inner maximization loss."""
+    return F.kl_div(F.log_softmax(logits, dim=1), target_probs, reduction="none").sum(1)
+
+
+class RegularizedAT(Method):
+    """Shared parts: the threat model, β, and PGD from a small Gaussian start, in eval mode."""
+
+    def __init__(self, eps=0.1, norm="linf", steps=10, step_size=0.025, beta=6.0, init_std=0.001):
+        if beta < 0:
+            raise RobustlabError(f"beta must be >= 0, got {beta}")
+        self.eps, self.norm, self.steps, self.step_size = eps, norm, steps, step_size
+        self.beta, self.init_std = beta, init_std
+        self._threat = make_threat(norm, eps, step_size)
+
+    def _start(self, ctx, x):
+        # 0.001·N(0, 1) rather than a uniform start: KL(p(x) ‖ p(x')) has a zero gradient at x' = x.
+        return x + self.init_std * torch.randn(x.shape, generator=ctx.generator, device=x.device, dtype=x.dtype)
+
+    def loss(self, ctx, x, y):
+        return self.objective(ctx.model, x, self.adversarial_examples(ctx, x, y), y)
+
+    def adversarial_examples(self, ctx, x, y):
+        raise NotImplementedError
+
+    def objective(self, model, x, x_adv, y) -> StepResult:
+        raise NotImplementedError
+
+
+class TRADES(RegularizedAT):
+    """Cross-entropy on clean inputs plus β·KL(p(x) ‖ p(x')), x' maximizing that KL in the ε-ball.
+
+    The regularizer trades clean accuracy for a smooth decision boundary; β sets the trade-off.
+    Gradients flow through both distributions of the KL term, as in the reference `trades_loss`.
+    Examples are generated in **eval mode** (the reference's `model.eval()`), the loss in train mode.
+
+    Defaults and their sources (`train_trades_cifar10.py`, yaodongyu/TRADES):
+    - `beta` = 6.0 (`--beta 6.0`, the paper's 1/λ = 6 for CIFAR-10; the paper uses 1.0 for MNIST).
+    - `init_std` = 0.001 (start x + 0.001·N(0, 1)).
+    - `eps`, `steps`, `step_size`: the protocol's training threat model (CIFAR-10 reference: ε = 0.031,
+      10 steps of 0.007). For L2 the steps are along the per-example normalized gradient.
+    """
+    name = "trades"
+
+    def adversarial_examples(self, ctx, x, y):
+        with attack_mode(ctx.module):
+            with torch.no_grad():
+                target = F.softmax(ctx.module(x), dim=1)
+            return perturb(ctx.module, x, target, self._threat, self.steps, loss_fn=kl_to_target,
+                           x_init=self._start(ctx, x))
+
+    def objective(self, model, x, x_adv, y):
+        logits_clean, logits_adv = model(x), model(x_adv)
+        robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_clean, dim=1), reduction="batchmean")
+        return StepResult(F.cross_entropy(logits_clean, y) + self.beta * robust, logits_adv, logits_clean)
+
+
+class MART(RegularizedAT):
+    """Misclassification-aware adversarial training: a boosted cross-entropy on adversarial examples
+    plus β·KL(p(x) ‖ p(x')) weighted by 1 − p_y(x), so that misclassified clean examples weigh more.
+
+    Boosted CE = CE(p(x'), y) − log(1 − max_{k≠y} p_k(x')): it also pushes down the strongest wrong class.
+    x' is CE-PGD (not KL-PGD). Both gradients flow through p(x), as in the reference `mart_loss`.
+    Examples are generated in **eval mode** (the reference's `model.eval()`), the loss in train mode.
+
+    Defaults and their sources (YisenWang/MART):
+    - `beta` = 6.0 (`train_wideresnet.py --beta 6.0` and the default of the reference `mart_loss`).
+    - `init_std` = 0.001 (start x + 0.001·N(0, 1)); the constants 1.0001 and 1e-12 of the reference loss.
+    - `eps`, `steps`, `step_size`: the protocol's. The reference implements L∞ only; for L2 the same
+      CE-PGD runs with normalized steps in the L2 ball.
+    """
+    name = "mart"
+
+    def adversarial_examples(self, ctx, x, y):
+        with attack_mode(ctx.module):
+            return perturb(ctx.module, x, y, self._threat, self.steps, x_init=self._start(ctx, x))
+
+    def objective(self, model, x, x_adv, y):
+        logits_clean, logits_adv = model(x), model(x_adv)
+        p_adv, p_clean = F.softmax(logits_adv, dim=1), F.softmax(logits_clean, dim=1)
+        top2 = p_adv.topk(2, dim=1).indices
+        runner_up = torch.where(top2[:, 0] == y, top2[:, 1], top2[:, 0])  # the most likely wrong class
+        boosted_ce = F.cross_entropy(logits_adv, y) + F.nll_loss(torch.log(1.0001 - p_adv + 1e-12), runner_up)
+        kl = F.kl_div(torch.log(p_adv + 1e-12), p_clean, reduction="none").sum(1)  # KL(p(x) ‖ p(x'))
+        p_true = p_clean.gather(1, y[:, None]).squeeze(1)
+        robust = (kl * (1.0000001 - p_true)).mean()
+        return StepResult(boosted_ce + self.beta * robust, logits_adv, logits_clean)

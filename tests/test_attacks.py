@@ -1,0 +1,140 @@
+"""FGSM, FGM and PGD: budgets, box constraints, side effects, and agreement with a textbook PGD."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustlab.attacks import fgm, fgsm, pgd, within_ball
+from robustlab.errors import RobustlabError
+
+
+class Recorder(nn.Module):
+    """Wraps a model and keeps every input it is called on: the attack's iterates."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seen = model, []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return self.model(x)
+
+
+def accuracy(model, x, y):
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 1.5)])
+def test_every_iterate_stays_in_ball_and_box(robust_model, test_batch, norm, eps):
+    x, y = test_batch[0][:64], test_batch[1][:64]
+    rec = Recorder(robust_model)
+    pgd(rec, x, y, eps=eps, norm=norm, steps=10, generator=torch.Generator().manual_seed(0))
+    assert len(rec.seen) >= 10
+    for iterate in rec.seen:
+        assert within_ball(iterate, x, norm, eps)
+    # Later restarts run only on the examples still classified correctly.
+    assert within_ball(pgd(robust_model, x, y, eps=eps, norm=norm, steps=10, restarts=3), x, norm, eps)
+
+
+def test_one_step_attacks_respect_their_budgets(robust_model, test_batch):
+    x, y = test_batch
+    assert within_ball(fgsm(robust_model, x, y, eps=0.1), x, "linf", 0.1)
+    assert within_ball(fgm(robust_model, x, y, eps=1.5), x, "l2", 1.5)
+
+
+def test_saturated_pixels_move_in_their_allowed_direction():
+    """Black pixels can rise and white pixels can fall: clipping inside the forward pass only would freeze them."""
+    torch.manual_seed(0)
+    d = 28 * 28
+    w = torch.randn(d)
+
+    class Linear(nn.Module):  # one class, so no iterate ends the attack early by succeeding
+        def forward(self, x):
+            return (x.flatten(1) @ w).unsqueeze(1)
+
+    x = torch.zeros(1, 1, 28, 28)
+    x.view(-1)[d // 2:] = 1.0  # half black, half white
+    y = torch.zeros(1, dtype=torch.long)
+    lower_score = lambda logits, y: -logits[:, 0]  # the attack moves x against w
+    x_adv = pgd(Linear(), x, y, eps=0.1, steps=10, step_size=0.025, loss_fn=lower_score,
+                generator=torch.Generator().manual_seed(0))
+    flat, black, white = x_adv.view(-1), torch.arange(d) < d // 2, torch.arange(d) >= d // 2
+    assert torch.allclose(flat[black & (w < 0)], torch.tensor(0.1))   # black pixels went up to ε
+    assert torch.allclose(flat[black & (w > 0)], torch.tensor(0.0))   # and stay at the box edge otherwise
+    assert torch.allclose(flat[white & (w > 0)], torch.tensor(0.9))   # white pixels went down to 1 − ε
+    assert torch.allclose(flat[white & (w < 0)], torch.tensor(1.0))
+
+
+def test_pgd_at_least_as_strong_as_fgsm(robust_model, test_batch):
+    x, y = test_batch
+    acc_fgsm = accuracy(robust_model, fgsm(robust_model, x, y, eps=0.1), y)
+    acc_pgd = accuracy(robust_model, pgd(robust_model, x, y, eps=0.1, steps=20, step_size=0.01), y)
+    assert acc_pgd <= acc_fgsm
+    assert acc_pgd < accuracy(robust_model, x, y)
+
+
+def test_restarts_keep_the_worst_case(robust_model, test_batch):
+    x, y = test_batch
+    one = accuracy(robust_model, pgd(robust_model, x, y, eps=0.1, steps=5, generator=torch.Generator().manual_seed(3)), y)
+    three = accuracy(robust_model, pgd(robust_model, x, y, eps=0.1, steps=5, restarts=3,
+                                       generator=torch.Generator().manual_seed(3)), y)
+    assert three <= one
+
+
+def test_targeted_pgd_reaches_the_target(standard_model, test_batch):
+    x, y = test_batch
+    target = (y + 1) % 10
+    x_adv = pgd(standard_model, x, target, eps=0.3, steps=40, step_size=0.02, targeted=True)
+    with torch.no_grad():
+        before = (standard_model(x).argmax(1) == target).float().mean()
+        after = (standard_model(x_adv).argmax(1) == target).float().mean()
+    assert after > before + 0.3
+
+
+def test_attacks_leave_parameter_gradients_modes_and_buffers_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(),
+                          nn.Linear(4 * 26 * 26, 10))
+    model.train()
+    model[3].eval()  # a mixed-mode model: the per-module modes must come back as they were
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    for attack in (lambda: pgd(model, x, y, eps=0.1, steps=3), lambda: fgsm(model, x, y, eps=0.1),
+                   lambda: fgm(model, x, y, eps=1.0), lambda: pgd(model, x, y, eps=1.0, norm="l2", steps=3)):
+        attack()
+    assert [m.training for m in model.modules()] == [True, True, True, True, False, True, True]
+    assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) and p.requires_grad for p in model.parameters())
+    assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())
+
+
+def textbook_pgd(model, x, y, eps, alpha, steps, seed):
+    """The loop from the papers, written independently of robustlab."""
+    g = torch.Generator().manual_seed(seed)
+    x_adv = (x + (torch.rand(x.shape, generator=g) * 2 - 1) * eps).clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = F.cross_entropy(model(x_adv), y)
+        grad, = torch.autograd.grad(loss, x_adv)
+        x_adv = x_adv.detach() + alpha * grad.sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+    return x_adv
+
+
+def test_pgd_agrees_with_a_textbook_loop(robust_model, fmnist):
+    x, y = fmnist.test.subset(1000).as_float(), fmnist.test.labels[:1000]
+    ours = accuracy(robust_model, pgd(robust_model, x, y, eps=0.1, steps=20, step_size=0.01,
+                                      generator=torch.Generator().manual_seed(0)), y)
+    theirs = accuracy(robust_model, textbook_pgd(robust_model, x, y, 0.1, 0.01, 20, seed=0), y)
+    assert abs(ours - theirs) <= 0.01
+    assert ours <= theirs + 0.002  # keeping the first successful iterate can only help the attack
+
+
+@pytest.mark.parametrize("kwargs", [{"eps": -0.1}, {"eps": 0.1, "steps": 0}, {"eps": 0.1, "restarts": 0},
+                                    {"eps": 0.1, "norm": "l1"}])
+def test_bad_budgets_are_clear_errors(kwargs):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(RobustlabError):
+        pgd(model, torch.rand(2, 1, 2, 2), torch.zeros(2, dtype=torch.long), **kwargs)

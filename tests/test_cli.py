@@ -1,0 +1,57 @@
+"""The command line: one-line errors with status 2, and the train → eval → report path."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def robustlab(*args):
+    return subprocess.run([sys.executable, "-m", "robustlab", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("args,words", [
+    (["train", "--dataset", "imagenet-1m", "--out", "x"], ["dataset", "fashion-mnist"]),
+    (["train", "--model", "vgg99", "--out", "x"], ["model", "cnn-small"]),
+    (["train", "--method", "magic", "--out", "x"], ["method", "pgd-at"]),
+    (["train", "--eps", "-0.1", "--out", "x"], ["eps"]),
+    (["train", "--steps", "0", "--out", "x"], ["steps"]),
+    (["train", "--batch-size", "0", "--out", "x"], ["batch-size"]),
+    (["train", "--norm", "l7", "--out", "x"], ["norm", "linf"]),
+    (["eval", "no/such/run"], ["no/such/run"]),
+])
+def test_bad_input_is_one_line_and_status_2(args, words, tmp_path):
+    if "--out" in args:
+        args[args.index("--out") + 1] = str(tmp_path / "run")
+    result = robustlab(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("robustlab: error:"), result.stderr
+    assert all(w in lines[0] for w in words)
+
+
+def test_missing_data_is_one_line(tmp_path):
+    result = robustlab("train", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert str(tmp_path) in result.stderr
+
+
+def test_train_then_eval_writes_a_report(tmp_path):
+    run = tmp_path / "run"
+    trained = robustlab("train", "--data-dir", FMNIST, "--train-n", "256", "--val-n", "50", "--epochs", "1",
+                        "--steps", "2", "--threads", "1", "--out", str(run))
+    assert trained.returncode == 0, trained.stderr
+    again = robustlab("train", "--data-dir", FMNIST, "--out", str(run))
+    assert again.returncode == 2 and "--resume" in again.stderr
+    evaluated = robustlab("eval", str(run), "--data-dir", FMNIST, "--n", "100", "--steps", "3", "--restarts", "1",
+                          "--sweep-n", "50", "--json", "--threads", "1")
+    assert evaluated.returncode == 0, evaluated.stderr
+    result = json.loads(evaluated.stdout)
+    assert result["n"] == 100 and 0 <= result["robust"] <= result["clean"] <= 1
+    report = (run / "report.md").read_text()
+    assert "accuracy_vs_eps.png" in report and (run / "accuracy_vs_eps.png").stat().st_size > 1000
+    assert json.loads((run / "report.json").read_text())["attack"]["steps"] == 3
+    bad_attack = robustlab("eval", str(run), "--attack", "cw")
+    assert bad_attack.returncode == 2 and "fgsm" in bad_attack.stderr

@@ -1,0 +1,334 @@
+"""The adversarial-training family (issue 5): Fast-AT, FreeAT, YOPO, TRADES, MART, AWP.
+
+Mechanics are checked on single steps (ε-balls, pass counts, AWP's weight restore, hooks of the
+Trainer); learning is checked by fine-tuning one normally trained LeNet on 512 Fashion-MNIST images
+for two epochs with each method. Everything runs on one CPU thread within about a minute.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import pickle
+from dataclasses import asdict
+from functools import partial
+
+import pytest
+import torch
+
+from robustlab.attacks import pgd, within_ball
+from robustlab.data.datasets import Splits
+from robustlab.errors import RobustlabError
+from robustlab.evaluate.accuracy import accuracy
+from robustlab.models import build_model
+from robustlab.training import METHODS, Standard, StepContext, TrainConfig, Trainer, make_method
+from robustlab.training.awp import PGDATAWP, TRADESAWP, perturbed_weights
+from robustlab.training.fast_at import FastAT
+from robustlab.training.free_at import FreeAT
+from robustlab.training.run import validation_attack
+from robustlab.training.yopo import YOPO
+
+FAMILY = ("fast-at", "free-at", "yopo", "trades", "mart", "pgd-at-awp", "trades-awp")
+EPS = {"linf": 0.1, "l2": 1.5}  # the protocol's Fashion-MNIST budgets
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def lenet(seed=0, shape=(1, 28, 28)):
+    torch.manual_seed(seed)
+    return build_model("lenet", shape, 10, [0.286] * shape[0], [0.353] * shape[0])
+
+
+def context(model, lr=0.05, momentum=0.9, seed=0, epoch=0, epochs=1):
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    return StepContext(model, model, opt, torch.Generator().manual_seed(seed), contextlib.nullcontext,
+                       epoch=epoch, epochs=epochs)
+
+
+@pytest.fixture(scope="module")
+def batch(fmnist):
+    return fmnist.train.subset(64).as_float(), fmnist.train.labels[:64]
+
+
+@contextlib.contextmanager
+def counting(module, forward=True, backward=True):
+    """Count forward and backward passes through `module`."""
+    counts = {"forward": 0, "backward": 0}
+    handles = []
+    if forward:
+        handles.append(module.register_forward_hook(lambda *a: counts.__setitem__("forward", counts["forward"] + 1)))
+    if backward:
+        handles.append(module.register_full_backward_hook(lambda *a: counts.__setitem__("backward", counts["backward"] + 1)))
+    try:
+        yield counts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# -- construction -------------------------------------------------------------------------------
+
+def test_registry_names_and_protocol_defaults():
+    assert set(FAMILY) <= set(METHODS)
+    for norm, eps in EPS.items():
+        for name in FAMILY:
+            m = make_method(name, "fashion-mnist", norm)
+            assert (m.eps, m.norm) == (eps, norm)
+            json.dumps(m.config())  # goes into checkpoint metadata
+            pickle.dumps(m)         # hyper-parameters only: can be shipped to DDP workers
+        assert make_method("fast-at", "fashion-mnist", norm).step_size == pytest.approx(1.25 * eps)
+        assert make_method("free-at", "fashion-mnist", norm).step_size == pytest.approx(eps)
+    assert make_method("fast-at", "fashion-mnist", "linf", step_size=0.1).step_size == 0.1
+    assert make_method("fast-at", "fashion-mnist", "linf", eps=0.2).step_size == pytest.approx(0.25)
+    yopo = make_method("yopo", "fashion-mnist", "linf", outer=3, inner=2)
+    assert (yopo.outer, yopo.inner, yopo.step_size) == (3, 2, 0.025)
+    assert make_method("trades", "fashion-mnist", "linf").beta == 6.0
+    assert make_method("mart", "fashion-mnist", "linf", beta=5.0).beta == 5.0
+    assert make_method("pgd-at-awp", "fashion-mnist", "linf").awp_gamma == 0.01
+    assert make_method("trades-awp", "fashion-mnist", "linf").awp_gamma == 0.005
+    assert make_method("free-at", "fashion-mnist", "linf", replays=4).replays == 4
+    assert make_method("standard", "fashion-mnist", "linf", eps=0.3).config() == {}
+
+
+@pytest.mark.parametrize("name, option", [("fast-at", {"steps": 5}), ("trades", {"replays": 2}),
+                                          ("yopo", {"beta": 6.0})])
+def test_unknown_option_is_a_one_line_error(name, option):
+    with pytest.raises(RobustlabError) as err:
+        make_method(name, "fashion-mnist", "linf", **option)
+    assert "\n" not in str(err.value) and next(iter(option)) in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs", [{"replays": 0}, {"replays": 1.5}])
+def test_free_at_rejects_bad_replays(kwargs):
+    with pytest.raises(RobustlabError):
+        FreeAT(**kwargs)
+
+
+def test_bad_hyper_parameters_are_errors():
+    for build in (lambda: YOPO(outer=0), lambda: FastAT(co_drop=1.5), lambda: TRADESAWP(awp_warmup=2),
+                  lambda: PGDATAWP(awp_gamma=-1), lambda: make_method("trades", "fashion-mnist", "linf", beta=-1)):
+        with pytest.raises(RobustlabError):
+            build()
+
+
+def test_one_step_methods_are_validated_with_pgd10():
+    for name in ("fast-at", "free-at", "yopo"):
+        attack = validation_attack(make_method(name, "fashion-mnist", "linf"), "fashion-mnist", "linf")
+        assert (attack.keywords["steps"], attack.keywords["step_size"]) == (10, pytest.approx(0.025))
+
+
+# -- every input a model sees during a step lies in the threat model -----------------------------
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("name", FAMILY)
+def test_examples_stay_inside_the_ball(name, norm, batch):
+    x, y = batch
+    model = lenet()
+    method = make_method(name, "fashion-mnist", norm)
+    before = pickle.dumps(method)
+    seen = []
+    model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach().clone()))
+    ctx = context(model, epoch=1, epochs=2)
+    for xb, yb in ((x[:32], y[:32]), (x[32:], y[32:])):  # two batches: FreeAT carries δ over
+        seen.clear()
+        method.train_step(ctx, xb, yb)
+        assert seen, "the model saw no input"
+        for inputs in seen:
+            assert within_ball(inputs, xb, norm, EPS[norm], tol=1e-5)
+        assert any((inputs - xb).abs().amax() > EPS[norm] / 10 for inputs in seen), "no perturbation at all"
+    assert pickle.dumps(method) == before, "a method must keep no per-run state on itself (ctx.state is for that)"
+
+
+def test_free_at_resets_delta_when_the_batch_size_changes(batch):
+    x, y = batch
+    model, method = lenet(), FreeAT(replays=2)
+    ctx = context(model)
+    method.train_step(ctx, x, y)
+    assert ctx.state["free_at_delta"].abs().amax() > 0
+    seen = []
+    model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach().clone()))
+    method.train_step(ctx, x[:16], y[:16])
+    assert torch.equal(seen[0], x[:16])  # a fresh, zero δ
+
+
+# -- pass counts --------------------------------------------------------------------------------
+
+def test_free_at_does_one_backward_per_replay(batch):
+    x, y = batch
+    model, method = lenet(), FreeAT(replays=4)
+    ctx = context(model)
+    steps = []
+    step = ctx.optimizer.step
+    ctx.optimizer.step = lambda *a, **k: (steps.append(1), step(*a, **k))[1]
+    seen = []
+    model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach().clone()))
+    with counting(model.net.fc3) as last, counting(model.net.conv1) as first:
+        method.train_step(ctx, x, y)
+    # each replay: one forward and one backward through the whole network (first layer included,
+    # which carries the input gradient), and one optimizer step
+    assert last == first == {"forward": 4, "backward": 4}
+    assert len(steps) == 4
+    assert all(not torch.equal(a, b) for a, b in zip(seen, seen[1:])), "δ must move between replays"
+
+
+@pytest.mark.parametrize("outer, inner", [(5, 3), (2, 4)])
+def test_yopo_propagates_through_the_network_only_m_times(outer, inner, batch):
+    x, y = batch
+    model, method = lenet(), YOPO(outer=outer, inner=inner)
+    ctx = context(model)
+    steps = []
+    step = ctx.optimizer.step
+    ctx.optimizer.step = lambda *a, **k: (steps.append(1), step(*a, **k))[1]
+    with counting(model.net.fc3) as last, counting(model.net.conv2) as middle, counting(model.net.conv1, backward=False) as first:
+        method.train_step(ctx, x, y)
+    assert last == middle == {"forward": outer, "backward": outer}
+    # the first layer also runs n inner Hamiltonian steps and one for its own gradient, per outer step
+    assert first["forward"] == outer * (inner + 2)
+    assert len(steps) == 1
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.net.conv1.parameters())
+
+
+def test_yopo_works_on_a_resnet_and_names_a_missing_layer():
+    model = build_model("preact-resnet18", (3, 32, 32), 10, [0.5] * 3, [0.25] * 3, width=4)
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    with counting(model.net.linear) as last:
+        YOPO(eps=8 / 255, step_size=2 / 255, outer=2, inner=2).train_step(context(model), x, y)
+    assert last == {"forward": 2, "backward": 2}
+    with pytest.raises(RobustlabError, match="conv0"):
+        YOPO(first_layer="net.conv0").train_step(context(model), x, y)
+
+
+# -- AWP ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls", [PGDATAWP, TRADESAWP])
+def test_awp_removes_its_weight_perturbation(cls, batch):
+    """After a step the weights are w − lr·∇L(w + v): the gradient at the perturbed weights, applied to
+    the unperturbed ones, with nothing of v left behind."""
+    x, y = batch
+    method, lr = cls(awp_warmup=0.0), 0.1
+    model = lenet()
+    reference = copy.deepcopy(model)
+    method.train_step(context(model, lr=lr, momentum=0.0, seed=3), x, y)
+
+    ref_ctx = context(reference, seed=3)
+    x_adv = method.adversarial_examples(ref_ctx, x, y)
+    v = method.weight_perturbation(ref_ctx, x, x_adv, y)
+    weights = dict(reference.named_parameters())
+    assert set(v) == {n for n, _ in perturbed_weights(reference)} and "net.fc3.weight" in v
+    for name, delta in v.items():  # layer-wise, relative to the layer's norm
+        assert delta.norm().item() == pytest.approx(method.awp_gamma * weights[name].detach().norm().item(), rel=1e-4)
+    originals = {n: p.detach().clone() for n, p in weights.items()}
+    with torch.no_grad():
+        for name, delta in v.items():
+            weights[name].add_(delta)
+    grads = torch.autograd.grad(method.objective(reference, x, x_adv, y).loss, list(weights.values()))
+    for (name, p), g in zip(model.named_parameters(), grads):
+        expected = originals[name] - lr * g
+        torch.testing.assert_close(p.detach(), expected, atol=1e-6, rtol=1e-5)
+        if name in v:
+            assert (p.detach() - (expected + v[name])).abs().amax() > 1e-4  # v really was removed
+
+
+@pytest.mark.parametrize("cls", [PGDATAWP, TRADESAWP])
+def test_awp_with_zero_learning_rate_leaves_the_weights_exactly_as_they_were(cls, batch):
+    x, y = batch
+    model = lenet()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cls(awp_warmup=0.0).train_step(context(model, lr=0.0), x, y)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_awp_warmup_is_a_fraction_of_the_epochs():
+    method = TRADESAWP()  # 0.05, as epoch 10 of 200 in the reference
+    assert not method.awp_active(context(lenet(), epoch=0, epochs=10))
+    assert method.awp_active(context(lenet(), epoch=1, epochs=10))
+    assert PGDATAWP().awp_active(context(lenet(), epoch=0, epochs=10))
+    assert not PGDATAWP(awp_gamma=0.0).awp_active(context(lenet(), epoch=5, epochs=10))
+
+
+# -- Trainer hooks ------------------------------------------------------------------------------
+
+def test_fast_at_flags_catastrophic_overfitting():
+    method = FastAT()
+    best = {"epoch": 2, "val_robust": 0.45}
+    assert method.should_stop({"val_robust": 0.40}, best) is None
+    reason = method.should_stop({"val_robust": 0.05}, best)
+    assert "catastrophic overfitting" in reason and "\n" not in reason
+    assert method.should_stop({"val_robust": float("nan")}, best) is None
+    assert FastAT(co_drop=None).should_stop({"val_robust": 0.0}, best) is None
+
+
+class _StopAfterSecondEpoch(Standard):
+    def should_stop(self, metrics, best):
+        return "enough" if metrics["epoch"] == 1 else None
+
+
+def _trainer(fmnist, method, out, n=512, **config):
+    data = Splits(fmnist.train.subset(n), fmnist.val.subset(200), fmnist.test, fmnist.info)
+    cfg = TrainConfig(**{"batch_size": 64, "val_n": 100, **config})
+    return Trainer(lenet(), method, data, cfg, out, {"model": {"name": "lenet", "kwargs": {}}, "dataset": asdict(fmnist.info)},
+                   val_attack=validation_attack(method, "fashion-mnist", "linf"), show_progress=False)
+
+
+def test_trainer_stops_when_the_method_says_so(fmnist, tmp_path):
+    trainer = _trainer(fmnist, _StopAfterSecondEpoch(), tmp_path, n=128, epochs=5)
+    last = trainer.fit()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and last["stopped_early"] == "enough"
+    assert (tmp_path / "best.safetensors").exists()
+
+
+def test_free_at_divides_the_epochs_by_its_replays(fmnist, tmp_path):
+    assert _trainer(fmnist, FreeAT(replays=8), tmp_path, epochs=10).epochs == 2
+    assert _trainer(fmnist, FreeAT(replays=8), tmp_path, epochs=3).epochs == 1
+    assert _trainer(fmnist, FastAT(), tmp_path, epochs=3).epochs == 3
+
+
+# -- learning -----------------------------------------------------------------------------------
+
+TEST_N = 300
+ROBUST = partial(pgd, eps=0.1, norm="linf", steps=10, step_size=0.025)
+
+
+def _fine_tune(fmnist, base, method, out):
+    """Two epochs of `method` on 512 images from `base`; returns (per-epoch train losses, model)."""
+    epochs = 2 * getattr(method, "replays", 1)  # FreeAT runs epochs / replays
+    trainer = _trainer(fmnist, method, out, epochs=epochs, optimizer="adam", lr=0.002)
+    trainer.model.load_state_dict(base.state_dict())
+    assert trainer.epochs == 2
+    trainer.fit()
+    losses = [json.loads(line)["train_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return losses, trainer.model.eval()
+
+
+@pytest.fixture(scope="module")
+def normally_trained(fmnist, tmp_path_factory):
+    """A LeNet trained normally (6 epochs, 2,000 images), the starting point of every method."""
+    trainer = _trainer(fmnist, Standard(), tmp_path_factory.mktemp("base"), n=2000, epochs=6,
+                       optimizer="adam", lr=0.004)
+    trainer.fit()
+    return trainer.model.eval()
+
+
+@pytest.fixture(scope="module")
+def standard_robust(fmnist, normally_trained, tmp_path_factory):
+    """PGD-10 accuracy of the normally trained model after the same two epochs of normal training."""
+    _, model = _fine_tune(fmnist, normally_trained, Standard(), tmp_path_factory.mktemp("standard"))
+    return accuracy(model, fmnist.test.subset(TEST_N), attack=ROBUST)
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_method_learns_robustness(name, fmnist, normally_trained, standard_robust, tmp_path):
+    # cheaper settings than the defaults, as the conftest's PGD-5 models: FreeAT m = 4, PGD-5 of step 0.04
+    overrides = {"free-at": {"replays": 4}, "fast-at": {}, "yopo": {}}.get(name, {"steps": 5, "step_size": 0.04})
+    losses, model = _fine_tune(fmnist, normally_trained, make_method(name, "fashion-mnist", "linf", **overrides), tmp_path)
+    assert all(math.isfinite(l) for l in losses) and losses[-1] < losses[0], losses
+    robust = accuracy(model, fmnist.test.subset(TEST_N), attack=ROBUST)
+    assert robust > standard_robust + 0.05, (robust, standard_robust)

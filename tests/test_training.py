@@ -1,0 +1,113 @@
+"""The Trainer: learning, validation-based best epoch, checkpoints, exact resume after a kill."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from robustlab import checkpoint, load_model
+from robustlab.errors import RobustlabError
+from robustlab.training import TrainConfig, build_trainer, learning_rate
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def small_trainer(out, epochs=2, **config):
+    cfg = TrainConfig(**{"epochs": epochs, "train_n": 512, "val_n": 100, "threads": 1, **config})
+    return build_trainer(dataset="fashion-mnist", model="cnn-small", method="pgd-at", out=out, data_dir=FMNIST,
+                         config=cfg, method_kwargs={"steps": 3, "step_size": 0.04}, show_progress=False)
+
+
+def test_robust_training_beats_standard_training_under_attack(robust_model, standard_model, fmnist):
+    from robustlab.attacks import pgd
+    from robustlab.evaluate import accuracy
+    attack = lambda m, x, y, generator=None: pgd(m, x, y, eps=0.1, steps=10, step_size=0.025, generator=generator)
+    test = fmnist.test.subset(500)
+    assert accuracy(robust_model, test, attack=attack) > accuracy(standard_model, test, attack=attack) + 0.05
+
+
+def test_metrics_checkpoints_and_best_epoch(fmnist, tmp_path):
+    trainer = small_trainer(tmp_path, epochs=3)
+    trainer.fit()
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert {"train_loss", "train_acc", "val_clean", "val_robust", "elapsed_s"} <= rows[0].keys()
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    best_epoch = max(rows, key=lambda r: r["val_robust"])["epoch"]
+    assert checkpoint.read_metadata(tmp_path / "best.safetensors")["epoch"] == best_epoch
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # atomic writes leave nothing behind
+    meta = json.loads((tmp_path / "last.json").read_text())
+    assert meta["dataset"]["name"] == "fashion-mnist" and meta["versions"]["torch"] == torch.__version__
+
+
+def test_load_model_reproduces_the_trained_logits(fmnist, tmp_path):
+    trainer = small_trainer(tmp_path, epochs=1)
+    trainer.fit()
+    model = load_model(tmp_path, "last")
+    x = fmnist.test.subset(16).as_float()
+    assert not model.training
+    trainer.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), trainer.model(x), atol=1e-5)
+
+
+def test_foreign_and_corrupted_checkpoints_are_clear_errors(fmnist, tmp_path):
+    small_trainer(tmp_path / "run", epochs=1).fit()
+    good = (tmp_path / "run" / "best.safetensors").read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(good[: len(good) // 2])
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00not a checkpoint")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    for name in ("truncated", "garbage", "foreign"):
+        with pytest.raises(RobustlabError) as info:
+            load_model(tmp_path / f"{name}.safetensors")
+        assert "\n" not in str(info.value)
+    with pytest.raises(RobustlabError):
+        load_model(tmp_path / "missing")
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(fmnist, tmp_path):
+    common = ["-m", "robustlab", "train", "--data-dir", FMNIST, "--train-n", "768", "--val-n", "50", "--epochs", "3",
+              "--steps", "3", "--step-size", "0.04", "--threads", "1", "--ema", "0.99"]
+    subprocess.run([sys.executable, *common, "--out", str(tmp_path / "whole")], check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, *common, "--out", str(killed)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((killed / "metrics.jsonl").exists()
+                                          and (killed / "metrics.jsonl").read_text().count("\n") >= 1):
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the second epoch
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.read_metadata(killed / "last.safetensors")["epoch"] < 2
+    subprocess.run([sys.executable, *common, "--out", str(killed), "--resume"], check=True, capture_output=True)
+
+    whole, _ = checkpoint.load(tmp_path / "whole" / "last.safetensors")
+    resumed, _ = checkpoint.load(killed / "last.safetensors")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+    epochs = [json.loads(l)["epoch"] for l in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2]
+
+
+def test_learning_rate_schedules():
+    assert learning_rate("one-cycle", 0.1, 0.0) == 0.0
+    assert learning_rate("one-cycle", 0.1, 0.4) == pytest.approx(0.1)
+    assert learning_rate("one-cycle", 0.1, 1.0) == pytest.approx(0.0)
+    assert learning_rate("piecewise", 0.1, 0.6) == pytest.approx(0.01)
+    assert learning_rate("cosine", 0.1, 0.5) == pytest.approx(0.05)
+    with pytest.raises(RobustlabError):
+        learning_rate("sawtooth", 0.1, 0.5)
+
+
+def test_bad_config_is_a_clear_error(tmp_path):
+    for bad in ({"epochs": 0}, {"batch_size": 0}, {"optimizer": "lion"}, {"precision": "fp8"}, {"ema": 1.5}):
+        with pytest.raises(RobustlabError):
+            small_trainer(tmp_path, **bad)
