@@ -20,7 +20,7 @@ def fmnist():
 
 def _train(tmp_path_factory, method, **config):
     out = tmp_path_factory.mktemp(method)
-    cfg = TrainConfig(**{"epochs": 3, "train_n": 4000, "val_n": 200, "lr": 0.05, "threads": 2, **config})
+    cfg = TrainConfig(**{"epochs": 3, "train_n": 4000, "val_n": 200, "lr": 0.05, "threads": 1, **config})
     trainer = build_trainer(dataset="fashion-mnist", model="cnn-small", method=method, out=out, data_dir=FMNIST,
                             config=cfg, method_kwargs={"steps": 5, "step_size": 0.04}, show_progress=False)
     trainer.fit()

@@ -4,12 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
-
-
-def progress_disabled(show: bool | None) -> bool | None:
-    """tqdm's `disable` for a show flag: None shows bars only on a terminal."""
-    return None if show is None else not show
+from robustlab.progress import progress as progress_bar
 
 
 @torch.no_grad()
@@ -29,7 +24,7 @@ def correct_mask(model, images, labels, *, attack: Callable | None = None, batch
     g = torch.Generator(device).manual_seed(seed)
     out = []
     starts = range(0, len(labels), batch_size)
-    for s in tqdm(starts, desc=progress, unit="batch", disable=True if progress is None else progress_disabled(show), leave=False):
+    for s in progress_bar(starts, desc=progress, unit="batch", show=False if progress is None else show, leave=False):
         x = images[s:s + batch_size].to(device)
         x = x.float().div(255) if x.dtype == torch.uint8 else x
         y = labels[s:s + batch_size].to(device)

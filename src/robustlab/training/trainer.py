@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from robustlab import checkpoint
 from robustlab.data import ImageSet, Splits, augment_batch
 from robustlab.errors import RobustlabError, check_choice
-from robustlab.evaluate.accuracy import accuracy, progress_disabled
+from robustlab.evaluate.accuracy import accuracy
+from robustlab.progress import progress
 from robustlab.training.methods import Method, StepContext
 from robustlab.training.schedules import learning_rate
 
@@ -202,8 +203,8 @@ class Trainer:
         steps = math.ceil(len(self.train_set) / cfg.batch_size)
         self.model.train()
         total_loss = total_correct = seen = 0
-        bar = tqdm(self.batches(epoch), total=steps, desc=f"epoch {epoch + 1}/{self.epochs}", unit="batch",
-                   leave=False, disable=progress_disabled(self.show_progress), mininterval=0.5)
+        bar = progress(self.batches(epoch), show=self.show_progress, total=steps, unit="batch", leave=False,
+                       desc=f"epoch {epoch + 1}/{self.epochs}")
         start = time.perf_counter()
         for i, (x, y) in enumerate(bar):
             lr = learning_rate(cfg.schedule, cfg.lr, (epoch + i / steps) / self.epochs)

@@ -1,0 +1,382 @@
+"""Gradient-masking sanity checks: signs that a robustness figure must not be trusted.
+
+An attack can fail because the model is robust, or because the attack itself was defeated: zero or useless
+gradients (non-differentiable pre-processing, saturated softmax), randomness, too small a budget. Athalye et
+al. (2018, "Obfuscated gradients give a false sense of security") showed how often the second happens;
+Carlini et al. (2019, "On evaluating adversarial robustness") list symptoms to look for. These checks run
+those symptoms on a model and an evaluation set. Passing them does not prove robustness; failing one means
+the figure overestimates it until a stronger or adaptive attack says otherwise.
+
+An attack here is any callable `attack(model, x, y, *, eps, generator=None)` returning adversarial inputs,
+e.g. `functools.partial(robustlab.attacks.pgd, norm="linf", steps=20)`, APGD or Square.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from robustlab.attacks import attack_mode, fgm, fgsm, pgd
+from robustlab.attacks.threat import NORMS
+from robustlab.errors import RobustlabError, check_choice
+from robustlab.evaluate.accuracy import correct_mask
+
+Attack = Callable[..., torch.Tensor]
+
+TITLES = {  # check name -> what passing means, for reports
+    "deterministic": "the model's output is deterministic",
+    "gradients": "input gradients are finite, non-zero and consistent",
+    "eps_monotonic": "robust accuracy does not rise with ε",
+    "large_eps": "accuracy is ≈ 0 at a very large ε",
+    "single_step": "single-step attack is not stronger than the iterative one",
+    "convergence": "more iterations or restarts do not lower accuracy much",
+    "black_box": "a gradient-free attack is not stronger than the white-box ones",
+}
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str  # one line a person can read
+    values: dict = field(default_factory=dict)
+
+
+def verdict(checks: list[Check]) -> str:
+    """'trustworthy' when every check passed, else 'suspicious: <failed checks>'."""
+    failed = [c.name for c in checks if not c.passed]
+    return "trustworthy" if not failed else "suspicious: " + ", ".join(failed)
+
+
+def to_markdown(checks: list[Check]) -> str:
+    """A table of the checks with the verdict under it, for report.md."""
+    lines = ["| check | result | detail |", "|---|---|---|"]
+    for c in checks:
+        lines.append(f"| {TITLES.get(c.name, c.name)} (`{c.name}`) | {'pass' if c.passed else '**FAIL**'} "
+                     f"| {c.detail.replace('|', '/')} |")
+    lines += ["", f"Verdict: **{verdict(checks)}**"]
+    return "\n".join(lines)
+
+
+@dataclass
+class SanityReport:
+    checks: list[Check]
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.checks)
+
+    @property
+    def trustworthy(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def __getitem__(self, name: str) -> Check:
+        for c in self.checks:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def to_markdown(self) -> str:
+        return to_markdown(self.checks)
+
+    def to_dict(self) -> dict:
+        return {"verdict": self.verdict, "checks": [asdict(c) for c in self.checks]}
+
+
+# ---------------------------------------------------------------------------------------------- a gradient-free attack
+
+def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Logit of the true class minus the largest other one: negative once misclassified."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.clone()
+    other.scatter_(1, y[:, None], float("-inf"))
+    return true - other.amax(1)
+
+
+def _l2_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+@torch.no_grad()
+def random_search(model, x, y, *, eps: float, norm: str = "linf", queries: int = 500, p_init: float = 0.8,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """A small score-based attack in the spirit of Square (Andriushchenko et al. 2020), using outputs only.
+
+    It changes a random square window of the perturbation (to ±ε per channel for L∞, by a Gaussian patch for
+    L2) and keeps the change when the margin loss drops; windows shrink as queries are spent. It never needs
+    a gradient, so it sees through obfuscated gradients; it is a fallback for the sanity checks, not a
+    replacement for the full Square attack.
+    """
+    check_choice("norm", norm, NORMS)
+    if eps <= 0 or queries < 1:
+        return x.clone()
+    with attack_mode(model):
+        n, c, h, w = x.shape
+        if norm == "linf":  # vertical stripes of ±ε, Square's initialisation
+            signs = torch.randint(0, 2, (n, c, 1, w), generator=generator, device=x.device).to(x.dtype) * 2 - 1
+            delta = eps * signs.expand(n, c, h, w).clone()
+        else:
+            delta = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            delta = eps * delta / _l2_norm(delta).clamp_min(1e-12)
+        delta = (x + delta).clamp(0, 1) - x
+        margin = _margin(model(x + delta), y)
+        rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+        for i in range(1, queries):
+            active = (margin > 0).nonzero().squeeze(1)
+            if len(active) == 0:
+                break
+            p = p_init * 0.5 ** sum(i > f * queries for f in (0.001, 0.005, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8))
+            side = max(1, min(h - 1, round((p * h * w) ** 0.5)))
+            m = len(active)
+            top = torch.randint(0, h - side + 1, (m, 1), generator=generator, device=x.device)
+            left = torch.randint(0, w - side + 1, (m, 1), generator=generator, device=x.device)
+            window = (((rows >= top) & (rows < top + side))[:, :, None]
+                      & ((cols >= left) & (cols < left + side))[:, None, :])[:, None]  # m×1×H×W
+            old = delta[active]
+            if norm == "linf":
+                values = eps * (torch.randint(0, 2, (m, c, 1, 1), generator=generator, device=x.device) * 2 - 1)
+                new = torch.where(window, values.to(x.dtype), old)
+            else:
+                patch = torch.randn(old.shape, generator=generator, device=x.device, dtype=x.dtype) * window
+                new = old + patch * (eps * (side * side / (h * w)) ** 0.5 / _l2_norm(patch).clamp_min(1e-12))
+                new = new * (eps / _l2_norm(new).clamp_min(1e-12)).clamp(max=1)
+            new = (x[active] + new).clamp(0, 1) - x[active]
+            candidate = _margin(model(x[active] + new), y[active])
+            better = candidate < margin[active]
+            delta[active[better]] = new[better]
+            margin[active[better]] = candidate[better]
+        return (x + delta).clamp(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------- single checks
+
+def _input_grad(model, x, y, batch_size: int) -> torch.Tensor:
+    grads = []
+    for s in range(0, len(x), batch_size):
+        xb = x[s:s + batch_size].clone().requires_grad_(True)
+        loss = F.cross_entropy(model(xb), y[s:s + batch_size], reduction="sum")
+        grads.append(torch.autograd.grad(loss, xb)[0].detach())
+    return torch.cat(grads)
+
+
+def _nearby(x, norm: str, radius: float, generator) -> torch.Tensor:
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    step = radius * (noise.sign() if norm == "linf" else noise / _l2_norm(noise).clamp_min(1e-12))
+    return (x + step).clamp(0, 1)
+
+
+def _cosine(a, b) -> torch.Tensor:
+    return F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1, eps=1e-30)
+
+
+def check_deterministic(model, x, *, batch_size: int = 500) -> Check:
+    """Two forward passes in eval mode must agree; otherwise the defence is randomized and needs EOT."""
+    with attack_mode(model), torch.no_grad():
+        diff, scale, flips = 0.0, 0.0, 0
+        for s in range(0, len(x), batch_size):
+            a, b = model(x[s:s + batch_size]), model(x[s:s + batch_size])
+            diff = max(diff, (a - b).abs().max().item())
+            scale = max(scale, a.abs().max().item())
+            flips += (a.argmax(1) != b.argmax(1)).sum().item()
+    passed = diff <= 1e-5 * (1 + scale)  # room for non-deterministic GPU kernels, none for randomness
+    detail = ("two forward passes gave identical logits" if passed else
+              f"two forward passes differ (max |Δlogit| {diff:.3g}, {flips} of {len(x)} predictions flip): "
+              "a randomized defence; attack it with EOT (averaged gradients)")
+    return Check("deterministic", passed, detail, {"max_abs_diff": diff, "prediction_flips": flips})
+
+
+def check_gradients(model, x, y, *, norm: str, eps: float, batch_size: int = 500, seed: int = 0,
+                    max_zero_fraction: float = 0.1, min_repeat_cosine: float = 0.99,
+                    min_nearby_cosine: float = 0.2) -> Check:
+    """Cross-entropy input gradients: not NaN, not zero, the same on a repeated call, and similar at a point
+    ε/10 away (a random or shattered gradient points somewhere else every time)."""
+    g = torch.Generator(x.device).manual_seed(seed)
+    with attack_mode(model):
+        g0 = _input_grad(model, x, y, batch_size)
+        again = _input_grad(model, x, y, batch_size)
+        near = _input_grad(model, _nearby(x, norm, eps / 10, g), y, batch_size)
+    finite = torch.isfinite(g0).flatten(1).all(1) & torch.isfinite(near).flatten(1).all(1)
+    nonzero = finite & (g0.flatten(1).abs().amax(1) > 0)
+    usable = nonzero & (near.flatten(1).abs().amax(1) > 0)
+    nan_fraction = 1 - finite.float().mean().item()
+    zero_fraction = (finite & ~nonzero).float().mean().item()
+    repeat = _cosine(g0[nonzero], again[nonzero]).mean().item() if nonzero.any() else float("nan")
+    nearby = _cosine(g0[usable], near[usable]).median().item() if usable.any() else float("nan")
+    problems = []
+    if nan_fraction > 0:
+        problems.append(f"{100 * nan_fraction:.1f}% of gradients are NaN or infinite")
+    if zero_fraction > max_zero_fraction:
+        problems.append(f"{100 * zero_fraction:.1f}% of gradients are exactly zero "
+                        "(non-differentiable step or saturated softmax)")
+    if repeat < min_repeat_cosine:  # NaN (no usable gradient) compares False: zeros are reported above
+        problems.append(f"repeated calls give different gradients (cosine {repeat:.2f})")
+    if nearby < min_nearby_cosine:
+        problems.append(f"gradients at points ε/10 apart are unrelated (median cosine {nearby:.2f})")
+    detail = "; ".join(problems) if problems else (
+        f"no NaN, {100 * zero_fraction:.1f}% zero, repeat cosine {repeat:.2f}, nearby cosine {nearby:.2f}")
+    values = {"nan_fraction": nan_fraction, "zero_fraction": zero_fraction, "repeat_cosine": repeat,
+              "nearby_cosine": nearby}
+    return Check("gradients", not problems, detail, values)
+
+
+def _pct(a: float) -> str:
+    return f"{100 * a:.1f}%"
+
+
+def check_eps_monotonic(eps_values, accuracies, *, tolerance: float) -> Check:
+    """Robust accuracy must not rise with ε (a larger ball contains the smaller one)."""
+    rises = [(e0, a0, e1, a1) for (e0, a0), (e1, a1) in zip(zip(eps_values, accuracies),
+                                                            zip(eps_values[1:], accuracies[1:])) if a1 > a0 + tolerance]
+    if rises:
+        e0, a0, e1, a1 = max(rises, key=lambda r: r[3] - r[1])
+        detail = f"accuracy rises from {_pct(a0)} at ε={e0:.4g} to {_pct(a1)} at ε={e1:.4g}: the attack is failing"
+    else:
+        detail = (f"accuracy falls from {_pct(accuracies[0])} at ε={eps_values[0]:.4g} to "
+                  f"{_pct(accuracies[-1])} at ε={eps_values[-1]:.4g}")
+    return Check("eps_monotonic", not rises, detail, {"eps": list(eps_values), "accuracy": list(accuracies)})
+
+
+def check_large_eps(large_eps: float, acc: float, *, max_accuracy: float) -> Check:
+    """With an ε that lets pixels go almost anywhere, every image can be changed into another class."""
+    passed = acc <= max_accuracy
+    detail = (f"{_pct(acc)} accuracy at ε={large_eps:.4g}" +
+              ("" if passed else f", above {_pct(max_accuracy)}: the attack cannot even win unbounded, "
+                                 "its gradients are not usable"))
+    return Check("large_eps", passed, detail, {"eps": large_eps, "accuracy": acc})
+
+
+def check_single_step(single: float, iterative: float, *, tolerance: float) -> Check:
+    passed = single >= iterative - tolerance
+    detail = (f"single step {_pct(single)} vs iterative {_pct(iterative)}" +
+              ("" if passed else ": the iterative attack gets lost (masked or very curved loss)"))
+    return Check("single_step", passed, detail, {"single_step": single, "iterative": iterative})
+
+
+def check_convergence(base: float, longer: float, restarted: float, *, steps: int, long_steps: int, restarts: int,
+                      tolerance: float) -> Check:
+    drop = base - min(longer, restarted)
+    passed = drop <= tolerance
+    detail = (f"PGD-{steps} {_pct(base)}, PGD-{long_steps} {_pct(longer)}, PGD-{steps}×{restarts} restarts "
+              f"{_pct(restarted)}" + ("" if passed else
+                                      f": {100 * drop:.1f} points lower, the standard budget has not converged"))
+    return Check("convergence", passed, detail, {"base": base, "long": longer, "restarts": restarted,
+                                                 "steps": steps, "long_steps": long_steps, "n_restarts": restarts})
+
+
+def check_black_box(white_mask: torch.Tensor, combined_mask: torch.Tensor, *, tolerance: float) -> Check:
+    """A gradient-free attack should not break images that the white-box attacks could not.
+
+    white_mask: robust to the white-box attacks; combined_mask: robust to those and the black-box ones.
+    """
+    only_black = (white_mask & ~combined_mask).float().mean().item()
+    white, combined = white_mask.float().mean().item(), combined_mask.float().mean().item()
+    passed = only_black <= tolerance
+    detail = (f"white-box {_pct(white)}; the black-box attack broke a further {_pct(only_black)} of images"
+              + ("" if passed else ": the white-box gradients are masked"))
+    return Check("black_box", passed, detail, {"white_box": white, "with_black_box": combined,
+                                               "only_black_box": only_black})
+
+
+# ---------------------------------------------------------------------------------------------- all together
+
+def _as_dict(attacks, default_name: str) -> dict[str, Attack]:
+    if attacks is None:
+        return {}
+    return dict(attacks) if isinstance(attacks, dict) else {default_name: attacks}
+
+
+def default_large_eps(norm: str, eps: float) -> float:
+    """An ε at which no classifier should keep accuracy: 8ε (at least half the pixel range for L∞)."""
+    return min(1.0, max(0.5, 8 * eps)) if norm == "linf" else 8 * eps
+
+
+def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float,
+                  attacks: dict[str, Attack] | Attack | None = None,
+                  black_box: dict[str, Attack] | Attack | None = None,
+                  steps: int = 20, long_steps: int | None = None, restarts: int = 5,
+                  eps_factors=(0.25, 0.5, 1.0, 1.5, 2.0), large_eps: float | None = None,
+                  black_box_queries: int = 500, tolerance: float = 0.03, large_eps_max_accuracy: float = 0.05,
+                  batch_size: int = 500, seed: int = 0, progress: bool = False, device="cpu") -> SanityReport:
+    """Run every check on (x, y) — floats in [0, 1] — for the threat (norm, ε).
+
+    attacks: the white-box attacks of the evaluation (default PGD-`steps`); accuracy counts an image as robust
+    only if it survives all of them. black_box: gradient-free attacks (default `random_search` with
+    `black_box_queries`; pass Square). The convergence check compares PGD-`steps` with PGD-`long_steps`
+    (default 10×) and with `restarts` random restarts. `tolerance` is the accuracy difference (a fraction)
+    tolerated before a comparison fails; keep it above the noise of the set (use ≥ 200 images).
+    """
+    check_choice("norm", norm, NORMS)
+    if eps <= 0:
+        raise RobustlabError(f"eps must be > 0 for the sanity checks, got {eps}")
+    if len(x) != len(y) or len(x) == 0:
+        raise RobustlabError(f"sanity checks need matching non-empty images and labels, got {len(x)} and {len(y)}")
+    x, y = x.to(device), y.to(device)
+    long_steps = long_steps or 10 * steps
+    large_eps = large_eps if large_eps is not None else default_large_eps(norm, eps)
+    base = partial(pgd, norm=norm, steps=steps)
+    white = _as_dict(attacks, "white-box") or {f"PGD-{steps}": base}
+    black = _as_dict(black_box, "black-box") or {
+        f"random search ({black_box_queries} queries)": partial(random_search, norm=norm, queries=black_box_queries)}
+
+    everyone = torch.ones(len(y), dtype=torch.bool, device=device)
+
+    def robust(attack, e, among=everyone):
+        """Per-image robustness under `attack` at ε = e, attacking only the images in mask `among`
+        (the others count as broken: no need to attack what is already misclassified)."""
+        idx = among.nonzero().squeeze(1)
+        fn = None if attack is None else partial(_at_eps, attack, e)
+        mask = torch.zeros_like(among)
+        mask[idx] = correct_mask(model, x[idx], y[idx], attack=fn, batch_size=batch_size, device=device,
+                                 seed=seed).to(device)
+        return mask
+
+    clean = robust(None, 0)
+
+    def ensemble(attacks_, e, among=clean):
+        """Robust to every attack; each attack only runs on the images that the earlier ones left."""
+        mask = among.clone()
+        for attack in attacks_.values():
+            if mask.any():
+                mask = robust(attack, e, mask)
+        return mask
+
+    checks: list[Check] = []
+    bar = tqdm(total=len(TITLES), desc="sanity checks", unit="check", disable=not progress, leave=False)
+
+    def add(check: Check):
+        checks.append(check)
+        bar.update()
+
+    add(check_deterministic(model, x, batch_size=batch_size))
+    add(check_gradients(model, x, y, norm=norm, eps=eps, batch_size=batch_size, seed=seed))
+
+    eps_values = sorted({0.0, eps, *(f * eps for f in eps_factors)})
+    masks = {e: ensemble(white, e) if e > 0 else clean for e in eps_values}
+    add(check_eps_monotonic(eps_values, [m.float().mean().item() for m in masks.values()], tolerance=tolerance))
+    add(check_large_eps(large_eps, ensemble(white, large_eps).float().mean().item(),
+                        max_accuracy=large_eps_max_accuracy))
+
+    base_acc = (masks[eps] if attacks is None else robust(base, eps, clean)).float().mean().item()
+    one_step = partial(_one_step, norm=norm)
+    add(check_single_step(robust(one_step, eps, clean).float().mean().item(), base_acc, tolerance=tolerance))
+    longer = robust(partial(pgd, norm=norm, steps=long_steps), eps, clean).float().mean().item()
+    restarted = robust(partial(pgd, norm=norm, steps=steps, restarts=restarts), eps, clean).float().mean().item()
+    add(check_convergence(base_acc, longer, restarted, steps=steps, long_steps=long_steps, restarts=restarts,
+                          tolerance=tolerance))
+    add(check_black_box(masks[eps], ensemble(black, eps, among=masks[eps]), tolerance=tolerance))
+    bar.close()
+    return SanityReport(checks)
+
+
+def _at_eps(attack, eps, model, x, y, generator=None):
+    """`attack` at a fixed ε, in the (model, x, y, generator=) form that correct_mask calls."""
+    return attack(model, x, y, eps=eps, generator=generator)
+
+
+def _one_step(model, x, y, *, eps, norm, generator=None):
+    """FGSM (L∞) or FGM (L2) in the attack calling convention."""
+    return (fgsm if norm == "linf" else fgm)(model, x, y, eps=eps)

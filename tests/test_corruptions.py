@@ -1,0 +1,177 @@
+"""Corruption suite and OOD accuracy: determinism, shapes, growing severity, cache, CIFAR-C files."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from robustlab.data import ImageSet
+from robustlab.errors import RobustlabError
+from robustlab.evaluate import accuracy
+from robustlab.evaluate import corruptions as C
+from robustlab.evaluate.corruptions import (CORRUPTIONS, SEVERITIES, corrupt, corruption_suite, default_corruptions,
+                                            ood_accuracy, plot_corruptions)
+
+
+def synthetic(channels: int, size: int, n: int = 16, seed: int = 0) -> ImageSet:
+    """Smooth backgrounds with a bright ellipse: structure for blurs and warps to act on, no data files needed."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+    images = []
+    for _ in range(n):
+        a, b = rng.uniform(0, 0.4, (2, channels, 1, 1))
+        background = a + b * yy + (0.4 - b) * xx
+        cy, cx, ry, rx = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.3), rng.uniform(0.1, 0.25)
+        inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        images.append(np.where(inside, rng.uniform(0.6, 1.0, (channels, 1, 1)), background))
+    images = np.rint(np.clip(np.stack(images), 0, 1) * 255).astype(np.uint8)
+    return ImageSet(torch.from_numpy(images), torch.arange(n) % 10)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared, busy CPU, more threads spin-wait and run many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+KINDS = {"gray": (1, 28), "colour": (3, 32)}
+
+
+def test_at_least_15_types_with_5_severities_each():
+    assert SEVERITIES == (1, 2, 3, 4, 5)
+    for channels in (1, 3):
+        names = default_corruptions(channels)
+        assert len(names) >= 15 and set(names) <= set(CORRUPTIONS)
+    assert "saturate" in default_corruptions(3) and "saturate" not in default_corruptions(1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+def test_corruption_changes_images_more_with_severity(name, kind):
+    channels, size = KINDS[kind]
+    if name not in default_corruptions(channels) and name in C.COLOUR_ONLY:
+        pytest.skip("colour only")
+    clean = synthetic(channels, size)
+    change = []
+    for severity in (1, 5):
+        out = corrupt(clean, name, severity)
+        assert out.images.dtype == torch.uint8 and out.images.shape == clean.images.shape
+        assert torch.equal(out.labels, clean.labels)
+        change.append((out.images.float() - clean.images.float()).abs().mean().item())
+    assert change[0] > 0, f"{name} severity 1 left the images unchanged"
+    assert change[1] > change[0], f"{name}: severity 5 changes less than severity 1 ({change})"
+
+
+@pytest.mark.parametrize("name", ["gaussian_noise", "motion_blur", "snow", "rotate", "zigzag", "elastic_transform"])
+def test_same_seed_same_images_other_seed_other_images(name):
+    clean = synthetic(3, 32)
+    first, again = corrupt(clean, name, 3, seed=0), corrupt(clean, name, 3, seed=0)
+    assert torch.equal(first.images, again.images)
+    assert not torch.equal(first.images, corrupt(clean, name, 3, seed=1).images)
+    assert not torch.equal(first.images, corrupt(clean, name, 4, seed=0).images)
+
+
+def test_chunks_get_their_own_randomness(monkeypatch):
+    monkeypatch.setattr(C, "CHUNK", 8)
+    out = corrupt(synthetic(1, 28, n=16), "gaussian_noise", 5).images.float()
+    clean = synthetic(1, 28, n=16).images.float()
+    assert not torch.equal(out[:8] - clean[:8], out[8:] - clean[8:])
+
+
+def test_batched_jpeg_equals_one_image_at_a_time():
+    for channels, size in KINDS.values():
+        clean = synthetic(channels, size, n=5)
+        out = corrupt(clean, "jpeg_compression", 5).images.numpy()
+        for i, img in enumerate(clean.images.numpy().transpose(0, 2, 3, 1)):
+            pil = Image.fromarray(img[..., 0] if channels == 1 else img)
+            buffer = io.BytesIO()
+            pil.save(buffer, format="JPEG", quality=40)
+            alone = np.asarray(Image.open(buffer).convert(pil.mode)).reshape(size, size, channels)
+            assert np.array_equal(out[i], alone.transpose(2, 0, 1))
+
+
+def test_bad_requests_raise_one_line_errors():
+    gray = synthetic(1, 28, n=2)
+    with pytest.raises(RobustlabError, match="colour"):
+        corrupt(gray, "saturate", 1)
+    with pytest.raises(RobustlabError, match="unknown corruption"):
+        corrupt(gray, "rain", 1)
+    with pytest.raises(RobustlabError, match="severities"):
+        corrupt(gray, "fog", 6)
+
+
+def test_cache_round_trip(tmp_path, monkeypatch):
+    clean = synthetic(1, 28, n=6)
+    names, severities = ["shot_noise", "frost"], (1, 5)
+    first = list(corruption_suite(clean, names, severities, seed=3, cache_dir=tmp_path))
+    files = sorted(tmp_path.rglob("*.npy"))
+    assert len(files) == 4
+    assert np.load(files[0], allow_pickle=False).dtype == np.uint8
+
+    def fail(*args, **kwargs):
+        raise AssertionError("generated again instead of reading the cache")
+
+    monkeypatch.setattr(C, "corrupt", fail)
+    second = list(corruption_suite(clean, names, severities, seed=3, cache_dir=tmp_path))
+    for (n1, s1, a), (n2, s2, b) in zip(first, second):
+        assert (n1, s1) == (n2, s2) and torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    monkeypatch.undo()
+
+    files[0].write_bytes(b"not an npy file")  # a damaged file is generated again
+    third = list(corruption_suite(clean, names, severities, seed=3, cache_dir=tmp_path))
+    assert all(torch.equal(a.images, c.images) for (_, _, a), (_, _, c) in zip(first, third))
+    other = synthetic(1, 28, n=6, seed=1)  # other clean images: other cache folder
+    list(corruption_suite(other, ["shot_noise"], (1,), cache_dir=tmp_path))
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
+
+
+def test_ood_accuracy_below_clean_and_falls_with_severity(standard_model, fmnist, tmp_path):
+    test = fmnist.test.subset(200)
+    names = ["gaussian_noise", "motion_blur", "fog", "contrast", "rotate"]
+    result = ood_accuracy(standard_model, test, names=names, progress=False)
+    assert set(result.accuracy) == set(names) and all(set(v) == set(SEVERITIES) for v in result.accuracy.values())
+    assert result.clean == pytest.approx(accuracy(standard_model, test))
+    assert result.mean < result.clean - 0.05
+    assert result.per_severity_mean[5] < result.per_severity_mean[1]
+    assert result.mean == pytest.approx(np.mean(list(result.per_corruption().values())))
+    summary = result.to_dict()
+    assert summary["ood_accuracy"] == result.mean and set(summary["per_corruption"]) == set(names)
+    plot_corruptions(result, tmp_path / "ood.png")
+    assert (tmp_path / "ood.png").stat().st_size > 10_000
+
+
+def _write_cifar_c(folder, clean: ImageSet, names):
+    """Published layout: (5·N)×H×W×3 uint8 per corruption, severity s in rows (s-1)·N : s·N, and labels.npy."""
+    folder.mkdir()
+    np.save(folder / "labels.npy", np.tile(clean.labels.numpy(), 5))
+    stacked = {}
+    for name in names:
+        sets = [corrupt(clean, name, s).images.numpy().transpose(0, 2, 3, 1) for s in SEVERITIES]
+        stacked[name] = np.concatenate(sets)
+        np.save(folder / f"{name}.npy", stacked[name])
+    return stacked
+
+
+def test_published_cifar_c_files_are_used_as_they_are(tmp_path):
+    clean = synthetic(3, 32, n=12)
+    stacked = _write_cifar_c(tmp_path / "CIFAR-10-C", clean, ["fog", "pixelate"])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).eval()
+    result = ood_accuracy(model, clean.subset(10), cifar_c_dir=tmp_path, progress=False)
+    assert set(result.accuracy) == {"fog", "pixelate"} and result.n == 10
+    assert "CIFAR-C" in result.source
+    images = torch.from_numpy(stacked["fog"][2 * 12: 2 * 12 + 10].transpose(0, 3, 1, 2).copy())
+    assert result.accuracy["fog"][3] == pytest.approx(accuracy(model, ImageSet(images, clean.labels[:10])))
+
+    shuffled = ImageSet(clean.images, clean.labels.roll(1))
+    with pytest.raises(RobustlabError, match="labels"):
+        ood_accuracy(model, shuffled, cifar_c_dir=tmp_path, progress=False)
+    with pytest.raises(RobustlabError, match="not found"):
+        ood_accuracy(model, clean, names=["snow"], cifar_c_dir=tmp_path, progress=False)

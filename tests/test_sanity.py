@@ -1,0 +1,184 @@
+"""Gradient-masking sanity checks: an honest model passes; deliberately masked models are flagged.
+
+The full battery runs on a small MLP trained here in a few seconds (the checks run hundreds of attack steps,
+which the CNN fixtures would make too slow for the test budget); the gradient checks also run on the CNN.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustlab.attacks import pgd, within_ball
+from robustlab.evaluate.sanity import (Check, check_black_box, check_convergence, check_deterministic,
+                                       check_eps_monotonic, check_gradients, check_large_eps, random_search,
+                                       sanity_checks, to_markdown, verdict)
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared, busy CPU, more threads spin-wait and run many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+EPS = 0.1
+BUDGET = dict(steps=10, long_steps=40, restarts=3, black_box_queries=300)  # small, to keep the tests quick
+
+
+class Quantized(nn.Module):
+    """Input quantization x → round(k·x)/k: torch.round has zero gradient, so PGD gets no signal."""
+
+    def __init__(self, model, levels=16):
+        super().__init__()
+        self.model, self.levels = model, levels
+
+    def forward(self, x):
+        return self.model(torch.round(x * self.levels) / self.levels)
+
+
+class Saturated(nn.Module):
+    """Logits × 10⁴: the softmax saturates, so cross-entropy gradients underflow to exactly zero."""
+
+    def __init__(self, model, temperature=1e4):
+        super().__init__()
+        self.model, self.temperature = model, temperature
+
+    def forward(self, x):
+        return self.model(x) * self.temperature
+
+
+class Noisy(nn.Module):
+    """A randomized defence: Gaussian noise on the input at every call."""
+
+    def __init__(self, model, sigma=0.1):
+        super().__init__()
+        self.model, self.sigma = model, sigma
+
+    def forward(self, x):
+        return self.model(x + self.sigma * torch.randn_like(x))
+
+
+@pytest.fixture(scope="module")
+def mlp(fmnist):
+    """784-128-10 MLP, 6 epochs of Adam on 5,000 training images (~85% test accuracy)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+    x, y = fmnist.train.subset(5000).as_float(), fmnist.train.labels[:5000]
+    opt = torch.optim.Adam(model.parameters(), 2e-3)
+    for _ in range(6):
+        for idx in torch.randperm(len(x)).split(100):
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    torch.set_num_threads(threads)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def eval_set(fmnist):
+    return fmnist.test.subset(200).as_float(), fmnist.test.labels[:200]
+
+
+def _acc(model, x, y, attack=None, **kwargs):
+    if attack is not None:
+        x = attack(model, x, y, generator=torch.Generator().manual_seed(0), **kwargs)
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def test_honest_model_is_trustworthy(mlp, eval_set):
+    report = sanity_checks(mlp, *eval_set, norm="linf", eps=EPS, **BUDGET)
+    assert report.trustworthy, report.to_markdown()
+    assert report.verdict == "trustworthy"
+    assert [c.name for c in report.checks] == ["deterministic", "gradients", "eps_monotonic", "large_eps",
+                                               "single_step", "convergence", "black_box"]
+    assert all(isinstance(c.detail, str) and "\n" not in c.detail for c in report.checks)
+    assert report["large_eps"].values["accuracy"] <= 0.05
+
+
+@pytest.mark.parametrize("wrapper", [Quantized, Saturated])
+def test_masked_model_is_flagged_and_black_box_still_breaks_it(mlp, eval_set, wrapper):
+    x, y = eval_set
+    masked = wrapper(mlp).eval()
+    pgd_plain = _acc(mlp, x, y, pgd, eps=EPS, steps=10)
+    pgd_masked = _acc(masked, x, y, pgd, eps=EPS, steps=10)
+    black_masked = _acc(masked, x, y, random_search, eps=EPS, queries=300)
+    assert pgd_masked > pgd_plain + 0.4, "PGD should overestimate the masked model's robustness"
+    assert black_masked < pgd_masked - 0.15, "a gradient-free attack should see through the masking"
+
+    report = sanity_checks(masked, x, y, norm="linf", eps=EPS, **BUDGET)
+    assert not report.trustworthy and report.verdict.startswith("suspicious: ")
+    assert not report["gradients"].passed and "zero" in report["gradients"].detail
+    assert not report["black_box"].passed
+    assert "gradients" in report.verdict and "black_box" in report.verdict
+    assert report["deterministic"].passed
+    assert "**FAIL**" in report.to_markdown()
+
+
+def test_randomized_model_is_flagged(mlp, eval_set):
+    x, y = eval_set
+    noisy = Noisy(mlp).eval()
+    check = check_deterministic(noisy, x)
+    assert not check.passed and "EOT" in check.detail
+    assert check_deterministic(mlp, x).passed
+    gradients = check_gradients(noisy, x, y, norm="linf", eps=EPS)
+    assert gradients.values["repeat_cosine"] < 0.99 and not gradients.passed
+
+
+def test_gradient_checks_pass_on_the_cnn(standard_model, test_batch):
+    x, y = test_batch
+    check = check_gradients(standard_model, x, y, norm="linf", eps=EPS)
+    assert check.passed, check.detail
+    assert check.values["nearby_cosine"] > 0.5 and check.values["zero_fraction"] == 0
+    assert check_deterministic(standard_model, x).passed
+    nan_model = Saturated(standard_model, temperature=float("nan"))
+    assert "NaN" in check_gradients(nan_model, x[:20], y[:20], norm="linf", eps=EPS).detail
+
+
+def test_comparison_checks_on_known_numbers():
+    assert check_eps_monotonic([0, 0.05, 0.1], [0.9, 0.5, 0.3], tolerance=0.02).passed
+    rising = check_eps_monotonic([0, 0.05, 0.1], [0.9, 0.5, 0.6], tolerance=0.02)
+    assert not rising.passed and "rises" in rising.detail
+    assert check_eps_monotonic([0, 0.05, 0.1], [0.9, 0.5, 0.51], tolerance=0.02).passed  # within the noise
+    assert not check_large_eps(0.8, 0.3, max_accuracy=0.05).passed
+    assert not check_convergence(0.5, 0.4, 0.49, steps=20, long_steps=200, restarts=5, tolerance=0.03).passed
+    assert check_convergence(0.5, 0.49, 0.48, steps=20, long_steps=200, restarts=5, tolerance=0.03).passed
+    white = torch.tensor([True] * 50 + [False] * 50)
+    black = white.clone()
+    black[:10] = False  # the black-box attack broke 10% that the white-box attacks did not
+    assert not check_black_box(white, black, tolerance=0.03).passed
+    assert check_black_box(white, white, tolerance=0.03).passed
+
+
+def test_verdict_and_markdown():
+    checks = [Check("gradients", False, "all zero", {}), Check("deterministic", True, "same logits", {})]
+    assert verdict(checks) == "suspicious: gradients"
+    assert verdict(checks[1:]) == "trustworthy"
+    table = to_markdown(checks)
+    assert table.startswith("| check | result | detail |") and "**FAIL**" in table and "suspicious" in table
+
+
+class NoBackward(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("no gradients here")
+        return self.model(x)
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 1.5)])
+def test_random_search_needs_no_gradients_and_stays_in_the_ball(mlp, eval_set, norm, eps):
+    x, y = eval_set[0][:64], eval_set[1][:64]
+    model = NoBackward(mlp)
+    adv = random_search(model, x, y, eps=eps, norm=norm, queries=100,
+                        generator=torch.Generator().manual_seed(0))
+    assert within_ball(adv, x, norm, eps, tol=1e-5)
+    assert _acc(mlp, adv, y) < _acc(mlp, x, y) - 0.1
