@@ -55,3 +55,21 @@ def test_train_then_eval_writes_a_report(tmp_path):
     assert json.loads((run / "report.json").read_text())["attack"]["steps"] == 3
     bad_attack = robustlab("eval", str(run), "--attack", "cw")
     assert bad_attack.returncode == 2 and "fgsm" in bad_attack.stderr
+
+
+def test_standard_suite_reports_autoattack_sanity_and_ood(tmp_path):
+    run = tmp_path / "run"
+    assert robustlab("train", "--data-dir", FMNIST, "--train-n", "256", "--val-n", "50", "--epochs", "1",
+                     "--steps", "2", "--threads", "1", "--out", str(run)).returncode == 0
+    result = robustlab("eval", str(run), "--suite", "standard", "--data-dir", FMNIST, "--n", "40", "--steps", "3",
+                       "--restarts", "1", "--aa-steps", "5", "--aa-queries", "50", "--sanity-n", "40",
+                       "--sweep-n", "0", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((run / "report.json").read_text())
+    names = [row["name"] for row in report["rows"]]
+    assert any("after square" in n and "off-protocol" in n for n in names)
+    assert any(n.startswith("OOD mean") for n in names)
+    accs = [row["accuracy"] for row in report["rows"] if row["name"].startswith("AutoAttack")]
+    assert accs == sorted(accs, reverse=True) and accs[-1] <= report["rows"][0]["accuracy"]
+    assert report["sanity"]["verdict"] and (run / "corruptions.png").exists() and (run / "per_class.png").exists()
+    assert "Gradient-masking sanity checks" in (run / "report.md").read_text()

@@ -55,6 +55,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--eps", type=float, default=0.1)
+    p.add_argument("--bf16", action="store_true", default=None,
+                   help="also time bf16 autocast (default: only where the CPU has bf16 units)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -81,7 +83,8 @@ def main(argv=None):
         "pgd10_at_step": images_per_s(lambda: textbook_at_step(model, opt, x, y, eps, alpha, steps), args.batch_size, iters=args.iters),
     }
     # robustlab, in each precision / memory-format combination.
-    for precision in ("fp32", "bf16"):
+    with_bf16 = args.bf16 if args.bf16 is not None else torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    for precision in ("fp32", "bf16") if with_bf16 else ("fp32",):
         for channels_last in (False, True):
             fmt = torch.channels_last if channels_last else torch.contiguous_format
             model = fresh().to(memory_format=fmt)

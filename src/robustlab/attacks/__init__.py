@@ -5,8 +5,14 @@ They run the model in eval mode (restoring the caller's mode) and never touch pa
 """
 from robustlab.attacks.pgd import attack_mode, cross_entropy, fgm, fgsm, frozen_params, perturb, pgd
 from robustlab.attacks.threat import NORMS, L2Ball, LinfBall, make_threat, within_ball
+from robustlab.attacks.apgd import apgd, apgd_targeted, dlr_loss, dlr_targeted_loss
+from robustlab.attacks.fab import fab_targeted
+from robustlab.attacks.square import square
+from robustlab.attacks.autoattack import AutoAttackResult, autoattack, autoattack_accuracy
 
-ATTACKS = {"fgsm": fgsm, "fgm": fgm, "pgd": pgd}
+ATTACKS = {"fgsm": fgsm, "fgm": fgm, "pgd": pgd, "apgd": apgd, "apgd-t": apgd_targeted, "fab-t": fab_targeted,
+           "square": square}
 
-__all__ = ["ATTACKS", "NORMS", "L2Ball", "LinfBall", "attack_mode", "cross_entropy", "fgm", "fgsm",
-           "frozen_params", "make_threat", "perturb", "pgd", "within_ball"]
+__all__ = ["ATTACKS", "AutoAttackResult", "NORMS", "L2Ball", "LinfBall", "apgd", "apgd_targeted", "attack_mode",
+           "autoattack", "autoattack_accuracy", "cross_entropy", "dlr_loss", "dlr_targeted_loss", "fab_targeted",
+           "fgm", "fgsm", "frozen_params", "make_threat", "perturb", "pgd", "square", "within_ball"]

@@ -30,7 +30,8 @@ def plot_accuracy_vs_eps(curves: dict[str, list[tuple[float, float]]], path, tit
 def write_report(run_dir, results: dict, plots: dict[str, str]):
     """Write RUN/report.json (everything) and RUN/report.md (a readable summary with the plots)."""
     run_dir = Path(run_dir)
-    (run_dir / "report.json").write_text(json.dumps(results, indent=1) + "\n")
+    (run_dir / "report.json").write_text(json.dumps({k: v for k, v in results.items() if k != "sanity_markdown"},
+                                                    indent=1, default=str) + "\n")
     lines = [f"# Evaluation of `{run_dir.name}`", ""]
     meta = results.get("run", {})
     if meta:
@@ -40,6 +41,10 @@ def write_report(run_dir, results: dict, plots: dict[str, str]):
     for row in results["rows"]:
         lines.append(f"| {row['name']} | {row['n']} | {100 * row['accuracy']:.2f}% |")
     lines.append("")
+    if results.get("sanity_markdown"):
+        lines += ["## Gradient-masking sanity checks", "", results["sanity_markdown"], ""]
+    if results.get("wall_s"):
+        lines += ["Wall time (s): " + ", ".join(f"{k} {v}" for k, v in results["wall_s"].items()), ""]
     if results.get("command"):
         lines += ["Command:", "", f"    {results['command']}", ""]
     for title, file in plots.items():

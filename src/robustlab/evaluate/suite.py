@@ -1,0 +1,86 @@
+"""`robustlab eval --suite standard`: clean, PGD, AutoAttack-standard, sanity checks and OOD accuracy in one
+report. Budgets below the protocol's (fewer AutoAttack steps or queries) are marked off-protocol."""
+from __future__ import annotations
+
+import time
+from functools import partial
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from robustlab.attacks import autoattack_accuracy, pgd, square  # noqa: E402
+from robustlab.evaluate.accuracy import correct_mask  # noqa: E402
+from robustlab.evaluate.corruptions import ood_accuracy, plot_corruptions  # noqa: E402
+from robustlab.evaluate.sanity import sanity_checks  # noqa: E402
+
+
+def plot_per_class(class_names, clean_mask, robust_mask, labels, path, robust_label):
+    n = len(class_names)
+    clean = [clean_mask[labels == c].float().mean().item() * 100 for c in range(n)]
+    robust = [robust_mask[labels == c].float().mean().item() * 100 for c in range(n)]
+    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=120)
+    idx = torch.arange(n).numpy()
+    ax.bar(idx - 0.2, clean, 0.4, label="clean")
+    ax.bar(idx + 0.2, robust, 0.4, label=robust_label)
+    ax.set_xticks(idx, class_names, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_suite(model, test, info, *, norm, eps, pgd_attack, pgd_label, run_dir, aa_steps=100, aa_queries=5000,
+              sanity_n=500, ood=True, seed=0, batch_size=500, show=None) -> tuple[list, dict, dict]:
+    """Returns (report rows, extra results, plots) for `write_report`."""
+    run_dir = Path(run_dir)
+    rows, extra, plots, wall = [], {}, {}, {}
+    start = time.perf_counter()
+    clean_mask = correct_mask(model, test.images, test.labels, batch_size=batch_size, progress="clean", show=show)
+    robust_mask = correct_mask(model, test.images, test.labels, attack=pgd_attack, batch_size=batch_size, seed=seed,
+                               progress=pgd_label, show=show)
+    wall["clean+pgd"] = time.perf_counter() - start
+    rows += [{"name": "clean", "n": len(test), "accuracy": clean_mask.float().mean().item()},
+             {"name": pgd_label, "n": len(test), "accuracy": robust_mask.float().mean().item()}]
+
+    start = time.perf_counter()
+    aa = autoattack_accuracy(model, test, eps, norm, batch_size=batch_size // 2, seed=seed, progress=show is not False,
+                             state_path=run_dir / "autoattack_state.safetensors", steps=aa_steps, queries=aa_queries)
+    wall["autoattack"] = time.perf_counter() - start
+    off = "" if (aa_steps, aa_queries) == (100, 5000) else f" (off-protocol: {aa_steps} steps, {aa_queries} queries)"
+    for stage, acc in aa.stage_accuracy.items():
+        if stage != "clean":
+            rows.append({"name": f"AutoAttack after {stage}{off}", "n": len(test), "accuracy": acc})
+    extra["autoattack"] = {"stage_accuracy": aa.stage_accuracy, "seconds": aa.seconds, "steps": aa_steps,
+                           "queries": aa_queries}
+    plot_per_class(info.class_names, clean_mask, robust_mask, test.labels, run_dir / "per_class.png", pgd_label)
+    plots["Per-class accuracy"] = "per_class.png"
+
+    start = time.perf_counter()
+    n = min(sanity_n, len(test))
+    checks = sanity_checks(model, test.subset(n).as_float(), test.labels[:n], norm=norm, eps=eps,
+                           attacks={pgd_label: pgd_attack},
+                           black_box={"Square-1000": partial(square, norm=norm, queries=1000)},
+                           progress=show is not False)
+    wall["sanity"] = time.perf_counter() - start
+    extra["sanity"] = checks.to_dict()
+    extra["sanity_markdown"] = checks.to_markdown()
+
+    if ood:
+        start = time.perf_counter()
+        result = ood_accuracy(model, test, progress=show is not False, batch_size=batch_size,
+                              cache_dir=Path.home() / ".cache" / "robustlab" / "corruptions")
+        wall["ood"] = time.perf_counter() - start
+        rows.append({"name": f"OOD mean over {len(result.accuracy)} corruptions × 5 severities", "n": len(test),
+                     "accuracy": result.mean})
+        extra["ood"] = result.to_dict()
+        plot_corruptions(result, run_dir / "corruptions.png")
+        plots["Accuracy under corruptions"] = "corruptions.png"
+    extra["wall_s"] = {k: round(v, 1) for k, v in wall.items()}
+    return rows, extra, plots

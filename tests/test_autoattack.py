@@ -1,0 +1,369 @@
+"""APGD, FAB-T, Square and the AutoAttack-standard ensemble: budgets, strength, and the details that
+the papers fix (step-size checkpoints, exact projections, minimal perturbations, resumable state)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linprog, minimize
+from torch import nn
+
+from robustlab.attacks import pgd, within_ball
+from robustlab.attacks.apgd import apgd, apgd_run, apgd_targeted, dlr_targeted_loss, step_size_checkpoints
+from robustlab.attacks.autoattack import STAGES, autoattack, autoattack_accuracy
+from robustlab.attacks.fab import fab_targeted, project_on_hyperplane_box
+from robustlab.attacks.square import square
+from robustlab.errors import RobustlabError
+
+EPS = {"linf": 0.1, "l2": 1.5}
+
+
+def accuracy(model, x, y) -> float:
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+# ---- budgets: outputs and every query inside the ε-ball and [0, 1] ----
+
+def _small_attacks(norm):
+    eps = EPS[norm]
+    return {
+        "apgd-ce": lambda m, x, y, g: apgd(m, x, y, eps=eps, norm=norm, steps=8, generator=g),
+        "apgd-dlr": lambda m, x, y, g: apgd(m, x, y, eps=eps, norm=norm, steps=8, loss="dlr", restarts=2, generator=g),
+        "apgd-t": lambda m, x, y, g: apgd_targeted(m, x, y, eps=eps, norm=norm, steps=6, n_target_classes=2, generator=g),
+        "fab-t": lambda m, x, y, g: fab_targeted(m, x, y, eps=eps, norm=norm, steps=6, n_target_classes=2, restarts=2,
+                                                 generator=g),
+        "square": lambda m, x, y, g: square(m, x, y, eps=eps, norm=norm, queries=40, generator=g),
+    }
+
+
+class QueryGuard(nn.Module):
+    """Fails if the model is ever queried outside [0, 1] or outside the ε-ball around `center`.
+
+    eps=None checks the box only: FAB is a minimal-norm attack whose iterates search beyond ε for the
+    boundary and are pulled back (as in the paper and AutoAttack); only its outputs must lie within ε.
+    """
+
+    def __init__(self, model, center, norm, eps):
+        super().__init__()
+        self.model, self.center, self.norm, self.eps = model, center, norm, eps
+        self.queries = 0
+
+    def forward(self, x):
+        self.queries += 1
+        assert within_ball(x.detach(), self.center.expand_as(x), self.norm, self.eps if self.eps else 1e9), \
+            "query left the ε-ball or [0, 1]"
+        return self.model(x)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_attacks_stay_inside_ball_and_box(robust_model, test_batch, norm):
+    x, y = test_batch[0][:8], test_batch[1][:8]
+    for name, attack in _small_attacks(norm).items():
+        x_adv = attack(robust_model, x, y, torch.Generator().manual_seed(0))
+        assert x_adv.shape == x.shape and within_ball(x_adv, x, norm, EPS[norm]), name
+        # Every query: copies of one image, so each row the model sees must lie near that image.
+        guard = QueryGuard(robust_model, x[3:4], norm, None if name == "fab-t" else EPS[norm])
+        attack(guard, x[3:4].repeat(3, 1, 1, 1), y[3:4].repeat(3), torch.Generator().manual_seed(1))
+        assert guard.queries > 1, name
+
+
+def test_attacks_leave_model_mode_and_parameter_gradients_alone(robust_model, test_batch):
+    x, y = test_batch[0][:4], test_batch[1][:4]
+    params = list(robust_model.parameters())
+    before = [(p.requires_grad, None if p.grad is None else p.grad.clone()) for p in params]
+    robust_model.train()
+    try:
+        for name, attack in _small_attacks("linf").items():
+            attack(robust_model, x, y, None)
+            assert robust_model.training, name
+            for p, (requires_grad, grad) in zip(params, before):
+                assert p.requires_grad == requires_grad, name
+                assert (p.grad is None) if grad is None else torch.equal(p.grad, grad), name
+    finally:
+        robust_model.eval()
+
+
+def test_bad_arguments_raise_one_line_errors(robust_model, test_batch):
+    x, y = test_batch[0][:2], test_batch[1][:2]
+    for call in (lambda: apgd(robust_model, x, y, eps=0.1, norm="l1"),
+                 lambda: apgd(robust_model, x, y, eps=-1.0),
+                 lambda: apgd(robust_model, x, y, eps=0.1, loss="hinge"),
+                 lambda: apgd(robust_model, x, y, eps=0.1, target_class_rank=3),
+                 lambda: apgd(robust_model, x, y, eps=0.1, loss="dlr-targeted", target_class_rank=1),
+                 lambda: fab_targeted(robust_model, x, y, eps=0.1, n_target_classes=0),
+                 lambda: square(robust_model, x, y, eps=0.1, p_init=1.5),
+                 lambda: autoattack(robust_model, x * 255, y, eps=0.1)):
+        with pytest.raises(RobustlabError) as err:
+            call()
+        assert "\n" not in str(err.value)
+
+
+# ---- APGD ----
+
+def _checkpoints_by_hand(steps):
+    """The published recursion in whole hundredths: p_0 = 0, p_1 = 22, p_{j+1} = p_j + max(p_j − p_{j−1} − 3, 6)."""
+    p_prev, p, out = 0, 22, []
+    while -(-p * steps // 100) <= steps:
+        w = -(-p * steps // 100)  # ⌈p·N/100⌉
+        if not out or w > out[-1]:
+            out.append(w)
+        p_prev, p = p, p + max(p - p_prev - 3, 6)
+    return out
+
+
+def test_apgd_checkpoints_follow_published_formula():
+    assert step_size_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    for steps in (1, 5, 10, 37, 50, 100, 250, 1000):
+        assert step_size_checkpoints(steps) == _checkpoints_by_hand(steps)
+
+
+def _reference_apgd(model, loss_fn, x0, x, y, t, eps, norm, steps, rho=0.75):
+    """Algorithm 1 written out for a single example, straight from the paper, in float64.
+
+    Returns ("fooled", first misclassified iterate) or ("robust", x_max, f_max).
+    """
+    def proj(v):
+        if norm == "linf":
+            v = torch.min(torch.max(v, x - eps), x + eps)
+        else:
+            delta = v - x
+            n = delta.norm()
+            v = x + (delta if n <= eps else delta * eps / n)
+        return v.clamp(0, 1)
+
+    def evaluate(v):
+        v = v.detach().requires_grad_(True)
+        logits = model(v[None])
+        f = loss_fn(logits, y[None], t[None])[0]
+        (g,) = torch.autograd.grad(f, v)
+        return f.item(), g, logits.argmax(1).item() != y.item()
+
+    def direction(g):
+        return g.sign() if norm == "linf" else g / (g.norm() + 1e-12)
+
+    checkpoints = _checkpoints_by_hand(steps)
+    f0, g, wrong = evaluate(x0)
+    if wrong:
+        return ("fooled", x0)
+    eta = 2 * eps
+    prev = cur = x0
+    f_cur = f0
+    x_max, f_max, g_max = x0, f0, g
+    w_last, f_max_at_w_last, eta_at_w_last, increases = 0, f0, eta, 0
+    for k in range(1, steps + 1):
+        a = 1.0 if k == 1 else 0.75
+        z = proj(cur + eta * direction(g))
+        new = proj(cur + a * (z - cur) + (1 - a) * (cur - prev))
+        f_new, g, wrong = evaluate(new)
+        if wrong:
+            return ("fooled", new)
+        increases += f_new > f_cur
+        prev, cur, f_cur = cur, new, f_new
+        if f_new > f_max:
+            x_max, f_max, g_max = new, f_new, g
+        if k in checkpoints:
+            condition1 = increases < rho * (k - w_last)
+            condition2 = eta_at_w_last == eta and f_max_at_w_last == f_max
+            eta_at_w_last = eta
+            if condition1 or condition2:
+                eta = eta / 2
+                cur, f_cur, g = x_max, f_max, g_max
+            w_last, f_max_at_w_last, increases = k, f_max, 0
+    return ("robust", x_max, f_max)
+
+
+@pytest.mark.parametrize("norm,loss", [("linf", "ce"), ("l2", "ce"), ("linf", "dlr-targeted")])
+def test_apgd_matches_independent_rederivation(norm, loss):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 6)).double().eval()
+    x = torch.rand(16, 1, 3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        logits = model(x)
+    y = logits.argmax(1)  # all correctly classified at the start
+    t = logits.argsort(1, descending=True)[:, 1]
+    eps = {"linf": 0.08, "l2": 0.25}[norm]
+    x0 = (x + eps * (2 * torch.rand_like(x) - 1) * (1 if norm == "linf" else 0.4)).clamp(0, 1)
+    if loss == "ce":
+        def loss_fn(lg, yy, tt):
+            return F.cross_entropy(lg, yy, reduction="none")
+    else:
+        loss_fn = dlr_targeted_loss
+    run = apgd_run(model, x, y, t, loss=loss, eps=eps, norm=norm, steps=30, x_init=x0)
+    outcomes = set()
+    for i in range(len(x)):
+        ref = _reference_apgd(model, loss_fn, x0[i], x[i], y[i], t[i], eps, norm, steps=30)
+        outcomes.add(ref[0])
+        assert bool(run.fooled[i]) == (ref[0] == "fooled"), i
+        torch.testing.assert_close(run.x_adv[i], ref[1], atol=1e-6, rtol=0)  # ulps, amplified over 30 steps
+        if ref[0] == "robust":
+            assert run.loss[i].item() == pytest.approx(ref[2], rel=1e-5, abs=1e-6)
+    assert outcomes == {"fooled", "robust"}  # both paths exercised
+
+
+def test_apgd_ce_at_least_as_strong_as_pgd20(robust_model, test_batch):
+    x, y = test_batch[0][:200], test_batch[1][:200]
+    g = torch.Generator().manual_seed(0)
+    acc_pgd = accuracy(robust_model, pgd(robust_model, x, y, eps=0.1, norm="linf", steps=20, generator=g), y)
+    acc_apgd = accuracy(robust_model, apgd(robust_model, x, y, eps=0.1, norm="linf", steps=50, generator=g), y)
+    assert acc_apgd <= acc_pgd < accuracy(robust_model, x, y)
+
+
+# ---- FAB-T ----
+
+def test_box_hyperplane_projection_is_the_exact_minimizer():
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        d = 6
+        t = rng.uniform(0, 1, d)
+        w = rng.normal(size=d) * (rng.uniform(size=d) > 0.15)
+        b = w @ rng.uniform(0, 1, d)  # a hyperplane that meets the box
+        for norm in ("linf", "l2"):
+            args = torch.tensor(t[None]), torch.tensor(w[None]), torch.tensor([b])
+            got = project_on_hyperplane_box(*args, norm)[0].numpy()
+            got32 = project_on_hyperplane_box(*(a.float() for a in args), norm)[0].numpy()
+            assert np.abs(got32 - got).max() < 1e-4  # images run it in float32
+            assert abs(w @ (t + got) - b) < 1e-9 and np.all(t + got >= -1e-12) and np.all(t + got <= 1 + 1e-12)
+            bounds = list(zip(-t, 1 - t))
+            if norm == "linf":  # min s  s.t. |d_i| <= s, <w, d> = b − <w, t>, box
+                res = linprog(np.r_[np.zeros(d), 1.0],
+                              A_ub=np.block([[np.eye(d), -np.ones((d, 1))], [-np.eye(d), -np.ones((d, 1))]]),
+                              b_ub=np.zeros(2 * d), A_eq=np.r_[w, 0.0][None], b_eq=[b - w @ t],
+                              bounds=bounds + [(0, None)])
+                assert np.abs(got).max() == pytest.approx(res.fun, abs=1e-7), trial
+            else:
+                res = minimize(lambda v: v @ v, np.zeros(d), jac=lambda v: 2 * v, bounds=bounds, method="SLSQP",
+                               constraints=[{"type": "eq", "fun": lambda v: w @ v - (b - w @ t), "jac": lambda v: w}],
+                               options={"ftol": 1e-14, "maxiter": 500})
+                assert np.linalg.norm(got) == pytest.approx(np.sqrt(res.fun), rel=1e-5, abs=1e-7), trial
+    # A hyperplane out of reach of the box: go to the nearest corner.
+    t, w = torch.full((1, 3), 0.5, dtype=torch.float64), torch.tensor([[1.0, -2.0, 0.0]], dtype=torch.float64)
+    for norm in ("linf", "l2"):
+        got = project_on_hyperplane_box(t, w, torch.tensor([10.0], dtype=torch.float64), norm)
+        torch.testing.assert_close(t + got, torch.tensor([[1.0, 0.0, 0.5]], dtype=torch.float64))
+
+
+def test_fab_l2_finds_the_analytic_minimal_perturbation_of_a_linear_model():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 5).double()
+    model = nn.Sequential(nn.Flatten(), linear).eval()
+    x = (0.5 + 0.05 * torch.randn(16, 1, 8, 8, dtype=torch.float64)).clamp(0, 1)
+    with torch.no_grad():
+        logits = model(x)
+    y = logits.argmax(1)
+    t = logits.argsort(1, descending=True)[:, 1]
+    W, b = linear.weight.detach(), linear.bias.detach()
+    # Distance from x to the hyperplane z_t = z_y (the box stays inactive: x is near 0.5, the steps are small).
+    gap = (logits.gather(1, y[:, None]) - logits.gather(1, t[:, None])).squeeze(1)
+    analytic = gap / (W[t] - W[y]).norm(dim=1)
+    x_adv = fab_targeted(model, x, y, eps=100.0, norm="l2", steps=100, n_target_classes=1)
+    found = (x_adv - x).flatten(1).norm(dim=1)
+    assert accuracy(model, x_adv, y) == 0
+    assert torch.all(found >= analytic * (1 - 1e-6))  # nothing closer than the hyperplane exists...
+    assert torch.all(found <= analytic * 1.02)       # ...and FAB gets within 2% of it
+    # Inside the ball only: a budget below the distance leaves the input unchanged.
+    x_small = fab_targeted(model, x, y, eps=float(analytic.min()) * 0.5, norm="l2", steps=20, n_target_classes=1)
+    assert torch.equal(x_small, x)
+
+
+# ---- Square ----
+
+class _NoBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("this model has no gradients")
+
+
+class GradientFree(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(_NoBackward.apply(x))
+
+
+def test_square_needs_no_gradients(standard_model, test_batch):
+    x, y = test_batch[0][:48], test_batch[1][:48]
+    model = GradientFree(standard_model)
+    with pytest.raises(RuntimeError, match="no gradients"):
+        pgd(model, x[:2], y[:2], eps=0.1, steps=1)
+    clean = accuracy(model, x, y)
+    for norm, queries, drop in (("linf", 300, 0.1), ("l2", 60, 0.02)):
+        x_adv = square(model, x, y, eps=EPS[norm], norm=norm, queries=queries, generator=torch.Generator().manual_seed(0))
+        assert within_ball(x_adv, x, norm, EPS[norm])
+        assert accuracy(model, x_adv, y) <= clean - drop, norm
+
+
+# ---- the ensemble ----
+
+def test_ensemble_is_never_weaker_than_a_member(robust_model, fmnist):
+    data = fmnist.test.subset(48)
+    x, y = data.as_float(), data.labels
+    budget = dict(eps=0.1, norm="linf", n_target_classes=3)
+    result = autoattack_accuracy(robust_model, data, steps=8, queries=100, batch_size=24, progress=False, **budget)
+    acc = list(result.stage_accuracy.values())
+    assert list(result.stage_accuracy) == list(STAGES)
+    assert all(a >= b for a, b in zip(acc, acc[1:])) and acc[0] == pytest.approx(accuracy(robust_model, x, y))
+    # The report is what the model does on the returned points.
+    assert within_ball(result.x_adv, x, "linf", 0.1)
+    with torch.no_grad():
+        correct = robust_model(result.x_adv).argmax(1) == y
+    assert torch.equal(correct, result.robust) and result.robust_accuracy == pytest.approx(correct.float().mean().item())
+    for stage, count in zip(STAGES, np.diff([0] + [round((1 - a) * len(y)) for a in acc])):
+        assert sum(1 for s in result.broken_by_names() if s == stage) == count, stage
+    g = torch.Generator().manual_seed(5)
+    members = {
+        "apgd-ce": apgd(robust_model, x, y, eps=0.1, steps=8, generator=g),
+        "apgd-t": apgd_targeted(robust_model, x, y, steps=8, generator=g, **budget),
+        "fab-t": fab_targeted(robust_model, x, y, steps=8, generator=g, **budget),
+        "square": square(robust_model, x, y, eps=0.1, queries=100, generator=g),
+    }
+    for name, x_adv in members.items():
+        assert result.robust_accuracy <= accuracy(robust_model, x_adv, y), name
+
+
+class Interrupt(Exception):
+    pass
+
+
+class CountingModel(nn.Module):
+    """Counts forward passes and raises Interrupt on pass number `stop_at` (simulates a killed run)."""
+
+    def __init__(self, model, stop_at=None):
+        super().__init__()
+        self.model, self.stop_at, self.calls = model, stop_at, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.stop_at is not None and self.calls >= self.stop_at:
+            raise Interrupt
+        return self.model(x)
+
+
+def test_interrupted_evaluation_resumes_to_the_same_result(robust_model, test_batch, tmp_path):
+    x, y = test_batch[0][:40], test_batch[1][:40]
+    kwargs = dict(eps=0.1, norm="linf", steps=6, queries=40, n_target_classes=3, batch_size=16, seed=3,
+                  progress=False)
+    counter = CountingModel(robust_model)
+    full = autoattack(counter, x, y, **kwargs)
+    state = tmp_path / "aa-state.safetensors"
+    with pytest.raises(Interrupt):  # killed in the middle of the APGD-T stage or later
+        autoattack(CountingModel(robust_model, stop_at=int(counter.calls * 0.55)), x, y, state_path=state, **kwargs)
+    assert state.exists() and state.with_suffix(".json").exists()
+    resumed_model = CountingModel(robust_model)
+    resumed = autoattack(resumed_model, x, y, state_path=state, **kwargs)
+    assert resumed_model.calls < counter.calls * 0.6  # finished work was skipped
+    assert torch.equal(resumed.x_adv, full.x_adv) and torch.equal(resumed.broken_by, full.broken_by)
+    assert list(resumed.stage_accuracy.items()) == list(full.stage_accuracy.items())
+    # A finished state answers at once; a state from another evaluation is refused.
+    again = CountingModel(robust_model)
+    assert autoattack(again, x, y, state_path=state, **kwargs).stage_accuracy == full.stage_accuracy
+    assert again.calls <= 1
+    with pytest.raises(RobustlabError, match="different evaluation"):
+        autoattack(robust_model, x, y, state_path=state, **{**kwargs, "eps": 0.2})
