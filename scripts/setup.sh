@@ -2,6 +2,7 @@
 # Sets up robustlab on a fresh machine: the CPU build of torch first (so pip never pulls a CUDA build),
 # Debian's Fashion-MNIST package where apt is available, then robustlab itself with its test extras.
 set -euo pipefail
+export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 cd "$(dirname "$0")/.."
 python3 -m pip install -q torch==2.13.0
 if [ ! -e /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] && command -v apt-get >/dev/null; then

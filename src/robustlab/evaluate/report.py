@@ -43,8 +43,8 @@ def write_report(run_dir, results: dict, plots: dict[str, str]):
     lines.append("")
     if results.get("sanity_markdown"):
         lines += ["## Gradient-masking sanity checks", "", results["sanity_markdown"], ""]
-    if results.get("wall_s"):
-        lines += ["Wall time (s): " + ", ".join(f"{k} {v}" for k, v in results["wall_s"].items()), ""]
+    if results.get("wall_s_by_step"):
+        lines += ["Wall time (s): " + ", ".join(f"{k} {v}" for k, v in results["wall_s_by_step"].items()), ""]
     if results.get("command"):
         lines += ["Command:", "", f"    {results['command']}", ""]
     for title, file in plots.items():

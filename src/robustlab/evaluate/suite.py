@@ -82,5 +82,5 @@ def run_suite(model, test, info, *, norm, eps, pgd_attack, pgd_label, run_dir, a
         extra["ood"] = result.to_dict()
         plot_corruptions(result, run_dir / "corruptions.png")
         plots["Accuracy under corruptions"] = "corruptions.png"
-    extra["wall_s"] = {k: round(v, 1) for k, v in wall.items()}
+    extra["wall_s_by_step"] = {k: round(v, 1) for k, v in wall.items()}
     return rows, extra, plots
