@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-n", type=_positive(int), help="train on the first N training images only")
     t.add_argument("--threads", type=_positive(int), help="torch CPU threads")
     t.add_argument("--ema", type=float, help="weight-EMA decay, e.g. 0.999 (validated and exported weights)")
+    t.add_argument("--backend", default="torch", help="torch, or tinygrad (models mlp, cnn-small; methods pgd-at, standard)")
     t.add_argument("--out", required=True, help="run directory (checkpoints, metrics, reports)")
     t.add_argument("--resume", action="store_true", help="continue from RUN/last.safetensors")
 
@@ -120,8 +121,13 @@ METHOD_OPTIONS = ("eps", "steps", "step_size", "beta", "replays", "outer", "inne
 
 
 def cmd_train(args) -> int:
-    from robustlab.training.run import build_trainer
+    from robustlab.errors import check_choice
     from robustlab.training.trainer import TrainConfig
+
+    if check_choice("backend", args.backend, ("torch", "tinygrad")) == "tinygrad":
+        from robustlab.tinygrad import build_trainer
+    else:
+        from robustlab.training.run import build_trainer
 
     out = Path(args.out)
     if not args.resume and (out / "last.safetensors").exists():
@@ -231,7 +237,7 @@ def cmd_eval(args) -> int:
 # Chosen so the demo finishes in under 10 minutes on a 2-core CPU (see docs/results.md).
 DEMO_EPOCHS = 2
 DEMO_TRAIN = ["--steps", "5", "--step-size", "0.05", "--augment", "none", "--ema", "0.999", "--val-n", "500"]
-DEMO_EVAL = ["--n", "1000", "--sweep-n", "500"]
+DEMO_EVAL = ["--n", "1000", "--sweep-n", "300"]
 
 
 def cmd_demo(args) -> int:

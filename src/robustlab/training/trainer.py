@@ -132,6 +132,8 @@ class Trainer:
         if not path.exists():
             return False
         tensors, meta = checkpoint.load(path)
+        if meta.get("backend", "torch") != "torch":
+            raise RobustlabError(f"{path} was trained with the {meta['backend']} backend; resume it with --backend {meta['backend']}")
         if meta.get("method", {}).get("name") != self.method.name:
             raise RobustlabError(f"{path} was trained with method {meta['method']['name']!r}, not {self.method.name!r}")
         if self.ema:
@@ -217,7 +219,7 @@ class Trainer:
             total_correct += (result.logits.argmax(1) == y).sum().item()
             seen += len(y)
             if i % 10 == 0:
-                bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{total_correct / seen:.1%}",
+                bar.set_postfix(refresh=False, loss=f"{total_loss / seen:.3f}", acc=f"{total_correct / seen:.1%}",
                                 lr=f"{lr:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
         bar.close()
         return {"train_loss": total_loss / seen, "train_acc": total_correct / seen,

@@ -1,0 +1,288 @@
+"""PGD adversarial training (and clean training) of tinygrad models, as robustlab's Trainer does it.
+
+Same options (TrainConfig), same run directory (config.json, metrics.jsonl, best/last checkpoints),
+same batches: the data order and augmentation come from the same seeded torch generator as the
+PyTorch Trainer's, and the initial weights are the PyTorch twin's for the same seed, so the two
+backends can be compared run for run. What differs is the engine: the attack (PGD, input
+gradients only), the forward/backward pass and tinygrad's SGD/Adam step form one TinyJit-captured
+function per batch shape, which removes tinygrad's per-step graph work after the first batch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from robustlab import checkpoint
+from robustlab.data import AUGMENTATIONS, Splits, augment_batch, load_dataset
+from robustlab.errors import RobustlabError, check_choice
+from robustlab.progress import progress
+from robustlab.tinygrad.backend import capture_first_call, require, set_threads
+from robustlab.training.schedules import learning_rate
+from robustlab.training.trainer import TrainConfig, epoch_seed
+
+require()
+from tinygrad import Context, Tensor, nn  # noqa: E402
+
+from robustlab.tinygrad.attacks import pgd, pgd_steps, random_delta  # noqa: E402
+from robustlab.tinygrad.checkpoint import backend_meta, model_tensors  # noqa: E402
+from robustlab.tinygrad.evaluate import accuracy  # noqa: E402
+from robustlab.tinygrad.models import TinyModel, build_model  # noqa: E402
+from robustlab.tinygrad.torch_twins import build_torch_model  # noqa: E402
+
+METHODS = ("pgd-at", "standard")
+
+
+def make_optimizer(config: TrainConfig, params: list[Tensor]):
+    """tinygrad's SGD (momentum, coupled weight decay: as torch.optim.SGD) or Adam.
+
+    tinygrad's Adam has no weight decay and its AdamW decouples it, so for Adam the step adds
+    weight_decay·w to the gradient itself, as torch.optim.Adam does.
+    """
+    if config.optimizer == "adam":
+        return nn.optim.Adam(params, lr=config.lr)
+    return nn.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def optimizer_state(opt) -> dict[str, Tensor]:
+    """The optimizer's state tensors by name (momentum buffers; Adam's moments and β powers)."""
+    state = {f"{i}.{name}": t for name in ("b", "m", "v") for i, t in enumerate(getattr(opt, name, []))}
+    state.update({name: getattr(opt, name) for name in ("b1_t", "b2_t") if hasattr(opt, name)})
+    return state
+
+
+class TrainStep:
+    """One training step of `method` (PGD-AT or clean) for a tinygrad model, captured by TinyJit.
+
+    The attack, the forward/backward pass and the optimizer update form one function, captured
+    once per batch shape; the learning rate lives in the optimizer's lr buffer, which set_lr
+    overwrites in place so that the captured function reads the new value.
+    """
+
+    def __init__(self, model: TinyModel, method, config: TrainConfig):
+        if method.name not in METHODS:
+            raise RobustlabError(f"the tinygrad backend trains methods {', '.join(METHODS)}, not {method.name!r}")
+        self.model, self.method, self.config = model, method, config
+        self.params = model.parameters()
+        self.optimizer = make_optimizer(config, self.params)
+        self._jits: dict[tuple, object] = {}  # a TinyJit per batch shape
+
+    def _step(self, x: Tensor, y: Tensor, delta: Tensor):
+        """PGD examples (or x itself), then one optimizer step on their mean cross-entropy.
+
+        Returns (loss, number of correct predictions) on the examples trained on.
+        """
+        m, cfg = self.method, self.config
+        x_train = x
+        if m.adversarial:
+            with Context(TRAINING=0 if getattr(m, "attack_in_eval", True) else 1):
+                start = (x + delta).clip(0, 1) if m.random_start else x
+                x_train = pgd_steps(self.model, x, y, start, norm=m.norm, eps=m.eps, steps=m.steps,
+                                    step_size=m.step_size, realize_each=False)
+        with Context(TRAINING=1):
+            logits = self.model(x_train.detach())
+            loss = logits.sparse_categorical_crossentropy(y)
+            grads = loss.gradient(*self.params)
+            if cfg.optimizer == "adam" and cfg.weight_decay:
+                grads = [g + cfg.weight_decay * p.detach() for g, p in zip(grads, self.params)]
+            for p, g in zip(self.params, grads):
+                p.grad = g
+            correct = (logits.argmax(1) == y).sum()
+            Tensor.realize(loss, correct, *self.optimizer.schedule_step())
+        self.optimizer.zero_grad()
+        return loss, correct
+
+    def __call__(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[float, int]:
+        """One step on a numpy batch; the random start is drawn from `rng`. Returns (loss, correct)."""
+        m = self.method
+        start_random = m.adversarial and m.random_start
+        delta = random_delta(x.shape, m.norm, m.eps, rng) if start_random else np.zeros_like(x)
+        if x.shape not in self._jits:
+            state = self.model.state_dict_tensors().values()
+            self._jits[x.shape] = capture_first_call(self._step, [*state, *optimizer_state(self.optimizer).values(),
+                                                                  self.optimizer.lr])
+        jit = self._jits[x.shape]
+        loss, correct = jit(Tensor(np.ascontiguousarray(x, np.float32)).realize(),
+                            Tensor(y.astype(np.int32)).realize(), Tensor(delta).realize())
+        return loss.item(), int(correct.item())
+
+    def set_lr(self, lr: float) -> None:
+        lr_t = self.optimizer.lr
+        lr_t.assign(Tensor([lr], dtype=lr_t.dtype, device=lr_t.device)).realize()
+
+
+class TinyTrainer:
+    """Train a tinygrad `model` with PGD-AT or clean training, writing robustlab's run files to `out_dir`."""
+
+    def __init__(self, model: TinyModel, method, data: Splits, config: TrainConfig, out_dir, run_meta: dict,
+                 val_attack: dict | None = None, show_progress=None):
+        config.validate()
+        if config.precision != "fp32":
+            raise RobustlabError(f"the tinygrad backend trains in fp32 only, got precision {config.precision!r}")
+        if getattr(config, "ema", None):
+            raise RobustlabError("the tinygrad backend keeps no weight EMA; drop --ema")
+        self.model, self.method, self.data, self.config = model, method, data, config
+        self.out, self.run_meta = Path(out_dir), run_meta
+        self.val_attack, self.show_progress = val_attack, show_progress
+        self.step = TrainStep(model, method, config)
+        self.optimizer = self.step.optimizer
+        self.train_set = data.train.subset(config.train_n) if config.train_n else data.train
+        self.augment = check_choice("augmentation", config.augment or data.info.augment, AUGMENTATIONS)
+        self.start_epoch, self.elapsed = 0, 0.0
+        self.best = {"epoch": None, "val_robust": -1.0}
+
+    # -- epochs --------------------------------------------------------------------------------
+    def batches(self, epoch: int):
+        """The PyTorch Trainer's batches: same seeded order and augmentation, as numpy arrays."""
+        n, bs = len(self.train_set), self.config.batch_size
+        g = torch.Generator().manual_seed(epoch_seed(self.config.seed, epoch, 0))
+        order = torch.randperm(n, generator=g)
+        for i in range(math.ceil(n / bs)):
+            idx = order[i * bs:(i + 1) * bs]
+            x = self.train_set.images[idx].float().div_(255)
+            if self.augment != "none":
+                x = augment_batch(x, self.augment, g)
+            yield x.numpy(), self.train_set.labels[idx].numpy()
+
+    def train_epoch(self, epoch: int) -> dict:
+        cfg = self.config
+        rng = np.random.default_rng(epoch_seed(cfg.seed, epoch, 2))
+        steps = math.ceil(len(self.train_set) / cfg.batch_size)
+        total_loss = total_correct = seen = 0
+        bar = progress(self.batches(epoch), show=self.show_progress, total=steps, unit="batch", leave=False,
+                       desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        start = time.perf_counter()
+        for i, (x, y) in enumerate(bar):
+            lr = learning_rate(cfg.schedule, cfg.lr, (epoch + i / steps) / cfg.epochs)
+            self.step.set_lr(lr)
+            loss, correct = self.step(x, y, rng)
+            total_loss += loss * len(y)
+            total_correct += correct
+            seen += len(y)
+            if i % 10 == 0:
+                bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{total_correct / seen:.1%}", lr=f"{lr:.4f}",
+                                img_s=f"{seen / (time.perf_counter() - start):.0f}")
+        bar.close()
+        return {"train_loss": total_loss / seen, "train_acc": total_correct / seen,
+                "train_images_per_s": seen / (time.perf_counter() - start)}
+
+    def validate(self) -> dict:
+        val = self.data.val
+        if len(val) == 0:
+            return {"val_clean": float("nan"), "val_robust": float("nan")}
+        clean = accuracy(self.model, val, batch_size=500)
+        subset = val.subset(min(self.config.val_n, len(val)))
+        robust = clean if self.val_attack is None else accuracy(
+            self.model, subset, attack=partial(pgd, **self.val_attack), batch_size=500, seed=1234)
+        return {"val_clean": clean, "val_robust": robust}
+
+    def fit(self) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(
+            {**self.run_meta, "method": {"name": self.method.name, **self.method.config()},
+             "config": asdict(self.config)}, indent=1) + "\n")
+        metrics = {}
+        for epoch in range(self.start_epoch, self.config.epochs):
+            start = time.perf_counter()
+            train_metrics = self.train_epoch(epoch)
+            epoch_s = time.perf_counter() - start
+            self.elapsed += epoch_s
+            val_metrics = self.validate()
+            metrics = {"epoch": epoch, **train_metrics, **val_metrics, "epoch_s": round(epoch_s, 2),
+                       "elapsed_s": round(self.elapsed, 2)}
+            is_best = val_metrics["val_robust"] > self.best["val_robust"]
+            if is_best:
+                self.best = {"epoch": epoch, "val_robust": val_metrics["val_robust"], "val_clean": val_metrics["val_clean"]}
+            self.save(epoch, metrics, is_best)
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            tqdm.write(f"epoch {epoch + 1}/{self.config.epochs}: train loss {train_metrics['train_loss']:.4f} "
+                       f"acc {train_metrics['train_acc']:.2%} | val clean {val_metrics['val_clean']:.2%} "
+                       f"robust {val_metrics['val_robust']:.2%}{' (best)' if is_best else ''} | {self.elapsed:.0f}s")
+            stop = self.method.should_stop(metrics, self.best) if hasattr(self.method, "should_stop") else None
+            if stop:
+                tqdm.write(f"stopping early: {stop}")
+                break
+        return metrics
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _metadata(self, epoch: int, metrics: dict, kind: str) -> dict:
+        return {**self.run_meta, "kind": kind, "epoch": epoch, "metrics": metrics,
+                "method": {"name": self.method.name, **self.method.config()},
+                "config": asdict(self.config), "best": self.best, "elapsed_s": self.elapsed}
+
+    def save(self, epoch: int, metrics: dict, is_best: bool):
+        """best.safetensors: the model alone (loads as PyTorch too); last.safetensors: also the optimizer."""
+        model = model_tensors(self.model)
+        if is_best:
+            checkpoint.save(self.out / "best.safetensors", model, self._metadata(epoch, metrics, "model"))
+        opt = {f"optim.{k}": torch.from_numpy(v.numpy()) for k, v in optimizer_state(self.optimizer).items()}
+        meta = self._metadata(epoch, metrics, "training-state")
+        meta["optimizer"] = {"backend": "tinygrad", "name": self.config.optimizer}
+        checkpoint.save(self.out / "last.safetensors", {**model, **opt}, meta)
+
+    def resume(self) -> bool:
+        """Continue from out/last.safetensors when there is one (a run of this backend and method)."""
+        path = self.out / "last.safetensors"
+        if not path.exists():
+            return False
+        tensors, meta = checkpoint.load(path)
+        if meta.get("backend") != "tinygrad":
+            raise RobustlabError(f"{path} was trained with the PyTorch backend; resume it without --backend tinygrad")
+        if meta.get("method", {}).get("name") != self.method.name:
+            raise RobustlabError(f"{path} was trained with method {meta['method']['name']!r}, not {self.method.name!r}")
+        self.model.load_state_dict(checkpoint.unprefixed("model.", tensors))
+        for key, t in optimizer_state(self.optimizer).items():
+            t.realize().assign(Tensor(tensors[f"optim.{key}"].numpy(), dtype=t.dtype, device=t.device)).realize()
+        self.start_epoch, self.elapsed, self.best = meta["epoch"] + 1, meta["elapsed_s"], meta["best"]
+        lines = (self.out / "metrics.jsonl").read_text().splitlines() if (self.out / "metrics.jsonl").exists() else []
+        kept = [l for l in lines if l and json.loads(l)["epoch"] <= meta["epoch"]]
+        (self.out / "metrics.jsonl").write_text("".join(l + "\n" for l in kept))
+        return True
+
+
+def build_trainer(*, dataset: str, model: str, method: str, out, norm: str = "linf", data_dir=None,
+                  download: bool = False, config: TrainConfig | None = None, model_kwargs=None,
+                  method_kwargs=None, show_progress=None) -> TinyTrainer:
+    """robustlab.training.build_trainer's signature, for a tinygrad 'mlp' or 'cnn-small'."""
+    from robustlab.training.run import make_method, validation_attack
+
+    if method not in METHODS:  # before the data is read
+        raise RobustlabError(f"the tinygrad backend trains methods {', '.join(METHODS)}, not {method!r}")
+    config = config or TrainConfig()
+    config.validate()
+    data = load_dataset(dataset, data_dir=data_dir, download=download, seed=0)
+    set_threads(config.threads)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    info = data.info
+    net = build_model(model, info.input_shape, info.num_classes, info.mean, info.std, **(model_kwargs or {}))
+    torch.manual_seed(config.seed)  # start from the PyTorch path's initial weights for this seed
+    twin = build_torch_model(model, info.input_shape, info.num_classes, info.mean, info.std, **(model_kwargs or {}))
+    net.load_state_dict(twin.state_dict())
+    m = make_method(method, dataset, norm, **(method_kwargs or {}))
+    val_attack = validation_attack(m, dataset, norm).keywords  # eps, norm, steps, step_size
+    run_meta = {"model": {"name": model, "kwargs": model_kwargs or {}},
+                "dataset": {**asdict(info), "split_seed": 0, "val_size": len(data.val)}, **backend_meta()}
+    return TinyTrainer(net, m, data, config, out, run_meta, val_attack=val_attack, show_progress=show_progress)
+
+
+def train(*, out, resume: bool = False, **kwargs) -> dict:
+    """Build, optionally resume, and fit; returns {"run", "best", "last"} as `robustlab train` prints it.
+
+    Keyword arguments are build_trainer's (dataset, model, method, norm, config, method_kwargs, ...).
+    """
+    trainer = build_trainer(out=out, **kwargs)
+    if resume and not trainer.resume():
+        raise RobustlabError(f"resume: {out} holds no last.safetensors to continue from")
+    if not resume and (Path(out) / "last.safetensors").exists():
+        raise RobustlabError(f"{out} already holds a run; resume it or choose another out directory")
+    last = trainer.fit()
+    return {"run": str(out), "best": trainer.best, "last": last}

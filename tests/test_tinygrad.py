@@ -1,0 +1,308 @@
+"""robustlab.tinygrad: weight transfer, attacks, PGD adversarial training, checkpoints.
+
+Kept small for a 2-core machine: one batch size (128) for most tinygrad graphs, so that the
+kernels tinygrad lowers for one test serve the next, and the MLP wherever the model does not matter.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+from robustlab.attacks import fgsm as torch_fgsm
+from robustlab.attacks import pgd as torch_pgd
+from robustlab.attacks.threat import within_ball
+from robustlab.errors import RobustlabError
+
+pytest.importorskip("tinygrad")
+try:
+    from robustlab.tinygrad.backend import require
+    require()
+except RobustlabError as exc:  # e.g. no clang for the CPU device
+    pytest.skip(str(exc), allow_module_level=True)
+
+from tinygrad import Context, Tensor  # noqa: E402
+from tinygrad.helpers import TRAINING  # noqa: E402
+
+import robustlab  # noqa: E402
+from robustlab import tinygrad as tg  # noqa: E402
+from robustlab.data import DATASETS, Splits  # noqa: E402
+from robustlab.tinygrad.evaluate import predict  # noqa: E402
+from robustlab.tinygrad.trainer import TinyTrainer  # noqa: E402
+from robustlab.training import TrainConfig  # noqa: E402
+from robustlab.training.run import make_method  # noqa: E402
+
+INFO = DATASETS["fashion-mnist"]
+N = 128
+
+
+def twins(name, seed=0):
+    """A PyTorch twin with seeded weights and its tinygrad copy."""
+    torch.manual_seed(seed)
+    torch_model = tg.build_torch_model(name, INFO.input_shape, INFO.num_classes, INFO.mean, INFO.std).eval()
+    return torch_model, tg.from_torch(torch_model)
+
+
+@pytest.fixture(scope="module")
+def batch(test_batch):
+    x, y = test_batch
+    return x[:N].numpy(), y[:N].numpy()
+
+
+@pytest.fixture(scope="module")
+def mlp_pair():
+    return twins("mlp")
+
+
+# -- setup errors --------------------------------------------------------------------------------
+def test_missing_tinygrad_or_clang_is_one_line(monkeypatch):
+    import sys
+    from robustlab.tinygrad import backend
+    monkeypatch.setitem(sys.modules, "tinygrad", None)
+    with pytest.raises(RobustlabError, match=r"tinygrad is not installed; pip install 'robustlab\[tinygrad\]'"):
+        backend.require()
+    monkeypatch.undo()
+    if backend.require().Device.DEFAULT == "CPU":
+        monkeypatch.setattr(backend.shutil, "which", lambda name: None)
+        with pytest.raises(RobustlabError, match="apt-get install -y clang"):
+            backend.require()
+
+
+# -- weight transfer -------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["mlp", "cnn-small"])
+def test_same_weights_give_same_logits(name, batch):
+    x, _ = batch
+    torch_model, tiny = twins(name)
+    expected = torch_model(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(tiny(Tensor(x)).numpy(), expected, atol=1e-4, rtol=0)
+    # the other direction: tinygrad's own initialization, carried over to PyTorch
+    native = tg.build_model(name, INFO.input_shape, INFO.num_classes, INFO.mean, INFO.std)
+    np.testing.assert_allclose(native.to_torch()(torch.from_numpy(x)).detach().numpy(), native(Tensor(x)).numpy(),
+                               atol=1e-4, rtol=0)
+
+
+def test_state_dict_names_match_robustlab():
+    torch_model, tiny = twins("cnn-small")
+    reference = robustlab.models.build_model("cnn-small", INFO.input_shape, INFO.num_classes, INFO.mean, INFO.std)
+    assert list(tiny.state_dict()) == list(reference.state_dict()) == list(torch_model.state_dict())
+    assert len(tiny.parameters()) == 8  # normalization buffers are not trained
+
+
+def test_mlp_takes_flat_inputs(batch, mlp_pair):
+    x, _ = batch
+    _, tiny = mlp_pair
+    np.testing.assert_allclose(tiny(Tensor(x.reshape(N, 784))).numpy(), tiny(Tensor(x)).numpy(), atol=1e-6)
+    with pytest.raises(RobustlabError, match="expects inputs of shape"):
+        tiny(Tensor(x[:, :, :20]))
+
+
+def test_bad_weights_are_refused():
+    _, tiny = twins("mlp")
+    state = tiny.state_dict()
+    state["net.fc1.weight"] = state["net.fc1.weight"][:64]
+    with pytest.raises(RobustlabError, match="net.fc1.weight"):
+        tiny.load_state_dict(state)
+    with pytest.raises(RobustlabError, match="missing"):
+        tiny.load_state_dict({})
+    with pytest.raises(RobustlabError, match="unknown tinygrad model"):
+        tg.build_model("resnet18")
+
+
+# -- attacks -----------------------------------------------------------------------------------
+class Recorder:
+    """Wraps a model and keeps every input it is called on: the attack's iterates."""
+
+    def __init__(self, model):
+        self.model, self.seen = model, []
+
+    def __call__(self, x):
+        self.seen.append(x.numpy())
+        return self.model(x)
+
+
+@pytest.mark.parametrize("norm,eps,step", [("linf", 0.1, 0.04), ("l2", 1.5, 0.6)])
+def test_every_iterate_stays_in_the_ball(norm, eps, step, batch, mlp_pair):
+    x, y = batch
+    _, tiny = mlp_pair
+    recorder = Recorder(tiny)
+    tg.pgd(recorder, x, y, eps=eps, norm=norm, steps=4, step_size=step, seed=3, jit=False)
+    assert len(recorder.seen) == 5  # four gradient steps and the check of the last iterate
+    for iterate in recorder.seen:
+        assert within_ball(torch.from_numpy(iterate), torch.from_numpy(x), norm, eps, tol=1e-5)
+    eager = tg.pgd(tiny, x, y, eps=eps, norm=norm, steps=4, step_size=step, restarts=2, seed=3, jit=False)
+    jitted = tg.pgd(tiny, x, y, eps=eps, norm=norm, steps=4, step_size=step, restarts=2, seed=3)
+    np.testing.assert_allclose(jitted, eager, atol=1e-6)  # TinyJit replays the same computation
+    assert within_ball(torch.from_numpy(jitted), torch.from_numpy(x), norm, eps, tol=1e-5)
+
+
+def test_attack_touches_no_gradients_or_mode(batch, mlp_pair):
+    x, y = batch
+    _, tiny = mlp_pair
+    before = tiny.state_dict()
+    tiny.net.fc2.bias.grad = marker = Tensor.ones(10).contiguous().realize()
+    with Context(TRAINING=1):
+        tg.pgd(tiny, x, y, eps=0.1, steps=3)
+        assert TRAINING.value == 1
+    assert TRAINING.value == 0
+    assert tiny.net.fc2.bias.grad is marker and tiny.net.fc1.weight.grad is None
+    np.testing.assert_array_equal(marker.numpy(), 1.0)
+    after = tiny.state_dict()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    tiny.net.fc2.bias.grad = None
+
+
+def test_input_kinds_and_errors(batch, mlp_pair):
+    x, y = batch
+    _, tiny = mlp_pair
+    as_tensor = tg.fgsm(tiny, Tensor(x), Tensor(y.astype(np.int32)), 0.1)
+    as_array = tg.fgsm(tiny, torch.from_numpy(x), y, 0.1)  # anything numpy can read
+    assert isinstance(as_tensor, Tensor) and isinstance(as_array, np.ndarray)
+    np.testing.assert_allclose(as_tensor.numpy(), as_array, atol=1e-6)
+    with pytest.raises(RobustlabError, match="divide uint8"):
+        tg.pgd(tiny, (x * 255).astype(np.uint8), y, eps=0.1)
+    with pytest.raises(RobustlabError, match=r"\[0, 1\]"):
+        tg.pgd(tiny, x * 255, y, eps=0.1)
+    with pytest.raises(RobustlabError, match="unknown norm"):
+        tg.pgd(tiny, x, y, eps=0.1, norm="l3")
+    with pytest.raises(RobustlabError, match="eps must be"):
+        tg.pgd(tiny, x, y, eps=-1)
+    with pytest.raises(RobustlabError, match="labels"):
+        tg.pgd(tiny, x, y[:5], eps=0.1)
+
+
+def test_fgsm_agrees_with_pytorch(batch, mlp_pair):
+    """No randomness: the two frameworks should give the same adversarial images (up to sign ties)."""
+    x, y = batch
+    torch_model, tiny = mlp_pair
+    expected = torch_fgsm(torch_model, torch.from_numpy(x), torch.from_numpy(y), eps=0.1).numpy()
+    got = tg.fgsm(tiny, x, y, 0.1)
+    assert np.mean(np.isclose(got, expected, atol=1e-5)) > 0.999
+
+
+def test_pgd_agrees_with_pytorch_on_a_robust_model(robust_model, test_batch):
+    """The same trained model and seed: robust accuracy within one point (200 images, PGD-10)."""
+    x, y = test_batch[0][:200], test_batch[1][:200]
+    tiny = tg.from_torch(robust_model)
+    budget = dict(eps=0.1, steps=10, step_size=0.025)
+    torch_adv = torch_pgd(robust_model, x, y, **budget, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch_acc = (robust_model(torch_adv).argmax(1) == y).float().mean().item()
+    tiny_adv = tg.pgd(tiny, x.numpy(), y.numpy(), **budget, seed=0)
+    tiny_acc = float((predict(tiny, tiny_adv) == y.numpy()).mean())
+    clean = float((predict(tiny, x.numpy()) == y.numpy()).mean())
+    assert within_ball(torch.from_numpy(tiny_adv), x, "linf", 0.1)
+    assert tiny_acc < clean - 0.05  # the attack works
+    assert abs(tiny_acc - torch_acc) <= 0.01 + 1e-9, (tiny_acc, torch_acc)
+
+
+# -- training and checkpoints -------------------------------------------------------------------
+def small_splits(fmnist, n_train=1024, n_val=128) -> Splits:
+    return Splits(fmnist.train.subset(n_train), fmnist.val.subset(n_val), fmnist.test, fmnist.info)
+
+
+def tiny_trainer(fmnist, tmp_path, method, model="mlp", epochs=4, **config):
+    m = make_method(method, "fashion-mnist", "linf")
+    cfg = TrainConfig(epochs=epochs, batch_size=N, lr=0.1, val_n=N, augment="none", **config)
+    _, net = twins(model)
+    meta = {"model": {"name": model, "kwargs": {}}, "dataset": {**asdict(INFO), "split_seed": 0},
+            "backend": "tinygrad"}
+    attack = {"eps": 0.1, "norm": "linf", "steps": 10, "step_size": 0.025}
+    return TinyTrainer(net, m, small_splits(fmnist), cfg, tmp_path / method, meta, val_attack=attack,
+                                show_progress=False)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_training_steps_match_pytorch(optimizer, batch):
+    """Two clean steps with weight decay: tinygrad's optimizers update the weights as torch.optim does."""
+    from robustlab.tinygrad.trainer import TrainStep
+    from robustlab.training.methods import Standard, StepContext
+    from robustlab.training.trainer import make_optimizer
+
+    x, y = batch
+    config = TrainConfig(optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 0.01, weight_decay=5e-4)
+    torch_model, tiny = twins("mlp")
+    torch_model.train()
+    ctx = StepContext(torch_model, torch_model, make_optimizer(config, torch_model.parameters()), None,
+                      contextlib.nullcontext)
+    step = TrainStep(tiny, Standard(), config)
+    for _ in range(2):
+        Standard().train_step(ctx, torch.from_numpy(x), torch.from_numpy(y))
+        step(x, y, np.random.default_rng(0))
+    for key, value in tiny.state_dict().items():  # Adam divides by √v: float noise where v ≈ 0 grows to ~2e-5
+        np.testing.assert_allclose(value, torch_model.state_dict()[key].numpy(), atol=1e-4, err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def trained_mlps(fmnist, tmp_path_factory):
+    """PGD-AT and clean MLPs, 4 epochs on 1,024 images (the same batches and initial weights)."""
+    out = tmp_path_factory.mktemp("tiny")
+    runs = {}
+    for method in ("pgd-at", "standard"):
+        trainer = tiny_trainer(fmnist, out, method)
+        trainer.fit()
+        runs[method] = trainer
+    return runs
+
+
+def test_pgd_at_lowers_loss_and_beats_clean_training(trained_mlps, batch):
+    x, y = batch
+    at, std = trained_mlps["pgd-at"], trained_mlps["standard"]
+    losses = [json.loads(line)["train_loss"] for line in (at.out / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+    robust = {}
+    for name, trainer in trained_mlps.items():
+        adv = tg.pgd(trainer.model, x, y, eps=0.1, steps=10, step_size=0.025, seed=0)
+        robust[name] = float((predict(trainer.model, adv) == y).mean())
+    assert robust["pgd-at"] > robust["standard"] + 0.1, robust  # measured: 44% against 18%
+
+
+def test_training_run_files_and_reload(trained_mlps, batch):
+    x, _ = batch
+    trainer = trained_mlps["pgd-at"]
+    assert {p.name for p in trainer.out.iterdir()} >= {"best.safetensors", "last.safetensors", "metrics.jsonl",
+                                                        "config.json", "best.json"}
+    reloaded = tg.load_model(trainer.out, "last")
+    np.testing.assert_allclose(reloaded(Tensor(x)).numpy(), trainer.model(Tensor(x)).numpy(), atol=1e-6)
+    assert reloaded.checkpoint_meta["backend"] == "tinygrad"
+
+
+def test_resume_continues_where_it_stopped(fmnist, tmp_path):
+    first = tiny_trainer(fmnist, tmp_path, "standard", epochs=1)
+    first.fit()
+    again = tiny_trainer(fmnist, tmp_path, "standard", epochs=2)
+    assert again.resume() and again.start_epoch == 1
+    np.testing.assert_array_equal(again.optimizer.b[0].numpy(), first.optimizer.b[0].numpy())
+    again.fit()
+    assert len((tmp_path / "standard" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_tinygrad_cnn_loads_as_pytorch_cnn_small(tmp_path, batch):
+    """A tinygrad run's checkpoint is read by robustlab.load_model as the PyTorch cnn-small."""
+    x, _ = batch
+    trainer = tg.build_trainer(dataset="fashion-mnist", model="cnn-small", method="pgd-at", out=tmp_path,
+                               config=TrainConfig(seed=3), show_progress=False)
+    torch.manual_seed(3)  # the run starts from the PyTorch path's initial weights for its seed
+    reference = robustlab.models.build_model("cnn-small", INFO.input_shape, INFO.num_classes, INFO.mean, INFO.std)
+    for key, value in trainer.model.state_dict().items():
+        np.testing.assert_array_equal(value, reference.state_dict()[key].numpy())
+    trainer.save(0, {"val_robust": 0.0}, is_best=True)
+    torch_model = robustlab.load_model(tmp_path)
+    np.testing.assert_allclose(torch_model(torch.from_numpy(x)).detach().numpy(), trainer.model(Tensor(x)).numpy(),
+                               atol=1e-4)
+    assert torch_model.checkpoint_meta["backend"] == "tinygrad"
+    tg.save_model(trainer.model, tmp_path / "alone.safetensors", dataset="fashion-mnist")
+    back = tg.load_model(tmp_path / "alone.safetensors")
+    assert back.name == "cnn-small" and back.checkpoint_meta["dataset"]["name"] == "fashion-mnist"
+
+
+def test_unsupported_options_are_refused(fmnist, tmp_path):
+    with pytest.raises(RobustlabError, match="trains methods"):
+        tiny_trainer(fmnist, tmp_path, "trades")
+    with pytest.raises(RobustlabError, match="fp32"):
+        tiny_trainer(fmnist, tmp_path, "standard", precision="bf16")
+    with pytest.raises(RobustlabError, match="no option"):
+        tg.build_model("cnn-small", width=2)
