@@ -48,26 +48,6 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class WideBlock(nn.Module):
-    """Zagoruyko & Komodakis 2016 wide block (pre-activation, with dropout 0 as in robust training)."""
-
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.shortcut = None
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(x))
-        skip = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
-        return out + skip
-
-
 class ResNet(nn.Module):
     def __init__(self, block, blocks_per_stage, stem_width, stage_widths, in_channels, num_classes, preact):
         super().__init__()
@@ -114,4 +94,5 @@ def resnet18(input_shape, num_classes, width=64):
 def wide_resnet28_10(input_shape, num_classes, depth=28, widen=10):
     n = (depth - 4) // 6
     widths = [16 * widen, 32 * widen, 64 * widen]
-    return ResNet(WideBlock, [n, n, n], 16, widths, input_shape[0], num_classes, preact=True)
+    # The wide block is the pre-activation block (Zagoruyko & Komodakis 2016), without dropout as in robust training.
+    return ResNet(PreActBlock, [n, n, n], 16, widths, input_shape[0], num_classes, preact=True)

@@ -21,12 +21,12 @@ import torch
 from tqdm.auto import tqdm
 
 from robustlab import checkpoint
-from robustlab.data import AUGMENTATIONS, Splits, augment_batch, load_dataset
+from robustlab.data import AUGMENTATIONS, Splits, load_dataset
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.progress import progress
 from robustlab.tinygrad.backend import capture_first_call, require, set_threads
 from robustlab.training.schedules import learning_rate
-from robustlab.training.trainer import TrainConfig, epoch_seed
+from robustlab.training.trainer import TrainConfig, epoch_batches, epoch_seed
 
 require()
 from tinygrad import Context, Tensor, nn  # noqa: E402
@@ -141,15 +141,8 @@ class TinyTrainer:
     # -- epochs --------------------------------------------------------------------------------
     def batches(self, epoch: int):
         """The PyTorch Trainer's batches: same seeded order and augmentation, as numpy arrays."""
-        n, bs = len(self.train_set), self.config.batch_size
-        g = torch.Generator().manual_seed(epoch_seed(self.config.seed, epoch, 0))
-        order = torch.randperm(n, generator=g)
-        for i in range(math.ceil(n / bs)):
-            idx = order[i * bs:(i + 1) * bs]
-            x = self.train_set.images[idx].float().div_(255)
-            if self.augment != "none":
-                x = augment_batch(x, self.augment, g)
-            yield x.numpy(), self.train_set.labels[idx].numpy()
+        for x, y in epoch_batches(self.train_set, self.config.batch_size, self.config.seed, epoch, self.augment):
+            yield x.numpy(), y.numpy()
 
     def train_epoch(self, epoch: int) -> dict:
         cfg = self.config

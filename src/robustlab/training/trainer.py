@@ -63,6 +63,19 @@ def epoch_seed(seed: int, epoch: int, stream: int) -> int:
     return (seed * 1_000_003 + epoch * 101 + stream) % (2**63)
 
 
+def epoch_batches(train_set: ImageSet, batch_size: int, seed: int, epoch: int, augment: str):
+    """One epoch of (x in [0, 1], y) CPU batches: the order and augmentation depend on (seed, epoch) only,
+    so every backend and every resumed run sees the same batches."""
+    g = torch.Generator().manual_seed(epoch_seed(seed, epoch, 0))
+    order = torch.randperm(len(train_set), generator=g)
+    for i in range(math.ceil(len(train_set) / batch_size)):
+        idx = order[i * batch_size:(i + 1) * batch_size]
+        x = train_set.images[idx].float().div_(255)
+        if augment != "none":
+            x = augment_batch(x, augment, g)
+        yield x, train_set.labels[idx]
+
+
 def autocast_for(precision: str, device: torch.device):
     if precision == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
@@ -186,16 +199,9 @@ class Trainer:
         return metrics
 
     def batches(self, epoch: int):
-        n, bs = len(self.train_set), self.config.batch_size
-        g = torch.Generator().manual_seed(epoch_seed(self.config.seed, epoch, 0))
-        order = torch.randperm(n, generator=g)
-        for i in range(math.ceil(n / bs)):
-            idx = order[i * bs:(i + 1) * bs]
-            x = self.train_set.images[idx].float().div_(255)
-            if self.augment != "none":
-                x = augment_batch(x, self.augment, g)
+        for x, y in epoch_batches(self.train_set, self.config.batch_size, self.config.seed, epoch, self.augment):
             yield (x.to(self.device, memory_format=self.memory_format, non_blocking=True),
-                   self.train_set.labels[idx].to(self.device, non_blocking=True))
+                   y.to(self.device, non_blocking=True))
 
     def train_epoch(self, epoch: int) -> dict:
         cfg = self.config
