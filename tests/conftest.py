@@ -10,6 +10,15 @@ from robustlab.training import TrainConfig, build_trainer
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared, busy CPU, more threads spin-wait and run many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def fmnist():
     try:

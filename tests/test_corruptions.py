@@ -32,13 +32,7 @@ def synthetic(channels: int, size: int, n: int = 16, seed: int = 0) -> ImageSet:
     return ImageSet(torch.from_numpy(images), torch.arange(n) % 10)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared, busy CPU, more threads spin-wait and run many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 KINDS = {"gray": (1, 28), "colour": (3, 32)}

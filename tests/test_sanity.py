@@ -15,13 +15,7 @@ from robustlab.evaluate.sanity import (Check, check_black_box, check_convergence
                                        check_eps_monotonic, check_gradients, check_large_eps, random_search,
                                        sanity_checks, to_markdown, verdict)
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared, busy CPU, more threads spin-wait and run many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 EPS = 0.1
