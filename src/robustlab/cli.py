@@ -177,8 +177,8 @@ def cmd_eval(args) -> int:
     eps = budget.eps if args.eps is None else args.eps
     steps, restarts = args.steps or budget.steps, args.restarts or budget.restarts
     step_size = args.step_size if args.step_size is not None else (budget.step_size if args.steps is None else 2.5 * eps / steps)
-    test = load_dataset(dataset, data_dir=args.data_dir).test
-    test = test.subset(args.n) if args.n else test
+    data = load_dataset(dataset, data_dir=args.data_dir)
+    test = data.test.subset(args.n) if args.n else data.test
 
     def attack_at(e):
         if args.attack == "pgd":
@@ -191,8 +191,7 @@ def cmd_eval(args) -> int:
     start = time.perf_counter()
     if args.suite == "standard":
         from robustlab.evaluate.suite import run_suite
-        info = load_dataset(dataset, data_dir=args.data_dir).info
-        rows, extra, suite_plots = run_suite(model, test, info, norm=norm, eps=eps, pgd_attack=attack_at(eps),
+        rows, extra, suite_plots = run_suite(model, test, data.info, norm=norm, eps=eps, pgd_attack=attack_at(eps),
                                              pgd_label=label, run_dir=run_dir, aa_steps=args.aa_steps,
                                              aa_queries=args.aa_queries, sanity_n=args.sanity_n, ood=args.ood,
                                              seed=args.seed, batch_size=args.batch_size)
