@@ -1,0 +1,372 @@
+"""Embedding-space adversarial training for text: the methods' exact mechanics, models, loaders, CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustlab.cli import main
+from robustlab.errors import RobustlabError
+from robustlab.text import (EmbeddingAdversary, TextCNN, TransformerClassifier, Vocab, embedding_pgd,
+                            hf_encode, load_text_dataset, read_agnews, read_folders, read_sst2, tokenize)
+from robustlab.text.adversary import ascend, project
+from robustlab.text.corpus import build_corpus, corpus_rows, load_corpus, split_of
+from robustlab.text.training import load_text_model, text_accuracy
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Tiny(nn.Module):
+    """Embedding -> probe (sees the perturbed embedding) -> dropout -> masked mean -> linear, with an
+    explicit `delta` argument so tests can compute what the hook-based methods should produce."""
+
+    def __init__(self, vocab=30, dim=8, classes=3, dropout=0.5):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.probe = nn.Identity()
+        self.mix = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(dim, classes)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, ids, delta=None):
+        x = self.embed(ids)
+        if delta is not None:
+            x = x + delta
+        x = self.dropout(torch.tanh(self.mix(self.probe(x))))
+        m = (ids != 0).unsqueeze(-1).float()
+        return self.fc((x * m).sum(1) / m.sum(1))
+
+
+def batch(seed=0, n=6, t=7, vocab=30):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (n, t), generator=g)
+    lengths = torch.randint(2, t + 1, (n,), generator=g)
+    lengths[0] = t
+    ids[torch.arange(t) >= lengths.unsqueeze(1)] = 0  # right padding
+    return ids, torch.randint(0, 3, (n,), generator=g)
+
+
+def record_deltas(model):
+    """Every forward pass's δ = probe input − clean embedding output."""
+    clean, deltas = [], []
+    model.embed.register_forward_hook(lambda m, i, o: clean.append(o.detach().clone()))  # runs before the adversary's
+    model.probe.register_forward_hook(lambda m, i, o: deltas.append(i[0].detach() - clean[-1]))
+    return deltas
+
+
+def param_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+METHODS = [("fgm", {}), ("pgd", {"steps": 3}), ("freelb", {"steps": 3}), ("free-at", {"replays": 3})]
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+@pytest.mark.parametrize("method,options", METHODS)
+def test_perturbation_respects_norm_bound_and_padding(method, options, norm):
+    torch.manual_seed(0)
+    model = Tiny()
+    ids, y = batch()
+    deltas = record_deltas(model)
+    eps = 0.3
+    adversary = EmbeddingAdversary(model, method, eps=eps, norm=norm, **options,
+                                   **({"init_mag": 0.5} if method in ("freelb", "free-at") else {}))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    adversary.step(lambda: model(ids), y, opt)
+    passes = {"fgm": 2, "pgd": 4, "freelb": 3, "free-at": 3}[method]
+    assert len(deltas) == passes
+    pad = ids == 0
+    assert pad.any()
+    for delta in deltas:
+        assert torch.all(delta[pad] == 0), "padding positions must never be perturbed"
+        size = delta.flatten(1).norm(dim=1) if norm == "l2" else delta.flatten(1).abs().amax(1)
+        assert torch.all(size <= eps * (1 + 1e-5))
+    assert deltas[-1].abs().sum() > 0
+    if method == "fgm":  # r = ε·g/‖g‖: exactly on the sphere (or the cube's surface)
+        size = deltas[1].flatten(1).norm(dim=1) if norm == "l2" else deltas[1].flatten(1).abs().amax(1)
+        assert torch.allclose(size, torch.full_like(size, eps), rtol=1e-4)
+    assert len(model.embed._forward_hooks) == 1, "the adversary's hook must be removed (only the recorder's is left)"
+
+
+def test_freelb_random_start_is_scaled_by_sequence_length():
+    model = Tiny(dropout=0.0)
+    ids, y = batch()
+    deltas = record_deltas(model)
+    EmbeddingAdversary(model, "freelb", steps=1, init_mag=2.0, eps=0).backward(lambda: model(ids), y)
+    lengths = (ids != 0).sum(1)
+    # Uniform in [-1, 1]·init_mag/√(tokens·dim): every entry of a row within that bound, zero on padding.
+    bound = 2.0 / (lengths * 8).float().sqrt()
+    assert torch.all(deltas[0].flatten(1).abs().amax(1) <= bound + 1e-7)
+    assert torch.all(deltas[0].flatten(1).abs().amax(1) > bound / 2)
+
+
+@pytest.mark.parametrize("method", ["fgm", "pgd", "freelb"])
+def test_embeddings_and_mode_restored(method):
+    torch.manual_seed(0)
+    model = Tiny()
+    ids, y = batch()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    logits = model(ids)
+    model.train()
+    EmbeddingAdversary(model, method).backward(lambda: model(ids), y)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training
+    model.eval()
+    assert torch.equal(model(ids), logits)  # no hook left behind
+
+
+def test_freelb_restores_the_dropout_rng_as_one_plain_pass():
+    model = Tiny()
+    ids, y = batch()
+    torch.manual_seed(5)
+    model(ids)
+    after_plain = torch.get_rng_state()
+    torch.manual_seed(5)
+    EmbeddingAdversary(model, "freelb", steps=3).backward(lambda: model(ids), y)
+    assert torch.equal(torch.get_rng_state(), after_plain)
+
+
+@pytest.mark.parametrize("make", [Tiny, lambda: TransformerClassifier(30, 3, dim=16, heads=2, layers=1, ff=32, dropout=0.3)])
+def test_freelb_one_step_no_init_equals_plain_training(make):
+    torch.manual_seed(0)
+    model = make()
+    ids, y = batch()
+    torch.manual_seed(1)
+    F.cross_entropy(model(ids), y).backward()
+    plain = param_grads(model)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    EmbeddingAdversary(model, "freelb", steps=1, init_mag=0.0).backward(lambda: model(ids), y)
+    freelb = param_grads(model)
+    assert plain.keys() == freelb.keys()
+    assert all(torch.equal(plain[k], freelb[k]) for k in plain)
+
+
+def test_freelb_uses_the_same_dropout_mask_in_all_steps():
+    torch.manual_seed(0)
+    model = Tiny()
+    ids, y = batch()
+    masks = []
+    model.dropout.register_forward_hook(lambda m, i, o: masks.append(o == 0))
+    EmbeddingAdversary(model, "freelb", steps=3).backward(lambda: model(ids), y)
+    assert len(masks) == 3 and masks[0].any()
+    assert all(torch.equal(masks[0], m) for m in masks[1:])
+    masks.clear()
+    EmbeddingAdversary(model, "fgm").backward(lambda: model(ids), y)  # the check can see a difference
+    assert not torch.equal(masks[0], masks[1])
+
+
+def _by_hand(model, ids, y, delta):
+    model.zero_grad(set_to_none=True)
+    delta = delta.clone().requires_grad_(True)
+    loss = F.cross_entropy(model(ids, delta), y)
+    loss.backward()
+    return param_grads(model), delta.grad * (ids != 0).unsqueeze(-1)
+
+
+def test_freelb_and_pgd_gradients_match_a_hand_computation():
+    torch.manual_seed(0)
+    model = Tiny().eval()  # no dropout, so passes are comparable
+    ids, y = batch()
+    zero = torch.zeros(*ids.shape, 8)
+    # FreeLB, K = 2, no random start: mean of the gradients at δ0 = 0 and δ1 = Π(α·g/‖g‖).
+    g0, d0 = _by_hand(model, ids, y, zero)
+    delta1 = project(ascend(zero, d0, 0.1, "l2"), 0.05, "l2")
+    g1, d1 = _by_hand(model, ids, y, delta1)
+    model.zero_grad(set_to_none=True)
+    EmbeddingAdversary(model, "freelb", steps=2, init_mag=0.0, step_size=0.1, eps=0.05).backward(lambda: model(ids), y)
+    for k, v in param_grads(model).items():
+        assert torch.allclose(v, (g0[k] + g1[k]) / 2, atol=1e-6), k
+    # PGD, K = 2: clean gradient + gradient at the last iterate δ2.
+    delta2 = project(ascend(delta1, d1, 0.1, "l2"), 0.05, "l2")
+    g2, _ = _by_hand(model, ids, y, delta2)
+    model.zero_grad(set_to_none=True)
+    EmbeddingAdversary(model, "pgd", steps=2, step_size=0.1, eps=0.05).backward(lambda: model(ids), y)
+    for k, v in param_grads(model).items():
+        assert torch.allclose(v, g0[k] + g2[k], atol=1e-6), k
+
+
+def test_free_at_takes_one_optimizer_step_per_replay():
+    model = Tiny()
+    ids, y = batch()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = []
+    opt.register_step_post_hook(lambda *a: steps.append(1))
+    EmbeddingAdversary(model, "free-at", replays=4).step(lambda: model(ids), y, opt)
+    assert len(steps) == 4
+    with pytest.raises(RobustlabError, match="replays"):
+        EmbeddingAdversary(model, "free-at").backward(lambda: model(ids), y)
+
+
+@pytest.mark.parametrize("bad, match", [({"method": "vat"}, "unknown text adversarial method"),
+                                        ({"method": "fgm", "steps": 3}, "takes no option steps"),
+                                        ({"method": "pgd", "eps": 0}, "eps must be > 0"),
+                                        ({"method": "freelb", "norm": "l1"}, "unknown norm"),
+                                        ({"method": "freelb", "steps": 0}, "positive integer")])
+def test_bad_options_are_one_line_errors(bad, match):
+    with pytest.raises(RobustlabError, match=match) as info:
+        EmbeddingAdversary(Tiny(), **bad)
+    assert "\n" not in str(info.value)
+    with pytest.raises(RobustlabError, match="get_input_embeddings"):
+        EmbeddingAdversary(nn.Linear(2, 2), "fgm")
+
+
+def test_embedding_pgd_is_an_honest_evaluation_attack():
+    torch.manual_seed(0)
+    model = TextCNN(30, 3, dim=16, channels=8)
+    ids, y = batch(n=32)
+    y = model.eval()(ids).argmax(1)  # all correct when clean
+    model.train()
+    small = embedding_pgd(model, lambda: model(ids), y, eps=0.01, steps=5)
+    large = embedding_pgd(model, lambda: model(ids), y, eps=20.0, steps=10)
+    assert model.training and all(p.grad is None for p in model.parameters())
+    assert small.sum() >= large.sum() and large.float().mean() < 0.5
+
+
+@pytest.mark.parametrize("make", [lambda: TextCNN(30, 3, dim=16, channels=8),
+                                  lambda: TransformerClassifier(30, 3, dim=16, heads=2, layers=2, ff=32)])
+def test_models_ignore_padding(make):
+    torch.manual_seed(0)
+    model = make().eval()
+    ids, _ = batch()
+    wider = torch.cat([ids, torch.zeros(len(ids), 5, dtype=torch.long)], 1)
+    assert torch.allclose(model(ids), model(wider), atol=1e-5)
+    alone = torch.stack([model(ids[i:i + 1, :int((ids[i] != 0).sum())])[0] for i in range(len(ids))])
+    assert torch.allclose(model(ids), alone, atol=1e-5)
+
+
+def test_hugging_face_model_through_get_input_embeddings(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film", "very", "dull", "plot"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    tokenizer = transformers.BertTokenizer(vocab_file=str(tmp_path / "vocab.txt"))
+    data = hf_encode(tokenizer, ["good film", "very very dull plot", "bad", "good plot , very good"], [0, 1, 2, 0])
+    ids, y = data.ids, data.labels
+    assert data.pad_id == 0 and ids[:, 0].eq(2).all() and (ids == 0).any()  # [CLS] first, right padding
+    config = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config)
+    mask = (ids != data.pad_id).long()
+    ln_inputs = []
+    model.bert.embeddings.LayerNorm.register_forward_pre_hook(lambda m, i: ln_inputs.append(i[0].detach()))
+    EmbeddingAdversary(model, "fgm", eps=0.5).backward(
+        lambda: model(input_ids=ids, attention_mask=mask).logits, y, mask=mask)
+    delta = ln_inputs[1] - ln_inputs[0]  # adversarial pass minus clean pass
+    assert torch.all(delta[ids == 0] == 0)
+    assert torch.allclose(delta.flatten(1).norm(dim=1), torch.full((len(ids),), 0.5), rtol=1e-4)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# -- data -------------------------------------------------------------------------------------------
+def test_tokenizer_and_vocab():
+    assert tokenize("It's GREAT, isn’t it? 42!") == ["it's", "great", ",", "isn't", "it", "?", "42", "!"]
+    vocab = Vocab.build(["a b b c", "b c d"], min_freq=2)
+    assert vocab.tokens == ["<pad>", "<unk>", "b", "c"]
+    assert vocab.encode("b z c", 2) == [2, 1] and vocab.encode("", 5) == [1]
+    assert vocab.encode_all(["b", "c b c"], 8).tolist() == [[2, 0, 0], [3, 2, 3]]
+
+
+def test_loaders_parse_the_standard_formats(tmp_path):
+    sst = tmp_path / "sst2"
+    sst.mkdir()
+    (sst / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"a fine film {i} \"yes\"\t1\nawful , dull film {i}\t0\n"
+                                                                for i in range(20)))
+    (sst / "dev.tsv").write_text("sentence\tlabel\nfine film\t1\ndull film\t0\n")
+    assert read_sst2(sst / "dev.tsv") == (["fine film", "dull film"], [1, 0])
+    data = load_text_dataset("sst2", sst)
+    assert (len(data.train), len(data.val), len(data.test)) == (36, 4, 2)  # 10% of training data is validation
+    assert data.info.num_classes == 2 and "fine" in data.vocab.index and data.test.labels.tolist() == [1, 0]
+
+    ag = tmp_path / "ag"
+    ag.mkdir()
+    (ag / "train.csv").write_text('"3","Wall St. Bears","Short-sellers, Wall Street\'s dwindling\\band"\n'
+                                  '"2","Cup final","A ""great"" game"\n' * 10)
+    (ag / "test.csv").write_text('"1","Peace talks","Leaders met"\n')
+    texts, labels = read_agnews(ag / "train.csv")
+    assert labels[:2] == [2, 1] and texts[1] == 'Cup final A "great" game' and "\\" not in texts[0]
+    assert load_text_dataset("ag-news", ag).info.class_names[2] == "Business"
+
+    imdb = tmp_path / "imdb"
+    for split in ("train", "test"):
+        for label, words in (("neg", "bad<br />boring"), ("pos", "wonderful")):
+            (imdb / split / label).mkdir(parents=True)
+            for i in range(3):
+                (imdb / split / label / f"{i}_1.txt").write_text(f"{words} {i}")
+    texts, labels, classes = read_folders(imdb / "train")
+    assert classes == ("neg", "pos") and labels == [0, 0, 0, 1, 1, 1] and texts[0] == "bad boring 0"
+    assert len(load_text_dataset("imdb", imdb).test) == 6
+
+    with pytest.raises(RobustlabError, match="needs --data-dir"):
+        load_text_dataset("sst2")
+    with pytest.raises(RobustlabError, match="no label column"):
+        (sst / "test.tsv").write_text("index\tsentence\n0\tfine\n")
+        read_sst2(sst / "test.tsv")
+
+
+def fake_package_lists(n_per_section=40):
+    """Control-format stanzas like `apt-cache dumpavail`'s, with duplicates and a conflict."""
+    words = {"games": "game puzzle arcade strategy board", "python": "python module library bindings pure",
+             "perl": "perl module cpan script parser", "misc": "misc other odd rare stuff"}
+    out = []
+    for section, vocab in words.items():
+        count = 2 if section == "misc" else n_per_section
+        for i in range(count):
+            w = vocab.split()
+            desc = f"{w[i % 5]} {w[(i * 3 + 1) % 5]} tool number {i}\n ..."  # long-description lines are kept
+            out.append(f"Package: {section}-{i}\nVersion: 1\nSection: contrib/{section}\nDescription: {desc}\n")
+    out.append("Package: twin\nSection: games\nDescription: Game puzzle tool number 0\n ...\n")  # duplicate: kept once
+    out.append("Package: clash\nSection: games\nDescription: shared text\n")
+    out.append("Package: clash2\nSection: python\nDescription: shared text\n")  # two sections: dropped
+    return "\n".join(out)
+
+
+def test_debian_corpus_is_deduplicated_and_split_by_hash(tmp_path):
+    rows = corpus_rows(fake_package_lists(), top=3)
+    assert {r[1] for r in rows} == {"games", "python", "perl"}  # contrib/ stripped, rarest sections cut
+    assert len(rows) == 120 and len({r[2] for r in rows}) == 120
+    assert all(r[0] == split_of(r[2]) for r in rows) and {r[0] for r in rows} == {"train", "val", "test"}
+    assert all(r[2].endswith(" ...") for r in rows)  # the long description's line is joined on
+    assert "shared text" not in {r[2] for r in rows}
+    path = build_corpus(tmp_path / "debian-packages.tsv", top=3, package_lists=fake_package_lists())
+    assert json.loads(path.with_suffix(".json").read_text())["examples"] == 120
+    splits, classes = load_corpus(tmp_path)
+    assert classes == ("games", "perl", "python") and sum(len(v[0]) for v in splits.values()) == 120
+
+
+def test_cli_trains_a_text_model_and_rejects_bad_options(tmp_path, capsys):
+    build_corpus(tmp_path / "debian-packages.tsv", top=3, package_lists=fake_package_lists(60))
+    out = tmp_path / "run"
+    args = ["train", "--task", "text", "--data-dir", str(tmp_path), "--method", "freelb", "--steps", "2",
+            "--epochs", "3", "--batch-size", "32", "--optimizer", "adam", "--lr", "0.01", "--weight-decay", "0",
+            "--val-n", "16", "--threads", "1", "--out", str(out)]
+    assert main(args) == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[-1])["val_clean"] > 0.5
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["method"] == {"name": "freelb", "eps": 0.6, "steps": 2, "step_size": 0.1, "init_mag": 1.0, "norm": "l2"}
+    model = load_text_model(out)
+    data = load_text_dataset("debian-packages", tmp_path, vocab=model.vocab)
+    assert text_accuracy(model, data.test) > 0.5
+    assert main(args + ["--resume"]) == 0  # nothing left to train; resumes cleanly
+    capsys.readouterr()
+
+    bad = [(["--method", "fgm", "--steps", "3"], "method fgm takes no option steps"),
+           (["--method", "pgd-at"], "unknown text method 'pgd-at'"),
+           (["--norm", "l1"], "unknown norm 'l1'"),
+           (["--model", "cnn-small"], "unknown text model 'cnn-small'"),
+           (["--dataset", "mnist"], "unknown text dataset 'mnist'")]
+    for extra, message in bad:
+        code = main(["train", "--task", "text", "--data-dir", str(tmp_path), "--out", str(tmp_path / "bad"), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, (extra, err)
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--task", "video", "--out", str(tmp_path / "bad")])
+    assert info.value.code == 2
