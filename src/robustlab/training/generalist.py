@@ -1,0 +1,193 @@
+"""Generalist (Wang & Wang, CVPR 2023, "Generalist: Decoupling Natural and Robust Generalization").
+
+Two base learners of one architecture train on their own objectives, each with its own optimizer: the
+adversarial learner (the Trainer's model and optimizer, trained by PGD-AT or TRADES) and the natural
+learner (clean cross-entropy). A global learner, an exponential moving average of a β-mix of the two,
+is what gets validated and exported; from epoch t′ on, every c epochs, it is copied back into both.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from robustlab import distributed
+from robustlab.errors import RobustlabError, check_choice
+from robustlab.training.methods import PGDAT, Method
+from robustlab.training.schedules import SCHEDULES, learning_rate
+from robustlab.training.trades import TRADES
+from robustlab.training.trainer import make_optimizer
+
+# The reference's c = 5 of its 120 epochs: short runs scale it to the run's length (at least 1).
+REFERENCE_EPOCHS, REFERENCE_EVERY = 120, 5
+
+
+def mixing_ratio(progress: float, start: float, final: float) -> float:
+    """β at `progress` ∈ [0, 1] of the run: 1 until `start`, then linear to `final` at the end."""
+    if progress <= start or start >= 1:
+        return 1.0
+    return 1.0 + (final - 1.0) * (progress - start) / (1.0 - start)
+
+
+def warmed_up(decay: float, updates: int) -> float:
+    """γ after `updates` earlier updates: min(γ, (1 + t) / (10 + t)), the reference's warm-up, so the
+    average is not dominated by the initialization for its first thousand steps."""
+    return min(decay, (1 + updates) / (10 + updates))
+
+
+@torch.no_grad()
+def mix_into(global_model, adversarial, natural, decay: float, beta: float):
+    """θ_g ← γ·θ_g + (1 − γ)·(β·θ_adv + (1 − β)·θ_nat), over parameters and floating-point buffers alike
+    (BatchNorm's running statistics are averaged as the weights that use them). Integer buffers (BatchNorm's
+    batch counter) cannot be averaged: they follow the adversarial learner."""
+    learners = zip(global_model.state_dict().values(), adversarial.state_dict().values(), natural.state_dict().values())
+    for g, a, n in learners:
+        if g.is_floating_point():
+            g.mul_(decay).add_(a, alpha=(1 - decay) * beta).add_(n, alpha=(1 - decay) * (1 - beta))
+        else:
+            g.copy_(a)
+
+
+def redistribute(global_model, *learners):
+    """Copy the global learner's weights and buffers into the base learners (optimizer states are kept)."""
+    state = global_model.state_dict()
+    for learner in learners:
+        learner.load_state_dict(state)
+
+
+class Generalist(Method):
+    """Decoupled natural and adversarial base learners, mixed into a global learner.
+
+    Each step: (1) the adversarial learner takes a step of `adv_loss` (PGD-AT or TRADES, the existing
+    methods), its examples generated against itself in **eval mode** (as the reference's PGD, which calls
+    `model.eval()`); (2) the natural learner takes a clean cross-entropy step on the same batch; (3) the
+    global learner moves: θ_g ← γ·θ_g + (1 − γ)·(β·θ_adv + (1 − β)·θ_nat), parameters and BatchNorm buffers.
+    γ warms up as min(γ, (1 + t)/(10 + t)); β is 1 until `mix_start` of the run, then linear to `mix_final`.
+    At the start of each redistribution epoch the global learner is copied into both base learners.
+    The global learner is validated, chosen as best epoch, and exported; checkpoints hold all three learners
+    and both optimizers. The three start from the same initialization, so that their weights can be mixed.
+
+    The Trainer's options (`--lr`, `--schedule`, `--weight-decay`, `--optimizer`, `--momentum`) are the
+    adversarial learner's, as for `pgd-at`; the natural learner has `nat_lr`, `nat_schedule` (both
+    defaulting to the adversarial learner's, as the reference uses one learning rate for both) and
+    `nat_weight_decay`, with the same kind of optimizer.
+
+    Defaults and their sources (PKU-ML/Generalist, `main.py`, ResNet-18 on CIFAR-10, 120 epochs):
+    - `global_decay` γ = 0.999 with the warm-up above (`EMA(alpha=0.999)`).
+    - `mix_final` = 0.4, `mix_start` = 2/3 (`adjust_beta`: 1 until epoch 80 of 120, then linear to 0.4).
+    - `redistribute_from` = 0.625 and `redistribute_every` = 5 epochs of 120 (`epoch >= 75 and epoch % 5 == 0`),
+      as fractions of the run: the first redistribution is at epoch round(0.625·E) (counting from 1), then
+      every max(1, round(5·E/120)) epochs; `redistribute_every` = 0 turns redistribution off.
+    - `nat_weight_decay` = 5e-4 (`optimizer_ST`). The reference's adversarial learner uses 3.5e-3 for
+      ResNet-18 and 7e-4 for its other networks (smallcnn, WRN); here that is `--weight-decay` (robustlab's
+      default 5e-4, so that the adversarial learner is exactly `pgd-at`'s unless asked otherwise).
+    - `adv_loss` = "pgd-at" (the reference's PGD-10 cross-entropy; its TRADES loss is in comments).
+      `beta` is TRADES's β (6.0) and applies to `adv_loss="trades"` only.
+    - The reference schedule is piecewise linear (lr, lr, lr/10, lr/100 at 0, E/3, 2E/3, E, lr = 0.01);
+      here it is the Trainer's `--schedule` (one-cycle by default), so Generalist and PGD-AT share it.
+
+    Deliberate differences from the reference, each for a stated reason:
+    - Redistribution happens once, at the start of each redistribution epoch, as the paper describes; the
+      reference code copies the global learner into both learners after every iteration of those epochs.
+      `redistribute_per_step=True` does that instead.
+    - The global learner mixes the base learners themselves, as the paper's formula; the reference mixes
+      their own EMAs (γ = 0.999 each), an average of averages that lags further behind.
+    - The natural learner does not train while its weights cannot reach the global learner: before the
+      first redistribution, if β is still 1 until then (the defaults), since that redistribution overwrites
+      it. Its result is unchanged, apart from its momentum starting at that redistribution; its cost is saved.
+    """
+    name = "generalist"
+
+    def __init__(self, eps=0.1, norm="linf", steps=10, step_size=0.025, adv_loss="pgd-at", beta=None,
+                 mix_final=0.4, mix_start=2 / 3, global_decay=0.999, redistribute_from=0.625, redistribute_every=None,
+                 redistribute_per_step=False, nat_lr=None, nat_weight_decay=5e-4, nat_schedule=None):
+        check_choice("generalist adversarial loss", adv_loss, ("pgd-at", "trades"))
+        for name, value in (("mix_final", mix_final), ("mix_start", mix_start), ("redistribute_from", redistribute_from)):
+            if not 0 <= value <= 1:
+                raise RobustlabError(f"{name} must be in [0, 1] (a mixing ratio or a fraction of the run), got {value}")
+        if not 0 < global_decay < 1:
+            raise RobustlabError(f"global_decay (the global learner's EMA decay γ) must be in (0, 1), got {global_decay}")
+        if redistribute_every is not None and (int(redistribute_every) != redistribute_every or redistribute_every < 0):
+            raise RobustlabError(f"redistribute_every is a number of epochs >= 0 (0: never), got {redistribute_every}")
+        if nat_lr is not None and nat_lr <= 0:
+            raise RobustlabError(f"nat_lr must be > 0, got {nat_lr}")
+        if nat_weight_decay < 0:
+            raise RobustlabError(f"nat_weight_decay must be >= 0, got {nat_weight_decay}")
+        if nat_schedule is not None:
+            check_choice("schedule", nat_schedule, SCHEDULES)
+        if beta is not None and adv_loss != "trades":
+            raise RobustlabError("beta is TRADES's weight: it needs --adv-loss trades (the mixing ratio is --mix-final)")
+        self.eps, self.norm, self.steps, self.step_size = eps, norm, steps, step_size
+        self.adv_loss = adv_loss
+        self.beta = (6.0 if beta is None else beta) if adv_loss == "trades" else None
+        self.mix_final, self.mix_start, self.global_decay = mix_final, mix_start, global_decay
+        self.redistribute_from = redistribute_from
+        self.redistribute_every = None if redistribute_every is None else int(redistribute_every)
+        self.redistribute_per_step = bool(redistribute_per_step)
+        self.nat_lr, self.nat_weight_decay, self.nat_schedule = nat_lr, nat_weight_decay, nat_schedule
+        self._adversarial = (TRADES(eps, norm, steps, step_size, beta=self.beta) if adv_loss == "trades"
+                             else PGDAT(eps, norm, steps, step_size))
+
+    # -- schedules ---------------------------------------------------------------------------------
+    def redistribution_epochs(self, epochs: int) -> list[int]:
+        """The epochs (0-based) at whose start the global learner is copied into both base learners."""
+        every = self.redistribute_every
+        if every is None:
+            every = max(1, round(REFERENCE_EVERY * epochs / REFERENCE_EPOCHS))
+        if every == 0:
+            return []
+        first = max(1, int(self.redistribute_from * epochs + 0.5))  # counted from 1, as the paper's t′
+        return [n - 1 for n in range(first, epochs + 1, every)]
+
+    def _natural_idle(self, ctx) -> bool:
+        """True while the natural learner's weights cannot reach the global learner (see the class notes)."""
+        epochs = self.redistribution_epochs(ctx.epochs)
+        return bool(epochs) and ctx.epoch < epochs[0] and epochs[0] / ctx.epochs <= self.mix_start
+
+    # -- the run -----------------------------------------------------------------------------------
+    def init_run_state(self, model, config):
+        if config.ema:
+            raise RobustlabError("generalist exports its global learner, already a weight average: leave out --ema")
+        natural = copy.deepcopy(model)
+        nat_config = replace(config, lr=self.nat_lr or config.lr, weight_decay=self.nat_weight_decay)
+        global_model = copy.deepcopy(model).eval()
+        for p in global_model.parameters():
+            p.requires_grad_(False)
+        return {"natural": natural, "natural_optimizer": make_optimizer(nat_config, natural.parameters()),
+                "global": global_model, "global_updates": 0,
+                "nat_lr": nat_config.lr, "nat_schedule": self.nat_schedule or config.schedule}
+
+    def eval_model(self, run):
+        return run.get("global")
+
+    def loss(self, ctx, x, y):
+        return self._adversarial.loss(ctx, x, y)
+
+    def train_step(self, ctx, x, y):
+        run = ctx.run
+        natural, global_model = run["natural"], run["global"]
+        first_step = "generalist_started" not in ctx.state  # ctx.state is new every epoch
+        ctx.state["generalist_started"] = True
+        if ctx.epoch in self.redistribution_epochs(ctx.epochs) and (first_step or self.redistribute_per_step):
+            redistribute(global_model, ctx.module, natural)
+
+        result = super().train_step(ctx, x, y)  # the adversarial learner: the Trainer's model and optimizer
+
+        if not self._natural_idle(ctx):
+            optimizer = run["natural_optimizer"]
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(run["nat_schedule"], run["nat_lr"], ctx.progress)
+            natural.train()
+            with ctx.autocast():
+                loss = F.cross_entropy(natural(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            distributed.average_gradients(natural.parameters())  # the natural learner is not DDP-wrapped
+            optimizer.step()
+
+        decay = warmed_up(self.global_decay, run["global_updates"])
+        mix_into(global_model, ctx.module, natural, decay, mixing_ratio(ctx.progress, self.mix_start, self.mix_final))
+        run["global_updates"] += 1
+        return result
