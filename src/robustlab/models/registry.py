@@ -53,6 +53,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn-small": cnn_small,
     "lenet": lenet,
     "preact-resnet18": resnet.preact_resnet18,
+    "preact-resnet18-small": resnet.preact_resnet18_small,
     "resnet18": resnet.resnet18,
     "wrn-28-10": resnet.wide_resnet28_10,
 }

@@ -49,9 +49,10 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, block, blocks_per_stage, stem_width, stage_widths, in_channels, num_classes, preact):
+    def __init__(self, block, blocks_per_stage, stem_width, stage_widths, in_channels, num_classes, preact,
+                 stem_stride=1):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, stem_width, 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, stem_width, 3, stem_stride, 1, bias=False)
         # Post-activation nets normalize the stem; pre-activation nets normalize at the end instead.
         self.bn1 = nn.BatchNorm2d(stem_width) if not preact else None
         layers, cin = [], stem_width
@@ -84,6 +85,17 @@ def preact_resnet18(input_shape, num_classes, width=64):
     """PreAct-ResNet-18 (21 Conv/Linear modules); `width=16` gives a CPU-sized variant."""
     widths = [width, 2 * width, 4 * width, 8 * width]
     return ResNet(PreActBlock, [2, 2, 2, 2], width, widths, input_shape[0], num_classes, preact=True)
+
+
+def preact_resnet18_small(input_shape, num_classes, width=16):
+    """PreAct-ResNet-18 for small grayscale images on a CPU: width 16 and a stride-2 stem (28×28 → 14×14).
+
+    The same 21 Conv/Linear modules and 0.7 M parameters as `preact-resnet18 --width 16`, at about 2.4× its
+    speed (measured with PGD-10 training steps on Fashion-MNIST): a residual network with enough modules for
+    RiFT that trains with PGD-AT in about an hour on a 2-core CPU.
+    """
+    widths = [width, 2 * width, 4 * width, 8 * width]
+    return ResNet(PreActBlock, [2, 2, 2, 2], width, widths, input_shape[0], num_classes, preact=True, stem_stride=2)
 
 
 def resnet18(input_shape, num_classes, width=64):

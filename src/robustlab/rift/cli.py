@@ -1,0 +1,164 @@
+"""`robustlab rift RUN --out OUT` and `robustlab mrc RUN`; wired into robustlab/cli.py by `add_parsers`."""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from robustlab.errors import RobustlabError
+
+LR_GRID = "0.001,0.01"
+
+
+def add_parsers(sub):
+    from robustlab.cli import _nonneg_float, _positive
+
+    def mrc_options(p):
+        g = p.add_argument_group("module robust criticality (defaults: the RiFT reference code)")
+        g.add_argument("--mrc-n", type=_positive(int), default=2000,
+                       help="validation images in the fixed adversarial set (default 2000; the split has 5000)")
+        g.add_argument("--mrc-eps", type=_positive(float), default=0.1, help="weight perturbation ‖Δ‖ ≤ ε‖θ‖ (0.1)")
+        g.add_argument("--mrc-epochs", type=_positive(int), default=10, help="gradient-ascent epochs (10)")
+        g.add_argument("--mrc-batch-size", type=_positive(int), default=512)
+        p.add_argument("--checkpoint", default="best", help="best or last (when RUN is a directory)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--data-dir")
+        p.add_argument("--threads", type=_positive(int), help="torch CPU threads")
+
+    m = sub.add_parser("mrc", help="module robust criticality of every Conv/Linear module of a run (RiFT step 1)")
+    m.add_argument("run", help="run directory or checkpoint file")
+    m.add_argument("--out", help="where the cache, mrc.json and mrc.png go (default RUN/mrc)")
+    m.add_argument("--json", action="store_true", help="print the results as JSON")
+    mrc_options(m)
+
+    r = sub.add_parser("rift", help="RiFT (Zhu et al., ICCV 2023): fine-tune a robust run's least robust-critical "
+                       "module, interpolate, report before/after")
+    r.add_argument("run", help="run directory or checkpoint file")
+    r.add_argument("--out", required=True, help="output directory: checkpoint, plots, rift_report.md")
+    r.add_argument("--module", help="fine-tune this module (default: the lowest MRC)")
+    r.add_argument("--auto", type=int, default=0, metavar="K",
+                   help="also try the K least-critical modules × --lrs and keep the best on validation")
+    r.add_argument("--lr", type=_positive(float), default=0.001, help="fine-tuning learning rate (reference: 0.001)")
+    r.add_argument("--lrs", default=LR_GRID, help=f"learning rates for --auto, comma-separated ({LR_GRID})")
+    r.add_argument("--epochs", type=_positive(int), default=10)
+    r.add_argument("--batch-size", type=_positive(int), default=128)
+    r.add_argument("--momentum", type=_nonneg_float, default=0.9)
+    r.add_argument("--weight-decay", type=_nonneg_float, default=5e-4)
+    r.add_argument("--augment", help="none, crop, crop-flip (default: the dataset's)")
+    r.add_argument("--bn", default="update", help="update (re-estimate BatchNorm statistics while fine-tuning) or keep")
+    r.add_argument("--train-n", type=_positive(int), help="fine-tune on the first N training images only")
+    r.add_argument("--val-n", type=_positive(int), help="validation images for choosing the fine-tuned epoch and α (default: all)")
+    r.add_argument("--tolerance", type=_nonneg_float, default=0.1,
+                   help="points of validation robust accuracy α may cost (0.1)")
+    t = r.add_argument_group("test-set report")
+    t.add_argument("--n", type=_positive(int), help="evaluate on the first N test images (default: all)")
+    t.add_argument("--aa-n", type=_positive(int), help="AutoAttack on the first N of them (default: the same)")
+    t.add_argument("--aa-steps", type=_positive(int), default=100, help="AutoAttack iterations (protocol: 100)")
+    t.add_argument("--aa-queries", type=_positive(int), default=5000, help="Square queries (protocol: 5000)")
+    t.add_argument("--no-aa", dest="aa", action="store_false", help="skip AutoAttack")
+    t.add_argument("--no-ood", dest="ood", action="store_false", help="skip the corruption suite")
+    t.add_argument("--no-test", dest="test", action="store_false", help="stop before reading the test set")
+    mrc_options(r)
+
+
+def _source(args) -> Path:
+    from robustlab.training.run import resolve_checkpoint
+    return resolve_checkpoint(args.run, args.checkpoint)
+
+
+def _mrc_dir(source: Path, out=None) -> Path:
+    """The MRC belongs to the robust model: by default it is cached beside its checkpoint, so `robustlab mrc RUN`
+    and any `robustlab rift RUN` share it."""
+    if out:
+        return Path(out)
+    return source.parent / ("mrc" if source.stem == "best" else f"mrc-{source.stem}")
+
+
+def _mrc_config(args):
+    from robustlab.rift.mrc import MRCConfig
+    return MRCConfig(n=args.mrc_n, eps=args.mrc_eps, epochs=args.mrc_epochs, batch_size=args.mrc_batch_size,
+                     seed=args.seed)
+
+
+def _setup(args, check=lambda source: None):
+    """The checkpoint file and its metadata, then (after `check(source)`, so bad input fails fast) the dataset."""
+    import torch
+    from robustlab.checkpoint import read_metadata
+    from robustlab.data import load_dataset
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    source = _source(args)
+    meta = read_metadata(source)
+    check(source)
+    return source, meta, load_dataset(meta["dataset"]["name"], data_dir=args.data_dir,
+                                      val_size=meta["dataset"].get("val_size", 5000),
+                                      seed=meta["dataset"].get("split_seed", 0))
+
+
+def cmd_mrc(args) -> int:
+    import torch
+    from robustlab import load_model
+    from robustlab.protocol import threat_defaults
+    from robustlab.rift.mrc import compute_mrc, file_sha256, plot_mrc, ranked
+
+    source, meta, data = _setup(args)
+    model = load_model(source).to(memory_format=torch.channels_last)
+    norm = meta.get("method", {}).get("norm", "linf")
+    budget = threat_defaults(meta["dataset"]["name"], norm).train
+    out = _mrc_dir(source, args.out)
+    result = compute_mrc(model, data.val, out, source_sha256=file_sha256(source), config=_mrc_config(args),
+                         threat={"norm": norm, "eps": budget.eps, "steps": budget.steps, "step_size": budget.step_size})
+    order = ranked(result)
+    plot_mrc(result, out / "mrc.png", f"MRC per module, {meta['model']['name']} on {meta['dataset']['name']}",
+             highlight={order[0]})
+    if args.json:
+        print(json.dumps({"ranking": order, "modules": result["modules"], "original": result["original"]}))
+    else:
+        print(f"{'module':32} {'MRC':>9} {'robust acc at worst Δ':>22}")
+        for name in order:
+            r = result["modules"][name]
+            print(f"{name:32} {r['mrc']:9.4f} {r['worst_accuracy']:22.2%}")
+        print(f"original adversarial loss {result['original']['loss']:.4f}, accuracy {result['original']['accuracy']:.2%} "
+              f"on {result['key']['n']} validation images; results and plot in {out}")
+    return 0
+
+
+def cmd_rift(args) -> int:
+    from robustlab import load_model
+    from robustlab.data import AUGMENTATIONS
+    from robustlab.errors import check_choice
+    from robustlab.rift.finetune import module_named
+    from robustlab.rift.pipeline import RiftSettings, TestSettings, rift
+
+    try:
+        lrs = tuple(float(v) for v in args.lrs.split(","))
+    except ValueError:
+        raise RobustlabError(f"--lrs takes comma-separated learning rates, got {args.lrs!r}") from None
+    if args.auto < 0:
+        raise RobustlabError(f"--auto must be >= 0, got {args.auto}")
+    settings = RiftSettings(module=args.module, auto=args.auto, lr=args.lr, lrs=lrs, epochs=args.epochs,
+                            batch_size=args.batch_size, momentum=args.momentum, weight_decay=args.weight_decay,
+                            augment=args.augment, bn=args.bn, seed=args.seed, train_n=args.train_n, val_n=args.val_n,
+                            tolerance=args.tolerance / 100, mrc=_mrc_config(args))
+    settings.validate()
+    if args.augment:
+        check_choice("augmentation", args.augment, AUGMENTATIONS)
+    source, _, data = _setup(args, lambda s: args.module and module_named(load_model(s), args.module))
+    test = TestSettings(n=args.n, aa=args.aa, aa_n=args.aa_n, aa_steps=args.aa_steps, aa_queries=args.aa_queries,
+                        ood=args.ood) if args.test else None
+    command = "robustlab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["rift"] else None
+    report = rift(source, data, args.out, settings, test, mrc_dir=_mrc_dir(source), command=command)
+    chosen = report["candidates"][report["chosen"]]
+    print(f"fine-tuned {chosen['module']} (lr {chosen['lr']:g}), α = {chosen['alpha']:.1f}: validation clean "
+          f"{chosen['val_clean']:.2%}, robust {chosen['val_robust']:.2%} "
+          f"(original {report['rift']['val']['robust_original']:.2%})")
+    for name, row in report["test"].items():
+        print(f"test {name}: " + ", ".join(f"{k} {v:.2%}" for k, v in row.items()
+                                           if isinstance(v, float) and k != "seconds"))
+    print(f"report: {Path(args.out) / 'rift_report.md'}")
+    return 0
+
+
+COMMANDS = {"mrc": cmd_mrc, "rift": cmd_rift}

@@ -1,0 +1,259 @@
+"""RiFT end to end: MRC → fine-tune → interpolate → checkpoint, plots, and a before/after report.
+
+Every choice (the module in automatic mode, the learning rate, α) is made on the validation split; the test
+set is read only afterwards, to report. Each step is cached in the output directory (`rift_state.json`, the
+fine-tuning runs, AutoAttack states), so a killed run continues where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from robustlab import checkpoint
+from robustlab.attacks import autoattack_accuracy, pgd
+from robustlab.data import Splits
+from robustlab.errors import RobustlabError, check_choice
+from robustlab.evaluate.accuracy import accuracy
+from robustlab.evaluate.corruptions import ood_accuracy
+from robustlab.protocol import threat_defaults
+from robustlab.rift.finetune import ALPHAS, BN_MODES, AlphaSearch, finetune, interpolate, module_named
+from robustlab.rift.mrc import MRCConfig, compute_mrc, file_sha256, plot_mrc, ranked, read_json, write_json
+from robustlab.rift.report import plot_alpha, write_report
+from robustlab.training.run import load_model
+
+
+@dataclass
+class RiftSettings:
+    module: str | None = None       # None: the lowest-MRC module (the paper's pick)
+    auto: int = 0                   # > 0: also try the `auto` least-critical modules × `lrs`, keep the best
+    lr: float = 0.001               # reference code's default
+    lrs: tuple = (0.001, 0.01)      # the automatic mode's grid (the reference default and 10×)
+    epochs: int = 10
+    batch_size: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment: str | None = None      # None: the dataset's default training augmentation
+    bn: str = "update"              # "update": re-estimate BatchNorm statistics while fine-tuning (reference)
+    seed: int = 0
+    train_n: int | None = None      # fine-tune on the first n training images (tests, quick looks)
+    val_n: int | None = None        # validation images for the fine-tuned epoch and α (None: all)
+    tolerance: float = 0.001        # robust accuracy may fall this much (0.1 point) below the original's
+    mrc: MRCConfig = field(default_factory=MRCConfig)
+
+    def validate(self):
+        check_choice("bn", self.bn, BN_MODES)
+        self.mrc.validate()
+        if self.auto < 0 or self.epochs <= 0 or self.lr <= 0 or any(lr <= 0 for lr in self.lrs) or self.tolerance < 0:
+            raise RobustlabError("auto must be >= 0, epochs and learning rates > 0, tolerance >= 0")
+
+
+@dataclass
+class TestSettings:
+    n: int | None = None            # first n test images (None: all)
+    aa: bool = True
+    aa_n: int | None = None         # AutoAttack on the first aa_n of them (None: the same n)
+    aa_steps: int = 100             # protocol
+    aa_queries: int = 5000          # protocol
+    ood: bool = True
+    batch_size: int = 500
+
+
+def weights_digest(model) -> str:
+    """A short fingerprint of a model's state, naming its cached test results and AutoAttack state."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class State:
+    """rift_state.json: everything measured so far, rewritten atomically after each measurement."""
+
+    def __init__(self, path: Path, source: dict):
+        self.path, self.data = path, read_json(path)
+        if self.data and self.data.get("source", {}).get("sha256") != source["sha256"]:
+            raise RobustlabError(f"{path.parent} holds RiFT results for another checkpoint "
+                                 f"({self.data['source'].get('path')}); choose another --out")
+        self.data["source"] = source
+        self.data.setdefault("candidates", {})
+        self.data.setdefault("test", {})
+
+    def save(self):
+        write_json(self.path, self.data)
+
+
+def candidate_id(module: str, lr: float) -> str:
+    return f"{module.removeprefix('net.')}-lr{lr:g}"
+
+
+def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), test: TestSettings | None = TestSettings(),
+         *, mrc_dir=None, show=None, command: str | None = None) -> dict:
+    """Run RiFT on the checkpoint file `source`, writing `out`/best.safetensors, plots and rift_report.md/json.
+
+    `mrc_dir`: where the MRC cache lives (default `out`/mrc). `test=None` stops after the checkpoint and the
+    validation plots: the test split is then never read. Returns the report's dictionary.
+    """
+    settings.validate()
+    out, source = Path(out), Path(source)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(source).to(memory_format=torch.channels_last)  # ~2× faster convolutions on CPUs
+    meta = model.checkpoint_meta
+    dataset, norm = meta["dataset"]["name"], meta.get("method", {}).get("norm", "linf")
+    budget = threat_defaults(dataset, norm)
+    threat = {"norm": norm, "eps": budget.train.eps, "steps": budget.train.steps, "step_size": budget.train.step_size}
+    paper_module = module_named_str(model, settings.module) if settings.module else None  # a bad name fails early
+    state = State(out / "rift_state.json", {"path": str(source), "sha256": file_sha256(source),
+                                             "model": meta["model"], "method": meta.get("method", {}).get("name")})
+    wall = {}
+
+    # 1. Module robust criticality, on a fixed PGD set from the validation split.
+    mrc = compute_mrc(model, data.val, mrc_dir or out / "mrc", source_sha256=state.data["source"]["sha256"],
+                      threat=threat, config=settings.mrc, show=show)
+    wall["adversarial set"] = mrc["adv_set_seconds"]
+    wall[f"MRC ({len(mrc['modules'])} modules)"] = round(sum(r["seconds"] for r in mrc["modules"].values()), 1)
+    order = ranked(mrc)
+    paper_module = paper_module or order[0]
+    candidates = [(paper_module, settings.lr)]
+    if settings.auto:
+        candidates += [(m, lr) for m in order[:settings.auto] for lr in settings.lrs if (m, lr) not in candidates]
+
+    # 2-3. Fine-tune each candidate, then choose α on validation data.
+    run_meta = {k: meta[k] for k in ("model", "dataset")}
+    robust_state = {k: v.clone() for k, v in model.state_dict().items()}
+    val = data.val.subset(settings.val_n) if settings.val_n else data.val
+    tune_data = replace(data, val=val)
+    attack = partial(pgd, eps=threat["eps"], norm=norm, steps=threat["steps"], step_size=threat["step_size"])
+    curve_key = {"val_n": len(val), "attack": threat, "seed": settings.seed}
+    searches, tuned_states = {}, {}
+    work = load_model(source).to(memory_format=torch.channels_last)  # holds θ(α) while it is measured
+    for module, lr in candidates:
+        cid = candidate_id(module, lr)
+        tuned, record = finetune(model, module, tune_data, out / "finetune" / cid, run_meta, lr=lr,
+                                 epochs=settings.epochs, batch_size=settings.batch_size, momentum=settings.momentum,
+                                 weight_decay=settings.weight_decay, augment=settings.augment, bn=settings.bn,
+                                 seed=settings.seed, train_n=settings.train_n, show=show)
+        tuned_states[cid] = tuned.state_dict()
+        entry = state.data["candidates"].setdefault(cid, {})
+        if entry.get("curve_key") != curve_key:
+            entry.update(curve_key=curve_key, curve={})
+        entry.update(module=module, lr=lr, finetune=record, mrc=mrc["modules"][module]["mrc"])
+        searches[cid] = AlphaSearch(work, robust_state, tuned_states[cid], val, val, attack,
+                                    seed=settings.seed, curve=entry["curve"], on_update=lambda _: state.save(), show=show)
+        # The automatic mode measures robust accuracy only where it decides; the finalists' curves are completed below.
+        entry["alpha"] = searches[cid].choose(ALPHAS, settings.tolerance, full=not settings.auto)
+        state.save()
+    paper = candidate_id(*candidates[0])
+    entries = {candidate_id(m, lr): state.data["candidates"][candidate_id(m, lr)] for m, lr in candidates}
+
+    def val_clean(cid):
+        return entries[cid]["curve"][f"{entries[cid]['alpha']:.2f}"]["clean"]
+
+    best = max(entries, key=val_clean)  # first of equals: the paper's pick, then the MRC order
+    for cid in {paper, best}:
+        searches[cid].choose(ALPHAS, settings.tolerance, full=True)
+    for cid, entry in entries.items():
+        point = entry["curve"][f"{entry['alpha']:.2f}"]
+        entry.update(val_clean=point["clean"], val_robust=point.get("robust"))
+        wall[f"fine-tuning {cid}"] = entry["finetune"]["train_seconds"]
+        wall[f"α search {cid}"] = round(sum(p.get("seconds", 0) for p in entry["curve"].values()), 1)
+    state.data.update(paper_pick=paper, chosen=best, mrc_ranking=order, settings=settings_dict(settings))
+    state.save()
+
+    # The result: an ordinary robustlab checkpoint.
+    chosen = entries[best]
+    final = load_model(source)
+    final.load_state_dict(interpolate(robust_state, tuned_states[best], chosen["alpha"]))
+    rift_meta = {"module": chosen["module"], "alpha": chosen["alpha"], "lr": chosen["lr"], "bn": settings.bn,
+                 "source": state.data["source"], "paper_pick": paper, "automatic": bool(settings.auto),
+                 "mrc": {n: r["mrc"] for n, r in mrc["modules"].items()},
+                 "val": {"clean": chosen["val_clean"], "robust": chosen["val_robust"],
+                         "robust_original": chosen["curve"]["0.00"]["robust"], "images": len(val)}}
+    checkpoint.save(out / "best.safetensors", checkpoint.prefixed("model.", final.state_dict()),
+                    {**run_meta, "method": meta.get("method", {}), "kind": "model", "epoch": meta.get("epoch"),
+                     "metrics": {"val_clean": chosen["val_clean"], "val_robust": chosen["val_robust"]},
+                     "rift": rift_meta})
+
+    title = f"{meta['model']['name']} ({state.data['source']['method']}) on {dataset}"
+    plot_mrc(mrc, out / "mrc.png", f"MRC per module, {title}", highlight={chosen["module"]})
+    plot_alpha({cid: entries[cid] for cid in dict.fromkeys([paper, best, *entries])}, out / "alpha.png",
+               f"Validation accuracy of θ(α), {title}", settings.tolerance)
+
+    # 4. Before / after on the test set (read here for the first time).
+    models = {"original": model, "rift": final.to(memory_format=torch.channels_last)}
+    if settings.auto and (paper != best or entries[paper]["alpha"] != chosen["alpha"]):
+        paper_model = load_model(source).to(memory_format=torch.channels_last)
+        paper_model.load_state_dict(interpolate(robust_state, tuned_states[paper], entries[paper]["alpha"]))
+        models["paper pick"] = paper_model
+    results, seen = {}, {}
+    if test is not None:
+        for name, m in models.items():
+            results[name] = evaluate_test(m, data, threat_eval=budget.eval, norm=norm, settings=test, state=state,
+                                          out=out, show=show)
+            digest = results[name]["weights"]
+            if digest in seen:  # e.g. α = 0: measured once
+                results[name]["same_weights_as"] = seen[digest]
+                continue
+            seen[digest] = name
+            for metric, seconds in results[name]["seconds"].items():
+                wall[f"test {name}: {metric}"] = seconds
+    report = {"source": state.data["source"], "dataset": dataset, "norm": norm, "settings": settings_dict(settings),
+              "test_settings": asdict(test) if test else None, "mrc": mrc, "mrc_ranking": order, "paper_pick": paper,
+              "chosen": best, "rift": rift_meta, "candidates": entries, "test": results, "wall_s": wall,
+              "command": command}
+    write_report(out, report)
+    return report
+
+
+def module_named_str(model, name: str) -> str:
+    target = module_named(model, name)
+    return next(n for n, m in model.named_modules() if m is target)
+
+
+def settings_dict(settings: RiftSettings) -> dict:
+    d = asdict(settings)
+    d["lrs"] = list(settings.lrs)
+    return d
+
+
+def evaluate_test(model, data: Splits, *, threat_eval, norm, settings: TestSettings, state: State, out: Path,
+                  show=None) -> dict:
+    """Clean, protocol PGD, OOD mean and AutoAttack accuracy on the test set, each cached once measured
+    (keyed by the model's weights, so that a resumed or repeated run measures nothing twice)."""
+    test = data.test.subset(settings.n) if settings.n else data.test
+    digest = weights_digest(model)
+    key = {"n": len(test), "aa_n": settings.aa_n, "aa_steps": settings.aa_steps, "aa_queries": settings.aa_queries}
+    cached = state.data["test"].setdefault(digest, {})
+    if cached.get("key") != key:
+        cached.clear()
+        cached.update(key=key, seconds={})
+    restarts = f"×{threat_eval.restarts}" if threat_eval.restarts > 1 else ""
+    pgd_label = f"PGD-{threat_eval.steps}{restarts}"
+    attack = partial(pgd, eps=threat_eval.eps, norm=norm, steps=threat_eval.steps, step_size=threat_eval.step_size,
+                     restarts=threat_eval.restarts)
+    jobs = {"clean": lambda: accuracy(model, test, batch_size=settings.batch_size, progress="test clean", show=show),
+            pgd_label: lambda: accuracy(model, test, attack=attack, batch_size=settings.batch_size, seed=0,
+                                        progress=f"test {pgd_label}", show=show)}
+    if settings.ood:
+        jobs["OOD mean"] = lambda: ood_accuracy(model, test, progress=show is not False, batch_size=settings.batch_size,
+                                                cache_dir=Path.home() / ".cache" / "robustlab" / "corruptions").mean
+    if settings.aa:
+        aa_dir = out / "eval"
+        aa_dir.mkdir(exist_ok=True)
+        jobs["AutoAttack"] = lambda: autoattack_accuracy(
+            model, test, threat_eval.eps, norm, n=settings.aa_n, batch_size=settings.batch_size // 2, seed=0,
+            progress=show is not False, state_path=aa_dir / f"autoattack-{digest}.safetensors",
+            steps=settings.aa_steps, queries=settings.aa_queries).robust_accuracy
+    for name, job in jobs.items():
+        if name not in cached:
+            start = time.perf_counter()
+            cached[name] = job()
+            cached["seconds"][name] = round(time.perf_counter() - start, 1)
+            state.save()
+    return {"weights": digest, "n": len(test), "aa_n": min(settings.aa_n or len(test), len(test)),
+            **{k: cached[k] for k in jobs}, "seconds": dict(cached["seconds"])}

@@ -1,0 +1,106 @@
+"""RiFT's plots and its before/after report (rift_report.md and rift_report.json, beside `robustlab eval`'s own)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from robustlab.rift.finetune import ALPHAS
+
+
+def plot_alpha(entries: dict, path, title: str, tolerance: float):
+    """Validation clean (left) and robust (right) accuracy of θ(α), a line per candidate, its chosen α circled."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), dpi=120)
+    axes = fig.subplots(1, 2)
+    for i, (cid, entry) in enumerate(entries.items()):
+        colour = f"C{i % 10}"
+        for ax, what in zip(axes, ("clean", "robust")):
+            points = [(a, entry["curve"][f"{a:.2f}"][what]) for a in ALPHAS
+                      if what in entry["curve"].get(f"{a:.2f}", {})]
+            if points:
+                ax.plot([a for a, _ in points], [100 * v for _, v in points], marker=".", color=colour,
+                        label=f"{cid} (α = {entry['alpha']:.1f})")
+            chosen = entry["curve"][f"{entry['alpha']:.2f}"]
+            if what in chosen:
+                ax.scatter([entry["alpha"]], [100 * chosen[what]], s=90, facecolors="none", edgecolors=colour)
+    first = next(iter(entries.values()))["curve"]["0.00"]
+    if "robust" in first:
+        axes[1].axhline(100 * (first["robust"] - tolerance), color="grey", ls="--", lw=1,
+                        label=f"original − {100 * tolerance:g} point")
+    for ax, what in zip(axes, ("clean", "robust (fixed-seed PGD)")):
+        ax.set_xlabel("α (0: robust model, 1: fine-tuned)")
+        ax.set_ylabel(f"validation {what} accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _pct(value) -> str:
+    return "—" if value is None else f"{100 * value:.2f}%"
+
+
+def write_report(out: Path, report: dict):
+    (out / "rift_report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    src, rift, cands = report["source"], report["rift"], report["candidates"]
+    chosen, paper = report["chosen"], report["paper_pick"]
+    lines = [f"# RiFT of `{src['path']}`", "",
+             f"- model `{src['model']['name']}` {src['model'].get('kwargs') or ''}, trained with `{src['method']}`; "
+             f"dataset `{report['dataset']}`, threat {report['norm']}",
+             f"- fine-tuned module `{rift['module']}` (lr {rift['lr']:g}, BatchNorm statistics: {rift['bn']}), "
+             f"α = {rift['alpha']:.1f}; the checkpoint is `best.safetensors` (`robustlab eval {out}` reads it)",
+             f"- the paper's pick (lowest MRC): `{paper}`" + (f"; automatic mode chose `{chosen}`" if rift["automatic"] else ""),
+             ""]
+    if report["test"]:
+        names = list(report["test"])
+        base = report["test"]["original"]
+        metrics = [k for k in base if k not in ("weights", "n", "aa_n", "seconds", "same_weights_as")]
+        lines += ["## Test set, before and after", "",
+                  "| | " + " | ".join(names) + " | RiFT − original |", "|---" * (len(names) + 2) + "|"]
+        for metric in metrics:
+            delta = report["test"]["rift"][metric] - base[metric]
+            label = metric
+            if metric == "AutoAttack":
+                ts = report["test_settings"]
+                off = "" if (ts["aa_steps"], ts["aa_queries"]) == (100, 5000) else \
+                    f", off-protocol: {ts['aa_steps']} steps, {ts['aa_queries']} queries"
+                label = f"AutoAttack-standard ({base['aa_n']} images{off})"
+            lines.append(f"| {label} | " + " | ".join(_pct(report["test"][n][metric]) for n in names)
+                         + f" | {100 * delta:+.2f} points |")
+        same = [f"{n} has the same weights as {r['same_weights_as']}" for n, r in report["test"].items()
+                if r.get("same_weights_as")]
+        lines += ["", f"{base['n']} test images. The test set was read only after every choice was made."
+                  + "".join(f" {s.capitalize()}." for s in same), ""]
+    lines += ["## Choice on the validation split", "",
+              f"α maximizes validation clean accuracy subject to validation robust accuracy ≥ the original's − "
+              f"{100 * report['settings']['tolerance']:g} point ({rift['val']['images']} images, fixed-seed "
+              f"PGD-{report['mrc']['key']['attack']['steps']}). Original: {_pct(rift['val']['robust_original'])} robust.", "",
+              "| candidate | MRC | fine-tuned epoch (val clean) | α | val clean | val robust |", "|---|---|---|---|---|---|"]
+    for cid, e in cands.items():
+        tag = " (chosen)" if cid == chosen else ""
+        tag += " (paper's pick)" if cid == paper else ""
+        lines.append(f"| `{cid}`{tag} | {e['mrc']:.4f} | {e['finetune']['best_epoch'] + 1} "
+                     f"({_pct(e['finetune']['val_clean'])}) | {e['alpha']:.1f} | {_pct(e['val_clean'])} | "
+                     f"{_pct(e['val_robust'])} |")
+    if rift["automatic"]:
+        gain = cands[chosen]["val_clean"] - cands[paper]["val_clean"]
+        verdict = (f"beats the paper's pick by {100 * gain:.2f} points of validation clean accuracy" if gain > 0
+                   else "is the paper's pick: no other candidate did better on validation")
+        lines += ["", f"Automatic mode ({len(cands)} candidates): `{chosen}` {verdict}."]
+    modules = report["mrc"]["modules"]
+    lines += ["", "## Module robust criticality", "",
+              f"{report['mrc']['key']['n']} validation images attacked once (PGD-{report['mrc']['key']['attack']['steps']}); "
+              f"original adversarial loss {report['mrc']['original']['loss']:.4f}, accuracy "
+              f"{_pct(report['mrc']['original']['accuracy'])}; ‖Δ‖₂ ≤ {report['mrc']['key']['mrc']['eps']:g}·‖θ‖₂.", "",
+              "| module | MRC | robust accuracy at the worst Δ | weights |", "|---|---|---|---|"]
+    for name in report["mrc_ranking"]:
+        r = modules[name]
+        lines.append(f"| `{name}` | {r['mrc']:.4f} | {_pct(r['worst_accuracy'])} | {r['weights']} |")
+    lines += ["", "![MRC per module](mrc.png)", "", "## Validation accuracy versus α", "", "![α curves](alpha.png)", "",
+              "## Wall time", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {step} | {seconds:.1f} |" for step, seconds in report["wall_s"].items()]
+    if report.get("command"):
+        lines += ["", "Command:", "", f"    {report['command']}"]
+    (out / "rift_report.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,220 @@
+"""RiFT (issue 6): MRC leaves the model as it was and respects its constraint, fine-tuning touches only the chosen
+module (and BatchNorm statistics), interpolation reproduces its endpoints, and α is chosen without the test set."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from robustlab import checkpoint, load_model
+from robustlab.cli import main
+from robustlab.data import Splits
+from robustlab.models import classifier_modules
+from robustlab.rift import AlphaSearch, MRCConfig, RiftSettings, compute_mrc, finetune, interpolate, module_criticality, rift
+from robustlab.rift import TestSettings as ReportSettings  # not a test class
+from robustlab.rift import mrc as mrc_module
+from robustlab.rift.mrc import adversarial_set
+from robustlab.training import TrainConfig, build_trainer
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+THREAT = {"norm": "linf", "eps": 0.1, "steps": 3, "step_size": 0.04}
+
+
+@pytest.fixture(scope="module")
+def small(fmnist):
+    return Splits(fmnist.train.subset(256), fmnist.val.subset(120), fmnist.test.subset(40), fmnist.info)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(fmnist, tmp_path_factory):
+    """A residual network with BatchNorm (21 Conv/Linear modules, width 8) after one epoch of PGD-2 on 512 images."""
+    out = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    before = torch.get_num_threads()
+    trainer = build_trainer(dataset="fashion-mnist", model="preact-resnet18-small", method="pgd-at", out=out,
+                            data_dir=FMNIST, model_kwargs={"width": 8}, show_progress=False,
+                            config=TrainConfig(epochs=1, train_n=512, val_n=50, threads=1),
+                            method_kwargs={"steps": 2, "step_size": 0.05})
+    trainer.fit()
+    torch.set_num_threads(before)
+    return out
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mrc_restores_the_model_and_keeps_the_constraint(tiny_run, small, one_thread):
+    model = load_model(tiny_run)
+    x, y = adversarial_set(model, small.val.subset(96), **THREAT)
+    model.train()
+    model.net.layer1[0].bn1.eval()  # a mixed mode the caller chose must come back as it was
+    model.normalize.requires_grad_(False)
+    modes = {n: m.training for n, m in model.named_modules()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    before = _snapshot(model)
+
+    name = "net.layer2.0.conv1"
+    weight = dict(classifier_modules(model))[name].weight
+    w0 = weight.detach().clone()
+    ratios = []  # ‖Δ‖/‖θ‖ at every evaluation pass, i.e. after each epoch's projection
+    hook = dict(model.named_modules())[name].register_forward_pre_hook(
+        lambda m, _: None if torch.is_grad_enabled() else ratios.append(((m.weight - w0).norm() / w0.norm()).item()))
+    config = MRCConfig(epochs=3, batch_size=32, eps=0.01)
+    result = module_criticality(model, name, x, y, config)
+    hook.remove()
+
+    assert _same(model.state_dict(), before)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert ratios and max(ratios) <= config.eps * (1 + 1e-5)
+    assert max(ratios) > 0.99 * config.eps  # lr 1 ascent reaches the boundary: the projection was active
+    assert result["mrc"] > 0 and result["worst_loss"] == pytest.approx(result["loss"] + result["mrc"])
+    assert result["worst_accuracy"] <= result["accuracy"]
+
+
+def test_mrc_is_cached_and_resumes_after_a_kill(tiny_run, small, tmp_path, one_thread, monkeypatch):
+    model = load_model(tiny_run)
+    config = MRCConfig(n=48, epochs=1)
+    first = compute_mrc(model, small.val, tmp_path, source_sha256="abc", threat=THREAT, config=config, show=False)
+    names = [n for n, _ in classifier_modules(model)]
+    assert list(first["modules"]) == names and len(names) == 21
+    # A run killed after 20 modules: only the last is computed again, and the adversarial set is reused.
+    saved = json.loads((tmp_path / "mrc.json").read_text())
+    del saved["modules"][names[-1]]
+    (tmp_path / "mrc.json").write_text(json.dumps(saved))
+    calls = []
+    real = mrc_module.module_criticality
+    monkeypatch.setattr(mrc_module, "module_criticality", lambda m, n, *a, **k: calls.append(n) or real(m, n, *a, **k))
+    monkeypatch.setattr(mrc_module, "adversarial_set", lambda *a, **k: pytest.fail("adversarial set regenerated"))
+    again = compute_mrc(model, small.val, tmp_path, source_sha256="abc", threat=THREAT, config=config, show=False)
+    assert calls == [names[-1]]
+    assert again["modules"][names[0]] == first["modules"][names[0]]
+    assert again["modules"][names[-1]]["mrc"] == pytest.approx(first["modules"][names[-1]]["mrc"], abs=1e-6)
+
+
+@pytest.mark.parametrize("bn", ["update", "keep"])
+def test_finetuning_changes_only_the_module_and_batchnorm_statistics(tiny_run, small, tmp_path, one_thread, bn):
+    model = load_model(tiny_run)
+    before = _snapshot(model)
+    meta = {k: model.checkpoint_meta[k] for k in ("model", "dataset")}
+    tuned, record = finetune(model, "layer3.1.conv2", small, tmp_path, meta, lr=0.05, epochs=1, train_n=128, bn=bn,
+                             show=False)
+    after = tuned.state_dict()
+    assert _same(model.state_dict(), before)  # the robust model itself is untouched
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "net.layer3.1.conv2.weight" in changed
+    stats = {k for k in changed if "running_" in k or "num_batches_tracked" in k}
+    assert changed - stats == {"net.layer3.1.conv2.weight"}
+    assert bool(stats) == (bn == "update")
+    assert record["best_epoch"] == 0 and 0 < record["val_clean"] <= 1
+    # A finished run is resumed, not trained again.
+    again, _ = finetune(model, "layer3.1.conv2", small, tmp_path, meta, lr=0.05, epochs=1, train_n=128, bn=bn, show=False)
+    assert _same(again.state_dict(), after)
+
+
+def test_interpolation_reproduces_both_endpoints_exactly(tiny_run, small, one_thread):
+    model = load_model(tiny_run)
+    robust = _snapshot(model)
+    tuned = {k: v + torch.randn_like(v) if v.is_floating_point() else v + 7 for k, v in robust.items()}
+    assert _same(interpolate(robust, tuned, 0.0), robust)
+    assert _same(interpolate(robust, tuned, 1.0), tuned)
+    mid = interpolate(robust, tuned, 0.3)
+    k = "net.linear.weight"
+    assert torch.allclose(mid[k], 0.7 * robust[k] + 0.3 * tuned[k])
+    x = small.val.subset(16).as_float()
+    with torch.no_grad():
+        reference = model(x)
+        model.load_state_dict(interpolate(robust, tuned, 0.0))
+        assert torch.equal(model(x), reference)
+
+
+def test_alpha_rule_takes_the_best_clean_accuracy_within_the_tolerance():
+    curve = {f"{a:.2f}": {"clean": c, "robust": r} for a, c, r in
+             [(0.0, 0.80, 0.700), (0.1, 0.81, 0.700), (0.2, 0.83, 0.699), (0.3, 0.85, 0.6985), (0.4, 0.86, 0.650),
+              (0.5, 0.86, 0.600)]}
+    alphas = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+    search = AlphaSearch(None, None, None, None, None, None, curve=curve)  # memoized: no model is needed
+    assert search.choose(alphas, tolerance=0.001) == 0.2  # 0.3 costs 0.15 point, more than 0.1
+    assert search.choose(alphas, tolerance=0.002) == 0.3
+    assert search.choose(alphas, tolerance=0.0) == 0.1
+
+
+class NoTestSet:
+    def __getattr__(self, name):
+        raise AssertionError(f"the test split was read (.{name})")
+
+    def __len__(self):
+        raise AssertionError("the test split was read (len)")
+
+
+def test_alpha_is_chosen_without_reading_the_test_split(tiny_run, small, tmp_path, one_thread):
+    data = Splits(small.train, small.val, NoTestSet(), small.info)
+    settings = RiftSettings(auto=2, lrs=(0.01, 0.1), lr=0.01, epochs=1, val_n=60,
+                            mrc=MRCConfig(n=48, epochs=1, batch_size=24))
+    source = tiny_run / "best.safetensors"
+    with pytest.raises(AssertionError, match="test split was read"):  # only the final report reads it...
+        rift(source, data, tmp_path, settings, ReportSettings(n=20, aa=False, ood=False), show=False)
+    assert (tmp_path / "best.safetensors").exists()  # ...after the checkpoint, so after every choice
+    report = rift(source, data, tmp_path, settings, test=None, show=False)  # resumed from the caches
+    chosen = report["candidates"][report["chosen"]]
+    assert len(report["candidates"]) == 4  # the paper's pick, then 2 modules × 2 learning rates less that one
+    floor = chosen["curve"]["0.00"]["robust"] - settings.tolerance
+    feasible = [p["clean"] for p in chosen["curve"].values() if p.get("robust", -1) >= floor - 1e-9]
+    assert chosen["val_robust"] >= floor - 1e-9 and chosen["val_clean"] == max(feasible)
+    model = load_model(tmp_path)
+    rift_meta = model.checkpoint_meta["rift"]
+    assert rift_meta["module"] == chosen["module"] and rift_meta["alpha"] == chosen["alpha"]
+    assert set(rift_meta["mrc"]) == {n for n, _ in classifier_modules(model)}
+    assert (tmp_path / "mrc.png").stat().st_size > 1000 and (tmp_path / "alpha.png").stat().st_size > 1000
+    assert "Choice on the validation split" in (tmp_path / "rift_report.md").read_text()
+
+
+def robustlab(*args):
+    return subprocess.run([sys.executable, "-m", "robustlab", *args], capture_output=True, text=True,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+
+
+@pytest.mark.parametrize("args,words", [
+    (["rift", "no/such/run", "--out", "OUT"], ["no/such/run"]),
+    (["mrc", "no/such/run"], ["no/such/run"]),
+    (["rift", "RUN", "--module", "layer9.conv7", "--out", "OUT"], ["module", "net.linear"]),
+    (["rift", "RUN", "--bn", "sometimes", "--out", "OUT"], ["bn", "keep"]),
+    (["rift", "RUN", "--lrs", "0.1,fast", "--out", "OUT"], ["--lrs"]),
+    (["mrc", "RUN", "--mrc-n", "0"], ["mrc-n"]),
+])
+def test_bad_input_is_one_line_and_status_2(tiny_run, tmp_path, capsys, args, words):
+    args = [str(tiny_run) if a == "RUN" else str(tmp_path / "out") if a == "OUT" else a for a in args]
+    try:  # in-process: the same main() as the installed command, without a second torch start-up per case
+        code = main([*args, "--data-dir", FMNIST])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("robustlab: error:"), result.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+    assert not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_cli_mrc_then_rift_writes_checkpoint_and_report(tiny_run, tmp_path):
+    common = ["--mrc-n", "48", "--mrc-epochs", "1", "--threads", "1", "--data-dir", FMNIST]
+    result = robustlab("mrc", str(tiny_run), "--json", *common)
+    assert result.returncode == 0, result.stderr
+    ranking = json.loads(result.stdout)["ranking"]
+    assert len(ranking) == 21 and (tiny_run / "mrc" / "mrc.png").exists()
+    out = tmp_path / "rift"
+    result = robustlab("rift", str(tiny_run), "--out", str(out), "--epochs", "1", "--train-n", "128", "--val-n", "50",
+                       "--n", "30", "--aa-steps", "2", "--aa-queries", "10", "--no-ood", *common)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "rift_report.json").read_text())
+    assert report["rift"]["module"] == ranking[0]  # the paper's pick; the MRC came from RUN/mrc's cache
+    assert set(report["test"]["original"]) >= {"clean", "PGD-50×3", "AutoAttack"}
+    meta = checkpoint.read_metadata(out / "best.safetensors")
+    assert meta["rift"]["alpha"] == report["rift"]["alpha"] and meta["model"]["kwargs"] == {"width": 8}
+    assert "Test set, before and after" in (out / "rift_report.md").read_text()
