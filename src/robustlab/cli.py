@@ -42,19 +42,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a model (adversarially)")
-    t.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, mnist, cifar10, cifar100")
+    t.add_argument("--task", default="image", choices=("image", "text"),
+                   help="image (default), or text: adversarial training in embedding space (docs/text.md)")
+    t.add_argument("--dataset", help="fashion-mnist (default), mnist, cifar10, cifar100; "
+                   "text: debian-packages (default), sst2, ag-news, imdb")
     t.add_argument("--data-dir", help="where the dataset files are (default: the usual places)")
     t.add_argument("--download", action="store_true", help="download missing dataset files (sha256-checked)")
-    t.add_argument("--model", default="cnn-small", help=", ".join(MODELS))
+    t.add_argument("--model", help=", ".join(MODELS) + " (default cnn-small); text: transformer (default), textcnn")
     t.add_argument("--width", type=_positive(int), help="channel width of the ResNets (default 64)")
-    t.add_argument("--method", default="pgd-at", help=", ".join(METHODS))
-    t.add_argument("--norm", default="linf", help="linf or l2")
+    t.add_argument("--method", help=", ".join(METHODS) + " (default pgd-at); text: freelb (default), fgm, pgd, "
+                   "free-at, standard")
+    t.add_argument("--norm", help="linf (default) or l2; text: l2 (default) or linf")
     t.add_argument("--eps", type=_nonneg_float, help="attack radius in pixel scale (default: the protocol's)")
     t.add_argument("--steps", type=_positive(int), help="attack steps during training")
     t.add_argument("--step-size", type=_nonneg_float, help="attack step size in pixel scale")
     m = t.add_argument_group("method options (defaults: each method's paper; see docs/methods.md)")
     m.add_argument("--beta", type=_nonneg_float, help="TRADES / MART regularization weight")
     m.add_argument("--replays", type=_positive(int), help="FreeAT: replays m per minibatch")
+    m.add_argument("--init-mag", type=_nonneg_float, help="text FreeLB / FreeAT: size of the random start")
     m.add_argument("--outer", type=_positive(int), help="YOPO: outer steps m (full backward passes)")
     m.add_argument("--inner", type=_positive(int), help="YOPO: inner steps n per outer step")
     m.add_argument("--first-layer", help="YOPO: qualified name of the first layer (default net.conv1)")
@@ -62,6 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--awp-warmup", type=_nonneg_float, help="AWP: fraction of epochs before AWP starts")
     m.add_argument("--co-drop", type=_nonneg_float,
                    help="Fast-AT: stop when validation robust accuracy drops this much below the best")
+    m.add_argument("--adv-loss", help="Generalist: the adversarial learner's loss, pgd-at or trades (--beta)")
+    m.add_argument("--mix-final", type=_nonneg_float, help="Generalist: final mixing ratio β of the adversarial learner")
+    m.add_argument("--mix-start", type=_nonneg_float, help="Generalist: fraction of the run after which β leaves 1")
+    m.add_argument("--global-decay", type=_nonneg_float, help="Generalist: the global learner's EMA decay γ")
+    m.add_argument("--redistribute-from", type=_nonneg_float,
+                   help="Generalist: fraction of the run at which redistribution starts (t′)")
+    m.add_argument("--redistribute-every", type=int, help="Generalist: epochs between redistributions c (0: never)")
+    m.add_argument("--redistribute-per-step", action="store_true", default=None,
+                   help="Generalist: redistribute at every step of those epochs (the reference code), not once")
+    m.add_argument("--nat-lr", type=_positive(float), help="Generalist: natural learner's learning rate (default --lr)")
+    m.add_argument("--nat-weight-decay", type=_nonneg_float, help="Generalist: natural learner's weight decay")
+    m.add_argument("--nat-schedule", help="Generalist: natural learner's schedule (default --schedule)")
     t.add_argument("--epochs", type=_positive(int), default=10)
     t.add_argument("--batch-size", type=_positive(int), default=128)
     t.add_argument("--optimizer", default="sgd", help="sgd or adam")
@@ -71,11 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--schedule", default="one-cycle", help=", ".join(SCHEDULES))
     t.add_argument("--augment", help="none, crop, crop-flip (default: the dataset's)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--precision", default="fp32", help="fp32 or bf16 (autocast; slower on CPUs without bf16 units)")
+    t.add_argument("--precision", default="fp32", help="fp32, bf16 (autocast; slower on CPUs without bf16 units) or fp16 (CUDA, with loss scaling)")
     t.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     t.add_argument("--val-n", type=_positive(int), default=1000, help="validation images for the per-epoch PGD check")
     t.add_argument("--train-n", type=_positive(int), help="train on the first N training images only")
     t.add_argument("--threads", type=_positive(int), help="torch CPU threads")
+    t.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: the GPU of each LOCAL_RANK)")
+    t.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun ranks (CUDA only)")
     t.add_argument("--ema", type=float, help="weight-EMA decay, e.g. 0.999 (validated and exported weights)")
     t.add_argument("--backend", default="torch", help="torch, or tinygrad (models mlp, cnn-small; methods pgd-at, standard)")
     t.add_argument("--out", required=True, help="run directory (checkpoints, metrics, reports)")
@@ -89,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=_positive(int), help="PGD steps (default: the protocol's)")
     e.add_argument("--step-size", type=_nonneg_float)
     e.add_argument("--restarts", type=_positive(int))
-    e.add_argument("--n", type=_positive(int), help="evaluate the first N test images (default: all)")
+    e.add_argument("--n", "--subset", dest="n", type=_positive(int),
+                   help="evaluate the first N test images (default: all); under torchrun write --subset")
     e.add_argument("--batch-size", type=_positive(int), default=500)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--sweep-n", type=int, default=1000, help="test images for the accuracy-vs-ε plot (0: no plot)")
@@ -113,46 +133,67 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default="cnn-small")
     b.add_argument("--batch-size", type=_positive(int), default=128)
     b.add_argument("--iters", type=_positive(int), default=10)
+
+    from robustlab.rift.cli import add_parsers as add_rift_parsers
+    add_rift_parsers(sub)  # robustlab rift, robustlab mrc
     return p
 
 
 METHOD_OPTIONS = ("eps", "steps", "step_size", "beta", "replays", "outer", "inner", "first_layer", "awp_gamma",
-                  "awp_warmup", "co_drop")
+                  "awp_warmup", "co_drop", "adv_loss", "mix_final", "mix_start", "global_decay", "redistribute_from",
+                  "redistribute_every", "redistribute_per_step", "nat_lr", "nat_weight_decay", "nat_schedule")
+
+
+def train_config(args):
+    from robustlab.training.trainer import TrainConfig
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                       momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
+                       seed=args.seed, precision=args.precision, channels_last=args.channels_last,
+                       augment=args.augment, val_n=args.val_n, train_n=args.train_n, threads=args.threads,
+                       ema=args.ema, device=args.device, sync_bn=args.sync_bn)
+
+
+def fit(trainer, out: Path, resume: bool) -> int:
+    """Resume if asked, train, print the summary (rank 0 only under torchrun)."""
+    from robustlab import distributed
+    if resume and trainer.resume():
+        if distributed.is_main():
+            print(f"resuming {out} after epoch {trainer.start_epoch}", file=sys.stderr)
+    elif resume:
+        raise RobustlabError(f"--resume: {out} holds no last.safetensors to continue from")
+    metrics = trainer.fit()
+    if distributed.is_main():
+        print(json.dumps({"run": str(out), "best": trainer.best, "last": metrics}))
+    return 0
 
 
 def cmd_train(args) -> int:
     from robustlab.errors import check_choice
-    from robustlab.training.trainer import TrainConfig
-
-    if check_choice("backend", args.backend, ("torch", "tinygrad")) == "tinygrad":
-        from robustlab.tinygrad import build_trainer
-    else:
-        from robustlab.training.run import build_trainer
 
     out = Path(args.out)
     if not args.resume and (out / "last.safetensors").exists():
         raise RobustlabError(f"{out} already holds a run; add --resume to continue it or choose another --out")
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-                         momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
-                         seed=args.seed, precision=args.precision, channels_last=args.channels_last,
-                         augment=args.augment, val_n=args.val_n, train_n=args.train_n, threads=args.threads,
-                         ema=args.ema)
+    config = train_config(args)
+    if args.task == "text":
+        from robustlab.text.training import text_trainer_from_args
+        return fit(text_trainer_from_args(args, config), out, args.resume)
+    # Image defaults (text has its own, so the parser leaves these unset).
+    args.dataset, args.model = args.dataset or "fashion-mnist", args.model or "cnn-small"
+    args.method, args.norm = args.method or "pgd-at", args.norm or "linf"
+    if check_choice("backend", args.backend, ("torch", "tinygrad")) == "tinygrad":
+        from robustlab.tinygrad import build_trainer
+    else:
+        from robustlab.training.run import build_trainer
     trainer = build_trainer(dataset=args.dataset, model=args.model, method=args.method, norm=args.norm, out=out,
                             data_dir=args.data_dir, download=args.download, config=config,
                             model_kwargs={"width": args.width} if args.width else None,
                             method_kwargs={k: getattr(args, k) for k in METHOD_OPTIONS})
-    if args.resume and trainer.resume():
-        print(f"resuming {out} after epoch {trainer.start_epoch}", file=sys.stderr)
-    elif args.resume:
-        raise RobustlabError(f"--resume: {out} holds no last.safetensors to continue from")
-    metrics = trainer.fit()
-    print(json.dumps({"run": str(out), "best": trainer.best, "last": metrics}))
-    return 0
+    return fit(trainer, out, args.resume)
 
 
 def cmd_eval(args) -> int:
     import torch
-    from robustlab import load_model
+    from robustlab import distributed, load_model
     from robustlab.attacks import ATTACKS, pgd
     from robustlab.data import load_dataset
     from robustlab.errors import check_choice
@@ -163,10 +204,14 @@ def cmd_eval(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     check_choice("attack", args.attack, ("fgsm", "fgm", "pgd"))
+    distributed.init()  # under torchrun every attack below shares the test set out over the ranks
     check_choice("suite", args.suite, ("none", "standard"))
     # channels_last halves the cost of model passes on CPUs (measured in the AutoAttack timing).
     model = load_model(args.run, args.checkpoint).to(memory_format=torch.channels_last)
     meta = model.checkpoint_meta
+    if meta.get("task") == "text":
+        raise RobustlabError(f"{args.run} is a text run: `robustlab eval` attacks images; evaluate text models with "
+                             "robustlab.text.training.text_accuracy / pgd_attack (see docs/text.md)")
     dataset = meta["dataset"]["name"]
     norm = args.norm or meta.get("method", {}).get("norm", "linf")
     if args.attack == "fgsm":
@@ -217,7 +262,10 @@ def cmd_eval(args) -> int:
             points.append((f * eps, accuracy(model, sweep, attack=attack_at(f * eps), batch_size=args.batch_size,
                                              seed=args.seed, progress=f"sweep ε={f * eps:g}")))
         results["sweep"] = {"n": len(sweep), "points": points}
-        plot_accuracy_vs_eps({label.split(" ")[0]: points}, run_dir / "accuracy_vs_eps.png",
+    if not distributed.is_main():
+        return 0
+    if "sweep" in results:
+        plot_accuracy_vs_eps({label.split(" ")[0]: results["sweep"]["points"]}, run_dir / "accuracy_vs_eps.png",
                              f"{meta['model']['name']} on {dataset} ({len(sweep)} test images)", norm)
         plots["Accuracy versus ε"] = "accuracy_vs_eps.png"
     write_report(run_dir, results, {**plots, **suite_plots})
@@ -261,7 +309,8 @@ def cmd_bench(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench}
+        from robustlab.rift.cli import COMMANDS as RIFT_COMMANDS
+        commands = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench, **RIFT_COMMANDS}
         return commands[args.command](args)
     except RobustlabError as exc:
         print(f"robustlab: error: {exc}", file=sys.stderr)
@@ -269,3 +318,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("robustlab: interrupted (the last completed epoch is saved; continue with --resume)", file=sys.stderr)
         return 130
+    finally:
+        from robustlab import distributed
+        distributed.shutdown()

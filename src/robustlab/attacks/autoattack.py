@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from robustlab import checkpoint
+from robustlab import checkpoint, distributed
 from robustlab.attacks.apgd import apgd_attack, check_attack_args, check_targets
 from robustlab.attacks.fab import fab_targeted_attack
 from robustlab.attacks.pgd import attack_mode
@@ -172,10 +172,14 @@ def autoattack(model, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str
     n_targets = check_targets(n_target_classes, num_classes, "AutoAttack")
     config = {"version": version, "eps": float(eps), "norm": norm, "n": n, "seed": seed, "batch_size": batch_size,
               "n_target_classes": n_targets, "steps": steps, "queries": queries, "data": _fingerprint(x, y)}
+    if distributed.active() and state_path is not None:  # one state file per rank: each holds its own batches
+        state_path = Path(state_path).with_suffix(f".rank{distributed.rank()}of{distributed.world_size()}.safetensors")
     state = _State(x, config, state_path)
     attacks = _attacks(eps, norm, n_targets, steps, queries)
     starts = list(range(0, n, batch_size))
-    disable = None if progress is None else not progress
+    mine = set(distributed.my_batches(len(starts)))
+    _check_ranks_agree(state.stage)
+    disable = True if not distributed.is_main() else (None if progress is None else not progress)
 
     with attack_mode(model):
         for si in range(state.stage, len(STAGES)):
@@ -185,24 +189,47 @@ def autoattack(model, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str
             for bi in range(state.batch, len(starts)):
                 t0 = time.perf_counter()
                 rows = torch.arange(starts[bi], min(starts[bi] + batch_size, n), device=x.device)
-                if stage == "clean":
+                if bi in mine and stage == "clean":
                     with torch.no_grad():
                         wrong = model(x[rows]).argmax(1) != y[rows]
                     state.broken_by[rows[wrong]] = 0
-                else:
+                elif bi in mine:
                     _attack_batch(model, x, y, rows, state, si, attacks[stage], _stage_seed(seed, si, bi), eps, norm)
                 state.seconds[stage] += time.perf_counter() - t0
                 state.batch = bi + 1
-                if state.batch == len(starts):  # the stage is complete
-                    state.stage_accuracy[stage] = _accuracy(state.broken_by)
+                if state.batch == len(starts):  # the stage is complete (on every rank: the sum is exact)
+                    state.stage_accuracy[stage] = _accuracy(distributed.all_max(state.broken_by.clone()))
                     state.stage, state.batch = si + 1, 0
-                state.save()
+                if bi in mine or state.batch == 0:
+                    state.save()
                 bar.update(1)
                 bar.set_postfix(robust=f"{_accuracy(state.broken_by[:rows[-1] + 1]):.1%}")
             bar.close()
             if not starts:
                 state.stage_accuracy[stage] = float("nan")
-    return AutoAttackResult(state.x_adv, state.broken_by.cpu(), dict(state.stage_accuracy), dict(state.seconds), config)
+    x_adv, broken_by = _gather(state, starts, mine, batch_size)
+    return AutoAttackResult(x_adv, broken_by.cpu(), dict(state.stage_accuracy), dict(state.seconds), config)
+
+
+def _check_ranks_agree(stage: int):
+    """Resumed ranks must stand at the same stage: each stage ends with a collective that all of them join."""
+    if distributed.active():
+        t = torch.tensor([stage, -stage])
+        distributed.all_max(t)
+        if t[0] != -t[1]:
+            raise RobustlabError("the per-rank AutoAttack states stand at different stages (a rank was killed between "
+                                 "two saves); delete the .rank*.safetensors state files and start again")
+
+
+def _gather(state, starts, mine, batch_size):
+    """Every rank's rows put together: each row comes from the rank that attacked its batch."""
+    if not distributed.active():
+        return state.x_adv, state.broken_by
+    owned = torch.zeros(len(state.x_adv), dtype=torch.bool, device=state.x_adv.device)
+    for bi in mine:
+        owned[starts[bi]:starts[bi] + batch_size] = True
+    x_adv = distributed.all_sum(torch.where(owned.view(-1, 1, 1, 1), state.x_adv, 0.0).cpu())
+    return x_adv.to(state.x_adv.device), distributed.all_max(state.broken_by.clone())
 
 
 def _accuracy(broken_by: torch.Tensor) -> float:

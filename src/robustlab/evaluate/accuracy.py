@@ -1,9 +1,12 @@
 """Clean and adversarial accuracy over an ImageSet, batched, with a fixed-seed attack."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
+
+from robustlab import distributed
 from robustlab.progress import progress as progress_bar
 
 
@@ -16,23 +19,27 @@ def correct_mask(model, images, labels, *, attack: Callable | None = None, batch
                  device="cpu", seed: int = 0, progress: str | None = None, show: bool | None = None) -> torch.Tensor:
     """Boolean per example: classified correctly (on the attacked input when `attack` is given).
 
-    `attack(model, x, y, generator=g)` returns adversarial inputs; the generator is seeded once so a
-    figure is reproducible. The model's mode is left as the caller had it.
+    `attack(model, x, y, generator=g)` returns adversarial inputs; each batch's generator is seeded from
+    (seed, batch index), so a figure is reproducible and the same when the batches are shared out over
+    the ranks of a torchrun job (each rank takes every W-th batch; the masks are gathered exactly).
+    The model's mode is left as the caller had it.
     """
     was_training = model.training
     model.eval()
-    g = torch.Generator(device).manual_seed(seed)
-    out = []
-    starts = range(0, len(labels), batch_size)
-    for s in progress_bar(starts, desc=progress, unit="batch", show=False if progress is None else show, leave=False):
-        x = images[s:s + batch_size].to(device)
+    n = len(labels)
+    mask = torch.zeros(n, dtype=torch.uint8)
+    batches = distributed.my_batches(math.ceil(n / batch_size))
+    show = False if progress is None or not distributed.is_main() else show
+    for b in progress_bar(batches, desc=progress, unit="batch", show=show, leave=False):
+        rows = slice(b * batch_size, (b + 1) * batch_size)
+        x = images[rows].to(device)
         x = x.float().div(255) if x.dtype == torch.uint8 else x
-        y = labels[s:s + batch_size].to(device)
+        y = labels[rows].to(device)
         if attack is not None:
-            x = attack(model, x, y, generator=g)
-        out.append((_predict(model, x) == y).cpu())
+            x = attack(model, x, y, generator=torch.Generator(device).manual_seed(seed + b * 1_000_003))
+        mask[rows] = (_predict(model, x) == y).cpu()
     model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+    return distributed.all_max(mask).bool()
 
 
 def accuracy(model, data, **kwargs) -> float:

@@ -26,6 +26,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from robustlab import distributed
 from robustlab.data import ImageSet, load_cifar_c
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.evaluate.accuracy import accuracy
@@ -731,7 +732,8 @@ def ood_accuracy(model, imageset: ImageSet, names=None, severities=SEVERITIES, s
         source = f"generated, seed {seed}"
     clean = accuracy(model, imageset, batch_size=batch_size, device=device)
     result: dict[str, dict[int, float]] = {}
-    bar = tqdm(suite, total=len(names) * len(severities), desc="corruptions", unit="set", disable=not progress,
+    bar = tqdm(suite, total=len(names) * len(severities), desc="corruptions", unit="set",
+               disable=not progress or not distributed.is_main(),
                leave=False)
     for name, severity, data in bar:
         result.setdefault(name, {})[severity] = accuracy(model, data, batch_size=batch_size, device=device)

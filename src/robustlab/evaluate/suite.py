@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from robustlab import distributed  # noqa: E402
 from robustlab.attacks import autoattack_accuracy, pgd, square  # noqa: E402
 from robustlab.evaluate.accuracy import correct_mask  # noqa: E402
 from robustlab.evaluate.corruptions import ood_accuracy, plot_corruptions  # noqa: E402
@@ -59,7 +60,8 @@ def run_suite(model, test, info, *, norm, eps, pgd_attack, pgd_label, run_dir, a
             rows.append({"name": f"AutoAttack after {stage}{off}", "n": len(test), "accuracy": acc})
     extra["autoattack"] = {"stage_accuracy": aa.stage_accuracy, "seconds": aa.seconds, "steps": aa_steps,
                            "queries": aa_queries}
-    plot_per_class(info.class_names, clean_mask, robust_mask, test.labels, run_dir / "per_class.png", pgd_label)
+    if distributed.is_main():
+        plot_per_class(info.class_names, clean_mask, robust_mask, test.labels, run_dir / "per_class.png", pgd_label)
     plots["Per-class accuracy"] = "per_class.png"
 
     start = time.perf_counter()
@@ -80,7 +82,8 @@ def run_suite(model, test, info, *, norm, eps, pgd_attack, pgd_label, run_dir, a
         rows.append({"name": f"OOD mean over {len(result.accuracy)} corruptions × 5 severities", "n": len(test),
                      "accuracy": result.mean})
         extra["ood"] = result.to_dict()
-        plot_corruptions(result, run_dir / "corruptions.png")
+        if distributed.is_main():
+            plot_corruptions(result, run_dir / "corruptions.png")
         plots["Accuracy under corruptions"] = "corruptions.png"
     extra["wall_s_by_step"] = {k: round(v, 1) for k, v in wall.items()}
     return rows, extra, plots

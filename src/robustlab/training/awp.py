@@ -7,6 +7,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from robustlab import distributed
 from robustlab.errors import RobustlabError
 from robustlab.training.methods import PGDAT, StepResult
 from robustlab.training.trades import TRADES
@@ -66,6 +67,7 @@ class AdversarialWeightPerturbation:
             loss = -self.objective(proxy, x, x_adv, y).loss
         proxy_opt.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(proxy.parameters())  # the proxy is not DDP-wrapped: its step needs every rank's examples
         proxy_opt.step()
         moved = dict(proxy.named_parameters())
         with torch.no_grad():

@@ -27,6 +27,9 @@ class StepContext:
     state: dict = field(default_factory=dict)  # per-epoch scratch space a method may keep (e.g. FreeAT's δ)
     epoch: int = 0                             # the epoch being trained (0-based), for warm-ups such as AWP's
     epochs: int = 1                            # the number of epochs the Trainer runs
+    progress: float = 0.0                      # fraction of the run done at this step, for a method's own schedules
+    run: dict = field(default_factory=dict)    # the method's run-long state (`Method.init_run_state`)
+    scaler: torch.amp.GradScaler | None = None  # fp16 only: loss scaling for the base `train_step`
 
 
 @dataclass
@@ -51,8 +54,13 @@ class Method:
         with ctx.autocast():
             result = self.loss(ctx, x, y)
         ctx.optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
-        ctx.optimizer.step()
+        if ctx.scaler is None:
+            result.loss.backward()
+            ctx.optimizer.step()
+        else:
+            ctx.scaler.scale(result.loss).backward()
+            ctx.scaler.step(ctx.optimizer)
+            ctx.scaler.update()
         return result
 
     def epochs_for(self, requested: int) -> int:
@@ -63,6 +71,16 @@ class Method:
     def should_stop(self, metrics: dict, best: dict) -> str | None:
         """Called after each epoch with its metrics and the best epoch so far (by validation robust
         accuracy): a one-line reason to stop training early, or None to go on."""
+        return None
+
+    def init_run_state(self, model: nn.Module, config) -> dict:
+        """State kept for the whole run besides the Trainer's model and optimizer (e.g. more learners): a dict
+        of modules, optimizers and JSON-able values. The Trainer passes it to every step as `ctx.run`, saves
+        it in every checkpoint and restores it on resume. `model` is the Trainer's, already on its device."""
+        return {}
+
+    def eval_model(self, run: dict) -> nn.Module | None:
+        """The weights to validate and export when they are not the Trainer's model (or its EMA)."""
         return None
 
     def config(self) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from robustlab import checkpoint
+from robustlab import checkpoint, distributed
 from robustlab.attacks import pgd
 from robustlab.data import DatasetInfo, load_dataset
 from robustlab.errors import RobustlabError, check_choice
@@ -42,6 +42,9 @@ def load_model(path, which: str = "best") -> torch.nn.Module:
     """Rebuild a model from a robustlab checkpoint; returns it in eval mode, on the CPU, in fp32."""
     file = resolve_checkpoint(path, which)
     tensors, meta = checkpoint.load(file)
+    if meta.get("task") == "text":  # a text run carries its vocabulary; its own loader rebuilds both
+        from robustlab.text.training import load_text_model
+        return load_text_model(file)
     model = model_from_meta(meta)
     try:
         model.load_state_dict(checkpoint.unprefixed("model.", tensors))
@@ -104,6 +107,7 @@ def build_trainer(*, dataset: str, model: str, method: str, out, norm: str = "li
                   method_kwargs=None, show_progress=None) -> Trainer:
     config = config or TrainConfig()
     config.validate()
+    device = distributed.init(config.device)  # joins the torchrun group, if launched by torchrun
     data = load_dataset(dataset, data_dir=data_dir, download=download, seed=0)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -114,4 +118,4 @@ def build_trainer(*, dataset: str, model: str, method: str, out, norm: str = "li
     run_meta = {"model": {"name": model, "kwargs": model_kwargs or {}},
                 "dataset": {**asdict(info), "split_seed": 0, "val_size": len(data.val)}}
     return Trainer(net, m, data, config, out, run_meta, val_attack=validation_attack(m, dataset, norm),
-                   show_progress=show_progress)
+                   device=device, show_progress=show_progress)

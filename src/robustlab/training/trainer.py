@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from robustlab import checkpoint
+from robustlab import checkpoint, distributed
 from robustlab.data import ImageSet, Splits, augment_batch
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.evaluate.accuracy import accuracy
@@ -45,11 +46,18 @@ class TrainConfig:
     train_n: int | None = None            # train on the first n training images (tests, quick runs)
     threads: int | None = None
     ema: float | None = None              # weight-EMA decay (e.g. 0.999); validation and best.safetensors use the EMA
+    device: str = "cpu"                   # "cuda": each torchrun rank takes the GPU of its LOCAL_RANK
+    sync_bn: bool = False                 # SyncBatchNorm across ranks (CUDA only); else each rank normalizes its part
     extra: dict = field(default_factory=dict)
 
     def validate(self):
         check_choice("optimizer", self.optimizer, ("sgd", "adam"))
-        check_choice("precision", self.precision, ("fp32", "bf16"))
+        check_choice("precision", self.precision, ("fp32", "bf16", "fp16"))
+        check_choice("device", self.device.split(":")[0], ("cpu", "cuda"))
+        if self.precision == "fp16" and self.device == "cpu":
+            raise RobustlabError("fp16 autocast needs --device cuda; on a CPU use fp32 (or bf16 where the CPU has bf16 units)")
+        if self.sync_bn and self.device == "cpu":
+            raise RobustlabError("--sync-bn needs --device cuda: PyTorch's SyncBatchNorm does not run on CPUs")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) <= 0:
                 raise RobustlabError(f"{name.replace('_', ' ')} must be > 0, got {getattr(self, name)}")
@@ -77,8 +85,9 @@ def epoch_batches(train_set: ImageSet, batch_size: int, seed: int, epoch: int, a
 
 
 def autocast_for(precision: str, device: torch.device):
-    if precision == "bf16":
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return lambda: torch.autocast(device.type, dtype=dtype)
     return contextlib.nullcontext
 
 
@@ -103,9 +112,23 @@ class Trainer:
         self.out = Path(out_dir)
         self.run_meta = run_meta
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+        if config.sync_bn and distributed.active():
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(self.device, memory_format=self.memory_format)
+        # Under torchrun the training forward goes through DDP (gradients averaged over ranks during backward);
+        # attacks use the plain module, whose input gradients need no communication.
+        self.train_model = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                                    else None) if distributed.active() else self.model)
         self.optimizer = make_optimizer(config, self.model.parameters())
         self.autocast = autocast_for(config.precision, self.device)
+        self.scaler = None
+        if config.precision == "fp16":  # fp16 gradients underflow without loss scaling; bf16 needs none
+            if type(method).train_step is not Method.train_step:
+                raise RobustlabError(f"--precision fp16 needs loss scaling, which {method.name} (its own optimizer "
+                                     "steps) does not do; use --precision bf16")
+            self.scaler = torch.amp.GradScaler(self.device.type)
         self.val_attack = val_attack
         self.show_progress = show_progress
         self.train_set = data.train.subset(config.train_n) if config.train_n else data.train
@@ -114,11 +137,14 @@ class Trainer:
         self.best = {"epoch": None, "val_robust": -1.0}
         self.epochs = method.epochs_for(config.epochs)  # FreeAT: config.epochs / replays (see Method.epochs_for)
         self.ema = WeightEMA(self.model, config.ema) if config.ema else None
+        self.run_state = method.init_run_state(self.model, config)  # e.g. Generalist's other learners
 
     @property
     def eval_model(self) -> nn.Module:
-        """The weights that are validated and exported: the EMA when enabled."""
-        return self.ema.model if self.ema else self.model
+        """The weights that are validated and exported: the method's choice (Generalist's global learner),
+        else the EMA when enabled, else the model."""
+        own = self.method.eval_model(self.run_state)
+        return own if own is not None else self.ema.model if self.ema else self.model
 
     # -- checkpoints -------------------------------------------------------------------------
     def _metadata(self, epoch: int, metrics: dict, kind: str) -> dict:
@@ -130,10 +156,12 @@ class Trainer:
         opt_tensors, opt_info = checkpoint.optimizer_tensors(self.optimizer)
         tensors = {**checkpoint.prefixed("model.", self.eval_model.state_dict()),
                    **checkpoint.prefixed("optim.", opt_tensors)}
-        if self.ema:  # "model." holds what load_model should see; the raw weights go beside it
+        if self.eval_model is not self.model:  # "model." holds what load_model should see; the raw weights go beside it
             tensors.update(checkpoint.prefixed("raw.", self.model.state_dict()))
+        run_tensors, run_info = run_state_tensors(self.run_state, skip=self.eval_model)
+        tensors.update(checkpoint.prefixed("run.", run_tensors))
         meta = self._metadata(epoch, metrics, "training-state")
-        meta["optimizer"] = opt_info
+        meta["optimizer"], meta["run_state"] = opt_info, run_info
         meta["ema_updates"] = self.ema.updates if self.ema else None
         if is_best:  # the best weights first: a kill between the two writes then loses nothing
             checkpoint.save(self.out / "best.safetensors", checkpoint.prefixed("model.", self.eval_model.state_dict()),
@@ -149,13 +177,15 @@ class Trainer:
             raise RobustlabError(f"{path} was trained with the {meta['backend']} backend; resume it with --backend {meta['backend']}")
         if meta.get("method", {}).get("name") != self.method.name:
             raise RobustlabError(f"{path} was trained with method {meta['method']['name']!r}, not {self.method.name!r}")
-        if self.ema:
+        if self.eval_model is not self.model:
             self.model.load_state_dict(checkpoint.unprefixed("raw.", tensors))
-            self.ema.model.load_state_dict(checkpoint.unprefixed("model.", tensors))
-            self.ema.updates = meta["ema_updates"]
+            self.eval_model.load_state_dict(checkpoint.unprefixed("model.", tensors))
         else:
             self.model.load_state_dict(checkpoint.unprefixed("model.", tensors))
+        if self.ema:
+            self.ema.updates = meta["ema_updates"]
         checkpoint.restore_optimizer(self.optimizer, checkpoint.unprefixed("optim.", tensors), meta["optimizer"])
+        restore_run_state(self.run_state, checkpoint.unprefixed("run.", tensors), meta.get("run_state", {}))
         self.start_epoch, self.elapsed, self.best = meta["epoch"] + 1, meta["elapsed_s"], meta["best"]
         if meta["metrics"].get("stopped_early"):  # e.g. Fast-AT overfitted: training on would undo the stop
             self.start_epoch = self.epochs
@@ -170,10 +200,12 @@ class Trainer:
 
     # -- loop ----------------------------------------------------------------------------------
     def fit(self) -> dict:
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(
-            {**self.run_meta, "method": {"name": self.method.name, **self.method.config()},
-             "config": asdict(self.config)}, indent=1) + "\n")
+        main = distributed.is_main()  # rank 0 alone writes files and prints; every rank computes the same metrics
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(
+                {**self.run_meta, "method": {"name": self.method.name, **self.method.config()},
+                 "config": asdict(self.config), "world_size": distributed.world_size()}, indent=1) + "\n")
         metrics = {}
         for epoch in range(self.start_epoch, self.epochs):
             start = time.perf_counter()
@@ -187,13 +219,16 @@ class Trainer:
             stop = self.method.should_stop(metrics, self.best)  # e.g. Fast-AT's catastrophic-overfitting check
             if stop:
                 metrics["stopped_early"] = stop
-            self.save(epoch, metrics, is_best)
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            tqdm.write(f"epoch {epoch + 1}/{self.epochs}: train loss {train_metrics['train_loss']:.4f} "
-                       f"acc {train_metrics['train_acc']:.2%} | val clean {val_metrics['val_clean']:.2%} "
-                       f"robust {val_metrics['val_robust']:.2%}{' (best)' if is_best else ''} | {self.elapsed:.0f}s")
-            if stop:
+            if main:
+                self.save(epoch, metrics, is_best)
+                with open(self.out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            distributed.barrier()  # no rank runs ahead of a checkpoint that a resume would start from
+            if main:
+                tqdm.write(f"epoch {epoch + 1}/{self.epochs}: train loss {train_metrics['train_loss']:.4f} "
+                           f"acc {train_metrics['train_acc']:.2%} | val clean {val_metrics['val_clean']:.2%} "
+                           f"robust {val_metrics['val_robust']:.2%}{' (best)' if is_best else ''} | {self.elapsed:.0f}s")
+            if stop and main:
                 tqdm.write(f"early stop after epoch {epoch + 1}: {stop}")
                 break
         return metrics
@@ -206,24 +241,33 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict:
         cfg = self.config
         torch.manual_seed(epoch_seed(cfg.seed, epoch, 1))
-        attack_gen = torch.Generator(self.device).manual_seed(epoch_seed(cfg.seed, epoch, 2))
-        ctx = StepContext(self.model, self.model, self.optimizer, attack_gen, self.autocast, epoch=epoch, epochs=self.epochs)
+        # Each rank draws its own random starts (rank 0's are a one-process run's): DDP therefore matches one
+        # process on the full batch in distribution, and bit for bit only for methods without random starts.
+        attack_gen = torch.Generator(self.device).manual_seed(epoch_seed(cfg.seed, epoch, 2 + 1000 * distributed.rank()))
+        ctx = StepContext(self.train_model, self.model, self.optimizer, attack_gen, self.autocast, epoch=epoch,
+                          epochs=self.epochs, run=self.run_state, scaler=self.scaler)
         steps = math.ceil(len(self.train_set) / cfg.batch_size)
         self.model.train()
         total_loss = total_correct = seen = 0
-        bar = progress(self.batches(epoch), show=self.show_progress, total=steps, unit="batch", leave=False,
+        show = self.show_progress if distributed.is_main() else False
+        bar = progress(self.batches(epoch), show=show, total=steps, unit="batch", leave=False,
                        desc=f"epoch {epoch + 1}/{self.epochs}")
         start = time.perf_counter()
+        part = distributed.my_slice  # each rank trains on its share of every global batch
         for i, (x, y) in enumerate(bar):
-            lr = learning_rate(cfg.schedule, cfg.lr, (epoch + i / steps) / self.epochs)
+            x, y = x[part(len(y))], y[part(len(y))]
+            ctx.progress = (epoch + i / steps) / self.epochs
+            lr = learning_rate(cfg.schedule, cfg.lr, ctx.progress)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             result = self.method.train_step(ctx, x, y)
             if self.ema:
                 self.ema.update(self.model)
-            total_loss += result.loss.item() * len(y)
-            total_correct += (result.logits.argmax(1) == y).sum().item()
-            seen += len(y)
+            totals = distributed.all_sum(torch.tensor([result.loss.item() * len(y),
+                                                       (result.logits.argmax(1) == y).sum().item(), len(y)],
+                                                      dtype=torch.float64))
+            total_loss, total_correct, seen = total_loss + totals[0].item(), total_correct + totals[1].item(), \
+                seen + int(totals[2])
             if i % 10 == 0:
                 bar.set_postfix(refresh=False, loss=f"{total_loss / seen:.3f}", acc=f"{total_correct / seen:.1%}",
                                 lr=f"{lr:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
@@ -241,6 +285,38 @@ class Trainer:
         robust = clean if self.val_attack is None else accuracy(
             model, subset, attack=self.val_attack, batch_size=500, device=self.device, seed=1234)
         return {"val_clean": clean, "val_robust": robust}
+
+
+def run_state_tensors(run: dict, skip=None) -> tuple[dict, dict]:
+    """A method's run state for a checkpoint: the tensors of its modules and optimizers under "NAME.", and
+    JSON (optimizer hyper-parameters, plain values). `skip`: a module saved elsewhere (the exported model)."""
+    tensors, info = {}, {}
+    for name, value in run.items():
+        if value is skip:
+            continue
+        if isinstance(value, nn.Module):
+            tensors.update(checkpoint.prefixed(f"{name}.", value.state_dict()))
+            info[name] = None
+        elif isinstance(value, torch.optim.Optimizer):
+            opt_tensors, info[name] = checkpoint.optimizer_tensors(value)
+            tensors.update(checkpoint.prefixed(f"{name}.", opt_tensors))
+        else:
+            info[name] = value
+    return tensors, info
+
+
+def restore_run_state(run: dict, tensors: dict, info: dict):
+    """The inverse of `run_state_tensors`, into the state the method built for this run (in place)."""
+    for name, value in list(run.items()):
+        if name not in info:  # skipped when saved
+            continue
+        own = checkpoint.unprefixed(f"{name}.", tensors)
+        if isinstance(value, nn.Module):
+            value.load_state_dict(own)
+        elif isinstance(value, torch.optim.Optimizer):
+            checkpoint.restore_optimizer(value, own, info[name])
+        else:
+            run[name] = info[name]
 
 
 class WeightEMA:

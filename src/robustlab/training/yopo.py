@@ -4,10 +4,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from robustlab import distributed
 from robustlab.attacks import make_threat
 from robustlab.errors import RobustlabError
 from robustlab.training.methods import Method, StepResult
@@ -142,17 +142,6 @@ class YOPO(Method):
                 h = self._hamiltonian(ctx.module, layer, x, eta, costate)
             h.backward()  # through the first layer only
             total += loss.detach()
-        _average_over_processes(layer_params, ctx)
+        distributed.average_gradients(layer_params)  # ∂H/∂θ₀ came from the unwrapped module, which DDP does not see
         ctx.optimizer.step()
         return StepResult(total / self.outer, logits.detach())
-
-
-def _average_over_processes(params, ctx):
-    """The Hamiltonian backward runs on the unwrapped module, which DDP does not synchronize."""
-    if ctx.model is ctx.module or not (dist.is_available() and dist.is_initialized()):
-        return
-    world = dist.get_world_size()
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad.div_(world)

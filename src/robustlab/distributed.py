@@ -1,0 +1,113 @@
+"""PyTorch's own distributed engine, as robustlab uses it: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK,
+`init()` joins the process group (gloo on CPU, NCCL on CUDA), and everything else asks `rank()` and
+`world_size()`, which are 0 and 1 when no group exists, so single-process code needs no special case.
+
+Work is split by whole batches: rank r takes batches r, r + W, r + 2W, … of the global order. A batch is
+seeded from its global index, so a sharded run computes exactly what one process computes.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from robustlab.errors import RobustlabError
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init(device: str = "cpu") -> torch.device:
+    """Join the process group torchrun set up (no-op without torchrun); returns this rank's device."""
+    if not launched_by_torchrun() or dist.is_initialized():
+        return _device(device)
+    dev = _device(device)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    except (RuntimeError, ValueError) as exc:
+        raise RobustlabError(f"could not join the torchrun process group ({backend}): {str(exc).splitlines()[0]}") from None
+    return dev
+
+
+def _device(device: str) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RobustlabError("--device cuda was asked for but torch sees no CUDA GPU")
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def shutdown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier():
+    if active():
+        dist.barrier()
+
+
+def my_batches(num_batches: int) -> range:
+    """The global batch indices this rank handles."""
+    return range(rank(), num_batches, world_size())
+
+
+def my_slice(n: int) -> slice:
+    """This rank's contiguous part of a global batch of n examples (sizes differ by at most one)."""
+    w, r = world_size(), rank()
+    return slice(r * n // w, (r + 1) * n // w)
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks (in place, also returned)."""
+    if active():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_max(t: torch.Tensor) -> torch.Tensor:
+    if active():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def average_gradients(params):
+    """Mean of .grad over ranks, for gradients DDP does not see (a method's auxiliary model, e.g. AWP's proxy)."""
+    if not active():
+        return
+    w = world_size()
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(w)
+
+
+def broadcast_object(obj):
+    """Rank 0's value of a picklable Python object on every rank (small control data only, never weights files)."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

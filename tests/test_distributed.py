@@ -1,0 +1,191 @@
+"""torchrun with two CPU processes (gloo): sharded evaluation and DDP training give the one-process results."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, nproc=2, timeout=600):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def robustlab(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "robustlab", *args], capture_output=True, text=True, env=ENV,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, fmnist):
+    run = tmp_path_factory.mktemp("ddp") / "run"
+    done = robustlab("train", "--data-dir", FMNIST, "--train-n", "512", "--val-n", "50", "--epochs", "1",
+                     "--steps", "3", "--threads", "1", "--out", str(run))
+    assert done.returncode == 0, done.stderr
+    return run
+
+
+def test_sharded_pgd_evaluation_counts_exactly_as_one_process(tiny_run):
+    # --subset, not --n: torchrun's own argument parser takes --n for an abbreviation of its options
+    args = ["eval", str(tiny_run), "--data-dir", FMNIST, "--subset", "300", "--batch-size", "40", "--steps", "5",
+            "--restarts", "2", "--sweep-n", "0", "--json", "--threads", "1"]
+    single = robustlab(*args)
+    assert single.returncode == 0, single.stderr
+    sharded = torchrun("-m", "robustlab", *args)
+    assert sharded.returncode == 0, sharded.stderr[-2000:]
+    one, two = json.loads(single.stdout), json.loads(sharded.stdout.strip().splitlines()[-1])
+    assert (two["clean"], two["robust"], two["n"]) == (one["clean"], one["robust"], one["n"])
+    assert 0 < one["robust"] < one["clean"]
+
+
+def test_sharded_autoattack_matches_one_process(tiny_run, tmp_path):
+    from robustlab import load_model
+    from robustlab.attacks import autoattack_accuracy
+    from robustlab.data import load_dataset
+
+    settings = dict(eps=0.1, n=70, batch_size=16, steps=4, queries=30, progress=False)
+    worker = tmp_path / "worker.py"
+    worker.write_text(textwrap.dedent(f"""
+        import json, sys, torch
+        from robustlab import distributed, load_model
+        from robustlab.attacks import autoattack_accuracy
+        from robustlab.data import load_dataset
+        distributed.init()
+        torch.set_num_threads(1)
+        model = load_model({str(tiny_run)!r})
+        data = load_dataset("fashion-mnist", data_dir={FMNIST!r})
+        result = autoattack_accuracy(model, data.test, state_path={str(tmp_path / 'state.safetensors')!r}, **{settings!r})
+        if distributed.is_main():
+            json.dump({{"broken_by": result.broken_by.tolist(), "stages": result.stage_accuracy,
+                        "adv_sum": result.x_adv.double().sum().item()}}, open(sys.argv[1], "w"))
+        distributed.shutdown()
+    """))
+    done = torchrun(str(worker), str(tmp_path / "out.json"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    sharded = json.loads((tmp_path / "out.json").read_text())
+
+    torch.set_num_threads(1)
+    model = load_model(tiny_run)
+    one = autoattack_accuracy(model, load_dataset("fashion-mnist", data_dir=FMNIST).test, **settings)
+    assert sharded["broken_by"] == one.broken_by.tolist()
+    assert sharded["stages"] == one.stage_accuracy
+    assert sharded["adv_sum"] == pytest.approx(one.x_adv.double().sum().item(), rel=1e-9)
+    assert len(list(tmp_path.glob("state.rank*of2.safetensors"))) == 2  # one resumable state per rank
+
+
+TRAIN = ["train", "--data-dir", FMNIST, "--train-n", "384", "--val-n", "40", "--batch-size", "64", "--steps", "2",
+         "--augment", "none", "--threads", "1"]
+
+
+def _weights(run, name="last.safetensors"):
+    from robustlab import checkpoint
+    tensors, _ = checkpoint.load(run / name)
+    return {k: v for k, v in tensors.items() if k.startswith("model.")}
+
+
+def _train_script(tmp_path, method, extra):
+    """Training through the Python API: `random_start=False` is not a CLI option."""
+    script = tmp_path / f"train_{method}.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        from robustlab.training import TrainConfig, build_trainer
+        config = TrainConfig(epochs=1, batch_size=64, train_n=384, val_n=40, augment="none", threads=1)
+        trainer = build_trainer(dataset="fashion-mnist", model="cnn-small", method={method!r}, out=sys.argv[1],
+                                data_dir={FMNIST!r}, config=config, show_progress=False,
+                                method_kwargs=dict(steps=2, random_start=False, **{extra!r}))
+        trainer.fit()
+    """))
+    return script
+
+
+def test_ddp_training_equals_one_process_on_the_full_batch(tmp_path, fmnist):
+    """Two ranks with 32 images each per step, gradients averaged, = one process with the 64-image batch.
+    Without random starts: with them, each rank draws its own noise (equal in distribution only)."""
+    script = _train_script(tmp_path, "pgd-at", {})
+    single = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], capture_output=True, text=True, env=ENV)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = torchrun(str(script), str(tmp_path / "two"))
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+    metrics = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 1  # rank 0 alone writes
+
+
+def test_awp_weight_perturbation_under_ddp_is_the_full_batch_one(tmp_path):
+    """AWP's proxy is not DDP-wrapped: its gradients are all-reduced by hand. One proxy step on two halves
+    must give the perturbation of one process on the whole batch. (Whole AWP runs drift apart by ~1e-4:
+    sign-based PGD steps amplify the float differences of a different summation order.)"""
+    script = tmp_path / "awp.py"
+    script.write_text(textwrap.dedent(f"""
+        import contextlib, sys, torch
+        from safetensors.torch import save_file
+        from robustlab import distributed
+        from robustlab.models import build_model
+        from robustlab.training.awp import PGDATAWP
+        from robustlab.training.methods import StepContext
+        distributed.init()
+        torch.manual_seed(0)
+        model = build_model("cnn-small", (1, 28, 28), 10, [0.5], [0.25])
+        x, y = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
+        x_adv = (x + 0.1 * torch.rand_like(x).sign()).clamp(0, 1)
+        part = distributed.my_slice(64)
+        method = PGDATAWP(steps=1, awp_warmup=0)
+        ctx = StepContext(model, model, None, torch.Generator(), contextlib.nullcontext)
+        v = method.weight_perturbation(ctx, x[part], x_adv[part], y[part])
+        if distributed.is_main():
+            save_file({{k: t.contiguous() for k, t in v.items()}}, sys.argv[1])
+        distributed.shutdown()
+    """))
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.safetensors")], capture_output=True, text=True, env=ENV)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = torchrun(str(script), str(tmp_path / "two.safetensors"))
+    assert two.returncode == 0, two.stderr[-2000:]
+    from safetensors.torch import load_file
+    v1, v2 = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    assert v1.keys() == v2.keys() and len(v1) >= 4
+    for k in v1:
+        torch.testing.assert_close(v2[k], v1[k], rtol=1e-4, atol=1e-6)
+
+
+def test_killed_ddp_run_resumes_to_the_uninterrupted_result(tmp_path, fmnist):
+    import signal
+    import time
+
+    args = [*TRAIN, "--epochs", "3"]
+    full = torchrun("-m", "robustlab", *args, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "robustlab", *args, "--out", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists()
+                                          and (run / "metrics.jsonl").read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job, mid-epoch 2, as a machine failure would
+    proc.wait()
+    assert (run / "metrics.jsonl").read_text().count("\n") < 3, "the run finished before it could be killed"
+    resumed = torchrun("-m", "robustlab", *args, "--out", str(run), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for k, v in _weights(tmp_path / "full").items():
+        torch.testing.assert_close(_weights(run)[k], v, rtol=0, atol=0, msg=k)

@@ -1,0 +1,64 @@
+"""Out-of-memory datasets: class-per-folder images and memory-mapped .npy arrays."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from robustlab.data.folder import ImageFolder, NpyArrays, epoch_loader
+from robustlab.errors import RobustlabError
+
+
+def _folder(root, per_class=3):
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    (root / "dog" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_image_folder_reads_classes_and_pixels(tmp_path):
+    data = ImageFolder(_folder(tmp_path / "imgs"))
+    assert data.classes == ["cat", "dog"] and len(data) == 6
+    x, label = data[4]
+    assert x.dtype == torch.uint8 and x.shape == (3, 10, 12) and label == 1
+    expected = np.asarray(Image.open(tmp_path / "imgs" / "dog" / "1.png")).transpose(2, 0, 1)
+    assert torch.equal(x, torch.from_numpy(expected.copy()))
+    small = ImageFolder(tmp_path / "imgs", size=(8, 8), mode="L")
+    assert small[0][0].shape == (1, 8, 8)
+
+
+def test_image_folder_errors_are_one_line(tmp_path):
+    with pytest.raises(RobustlabError, match="does not exist"):
+        ImageFolder(tmp_path / "missing")
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(RobustlabError, match="no images"):
+        ImageFolder(tmp_path / "empty")
+
+
+def test_npy_arrays_are_memory_mapped_and_channel_first(tmp_path):
+    images = np.arange(5 * 4 * 4 * 3, dtype=np.uint8).reshape(5, 4, 4, 3)
+    np.save(tmp_path / "x.npy", images)
+    np.save(tmp_path / "y.npy", np.arange(5))
+    data = NpyArrays(tmp_path / "x.npy", tmp_path / "y.npy")
+    assert isinstance(data.images, np.memmap)
+    x, y = data[2]
+    assert torch.equal(x, torch.from_numpy(images[2].transpose(2, 0, 1).copy())) and y == 2
+    np.save(tmp_path / "bad.npy", np.zeros((5, 4), dtype=np.float32))
+    with pytest.raises(RobustlabError, match="uint8"):
+        NpyArrays(tmp_path / "bad.npy", tmp_path / "y.npy")
+
+
+def test_epoch_loader_order_depends_on_seed_and_epoch_only(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((20, 2, 2, 1), dtype=np.uint8))
+    np.save(tmp_path / "y.npy", np.arange(20))
+    data = NpyArrays(tmp_path / "x.npy", tmp_path / "y.npy")
+
+    def order(seed, epoch):
+        return torch.cat([y for _, y in epoch_loader(data, 6, seed, epoch, workers=0)]).tolist()
+
+    assert sorted(order(0, 0)) == list(range(20))
+    assert order(0, 0) == order(0, 0) and order(0, 0) != order(0, 1) and order(0, 0) != order(1, 0)
