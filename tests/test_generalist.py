@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -18,7 +19,10 @@ from robustlab.attacks import within_ball
 from robustlab.cli import main as cli
 from robustlab.errors import RobustlabError
 from robustlab.evaluate import accuracy
-from robustlab.training import StepContext, TrainConfig, build_trainer, learning_rate, make_method
+from robustlab.data.datasets import Splits
+from robustlab.models import build_model
+from robustlab.training import StepContext, TrainConfig, Trainer, learning_rate, make_method
+from robustlab.training.run import validation_attack
 from robustlab.training import generalist as G
 from robustlab.training.generalist import Generalist, mix_into, mixing_ratio, warmed_up
 
@@ -144,17 +148,23 @@ def test_one_step_trains_both_learners_and_mixes_them(adv_loss):
 
 # -- inside the Trainer --------------------------------------------------------------------------
 
-def small_trainer(out, epochs, method_kwargs, **config):
-    cfg = TrainConfig(**{"epochs": epochs, "batch_size": 64, "train_n": 128, "val_n": 20, "threads": 1, **config})
-    return build_trainer(dataset="fashion-mnist", model="cnn-small", method="generalist", out=out, data_dir=FMNIST,
-                         config=cfg, method_kwargs={"steps": 2, "step_size": 0.05, **method_kwargs},
-                         show_progress=False)
+def small_trainer(fmnist, out, epochs, method_kwargs, **config):
+    """cnn-small on 128 training images, validated on 200 (20 under PGD), built as `build_trainer` does."""
+    info = fmnist.info
+    data = Splits(fmnist.train, fmnist.val.subset(200), fmnist.test, info)
+    cfg = TrainConfig(**{"epochs": epochs, "batch_size": 64, "train_n": 128, "val_n": 20, **config})
+    method = make_method("generalist", "fashion-mnist", "linf", steps=2, step_size=0.05, **method_kwargs)
+    torch.manual_seed(0)
+    model = build_model("cnn-small", info.input_shape, info.num_classes, info.mean, info.std)
+    meta = {"model": {"name": "cnn-small", "kwargs": {}}, "dataset": asdict(info)}
+    return Trainer(model, method, data, cfg, out, meta, val_attack=validation_attack(method, "fashion-mnist", "linf"),
+                   show_progress=False)
 
 
 @pytest.mark.parametrize("per_step", [False, True])
 def test_redistribution_happens_at_exactly_the_configured_epochs(fmnist, tmp_path, monkeypatch, per_step):
     # 6 epochs, from half of the run every 2 epochs: epochs 3 and 5 counted from 1 (2 and 4 from 0)
-    trainer = small_trainer(tmp_path, 6, {"redistribute_from": 0.5, "redistribute_every": 2,
+    trainer = small_trainer(fmnist, tmp_path, 6, {"redistribute_from": 0.5, "redistribute_every": 2,
                                           "redistribute_per_step": per_step})
     assert trainer.method.redistribution_epochs(6) == [2, 4]
     init = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -185,7 +195,7 @@ def test_redistribution_happens_at_exactly_the_configured_epochs(fmnist, tmp_pat
 
 
 def test_the_global_learner_is_validated_and_exported(fmnist, tmp_path):
-    trainer = small_trainer(tmp_path, 2, {"mix_start": 0.0, "mix_final": 0.5})
+    trainer = small_trainer(fmnist, tmp_path, 2, {"mix_start": 0.0, "mix_final": 0.5})
     trainer.fit()
     tensors, meta = checkpoint.load(tmp_path / "last.safetensors")
     glob = trainer.run_state["global"].state_dict()
@@ -196,7 +206,7 @@ def test_the_global_learner_is_validated_and_exported(fmnist, tmp_path):
     assert not any(k.startswith("run.global.") for k in tensors)  # saved once, as "model."
     assert not torch.equal(tensors["model.net.fc2.weight"], tensors["raw.net.fc2.weight"])
     last = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
-    assert accuracy(trainer.run_state["global"], fmnist.val, batch_size=500) == last["val_clean"]
+    assert accuracy(trainer.run_state["global"], fmnist.val.subset(200), batch_size=500) == last["val_clean"]
     exported = load_model(tmp_path, "last")
     assert all(torch.equal(v, glob[k]) for k, v in exported.state_dict().items())
 
@@ -209,11 +219,11 @@ def test_resume_reproduces_the_uninterrupted_run(fmnist, tmp_path, monkeypatch):
     # β moves from the start, so the natural learner matters; redistribution at epochs 1 and 2 (from 0)
     kwargs = {"mix_start": 0.2, "mix_final": 0.5, "redistribute_from": 0.5, "redistribute_every": 1,
               "nat_lr": 0.03, "global_decay": 0.99}
-    whole = small_trainer(tmp_path / "whole", 3, kwargs, batch_size=32)
+    whole = small_trainer(fmnist, tmp_path / "whole", 3, kwargs, batch_size=32)
     assert whole.method.redistribution_epochs(3) == [1, 2]
     whole.fit()
 
-    killed = small_trainer(tmp_path / "killed", 3, kwargs, batch_size=32)
+    killed = small_trainer(fmnist, tmp_path / "killed", 3, kwargs, batch_size=32)
     original = Generalist.train_step
 
     def dies_in_the_second_epoch(self, ctx, x, y):
@@ -227,7 +237,7 @@ def test_resume_reproduces_the_uninterrupted_run(fmnist, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert checkpoint.read_metadata(tmp_path / "killed" / "last.safetensors")["epoch"] == 0
 
-    resumed = small_trainer(tmp_path / "killed", 3, kwargs, batch_size=32)  # a new process, in effect
+    resumed = small_trainer(fmnist, tmp_path / "killed", 3, kwargs, batch_size=32)  # a new process, in effect
     assert resumed.resume() and resumed.start_epoch == 1
     resumed.fit()
     a, meta_a = checkpoint.load(tmp_path / "whole" / "last.safetensors")

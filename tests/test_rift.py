@@ -11,7 +11,8 @@ from robustlab import checkpoint, load_model
 from robustlab.cli import main
 from robustlab.data import Splits
 from robustlab.models import classifier_modules
-from robustlab.rift import AlphaSearch, MRCConfig, RiftSettings, compute_mrc, finetune, interpolate, module_criticality, rift
+from robustlab.rift import (AlphaSearch, MRCConfig, RiftSettings, compute_mrc, finetune, interpolate,
+                            module_criticality, rift)
 from robustlab.rift import TestSettings as ReportSettings  # not a test class
 from robustlab.rift import mrc as mrc_module
 from robustlab.rift.mrc import adversarial_set
@@ -115,7 +116,8 @@ def test_finetuning_changes_only_the_module_and_batchnorm_statistics(tiny_run, s
     assert bool(stats) == (bn == "update")
     assert record["best_epoch"] == 0 and 0 < record["val_clean"] <= 1
     # A finished run is resumed, not trained again.
-    again, _ = finetune(model, "layer3.1.conv2", small, tmp_path, meta, lr=0.05, epochs=1, train_n=128, bn=bn, show=False)
+    again, _ = finetune(model, "layer3.1.conv2", small, tmp_path, meta, lr=0.05, epochs=1, train_n=128, bn=bn,
+                        show=False)
     assert _same(again.state_dict(), after)
 
 
@@ -197,7 +199,7 @@ def test_bad_input_is_one_line_and_status_2(tiny_run, tmp_path, capsys, args, wo
         code = exc.code
     assert code == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("robustlab: error:"), result.stderr
+    assert len(lines) == 1 and lines[0].startswith("robustlab: error:"), lines
     assert all(w in lines[0] for w in words), lines[0]
     assert not (tmp_path / "out").exists()  # nothing was started
 

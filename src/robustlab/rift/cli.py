@@ -18,7 +18,8 @@ def add_parsers(sub):
         g = p.add_argument_group("module robust criticality (defaults: the RiFT reference code)")
         g.add_argument("--mrc-n", type=_positive(int), default=2000,
                        help="validation images in the fixed adversarial set (default 2000; the split has 5000)")
-        g.add_argument("--mrc-eps", type=_positive(float), default=0.1, help="weight perturbation ‖Δ‖ ≤ ε‖θ‖ (0.1)")
+        g.add_argument("--mrc-eps", type=_positive(float), default=0.1,
+                       help="weight perturbation ‖Δ‖ ≤ ε‖θ‖ (0.1)")
         g.add_argument("--mrc-epochs", type=_positive(int), default=10, help="gradient-ascent epochs (10)")
         g.add_argument("--mrc-batch-size", type=_positive(int), default=512)
         p.add_argument("--checkpoint", default="best", help="best or last (when RUN is a directory)")
@@ -48,7 +49,8 @@ def add_parsers(sub):
     r.add_argument("--augment", help="none, crop, crop-flip (default: the dataset's)")
     r.add_argument("--bn", default="update", help="update (re-estimate BatchNorm statistics while fine-tuning) or keep")
     r.add_argument("--train-n", type=_positive(int), help="fine-tune on the first N training images only")
-    r.add_argument("--val-n", type=_positive(int), help="validation images for choosing the fine-tuned epoch and α (default: all)")
+    r.add_argument("--val-n", type=_positive(int),
+                   help="validation images for choosing the fine-tuned epoch and α (default: all)")
     r.add_argument("--tolerance", type=_nonneg_float, default=0.1,
                    help="points of validation robust accuracy α may cost (0.1)")
     t = r.add_argument_group("test-set report")
@@ -120,7 +122,8 @@ def cmd_mrc(args) -> int:
         for name in order:
             r = result["modules"][name]
             print(f"{name:32} {r['mrc']:9.4f} {r['worst_accuracy']:22.2%}")
-        print(f"original adversarial loss {result['original']['loss']:.4f}, accuracy {result['original']['accuracy']:.2%} "
+        original = result["original"]
+        print(f"original adversarial loss {original['loss']:.4f}, accuracy {original['accuracy']:.2%} "
               f"on {result['key']['n']} validation images; results and plot in {out}")
     return 0
 

@@ -93,7 +93,8 @@ def finetune(model: nn.Module, module: str, data: Splits, out_dir, run_meta: dic
     if (out / "last.safetensors").exists():
         meta = checkpoint.read_metadata(out / "last.safetensors")
         if meta.get("config") != asdict(config) or meta.get("method") != {"name": method.name, **method.config()}:
-            raise RobustlabError(f"{out} holds a fine-tuning run with other settings; remove it or choose another --out")
+            raise RobustlabError(f"{out} holds a fine-tuning run with other settings; "
+                                 "remove it or choose another --out")
         trainer.resume()
     start = time.perf_counter()
     trainer.fit()
@@ -102,11 +103,12 @@ def finetune(model: nn.Module, module: str, data: Splits, out_dir, run_meta: dic
     for p in tuned.parameters():
         p.requires_grad_(True)
     record = {"best_epoch": meta["epoch"], "val_clean": meta["metrics"]["val_clean"],
-              "train_seconds": round(meta["elapsed_s"], 1), "fit_seconds_this_process": round(time.perf_counter() - start, 1)}
+              "train_seconds": round(meta["elapsed_s"], 1),
+              "fit_seconds_this_process": round(time.perf_counter() - start, 1)}
     return tuned.eval(), record
 
 
-def interpolate(robust: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+def interpolate(robust: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float) -> dict:
     """θ(α) = (1 − α)·θ_robust + α·θ_tuned for every floating-point tensor of two state dicts.
 
     α = 0 and α = 1 return copies of the endpoints themselves (bit for bit); integer buffers (BatchNorm's

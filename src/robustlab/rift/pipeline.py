@@ -143,8 +143,8 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
         if entry.get("curve_key") != curve_key:
             entry.update(curve_key=curve_key, curve={})
         entry.update(module=module, lr=lr, finetune=record, mrc=mrc["modules"][module]["mrc"])
-        searches[cid] = AlphaSearch(work, robust_state, tuned_states[cid], val, val, attack,
-                                    seed=settings.seed, curve=entry["curve"], on_update=lambda _: state.save(), show=show)
+        searches[cid] = AlphaSearch(work, robust_state, tuned_states[cid], val, val, attack, seed=settings.seed,
+                                    curve=entry["curve"], on_update=lambda _: state.save(), show=show)
         # The automatic mode measures robust accuracy only where it decides; the finalists' curves are completed below.
         entry["alpha"] = searches[cid].choose(ALPHAS, settings.tolerance, full=not settings.auto)
         state.save()
@@ -155,7 +155,7 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
         return entries[cid]["curve"][f"{entries[cid]['alpha']:.2f}"]["clean"]
 
     best = max(entries, key=val_clean)  # first of equals: the paper's pick, then the MRC order
-    for cid in {paper, best}:
+    for cid in dict.fromkeys((paper, best)):
         searches[cid].choose(ALPHAS, settings.tolerance, full=True)
     for cid, entry in entries.items():
         point = entry["curve"][f"{entry['alpha']:.2f}"]
@@ -186,7 +186,7 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
 
     # 4. Before / after on the test set (read here for the first time).
     models = {"original": model, "rift": final.to(memory_format=torch.channels_last)}
-    if settings.auto and (paper != best or entries[paper]["alpha"] != chosen["alpha"]):
+    if paper != best:  # automatic mode: is the winner better than the paper's pick on the test set too?
         paper_model = load_model(source).to(memory_format=torch.channels_last)
         paper_model.load_state_dict(interpolate(robust_state, tuned_states[paper], entries[paper]["alpha"]))
         models["paper pick"] = paper_model

@@ -46,13 +46,15 @@ def write_report(out: Path, report: dict):
     (out / "rift_report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     src, rift, cands = report["source"], report["rift"], report["candidates"]
     chosen, paper = report["chosen"], report["paper_pick"]
+    kwargs = f" {src['model']['kwargs']}" if src["model"].get("kwargs") else ""
+    key, original = report["mrc"]["key"], report["mrc"]["original"]
     lines = [f"# RiFT of `{src['path']}`", "",
-             f"- model `{src['model']['name']}` {src['model'].get('kwargs') or ''}, trained with `{src['method']}`; "
+             f"- model `{src['model']['name']}`{kwargs}, trained with `{src['method']}`; "
              f"dataset `{report['dataset']}`, threat {report['norm']}",
              f"- fine-tuned module `{rift['module']}` (lr {rift['lr']:g}, BatchNorm statistics: {rift['bn']}), "
              f"α = {rift['alpha']:.1f}; the checkpoint is `best.safetensors` (`robustlab eval {out}` reads it)",
-             f"- the paper's pick (lowest MRC): `{paper}`" + (f"; automatic mode chose `{chosen}`" if rift["automatic"] else ""),
-             ""]
+             f"- the paper's pick (lowest MRC): `{paper}`"
+             + (f"; automatic mode chose `{chosen}`" if rift["automatic"] else ""), ""]
     if report["test"]:
         names = list(report["test"])
         base = report["test"]["original"]
@@ -76,8 +78,9 @@ def write_report(out: Path, report: dict):
     lines += ["## Choice on the validation split", "",
               f"α maximizes validation clean accuracy subject to validation robust accuracy ≥ the original's − "
               f"{100 * report['settings']['tolerance']:g} point ({rift['val']['images']} images, fixed-seed "
-              f"PGD-{report['mrc']['key']['attack']['steps']}). Original: {_pct(rift['val']['robust_original'])} robust.", "",
-              "| candidate | MRC | fine-tuned epoch (val clean) | α | val clean | val robust |", "|---|---|---|---|---|---|"]
+              f"PGD-{key['attack']['steps']}). Original: {_pct(rift['val']['robust_original'])} robust.", "",
+              "| candidate | MRC | fine-tuned epoch (val clean) | α | val clean | val robust |",
+              "|---|---|---|---|---|---|"]
     for cid, e in cands.items():
         tag = " (chosen)" if cid == chosen else ""
         tag += " (paper's pick)" if cid == paper else ""
@@ -91,15 +94,15 @@ def write_report(out: Path, report: dict):
         lines += ["", f"Automatic mode ({len(cands)} candidates): `{chosen}` {verdict}."]
     modules = report["mrc"]["modules"]
     lines += ["", "## Module robust criticality", "",
-              f"{report['mrc']['key']['n']} validation images attacked once (PGD-{report['mrc']['key']['attack']['steps']}); "
-              f"original adversarial loss {report['mrc']['original']['loss']:.4f}, accuracy "
-              f"{_pct(report['mrc']['original']['accuracy'])}; ‖Δ‖₂ ≤ {report['mrc']['key']['mrc']['eps']:g}·‖θ‖₂.", "",
+              f"{key['n']} validation images attacked once (PGD-{key['attack']['steps']}); original adversarial "
+              f"loss {original['loss']:.4f}, accuracy {_pct(original['accuracy'])}; "
+              f"‖Δ‖₂ ≤ {key['mrc']['eps']:g}·‖θ‖₂.", "",
               "| module | MRC | robust accuracy at the worst Δ | weights |", "|---|---|---|---|"]
     for name in report["mrc_ranking"]:
         r = modules[name]
         lines.append(f"| `{name}` | {r['mrc']:.4f} | {_pct(r['worst_accuracy'])} | {r['weights']} |")
-    lines += ["", "![MRC per module](mrc.png)", "", "## Validation accuracy versus α", "", "![α curves](alpha.png)", "",
-              "## Wall time", "", "| step | seconds |", "|---|---|"]
+    lines += ["", "![MRC per module](mrc.png)", "", "## Validation accuracy versus α", "",
+              "![α curves](alpha.png)", "", "## Wall time", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {step} | {seconds:.1f} |" for step, seconds in report["wall_s"].items()]
     if report.get("command"):
         lines += ["", "Command:", "", f"    {report['command']}"]
