@@ -189,3 +189,74 @@ def test_killed_ddp_run_resumes_to_the_uninterrupted_result(tmp_path, fmnist):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     for k, v in _weights(tmp_path / "full").items():
         torch.testing.assert_close(_weights(run)[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_free_at_replays_under_ddp_equal_one_process_on_the_full_batch(tmp_path, fmnist):
+    """FreeAT's m replays each take one DDP backward (parameter gradients averaged, input gradients per
+    example) and carry δ between replays and minibatches: two ranks must follow one process exactly."""
+    script = tmp_path / "free.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        from robustlab.training import TrainConfig, build_trainer
+        config = TrainConfig(epochs=3, batch_size=64, train_n=256, val_n=40, augment="none", threads=1)
+        build_trainer(dataset="fashion-mnist", model="cnn-small", method="free-at", out=sys.argv[1], data_dir={FMNIST!r},
+                      config=config, show_progress=False, method_kwargs=dict(replays=3)).fit()
+    """))
+    single = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], capture_output=True, text=True, env=ENV)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = torchrun(str(script), str(tmp_path / "two"))
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("method, options", [
+    ("fast-at", []), ("yopo", ["--outer", "2", "--inner", "2"]), ("trades", ["--steps", "2"]),
+    ("mart", ["--steps", "2"]), ("trades-awp", ["--steps", "2", "--awp-warmup", "0"]),
+    ("generalist", ["--steps", "2"])])
+def test_every_method_trains_under_torchrun(tmp_path, fmnist, method, options):
+    """Each method's own collective steps (YOPO's first-layer gradient, AWP's proxy, Generalist's natural
+    learner) must run under two ranks, rank 0 alone writing, and learn something."""
+    run = tmp_path / method
+    args = ["train", "--data-dir", FMNIST, "--train-n", "512", "--val-n", "40", "--batch-size", "64",
+            "--epochs", "2", "--augment", "none", "--threads", "1", "--method", method, *options, "--out", str(run)]
+    done = torchrun("-m", "robustlab", *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and metrics[-1]["val_clean"] > 0.3, metrics
+    assert json.loads((run / "config.json").read_text())["world_size"] == 2
+    assert (run / "best.safetensors").exists()
+
+
+@pytest.mark.parametrize("method", ["pgd", "freelb"])
+def test_text_methods_train_under_torchrun(tmp_path, method):
+    """Embedding-space attacks take input gradients through the plain module while the parameter update
+    goes through DDP: two ranks must train, and rank 0 alone write."""
+    from test_text import fake_package_lists
+
+    from robustlab.text.corpus import build_corpus
+    build_corpus(tmp_path / "debian-packages.tsv", top=3, package_lists=fake_package_lists(60))
+    run = tmp_path / "run"
+    done = torchrun("-m", "robustlab", "train", "--task", "text", "--data-dir", str(tmp_path), "--method", method,
+                    "--steps", "2", "--epochs", "3", "--batch-size", "32", "--optimizer", "adam", "--lr", "0.01",
+                    "--weight-decay", "0", "--val-n", "16", "--threads", "1", "--out", str(run))
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 3 and metrics[-1]["val_clean"] > 0.5, metrics
+
+
+def test_rift_fine_tuning_runs_under_torchrun(tmp_path, fmnist):
+    run = tmp_path / "robust"
+    done = robustlab("train", "--data-dir", FMNIST, "--model", "preact-resnet18-small", "--width", "8",
+                     "--train-n", "256", "--val-n", "40", "--epochs", "1", "--steps", "2", "--threads", "1",
+                     "--out", str(run))
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = tmp_path / "rift"
+    done = torchrun("-m", "robustlab", "rift", str(run), "--out", str(out), "--epochs", "2", "--train-n", "256",
+                    "--val-n", "40", "--subset", "20", "--mrc-n", "32", "--mrc-epochs", "1", "--aa-steps", "2",
+                    "--aa-queries", "10", "--no-ood", "--threads", "1", "--data-dir", FMNIST)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "rift_report.json").read_text())
+    assert 0.0 <= report["rift"]["alpha"] <= 1.0
+    assert (out / "best.safetensors").exists()

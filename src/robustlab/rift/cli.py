@@ -54,7 +54,8 @@ def add_parsers(sub):
     r.add_argument("--tolerance", type=_nonneg_float, default=0.1,
                    help="points of validation robust accuracy α may cost (0.1)")
     t = r.add_argument_group("test-set report")
-    t.add_argument("--n", type=_positive(int), help="evaluate on the first N test images (default: all)")
+    t.add_argument("--n", "--subset", dest="n", type=_positive(int),
+                   help="evaluate on the first N test images (default: all); --subset under torchrun, whose parser takes --n")
     t.add_argument("--aa-n", type=_positive(int), help="AutoAttack on the first N of them (default: the same)")
     t.add_argument("--aa-steps", type=_positive(int), default=100, help="AutoAttack iterations (protocol: 100)")
     t.add_argument("--aa-queries", type=_positive(int), default=5000, help="Square queries (protocol: 5000)")

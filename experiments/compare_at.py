@@ -1,0 +1,197 @@
+"""Issue 5's comparison: every adversarial-training method on the same work.
+
+    python experiments/compare_at.py --out runs/compare --epochs 5 --threads 1
+    python experiments/compare_at.py --out runs/compare --methods pgd-at trades   # a worker for some methods
+    python experiments/compare_at.py --out runs/compare --table                 # table and plot from what is done
+
+Fashion-MNIST, cnn-small, L∞ ε = 0.1, the protocol's 55k/5k split, SGD one-cycle lr 0.05, batch 128,
+seed 0, the same epochs for every method (FreeAT divides them by its replays, as its paper does). Every
+method keeps its paper's defaults and the protocol's training attack (PGD-10, step 0.025) where it has
+one. The checkpoint kept is the best epoch by validation PGD accuracy; the last epoch's validation
+figures are shown beside it, so catastrophic overfitting in the final model would be visible.
+Test figures: clean on all 10,000 images, the protocol's PGD-50×3 (step 0.01) on the first `--n`,
+AutoAttack-standard on the first `--aa-n` (0 skips it: about 2.7 s per image on a 2-core CPU).
+
+Each method is a run directory OUT/METHOD: a stopped run resumes from its last epoch, a finished one is
+only evaluated (and its evaluation is cached in OUT/METHOD/compare.json), so several workers with
+disjoint `--methods` can share OUT, and the script can be run again after any interruption.
+Wall time is the Trainer's own clock (training alone, validation excluded).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from robustlab import load_model
+from robustlab.attacks import pgd
+from robustlab.data import load_dataset
+from robustlab.evaluate import accuracy
+from robustlab.protocol import threat_defaults
+from robustlab.training import TrainConfig, build_trainer
+
+DATASET = "fashion-mnist"
+METHODS = ["pgd-at", "fast-at", "free-at", "yopo", "trades", "mart", "pgd-at-awp", "trades-awp"]
+BASELINE = {"fast-at": "pgd-at", "free-at": "pgd-at", "yopo": "pgd-at", "trades": "pgd-at", "mart": "pgd-at",
+            "pgd-at-awp": "pgd-at", "trades-awp": "trades"}
+
+
+def machine() -> str:
+    cpu = platform.processor()
+    if Path("/proc/cpuinfo").exists():
+        names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                 if l.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=Path(__file__).parent)
+    return out.stdout.strip() or "unknown"
+
+
+def epochs_done(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines() if l] if path.exists() else []
+
+
+def train(method: str, run: Path, args) -> None:
+    config = TrainConfig(epochs=args.epochs, batch_size=128, optimizer="sgd", lr=0.05, schedule="one-cycle",
+                         seed=0, threads=args.threads, val_n=args.val_n, train_n=args.train_n)
+    trainer = build_trainer(dataset=DATASET, model="cnn-small", method=method, out=run, config=config)
+    trainer.resume()  # a no-op for a new run
+    if trainer.start_epoch < trainer.epochs:
+        trainer.fit()
+
+
+def finished(run: Path, rows: list[dict], epochs: int) -> bool:
+    """All epochs trained, or stopped early by the method (Fast-AT's overfitting check)."""
+    if not rows:
+        return False
+    planned = json.loads((run / "config.json").read_text())["config"]["epochs"] if (run / "config.json").exists() else epochs
+    return len(rows) >= _trained_epochs(run, planned) or "stopped_early" in rows[-1]
+
+
+def _trained_epochs(run: Path, planned: int) -> int:
+    method = json.loads((run / "config.json").read_text())["method"]
+    return -(-planned // method["replays"]) if method["name"] == "free-at" else planned
+
+
+def evaluate(run: Path, args) -> dict:
+    cache = run / "compare.json"
+    key = {"n": args.n, "aa_n": args.aa_n, "epochs": len(epochs_done(run))}
+    if cache.exists():
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            return cached["result"]
+    budget = threat_defaults(DATASET, "linf").eval
+    test = load_dataset(DATASET).test
+    model = load_model(run)
+    start = time.perf_counter()
+    result = {"clean": accuracy(model, test, batch_size=500)}
+    attack = partial(pgd, eps=budget.eps, norm="linf", steps=budget.steps, step_size=budget.step_size,
+                     restarts=budget.restarts)
+    result["pgd"] = accuracy(model, test.subset(args.n), attack=attack, batch_size=500, seed=0,
+                             progress=f"{run.name} PGD", show=True)
+    if args.aa_n:
+        from robustlab.attacks.autoattack import autoattack_accuracy
+        result["autoattack"] = autoattack_accuracy(model, test, eps=budget.eps, norm="linf", n=args.aa_n,
+                                                   state_path=run / "autoattack-state.safetensors").robust_accuracy
+    result["eval_s"] = round(time.perf_counter() - start, 1)
+    cache.write_text(json.dumps({"key": key, "result": result}, indent=1) + "\n")
+    return result
+
+
+def row(method: str, run: Path, result: dict) -> dict:
+    rows = epochs_done(run)
+    best = max(rows, key=lambda r: r["val_robust"])
+    return {"method": method, "train_s": rows[-1]["elapsed_s"], "epochs": len(rows),
+            "best_epoch": best["epoch"] + 1, "last_val_clean": rows[-1]["val_clean"],
+            "last_val_robust": rows[-1]["val_robust"], "stopped_early": rows[-1].get("stopped_early"), **result}
+
+
+def table(rows: list[dict], args) -> str:
+    by_name = {r["method"]: r for r in rows}
+    head = ("| method | clean (10,000) | PGD-50×3 (first {n}) | {aa}training s | × PGD-AT time | Δ robust vs | "
+            "best epoch | last epoch val clean / PGD-10 |").format(n=args.n, aa="AutoAttack | " if args.aa_n else "")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        base = by_name.get(BASELINE.get(r["method"], ""))
+        ratio = f"{r['train_s'] / by_name['pgd-at']['train_s']:.2f}" if "pgd-at" in by_name else "–"
+        delta = f"{100 * (r['pgd'] - base['pgd']):+.1f} ({base['method']})" if base else "–"
+        aa = f"{r['autoattack']:.2%} | " if args.aa_n else ""
+        lines.append(f"| {r['method']} | {r['clean']:.2%} | {r['pgd']:.2%} | {aa}{r['train_s']:.0f} | {ratio} | "
+                     f"{delta} | {r['best_epoch']}/{r['epochs']} | {r['last_val_clean']:.1%} / {r['last_val_robust']:.1%} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    biggest = max(r["train_s"] for r in rows)
+    for r in rows:
+        ax.scatter(100 * r["clean"], 100 * r["pgd"], s=40 + 900 * r["train_s"] / biggest, alpha=0.5)
+        ax.annotate(f"{r['method']} ({r['train_s'] / 60:.0f} min)", (100 * r["clean"], 100 * r["pgd"]),
+                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlabel("clean test accuracy (%)")
+    ax.set_ylabel("PGD-50×3 test accuracy (%)")
+    ax.set_title("Fashion-MNIST cnn-small, L∞ ε = 0.1 (marker area ∝ training time)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--n", type=int, default=1000, help="test images for PGD-50×3 (clean uses all 10,000)")
+    p.add_argument("--aa-n", type=int, default=0, help="test images for AutoAttack-standard (0: skip)")
+    p.add_argument("--threads", type=int, help="torch threads per worker")
+    p.add_argument("--val-n", type=int, default=1000)
+    p.add_argument("--train-n", type=int, help="train on the first N images (a smoke test, not the result)")
+    p.add_argument("--table", action="store_true", help="only gather finished runs into OUT/results.md and the plot")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.table:
+        for method in args.methods:
+            run = out / method
+            if not finished(run, epochs_done(run), args.epochs):
+                train(method, run, args)
+            evaluate(run, args)
+    rows = []
+    for method in METHODS:  # the table holds every finished method, whichever worker ran it
+        run = out / method
+        if finished(run, epochs_done(run), args.epochs) and (run / "compare.json").exists():
+            rows.append(row(method, run, json.loads((run / "compare.json").read_text())["result"]))
+    if not rows:
+        print("no finished method yet")
+        return 0
+    text = (table(rows, args) + f"\n\n{machine()}; commit {commit()}; "
+            f"command: python experiments/compare_at.py {' '.join(sys.argv[1:] if argv is None else argv)}\n")
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    plot(rows, out / "clean_vs_robust.png")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
