@@ -33,6 +33,19 @@ def _nonneg_float(text):
     return value
 
 
+def _image_size(text):
+    """"64" or "64,48" (height, width)."""
+    try:
+        size = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        size = ()
+    if len(size) == 1:
+        size *= 2
+    if len(size) != 2 or min(size) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size like 64 or 64,48 (height,width), got {text}")
+    return size
+
+
 def build_parser() -> argparse.ArgumentParser:
     from robustlab.models import MODELS
     from robustlab.training.registry import METHODS
@@ -44,9 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model (adversarially)")
     t.add_argument("--task", default="image", choices=("image", "text"),
                    help="image (default), or text: adversarial training in embedding space (docs/text.md)")
-    t.add_argument("--dataset", help="fashion-mnist (default), mnist, cifar10, cifar100; "
+    t.add_argument("--dataset", help="fashion-mnist (default), mnist, cifar10, cifar100, folder (DATA_DIR/train/<class>/"
+                   "<image>, DATA_DIR/test or val/...), npy (DATA_DIR/{train,test}_{images,labels}.npy); "
                    "text: debian-packages (default), sst2, ag-news, imdb")
     t.add_argument("--data-dir", help="where the dataset files are (default: the usual places)")
+    t.add_argument("--image-size", type=_image_size, help="folder: resize images to H or H,W (default: the files' "
+                   "own size, which must agree)")
+    t.add_argument("--grayscale", action="store_true", help="folder: read images as one channel (default RGB)")
+    t.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding folder / npy training data")
     t.add_argument("--download", action="store_true", help="download missing dataset files (sha256-checked)")
     t.add_argument("--model", help=", ".join(MODELS) + " (default cnn-small); text: transformer (default), textcnn")
     t.add_argument("--width", type=_positive(int), help="channel width of the ResNets (default 64)")
@@ -120,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sanity-n", type=_positive(int), default=500, help="test images for the sanity checks")
     e.add_argument("--no-ood", dest="ood", action="store_false", help="skip the corruption suite")
     e.add_argument("--checkpoint", default="best", help="best or last")
-    e.add_argument("--data-dir")
+    e.add_argument("--data-dir", help="default: the run's own")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     e.add_argument("--threads", type=_positive(int))
 
@@ -150,7 +168,7 @@ def train_config(args):
                        momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
                        seed=args.seed, precision=args.precision, channels_last=args.channels_last,
                        augment=args.augment, val_n=args.val_n, train_n=args.train_n, threads=args.threads,
-                       ema=args.ema, device=args.device, sync_bn=args.sync_bn)
+                       ema=args.ema, device=args.device, sync_bn=args.sync_bn, workers=args.workers)
 
 
 def fit(trainer, out: Path, resume: bool) -> int:
@@ -180,14 +198,21 @@ def cmd_train(args) -> int:
     # Image defaults (text has its own, so the parser leaves these unset).
     args.dataset, args.model = args.dataset or "fashion-mnist", args.model or "cnn-small"
     args.method, args.norm = args.method or "pgd-at", args.norm or "linf"
+    data_options = {"image_size": args.image_size, "grayscale": args.grayscale}
     if check_choice("backend", args.backend, ("torch", "tinygrad")) == "tinygrad":
+        from robustlab.data import LARGE_DATASETS
         from robustlab.tinygrad import build_trainer
+        if args.dataset in LARGE_DATASETS or any(data_options.values()):
+            raise RobustlabError(f"the tinygrad backend trains in-memory datasets only, not {args.dataset} "
+                                 "(nor --image-size, --grayscale); use --backend torch")
+        extra = {}
     else:
         from robustlab.training.run import build_trainer
+        extra = {"data_options": data_options}
     trainer = build_trainer(dataset=args.dataset, model=args.model, method=args.method, norm=args.norm, out=out,
                             data_dir=args.data_dir, download=args.download, config=config,
                             model_kwargs={"width": args.width} if args.width else None,
-                            method_kwargs={k: getattr(args, k) for k in METHOD_OPTIONS})
+                            method_kwargs={k: getattr(args, k) for k in METHOD_OPTIONS}, **extra)
     return fit(trainer, out, args.resume)
 
 
@@ -222,7 +247,9 @@ def cmd_eval(args) -> int:
     eps = budget.eps if args.eps is None else args.eps
     steps, restarts = args.steps or budget.steps, args.restarts or budget.restarts
     step_size = args.step_size if args.step_size is not None else (budget.step_size if args.steps is None else 2.5 * eps / steps)
-    data = load_dataset(dataset, data_dir=args.data_dir)
+    # A folder or npy test set is decoded as far as it is read: --n 1000 reads 1,000 images.
+    data = load_dataset(dataset, data_dir=args.data_dir or meta["dataset"].get("data_dir"),
+                        **meta["dataset"].get("options", {}))
     test = data.test.subset(args.n) if args.n else data.test
 
     def attack_at(e):

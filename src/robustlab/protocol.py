@@ -36,7 +36,10 @@ _MNIST = {
     "linf": ThreatDefaults(Budget(0.3, 40, 0.01), Budget(0.3, 100, 0.01)),
     "l2": ThreatDefaults(Budget(2.0, 40, 0.1), Budget(2.0, 100, 0.1)),  # not in the protocol table
 }
-PROTOCOL = {"fashion-mnist": _FMNIST, "mnist": _MNIST, "cifar10": _CIFAR, "cifar100": _CIFAR}
+# Image folders and .npy arrays (CIFAR-10-C, ImageNet subsets) are natural images of unknown origin: CIFAR's
+# budget, the customary one for such images, until --eps says otherwise.
+PROTOCOL = {"fashion-mnist": _FMNIST, "mnist": _MNIST, "cifar10": _CIFAR, "cifar100": _CIFAR,
+            "folder": _CIFAR, "npy": _CIFAR}
 
 
 def threat_defaults(dataset: str, norm: str) -> ThreatDefaults:

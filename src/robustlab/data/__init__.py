@@ -2,9 +2,9 @@
 
 from .augment import AUGMENTATIONS, augment_batch
 from .corruptions_npy import load_cifar_c
-from .datasets import DATASETS, DEFAULT_DATA_DIRS, DatasetInfo, ImageSet, Splits, load_dataset
+from .datasets import DATASETS, DEFAULT_DATA_DIRS, LARGE_DATASETS, DatasetInfo, ImageSet, Splits, load_dataset
 
 __all__ = [
-    "AUGMENTATIONS", "DATASETS", "DEFAULT_DATA_DIRS", "DatasetInfo", "ImageSet", "Splits",
+    "AUGMENTATIONS", "DATASETS", "DEFAULT_DATA_DIRS", "LARGE_DATASETS", "DatasetInfo", "ImageSet", "Splits",
     "augment_batch", "load_cifar_c", "load_dataset",
 ]

@@ -68,7 +68,7 @@ class ImageSet:
 
 @dataclass
 class Splits:
-    train: ImageSet
+    train: ImageSet | torch.utils.data.Dataset  # a Dataset for the streamed large datasets
     val: ImageSet
     test: ImageSet
     info: DatasetInfo
@@ -301,25 +301,49 @@ def _read(name: str, folder: Path) -> tuple[ImageSet, ImageSet]:
     return _read_idx_split(folder, "train", classes), _read_idx_split(folder, "test", classes)
 
 
-def split_train_val(train: ImageSet, val_size: int, seed: int) -> tuple[ImageSet, ImageSet]:
-    """Validation = the last `val_size` indices of randperm(N) under manual_seed(seed)."""
-    n = len(train)
+def default_val_size(n: int) -> int:
+    """The protocol's validation split for a training set of n: 5,000 images, 10% of fewer than 50,000."""
+    return 5000 if n >= 50_000 else n // 10
+
+
+def split_indices(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) indices: validation = the last `val_size` of randperm(n) under manual_seed(seed)."""
     if not 0 <= val_size < n:
         raise RobustlabError(f"val_size must be in 0..{n - 1} for a training set of {n}, got {val_size}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    keep, held = perm[: n - val_size], perm[n - val_size:]
+    return perm[: n - val_size], perm[n - val_size:]
+
+
+def split_train_val(train: ImageSet, val_size: int, seed: int) -> tuple[ImageSet, ImageSet]:
+    keep, held = split_indices(len(train), val_size, seed)
     return (ImageSet(train.images[keep], train.labels[keep]),
             ImageSet(train.images[held], train.labels[held]))
 
 
+# Read from --data-dir by robustlab.data.folder, never held in memory whole: the training split streams.
+LARGE_DATASETS = ("folder", "npy")
+
+
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = False,
-                 val_size: int = 5000, seed: int = 0) -> Splits:
+                 val_size: int | None = None, seed: int = 0, image_size: tuple[int, int] | None = None,
+                 grayscale: bool = False) -> Splits:
     """Load a registered dataset and split its training set into train/val (test untouched).
 
     Looks in `data_dir` and `data_dir/<name>` if given, else in DEFAULT_DATA_DIRS[name]. With
     `download`, missing files are fetched (sha256-verified) into `data_dir` or the user cache.
+    val_size None: `default_val_size` of the training set.
+
+    `folder` (data_dir/train/<class>/<image>, data_dir/test or val/<class>/<image>; images resized to
+    `image_size` if given, 1-channel if `grayscale`) and `npy` (data_dir/{train,test}_{images,labels}.npy) are
+    split the same way, but their training split is a streaming torch Dataset and validation and test are
+    decoded on first use (robustlab.data.folder.load_large).
     """
-    check_choice("dataset", name, DATASETS)
+    check_choice("dataset", name, (*DATASETS, *LARGE_DATASETS))
+    if name in LARGE_DATASETS:
+        from .folder import load_large
+        return load_large(name, data_dir, val_size, seed, image_size, grayscale)
+    if image_size or grayscale:
+        raise RobustlabError("--image-size and --grayscale apply to --dataset folder only")
     dirs = _search_dirs(name, data_dir)
     folder = _locate(name, dirs)
     if folder is None and download:
@@ -330,5 +354,5 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
         where = ", ".join(str(d) for d in dirs)
         raise RobustlabError(f"{name} not found in {where}; {_HOW_TO_GET[name]}")
     train, test = _read(name, folder)
-    train, val = split_train_val(train, val_size, seed)
+    train, val = split_train_val(train, default_val_size(len(train)) if val_size is None else val_size, seed)
     return Splits(train, val, test, DATASETS[name])

@@ -104,11 +104,14 @@ def validation_attack(method, dataset: str, norm: str):
 
 def build_trainer(*, dataset: str, model: str, method: str, out, norm: str = "linf", data_dir=None,
                   download: bool = False, config: TrainConfig | None = None, model_kwargs=None,
-                  method_kwargs=None, show_progress=None) -> Trainer:
+                  method_kwargs=None, show_progress=None, data_options=None) -> Trainer:
+    """data_options: load_dataset's image_size and grayscale (the folder dataset), recorded in the run's metadata
+    with data_dir so that `robustlab eval RUN` reads the same data without repeating them."""
     config = config or TrainConfig()
     config.validate()
     device = distributed.init(config.device)  # joins the torchrun group, if launched by torchrun
-    data = load_dataset(dataset, data_dir=data_dir, download=download, seed=0)
+    data_options = {k: v for k, v in (data_options or {}).items() if v}
+    data = load_dataset(dataset, data_dir=data_dir, download=download, seed=0, **data_options)
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -116,6 +119,8 @@ def build_trainer(*, dataset: str, model: str, method: str, out, norm: str = "li
     net = build_model(model, info.input_shape, info.num_classes, info.mean, info.std, **(model_kwargs or {}))
     m = make_method(method, dataset, norm, **(method_kwargs or {}))
     run_meta = {"model": {"name": model, "kwargs": model_kwargs or {}},
-                "dataset": {**asdict(info), "split_seed": 0, "val_size": len(data.val)}}
+                "dataset": {**asdict(info), "split_seed": 0, "val_size": len(data.val),
+                            "data_dir": str(Path(data_dir).expanduser().resolve()) if data_dir else None,
+                            "options": data_options}}
     return Trainer(net, m, data, config, out, run_meta, val_attack=validation_attack(m, dataset, norm),
                    device=device, show_progress=show_progress)

@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from robustlab import checkpoint, distributed
 from robustlab.data import ImageSet, Splits, augment_batch
+from robustlab.data.folder import epoch_loader
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.evaluate.accuracy import accuracy
 from robustlab.progress import progress
@@ -48,6 +50,7 @@ class TrainConfig:
     ema: float | None = None              # weight-EMA decay (e.g. 0.999); validation and best.safetensors use the EMA
     device: str = "cpu"                   # "cuda": each torchrun rank takes the GPU of its LOCAL_RANK
     sync_bn: bool = False                 # SyncBatchNorm across ranks (CUDA only); else each rank normalizes its part
+    workers: int = 2                      # DataLoader processes decoding a streamed training set (folder, npy)
     extra: dict = field(default_factory=dict)
 
     def validate(self):
@@ -63,6 +66,8 @@ class TrainConfig:
                 raise RobustlabError(f"{name.replace('_', ' ')} must be > 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise RobustlabError(f"learning rate must be > 0, got {self.lr}")
+        if self.workers < 0:
+            raise RobustlabError(f"workers must be >= 0, got {self.workers}")
         if self.ema is not None and not 0 < self.ema < 1:
             raise RobustlabError(f"ema decay must be in (0, 1), got {self.ema}")
 
@@ -82,6 +87,17 @@ def epoch_batches(train_set: ImageSet, batch_size: int, seed: int, epoch: int, a
         if augment != "none":
             x = augment_batch(x, augment, g)
         yield x, train_set.labels[idx]
+
+
+def loader_batches(train_set, batch_size: int, seed: int, epoch: int, augment: str, workers: int):
+    """`epoch_batches` for a streamed Dataset: this rank's batches of `batch_size` from `epoch_loader`, whose
+    sampler shards the data over ranks; each rank augments its own images from its own (seed, epoch) stream."""
+    g = torch.Generator().manual_seed(epoch_seed(seed, epoch, 1000 * distributed.rank()))
+    for x, y in epoch_loader(train_set, batch_size, seed, epoch, workers=workers):
+        x = x.float().div_(255)
+        if augment != "none":
+            x = augment_batch(x, augment, g)
+        yield x, y
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -131,7 +147,13 @@ class Trainer:
             self.scaler = torch.amp.GradScaler(self.device.type)
         self.val_attack = val_attack
         self.show_progress = show_progress
-        self.train_set = data.train.subset(config.train_n) if config.train_n else data.train
+        # An ImageSet is batched here and each rank slices every global batch; a Dataset (folder, npy) streams
+        # through DataLoader workers whose sampler gives each rank its own images.
+        self.streamed = not isinstance(data.train, ImageSet)
+        self.train_set = data.train
+        if config.train_n:
+            self.train_set = (Subset(data.train, range(min(config.train_n, len(data.train)))) if self.streamed
+                              else data.train.subset(config.train_n))
         self.augment = config.augment or data.info.augment
         self.start_epoch, self.elapsed = 0, 0.0
         self.best = {"epoch": None, "val_robust": -1.0}
@@ -233,8 +255,14 @@ class Trainer:
                 break
         return metrics
 
+    def rank_batch_size(self) -> int:
+        return max(1, self.config.batch_size // distributed.world_size())
+
     def batches(self, epoch: int):
-        for x, y in epoch_batches(self.train_set, self.config.batch_size, self.config.seed, epoch, self.augment):
+        cfg = self.config
+        source = (loader_batches(self.train_set, self.rank_batch_size(), cfg.seed, epoch, self.augment, cfg.workers)
+                  if self.streamed else epoch_batches(self.train_set, cfg.batch_size, cfg.seed, epoch, self.augment))
+        for x, y in source:
             yield (x.to(self.device, memory_format=self.memory_format, non_blocking=True),
                    y.to(self.device, non_blocking=True))
 
@@ -246,14 +274,16 @@ class Trainer:
         attack_gen = torch.Generator(self.device).manual_seed(epoch_seed(cfg.seed, epoch, 2 + 1000 * distributed.rank()))
         ctx = StepContext(self.train_model, self.model, self.optimizer, attack_gen, self.autocast, epoch=epoch,
                           epochs=self.epochs, run=self.run_state, scaler=self.scaler)
-        steps = math.ceil(len(self.train_set) / cfg.batch_size)
+        steps = (math.ceil(math.ceil(len(self.train_set) / distributed.world_size()) / self.rank_batch_size())
+                 if self.streamed else math.ceil(len(self.train_set) / cfg.batch_size))
         self.model.train()
         total_loss = total_correct = seen = 0
         show = self.show_progress if distributed.is_main() else False
         bar = progress(self.batches(epoch), show=show, total=steps, unit="batch", leave=False,
                        desc=f"epoch {epoch + 1}/{self.epochs}")
         start = time.perf_counter()
-        part = distributed.my_slice  # each rank trains on its share of every global batch
+        # Each rank trains on its share of every global batch; streamed batches are that share already.
+        part = (lambda n: slice(None)) if self.streamed else distributed.my_slice
         for i, (x, y) in enumerate(bar):
             x, y = x[part(len(y))], y[part(len(y))]
             ctx.progress = (epoch + i / steps) / self.epochs
