@@ -69,7 +69,9 @@ def worker(args) -> None:
         net = (load_model(args.model) if args.model else model.eval()).to(device)
         sync()
         start = time.perf_counter()
-        aa = autoattack_accuracy(net, data.test, eps=0.1, n=args.aa_n, device=device, progress=False)
+        # The ensemble shards by batch: one batch per rank keeps every process busy.
+        batch = -(-args.aa_n // distributed.world_size())
+        aa = autoattack_accuracy(net, data.test, eps=0.1, n=args.aa_n, batch_size=batch, device=device, progress=False)
         sync()
         result.update(aa_images_per_s=args.aa_n / (time.perf_counter() - start), aa_accuracy=aa.robust_accuracy)
     if distributed.is_main():
