@@ -111,3 +111,26 @@ def test_bad_config_is_a_clear_error(tmp_path):
     for bad in ({"epochs": 0}, {"batch_size": 0}, {"optimizer": "lion"}, {"precision": "fp8"}, {"ema": 1.5}):
         with pytest.raises(RobustlabError):
             small_trainer(tmp_path, **bad)
+
+
+def test_narrow_resnets_train_without_channels_last_crash(tmp_path):
+    """PyTorch 2.13's CPU backward of a strided 1×1 conv with < 8 input channels in channels_last corrupts the heap;
+    a width-4 ResNet must therefore train (in a subprocess: the bug kills the process) in the default format."""
+    from robustlab.models import build_model, channels_last_safe
+    assert not channels_last_safe(build_model("preact-resnet18-small", (1, 28, 28), 10, [0.5], [0.25], width=4))
+    assert channels_last_safe(build_model("preact-resnet18-small", (1, 28, 28), 10, [0.5], [0.25], width=8))
+    assert channels_last_safe(build_model("cnn-small", (1, 28, 28), 10, [0.5], [0.25]))
+    script = ("import torch; from robustlab.training.trainer import TrainConfig, Trainer\n"
+              "from robustlab.models import build_model; from robustlab.training.methods import PGDAT\n"
+              "from robustlab.data import ImageSet, Splits, DatasetInfo\n"
+              "torch.manual_seed(0); torch.set_num_threads(1)\n"
+              "m = build_model('preact-resnet18-small', (1, 28, 28), 10, [0.5], [0.25], width=4)\n"
+              "imgs = (torch.rand(64, 1, 28, 28) * 255).to(torch.uint8); labels = torch.randint(0, 10, (64,))\n"
+              "s = ImageSet(imgs, labels)\n"
+              "info = DatasetInfo('toy', 10, (1, 28, 28), (0.5,), (0.25,), tuple('0123456789'), 'none')\n"
+              "t = Trainer(m, PGDAT(steps=2), Splits(s, s.subset(16), s.subset(16), info), "
+              "TrainConfig(epochs=2, batch_size=16, val_n=16), sys.argv[1], {}, show_progress=False)\n"
+              "t.fit(); print('trained')\n")
+    done = subprocess.run([sys.executable, "-c", "import sys\n" + script, str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "trained" in done.stdout, done.stderr[-2000:]

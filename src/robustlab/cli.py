@@ -224,6 +224,7 @@ def cmd_eval(args) -> int:
     from robustlab.errors import check_choice
     from robustlab.evaluate import accuracy
     from robustlab.evaluate.report import plot_accuracy_vs_eps, write_report
+    from robustlab.models import fast_memory_format
     from robustlab.protocol import threat_defaults
 
     if args.threads:
@@ -232,7 +233,8 @@ def cmd_eval(args) -> int:
     distributed.init()  # under torchrun every attack below shares the test set out over the ranks
     check_choice("suite", args.suite, ("none", "standard"))
     # channels_last halves the cost of model passes on CPUs (measured in the AutoAttack timing).
-    model = load_model(args.run, args.checkpoint).to(memory_format=torch.channels_last)
+    model = load_model(args.run, args.checkpoint)
+    model = model.to(memory_format=fast_memory_format(model))
     meta = model.checkpoint_meta
     if meta.get("task") == "text":
         raise RobustlabError(f"{args.run} is a text run: `robustlab eval` attacks images; evaluate text models with "

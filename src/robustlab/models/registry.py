@@ -69,3 +69,21 @@ def build_model(name: str, input_shape, num_classes: int, mean, std, **kwargs) -
 def classifier_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The Conv and Linear modules of a model, by qualified name (the units RiFT and AWP work on)."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def channels_last_safe(model: nn.Module, device="cpu") -> bool:
+    """Whether `model` may run in channels_last on `device`.
+
+    PyTorch 2.13's CPU (oneDNN) backward of a strided 1×1 convolution with fewer than 8 input channels,
+    in channels_last, corrupts the heap (the process dies in free()); narrow ResNets (`--width 4`) have
+    such shortcuts. Those models stay in the default format on CPUs.
+    """
+    if torch.device(device).type != "cpu":
+        return True
+    return not any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1 and m.in_channels % 8
+                   for m in model.modules())
+
+
+def fast_memory_format(model: nn.Module, device="cpu") -> torch.memory_format:
+    """channels_last (the faster layout for convolutions on this project's CPUs) where it is safe."""
+    return torch.channels_last if channels_last_safe(model, device) else torch.contiguous_format

@@ -103,11 +103,13 @@ def _setup(args, check=lambda source: None):
 def cmd_mrc(args) -> int:
     import torch
     from robustlab import load_model
+    from robustlab.models import fast_memory_format
     from robustlab.protocol import threat_defaults
     from robustlab.rift.mrc import compute_mrc, file_sha256, plot_mrc, ranked
 
     source, meta, data = _setup(args)
-    model = load_model(source).to(memory_format=torch.channels_last)
+    model = load_model(source)
+    model = model.to(memory_format=fast_memory_format(model))
     norm = meta.get("method", {}).get("norm", "linf")
     budget = threat_defaults(meta["dataset"]["name"], norm).train
     out = _mrc_dir(source, args.out)

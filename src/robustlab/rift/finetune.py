@@ -28,7 +28,7 @@ from robustlab import checkpoint
 from robustlab.data import ImageSet, Splits
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.evaluate.accuracy import accuracy
-from robustlab.models import classifier_modules
+from robustlab.models import classifier_modules, fast_memory_format
 from robustlab.progress import progress
 from robustlab.training.methods import Method, StepResult
 from robustlab.training.trainer import TrainConfig, Trainer
@@ -78,7 +78,7 @@ def finetune(model: nn.Module, module: str, data: Splits, out_dir, run_meta: dic
     A Trainer run in `out_dir` (resumed when it holds one with the same settings). Returns the fine-tuned
     model at its best validation-clean epoch (eval mode) and the Trainer's record of it. Reads no test data.
     """
-    tuned = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    tuned = copy.deepcopy(model).to(memory_format=fast_memory_format(model))
     target = module_named(tuned, module)
     for p in tuned.parameters():
         p.requires_grad_(False)

@@ -20,6 +20,7 @@ from robustlab.data import Splits
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.evaluate.accuracy import accuracy
 from robustlab.evaluate.corruptions import ood_accuracy
+from robustlab.models import fast_memory_format
 from robustlab.protocol import threat_defaults
 from robustlab.rift.finetune import ALPHAS, BN_MODES, AlphaSearch, finetune, interpolate, module_named
 from robustlab.rift.mrc import MRCConfig, compute_mrc, file_sha256, plot_mrc, ranked, read_json, write_json
@@ -102,7 +103,8 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
     settings.validate()
     out, source = Path(out), Path(source)
     out.mkdir(parents=True, exist_ok=True)
-    model = load_model(source).to(memory_format=torch.channels_last)  # ~2× faster convolutions on CPUs
+    model = load_model(source)
+    model = model.to(memory_format=fast_memory_format(model))  # ~2× faster convolutions on CPUs
     meta = model.checkpoint_meta
     dataset, norm = meta["dataset"]["name"], meta.get("method", {}).get("norm", "linf")
     budget = threat_defaults(dataset, norm)
@@ -131,7 +133,8 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
     attack = partial(pgd, eps=threat["eps"], norm=norm, steps=threat["steps"], step_size=threat["step_size"])
     curve_key = {"val_n": len(val), "attack": threat, "seed": settings.seed}
     searches, tuned_states = {}, {}
-    work = load_model(source).to(memory_format=torch.channels_last)  # holds θ(α) while it is measured
+    work = load_model(source)  # holds θ(α) while it is measured
+    work = work.to(memory_format=fast_memory_format(work))
     for module, lr in candidates:
         cid = candidate_id(module, lr)
         tuned, record = finetune(model, module, tune_data, out / "finetune" / cid, run_meta, lr=lr,
@@ -185,9 +188,10 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
                f"Validation accuracy of θ(α), {title}", settings.tolerance)
 
     # 4. Before / after on the test set (read here for the first time).
-    models = {"original": model, "rift": final.to(memory_format=torch.channels_last)}
+    models = {"original": model, "rift": final.to(memory_format=fast_memory_format(final))}
     if paper != best:  # automatic mode: is the winner better than the paper's pick on the test set too?
-        paper_model = load_model(source).to(memory_format=torch.channels_last)
+        paper_model = load_model(source)
+        paper_model = paper_model.to(memory_format=fast_memory_format(paper_model))
         paper_model.load_state_dict(interpolate(robust_state, tuned_states[paper], entries[paper]["alpha"]))
         models["paper pick"] = paper_model
     results, seen = {}, {}

@@ -26,6 +26,7 @@ from robustlab.data import ImageSet, Splits, augment_batch
 from robustlab.data.folder import epoch_loader
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.evaluate.accuracy import accuracy
+from robustlab.models import fast_memory_format
 from robustlab.progress import progress
 from robustlab.training.methods import Method, StepContext
 from robustlab.training.schedules import learning_rate
@@ -127,7 +128,8 @@ class Trainer:
         self.device = torch.device(device)
         self.out = Path(out_dir)
         self.run_meta = run_meta
-        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.memory_format = (fast_memory_format(model, self.device) if config.channels_last
+                              else torch.contiguous_format)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
         if config.sync_bn and distributed.active():
