@@ -96,6 +96,17 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(fmnist, tmp_path):
     epochs = [json.loads(l)["epoch"] for l in (killed / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2]
 
+    # Resuming with another recipe would mix two runs: refused in one line, the run left as it was.
+    changed = subprocess.run([sys.executable, *common, "--out", str(killed), "--resume", "--lr", "0.1", "--ema", "0.9"],
+                             capture_output=True, text=True)
+    assert changed.returncode == 2 and changed.stderr.count("\n") == 1, changed.stderr
+    assert "other settings" in changed.stderr and "lr 0.05 → 0.1" in changed.stderr and "ema 0.99 → 0.9" in changed.stderr
+    changed = subprocess.run([sys.executable, *common, "--out", str(killed), "--resume", "--steps", "4"],
+                             capture_output=True, text=True)
+    assert changed.returncode == 2 and "method.steps 3 → 4" in changed.stderr, changed.stderr
+    resumed_again, _ = checkpoint.load(killed / "last.safetensors")
+    assert all(torch.equal(resumed[k], resumed_again[k]) for k in resumed)
+
 
 def test_learning_rate_schedules():
     assert learning_rate("one-cycle", 0.1, 0.0) == 0.0

@@ -201,6 +201,7 @@ class Trainer:
             raise RobustlabError(f"{path} was trained with the {meta['backend']} backend; resume it with --backend {meta['backend']}")
         if meta.get("method", {}).get("name") != self.method.name:
             raise RobustlabError(f"{path} was trained with method {meta['method']['name']!r}, not {self.method.name!r}")
+        self._check_same_settings(path, meta)
         if self.eval_model is not self.model:
             self.model.load_state_dict(checkpoint.unprefixed("raw.", tensors))
             self.eval_model.load_state_dict(checkpoint.unprefixed("model.", tensors))
@@ -215,6 +216,23 @@ class Trainer:
             self.start_epoch = self.epochs
         self._truncate_metrics(meta["epoch"])
         return True
+
+    # Settings a resumed run may change: how it runs, not what it computes.
+    RESUMABLE_CHANGES = ("threads", "device", "workers")
+
+    def _check_same_settings(self, path: Path, meta: dict):
+        """A resumed run must be the run it continues: changed options would silently mix two recipes
+        (a new learning rate or epoch count also reshapes the schedule already half followed)."""
+        saved = {**{f"method.{k}": v for k, v in meta["method"].items()},
+                 **{k: v for k, v in meta["config"].items() if k not in self.RESUMABLE_CHANGES}}
+        now = {**{f"method.{k}": v for k, v in {"name": self.method.name, **self.method.config()}.items()},
+               **{k: v for k, v in asdict(self.config).items() if k not in self.RESUMABLE_CHANGES}}
+        now, saved = json.loads(json.dumps(now)), json.loads(json.dumps(saved))  # tuples and lists compare alike
+        changed = [f"{k} {saved.get(k)!r} → {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+                   if saved.get(k) != now.get(k)]
+        if changed:
+            raise RobustlabError(f"--resume: {path} was trained with other settings ({'; '.join(changed)}); "
+                                 "resume with the original options, or start a new run with another --out")
 
     def _truncate_metrics(self, last_epoch: int):
         path = self.out / "metrics.jsonl"
