@@ -111,6 +111,46 @@ def evaluate(run: Path, args) -> dict:
     return result
 
 
+def step_times(methods, args) -> dict:
+    """Seconds per training step of each method on the same batch, measured back to back in one process.
+
+    The runs' own clocks depend on what else the machine was doing while each trained; these do not. A
+    run's quiet cost is then (trained epochs) × (batches per epoch) × (seconds per step).
+    """
+    from robustlab.models import build_model, fast_memory_format
+    from robustlab.training.methods import StepContext
+    from robustlab.training.run import make_method
+    from robustlab.training.trainer import autocast_for
+
+    data = load_dataset(DATASET)
+    info = data.info
+    x = data.train.images[:128].float().div(255)
+    y = data.train.labels[:128]
+    batches = -(-(args.train_n or len(data.train)) // 128)
+    times = {}
+    for name in methods:
+        torch.manual_seed(0)
+        model = build_model("cnn-small", info.input_shape, info.num_classes, info.mean, info.std)
+        fmt = fast_memory_format(model)
+        model = model.to(memory_format=fmt).train()
+        method = make_method(name, DATASET, "linf")
+        epochs = method.epochs_for(args.epochs)
+        ctx = StepContext(model, model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
+                          torch.Generator().manual_seed(0), autocast_for("fp32", torch.device("cpu")),
+                          epoch=epochs - 1, epochs=epochs, progress=0.9,  # past any warm-up (AWP)
+                          run=method.init_run_state(model, TrainConfig()))
+        xb = x.contiguous(memory_format=fmt)
+        for _ in range(2):
+            method.train_step(ctx, xb, y)
+        start = time.perf_counter()
+        for _ in range(args.step_iters):
+            method.train_step(ctx, xb, y)
+        per_step = (time.perf_counter() - start) / args.step_iters
+        times[name] = {"s_per_step": per_step, "trained_epochs": epochs, "quiet_train_s": per_step * batches * epochs}
+        print(f"{name}: {per_step * 1000:.0f} ms per step, {epochs} epochs → {per_step * batches * epochs:.0f} s", flush=True)
+    return times
+
+
 def row(method: str, run: Path, result: dict) -> dict:
     rows = epochs_done(run)
     best = max(rows, key=lambda r: r["val_robust"])
@@ -165,11 +205,19 @@ def main(argv=None) -> int:
     p.add_argument("--val-n", type=int, default=1000)
     p.add_argument("--train-n", type=int, help="train on the first N images (a smoke test, not the result)")
     p.add_argument("--table", action="store_true", help="only gather finished runs into OUT/results.md and the plot")
+    p.add_argument("--step-times", action="store_true",
+                   help="only time every method's training step back to back (OUT/step_times.json); run it on a quiet machine")
+    p.add_argument("--step-iters", type=int, default=10)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.step_times:
+        (out / "step_times.json").write_text(json.dumps(
+            {"times": step_times(args.methods, args), "machine": machine(), "commit": commit(),
+             "threads": torch.get_num_threads()}, indent=1) + "\n")
+        return 0
     if not args.table:
         for method in args.methods:
             run = out / method

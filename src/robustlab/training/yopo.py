@@ -107,15 +107,14 @@ class YOPO(Method):
         self.outer, self.inner, self.first_layer = int(outer), int(inner), first_layer
         self._threat = make_threat(norm, eps, step_size)
 
-    def _hamiltonian(self, module, layer, x, eta, costate):
-        return (first_layer_output(module, layer, x + eta) * costate).sum()
-
+    # H(η) = ⟨p, f₀(x + η)⟩ is never formed: its gradients are vector-Jacobian products of f₀ with p
+    # (`grad_outputs=p`), which skips a product and a sum over the first layer's whole output per step.
     def _inner_steps(self, ctx, layer, x, eta, costate):
         for _ in range(self.inner):
             eta = eta.detach().requires_grad_(True)
             with ctx.autocast():
-                h = self._hamiltonian(ctx.module, layer, x, eta, costate)
-            (grad,) = torch.autograd.grad(h, eta)
+                out = first_layer_output(ctx.module, layer, x + eta)
+            (grad,) = torch.autograd.grad(out, eta, grad_outputs=costate)
             with torch.no_grad():
                 eta = self._threat.project(self._threat.step(x + eta, grad), x) - x
         return eta.detach()
@@ -139,8 +138,8 @@ class YOPO(Method):
             costate = record["output"].grad.detach()
             eta = self._inner_steps(ctx, layer, x, eta, costate)
             with ctx.autocast():
-                h = self._hamiltonian(ctx.module, layer, x, eta, costate)
-            h.backward()  # through the first layer only
+                out = first_layer_output(ctx.module, layer, x + eta)
+            out.backward(costate)  # ∂H/∂θ₀, through the first layer only
             total += loss.detach()
         distributed.average_gradients(layer_params)  # ∂H/∂θ₀ came from the unwrapped module, which DDP does not see
         ctx.optimizer.step()
