@@ -79,6 +79,16 @@ def check_targets(n_target_classes: int, num_classes: int, attack: str) -> int:
     return min(n_target_classes, num_classes - 1)
 
 
+def clean_logits(model, x: torch.Tensor, y: torch.Tensor):
+    """The minimal-attack preamble shared by APGD and FAB: detached inputs, the starting adversarial copy,
+    and the clean logits (None for an empty batch, which the caller returns at once)."""
+    x, y = x.detach(), y.detach()
+    if len(x) == 0:
+        return x, y, x.clone(), None
+    with torch.no_grad():
+        return x, y, x.clone(), model(x)
+
+
 # ---- losses ----
 
 def _other_max(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -244,12 +254,9 @@ def apgd_attack(model, x, y, *, eps: float, norm: str = "linf", steps: int = 100
     Among unbroken examples the highest-loss point over all runs is kept.
     """
     check_attack_args(eps, norm, steps, restarts)
-    x, y = x.detach(), y.detach()
-    x_adv = x.clone()
-    if len(x) == 0:
+    x, y, x_adv, logits = clean_logits(model, x, y)
+    if logits is None:
         return x_adv, torch.zeros(0, dtype=torch.bool, device=x.device)
-    with torch.no_grad():
-        logits = model(x)
     if logits.shape[1] < _min_classes(loss):
         raise RobustlabError(f"loss {loss!r} needs at least {_min_classes(loss)} classes, the model has {logits.shape[1]}")
     if n_target_classes is not None:

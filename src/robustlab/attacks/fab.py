@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from robustlab.attacks.apgd import check_attack_args, check_targets, lp_norm, per_example, random_direction
+from robustlab.attacks.apgd import (check_attack_args, check_targets, clean_logits, lp_norm, per_example,
+                                   random_direction)
 from robustlab.attacks.pgd import attack_mode
 from robustlab.errors import RobustlabError
 
@@ -163,12 +164,9 @@ def fab_targeted_attack(model, x, y, *, eps: float, norm: str = "linf", steps: i
     check_attack_args(eps, norm, steps, restarts)
     if not (0 <= alpha_max <= 1 and eta >= 1 and 0 < beta < 1):
         raise RobustlabError(f"FAB needs 0 <= alpha_max <= 1, eta >= 1, 0 < beta < 1; got {alpha_max}, {eta}, {beta}")
-    x, y = x.detach(), y.detach()
-    x_adv = x.clone()
-    if len(x) == 0:
+    x, y, x_adv, logits = clean_logits(model, x, y)
+    if logits is None:
         return x_adv, torch.zeros(0, dtype=torch.bool, device=x.device)
-    with torch.no_grad():
-        logits = model(x)
     ranked = logits.argsort(1, descending=True)
     fooled = logits.argmax(1) != y
     for rank in range(2, check_targets(n_target_classes, logits.shape[1], "FAB-T") + 2):
