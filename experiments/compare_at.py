@@ -5,7 +5,7 @@
     python experiments/compare_at.py --out runs/compare --table                 # table and plot from what is done
 
 Fashion-MNIST, cnn-small, L∞ ε = 0.1, the protocol's 55k/5k split, SGD one-cycle lr 0.05, batch 128,
-seed 0, the same epochs for every method (FreeAT divides them by its replays, as its paper does). Every
+seed 0, no augmentation, the same epochs for every method (FreeAT divides them by its replays, as its paper does). Every
 method keeps its paper's defaults and the protocol's training attack (PGD-10, step 0.025) where it has
 one. The checkpoint kept is the best epoch by validation PGD accuracy; the last epoch's validation
 figures are shown beside it, so catastrophic overfitting in the final model would be visible.
@@ -66,7 +66,7 @@ def epochs_done(run: Path) -> list[dict]:
 
 def train(method: str, run: Path, args) -> None:
     config = TrainConfig(epochs=args.epochs, batch_size=128, optimizer="sgd", lr=0.05, schedule="one-cycle",
-                         seed=0, threads=args.threads, val_n=args.val_n, train_n=args.train_n)
+                         seed=0, threads=args.threads, val_n=args.val_n, train_n=args.train_n, augment=args.augment)
     trainer = build_trainer(dataset=DATASET, model="cnn-small", method=method, out=run, config=config)
     trainer.resume()  # a no-op for a new run
     if trainer.start_epoch < trainer.epochs:
@@ -203,6 +203,9 @@ def main(argv=None) -> int:
     p.add_argument("--aa-n", type=int, default=0, help="test images for AutoAttack-standard (0: skip)")
     p.add_argument("--threads", type=int, help="torch threads per worker")
     p.add_argument("--val-n", type=int, default=1000)
+    p.add_argument("--augment", default="none",
+                   help="training augmentation (default none: Madry et al.'s MNIST setting, and the protocol's reference "
+                        "loops; random crops cost accuracy in 5-epoch runs)")
     p.add_argument("--train-n", type=int, help="train on the first N images (a smoke test, not the result)")
     p.add_argument("--table", action="store_true", help="only gather finished runs into OUT/results.md and the plot")
     p.add_argument("--step-times", action="store_true",
