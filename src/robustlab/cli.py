@@ -220,7 +220,7 @@ def cmd_eval(args) -> int:
     import torch
     from robustlab import distributed, load_model
     from robustlab.attacks import ATTACKS, pgd
-    from robustlab.data import load_dataset
+    from robustlab.training.run import run_dataset
     from robustlab.errors import check_choice
     from robustlab.evaluate import accuracy
     from robustlab.evaluate.report import plot_accuracy_vs_eps, write_report
@@ -250,8 +250,7 @@ def cmd_eval(args) -> int:
     steps, restarts = args.steps or budget.steps, args.restarts or budget.restarts
     step_size = args.step_size if args.step_size is not None else (budget.step_size if args.steps is None else 2.5 * eps / steps)
     # A folder or npy test set is decoded as far as it is read: --n 1000 reads 1,000 images.
-    data = load_dataset(dataset, data_dir=args.data_dir or meta["dataset"].get("data_dir"),
-                        **meta["dataset"].get("options", {}))
+    data = run_dataset(meta, args.data_dir)
     test = data.test.subset(args.n) if args.n else data.test
 
     def attack_at(e):

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from robustlab import distributed  # noqa: E402
-from robustlab.attacks import autoattack_accuracy, pgd, square  # noqa: E402
+from robustlab.attacks import autoattack_accuracy, square  # noqa: E402
 from robustlab.evaluate.accuracy import correct_mask  # noqa: E402
 from robustlab.evaluate.corruptions import ood_accuracy, plot_corruptions  # noqa: E402
 from robustlab.evaluate.sanity import sanity_checks  # noqa: E402

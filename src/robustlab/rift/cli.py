@@ -88,20 +88,17 @@ def _setup(args, check=lambda source: None):
     """The checkpoint file and its metadata, then (after `check(source)`, so bad input fails fast) the dataset."""
     import torch
     from robustlab.checkpoint import read_metadata
-    from robustlab.data import load_dataset
+    from robustlab.training.run import run_dataset
 
     if args.threads:
         torch.set_num_threads(args.threads)
     source = _source(args)
     meta = read_metadata(source)
     check(source)
-    return source, meta, load_dataset(meta["dataset"]["name"], data_dir=args.data_dir,
-                                      val_size=meta["dataset"].get("val_size", 5000),
-                                      seed=meta["dataset"].get("split_seed", 0))
+    return source, meta, run_dataset(meta, args.data_dir)
 
 
 def cmd_mrc(args) -> int:
-    import torch
     from robustlab import load_model
     from robustlab.models import fast_memory_format
     from robustlab.protocol import threat_defaults

@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
-import torch
 
 from robustlab import checkpoint
 from robustlab.attacks import autoattack_accuracy, pgd

@@ -10,7 +10,7 @@ import torch
 
 from robustlab import checkpoint, distributed
 from robustlab.attacks import pgd
-from robustlab.data import DatasetInfo, load_dataset
+from robustlab.data import DatasetInfo, Splits, load_dataset
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.models import build_model
 from robustlab.protocol import threat_defaults
@@ -53,6 +53,14 @@ def load_model(path, which: str = "best") -> torch.nn.Module:
     model.eval()
     model.checkpoint_meta = meta
     return model
+
+
+def run_dataset(meta: dict, data_dir=None) -> Splits:
+    """The dataset a run was trained on, split as it was: from `data_dir`, else the directory the run recorded
+    (with its folder options: image size, grayscale), else the dataset's usual places."""
+    info = meta["dataset"]
+    return load_dataset(info["name"], data_dir=data_dir or info.get("data_dir"), val_size=info.get("val_size"),
+                        seed=info.get("split_seed", 0), **info.get("options", {}))
 
 
 THREAT_KEYS = ("eps", "norm", "steps", "step_size")
