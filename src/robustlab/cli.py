@@ -220,12 +220,12 @@ def cmd_eval(args) -> int:
     import torch
     from robustlab import distributed, load_model
     from robustlab.attacks import ATTACKS, pgd
-    from robustlab.training.run import run_dataset
     from robustlab.errors import check_choice
     from robustlab.evaluate import accuracy
     from robustlab.evaluate.report import plot_accuracy_vs_eps, write_report
     from robustlab.models import fast_memory_format
     from robustlab.protocol import threat_defaults
+    from robustlab.training.run import run_dataset
 
     if args.threads:
         torch.set_num_threads(args.threads)
