@@ -159,18 +159,22 @@ def row(method: str, run: Path, result: dict) -> dict:
             "last_val_robust": rows[-1]["val_robust"], "stopped_early": rows[-1].get("stopped_early"), **result}
 
 
-def table(rows: list[dict], args) -> str:
+def table(rows: list[dict], args, steps: dict) -> str:
+    """`steps`: OUT/step_times.json's times (may be empty): the cost ratios that do not depend on the machine's load."""
     by_name = {r["method"]: r for r in rows}
-    head = ("| method | clean (10,000) | PGD-50×3 (first {n}) | {aa}training s | × PGD-AT time | Δ robust vs | "
-            "best epoch | last epoch val clean / PGD-10 |").format(n=args.n, aa="AutoAttack | " if args.aa_n else "")
+    head = ("| method | clean (10,000) | PGD-50×3 (first {n}) | {aa}Δ robust vs | training s (run's clock) | "
+            "× PGD-AT, run's clock | × PGD-AT, step times | best epoch | last epoch val clean / PGD-10 |"
+            ).format(n=args.n, aa="AutoAttack | " if args.aa_n else "")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         base = by_name.get(BASELINE.get(r["method"], ""))
         ratio = f"{r['train_s'] / by_name['pgd-at']['train_s']:.2f}" if "pgd-at" in by_name else "–"
+        quiet = (f"{steps[r['method']]['quiet_train_s'] / steps['pgd-at']['quiet_train_s']:.2f}"
+                 if r["method"] in steps and "pgd-at" in steps else "–")
         delta = f"{100 * (r['pgd'] - base['pgd']):+.1f} ({base['method']})" if base else "–"
         aa = f"{r['autoattack']:.2%} | " if args.aa_n else ""
-        lines.append(f"| {r['method']} | {r['clean']:.2%} | {r['pgd']:.2%} | {aa}{r['train_s']:.0f} | {ratio} | "
-                     f"{delta} | {r['best_epoch']}/{r['epochs']} | {r['last_val_clean']:.1%} / {r['last_val_robust']:.1%} |")
+        lines.append(f"| {r['method']} | {r['clean']:.2%} | {r['pgd']:.2%} | {aa}{delta} | {r['train_s']:.0f} | {ratio} | "
+                     f"{quiet} | {r['best_epoch']}/{r['epochs']} | {r['last_val_clean']:.1%} / {r['last_val_robust']:.1%} |")
     return "\n".join(lines)
 
 
@@ -235,7 +239,8 @@ def main(argv=None) -> int:
     if not rows:
         print("no finished method yet")
         return 0
-    text = (table(rows, args) + f"\n\n{machine()}; commit {commit()}; "
+    steps = json.loads((out / "step_times.json").read_text())["times"] if (out / "step_times.json").exists() else {}
+    text = (table(rows, args, steps) + f"\n\n{machine()}; commit {commit()}; "
             f"command: python experiments/compare_at.py {' '.join(sys.argv[1:] if argv is None else argv)}\n")
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
