@@ -193,6 +193,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("PGD-50×3 test accuracy (%)")
     ax.set_title("Fashion-MNIST cnn-small, L∞ ε = 0.1 (marker area ∝ training time)")
     ax.grid(alpha=0.3)
+    ax.margins(0.2)  # room for the largest markers and their labels
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
