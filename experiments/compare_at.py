@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from functools import partial
@@ -36,27 +33,13 @@ from robustlab.attacks import pgd
 from robustlab.data import load_dataset
 from robustlab.evaluate import accuracy
 from robustlab.protocol import threat_defaults
+from robustlab.provenance import commit, machine
 from robustlab.training import TrainConfig, build_trainer
 
 DATASET = "fashion-mnist"
 METHODS = ["pgd-at", "fast-at", "free-at", "yopo", "trades", "mart", "pgd-at-awp", "trades-awp"]
 BASELINE = {"fast-at": "pgd-at", "free-at": "pgd-at", "yopo": "pgd-at", "trades": "pgd-at", "mart": "pgd-at",
             "pgd-at-awp": "pgd-at", "trades-awp": "trades"}
-
-
-def machine() -> str:
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                 if l.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
-
-
-def commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=Path(__file__).parent)
-    return out.stdout.strip() or "unknown"
 
 
 def epochs_done(run: Path) -> list[dict]:

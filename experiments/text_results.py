@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from robustlab.provenance import commit, machine
 
 RUNS = [  # (label, method, options): the most expensive first, so that the workers finish together
     ("PGD-3", "pgd", {"steps": 3}),
@@ -104,22 +104,6 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "?"
-    return f"{cpu}, {os.cpu_count()} cores; robustlab commit {commit or '?'}"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/text-results")
@@ -143,7 +127,7 @@ def main(argv=None) -> int:
     work = [(label, method, options, seed) for seed in args.seeds for label, method, options in runs]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(run_one, *zip(*work), [args] * len(work)))
-    text = (f"{table(results)}\n\nMachine: {machine()}; {args.jobs} runs in parallel, one thread each; "
+    text = (f"{table(results)}\n\nMachine: {machine()}; robustlab commit {commit()}; {args.jobs} runs in parallel, one thread each; "
             f"total wall time {time.perf_counter() - start:.0f} s.\nCommand: python experiments/text_results.py "
             + " ".join(sys.argv[1:]) + "\n")
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -26,24 +24,10 @@ import torch
 
 from robustlab.data import load_dataset
 from robustlab.protocol import threat_defaults
+from robustlab.provenance import commit, machine
 from robustlab.training import TrainConfig
 
 DATASET = "fashion-mnist"
-
-
-def machine() -> str:
-    import os
-    names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-             if l.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
-    return f"{names[0] if names else platform.processor()}, {os.cpu_count()} cores"
-
-
-def commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or None
-    except OSError:
-        return None
 
 
 def train_tinygrad(model: str, config: TrainConfig, out: Path) -> dict:
