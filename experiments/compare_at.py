@@ -35,6 +35,7 @@ from robustlab.evaluate import accuracy
 from robustlab.protocol import threat_defaults
 from robustlab.provenance import commit, machine
 from robustlab.training import TrainConfig, build_trainer
+from robustlab.training.run import make_method
 
 DATASET = "fashion-mnist"
 METHODS = ["pgd-at", "fast-at", "free-at", "yopo", "trades", "mart", "pgd-at-awp", "trades-awp"]
@@ -56,17 +57,14 @@ def train(method: str, run: Path, args) -> None:
         trainer.fit()
 
 
-def finished(run: Path, rows: list[dict], epochs: int) -> bool:
-    """All epochs trained, or stopped early by the method (Fast-AT's overfitting check)."""
+def finished(run: Path) -> bool:
+    """All the epochs the run was started with trained (FreeAT: their share, `epochs_for`), or stopped early
+    by the method (Fast-AT's overfitting check)."""
+    rows = epochs_done(run)
     if not rows:
         return False
-    planned = json.loads((run / "config.json").read_text())["config"]["epochs"] if (run / "config.json").exists() else epochs
-    return len(rows) >= _trained_epochs(run, planned) or "stopped_early" in rows[-1]
-
-
-def _trained_epochs(run: Path, planned: int) -> int:
-    method = json.loads((run / "config.json").read_text())["method"]
-    return -(-planned // method["replays"]) if method["name"] == "free-at" else planned
+    planned = json.loads((run / "config.json").read_text())["config"]["epochs"]
+    return len(rows) >= make_method(run.name, DATASET, "linf").epochs_for(planned) or "stopped_early" in rows[-1]
 
 
 def evaluate(run: Path, args) -> dict:
@@ -102,7 +100,6 @@ def step_times(methods, args) -> dict:
     """
     from robustlab.models import build_model, fast_memory_format
     from robustlab.training.methods import StepContext
-    from robustlab.training.run import make_method
     from robustlab.training.trainer import autocast_for
 
     data = load_dataset(DATASET)
@@ -212,13 +209,13 @@ def main(argv=None) -> int:
     if not args.table:
         for method in args.methods:
             run = out / method
-            if not finished(run, epochs_done(run), args.epochs):
+            if not finished(run):
                 train(method, run, args)
             evaluate(run, args)
     rows = []
     for method in METHODS:  # the table holds every finished method, whichever worker ran it
         run = out / method
-        if finished(run, epochs_done(run), args.epochs) and (run / "compare.json").exists():
+        if finished(run) and (run / "compare.json").exists():
             rows.append(row(method, run, json.loads((run / "compare.json").read_text())["result"]))
     if not rows:
         print("no finished method yet")
