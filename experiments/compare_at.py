@@ -98,6 +98,7 @@ def step_times(methods, args) -> dict:
     The runs' own clocks depend on what else the machine was doing while each trained; these do not. A
     run's quiet cost is then (trained epochs) × (batches per epoch) × (seconds per step).
     """
+    from robustlab.bench import images_per_s
     from robustlab.models import build_model, fast_memory_format
     from robustlab.training.methods import StepContext
     from robustlab.training.trainer import autocast_for
@@ -120,12 +121,7 @@ def step_times(methods, args) -> dict:
                           epoch=epochs - 1, epochs=epochs, progress=0.9,  # past any warm-up (AWP)
                           run=method.init_run_state(model, TrainConfig()))
         xb = x.contiguous(memory_format=fmt)
-        for _ in range(2):
-            method.train_step(ctx, xb, y)
-        start = time.perf_counter()
-        for _ in range(args.step_iters):
-            method.train_step(ctx, xb, y)
-        per_step = (time.perf_counter() - start) / args.step_iters
+        per_step = len(y) / images_per_s(lambda: method.train_step(ctx, xb, y), len(y), warmup=2, iters=args.step_iters)
         times[name] = {"s_per_step": per_step, "trained_epochs": epochs, "quiet_train_s": per_step * batches * epochs}
         print(f"{name}: {per_step * 1000:.0f} ms per step, {epochs} epochs → {per_step * batches * epochs:.0f} s", flush=True)
     return times
