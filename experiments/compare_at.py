@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from robustlab import load_model
+from robustlab.checkpoint import read_metrics
 from robustlab.attacks import pgd
 from robustlab.data import load_dataset
 from robustlab.evaluate import accuracy
@@ -43,11 +44,6 @@ BASELINE = {"fast-at": "pgd-at", "free-at": "pgd-at", "yopo": "pgd-at", "trades"
             "pgd-at-awp": "pgd-at", "trades-awp": "trades"}
 
 
-def epochs_done(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines() if l] if path.exists() else []
-
-
 def train(method: str, run: Path, args) -> None:
     config = TrainConfig(epochs=args.epochs, batch_size=128, optimizer="sgd", lr=0.05, schedule="one-cycle",
                          seed=0, threads=args.threads, val_n=args.val_n, train_n=args.train_n, augment=args.augment)
@@ -60,7 +56,7 @@ def train(method: str, run: Path, args) -> None:
 def finished(run: Path) -> bool:
     """All the epochs the run was started with trained (FreeAT: their share, `epochs_for`), or stopped early
     by the method (Fast-AT's overfitting check)."""
-    rows = epochs_done(run)
+    rows = read_metrics(run)
     if not rows:
         return False
     planned = json.loads((run / "config.json").read_text())["config"]["epochs"]
@@ -69,7 +65,7 @@ def finished(run: Path) -> bool:
 
 def evaluate(run: Path, args) -> dict:
     cache = run / "compare.json"
-    key = {"n": args.n, "aa_n": args.aa_n, "epochs": len(epochs_done(run))}
+    key = {"n": args.n, "aa_n": args.aa_n, "epochs": len(read_metrics(run))}
     if cache.exists():
         cached = json.loads(cache.read_text())
         if cached.get("key") == key:
@@ -128,7 +124,7 @@ def step_times(methods, args) -> dict:
 
 
 def row(method: str, run: Path, result: dict) -> dict:
-    rows = epochs_done(run)
+    rows = read_metrics(run)
     best = max(rows, key=lambda r: r["val_robust"])
     return {"method": method, "train_s": rows[-1]["elapsed_s"], "epochs": len(rows),
             "best_epoch": best["epoch"] + 1, "last_val_clean": rows[-1]["val_clean"],

@@ -97,3 +97,21 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+
+
+# -- a run's per-epoch metrics: RUN/metrics.jsonl, one JSON object per epoch -----------------------
+def read_metrics(run) -> list[dict]:
+    path = Path(run) / "metrics.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines() if l] if path.exists() else []
+
+
+def append_metrics(run, row: dict) -> None:
+    with open(Path(run) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def truncate_metrics(run, last_epoch: int) -> None:
+    """Drop the lines of epochs after `last_epoch`: a resumed run rewrites them."""
+    path = Path(run) / "metrics.jsonl"
+    if path.exists():
+        path.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(run) if r["epoch"] <= last_epoch))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from robustlab import checkpoint
 from robustlab.data import load_dataset
 from robustlab.protocol import threat_defaults
 from robustlab.provenance import commit, machine
@@ -59,7 +60,7 @@ def train_torch(model: str, config: TrainConfig, out: Path) -> dict:
 
 
 def _epochs(out: Path) -> dict:
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l]
+    rows = checkpoint.read_metrics(out)
     times, last = [], 0.0
     for r in rows:
         times.append(r.get("epoch_s", r["elapsed_s"] - last))
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
     for model in args.models:
         for backend in args.backends:
             run = out / f"{backend}-{model}"
-            done = (run / "metrics.jsonl").exists() and _epochs(run)["epochs"] >= args.epochs
+            done = len(checkpoint.read_metrics(run)) >= args.epochs
             if not done:  # trains, or resumes a run that was stopped; a finished run is only evaluated
                 (train_tinygrad if backend == "tinygrad" else train_torch)(model, TrainConfig(**config), run)
             row = {"model": model, "backend": backend, **_epochs(run), **evaluate(backend, run, args.n)}

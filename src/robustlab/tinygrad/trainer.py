@@ -194,8 +194,7 @@ class TinyTrainer:
             if is_best:
                 self.best = {"epoch": epoch, "val_robust": val_metrics["val_robust"], "val_clean": val_metrics["val_clean"]}
             self.save(epoch, metrics, is_best)
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            checkpoint.append_metrics(self.out, metrics)
             tqdm.write(f"epoch {epoch + 1}/{self.config.epochs}: train loss {train_metrics['train_loss']:.4f} "
                        f"acc {train_metrics['train_acc']:.2%} | val clean {val_metrics['val_clean']:.2%} "
                        f"robust {val_metrics['val_robust']:.2%}{' (best)' if is_best else ''} | {self.elapsed:.0f}s")
@@ -235,9 +234,7 @@ class TinyTrainer:
         for key, t in optimizer_state(self.optimizer).items():
             t.realize().assign(Tensor(tensors[f"optim.{key}"].numpy(), dtype=t.dtype, device=t.device)).realize()
         self.start_epoch, self.elapsed, self.best = meta["epoch"] + 1, meta["elapsed_s"], meta["best"]
-        lines = (self.out / "metrics.jsonl").read_text().splitlines() if (self.out / "metrics.jsonl").exists() else []
-        kept = [l for l in lines if l and json.loads(l)["epoch"] <= meta["epoch"]]
-        (self.out / "metrics.jsonl").write_text("".join(l + "\n" for l in kept))
+        checkpoint.truncate_metrics(self.out, meta["epoch"])
         return True
 
 

@@ -214,7 +214,7 @@ class Trainer:
         self.start_epoch, self.elapsed, self.best = meta["epoch"] + 1, meta["elapsed_s"], meta["best"]
         if meta["metrics"].get("stopped_early"):  # e.g. Fast-AT overfitted: training on would undo the stop
             self.start_epoch = self.epochs
-        self._truncate_metrics(meta["epoch"])
+        checkpoint.truncate_metrics(self.out, meta["epoch"])
         return True
 
     # Settings a resumed run may change: how it runs, not what it computes.
@@ -233,12 +233,6 @@ class Trainer:
         if changed:
             raise RobustlabError(f"--resume: {path} was trained with other settings ({'; '.join(changed)}); "
                                  "resume with the original options, or start a new run with another --out")
-
-    def _truncate_metrics(self, last_epoch: int):
-        path = self.out / "metrics.jsonl"
-        if path.exists():
-            lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["epoch"] <= last_epoch]
-            path.write_text("".join(l + "\n" for l in lines))
 
     # -- loop ----------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -263,8 +257,7 @@ class Trainer:
                 metrics["stopped_early"] = stop
             if main:
                 self.save(epoch, metrics, is_best)
-                with open(self.out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+                checkpoint.append_metrics(self.out, metrics)
             distributed.barrier()  # no rank runs ahead of a checkpoint that a resume would start from
             if main:
                 tqdm.write(f"epoch {epoch + 1}/{self.epochs}: train loss {train_metrics['train_loss']:.4f} "
