@@ -47,7 +47,8 @@ BASELINE = {"fast-at": "pgd-at", "free-at": "pgd-at", "yopo": "pgd-at", "trades"
 def train(method: str, run: Path, args) -> None:
     config = TrainConfig(epochs=args.epochs, batch_size=128, optimizer="sgd", lr=0.05, schedule="one-cycle",
                          seed=0, threads=args.threads, val_n=args.val_n, train_n=args.train_n, augment=args.augment)
-    trainer = build_trainer(dataset=DATASET, model="cnn-small", method=method, out=run, config=config)
+    trainer = build_trainer(dataset=DATASET, model="cnn-small", method=method, out=run, config=config,
+                            method_kwargs=args.options.get(method))
     trainer.resume()  # a no-op for a new run
     if trainer.start_epoch < trainer.epochs:
         trainer.fit()
@@ -59,8 +60,9 @@ def finished(run: Path) -> bool:
     rows = read_metrics(run)
     if not rows:
         return False
-    planned = json.loads((run / "config.json").read_text())["config"]["epochs"]
-    return len(rows) >= make_method(run.name, DATASET, "linf").epochs_for(planned) or "stopped_early" in rows[-1]
+    saved = json.loads((run / "config.json").read_text())
+    method = make_method(run.name, DATASET, **{k: v for k, v in saved["method"].items() if k != "name"})
+    return len(rows) >= method.epochs_for(saved["config"]["epochs"]) or "stopped_early" in rows[-1]
 
 
 def evaluate(run: Path, args) -> dict:
@@ -110,7 +112,7 @@ def step_times(methods, args) -> dict:
         model = build_model("cnn-small", info.input_shape, info.num_classes, info.mean, info.std)
         fmt = fast_memory_format(model)
         model = model.to(memory_format=fmt).train()
-        method = make_method(name, DATASET, "linf")
+        method = make_method(name, DATASET, "linf", **args.options.get(name, {}))
         epochs = method.epochs_for(args.epochs)
         ctx = StepContext(model, model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
                           torch.Generator().manual_seed(0), autocast_for("fp32", torch.device("cpu")),
@@ -131,6 +133,12 @@ def row(method: str, run: Path, result: dict) -> dict:
             "last_val_robust": rows[-1]["val_robust"], "stopped_early": rows[-1].get("stopped_early"), **result}
 
 
+def quiet_cost(row: dict, steps: dict) -> float:
+    """Seconds per step × the epochs the run really trained (an early stop trains fewer); batches per epoch
+    are the same for every method and cancel in the ratios."""
+    return steps[row["method"]]["s_per_step"] * row["epochs"]
+
+
 def table(rows: list[dict], args, steps: dict) -> str:
     """`steps`: OUT/step_times.json's times (may be empty): the cost ratios that do not depend on the machine's load."""
     by_name = {r["method"]: r for r in rows}
@@ -141,8 +149,8 @@ def table(rows: list[dict], args, steps: dict) -> str:
     for r in rows:
         base = by_name.get(BASELINE.get(r["method"], ""))
         ratio = f"{r['train_s'] / by_name['pgd-at']['train_s']:.2f}" if "pgd-at" in by_name else "–"
-        quiet = (f"{steps[r['method']]['quiet_train_s'] / steps['pgd-at']['quiet_train_s']:.2f}"
-                 if r["method"] in steps and "pgd-at" in steps else "–")
+        quiet = (f"{quiet_cost(r, steps) / quiet_cost(by_name['pgd-at'], steps):.2f}"
+                 if r["method"] in steps and "pgd-at" in steps and "pgd-at" in by_name else "–")
         delta = f"{100 * (r['pgd'] - base['pgd']):+.1f} ({base['method']})" if base else "–"
         aa = f"{r['autoattack']:.2%} | " if args.aa_n else ""
         lines.append(f"| {r['method']} | {r['clean']:.2%} | {r['pgd']:.2%} | {aa}{delta} | {r['train_s']:.0f} | {ratio} | "
@@ -171,6 +179,22 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def parse_options(items: list[str], parser) -> dict[str, dict]:
+    """["free-at.replays=4"] → {"free-at": {"replays": 4}}; values are read as JSON where they parse."""
+    options: dict[str, dict] = {}
+    for item in items:
+        target, _, value = item.partition("=")
+        method, _, key = target.partition(".")
+        if not (value and key and method in METHODS):
+            parser.error(f"--option {item!r}: expected METHOD.KEY=VALUE with METHOD one of {', '.join(METHODS)}")
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+        options.setdefault(method, {})[key] = value
+    return options
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
@@ -184,11 +208,14 @@ def main(argv=None) -> int:
                    help="training augmentation (default none: Madry et al.'s MNIST setting, and the protocol's reference "
                         "loops; random crops cost accuracy in 5-epoch runs)")
     p.add_argument("--train-n", type=int, help="train on the first N images (a smoke test, not the result)")
+    p.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="a method option other than its paper's default, e.g. free-at.replays=4 (repeatable)")
     p.add_argument("--table", action="store_true", help="only gather finished runs into OUT/results.md and the plot")
     p.add_argument("--step-times", action="store_true",
                    help="only time every method's training step back to back (OUT/step_times.json); run it on a quiet machine")
     p.add_argument("--step-iters", type=int, default=10)
     args = p.parse_args(argv)
+    args.options = parse_options(args.option, p)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
