@@ -91,12 +91,13 @@ def evaluate(run: Path, args) -> dict:
 
 
 def step_times(methods, args) -> dict:
-    """Seconds per training step of each method on the same batch, measured back to back in one process.
+    """Seconds per training step of each method on the same batch, measured in one process.
 
     The runs' own clocks depend on what else the machine was doing while each trained; these do not. A
-    run's quiet cost is then (trained epochs) × (batches per epoch) × (seconds per step).
+    run's quiet cost is then (trained epochs) × (batches per epoch) × (seconds per step). The methods take
+    turns, one step each, and each keeps its median (bench.median_seconds).
     """
-    from robustlab.bench import images_per_s
+    from robustlab.bench import median_seconds
     from robustlab.models import build_model, fast_memory_format
     from robustlab.training.methods import StepContext
     from robustlab.training.trainer import autocast_for
@@ -106,22 +107,26 @@ def step_times(methods, args) -> dict:
     x = data.train.images[:128].float().div(255)
     y = data.train.labels[:128]
     batches = -(-(args.train_n or len(data.train)) // 128)
-    times = {}
+    steps, epochs = {}, {}
     for name in methods:
         torch.manual_seed(0)
         model = build_model("cnn-small", info.input_shape, info.num_classes, info.mean, info.std)
         fmt = fast_memory_format(model)
         model = model.to(memory_format=fmt).train()
         method = make_method(name, DATASET, "linf", **args.options.get(name, {}))
-        epochs = method.epochs_for(args.epochs)
+        epochs[name] = method.epochs_for(args.epochs)
         ctx = StepContext(model, model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
                           torch.Generator().manual_seed(0), autocast_for("fp32", torch.device("cpu")),
-                          epoch=epochs - 1, epochs=epochs, progress=0.9,  # past any warm-up (AWP)
+                          epoch=epochs[name] - 1, epochs=epochs[name], progress=0.9,  # past any warm-up (AWP)
                           run=method.init_run_state(model, TrainConfig()))
-        xb = x.contiguous(memory_format=fmt)
-        per_step = len(y) / images_per_s(lambda: method.train_step(ctx, xb, y), len(y), warmup=2, iters=args.step_iters)
-        times[name] = {"s_per_step": per_step, "trained_epochs": epochs, "quiet_train_s": per_step * batches * epochs}
-        print(f"{name}: {per_step * 1000:.0f} ms per step, {epochs} epochs → {per_step * batches * epochs:.0f} s", flush=True)
+        steps[name] = partial(method.train_step, ctx, x.contiguous(memory_format=fmt), y)
+    seconds = median_seconds(steps, iters=args.step_iters)
+    times = {}
+    for name in methods:
+        per_step = seconds[name]
+        times[name] = {"s_per_step": per_step, "trained_epochs": epochs[name], "quiet_train_s": per_step * batches * epochs[name]}
+        print(f"{name}: {per_step * 1000:.0f} ms per step (median of {args.step_iters}), {epochs[name]} epochs → "
+              f"{per_step * batches * epochs[name]:.0f} s", flush=True)
     return times
 
 

@@ -39,6 +39,15 @@ def test_compare_at_trains_evaluates_and_tabulates(fmnist, one_thread, tmp_path)
     assert compare.main(args) == 0
     assert (tmp_path / "pgd-at" / "compare.json").stat().st_mtime_ns == cached
 
+    # step times give the cost column: FreeAT's one epoch of 2 replays against PGD-AT's two epochs of PGD-10
+    assert compare.main(args + ["--step-times", "--step-iters", "1"]) == 0
+    times = json.loads((tmp_path / "step_times.json").read_text())["times"]
+    assert times["free-at"]["trained_epochs"] == 1 and times["free-at"]["s_per_step"] < times["pgd-at"]["s_per_step"]
+    assert compare.main(args + ["--table"]) == 0
+    free_row = next(line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| free-at |"))
+    cost = float(free_row.split("|")[7])
+    assert 0 < cost < 1  # 1 epoch × 2 passes against 2 epochs × 11 passes
+
 
 def test_compare_at_rejects_malformed_options(tmp_path, capsys):
     compare = load_script("compare_at")

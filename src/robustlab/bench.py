@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -40,13 +42,21 @@ def textbook_at_step(model, opt, x, y, eps, alpha, steps):
     opt.step()
 
 
-def images_per_s(fn, batch, warmup=3, iters=10):
-    for _ in range(warmup):
-        fn()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return batch * iters / (time.perf_counter() - start)
+def median_seconds(fns: dict, iters: int = 10, warmup: int = 2) -> dict:
+    """Median seconds per call of each function, the functions taking turns one call each per round.
+
+    On a shared or virtual machine, slow spells come and go; timing each function alone in a block lets
+    one of them land in a spell and the next not (we saw 1.5× between two blocks of the same step).
+    Interleaving spreads the spells over all functions alike, and the median drops the worst calls.
+    """
+    seconds = {name: [] for name in fns}
+    for round_ in range(warmup + iters):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if round_ >= warmup:
+                seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in seconds.items()}
 
 
 def main(argv=None):
@@ -64,50 +74,46 @@ def main(argv=None):
     x = torch.rand(args.batch_size, *shape)
     y = torch.randint(0, 10, (args.batch_size,))
     eps, alpha, steps = args.eps, args.eps / 4, 10
-    results = {}
 
     def fresh():
         return build_model(args.model, shape, 10, [0.286], [0.353])
+
+    measures = ("clean_step", "pgd10_attack", "pgd10_at_step")
+    loops = {}  # loop name → {measure: a call doing one step on the batch}
 
     # Textbook loop.
     model = fresh().train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
-    def clean_step():
+    def clean_step(model=model, opt=opt):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    results["textbook"] = {
-        "clean_step": images_per_s(clean_step, args.batch_size, iters=args.iters),
-        "pgd10_attack": images_per_s(lambda: textbook_pgd(model, x, y, eps, alpha, steps), args.batch_size, iters=args.iters),
-        "pgd10_at_step": images_per_s(lambda: textbook_at_step(model, opt, x, y, eps, alpha, steps), args.batch_size, iters=args.iters),
-    }
+    loops["textbook"] = dict(zip(measures, (clean_step, partial(textbook_pgd, model, x, y, eps, alpha, steps),
+                                            partial(textbook_at_step, model, opt, x, y, eps, alpha, steps))))
     # robustlab, in each precision / memory-format combination.
     with_bf16 = args.bf16 if args.bf16 is not None else torch.ops.mkldnn._is_mkldnn_bf16_supported()
     for precision in ("fp32", "bf16") if with_bf16 else ("fp32",):
         for channels_last in (False, True):
             fmt = torch.channels_last if channels_last else torch.contiguous_format
-            model = fresh().to(memory_format=fmt)
+            model = fresh().to(memory_format=fmt).train()
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
             ctx = StepContext(model, model, opt, torch.Generator().manual_seed(0), autocast_for(precision, torch.device("cpu")))
             xf = x.to(memory_format=fmt)
             pgd_at, standard, threat = PGDAT(eps=eps, steps=steps, step_size=alpha), Standard(), LinfBall(eps, alpha)
 
-            def attack():
+            def attack(ctx=ctx, model=model, xf=xf, threat=threat):
                 with ctx.autocast(), attack_mode(model):
                     perturb(model, xf, y, threat, steps, generator=ctx.generator)
-            model.train()
-            name = f"robustlab-{precision}{'-cl' if channels_last else ''}"
-            results[name] = {
-                "clean_step": images_per_s(lambda: standard.train_step(ctx, xf, y), args.batch_size, iters=args.iters),
-                "pgd10_attack": images_per_s(attack, args.batch_size, iters=args.iters),
-                "pgd10_at_step": images_per_s(lambda: pgd_at.train_step(ctx, xf, y), args.batch_size, iters=args.iters),
-            }
+            loops[f"robustlab-{precision}{'-cl' if channels_last else ''}"] = dict(zip(measures, (
+                partial(standard.train_step, ctx, xf, y), attack, partial(pgd_at.train_step, ctx, xf, y))))
+    seconds = median_seconds({(loop, m): fn for loop, fns in loops.items() for m, fn in fns.items()}, iters=args.iters)
+    results = {loop: {m: args.batch_size / seconds[loop, m] for m in measures} for loop in loops}
     base = results["textbook"]
     print(f"{args.model}, batch {args.batch_size}, {torch.get_num_threads()} threads (images/s; ratio to textbook)")
     print(f"{'loop':24s} {'clean step':>18s} {'PGD-10 attack':>18s} {'PGD-10 AT step':>18s}")
     for name, r in results.items():
-        cells = [f"{r[k]:8.0f} ({r[k] / base[k]:4.2f}x)" for k in ("clean_step", "pgd10_attack", "pgd10_at_step")]
+        cells = [f"{r[k]:8.0f} ({r[k] / base[k]:4.2f}x)" for k in measures]
         print(f"{name:24s} " + " ".join(f"{c:>18s}" for c in cells))
     if args.json:
         print(json.dumps(results))
