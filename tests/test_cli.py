@@ -56,6 +56,17 @@ def test_train_then_eval_writes_a_report(tmp_path):
     bad_attack = robustlab("eval", str(run), "--attack", "cw")
     assert bad_attack.returncode == 2 and "fgsm" in bad_attack.stderr
 
+    # the validation split, for choices that must not see the test set: figures only, the test report untouched
+    report_json = (run / "report.json").read_text()
+    on_val = robustlab("eval", str(run), "--split", "val", "--data-dir", FMNIST, "--n", "60", "--steps", "3",
+                       "--restarts", "1", "--json", "--threads", "1")
+    assert on_val.returncode == 0, on_val.stderr
+    val = json.loads(on_val.stdout)
+    assert val["split"] == "val" and val["n"] == 60 and 0 <= val["robust"] <= val["clean"] <= 1
+    assert (run / "report.json").read_text() == report_json
+    bad_split = robustlab("eval", str(run), "--split", "train")
+    assert bad_split.returncode == 2 and "test, val" in bad_split.stderr
+
 
 def test_standard_suite_reports_autoattack_sanity_and_ood(tmp_path):
     run = tmp_path / "run"

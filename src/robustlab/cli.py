@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--restarts", type=_positive(int))
     e.add_argument("--n", "--subset", dest="n", type=_positive(int),
                    help="evaluate the first N test images (default: all); under torchrun write --subset")
+    e.add_argument("--split", default="test",
+                   help="test (default), or val: the validation split held out of training, for choices (a recipe, "
+                        "a checkpoint) that must not see the test set; prints (or --json) without writing a report")
     e.add_argument("--batch-size", type=_positive(int), default=500)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--sweep-n", type=int, default=1000, help="test images for the accuracy-vs-ε plot (0: no plot)")
@@ -232,6 +235,9 @@ def cmd_eval(args) -> int:
     check_choice("attack", args.attack, ("fgsm", "fgm", "pgd"))
     distributed.init()  # under torchrun every attack below shares the test set out over the ranks
     check_choice("suite", args.suite, ("none", "standard"))
+    check_choice("split", args.split, ("test", "val"))
+    if args.split == "val" and args.suite != "none":
+        raise RobustlabError("--split val evaluates clean and one attack; run --suite standard on the test split")
     # channels_last halves the cost of model passes on CPUs (measured in the AutoAttack timing).
     model = load_model(args.run, args.checkpoint)
     model = model.to(memory_format=fast_memory_format(model))
@@ -251,7 +257,10 @@ def cmd_eval(args) -> int:
     step_size = args.step_size if args.step_size is not None else (budget.step_size if args.steps is None else 2.5 * eps / steps)
     # A folder or npy test set is decoded as far as it is read: --n 1000 reads 1,000 images.
     data = run_dataset(meta, args.data_dir)
-    test = data.test.subset(args.n) if args.n else data.test
+    test = getattr(data, args.split)  # "test" names the evaluated split below, whichever it is
+    test = test.subset(args.n) if args.n else test
+    if args.split == "val":
+        args.sweep_n = 0
 
     def attack_at(e):
         if args.attack == "pgd":
@@ -291,6 +300,11 @@ def cmd_eval(args) -> int:
                                              seed=args.seed, progress=f"sweep ε={f * eps:g}")))
         results["sweep"] = {"n": len(sweep), "points": points}
     if not distributed.is_main():
+        return 0
+    if args.split == "val":  # the run's report describes the test set; validation figures are only printed
+        results["split"] = "val"
+        print(json.dumps({k: results[k] for k in ("split", "clean", "robust", "n", "attack", "wall_s")}) if args.json else
+              f"validation: clean {clean:.2%}, {label} {robust:.2%} ({len(test)} validation images)")
         return 0
     if "sweep" in results:
         plot_accuracy_vs_eps({label.split(" ")[0]: results["sweep"]["points"]}, run_dir / "accuracy_vs_eps.png",
