@@ -259,8 +259,6 @@ def cmd_eval(args) -> int:
     data = run_dataset(meta, args.data_dir)
     test = getattr(data, args.split)  # "test" names the evaluated split below, whichever it is
     test = test.subset(args.n) if args.n else test
-    if args.split == "val":
-        args.sweep_n = 0
 
     def attack_at(e):
         if args.attack == "pgd":
@@ -291,6 +289,11 @@ def cmd_eval(args) -> int:
                "rows": rows or [{"name": "clean", "n": len(test), "accuracy": clean},
                                 {"name": label, "n": len(test), "accuracy": robust}], **extra,
                "command": "robustlab eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None}
+    if args.split == "val":  # the run's report and plot describe the test set; validation figures are only printed
+        if distributed.is_main():
+            print(json.dumps({"split": "val", **{k: results[k] for k in ("clean", "robust", "n", "attack", "wall_s")}})
+                  if args.json else f"validation: clean {clean:.2%}, {label} {robust:.2%} ({len(test)} validation images)")
+        return 0
     plots = {}
     if args.sweep_n > 0 and eps > 0:
         sweep = test.subset(min(args.sweep_n, len(test)))
@@ -300,11 +303,6 @@ def cmd_eval(args) -> int:
                                              seed=args.seed, progress=f"sweep ε={f * eps:g}")))
         results["sweep"] = {"n": len(sweep), "points": points}
     if not distributed.is_main():
-        return 0
-    if args.split == "val":  # the run's report describes the test set; validation figures are only printed
-        results["split"] = "val"
-        print(json.dumps({k: results[k] for k in ("split", "clean", "robust", "n", "attack", "wall_s")}) if args.json else
-              f"validation: clean {clean:.2%}, {label} {robust:.2%} ({len(test)} validation images)")
         return 0
     if "sweep" in results:
         plot_accuracy_vs_eps({label.split(" ")[0]: results["sweep"]["points"]}, run_dir / "accuracy_vs_eps.png",
