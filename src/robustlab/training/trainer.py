@@ -260,9 +260,11 @@ class Trainer:
                 checkpoint.append_metrics(self.out, metrics)
             distributed.barrier()  # no rank runs ahead of a checkpoint that a resume would start from
             if main:
+                # without a validation attack, "robust" is the clean accuracy (it still ranks epochs): say only clean
+                robust = "" if self.val_attack is None else f" robust {val_metrics['val_robust']:.2%}"
                 tqdm.write(f"epoch {epoch + 1}/{self.epochs}: train loss {train_metrics['train_loss']:.4f} "
-                           f"acc {train_metrics['train_acc']:.2%} | val clean {val_metrics['val_clean']:.2%} "
-                           f"robust {val_metrics['val_robust']:.2%}{' (best)' if is_best else ''} | {self.elapsed:.0f}s")
+                           f"acc {train_metrics['train_acc']:.2%} | val clean {val_metrics['val_clean']:.2%}"
+                           f"{robust}{' (best)' if is_best else ''} | {self.elapsed:.0f}s")
             if stop and main:
                 tqdm.write(f"early stop after epoch {epoch + 1}: {stop}")
                 break

@@ -1,0 +1,68 @@
+"""How much of a robust model's robustness lives in its BatchNorm statistics (issue 6).
+
+RiFT fine-tunes in train mode, so every BatchNorm layer's running mean and variance are re-estimated on clean
+images. This script isolates that effect: it leaves every weight alone and only re-estimates the statistics,
+once on clean training images and once on adversarial ones (PGD-10 against the model: the kind of input the
+model was trained on), then measures validation clean and fixed-seed PGD-10 accuracy. Validation only.
+
+    python experiments/rift_bn.py runs/fmnist-resnet-pgd-at --n 10000 --val-n 5000
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from functools import partial
+
+import torch
+
+from robustlab import load_model
+from robustlab.attacks import pgd
+from robustlab.data import load_dataset
+from robustlab.evaluate import accuracy
+from robustlab.protocol import threat_defaults
+
+
+def with_bn_statistics_of(model, data, attack=None, batch_size=500):
+    """A copy of `model` whose BatchNorm statistics are the plain average over `data` (attacked when given)."""
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: every batch counts equally
+    for i in range(0, len(data.labels), batch_size):
+        x = data.images[i:i + batch_size].float().div(255)
+        if attack is not None:
+            model.eval()  # attacked as in PGD-AT: against the model in eval mode
+            x = attack(model, x, data.labels[i:i + batch_size], generator=torch.Generator().manual_seed(i))
+        model.train()
+        with torch.no_grad():
+            model(x)
+    return model.eval()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("run")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--n", type=int, default=10000, help="training images for the statistics")
+    p.add_argument("--val-n", type=int, default=5000)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_model(args.run)
+    data = load_dataset(args.dataset)
+    b = threat_defaults(args.dataset, "linf").train
+    attack = partial(pgd, eps=b.eps, norm="linf", steps=b.steps, step_size=b.step_size)
+    train, val = data.train.subset(args.n), data.val.subset(args.val_n)
+    results = {}
+    for name, m in [("original", model),
+                    ("BN statistics of clean training images", with_bn_statistics_of(model, train)),
+                    ("BN statistics of PGD-10 training images", with_bn_statistics_of(model, train, attack))]:
+        results[name] = {"val_clean": accuracy(m, val), "val_pgd10": accuracy(m, val, attack=attack, seed=0)}
+        print(f"{name:42s} clean {results[name]['val_clean']:.2%}  PGD-10 {results[name]['val_pgd10']:.2%}", flush=True)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
