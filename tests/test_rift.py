@@ -29,13 +29,14 @@ def small(fmnist):
 
 @pytest.fixture(scope="module")
 def tiny_run(fmnist, tmp_path_factory):
-    """A residual network with BatchNorm (21 Conv/Linear modules, width 8) after one epoch of PGD-2 on 512 images."""
+    """A residual network with BatchNorm (21 Conv/Linear modules, width 8) after one epoch of PGD-2 on 512 images,
+    without augmentation (Fashion-MNIST's default is random crops), as the residual network of docs/results.md."""
     out = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
     before = torch.get_num_threads()
     trainer = build_trainer(dataset="fashion-mnist", model="preact-resnet18-small", method="pgd-at", out=out,
                             data_dir=FMNIST, model_kwargs={"width": 8}, show_progress=False,
-                            config=TrainConfig(epochs=1, train_n=512, val_n=50, threads=1),
+                            config=TrainConfig(epochs=1, train_n=512, val_n=50, threads=1, augment="none"),
                             method_kwargs={"steps": 2, "step_size": 0.05})
     trainer.fit()
     torch.set_num_threads(before)
@@ -176,6 +177,9 @@ def test_alpha_is_chosen_without_reading_the_test_split(tiny_run, small, tmp_pat
     assert set(rift_meta["mrc"]) == {n for n, _ in classifier_modules(model)}
     assert (tmp_path / "mrc.png").stat().st_size > 1000 and (tmp_path / "alpha.png").stat().st_size > 1000
     assert "Choice on the validation split" in (tmp_path / "rift_report.md").read_text()
+    # fine-tuning kept the source run's augmentation (none), not the dataset's default (crops)
+    for run in (tmp_path / "finetune").iterdir():
+        assert json.loads((run / "last.json").read_text())["config"]["augment"] == "none"
 
 
 def robustlab(*args):

@@ -46,7 +46,7 @@ def add_parsers(sub):
     r.add_argument("--batch-size", type=_positive(int), default=128)
     r.add_argument("--momentum", type=_nonneg_float, default=0.9)
     r.add_argument("--weight-decay", type=_nonneg_float, default=5e-4)
-    r.add_argument("--augment", help="none, crop, crop-flip (default: the dataset's)")
+    r.add_argument("--augment", help="none, crop, crop-flip (default: the source run's, else the dataset's)")
     r.add_argument("--bn", default="update", help="update (re-estimate BatchNorm statistics while fine-tuning) or keep")
     r.add_argument("--train-n", type=_positive(int), help="fine-tune on the first N training images only")
     r.add_argument("--val-n", type=_positive(int),

@@ -37,7 +37,7 @@ class RiftSettings:
     batch_size: int = 128
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    augment: str | None = None      # None: the dataset's default training augmentation
+    augment: str | None = None      # None: the source run's training augmentation (else the dataset's default)
     bn: str = "update"              # "update": re-estimate BatchNorm statistics while fine-tuning (reference)
     seed: int = 0
     train_n: int | None = None      # fine-tune on the first n training images (tests, quick looks)
@@ -126,6 +126,9 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
 
     # 2-3. Fine-tune each candidate, then choose α on validation data.
     run_meta = {k: meta[k] for k in ("model", "dataset")}
+    # The reference fine-tunes with the robust model's own training augmentation; a different one shifts the
+    # data: preact-resnet18-small trained without crops classifies 87.1% of 10,000 clean training images, 73.4% cropped.
+    augment = settings.augment or meta.get("config", {}).get("augment")
     robust_state = {k: v.clone() for k, v in model.state_dict().items()}
     val = data.val.subset(settings.val_n) if settings.val_n else data.val
     tune_data = replace(data, val=val)
@@ -138,7 +141,7 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
         cid = candidate_id(module, lr)
         tuned, record = finetune(model, module, tune_data, out / "finetune" / cid, run_meta, lr=lr,
                                  epochs=settings.epochs, batch_size=settings.batch_size, momentum=settings.momentum,
-                                 weight_decay=settings.weight_decay, augment=settings.augment, bn=settings.bn,
+                                 weight_decay=settings.weight_decay, augment=augment, bn=settings.bn,
                                  seed=settings.seed, train_n=settings.train_n, show=show)
         tuned_states[cid] = tuned.state_dict()
         entry = state.data["candidates"].setdefault(cid, {})
