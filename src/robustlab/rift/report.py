@@ -53,7 +53,8 @@ def write_report(out: Path, report: dict):
              f"dataset `{report['dataset']}`, threat {report['norm']}",
              f"- fine-tuned module `{rift['module']}` (lr {rift['lr']:g}, BatchNorm statistics: {rift['bn']}), "
              f"α = {rift['alpha']:.1f}; the checkpoint is `best.safetensors` (`robustlab eval {out}` reads it)",
-             f"- the paper's pick (lowest MRC): `{paper}`"
+             (f"- the module given with --module: `{paper}`" if report["settings"].get("module")
+              else f"- the paper's pick (lowest MRC): `{paper}`")
              + (f"; automatic mode chose `{chosen}`" if rift["automatic"] else ""), ""]
     if report["test"]:
         names = list(report["test"])
