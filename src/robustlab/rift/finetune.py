@@ -103,8 +103,7 @@ def finetune(model: nn.Module, module: str, data: Splits, out_dir, run_meta: dic
     for p in tuned.parameters():
         p.requires_grad_(True)
     record = {"best_epoch": meta["epoch"], "val_clean": meta["metrics"]["val_clean"],
-              # the whole run's training time (best.safetensors holds the time up to its own epoch)
-              "train_seconds": round(checkpoint.read_metadata(out / "last.safetensors")["elapsed_s"], 1),
+              "train_seconds": round(trainer.elapsed, 1),  # the whole run's (best.safetensors: up to its epoch)
               "fit_seconds_this_process": round(time.perf_counter() - start, 1)}
     return tuned.eval(), record
 
