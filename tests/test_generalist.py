@@ -84,6 +84,21 @@ def test_mix_into_averages_parameters_and_batchnorm_buffers():
     assert {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"} <= names
 
 
+def test_mix_into_can_take_batchnorm_statistics_from_the_adversarial_learner_only():
+    g, a, n = randomize(toy(), 1), randomize(toy(), 2), randomize(toy(), 3)
+    before = {k: v.clone() for k, v in g.state_dict().items()}
+    decay, beta = 0.9, 0.3
+    mix_into(g, a, n, decay, beta, global_bn="adversarial")
+    sa, sn = a.state_dict(), n.state_dict()
+    for name in ("1.running_mean", "1.running_var"):
+        torch.testing.assert_close(g.state_dict()[name], decay * before[name] + (1 - decay) * sa[name])
+    for name in ("0.weight", "1.weight", "1.bias", "4.bias"):  # BatchNorm's affine weights are parameters: mixed
+        expected = decay * before[name] + (1 - decay) * (beta * sa[name] + (1 - beta) * sn[name])
+        torch.testing.assert_close(g.state_dict()[name], expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(RobustlabError, match="global BatchNorm statistics"):
+        Generalist(global_bn="natural")
+
+
 def test_redistribution_epochs_follow_the_reference_and_scale_with_the_run():
     m = Generalist()
     assert m.redistribution_epochs(120) == list(range(74, 120, 5))  # epochs 75, 80, ..., 120 counted from 1
