@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--nat-lr", type=_positive(float), help="Generalist: natural learner's learning rate (default --lr)")
     m.add_argument("--nat-weight-decay", type=_nonneg_float, help="Generalist: natural learner's weight decay")
     m.add_argument("--nat-schedule", help="Generalist: natural learner's schedule (default --schedule)")
+    m.add_argument("--global-bn", help="Generalist: the global learner's BatchNorm statistics, mixed like the "
+                                       "weights (mix, the paper) or averaged from the adversarial learner only (adversarial)")
     t.add_argument("--epochs", type=_positive(int), default=10)
     t.add_argument("--batch-size", type=_positive(int), default=128)
     t.add_argument("--optimizer", default="sgd", help="sgd or adam")
@@ -162,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 METHOD_OPTIONS = ("eps", "steps", "step_size", "beta", "replays", "outer", "inner", "first_layer", "awp_gamma",
                   "awp_warmup", "co_drop", "adv_loss", "mix_final", "mix_start", "global_decay", "redistribute_from",
-                  "redistribute_every", "redistribute_per_step", "nat_lr", "nat_weight_decay", "nat_schedule")
+                  "redistribute_every", "redistribute_per_step", "nat_lr", "nat_weight_decay", "nat_schedule",
+                  "global_bn")
 
 
 def train_config(args):
