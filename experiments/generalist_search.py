@@ -38,6 +38,7 @@ from robustlab.attacks import pgd
 from robustlab.data import load_dataset
 from robustlab.evaluate import accuracy
 from robustlab.training import TrainConfig, build_trainer
+from robustlab.training.trainer import resolve_precision
 
 # The axes of the search. Each is a hypothesis about why the issue's first try lost robustness:
 # - mix_final: how much natural learner the global learner finally holds (0.4 is the reference's);
@@ -88,7 +89,8 @@ def sample(budget: int, seed: int) -> list[dict]:
 def train(out: Path, method: str, kwargs: dict, args, ema=None) -> float:
     """Train (or finish, or skip) one run; returns its training wall time in seconds."""
     config = TrainConfig(epochs=args.epochs, lr=args.lr, schedule=args.schedule, train_n=args.train_n,
-                         val_n=args.val_n, threads=args.threads, seed=args.seed, augment=args.augment, ema=ema)
+                         val_n=args.val_n, threads=args.threads, seed=args.seed, augment=args.augment, ema=ema,
+                         precision=resolve_precision(args.precision, "cpu"))
     trainer = build_trainer(dataset="fashion-mnist", model=args.model, method=method, out=out, data_dir=args.data_dir,
                             config=config, method_kwargs={"steps": args.steps, "step_size": args.step_size, **kwargs})
     if trainer.resume():
@@ -183,6 +185,7 @@ def main(argv=None):
     p.add_argument("--eval-restarts", type=int, default=1)
     p.add_argument("--trades-baseline", action="store_true", help="also train TRADES (β = 6) as a baseline")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--precision", default="auto", help="training precision: auto (bf16 where the CPU has bf16 units), fp32, bf16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir")
     args = p.parse_args(argv)

@@ -89,6 +89,7 @@ def main(argv=None):
     p.add_argument("--eval-steps", type=int, default=50)
     p.add_argument("--eval-restarts", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", default="auto", help="training precision: auto (bf16 where the CPU has bf16 units), fp32, bf16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir")
     args = p.parse_args(argv)

@@ -43,6 +43,9 @@ def test_train_then_eval_writes_a_report(tmp_path):
     trained = robustlab("train", "--data-dir", FMNIST, "--train-n", "256", "--val-n", "50", "--epochs", "1",
                         "--steps", "2", "--threads", "1", "--out", str(run))
     assert trained.returncode == 0, trained.stderr
+    # --precision auto (the default) is recorded as what it resolved to on this machine
+    from robustlab.training.trainer import resolve_precision
+    assert json.loads((run / "config.json").read_text())["config"]["precision"] == resolve_precision("auto", "cpu")
     again = robustlab("train", "--data-dir", FMNIST, "--out", str(run))
     assert again.returncode == 2 and "--resume" in again.stderr
     evaluated = robustlab("eval", str(run), "--data-dir", FMNIST, "--n", "100", "--steps", "3", "--restarts", "1",
@@ -84,3 +87,14 @@ def test_standard_suite_reports_autoattack_sanity_and_ood(tmp_path):
     assert accs == sorted(accs, reverse=True) and accs[-1] <= report["rows"][0]["accuracy"]
     assert report["sanity"]["verdict"] and (run / "corruptions.png").exists() and (run / "per_class.png").exists()
     assert "Gradient-masking sanity checks" in (run / "report.md").read_text()
+
+
+def test_auto_precision_is_bf16_only_where_the_device_has_bf16_units(monkeypatch):
+    from robustlab.training import trainer
+    monkeypatch.setattr(trainer, "fast_bf16", lambda device: True)
+    assert trainer.resolve_precision("auto", "cpu") == "bf16"
+    assert trainer.resolve_precision("fp32", "cpu") == "fp32"
+    assert trainer.resolve_precision("auto", "tpu") == "fp32"  # left for TrainConfig.validate to reject
+    monkeypatch.setattr(trainer, "fast_bf16", lambda device: False)
+    assert trainer.resolve_precision("auto", "cpu") == "fp32"
+    assert trainer.resolve_precision("bf16", "cpu") == "bf16"  # asked for: given, however slow

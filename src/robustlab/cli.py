@@ -108,7 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--schedule", default="one-cycle", help=", ".join(SCHEDULES))
     t.add_argument("--augment", help="none, crop, crop-flip (default: the dataset's)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--precision", default="fp32", help="fp32, bf16 (autocast; slower on CPUs without bf16 units) or fp16 (CUDA, with loss scaling)")
+    t.add_argument("--precision", default="auto",
+                   help="auto (bf16 where the CPU or GPU has bf16 units, else fp32), fp32, bf16 (autocast; several "
+                        "times slower on CPUs without bf16 units) or fp16 (CUDA, with loss scaling). Training only: "
+                        "validation and evaluation attacks always run in fp32")
     t.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     t.add_argument("--val-n", type=_positive(int), default=1000, help="validation images for the per-epoch PGD check")
     t.add_argument("--train-n", type=_positive(int), help="train on the first N training images only")
@@ -169,10 +172,14 @@ METHOD_OPTIONS = ("eps", "steps", "step_size", "beta", "replays", "outer", "inne
 
 
 def train_config(args):
-    from robustlab.training.trainer import TrainConfig
+    from robustlab.training.trainer import TrainConfig, resolve_precision
+    # bf16 training was measured to keep cnn-small's accuracy (docs/results.md); the tinygrad backend and
+    # text models train in fp32 unless asked.
+    auto_fp32 = args.backend == "tinygrad" or args.task == "text"
+    precision = "fp32" if args.precision == "auto" and auto_fp32 else resolve_precision(args.precision, args.device)
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                        momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
-                       seed=args.seed, precision=args.precision, channels_last=args.channels_last,
+                       seed=args.seed, precision=precision, channels_last=args.channels_last,
                        augment=args.augment, val_n=args.val_n, train_n=args.train_n, threads=args.threads,
                        ema=args.ema, device=args.device, sync_bn=args.sync_bn, workers=args.workers)
 
