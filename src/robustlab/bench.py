@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from robustlab.attacks import LinfBall, attack_mode, perturb
 from robustlab.models import build_model
 from robustlab.training.methods import PGDAT, Standard, StepContext
-from robustlab.training.trainer import autocast_for
+from robustlab.training.trainer import autocast_for, fast_bf16
 
 
 def textbook_pgd(model, x, y, eps, alpha, steps):
@@ -92,7 +92,7 @@ def main(argv=None):
     loops["textbook"] = dict(zip(measures, (clean_step, partial(textbook_pgd, model, x, y, eps, alpha, steps),
                                             partial(textbook_at_step, model, opt, x, y, eps, alpha, steps))))
     # robustlab, in each precision / memory-format combination.
-    with_bf16 = args.bf16 if args.bf16 is not None else torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    with_bf16 = args.bf16 if args.bf16 is not None else fast_bf16(torch.device("cpu"))
     for precision in ("fp32", "bf16") if with_bf16 else ("fp32",):
         for channels_last in (False, True):
             fmt = torch.channels_last if channels_last else torch.contiguous_format
