@@ -37,6 +37,7 @@ from robustlab.protocol import threat_defaults
 from robustlab.provenance import commit, machine
 from robustlab.training import TrainConfig, build_trainer
 from robustlab.training.run import make_method
+from robustlab.training.trainer import autocast_for, resolve_precision
 
 DATASET = "fashion-mnist"
 METHODS = ["pgd-at", "fast-at", "free-at", "yopo", "trades", "mart", "pgd-at-awp", "trades-awp"]
@@ -46,7 +47,8 @@ BASELINE = {"fast-at": "pgd-at", "free-at": "pgd-at", "yopo": "pgd-at", "trades"
 
 def train(method: str, run: Path, args) -> None:
     config = TrainConfig(epochs=args.epochs, batch_size=128, optimizer="sgd", lr=0.05, schedule="one-cycle",
-                         seed=0, threads=args.threads, val_n=args.val_n, train_n=args.train_n, augment=args.augment)
+                         seed=0, threads=args.threads, val_n=args.val_n, train_n=args.train_n, augment=args.augment,
+                         precision=resolve_precision(args.precision, "cpu"))
     trainer = build_trainer(dataset=DATASET, model="cnn-small", method=method, out=run, config=config,
                             method_kwargs=args.options.get(method))
     trainer.resume()  # a no-op for a new run
@@ -100,7 +102,6 @@ def step_times(methods, args) -> dict:
     from robustlab.bench import median_seconds
     from robustlab.models import build_model, fast_memory_format
     from robustlab.training.methods import StepContext
-    from robustlab.training.trainer import autocast_for
 
     data = load_dataset(DATASET)
     info = data.info
@@ -116,7 +117,7 @@ def step_times(methods, args) -> dict:
         method = make_method(name, DATASET, "linf", **args.options.get(name, {}))
         epochs[name] = method.epochs_for(args.epochs)
         ctx = StepContext(model, model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
-                          torch.Generator().manual_seed(0), autocast_for("fp32", torch.device("cpu")),
+                          torch.Generator().manual_seed(0), autocast_for(resolve_precision(args.precision, "cpu"), torch.device("cpu")),
                           epoch=epochs[name] - 1, epochs=epochs[name], progress=0.9,  # past any warm-up (AWP)
                           run=method.init_run_state(model, TrainConfig()))
         steps[name] = partial(method.train_step, ctx, x.contiguous(memory_format=fmt), y)
@@ -219,6 +220,8 @@ def main(argv=None) -> int:
     p.add_argument("--step-times", action="store_true",
                    help="only time every method's training step back to back (OUT/step_times.json); run it on a quiet machine")
     p.add_argument("--step-iters", type=int, default=10)
+    p.add_argument("--precision", default="fp32",
+                   help="training precision: fp32 (the earlier tables), bf16, or auto (bf16 where the CPU has bf16 units)")
     args = p.parse_args(argv)
     args.options = parse_options(args.option, p)
     if args.threads:
@@ -228,7 +231,7 @@ def main(argv=None) -> int:
     if args.step_times:
         (out / "step_times.json").write_text(json.dumps(
             {"times": step_times(args.methods, args), "machine": machine(), "commit": commit(),
-             "threads": torch.get_num_threads()}, indent=1) + "\n")
+             "threads": torch.get_num_threads(), "precision": resolve_precision(args.precision, "cpu")}, indent=1) + "\n")
         return 0
     if not args.table:
         for method in args.methods:

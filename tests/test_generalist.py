@@ -161,6 +161,41 @@ def test_one_step_trains_both_learners_and_mixes_them(adv_loss):
     assert run["global_updates"] == 1 and method.eval_model(run) is run["global"]
 
 
+@pytest.mark.parametrize("adv_loss", ["pgd-at", "trades"])
+def test_own_statistics_come_from_the_global_learners_pass_on_the_adversarial_examples(adv_loss):
+    method = make_method("generalist", "fashion-mnist", "linf", adv_loss=adv_loss, steps=3, step_size=0.04,
+                         mix_start=0.0, mix_final=0.3, redistribute_every=0, global_bn="own")
+    model = randomize(toy(), 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    run = method.init_run_state(model, TrainConfig(lr=0.05))
+    ctx = StepContext(model, model, optimizer, torch.Generator().manual_seed(0), contextlib.nullcontext,
+                      epoch=0, epochs=1, progress=0.5, run=run)
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    global_model = run["global"]
+    before = {k: v.clone() for k, v in global_model.state_dict().items()}
+    seen = []
+    global_model.register_forward_pre_hook(lambda m, inp: seen.append((m.training, inp[0].detach().clone())))
+    model.train()
+    result = method.train_step(ctx, x, y)
+
+    # one train-mode pass on this step's adversarial examples, and the global learner is back in eval mode
+    assert len(seen) == 1 and seen[0][0] and not global_model.training
+    assert torch.equal(seen[0][1], result.x_adv) and not torch.equal(result.x_adv, x)
+    # its statistics: BatchNorm's momentum update from the mixed weights' own activations on them
+    state = global_model.state_dict()
+    with torch.no_grad():
+        conv = nn.functional.conv2d(result.x_adv, state["0.weight"], state["0.bias"], stride=2)
+    momentum = global_model[1].momentum
+    torch.testing.assert_close(state["1.running_mean"],
+                               (1 - momentum) * before["1.running_mean"] + momentum * conv.mean((0, 2, 3)),
+                               rtol=1e-5, atol=1e-6)
+    assert state["1.num_batches_tracked"] == before["1.num_batches_tracked"] + 1
+    # the weights are mixed as with the other settings
+    adv, nat = model.state_dict(), run["natural"].state_dict()
+    expected = 0.1 * before["0.weight"] + 0.9 * (0.65 * adv["0.weight"] + 0.35 * nat["0.weight"])
+    torch.testing.assert_close(state["0.weight"], expected, rtol=1e-5, atol=1e-6)
+
+
 # -- inside the Trainer --------------------------------------------------------------------------
 
 def small_trainer(fmnist, out, epochs, method_kwargs, **config):

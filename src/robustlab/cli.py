@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--nat-weight-decay", type=_nonneg_float, help="Generalist: natural learner's weight decay")
     m.add_argument("--nat-schedule", help="Generalist: natural learner's schedule (default --schedule)")
     m.add_argument("--global-bn", help="Generalist: the global learner's BatchNorm statistics, mixed like the "
-                                       "weights (mix, the paper) or averaged from the adversarial learner only (adversarial)")
+                                       "weights (mix, the paper), averaged from the adversarial learner only (adversarial), or "
+                                       "estimated by the global learner's own forward pass on each adversarial batch (own)")
     t.add_argument("--epochs", type=_positive(int), default=10)
     t.add_argument("--batch-size", type=_positive(int), default=128)
     t.add_argument("--optimizer", default="sgd", help="sgd or adam")

@@ -37,25 +37,38 @@ def warmed_up(decay: float, updates: int) -> float:
     return min(decay, (1 + updates) / (10 + updates))
 
 
-GLOBAL_BN = ("mix", "adversarial")
+GLOBAL_BN = ("mix", "adversarial", "own")
 
 
 @torch.no_grad()
 def mix_into(global_model, adversarial, natural, decay: float, beta: float, global_bn: str = "mix"):
     """θ_g ← γ·θ_g + (1 − γ)·(β·θ_adv + (1 − β)·θ_nat) over parameters. Floating-point buffers (BatchNorm's
-    running statistics) are mixed the same way with `global_bn="mix"` (the paper), or averaged from the
-    adversarial learner alone (β = 1) with `global_bn="adversarial"`. Integer buffers (BatchNorm's batch
-    counter) cannot be averaged: they follow the adversarial learner."""
-    buffers = {name for name, _ in global_model.named_buffers()} if global_bn == "adversarial" else set()
+    running statistics) are mixed the same way with `global_bn="mix"` (the paper), averaged from the
+    adversarial learner alone (β = 1) with `global_bn="adversarial"`, and left alone with `global_bn="own"`
+    (the global learner estimates them itself: `Generalist.train_step`). Integer buffers (BatchNorm's batch
+    counter) cannot be averaged: they follow the adversarial learner, unless the statistics are the global's own."""
+    buffers = {name for name, _ in global_model.named_buffers()}
     learners = zip(global_model.state_dict().items(), adversarial.state_dict().values(), natural.state_dict().values())
     for (name, g), a, n in learners:
+        if global_bn == "own" and name in buffers:
+            continue
         if not g.is_floating_point():
             g.copy_(a)
             continue
-        mix = 1.0 if name in buffers else beta
+        mix = 1.0 if global_bn == "adversarial" and name in buffers else beta
         g.mul_(decay).add_(a, alpha=(1 - decay) * mix)
         if mix != 1.0:
             g.add_(n, alpha=(1 - decay) * (1 - mix))
+
+
+@torch.no_grad()
+def own_statistics(global_model, x_adv, autocast):
+    """One train-mode forward pass of the global learner: its BatchNorm layers fold the batch's statistics into
+    their running averages; its weights have no gradients and do not change."""
+    global_model.train()
+    with autocast():
+        global_model(x_adv)
+    global_model.eval()
 
 
 def redistribute(global_model, *learners):
@@ -100,6 +113,11 @@ class Generalist(Method):
     from the adversarial learner alone, while its weights (BatchNorm's affine ones included) are mixed as
     above. On a PGD-AT residual network, clean-image statistics alone took PGD-10 accuracy from 79% to 1%
     (docs/results.md, RiFT section), and mixing in the natural learner's statistics is one way to get there.
+    `global_bn="own"` (not in the paper either) gives the global learner statistics of its own weights: after
+    each mixing step it runs a forward pass in train mode, without gradients, on the adversarial learner's
+    examples of that step, so its running averages describe its own activations on adversarial inputs (as
+    SWA re-estimates the statistics of its weight average; here on the inputs the robustness is about). It
+    costs one forward pass per step.
 
     Deliberate differences from the reference, each for a stated reason:
     - Redistribution happens once, at the start of each redistribution epoch, as the paper describes; the
@@ -205,5 +223,7 @@ class Generalist(Method):
         decay = warmed_up(self.global_decay, run["global_updates"])
         mix_into(global_model, ctx.module, natural, decay, mixing_ratio(ctx.progress, self.mix_start, self.mix_final),
                  self.global_bn)
+        if self.global_bn == "own":
+            own_statistics(global_model, result.x_adv.detach(), ctx.autocast)
         run["global_updates"] += 1
         return result

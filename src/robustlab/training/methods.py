@@ -37,6 +37,7 @@ class StepResult:
     loss: torch.Tensor
     logits: torch.Tensor          # on the examples the loss was trained on
     logits_clean: torch.Tensor | None = None
+    x_adv: torch.Tensor | None = None  # the adversarial examples, for methods that reuse them (Generalist)
 
 
 class Method:
@@ -120,5 +121,5 @@ class PGDAT(Method):
     def loss(self, ctx, x, y):
         x_adv = self.adversarial_examples(ctx, x, y)
         logits = ctx.model(x_adv)
-        return StepResult(F.cross_entropy(logits, y), logits)
+        return StepResult(F.cross_entropy(logits, y), logits, x_adv=x_adv)
 

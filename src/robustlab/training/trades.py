@@ -35,7 +35,10 @@ class RegularizedAT(Method):
         return x + self.init_std * torch.randn(x.shape, generator=ctx.generator, device=x.device, dtype=x.dtype)
 
     def loss(self, ctx, x, y):
-        return self.objective(ctx.model, x, self.adversarial_examples(ctx, x, y), y)
+        x_adv = self.adversarial_examples(ctx, x, y)
+        result = self.objective(ctx.model, x, x_adv, y)
+        result.x_adv = x_adv
+        return result
 
     def adversarial_examples(self, ctx, x, y):
         raise NotImplementedError
