@@ -6,6 +6,12 @@ once on clean training images and once on adversarial ones (PGD-10 against the m
 model was trained on), then measures validation clean and fixed-seed PGD-10 accuracy. Validation only.
 
     python experiments/rift_bn.py runs/fmnist-resnet-pgd-at --n 10000 --val-n 5000
+
+With `--tuned FINETUNED` (a RiFT fine-tuning run's best.safetensors) it asks the same question along RiFT's
+interpolation instead: for each α, θ(α) with the statistics interpolated like the weights (what RiFT measures)
+beside θ(α) with statistics re-estimated on PGD-10 training images attacked against θ(α) itself.
+
+    python experiments/rift_bn.py runs/fmnist-resnet-pgd-at --tuned RIFT_OUT/finetune/CANDIDATE/best.safetensors
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from robustlab.attacks import pgd
 from robustlab.data import load_dataset
 from robustlab.evaluate import accuracy
 from robustlab.protocol import threat_defaults
+from robustlab.rift.finetune import interpolate
 
 
 def with_bn_statistics_of(model, data, attack=None, batch_size=500):
@@ -48,6 +55,8 @@ def main():
     p.add_argument("--n", type=int, default=10000, help="training images for the statistics")
     p.add_argument("--val-n", type=int, default=5000)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tuned", help="a RiFT fine-tuned checkpoint: compare the two kinds of statistics along α")
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8, 1.0])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.run)
@@ -55,12 +64,21 @@ def main():
     b = threat_defaults(args.dataset, "linf").train
     attack = partial(pgd, eps=b.eps, norm="linf", steps=b.steps, step_size=b.step_size)
     train, val = data.train.subset(args.n), data.val.subset(args.val_n)
+    if args.tuned:
+        robust, tuned = model.state_dict(), load_model(args.tuned).state_dict()
+        candidates = []
+        for alpha in args.alphas:
+            interpolated = copy.deepcopy(model)
+            interpolated.load_state_dict(interpolate(robust, tuned, alpha))
+            candidates += [(f"α = {alpha:.1f}, statistics interpolated", interpolated),
+                           (f"α = {alpha:.1f}, statistics of PGD-10 training images", with_bn_statistics_of(interpolated, train, attack))]
+    else:
+        candidates = [("BN statistics of clean training images", with_bn_statistics_of(model, train)),
+                      ("BN statistics of PGD-10 training images", with_bn_statistics_of(model, train, attack))]
     results = {}
-    for name, m in [("original", model),
-                    ("BN statistics of clean training images", with_bn_statistics_of(model, train)),
-                    ("BN statistics of PGD-10 training images", with_bn_statistics_of(model, train, attack))]:
+    for name, m in [("original", model), *candidates]:
         results[name] = {"val_clean": accuracy(m, val), "val_pgd10": accuracy(m, val, attack=attack, seed=0)}
-        print(f"{name:42s} clean {results[name]['val_clean']:.2%}  PGD-10 {results[name]['val_pgd10']:.2%}", flush=True)
+        print(f"{name:56s} clean {results[name]['val_clean']:.2%}  PGD-10 {results[name]['val_pgd10']:.2%}", flush=True)
     print(json.dumps(results))
 
 
