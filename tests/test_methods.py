@@ -285,6 +285,38 @@ def test_trainer_stops_when_the_method_says_so(fmnist, tmp_path):
     assert (tmp_path / "best.safetensors").exists()
 
 
+class _DivergesInSecondEpoch(Standard):
+    def loss(self, ctx, x, y):
+        result = super().loss(ctx, x, y)
+        return result if ctx.epoch == 0 else type(result)(result.loss * float("nan"), result.logits)
+
+
+def test_a_diverged_run_stops_with_a_clear_error_and_keeps_its_last_good_checkpoint(fmnist, tmp_path):
+    trainer = _trainer(fmnist, _DivergesInSecondEpoch(), tmp_path, n=128, epochs=4)
+    with pytest.raises(RobustlabError, match=r"diverged: the loss is nan at epoch 2, step 1 .*fp32") as err:
+        trainer.fit()
+    assert "\n" not in str(err.value)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1  # epoch 1's checkpoint is the last one
+    assert json.loads((tmp_path / "last.json").read_text())["epoch"] == 0
+
+
+def test_mart_stays_finite_in_bf16_on_confidently_wrong_examples():
+    """bf16 rounds the reference's 1.0001 to 1 and a p_k(x') of 0.9995 to 1: computed in bf16, log(1.0001 − p)
+    has a gradient of 1e12, the other classes' logits get ~1e7, and weights soon hold NaN (a 10-epoch run did)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 10))
+    with torch.no_grad():
+        model[1].weight.mul_(0.01)
+        model[1].bias.copy_(torch.tensor([0.0, 0, 0, 9.8, 0, 0, 0, 0, 0, 0]))  # class 3: p ≈ 0.9995, every label 0
+    x, y = torch.rand(8, 1, 4, 4), torch.zeros(8, dtype=torch.long)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = make_method("mart", "fashion-mnist", "linf").objective(model, x, x.clamp(0, 1), y)
+    result.loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert torch.isfinite(result.loss) and all(torch.isfinite(g).all() for g in grads)
+    assert max(g.abs().max().item() for g in grads) < 1e6
+
+
 def test_free_at_divides_the_epochs_by_its_replays(fmnist, tmp_path):
     assert _trainer(fmnist, FreeAT(replays=8), tmp_path, epochs=10).epochs == 2
     assert _trainer(fmnist, FreeAT(replays=8), tmp_path, epochs=3).epochs == 1

@@ -96,7 +96,9 @@ class MART(RegularizedAT):
             return perturb(ctx.module, x, y, self._threat, self.steps, x_init=self._start(ctx, x))
 
     def objective(self, model, x, x_adv, y):
-        logits_clean, logits_adv = model(x), model(x_adv)
+        # In fp32 whatever the autocast: in bf16, 1.0001 rounds to 1 and p to 1 for a confidently wrong
+        # example, so log(1.0001 − p) loses the reference's bound and its gradient reaches 1e12 (NaN weights).
+        logits_clean, logits_adv = model(x).float(), model(x_adv).float()
         p_adv, p_clean = F.softmax(logits_adv, dim=1), F.softmax(logits_clean, dim=1)
         top2 = p_adv.topk(2, dim=1).indices
         runner_up = torch.where(top2[:, 0] == y, top2[:, 1], top2[:, 0])  # the most likely wrong class

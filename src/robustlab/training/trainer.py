@@ -327,6 +327,12 @@ class Trainer:
             totals = distributed.all_sum(torch.tensor([result.loss.item() * len(y),
                                                        (result.logits.argmax(1) == y).sum().item(), len(y)],
                                                       dtype=torch.float64))
+            if not math.isfinite(totals[0].item()):  # every rank sees the same sum, so every rank stops
+                bar.close()
+                kept = f"{self.out}/last.safetensors holds epoch {epoch}" if epoch else "no epoch was completed"
+                raise RobustlabError(
+                    f"training diverged: the loss is {totals[0].item() / len(y):.4g} at epoch {epoch + 1}, step {i + 1} "
+                    f"(precision {cfg.precision}, lr {lr:.4g}); {kept}. Train again with a smaller --lr or --precision fp32")
             total_loss, total_correct, seen = total_loss + totals[0].item(), total_correct + totals[1].item(), \
                 seen + int(totals[2])
             if i % 10 == 0:
