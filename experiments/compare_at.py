@@ -48,7 +48,7 @@ BASELINE = {"fast-at": "pgd-at", "free-at": "pgd-at", "yopo": "pgd-at", "trades"
 def train(method: str, run: Path, args) -> None:
     config = TrainConfig(epochs=args.epochs, batch_size=128, optimizer="sgd", lr=0.05, schedule="one-cycle",
                          seed=0, threads=args.threads, val_n=args.val_n, train_n=args.train_n, augment=args.augment,
-                         precision=resolve_precision(args.precision, "cpu"))
+                         precision=args.precision)
     trainer = build_trainer(dataset=DATASET, model="cnn-small", method=method, out=run, config=config,
                             method_kwargs=args.options.get(method))
     trainer.resume()  # a no-op for a new run
@@ -117,7 +117,7 @@ def step_times(methods, args) -> dict:
         method = make_method(name, DATASET, "linf", **args.options.get(name, {}))
         epochs[name] = method.epochs_for(args.epochs)
         ctx = StepContext(model, model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
-                          torch.Generator().manual_seed(0), autocast_for(resolve_precision(args.precision, "cpu"), torch.device("cpu")),
+                          torch.Generator().manual_seed(0), autocast_for(args.precision, torch.device("cpu")),
                           epoch=epochs[name] - 1, epochs=epochs[name], progress=0.9,  # past any warm-up (AWP)
                           run=method.init_run_state(model, TrainConfig()))
         steps[name] = partial(method.train_step, ctx, x.contiguous(memory_format=fmt), y)
@@ -224,6 +224,7 @@ def main(argv=None) -> int:
                    help="training precision: fp32 (the earlier tables), bf16, or auto (bf16 where the CPU has bf16 units)")
     args = p.parse_args(argv)
     args.options = parse_options(args.option, p)
+    args.precision = resolve_precision(args.precision, "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -231,7 +232,7 @@ def main(argv=None) -> int:
     if args.step_times:
         (out / "step_times.json").write_text(json.dumps(
             {"times": step_times(args.methods, args), "machine": machine(), "commit": commit(),
-             "threads": torch.get_num_threads(), "precision": resolve_precision(args.precision, "cpu")}, indent=1) + "\n")
+             "threads": torch.get_num_threads(), "precision": args.precision}, indent=1) + "\n")
         return 0
     if not args.table:
         for method in args.methods:

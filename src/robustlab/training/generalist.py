@@ -47,7 +47,7 @@ def mix_into(global_model, adversarial, natural, decay: float, beta: float, glob
     adversarial learner alone (β = 1) with `global_bn="adversarial"`, and left alone with `global_bn="own"`
     (the global learner estimates them itself: `Generalist.train_step`). Integer buffers (BatchNorm's batch
     counter) cannot be averaged: they follow the adversarial learner, unless the statistics are the global's own."""
-    buffers = {name for name, _ in global_model.named_buffers()}
+    buffers = {name for name, _ in global_model.named_buffers()} if global_bn != "mix" else set()
     learners = zip(global_model.state_dict().items(), adversarial.state_dict().values(), natural.state_dict().values())
     for (name, g), a, n in learners:
         if global_bn == "own" and name in buffers:

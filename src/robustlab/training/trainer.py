@@ -327,14 +327,14 @@ class Trainer:
             totals = distributed.all_sum(torch.tensor([result.loss.item() * len(y),
                                                        (result.logits.argmax(1) == y).sum().item(), len(y)],
                                                       dtype=torch.float64))
-            if not math.isfinite(totals[0].item()):  # every rank sees the same sum, so every rank stops
+            loss_sum, correct, count = totals.tolist()
+            if not math.isfinite(loss_sum):  # every rank sees the same sum, so every rank stops
                 bar.close()
                 kept = f"{self.out}/last.safetensors holds epoch {epoch}" if epoch else "no epoch was completed"
                 raise RobustlabError(
-                    f"training diverged: the loss is {totals[0].item() / len(y):.4g} at epoch {epoch + 1}, step {i + 1} "
+                    f"training diverged: the loss is {loss_sum / count:.4g} at epoch {epoch + 1}, step {i + 1} "
                     f"(precision {cfg.precision}, lr {lr:.4g}); {kept}. Train again with a smaller --lr or --precision fp32")
-            total_loss, total_correct, seen = total_loss + totals[0].item(), total_correct + totals[1].item(), \
-                seen + int(totals[2])
+            total_loss, total_correct, seen = total_loss + loss_sum, total_correct + correct, seen + int(count)
             if i % 10 == 0:
                 bar.set_postfix(refresh=False, loss=f"{total_loss / seen:.3f}", acc=f"{total_correct / seen:.1%}",
                                 lr=f"{lr:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
