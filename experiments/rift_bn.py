@@ -12,6 +12,9 @@ interpolation instead: for each α, θ(α) with the statistics interpolated like
 beside θ(α) with statistics re-estimated on PGD-10 training images attacked against θ(α) itself.
 
     python experiments/rift_bn.py runs/fmnist-resnet-pgd-at --tuned RIFT_OUT/finetune/CANDIDATE/best.safetensors
+
+`robustlab rift --bn recalibrate` makes the second of these RiFT's own mode. (Until that mode landed, this script
+attacked each batch against the statistics estimated so far rather than against the model as given.)
 """
 from __future__ import annotations
 
@@ -27,25 +30,13 @@ from robustlab.attacks import pgd
 from robustlab.data import load_dataset
 from robustlab.evaluate import accuracy
 from robustlab.protocol import threat_defaults
-from robustlab.rift.finetune import interpolate
+from robustlab.rift.finetune import interpolate, recalibrate_bn
 
 
-def with_bn_statistics_of(model, data, attack=None, batch_size=500):
-    """A copy of `model` whose BatchNorm statistics are the plain average over `data` (attacked when given)."""
-    model = copy.deepcopy(model)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average: every batch counts equally
-    for i in range(0, len(data.labels), batch_size):
-        x = data.images[i:i + batch_size].float().div(255)
-        if attack is not None:
-            model.eval()  # attacked as in PGD-AT: against the model in eval mode
-            x = attack(model, x, data.labels[i:i + batch_size], generator=torch.Generator().manual_seed(i))
-        model.train()
-        with torch.no_grad():
-            model(x)
-    return model.eval()
+def with_bn_statistics_of(model, data, attack=None):
+    """A copy of `model` whose BatchNorm statistics are re-estimated on `data` (attacked, when given, against
+    the model as it is): `robustlab.rift.recalibrate_bn`, as `robustlab rift --bn recalibrate` uses it."""
+    return recalibrate_bn(copy.deepcopy(model), data, attack).eval()
 
 
 def main():

@@ -1,5 +1,6 @@
 """RiFT (issue 6): MRC leaves the model as it was and respects its constraint, fine-tuning touches only the chosen
 module (and BatchNorm statistics), interpolation reproduces its endpoints, and α is chosen without the test set."""
+import functools
 import json
 import subprocess
 import sys
@@ -11,10 +12,12 @@ from robustlab import checkpoint, load_model
 from robustlab.cli import main
 from robustlab.data import Splits
 from robustlab.models import classifier_modules
+from robustlab.attacks import pgd
 from robustlab.rift import (AlphaSearch, MRCConfig, RiftSettings, compute_mrc, finetune, interpolate,
-                            module_criticality, rift)
+                            module_criticality, recalibrate_bn, rift)
 from robustlab.rift import TestSettings as ReportSettings  # not a test class
 from robustlab.rift import mrc as mrc_module
+from robustlab.rift import pipeline as pipeline_module
 from robustlab.rift.mrc import adversarial_set
 from robustlab.training import TrainConfig, build_trainer
 
@@ -138,6 +141,49 @@ def test_interpolation_reproduces_both_endpoints_exactly(tiny_run, small, one_th
         assert torch.equal(model(x), reference)
 
 
+def _batchnorms(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def test_recalibration_averages_over_the_images_attacked_against_the_model_as_given(tiny_run, small, one_thread):
+    model = load_model(tiny_run)
+    model.train()
+    model.net.layer1[0].bn2.eval()  # a mixed mode the caller chose must come back as it was
+    modes = {n: m.training for n, m in model.named_modules()}
+    before = _snapshot(model)
+    first = _batchnorms(model)[0]  # layer1.0.bn1: its input, conv1's output, does not depend on any statistics
+    first.momentum = 0.3
+    seen = []
+
+    def attack(m, x, y, generator):  # records the statistics each batch is attacked against
+        seen.append(first.running_mean.clone())
+        return (x + 0.05 * torch.randn(x.shape, generator=generator)).clamp(0, 1)
+
+    images = small.train.subset(96)
+    recalibrate_bn(model, images, attack, batch_size=32)
+    assert len(seen) == 3 and all(torch.equal(s, before["net.layer1.0.bn1.running_mean"]) for s in seen)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("running_" in k or "num_batches_tracked" in k for k in changed)
+    assert {n: m.training for n, m in model.named_modules()} == modes and first.momentum == 0.3
+    assert all(p.grad is None for p in model.parameters())
+    # The plain average of the three batches' means, over the attacked images (the same seeds again).
+    model.eval()
+    inputs = []
+    hook = first.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach()))
+    with torch.no_grad():
+        for i in range(0, 96, 32):
+            x = images.images[i:i + 32].float().div(255)
+            model(attack(model, x, None, torch.Generator().manual_seed(i)))
+    hook.remove()
+    expected = torch.stack([x.mean((0, 2, 3)) for x in inputs]).mean(0)
+    assert torch.allclose(first.running_mean, expected, atol=1e-5)
+    # clean=True (TRADES, MART): each batch also passes unattacked, so six batches count, three of them attacked.
+    seen.clear()
+    recalibrate_bn(model, images, attack, clean=True, batch_size=32)
+    assert len(seen) == 3 and first.num_batches_tracked.item() == 6
+
+
 def test_alpha_rule_takes_the_best_clean_accuracy_within_the_tolerance():
     curve = {f"{a:.2f}": {"clean": c, "robust": r} for a, c, r in
              [(0.0, 0.80, 0.700), (0.1, 0.81, 0.700), (0.2, 0.83, 0.699), (0.3, 0.85, 0.6985), (0.4, 0.86, 0.650),
@@ -182,6 +228,35 @@ def test_alpha_is_chosen_without_reading_the_test_split(tiny_run, small, tmp_pat
         assert json.loads((run / "last.json").read_text())["config"]["augment"] == "none"
 
 
+def test_recalibrate_mode_measures_and_saves_theta_alpha_with_statistics_of_its_own(tiny_run, small, tmp_path,
+                                                                                     one_thread, monkeypatch):
+    calls = []
+    real = pipeline_module.recalibrate_bn
+    monkeypatch.setattr(pipeline_module, "recalibrate_bn", lambda *a, **k: calls.append(1) or real(*a, **k))
+    settings = RiftSettings(module="layer4.1.conv2", lr=0.05, epochs=1, train_n=128, val_n=40, bn="recalibrate",
+                            recal_n=64, tolerance=1.0, mrc=MRCConfig(n=48, epochs=1, batch_size=24))
+    source = tiny_run / "best.safetensors"
+    report = rift(source, small, tmp_path, settings, test=None, show=False)
+    assert len(calls) == 10  # once per α > 0, although clean and robust accuracy are both measured at each
+    alpha = report["rift"]["alpha"]
+    assert alpha > 0 and report["rift"]["recal_n"] == 64
+    run = next((tmp_path / "finetune").iterdir())
+    assert json.loads((run / "last.json").read_text())["method"]["bn"] == "keep"  # statistics fixed while tuning
+
+    robust = load_model(source)
+    expected = load_model(source)
+    tuned = load_model(run / "best.safetensors")
+    expected.load_state_dict(interpolate(robust.state_dict(), tuned.state_dict(), alpha))
+    interpolated = _snapshot(expected)
+    attack = functools.partial(pgd, eps=0.1, norm="linf", steps=10, step_size=0.025)  # the protocol's PGD-10
+    recalibrate_bn(expected, small.train.subset(64), attack)
+    saved = load_model(tmp_path).state_dict()
+    for k, v in expected.state_dict().items():
+        assert torch.allclose(saved[k].float(), v.float(), atol=1e-5), k
+        if "running_" in k:
+            assert not torch.allclose(v, interpolated[k]), k  # re-estimated, not interpolated
+
+
 def robustlab(*args):
     return subprocess.run([sys.executable, "-m", "robustlab", *args], capture_output=True, text=True,
                           env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
@@ -191,7 +266,7 @@ def robustlab(*args):
     (["rift", "no/such/run", "--out", "OUT"], ["no/such/run"]),
     (["mrc", "no/such/run"], ["no/such/run"]),
     (["rift", "RUN", "--module", "layer9.conv7", "--out", "OUT"], ["module", "net.linear"]),
-    (["rift", "RUN", "--bn", "sometimes", "--out", "OUT"], ["bn", "keep"]),
+    (["rift", "RUN", "--bn", "sometimes", "--out", "OUT"], ["bn", "keep", "recalibrate"]),
     (["rift", "RUN", "--lrs", "0.1,fast", "--out", "OUT"], ["--lrs"]),
     (["mrc", "RUN", "--mrc-n", "0"], ["mrc-n"]),
 ])

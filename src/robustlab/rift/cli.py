@@ -47,7 +47,12 @@ def add_parsers(sub):
     r.add_argument("--momentum", type=_nonneg_float, default=0.9)
     r.add_argument("--weight-decay", type=_nonneg_float, default=5e-4)
     r.add_argument("--augment", help="none, crop, crop-flip (default: the source run's, else the dataset's)")
-    r.add_argument("--bn", default="update", help="update (re-estimate BatchNorm statistics while fine-tuning) or keep")
+    r.add_argument("--bn", default="update",
+                   help="update (re-estimate BatchNorm statistics on clean data while fine-tuning, the reference), "
+                        "keep (freeze them), or recalibrate (freeze them while fine-tuning, then re-estimate them "
+                        "for each α on PGD examples of --recal-n training images)")
+    r.add_argument("--recal-n", type=_positive(int), default=10000,
+                   help="training images for --bn recalibrate (default 10000)")
     r.add_argument("--train-n", type=_positive(int), help="fine-tune on the first N training images only")
     r.add_argument("--val-n", type=_positive(int),
                    help="validation images for choosing the fine-tuned epoch and α (default: all)")
@@ -143,8 +148,9 @@ def cmd_rift(args) -> int:
         raise RobustlabError(f"--auto must be >= 0, got {args.auto}")
     settings = RiftSettings(module=args.module, auto=args.auto, lr=args.lr, lrs=lrs, epochs=args.epochs,
                             batch_size=args.batch_size, momentum=args.momentum, weight_decay=args.weight_decay,
-                            augment=args.augment, bn=args.bn, seed=args.seed, train_n=args.train_n, val_n=args.val_n,
-                            tolerance=args.tolerance / 100, mrc=_mrc_config(args))
+                            augment=args.augment, bn=args.bn, recal_n=args.recal_n, seed=args.seed,
+                            train_n=args.train_n, val_n=args.val_n, tolerance=args.tolerance / 100,
+                            mrc=_mrc_config(args))
     settings.validate()
     if args.augment:
         check_choice("augmentation", args.augment, AUGMENTATIONS)

@@ -11,7 +11,9 @@ BatchNorm: as in the reference, the model trains in train mode, so every BatchNo
 statistics are re-estimated on the clean training data (their affine parameters stay frozen); `bn="keep"`
 keeps them fixed instead. Interpolation mixes all floating-point state, the running statistics included,
 so θ(α) moves the statistics from the robust model's (adversarial inputs) toward clean-data ones together
-with the weights, and α = 0 is exactly the robust model.
+with the weights, and α = 0 is exactly the robust model. `bn="recalibrate"` fine-tunes as "keep", then
+gives every θ(α) with α > 0 statistics re-estimated on adversarial training images attacked against θ(α)
+itself (`recalibrate_bn`): the kind of input the robust model's statistics were measured on.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from robustlab.training.methods import Method, StepResult
 from robustlab.training.trainer import TrainConfig, Trainer
 
 ALPHAS = tuple(i / 10 for i in range(11))
-BN_MODES = ("update", "keep")
+BN_MODES = ("update", "keep", "recalibrate")
 
 
 class CriticalFinetune(Method):
@@ -43,7 +45,7 @@ class CriticalFinetune(Method):
     adversarial = False
 
     def __init__(self, module: str, lr: float, bn: str = "update", gamma: float = 0.1):
-        self.module, self.lr, self.bn, self.gamma = module, lr, check_choice("bn", bn, BN_MODES), gamma
+        self.module, self.lr, self.bn, self.gamma = module, lr, check_choice("bn", bn, ("update", "keep")), gamma
 
     def loss(self, ctx, x, y):
         logits = ctx.model(x)
@@ -108,6 +110,45 @@ def finetune(model: nn.Module, module: str, data: Splits, out_dir, run_meta: dic
     return tuned.eval(), record
 
 
+def recalibrate_bn(model: nn.Module, images: ImageSet, attack=None, *, clean: bool = False, batch_size: int = 500,
+                   seed: int = 0, show=None) -> nn.Module:
+    """Replace every BatchNorm layer's running statistics by their plain average over `images`, attacked first
+    (when `attack` is given) against `model` as it stands, in eval mode, with seed `seed + i` for the batch at i.
+    `clean`: each batch also passes unattacked, before its attacked copy (as TRADES and MART train).
+
+    All examples are attacked before any statistic changes, so that no batch is attacked against half-estimated
+    statistics. Weights, the modes of all modules and each layer's momentum are left as they were.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return model
+    device = next(model.parameters()).device
+    starts = range(0, len(images), batch_size)
+    batches = []
+    for i in progress(starts, show=show, desc="BN statistics: attack", leave=False):
+        x = images.images[i:i + batch_size].to(device).float().div_(255)
+        if clean or attack is None:
+            batches.append(x)
+        if attack is not None:
+            y = images.labels[i:i + batch_size].to(device)
+            batches.append(attack(model, x, y, generator=torch.Generator(device).manual_seed(seed + i)))
+    modes, momenta = [(m, m.training) for m in model.modules()], [m.momentum for m in norms]
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: every batch counts equally
+        model.train()
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        for m, training in modes:
+            m.training = training
+    return model
+
+
 def interpolate(robust: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float) -> dict:
     """θ(α) = (1 − α)·θ_robust + α·θ_tuned for every floating-point tensor of two state dicts.
 
@@ -133,14 +174,29 @@ class AlphaSearch:
     and RiFT's choice of α: the largest validation clean accuracy whose validation robust accuracy is at least
     the robust model's (α = 0) minus `tolerance` (ties: the smaller α). Robust accuracy comes from `attack`
     with a fixed seed, so every α meets the same random starts. Only `val` and `val_robust` are read.
+
+    `prepare(model)`, when given, finishes θ(α) for every α > 0 after interpolation (RiFT's `--bn recalibrate`);
+    each prepared state is computed once and kept, and `state(α)` returns what was measured.
     """
 
     def __init__(self, model: nn.Module, robust: dict, tuned: dict, val: ImageSet, val_robust: ImageSet, attack,
-                 *, seed: int = 0, curve: dict | None = None, on_update=None, show=None):
+                 *, seed: int = 0, curve: dict | None = None, on_update=None, show=None, prepare=None):
         self.model, self.robust, self.tuned = model, robust, tuned
         self.val, self.val_robust, self.attack, self.seed = val, val_robust, attack, seed
         self.curve = curve if curve is not None else {}
         self.on_update, self.show = on_update or (lambda curve: None), show
+        self.prepare, self._prepared = prepare, {}
+
+    def state(self, alpha: float) -> dict:
+        """θ(α) as measured: the interpolation, then `prepare` for α > 0."""
+        if self.prepare is None or alpha == 0:
+            return interpolate(self.robust, self.tuned, alpha)
+        key = f"{alpha:.2f}"
+        if key not in self._prepared:
+            self.model.load_state_dict(interpolate(self.robust, self.tuned, alpha))
+            self.prepare(self.model)
+            self._prepared[key] = {k: v.clone() for k, v in self.model.state_dict().items()}
+        return self._prepared[key]
 
     def _point(self, alpha: float) -> dict:
         return self.curve.setdefault(f"{alpha:.2f}", {})
@@ -149,7 +205,7 @@ class AlphaSearch:
         point = self._point(alpha)
         if what not in point:
             start = time.perf_counter()
-            self.model.load_state_dict(interpolate(self.robust, self.tuned, alpha))
+            self.model.load_state_dict(self.state(alpha))
             if what == "clean":
                 point[what] = accuracy(self.model, self.val, batch_size=1000)
             else:

@@ -15,15 +15,16 @@ from pathlib import Path
 
 from robustlab import checkpoint
 from robustlab.attacks import autoattack_accuracy, pgd
-from robustlab.data import Splits
+from robustlab.data import ImageSet, Splits
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.evaluate.accuracy import accuracy
 from robustlab.evaluate.corruptions import ood_accuracy
 from robustlab.models import fast_memory_format
 from robustlab.protocol import threat_defaults
-from robustlab.rift.finetune import ALPHAS, BN_MODES, AlphaSearch, finetune, interpolate, module_named
+from robustlab.rift.finetune import ALPHAS, BN_MODES, AlphaSearch, finetune, module_named, recalibrate_bn
 from robustlab.rift.mrc import MRCConfig, compute_mrc, file_sha256, plot_mrc, ranked, read_json, write_json
 from robustlab.rift.report import plot_alpha, write_report
+from robustlab.training.registry import METHODS
 from robustlab.training.run import load_model
 
 
@@ -39,6 +40,7 @@ class RiftSettings:
     weight_decay: float = 5e-4
     augment: str | None = None      # None: the source run's training augmentation (else the dataset's default)
     bn: str = "update"              # "update": re-estimate BatchNorm statistics while fine-tuning (reference)
+    recal_n: int = 10000            # bn="recalibrate": training images whose PGD examples give θ(α)'s statistics
     seed: int = 0
     train_n: int | None = None      # fine-tune on the first n training images (tests, quick looks)
     val_n: int | None = None        # validation images for the fine-tuned epoch and α (None: all)
@@ -48,8 +50,8 @@ class RiftSettings:
     def validate(self):
         check_choice("bn", self.bn, BN_MODES)
         self.mrc.validate()
-        if self.auto < 0 or self.epochs <= 0 or self.lr <= 0 or any(lr <= 0 for lr in self.lrs) or self.tolerance < 0:
-            raise RobustlabError("auto must be >= 0, epochs and learning rates > 0, tolerance >= 0")
+        if self.auto < 0 or self.recal_n <= 0 or self.epochs <= 0 or self.lr <= 0 or any(lr <= 0 for lr in self.lrs) or self.tolerance < 0:
+            raise RobustlabError("auto must be >= 0, recal_n, epochs and learning rates > 0, tolerance >= 0")
 
 
 @dataclass
@@ -133,7 +135,18 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
     val = data.val.subset(settings.val_n) if settings.val_n else data.val
     tune_data = replace(data, val=val)
     attack = partial(pgd, eps=threat["eps"], norm=norm, steps=threat["steps"], step_size=threat["step_size"])
-    curve_key = {"val_n": len(val), "attack": threat, "seed": settings.seed}
+    curve_key = {"val_n": len(val), "attack": threat, "seed": settings.seed, "bn": settings.bn}
+    prepare, tune_bn = None, settings.bn
+    if settings.bn == "recalibrate":  # fine-tune with the statistics fixed, then re-estimate them for each θ(α)
+        if not isinstance(data.train, ImageSet):
+            raise RobustlabError("--bn recalibrate needs a training set held in memory; this dataset is streamed")
+        recal = data.train.subset(settings.recal_n)
+        # The kind of input the source run's statistics were measured on (PGD-AT: adversarial; TRADES: both).
+        inputs = getattr(METHODS.get(meta.get("method", {}).get("name")), "batchnorm_inputs", "adversarial")
+        prepare = partial(recalibrate_bn, images=recal, attack=attack if "adversarial" in inputs else None,
+                          clean="clean" in inputs, seed=settings.seed, show=show)
+        tune_bn = "keep"
+        curve_key.update(recal_n=len(recal), recal_inputs=inputs)
     searches, tuned_states = {}, {}
     work = load_model(source)  # holds θ(α) while it is measured
     work = work.to(memory_format=fast_memory_format(work))
@@ -141,7 +154,7 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
         cid = candidate_id(module, lr)
         tuned, record = finetune(model, module, tune_data, out / "finetune" / cid, run_meta, lr=lr,
                                  epochs=settings.epochs, batch_size=settings.batch_size, momentum=settings.momentum,
-                                 weight_decay=settings.weight_decay, augment=augment, bn=settings.bn,
+                                 weight_decay=settings.weight_decay, augment=augment, bn=tune_bn,
                                  seed=settings.seed, train_n=settings.train_n, show=show)
         tuned_states[cid] = tuned.state_dict()
         entry = state.data["candidates"].setdefault(cid, {})
@@ -149,7 +162,8 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
             entry.update(curve_key=curve_key, curve={})
         entry.update(module=module, lr=lr, finetune=record, mrc=mrc["modules"][module]["mrc"])
         searches[cid] = AlphaSearch(work, robust_state, tuned_states[cid], val, val, attack, seed=settings.seed,
-                                    curve=entry["curve"], on_update=lambda _: state.save(), show=show)
+                                    curve=entry["curve"], on_update=lambda _: state.save(), show=show,
+                                    prepare=prepare)
         # The automatic mode measures robust accuracy only where it decides; the finalists' curves are completed below.
         entry["alpha"] = searches[cid].choose(ALPHAS, settings.tolerance, full=not settings.auto)
         state.save()
@@ -173,8 +187,9 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
     # The result: an ordinary robustlab checkpoint.
     chosen = entries[best]
     final = load_model(source)
-    final.load_state_dict(interpolate(robust_state, tuned_states[best], chosen["alpha"]))
+    final.load_state_dict(searches[best].state(chosen["alpha"]))
     rift_meta = {"module": chosen["module"], "alpha": chosen["alpha"], "lr": chosen["lr"], "bn": settings.bn,
+                 **({k: curve_key[k] for k in ("recal_n", "recal_inputs")} if prepare else {}),
                  "source": state.data["source"], "paper_pick": paper, "automatic": bool(settings.auto),
                  "mrc": {n: r["mrc"] for n, r in mrc["modules"].items()},
                  "val": {"clean": chosen["val_clean"], "robust": chosen["val_robust"],
@@ -194,7 +209,7 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
     if paper != best:  # automatic mode: is the winner better than the paper's pick on the test set too?
         paper_model = load_model(source)
         paper_model = paper_model.to(memory_format=fast_memory_format(paper_model))
-        paper_model.load_state_dict(interpolate(robust_state, tuned_states[paper], entries[paper]["alpha"]))
+        paper_model.load_state_dict(searches[paper].state(entries[paper]["alpha"]))
         models["paper pick"] = paper_model
     results, seen = {}, {}
     if test is not None:

@@ -130,6 +130,7 @@ class Generalist(Method):
       it. Its result is unchanged, apart from its momentum starting at that redistribution; its cost is saved.
     """
     name = "generalist"
+    batchnorm_inputs = "clean+adversarial"  # the global learner's statistics mix the two base learners'
 
     def __init__(self, eps=0.1, norm="linf", steps=10, step_size=0.025, adv_loss="pgd-at", beta=None,
                  mix_final=0.4, mix_start=2 / 3, global_decay=0.999, redistribute_from=0.625, redistribute_every=None,

@@ -43,6 +43,9 @@ class StepResult:
 class Method:
     name = "base"
     adversarial = True
+    # What the model's BatchNorm layers see in train mode, so its running statistics describe: "adversarial",
+    # "clean" or "clean+adversarial" (a clean and an adversarial pass per batch). RiFT's --bn recalibrate uses it.
+    batchnorm_inputs = "adversarial"
     # The protocol's training-threat fields that `make_method` fills in when not given: a method whose
     # defaults come from its paper instead (Fast-AT's step 1.25·ε, FreeAT's step ε) leaves them out.
     protocol_fields = ("eps", "norm", "steps", "step_size")
@@ -92,6 +95,7 @@ class Standard(Method):
     """Plain training on clean inputs (the undefended baseline)."""
     name = "standard"
     adversarial = False
+    batchnorm_inputs = "clean"
 
     def loss(self, ctx, x, y):
         logits = ctx.model(x)

@@ -22,6 +22,7 @@ def kl_to_target(logits, target_probs):
 
 class RegularizedAT(Method):
     """Shared parts: the threat model, β, and PGD from a small Gaussian start, in eval mode."""
+    batchnorm_inputs = "clean+adversarial"
 
     def __init__(self, eps=0.1, norm="linf", steps=10, step_size=0.025, beta=6.0, init_std=0.001):
         if beta < 0:
