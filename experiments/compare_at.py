@@ -169,12 +169,18 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     biggest = max(r["train_s"] for r in rows)
+    handles = []
+    # A legend rather than labels beside the points: methods often land within a few tenths of a point.
     for r in rows:
-        ax.scatter(100 * r["clean"], 100 * r["pgd"], s=40 + 900 * r["train_s"] / biggest, alpha=0.5)
-        ax.annotate(f"{r['method']} ({r['train_s'] / 60:.0f} min)", (100 * r["clean"], 100 * r["pgd"]),
-                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+        dots = ax.scatter(100 * r["clean"], 100 * r["pgd"], s=40 + 900 * r["train_s"] / biggest, alpha=0.5)
+        ax.scatter(100 * r["clean"], 100 * r["pgd"], s=6, color="black")
+        handles.append(Line2D([], [], marker="o", ls="", color=dots.get_facecolor()[0], markersize=8,
+                              label=f"{r['method']} ({r['train_s'] / 60:.0f} min)"))
+    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
     ax.set_xlabel("clean test accuracy (%)")
     ax.set_ylabel("PGD-50×3 test accuracy (%)")
     ax.set_title("Fashion-MNIST cnn-small, L∞ ε = 0.1 (marker area ∝ training time)")
