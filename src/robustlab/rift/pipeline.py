@@ -50,7 +50,8 @@ class RiftSettings:
     def validate(self):
         check_choice("bn", self.bn, BN_MODES)
         self.mrc.validate()
-        if self.auto < 0 or self.recal_n <= 0 or self.epochs <= 0 or self.lr <= 0 or any(lr <= 0 for lr in self.lrs) or self.tolerance < 0:
+        if (self.auto < 0 or self.recal_n <= 0 or self.epochs <= 0 or self.lr <= 0 or any(lr <= 0 for lr in self.lrs)
+                or self.tolerance < 0):
             raise RobustlabError("auto must be >= 0, recal_n, epochs and learning rates > 0, tolerance >= 0")
 
 
