@@ -146,6 +146,21 @@ def test_examples_stay_inside_the_ball(name, norm, batch):
     assert pickle.dumps(method) == before, "a method must keep no per-run state on itself (ctx.state is for that)"
 
 
+@pytest.mark.parametrize("name", ["standard", "pgd-at", *FAMILY])
+def test_batchnorm_inputs_names_what_the_model_sees_in_train_mode(name, batch):
+    """RiFT's --bn recalibrate re-estimates a model's statistics on the kind of input its method declares."""
+    x, y = batch
+    model = lenet()
+    method = make_method(name, "fashion-mnist", "linf")
+    ctx = context(model, epoch=1, epochs=2)
+    method.train_step(ctx, x[:32], y[:32])  # FreeAT's first replay starts from δ = 0: look at a later batch
+    xb, kinds = x[32:], set()
+    model.register_forward_pre_hook(
+        lambda m, inputs: kinds.add("clean" if torch.equal(inputs[0], xb) else "adversarial") if m.training else None)
+    method.train_step(ctx, xb, y[32:])
+    assert kinds == set(method.batchnorm_inputs.split("+"))
+
+
 def test_free_at_resets_delta_when_the_batch_size_changes(batch):
     x, y = batch
     model, method = lenet(), FreeAT(replays=2)
