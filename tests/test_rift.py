@@ -11,8 +11,9 @@ import torch
 from robustlab import checkpoint, load_model
 from robustlab.cli import main
 from robustlab.data import Splits
+from robustlab.evaluate import accuracy
 from robustlab.models import classifier_modules
-from robustlab.attacks import pgd
+from robustlab.attacks import dlr_loss, pgd
 from robustlab.rift import (AlphaSearch, MRCConfig, RiftSettings, compute_mrc, finetune, interpolate,
                             module_criticality, recalibrate_bn, rift)
 from robustlab.rift import TestSettings as ReportSettings  # not a test class
@@ -184,6 +185,21 @@ def test_recalibration_averages_over_the_images_attacked_against_the_model_as_gi
     assert len(seen) == 3 and first.num_batches_tracked.item() == 6
 
 
+def test_the_pgd_and_dlr_check_keeps_the_first_success_per_image(tiny_run, small, one_thread):
+    model = load_model(tiny_run)
+    ce = functools.partial(pgd, eps=0.1, norm="linf", steps=3, step_size=0.04, random_start=False)
+    dlr = functools.partial(ce, loss_fn=dlr_loss)
+    both = pipeline_module.first_success(ce, dlr)
+    val = small.val.subset(100)
+    acc = {name: accuracy(model, val, attack=a) for name, a in (("ce", ce), ("dlr", dlr), ("both", both))}
+    assert acc["both"] <= min(acc["ce"], acc["dlr"])
+    assert acc["both"] < max(acc["ce"], acc["dlr"])  # each finds images the other misses on this model
+    x, y = val.as_float()[:20], val.labels[:20]
+    broken_by_ce = model(ce(model, x, y)).argmax(1) != y
+    assert torch.equal(both(model, x, y)[broken_by_ce], ce(model, x, y)[broken_by_ce])
+    assert not model.training
+
+
 def test_alpha_rule_takes_the_best_clean_accuracy_within_the_tolerance():
     curve = {f"{a:.2f}": {"clean": c, "robust": r} for a, c, r in
              [(0.0, 0.80, 0.700), (0.1, 0.81, 0.700), (0.2, 0.83, 0.699), (0.3, 0.85, 0.6985), (0.4, 0.86, 0.650),
@@ -268,6 +284,7 @@ def robustlab(*args):
     (["rift", "RUN", "--module", "layer9.conv7", "--out", "OUT"], ["module", "net.linear"]),
     (["rift", "RUN", "--bn", "sometimes", "--out", "OUT"], ["bn", "keep", "recalibrate"]),
     (["rift", "RUN", "--lrs", "0.1,fast", "--out", "OUT"], ["--lrs"]),
+    (["rift", "RUN", "--alpha-attack", "apgd", "--out", "OUT"], ["alpha attack", "pgd+dlr"]),
     (["mrc", "RUN", "--mrc-n", "0"], ["mrc-n"]),
 ])
 def test_bad_input_is_one_line_and_status_2(tiny_run, tmp_path, capsys, args, words):

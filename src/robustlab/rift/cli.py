@@ -56,6 +56,9 @@ def add_parsers(sub):
     r.add_argument("--train-n", type=_positive(int), help="fine-tune on the first N training images only")
     r.add_argument("--val-n", type=_positive(int),
                    help="validation images for choosing the fine-tuned epoch and α (default: all)")
+    r.add_argument("--alpha-attack", default="pgd",
+                   help="robust check along α: pgd (the training PGD on cross-entropy) or pgd+dlr (the worse, per "
+                        "image, of it and the same PGD on the DLR loss; twice the cost)")
     r.add_argument("--tolerance", type=_nonneg_float, default=0.1,
                    help="points of validation robust accuracy α may cost (0.1)")
     t = r.add_argument_group("test-set report")
@@ -148,8 +151,8 @@ def cmd_rift(args) -> int:
         raise RobustlabError(f"--auto must be >= 0, got {args.auto}")
     settings = RiftSettings(module=args.module, auto=args.auto, lr=args.lr, lrs=lrs, epochs=args.epochs,
                             batch_size=args.batch_size, momentum=args.momentum, weight_decay=args.weight_decay,
-                            augment=args.augment, bn=args.bn, recal_n=args.recal_n, seed=args.seed,
-                            train_n=args.train_n, val_n=args.val_n, tolerance=args.tolerance / 100,
+                            augment=args.augment, bn=args.bn, recal_n=args.recal_n, alpha_attack=args.alpha_attack,
+                            seed=args.seed, train_n=args.train_n, val_n=args.val_n, tolerance=args.tolerance / 100,
                             mrc=_mrc_config(args))
     settings.validate()
     if args.augment:

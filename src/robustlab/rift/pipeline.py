@@ -14,7 +14,9 @@ from pathlib import Path
 
 
 from robustlab import checkpoint
-from robustlab.attacks import autoattack_accuracy, pgd
+import torch
+
+from robustlab.attacks import attack_mode, autoattack_accuracy, dlr_loss, pgd
 from robustlab.data import ImageSet, Splits
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.evaluate.accuracy import accuracy
@@ -26,6 +28,9 @@ from robustlab.rift.mrc import MRCConfig, compute_mrc, file_sha256, plot_mrc, ra
 from robustlab.rift.report import plot_alpha, write_report
 from robustlab.training.registry import METHODS
 from robustlab.training.run import load_model
+
+
+ALPHA_ATTACKS = ("pgd", "pgd+dlr")
 
 
 @dataclass
@@ -41,6 +46,8 @@ class RiftSettings:
     augment: str | None = None      # None: the source run's training augmentation (else the dataset's default)
     bn: str = "update"              # "update": re-estimate BatchNorm statistics while fine-tuning (reference)
     recal_n: int = 10000            # bn="recalibrate": training images whose PGD examples give θ(α)'s statistics
+    alpha_attack: str = "pgd"       # the robust check along α: "pgd" (the training attack, cross-entropy), or
+                                    # "pgd+dlr": per image the worse of it and the same PGD on the DLR loss
     seed: int = 0
     train_n: int | None = None      # fine-tune on the first n training images (tests, quick looks)
     val_n: int | None = None        # validation images for the fine-tuned epoch and α (None: all)
@@ -49,6 +56,7 @@ class RiftSettings:
 
     def validate(self):
         check_choice("bn", self.bn, BN_MODES)
+        check_choice("alpha attack", self.alpha_attack, ALPHA_ATTACKS)
         self.mrc.validate()
         if (self.auto < 0 or self.recal_n <= 0 or self.epochs <= 0 or self.lr <= 0 or any(lr <= 0 for lr in self.lrs)
                 or self.tolerance < 0):
@@ -137,6 +145,9 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
     tune_data = replace(data, val=val)
     attack = partial(pgd, eps=threat["eps"], norm=norm, steps=threat["steps"], step_size=threat["step_size"])
     curve_key = {"val_n": len(val), "attack": threat, "seed": settings.seed, "bn": settings.bn}
+    check = attack
+    if settings.alpha_attack == "pgd+dlr":  # (absent from the key by default: earlier caches stay valid)
+        check, curve_key["alpha_attack"] = first_success(attack, partial(attack, loss_fn=dlr_loss)), "pgd+dlr"
     prepare, tune_bn = None, settings.bn
     if settings.bn == "recalibrate":  # fine-tune with the statistics fixed, then re-estimate them for each θ(α)
         if not isinstance(data.train, ImageSet):
@@ -162,7 +173,7 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
         if entry.get("curve_key") != curve_key:
             entry.update(curve_key=curve_key, curve={})
         entry.update(module=module, lr=lr, finetune=record, mrc=mrc["modules"][module]["mrc"])
-        searches[cid] = AlphaSearch(work, robust_state, tuned_states[cid], val, val, attack, seed=settings.seed,
+        searches[cid] = AlphaSearch(work, robust_state, tuned_states[cid], val, val, check, seed=settings.seed,
                                     curve=entry["curve"], on_update=lambda _: state.save(), show=show,
                                     prepare=prepare)
         # The automatic mode measures robust accuracy only where it decides; the finalists' curves are completed below.
@@ -230,6 +241,21 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
               "command": command}
     write_report(out, report)
     return report
+
+
+def first_success(*attacks):
+    """An attack that keeps, per image, the first of `attacks` that breaks it; each runs on the images the earlier
+    ones left (all see the same `generator`)."""
+    def attack(model, x, y, **kwargs):
+        x_adv, left = x.clone(), torch.arange(len(x), device=x.device)
+        for one in attacks:
+            x_adv[left] = one(model, x[left], y[left], **kwargs)
+            with attack_mode(model), torch.no_grad():
+                left = left[model(x_adv[left]).argmax(1) == y[left]]
+            if len(left) == 0:
+                break
+        return x_adv
+    return attack
 
 
 def module_named_str(model, name: str) -> str:

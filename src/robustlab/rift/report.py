@@ -77,10 +77,12 @@ def write_report(out: Path, report: dict):
                 if r.get("same_weights_as")]
         lines += ["", f"{base['n']} test images. The test set was read only after every choice was made."
                   + "".join(f" {s.capitalize()}." for s in same), ""]
+    dlr = (" on cross-entropy and on DLR, the worse per image"
+           if report["settings"].get("alpha_attack") == "pgd+dlr" else "")
     lines += ["## Choice on the validation split", "",
               f"α maximizes validation clean accuracy subject to validation robust accuracy ≥ the original's − "
               f"{100 * report['settings']['tolerance']:g} point ({rift['val']['images']} images, fixed-seed "
-              f"PGD-{key['attack']['steps']}). Original: {_pct(rift['val']['robust_original'])} robust.", "",
+              f"PGD-{key['attack']['steps']}{dlr}). Original: {_pct(rift['val']['robust_original'])} robust.", "",
               "| candidate | MRC | fine-tuned epoch (val clean) | α | val clean | val robust |",
               "|---|---|---|---|---|---|"]
     for cid, e in cands.items():
