@@ -12,8 +12,9 @@ statistics are re-estimated on the clean training data (their affine parameters 
 keeps them fixed instead. Interpolation mixes all floating-point state, the running statistics included,
 so θ(α) moves the statistics from the robust model's (adversarial inputs) toward clean-data ones together
 with the weights, and α = 0 is exactly the robust model. `bn="recalibrate"` fine-tunes as "keep", then
-gives every θ(α) with α > 0 statistics re-estimated on adversarial training images attacked against θ(α)
-itself (`recalibrate_bn`): the kind of input the robust model's statistics were measured on.
+gives every θ(α) with α > 0 statistics re-estimated on training images attacked against θ(α) itself
+(`recalibrate_bn`; also passed clean where the source method trained on clean batches too, as TRADES): the
+kind of input the robust model's own statistics were measured on.
 """
 from __future__ import annotations
 
