@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from robustlab import checkpoint, load_model
+from robustlab.attacks import dlr_loss, first_success, pgd
 from robustlab.cli import main
 from robustlab.data import Splits
 from robustlab.evaluate import accuracy
 from robustlab.models import classifier_modules
-from robustlab.attacks import dlr_loss, pgd
 from robustlab.rift import (AlphaSearch, MRCConfig, RiftSettings, compute_mrc, finetune, interpolate,
                             module_criticality, recalibrate_bn, rift)
 from robustlab.rift import TestSettings as ReportSettings  # not a test class
@@ -189,7 +189,7 @@ def test_the_pgd_and_dlr_check_keeps_the_first_success_per_image(tiny_run, small
     model = load_model(tiny_run)
     ce = functools.partial(pgd, eps=0.1, norm="linf", steps=3, step_size=0.04, random_start=False)
     dlr = functools.partial(ce, loss_fn=dlr_loss)
-    both = pipeline_module.first_success(ce, dlr)
+    both = first_success(ce, dlr)
     val = small.val.subset(100)
     acc = {name: accuracy(model, val, attack=a) for name, a in (("ce", ce), ("dlr", dlr), ("both", both))}
     assert acc["both"] <= min(acc["ce"], acc["dlr"])

@@ -3,7 +3,8 @@
 Functions take `(model, x, y, *, eps, ...)` and return adversarial inputs inside the ε-ball and [0, 1].
 They run the model in eval mode (restoring the caller's mode) and never touch parameter gradients.
 """
-from robustlab.attacks.pgd import attack_mode, cross_entropy, fgm, fgsm, frozen_params, perturb, pgd
+from robustlab.attacks.pgd import (attack_mode, cross_entropy, fgm, fgsm, first_success, frozen_params, perturb,
+                                   pgd)
 from robustlab.attacks.threat import NORMS, L2Ball, LinfBall, make_threat, within_ball
 from robustlab.attacks.apgd import apgd, apgd_targeted, dlr_loss, dlr_targeted_loss
 from robustlab.attacks.fab import fab_targeted
@@ -15,4 +16,4 @@ ATTACKS = {"fgsm": fgsm, "fgm": fgm, "pgd": pgd, "apgd": apgd, "apgd-t": apgd_ta
 
 __all__ = ["ATTACKS", "AutoAttackResult", "NORMS", "L2Ball", "LinfBall", "apgd", "apgd_targeted", "attack_mode",
            "autoattack", "autoattack_accuracy", "cross_entropy", "dlr_loss", "dlr_targeted_loss", "fab_targeted",
-           "fgm", "fgsm", "frozen_params", "make_threat", "perturb", "pgd", "square", "within_ball"]
+           "fgm", "fgsm", "first_success", "frozen_params", "make_threat", "perturb", "pgd", "square", "within_ball"]

@@ -128,6 +128,22 @@ def pgd(model, x, y, *, eps: float, norm: str = "linf", steps: int = 10, step_si
     return x_adv
 
 
+def first_success(*attacks):
+    """An attack that keeps, per image, the first of `attacks` that breaks it (untargeted); each runs only on the
+    images the earlier ones left, and all see the same keyword arguments (`generator`). `pgd`'s restarts do the
+    same with one attack repeated."""
+    def attack(model, x, y, **kwargs):
+        x_adv, left = x.clone(), torch.arange(len(x), device=x.device)
+        for one in attacks:
+            x_adv[left] = one(model, x[left], y[left], **kwargs)
+            with attack_mode(model), torch.no_grad():
+                left = left[model(x_adv[left]).argmax(1) == y[left]]
+            if len(left) == 0:
+                break
+        return x_adv
+    return attack
+
+
 def fgsm(model, x, y, *, eps: float, targeted: bool = False, loss_fn: LossFn = cross_entropy) -> torch.Tensor:
     """Fast gradient sign method (Goodfellow et al. 2015): one L∞ step of size ε from x."""
     return pgd(model, x, y, eps=eps, norm="linf", steps=1, step_size=eps, random_start=False,

@@ -12,11 +12,8 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
-
 from robustlab import checkpoint
-import torch
-
-from robustlab.attacks import attack_mode, autoattack_accuracy, dlr_loss, pgd
+from robustlab.attacks import autoattack_accuracy, dlr_loss, first_success, pgd
 from robustlab.data import ImageSet, Splits
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.evaluate.accuracy import accuracy
@@ -241,21 +238,6 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
               "command": command}
     write_report(out, report)
     return report
-
-
-def first_success(*attacks):
-    """An attack that keeps, per image, the first of `attacks` that breaks it; each runs on the images the earlier
-    ones left (all see the same `generator`)."""
-    def attack(model, x, y, **kwargs):
-        x_adv, left = x.clone(), torch.arange(len(x), device=x.device)
-        for one in attacks:
-            x_adv[left] = one(model, x[left], y[left], **kwargs)
-            with attack_mode(model), torch.no_grad():
-                left = left[model(x_adv[left]).argmax(1) == y[left]]
-            if len(left) == 0:
-                break
-        return x_adv
-    return attack
 
 
 def module_named_str(model, name: str) -> str:

@@ -48,11 +48,11 @@ def write_report(out: Path, report: dict):
     chosen, paper = report["chosen"], report["paper_pick"]
     kwargs = f" {src['model']['kwargs']}" if src["model"].get("kwargs") else ""
     key, original = report["mrc"]["key"], report["mrc"]["original"]
+    recal = f", re-estimated on {rift['recal_n']} training images ({rift['recal_inputs']})" if "recal_n" in rift else ""
     lines = [f"# RiFT of `{src['path']}`", "",
              f"- model `{src['model']['name']}`{kwargs}, trained with `{src['method']}`; "
              f"dataset `{report['dataset']}`, threat {report['norm']}",
-             f"- fine-tuned module `{rift['module']}` (lr {rift['lr']:g}, BatchNorm statistics: {rift['bn']}"
-             + (f" re-estimated on {rift['recal_n']} training images, {rift['recal_inputs']}" if "recal_n" in rift else "") + "), "
+             f"- fine-tuned module `{rift['module']}` (lr {rift['lr']:g}, BatchNorm statistics: {rift['bn']}{recal}), "
              f"α = {rift['alpha']:.1f}; the checkpoint is `best.safetensors` (`robustlab eval {out}` reads it)",
              (f"- the module given with --module: `{paper}`" if report["settings"].get("module")
               else f"- the paper's pick (lowest MRC): `{paper}`")
