@@ -68,27 +68,40 @@ def finished(run: Path) -> bool:
 
 
 def evaluate(run: Path, args) -> dict:
+    """Clean accuracy on all test images, PGD-50×3 on the first `--n`, AutoAttack on the first `--aa-n`.
+
+    Each measure is cached with the image count it was taken on, and is reused while the run has the same
+    epochs: adding AutoAttack to a finished comparison does not repeat its PGD.
+    """
     cache = run / "compare.json"
-    key = {"n": args.n, "aa_n": args.aa_n, "epochs": len(read_metrics(run))}
-    if cache.exists():
-        cached = json.loads(cache.read_text())
-        if cached.get("key") == key:
-            return cached["result"]
+    epochs = len(read_metrics(run))
+    cached = json.loads(cache.read_text()) if cache.exists() else {}
+    key = cached.get("key", {})
+    result = dict(cached.get("result", {})) if key.get("epochs") == epochs else {}
+    if key.get("n") != args.n:
+        result.pop("pgd", None)
+    if args.aa_n and key.get("aa_n") != args.aa_n:
+        result.pop("autoattack", None)
+    aa_n = args.aa_n or (key.get("aa_n", 0) if "autoattack" in result else 0)
+    if "clean" in result and "pgd" in result and ("autoattack" in result or not aa_n):
+        return result
     budget = threat_defaults(DATASET, "linf").eval
     test = load_dataset(DATASET).test
     model = load_model(run)
     start = time.perf_counter()
-    result = {"clean": accuracy(model, test, batch_size=500)}
-    attack = partial(pgd, eps=budget.eps, norm="linf", steps=budget.steps, step_size=budget.step_size,
-                     restarts=budget.restarts)
-    result["pgd"] = accuracy(model, test.subset(args.n), attack=attack, batch_size=500, seed=0,
-                             progress=f"{run.name} PGD", show=True)
-    if args.aa_n:
+    if "clean" not in result:
+        result["clean"] = accuracy(model, test, batch_size=500)
+    if "pgd" not in result:
+        attack = partial(pgd, eps=budget.eps, norm="linf", steps=budget.steps, step_size=budget.step_size,
+                         restarts=budget.restarts)
+        result["pgd"] = accuracy(model, test.subset(args.n), attack=attack, batch_size=500, seed=0,
+                                 progress=f"{run.name} PGD", show=True)
+    if aa_n and "autoattack" not in result:
         from robustlab.attacks.autoattack import autoattack_accuracy
-        result["autoattack"] = autoattack_accuracy(model, test, eps=budget.eps, norm="linf", n=args.aa_n,
+        result["autoattack"] = autoattack_accuracy(model, test, eps=budget.eps, norm="linf", n=aa_n,
                                                    state_path=run / "autoattack-state.safetensors").robust_accuracy
-    result["eval_s"] = round(time.perf_counter() - start, 1)
-    cache.write_text(json.dumps({"key": key, "result": result}, indent=1) + "\n")
+    result["eval_s"] = round(result.get("eval_s", 0) + time.perf_counter() - start, 1)
+    cache.write_text(json.dumps({"key": {"n": args.n, "aa_n": aa_n, "epochs": epochs}, "result": result}, indent=1) + "\n")
     return result
 
 
@@ -150,7 +163,7 @@ def table(rows: list[dict], args, steps: dict) -> str:
     by_name = {r["method"]: r for r in rows}
     head = ("| method | clean (10,000) | PGD-50×3 (first {n}) | {aa}Δ robust vs | training s (run's clock) | "
             "× PGD-AT, run's clock | × PGD-AT, step times | best epoch | last epoch val clean / PGD-10 |"
-            ).format(n=args.n, aa="AutoAttack | " if args.aa_n else "")
+            ).format(n=args.n, aa=f"AutoAttack (first {args.aa_n}) | " if args.aa_n else "")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         base = by_name.get(BASELINE.get(r["method"], ""))
@@ -158,7 +171,7 @@ def table(rows: list[dict], args, steps: dict) -> str:
         quiet = (f"{quiet_cost(r, steps) / quiet_cost(by_name['pgd-at'], steps):.2f}"
                  if r["method"] in steps and "pgd-at" in steps and "pgd-at" in by_name else "–")
         delta = f"{100 * (r['pgd'] - base['pgd']):+.1f} ({base['method']})" if base else "–"
-        aa = f"{r['autoattack']:.2%} | " if args.aa_n else ""
+        aa = (f"{r['autoattack']:.2%} | " if "autoattack" in r else "– | ") if args.aa_n else ""
         lines.append(f"| {r['method']} | {r['clean']:.2%} | {r['pgd']:.2%} | {aa}{delta} | {r['train_s']:.0f} | {ratio} | "
                      f"{quiet} | {r['best_epoch']}/{r['epochs']} | {r['last_val_clean']:.1%} / {r['last_val_robust']:.1%} |")
     return "\n".join(lines)

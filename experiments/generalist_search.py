@@ -99,10 +99,10 @@ def train(out: Path, method: str, kwargs: dict, args, ema=None) -> float:
     return trainer.elapsed
 
 
-def evaluate(run: Path, args, data, prefix="val_") -> dict:
-    """Clean accuracy on all of `data`, PGD on its first `eval_n` images: PGD-50 takes the protocol's step
-    0.01; other step counts take 2.5·ε/steps."""
-    model = load_model(run).to(memory_format=torch.channels_last)
+def evaluate(run: Path, args, data, prefix="val_", which="best") -> dict:
+    """Clean accuracy on all of `data`, PGD on its first `eval_n` images, of the run's `which` checkpoint:
+    PGD-50 takes the protocol's step 0.01; other step counts take 2.5·ε/steps."""
+    model = load_model(run, which).to(memory_format=torch.channels_last)
     step = 0.01 if args.eval_steps == 50 else 2.5 * 0.1 / args.eval_steps
     attack = partial(pgd, eps=0.1, norm="linf", steps=args.eval_steps, step_size=step, restarts=args.eval_restarts)
     start = time.perf_counter()

@@ -75,6 +75,9 @@ def main(argv=None):
     p.add_argument("--mix-finals", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8, 1.0])
     p.add_argument("--trades-betas", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0, 6.0, 8.0])
     p.add_argument("--split", default="test", choices=("val", "test"))
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"),
+                   help="which checkpoint of each run to evaluate: best (by the Trainer's validation PGD) or last; "
+                        "β's final value acts in the last epochs, which a best-epoch choice can pass over")
     p.add_argument("--autoattack-n", type=int, default=0, help="also AutoAttack-standard on the first N images")
     p.add_argument("--model", default="cnn-small")
     p.add_argument("--epochs", type=int, default=10)
@@ -113,10 +116,10 @@ def main(argv=None):
             print(f"[{name}] {method} {json.dumps(kwargs)}", file=sys.stderr)
             wall = train(root / name, method, kwargs, args)
             row = {"name": name, "method": method, "kwargs": kwargs, "label": label, "train_s": round(wall, 1),
-                   **evaluate(root / name, args, data, prefix="")}
+                   **evaluate(root / name, args, data, prefix="", which=args.checkpoint)}
             if args.autoattack_n:
                 from robustlab.attacks.autoattack import autoattack_accuracy
-                model = load_model(root / name)
+                model = load_model(root / name, args.checkpoint)
                 row["autoattack"] = autoattack_accuracy(model, data, eps=0.1, n=args.autoattack_n,
                                                         state_path=root / name / "aa_state.json").robust_accuracy
             with open(cache_path, "a") as f:
@@ -127,11 +130,11 @@ def main(argv=None):
     gen = [r for r in rows if r["method"] == "generalist"]
     trades = [r for r in rows if r["method"] == "trades"]
     key = "autoattack" if args.autoattack_n else "robust"
-    summary = {"split": args.split, "eval": f"clean on {len(data)}, PGD-{args.eval_steps}x{args.eval_restarts} on "
-               f"{min(args.eval_n, len(data))}", "args": vars(args), "rows": rows,
+    summary = {"split": args.split, "eval": f"{args.checkpoint} checkpoints; clean on {len(data)}, "
+               f"PGD-{args.eval_steps}x{args.eval_restarts} on {min(args.eval_n, len(data))}", "args": vars(args), "rows": rows,
                "dominance": dominance(gen, trades, key) if gen and trades else []}
     (root / "tradeoff.json").write_text(json.dumps(summary, indent=1) + "\n")
-    plot(rows, root / "tradeoff.png", f"cnn-small, Fashion-MNIST, {args.epochs} epochs; {args.split}: {summary['eval']}")
+    plot(rows, root / "tradeoff.png", f"{args.model}, Fashion-MNIST, {args.epochs} epochs\n{args.split}: {summary['eval']}")
     for r in rows:
         print(f"{r['name']:22s} clean {100 * r['clean']:6.2f}%  robust {100 * r['robust']:6.2f}%  train {r['train_s']:.0f}s"
               + (f"  AA {100 * r['autoattack']:.2f}%" if "autoattack" in r else ""))

@@ -17,7 +17,7 @@ def load_script(name: str):
     return module
 
 
-def test_compare_at_trains_evaluates_and_tabulates(fmnist, one_thread, tmp_path):
+def test_compare_at_trains_evaluates_and_tabulates(fmnist, one_thread, tmp_path, monkeypatch):
     compare = load_script("compare_at")
     args = ["--out", str(tmp_path), "--epochs", "2", "--train-n", "256", "--val-n", "32", "--n", "32",
             "--methods", "pgd-at", "free-at", "--option", "free-at.replays=2"]
@@ -38,6 +38,14 @@ def test_compare_at_trains_evaluates_and_tabulates(fmnist, one_thread, tmp_path)
     cached = (tmp_path / "pgd-at" / "compare.json").stat().st_mtime_ns
     assert compare.main(args) == 0
     assert (tmp_path / "pgd-at" / "compare.json").stat().st_mtime_ns == cached
+
+    # AutoAttack asked for later is added to the cached measures, without running PGD again
+    monkeypatch.setattr(compare, "pgd", None)  # functools.partial(None, ...) would raise
+    assert compare.main(args + ["--methods", "pgd-at", "--aa-n", "4"]) == 0
+    result = json.loads((tmp_path / "pgd-at" / "compare.json").read_text())["result"]
+    assert result["pgd"] == rows["pgd-at"]["pgd"] and 0 <= result["autoattack"] <= 1
+    assert "AutoAttack (first 4)" in (tmp_path / "results.md").read_text()
+    monkeypatch.undo()
 
     # step times give the cost column: FreeAT's one epoch of 2 replays against PGD-AT's two epochs of PGD-10
     assert compare.main(args + ["--step-times", "--step-iters", "1"]) == 0
