@@ -20,6 +20,7 @@ from robustlab.rift import TestSettings as ReportSettings  # not a test class
 from robustlab.rift import mrc as mrc_module
 from robustlab.rift import pipeline as pipeline_module
 from robustlab.rift.mrc import adversarial_set
+from robustlab.rift.pipeline import ALPHA_ATTACKS, alpha_check
 from robustlab.training import TrainConfig, build_trainer
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
@@ -198,6 +199,21 @@ def test_the_pgd_and_dlr_check_keeps_the_first_success_per_image(tiny_run, small
     broken_by_ce = model(ce(model, x, y)).argmax(1) != y
     assert torch.equal(both(model, x, y)[broken_by_ce], ce(model, x, y)[broken_by_ce])
     assert not model.training
+
+
+def test_each_stricter_alpha_check_finds_at_most_the_robust_accuracy_of_the_last(tiny_run, small, tmp_path,
+                                                                                 one_thread):
+    model = load_model(tiny_run)
+    val = small.val.subset(100)
+    weak = functools.partial(pgd, eps=0.05, norm="linf", steps=3, step_size=0.02, random_start=False)
+    acc = [accuracy(model, val, attack=alpha_check(name, weak, 0.05, "linf"), seed=0) for name in ALPHA_ATTACKS]
+    assert acc[0] > acc[1] > acc[2] > 0  # pgd, pgd+dlr, pgd+dlr+apgd-t: each finds images the last missed
+
+    settings = RiftSettings(module="layer4.1.conv2", lr=0.05, epochs=1, train_n=128, val_n=20, bn="keep",
+                            alpha_attack="pgd+dlr+apgd-t", mrc=MRCConfig(n=48, epochs=1, batch_size=24))
+    report = rift(tiny_run / "best.safetensors", small, tmp_path, settings, test=None, show=False)
+    assert report["candidates"][report["chosen"]]["curve_key"]["alpha_attack"] == "pgd+dlr+apgd-t"
+    assert "then APGD-T" in (tmp_path / "rift_report.md").read_text()
 
 
 def test_alpha_rule_takes_the_best_clean_accuracy_within_the_tolerance():

@@ -57,8 +57,9 @@ def add_parsers(sub):
     r.add_argument("--val-n", type=_positive(int),
                    help="validation images for choosing the fine-tuned epoch and α (default: all)")
     r.add_argument("--alpha-attack", default="pgd",
-                   help="robust check along α: pgd (the training PGD on cross-entropy) or pgd+dlr (the worse, per "
-                        "image, of it and the same PGD on the DLR loss; twice the cost)")
+                   help="robust check along α: pgd (the training PGD on cross-entropy), pgd+dlr (per image, the "
+                        "first success of it and the same PGD on the DLR loss; twice the cost) or pgd+dlr+apgd-t "
+                        "(then also APGD-T, 3 targets × 20 steps; about five times the cost)")
     r.add_argument("--tolerance", type=_nonneg_float, default=0.1,
                    help="points of validation robust accuracy α may cost (0.1)")
     t = r.add_argument_group("test-set report")

@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 
 from robustlab import checkpoint
-from robustlab.attacks import autoattack_accuracy, dlr_loss, first_success, pgd
+from robustlab.attacks import apgd_targeted, autoattack_accuracy, dlr_loss, first_success, pgd
 from robustlab.data import ImageSet, Splits
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.evaluate.accuracy import accuracy
@@ -27,7 +27,20 @@ from robustlab.training.registry import METHODS
 from robustlab.training.run import load_model
 
 
-ALPHA_ATTACKS = ("pgd", "pgd+dlr")
+ALPHA_ATTACKS = ("pgd", "pgd+dlr", "pgd+dlr+apgd-t")
+# "+apgd-t": APGD on the targeted DLR loss against the clean image's 3 most likely wrong classes, 20 steps each; the
+# part of AutoAttack (there: 9 targets × 100 steps) that broke RiFT models which untargeted PGD had passed.
+CHECK_TARGETS, CHECK_APGD_STEPS = 3, 20
+
+
+def alpha_check(name: str, attack, eps: float, norm: str):
+    """The robust check along α that `--alpha-attack` names, built on the training attack `attack`."""
+    if name == "pgd":
+        return attack
+    checks = [attack, partial(attack, loss_fn=dlr_loss)]
+    if name.endswith("+apgd-t"):
+        checks.append(partial(apgd_targeted, eps=eps, norm=norm, steps=CHECK_APGD_STEPS, n_target_classes=CHECK_TARGETS))
+    return first_success(*checks)
 
 
 @dataclass
@@ -44,7 +57,8 @@ class RiftSettings:
     bn: str = "update"              # "update": re-estimate BatchNorm statistics while fine-tuning (reference)
     recal_n: int = 10000            # bn="recalibrate": training images whose PGD examples give θ(α)'s statistics
     alpha_attack: str = "pgd"       # the robust check along α: "pgd" (the training attack, cross-entropy), or
-                                    # "pgd+dlr": per image the worse of it and the same PGD on the DLR loss
+                                    # "pgd+dlr": per image the first success of it and the same PGD on the DLR
+                                    # loss; "pgd+dlr+apgd-t": then also a short APGD-T
     seed: int = 0
     train_n: int | None = None      # fine-tune on the first n training images (tests, quick looks)
     val_n: int | None = None        # validation images for the fine-tuned epoch and α (None: all)
@@ -142,9 +156,9 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
     tune_data = replace(data, val=val)
     attack = partial(pgd, eps=threat["eps"], norm=norm, steps=threat["steps"], step_size=threat["step_size"])
     curve_key = {"val_n": len(val), "attack": threat, "seed": settings.seed, "bn": settings.bn}
-    check = attack
-    if settings.alpha_attack == "pgd+dlr":  # (absent from the key by default: earlier caches stay valid)
-        check, curve_key["alpha_attack"] = first_success(attack, partial(attack, loss_fn=dlr_loss)), "pgd+dlr"
+    check = alpha_check(settings.alpha_attack, attack, threat["eps"], norm)
+    if settings.alpha_attack != "pgd":  # (absent from the key by default: earlier caches stay valid)
+        curve_key["alpha_attack"] = settings.alpha_attack
     prepare, tune_bn = None, settings.bn
     if settings.bn == "recalibrate":  # fine-tune with the statistics fixed, then re-estimate them for each θ(α)
         if not isinstance(data.train, ImageSet):

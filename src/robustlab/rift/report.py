@@ -77,8 +77,9 @@ def write_report(out: Path, report: dict):
                 if r.get("same_weights_as")]
         lines += ["", f"{base['n']} test images. The test set was read only after every choice was made."
                   + "".join(f" {s.capitalize()}." for s in same), ""]
-    dlr = (" on cross-entropy and on DLR, the worse per image"
-           if report["settings"].get("alpha_attack") == "pgd+dlr" else "")
+    dlr = {"pgd+dlr": " on cross-entropy and on DLR, the worse per image",
+           "pgd+dlr+apgd-t": " on cross-entropy and on DLR, then APGD-T (3 targets × 20 steps), the worst per image",
+           }.get(report["settings"].get("alpha_attack"), "")
     lines += ["## Choice on the validation split", "",
               f"α maximizes validation clean accuracy subject to validation robust accuracy ≥ the original's − "
               f"{100 * report['settings']['tolerance']:g} point ({rift['val']['images']} images, fixed-seed "
