@@ -101,7 +101,8 @@ def evaluate(run: Path, args) -> dict:
         result["autoattack"] = autoattack_accuracy(model, test, eps=budget.eps, norm="linf", n=aa_n,
                                                    state_path=run / "autoattack-state.safetensors").robust_accuracy
     result["eval_s"] = round(result.get("eval_s", 0) + time.perf_counter() - start, 1)
-    cache.write_text(json.dumps({"key": {"n": args.n, "aa_n": aa_n, "epochs": epochs}, "result": result}, indent=1) + "\n")
+    key = {"n": args.n, "aa_n": aa_n, "epochs": epochs}
+    cache.write_text(json.dumps({"key": key, "result": result}, indent=1) + "\n")
     return result
 
 

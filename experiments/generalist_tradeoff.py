@@ -134,7 +134,8 @@ def main(argv=None):
                f"PGD-{args.eval_steps}x{args.eval_restarts} on {min(args.eval_n, len(data))}", "args": vars(args), "rows": rows,
                "dominance": dominance(gen, trades, key) if gen and trades else []}
     (root / "tradeoff.json").write_text(json.dumps(summary, indent=1) + "\n")
-    plot(rows, root / "tradeoff.png", f"{args.model}, Fashion-MNIST, {args.epochs} epochs\n{args.split}: {summary['eval']}")
+    title = f"{args.model}, Fashion-MNIST, {args.epochs} epochs\n{args.split}: {summary['eval']}"
+    plot(rows, root / "tradeoff.png", title)
     for r in rows:
         print(f"{r['name']:22s} clean {100 * r['clean']:6.2f}%  robust {100 * r['robust']:6.2f}%  train {r['train_s']:.0f}s"
               + (f"  AA {100 * r['autoattack']:.2f}%" if "autoattack" in r else ""))

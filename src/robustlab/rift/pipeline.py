@@ -39,7 +39,8 @@ def alpha_check(name: str, attack, eps: float, norm: str):
         return attack
     checks = [attack, partial(attack, loss_fn=dlr_loss)]
     if name.endswith("+apgd-t"):
-        checks.append(partial(apgd_targeted, eps=eps, norm=norm, steps=CHECK_APGD_STEPS, n_target_classes=CHECK_TARGETS))
+        checks.append(partial(apgd_targeted, eps=eps, norm=norm, steps=CHECK_APGD_STEPS,
+                              n_target_classes=CHECK_TARGETS))
     return first_success(*checks)
 
 
