@@ -213,7 +213,9 @@ def test_each_stricter_alpha_check_finds_at_most_the_robust_accuracy_of_the_last
                             alpha_attack="pgd+dlr+apgd-t", mrc=MRCConfig(n=48, epochs=1, batch_size=24))
     report = rift(tiny_run / "best.safetensors", small, tmp_path, settings, test=None, show=False)
     assert report["candidates"][report["chosen"]]["curve_key"]["alpha_attack"] == "pgd+dlr+apgd-t"
-    assert "then APGD-T" in (tmp_path / "rift_report.md").read_text()
+    text = (tmp_path / "rift_report.md").read_text()
+    assert "then APGD-T" in text
+    assert "(the module given with --module)" in text and "paper's pick" not in text  # --module names the candidate
 
 
 def test_alpha_rule_takes_the_best_clean_accuracy_within_the_tolerance():

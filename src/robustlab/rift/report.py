@@ -46,6 +46,7 @@ def write_report(out: Path, report: dict):
     (out / "rift_report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     src, rift, cands = report["source"], report["rift"], report["candidates"]
     chosen, paper = report["chosen"], report["paper_pick"]
+    first = "the module given with --module" if report["settings"].get("module") else "the paper's pick"
     kwargs = f" {src['model']['kwargs']}" if src["model"].get("kwargs") else ""
     key, original = report["mrc"]["key"], report["mrc"]["original"]
     recal = f", re-estimated on {rift['recal_n']} training images ({rift['recal_inputs']})" if "recal_n" in rift else ""
@@ -54,8 +55,7 @@ def write_report(out: Path, report: dict):
              f"dataset `{report['dataset']}`, threat {report['norm']}",
              f"- fine-tuned module `{rift['module']}` (lr {rift['lr']:g}, BatchNorm statistics: {rift['bn']}{recal}), "
              f"α = {rift['alpha']:.1f}; the checkpoint is `best.safetensors` (`robustlab eval {out}` reads it)",
-             (f"- the module given with --module: `{paper}`" if report["settings"].get("module")
-              else f"- the paper's pick (lowest MRC): `{paper}`")
+             f"- {first}{'' if report['settings'].get('module') else ' (lowest MRC)'}: `{paper}`"
              + (f"; automatic mode chose `{chosen}`" if rift["automatic"] else ""), ""]
     if report["test"]:
         names = list(report["test"])
@@ -88,14 +88,14 @@ def write_report(out: Path, report: dict):
               "|---|---|---|---|---|---|"]
     for cid, e in cands.items():
         tag = " (chosen)" if cid == chosen else ""
-        tag += " (paper's pick)" if cid == paper else ""
+        tag += f" ({first})" if cid == paper else ""
         lines.append(f"| `{cid}`{tag} | {e['mrc']:.4f} | {e['finetune']['best_epoch'] + 1} "
                      f"({_pct(e['finetune']['val_clean'])}) | {e['alpha']:.1f} | {_pct(e['val_clean'])} | "
                      f"{_pct(e['val_robust'])} |")
     if rift["automatic"]:
         gain = cands[chosen]["val_clean"] - cands[paper]["val_clean"]
-        verdict = (f"beats the paper's pick by {100 * gain:.2f} points of validation clean accuracy" if gain > 0
-                   else "is the paper's pick: no other candidate did better on validation")
+        verdict = (f"beats {first} by {100 * gain:.2f} points of validation clean accuracy" if gain > 0
+                   else f"is {first}: no other candidate did better on validation")
         lines += ["", f"Automatic mode ({len(cands)} candidates): `{chosen}` {verdict}."]
     modules = report["mrc"]["modules"]
     lines += ["", "## Module robust criticality", "",
