@@ -63,3 +63,15 @@ def test_compare_at_rejects_malformed_options(tmp_path, capsys):
         compare.main(["--out", str(tmp_path), "--option", "replays=4"])
     assert exit_info.value.code == 2
     assert "expected METHOD.KEY=VALUE" in capsys.readouterr().err
+
+
+def test_generalist_tradeoff_dominance_reads_the_curve_at_the_same_clean_accuracy():
+    tradeoff = load_script("generalist_tradeoff")
+    generalist = [{"clean": 0.85, "robust": 0.70}, {"clean": 0.87, "robust": 0.60}]
+    trades = [{"name": "inside", "clean": 0.86, "robust": 0.66},    # the curve gives 0.65 there
+              {"name": "below", "clean": 0.84, "robust": 0.69},     # left of the curve, beaten by (0.85, 0.70)
+              {"name": "beyond", "clean": 0.88, "robust": 0.50}]    # right of it: no point as clean
+    result = {d["name"]: d for d in tradeoff.dominance(generalist, trades)}
+    assert result["inside"]["robust_gap_at_same_clean"] == pytest.approx(-1.0) and not result["inside"]["dominated"]
+    assert result["below"]["dominated"] and result["below"]["robust_gap_at_same_clean"] is None
+    assert not result["beyond"]["dominated"]
