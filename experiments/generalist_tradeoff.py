@@ -130,8 +130,9 @@ def main(argv=None):
     gen = [r for r in rows if r["method"] == "generalist"]
     trades = [r for r in rows if r["method"] == "trades"]
     key = "autoattack" if args.autoattack_n else "robust"
-    summary = {"split": args.split, "eval": f"{args.checkpoint} checkpoints; clean on {len(data)}, "
-               f"PGD-{args.eval_steps}x{args.eval_restarts} on {min(args.eval_n, len(data))}", "args": vars(args), "rows": rows,
+    measured = (f"{args.checkpoint} checkpoints; clean on {len(data)}, "
+                f"PGD-{args.eval_steps}x{args.eval_restarts} on {min(args.eval_n, len(data))}")
+    summary = {"split": args.split, "eval": measured, "args": vars(args), "rows": rows,
                "dominance": dominance(gen, trades, key) if gen and trades else []}
     (root / "tradeoff.json").write_text(json.dumps(summary, indent=1) + "\n")
     title = f"{args.model}, Fashion-MNIST, {args.epochs} epochs\n{args.split}: {summary['eval']}"
