@@ -27,10 +27,17 @@ from robustlab.training.registry import METHODS
 from robustlab.training.run import load_model
 
 
-ALPHA_ATTACKS = ("pgd", "pgd+dlr", "pgd+dlr+apgd-t")
 # "+apgd-t": APGD on the targeted DLR loss against the clean image's 3 most likely wrong classes, 20 steps each; the
 # part of AutoAttack (there: 9 targets × 100 steps) that broke RiFT models which untargeted PGD had passed.
 CHECK_TARGETS, CHECK_APGD_STEPS = 3, 20
+# Each robust check along α, and how the report words it after "fixed-seed PGD-10".
+ALPHA_CHECKS = {
+    "pgd": "",
+    "pgd+dlr": " on cross-entropy and on DLR, the worse per image",
+    "pgd+dlr+apgd-t": f" on cross-entropy and on DLR, then APGD-T ({CHECK_TARGETS} targets × "
+                      f"{CHECK_APGD_STEPS} steps), the worst per image",
+}
+ALPHA_ATTACKS = tuple(ALPHA_CHECKS)
 
 
 def alpha_check(name: str, attack, eps: float, norm: str):
@@ -250,7 +257,7 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
     report = {"source": state.data["source"], "dataset": dataset, "norm": norm, "settings": settings_dict(settings),
               "test_settings": asdict(test) if test else None, "mrc": mrc, "mrc_ranking": order, "paper_pick": paper,
               "chosen": best, "rift": rift_meta, "candidates": entries, "test": results, "wall_s": wall,
-              "command": command}
+              "command": command, "alpha_check": ALPHA_CHECKS[settings.alpha_attack]}
     write_report(out, report)
     return report
 

@@ -46,7 +46,8 @@ def write_report(out: Path, report: dict):
     (out / "rift_report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     src, rift, cands = report["source"], report["rift"], report["candidates"]
     chosen, paper = report["chosen"], report["paper_pick"]
-    first = "the module given with --module" if report["settings"].get("module") else "the paper's pick"
+    given = report["settings"].get("module")
+    first = "the module given with --module" if given else "the paper's pick"
     kwargs = f" {src['model']['kwargs']}" if src["model"].get("kwargs") else ""
     key, original = report["mrc"]["key"], report["mrc"]["original"]
     recal = f", re-estimated on {rift['recal_n']} training images ({rift['recal_inputs']})" if "recal_n" in rift else ""
@@ -55,7 +56,7 @@ def write_report(out: Path, report: dict):
              f"dataset `{report['dataset']}`, threat {report['norm']}",
              f"- fine-tuned module `{rift['module']}` (lr {rift['lr']:g}, BatchNorm statistics: {rift['bn']}{recal}), "
              f"α = {rift['alpha']:.1f}; the checkpoint is `best.safetensors` (`robustlab eval {out}` reads it)",
-             f"- {first}{'' if report['settings'].get('module') else ' (lowest MRC)'}: `{paper}`"
+             f"- {first}{'' if given else ' (lowest MRC)'}: `{paper}`"
              + (f"; automatic mode chose `{chosen}`" if rift["automatic"] else ""), ""]
     if report["test"]:
         names = list(report["test"])
@@ -77,13 +78,11 @@ def write_report(out: Path, report: dict):
                 if r.get("same_weights_as")]
         lines += ["", f"{base['n']} test images. The test set was read only after every choice was made."
                   + "".join(f" {s.capitalize()}." for s in same), ""]
-    dlr = {"pgd+dlr": " on cross-entropy and on DLR, the worse per image",
-           "pgd+dlr+apgd-t": " on cross-entropy and on DLR, then APGD-T (3 targets × 20 steps), the worst per image",
-           }.get(report["settings"].get("alpha_attack"), "")
     lines += ["## Choice on the validation split", "",
               f"α maximizes validation clean accuracy subject to validation robust accuracy ≥ the original's − "
               f"{100 * report['settings']['tolerance']:g} point ({rift['val']['images']} images, fixed-seed "
-              f"PGD-{key['attack']['steps']}{dlr}). Original: {_pct(rift['val']['robust_original'])} robust.", "",
+              f"PGD-{key['attack']['steps']}{report['alpha_check']}). "
+              f"Original: {_pct(rift['val']['robust_original'])} robust.", "",
               "| candidate | MRC | fine-tuned epoch (val clean) | α | val clean | val robust |",
               "|---|---|---|---|---|---|"]
     for cid, e in cands.items():
