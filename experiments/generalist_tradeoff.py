@@ -3,6 +3,7 @@
 
     python experiments/generalist_tradeoff.py --epochs 10 --generalist '{"mix_start": 0.4, ...}' \\
         --split test --eval-n 10000 --eval-steps 50 --eval-restarts 3
+    ... --shard 0/2 & ... --shard 1/2; ...     # two one-thread processes, then once more without --shard
 
 The Generalist configuration comes from `generalist_search.py` (chosen on validation data); the swept values
 are fixed here in advance, so the figure may be measured on the test set without choosing anything on it.
@@ -94,6 +95,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precision", default="auto", help="training precision: auto (bf16 where the CPU has bf16 units), fp32, bf16")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard", default="0/1", help="I/N: train and evaluate every N-th run from the I-th (0-based; shard 0 "
+                   "has PGD-AT), so that N one-thread processes share a sweep; then run without --shard for the figure")
     p.add_argument("--data-dir")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -110,8 +113,9 @@ def main(argv=None):
     cache = {}
     if cache_path.exists():
         cache = {r["name"]: r for r in map(json.loads, cache_path.read_text().splitlines()) if r}
+    shard, shards = map(int, args.shard.split("/"))
     rows = []
-    for name, method, kwargs, label in runs:
+    for name, method, kwargs, label in runs[shard::shards]:
         if name not in cache:
             print(f"[{name}] {method} {json.dumps(kwargs)}", file=sys.stderr)
             wall = train(root / name, method, kwargs, args)
@@ -126,6 +130,8 @@ def main(argv=None):
                 f.write(json.dumps(row) + "\n")
             cache[name] = row
         rows.append(cache[name])
+    if shards > 1:
+        return 0
 
     gen = [r for r in rows if r["method"] == "generalist"]
     trades = [r for r in rows if r["method"] == "trades"]
