@@ -33,6 +33,7 @@ from robustlab.checkpoint import read_metrics
 from robustlab.attacks import pgd
 from robustlab.data import load_dataset
 from robustlab.evaluate import accuracy
+from robustlab.models import fast_memory_format
 from robustlab.protocol import threat_defaults
 from robustlab.provenance import commit, machine
 from robustlab.training import TrainConfig, build_trainer
@@ -88,6 +89,7 @@ def evaluate(run: Path, args) -> dict:
     budget = threat_defaults(DATASET, "linf").eval
     test = load_dataset(DATASET).test
     model = load_model(run)
+    model = model.to(memory_format=fast_memory_format(model))  # half the time of every pass on this project's CPUs
     start = time.perf_counter()
     if "clean" not in result:
         result["clean"] = accuracy(model, test, batch_size=500)

@@ -37,6 +37,7 @@ from robustlab import load_model
 from robustlab.attacks import pgd
 from robustlab.data import load_dataset
 from robustlab.evaluate import accuracy
+from robustlab.models import fast_memory_format
 from robustlab.training import TrainConfig, build_trainer
 from robustlab.training.trainer import resolve_precision
 
@@ -102,7 +103,8 @@ def train(out: Path, method: str, kwargs: dict, args, ema=None) -> float:
 def evaluate(run: Path, args, data, prefix="val_", which="best") -> dict:
     """Clean accuracy on all of `data`, PGD on its first `eval_n` images, of the run's `which` checkpoint:
     PGD-50 takes the protocol's step 0.01; other step counts take 2.5·ε/steps."""
-    model = load_model(run, which).to(memory_format=torch.channels_last)
+    model = load_model(run, which)
+    model = model.to(memory_format=fast_memory_format(model))
     step = 0.01 if args.eval_steps == 50 else 2.5 * 0.1 / args.eval_steps
     attack = partial(pgd, eps=0.1, norm="linf", steps=args.eval_steps, step_size=step, restarts=args.eval_restarts)
     start = time.perf_counter()

@@ -25,6 +25,7 @@ from generalist_search import evaluate, train  # noqa: E402
 
 from robustlab import load_model  # noqa: E402
 from robustlab.data import load_dataset  # noqa: E402
+from robustlab.models import fast_memory_format  # noqa: E402
 
 
 def dominance(generalist: list[dict], trades: list[dict], key: str = "robust") -> list[dict]:
@@ -124,6 +125,7 @@ def main(argv=None):
             if args.autoattack_n:
                 from robustlab.attacks.autoattack import autoattack_accuracy
                 model = load_model(root / name, args.checkpoint)
+                model = model.to(memory_format=fast_memory_format(model))
                 row["autoattack"] = autoattack_accuracy(model, data, eps=0.1, n=args.autoattack_n,
                                                         state_path=root / name / "aa_state.json").robust_accuracy
             with open(cache_path, "a") as f:
