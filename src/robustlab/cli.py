@@ -9,6 +9,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+from robustlab.allocator import keep_freed_memory
 from robustlab.errors import RobustlabError
 
 
@@ -359,6 +360,7 @@ def cmd_bench(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         from robustlab.rift.cli import COMMANDS as RIFT_COMMANDS
         commands = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench, **RIFT_COMMANDS}

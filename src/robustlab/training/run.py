@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from robustlab import checkpoint, distributed
+from robustlab.allocator import keep_freed_memory
 from robustlab.attacks import pgd
 from robustlab.data import DatasetInfo, Splits, load_dataset
 from robustlab.errors import RobustlabError, check_choice
@@ -122,6 +123,7 @@ def build_trainer(*, dataset: str, model: str, method: str, out, norm: str = "li
     data = load_dataset(dataset, data_dir=data_dir, download=download, seed=0, **data_options)
     if config.threads:
         torch.set_num_threads(config.threads)
+    keep_freed_memory()
     torch.manual_seed(config.seed)
     info: DatasetInfo = data.info
     net = build_model(model, info.input_shape, info.num_classes, info.mean, info.std, **(model_kwargs or {}))
