@@ -96,8 +96,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precision", default="auto", help="training precision: auto (bf16 where the CPU has bf16 units), fp32, bf16")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard", default="0/1", help="I/N: train and evaluate every N-th run from the I-th (0-based; shard 0 "
-                   "has PGD-AT), so that N one-thread processes share a sweep; then run without --shard for the figure")
+    p.add_argument("--shard", default="0/1",
+                   help="I/N: train and evaluate every N-th run from the I-th (0-based; shard 0 has PGD-AT), so that "
+                        "N one-thread processes share a sweep; then run without --shard for the figure")
     p.add_argument("--data-dir")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
