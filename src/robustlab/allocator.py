@@ -15,8 +15,9 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 <<
     and adapts both only when a block larger than any before is freed. A training step of a small model
     frees nothing that large until the first validation pass at a larger batch, so until then every step
     page-faults its activation buffers anew: a fresh process's first epoch ran 1.3–1.5× slower than its
-    second (docs/results.md, "FreeAT against the clock"). Fixed thresholds end that; 32 MiB is the largest
-    mmap threshold glibc accepts. Process-wide, so the CLI and `build_trainer` call it, not the attacks.
+    second (docs/results.md, "FreeAT against the clock"). Fixed thresholds end that; 32 MiB is the ceiling
+    glibc's own adaptation would reach on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX). Process-wide, so the CLI
+    and `build_trainer` call it, not the attacks.
     Returns whether the setting took (False off Linux or with another C library: nothing changes).
     """
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
