@@ -162,6 +162,17 @@ def baselines(stage_dir, args, val, cache):
         run_one(stage_dir, "trades", "trades", {}, args, val, cache)
 
 
+def shard_arg(text: str) -> tuple[int, int]:
+    """--shard I/N: this process takes every N-th item from the I-th (0-based)."""
+    try:
+        shard, shards = map(int, text.split("/"))
+    except ValueError:
+        shard, shards = -1, 0
+    if not 0 <= shard < shards:
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, e.g. 0/2; got {text!r}")
+    return shard, shards
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("stage", choices=("scan", "confirm", "table"))
@@ -171,7 +182,7 @@ def main(argv=None):
     p.add_argument("--budget", type=int, default=24, help="scan: configurations (the reference one included)")
     p.add_argument("--top", type=int, default=3, help="confirm: how many of the scan's best to rerun")
     p.add_argument("--sample-seed", type=int, default=0)
-    p.add_argument("--shard", default="0/1", help="I/N: run every N-th configuration from the I-th (0-based), so that "
+    p.add_argument("--shard", type=shard_arg, default=(0, 1), help="I/N: run every N-th configuration from the I-th (0-based), so that "
                    "N processes of one thread each share a scan; shard 0 trains the baselines")
     p.add_argument("--model", default="cnn-small")
     p.add_argument("--epochs", type=int, default=5)
@@ -202,7 +213,7 @@ def main(argv=None):
     stage_dir.mkdir(parents=True, exist_ok=True)
     (stage_dir / f"args-{int(time.time())}.json").write_text(json.dumps(vars(args), indent=1) + "\n")
     cache = load_results(stage_dir)
-    shard, shards = map(int, args.shard.split("/"))
+    shard, shards = args.shard
     if shard == 0:
         baselines(stage_dir, args, val, cache)
     if args.stage == "scan":

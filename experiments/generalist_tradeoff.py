@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from generalist_search import evaluate, train  # noqa: E402
+from generalist_search import evaluate, shard_arg, train  # noqa: E402
 
 from robustlab import load_model  # noqa: E402
 from robustlab.data import load_dataset  # noqa: E402
@@ -96,7 +96,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precision", default="auto", help="training precision: auto (bf16 where the CPU has bf16 units), fp32, bf16")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard", default="0/1",
+    p.add_argument("--shard", type=shard_arg, default=(0, 1),
                    help="I/N: train and evaluate every N-th run from the I-th (0-based; shard 0 has PGD-AT), so that "
                         "N one-thread processes share a sweep; then run without --shard for the figure")
     p.add_argument("--data-dir")
@@ -115,7 +115,7 @@ def main(argv=None):
     cache = {}
     if cache_path.exists():
         cache = {r["name"]: r for r in map(json.loads, cache_path.read_text().splitlines()) if r}
-    shard, shards = map(int, args.shard.split("/"))
+    shard, shards = args.shard
     rows = []
     for name, method, kwargs, label in runs[shard::shards]:
         if name not in cache:
