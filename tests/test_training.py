@@ -145,3 +145,29 @@ def test_narrow_resnets_train_without_channels_last_crash(tmp_path):
     done = subprocess.run([sys.executable, "-c", "import sys\n" + script, str(tmp_path / "run")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "trained" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["cnn-small", "lenet"])
+def test_pooling_before_relu_is_the_protocols_network(name):
+    """cnn-small and lenet pool before each ReLU (for speed): outputs must equal the protocol's conv, ReLU,
+    max-pool order exactly, and input gradients must agree."""
+    from collections import OrderedDict
+
+    from robustlab.models import build_model
+    torch.manual_seed(0)
+    model = build_model(name, (1, 28, 28), 10, [0.286], [0.353]).eval()
+    net = next(m for m in model.modules() if hasattr(m, "pool1"))
+    order = list(net._modules)
+    assert order.index("pool1") < order.index("relu1") and order.index("pool2") < order.index("relu2")
+    protocol = [n for n in order if n not in ("relu1", "relu2")]
+    protocol.insert(protocol.index("pool1"), "relu1")
+    protocol.insert(protocol.index("pool2"), "relu2")
+    reference = torch.nn.Sequential(OrderedDict((n, net._modules[n]) for n in protocol))
+    assert list(reference._modules)[:6] == ["conv1", "relu1", "pool1", "conv2", "relu2", "pool2"]
+    x = torch.rand(32, 1, 28, 28, requires_grad=True)
+    ours = net(x)
+    theirs = reference(x)
+    assert torch.equal(ours, theirs)
+    g_ours, = torch.autograd.grad(ours.logsumexp(1).sum(), x)
+    g_theirs, = torch.autograd.grad(theirs.logsumexp(1).sum(), x)
+    torch.testing.assert_close(g_ours, g_theirs)
