@@ -55,6 +55,7 @@ def test_train_then_eval_writes_a_report(tmp_path):
     assert result["n"] == 100 and 0 <= result["robust"] <= result["clean"] <= 1
     report = (run / "report.md").read_text()
     assert "accuracy_vs_eps.png" in report and (run / "accuracy_vs_eps.png").stat().st_size > 1000
+    assert "training_curves.png" in report and (run / "training_curves.png").stat().st_size > 1000
     assert json.loads((run / "report.json").read_text())["attack"]["steps"] == 3
     bad_attack = robustlab("eval", str(run), "--attack", "cw")
     assert bad_attack.returncode == 2 and "fgsm" in bad_attack.stderr

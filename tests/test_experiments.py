@@ -75,3 +75,16 @@ def test_generalist_tradeoff_dominance_reads_the_curve_at_the_same_clean_accurac
     assert result["inside"]["robust_gap_at_same_clean"] == pytest.approx(-1.0) and not result["inside"]["dominated"]
     assert result["below"]["dominated"] and result["below"]["robust_gap_at_same_clean"] is None
     assert not result["beyond"]["dominated"]
+
+
+def test_training_curves_draws_several_runs_and_rejects_a_folder_without_metrics(tmp_path, capsys):
+    curves = load_script("training_curves")
+    for name, peak in (("a", 2), ("b", 4)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(
+            json.dumps({"epoch": e, "val_clean": 0.8, "val_robust": 0.7 - 0.01 * abs(e - peak)}) + "\n" for e in range(6)))
+    curves.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c.png")])
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    with pytest.raises(SystemExit) as stop:
+        curves.main([str(tmp_path), "--out", str(tmp_path / "d.png")])
+    assert stop.value.code == 2 and "no metrics.jsonl" in capsys.readouterr().err

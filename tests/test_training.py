@@ -171,3 +171,14 @@ def test_pooling_before_relu_is_the_protocols_network(name):
     g_ours, = torch.autograd.grad(ours.logsumexp(1).sum(), x)
     g_theirs, = torch.autograd.grad(theirs.logsumexp(1).sum(), x)
     torch.testing.assert_close(g_ours, g_theirs)
+
+
+def test_training_curves_plot_reads_the_runs_metrics(tmp_path):
+    from robustlab.checkpoint import read_metrics
+    from robustlab.evaluate.report import plot_training_curves
+    lines = [{"epoch": e, "val_clean": 0.8 + 0.01 * e, "val_robust": 0.7 - 0.01 * abs(e - 2)} for e in range(5)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    assert read_metrics(tmp_path) == lines
+    no_val = [{"epoch": 0, "val_clean": float("nan"), "val_robust": float("nan")}]
+    plot_training_curves({"a": lines, "no validation": no_val}, tmp_path / "curves.png", "toy")
+    assert (tmp_path / "curves.png").stat().st_size > 1000

@@ -235,9 +235,10 @@ def cmd_eval(args) -> int:
     import torch
     from robustlab import distributed, load_model
     from robustlab.attacks import ATTACKS, pgd
+    from robustlab.checkpoint import read_metrics
     from robustlab.errors import check_choice
     from robustlab.evaluate import accuracy
-    from robustlab.evaluate.report import plot_accuracy_vs_eps, write_report
+    from robustlab.evaluate.report import plot_accuracy_vs_eps, plot_training_curves, write_report
     from robustlab.models import fast_memory_format
     from robustlab.protocol import threat_defaults
     from robustlab.training.run import run_dataset
@@ -320,6 +321,10 @@ def cmd_eval(args) -> int:
         plot_accuracy_vs_eps({label.split(" ")[0]: results["sweep"]["points"]}, run_dir / "accuracy_vs_eps.png",
                              f"{meta['model']['name']} on {dataset} ({len(sweep)} test images)", norm)
         plots["Accuracy versus ε"] = "accuracy_vs_eps.png"
+    if metrics := read_metrics(run_dir):
+        plot_training_curves({meta.get("method", {}).get("name") or run_dir.name: metrics}, run_dir / "training_curves.png",
+                             f"{meta['model']['name']} on {dataset}: validation during training")
+        plots["Training curves"] = "training_curves.png"
     write_report(run_dir, results, {**plots, **suite_plots})
     if args.json:
         print(json.dumps({k: results[k] for k in ("clean", "robust", "n", "attack", "wall_s")}))

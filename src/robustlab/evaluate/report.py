@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -22,6 +23,33 @@ def plot_accuracy_vs_eps(curves: dict[str, list[tuple[float, float]]], path, tit
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_training_curves(runs: dict[str, list[dict]], path, title: str):
+    """Validation clean (dashed) and robust (solid) accuracy per epoch, one colour per run, the best
+    epoch by validation robust accuracy ringed: robust overfitting shows as a robust line that peaks
+    and falls while training goes on."""
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
+    for i, (name, metrics) in enumerate(runs.items()):
+        rows = [m for m in metrics if math.isfinite(m.get("val_robust", math.nan))]  # NaN: no validation split
+        if not rows:
+            continue
+        colour = f"C{i}"
+        epochs = [m["epoch"] + 1 for m in rows]
+        robust = [100 * m["val_robust"] for m in rows]
+        ax.plot(epochs, robust, color=colour, marker=".", label=f"{name}: robust")
+        if all("val_clean" in m for m in rows):
+            ax.plot(epochs, [100 * m["val_clean"] for m in rows], color=colour, ls="--", label=f"{name}: clean")
+        best = max(range(len(rows)), key=lambda j: robust[j])  # the first maximum, as the Trainer keeps it
+        ax.plot(epochs[best], robust[best], "o", ms=11, mfc="none", color=colour)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -1,0 +1,34 @@
+"""Validation curves of several training runs in one figure (robust overfitting, AWP's effect, schedules).
+
+    python experiments/training_curves.py runs/s13-awp30/pgd-at runs/s13-awp30/pgd-at-awp --out docs/figures/awp-30.png
+
+Each run contributes its validation clean (dashed) and robust (solid) accuracy per epoch from its metrics.jsonl,
+with the best epoch ringed; `robustlab eval` draws the same plot for one run in its report.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from robustlab.checkpoint import read_metrics
+from robustlab.evaluate.report import plot_training_curves
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", help="run directories (each with a metrics.jsonl)")
+    p.add_argument("--out", required=True, help="the PNG to write")
+    p.add_argument("--title", default="validation during training")
+    args = p.parse_args(argv)
+    curves = {}
+    for run in args.runs:
+        metrics = read_metrics(run)
+        if not metrics:
+            p.error(f"{run} has no metrics.jsonl: pass a training run's directory")
+        curves[Path(run).name] = metrics
+    plot_training_curves(curves, args.out, args.title)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
