@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_accuracy_vs_eps(curves: dict[str, list[tuple[float, float]]], path, title: str, norm: str):
@@ -46,6 +47,7 @@ def plot_training_curves(runs: dict[str, list[dict]], path, title: str):
         best = max(range(len(rows)), key=lambda j: robust[j])  # the first maximum, as the Trainer keeps it
         ax.plot(epochs[best], robust[best], "o", ms=11, mfc="none", color=colour)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("validation accuracy (%)")
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
