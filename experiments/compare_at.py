@@ -32,6 +32,7 @@ from robustlab import load_model
 from robustlab.checkpoint import read_metrics
 from robustlab.attacks import pgd
 from robustlab.data import load_dataset
+from robustlab.errors import run_script
 from robustlab.evaluate import accuracy
 from robustlab.models import fast_memory_format
 from robustlab.protocol import threat_defaults
@@ -281,4 +282,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -36,6 +36,7 @@ import torch
 from robustlab import load_model
 from robustlab.attacks import pgd
 from robustlab.data import load_dataset
+from robustlab.errors import run_script
 from robustlab.evaluate import accuracy
 from robustlab.models import fast_memory_format
 from robustlab.training import TrainConfig, build_trainer
@@ -229,4 +230,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -25,6 +25,7 @@ from generalist_search import evaluate, shard_arg, train  # noqa: E402
 
 from robustlab import load_model  # noqa: E402
 from robustlab.data import load_dataset  # noqa: E402
+from robustlab.errors import run_script  # noqa: E402
 from robustlab.models import fast_memory_format  # noqa: E402
 
 
@@ -155,4 +156,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -19,6 +19,7 @@ attacked each batch against the statistics estimated so far rather than against 
 from __future__ import annotations
 
 import argparse
+import sys
 import copy
 import json
 from functools import partial
@@ -28,6 +29,7 @@ import torch
 from robustlab import load_model
 from robustlab.attacks import pgd
 from robustlab.data import load_dataset
+from robustlab.errors import run_script
 from robustlab.evaluate import accuracy
 from robustlab.protocol import threat_defaults
 from robustlab.rift.finetune import interpolate, recalibrate_bn
@@ -74,4 +76,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -25,6 +25,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from robustlab.errors import run_script
 from robustlab.provenance import commit, machine
 
 RUNS = [  # (label, method, options): the most expensive first, so that the workers finish together
@@ -137,4 +138,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

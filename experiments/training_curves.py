@@ -8,9 +8,11 @@ with the best epoch ringed; `robustlab eval` draws the same plot for one run in 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from robustlab.checkpoint import read_metrics
+from robustlab.errors import run_script
 from robustlab.evaluate.report import plot_training_curves
 
 
@@ -31,4 +33,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

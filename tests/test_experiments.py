@@ -88,3 +88,17 @@ def test_training_curves_draws_several_runs_and_rejects_a_folder_without_metrics
     with pytest.raises(SystemExit) as stop:
         curves.main([str(tmp_path), "--out", str(tmp_path / "d.png")])
     assert stop.value.code == 2 and "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_a_bad_value_reaching_the_trainer_is_one_line_and_status_2(tmp_path, monkeypatch, capsys, one_thread):
+    """`--epochs 0` passes argparse and is refused by TrainConfig: the script says so in one line, as the CLI does."""
+    import sys
+
+    from robustlab.errors import run_script
+    tradeoff = load_script("generalist_tradeoff")
+    monkeypatch.setattr(sys, "argv", ["generalist_tradeoff.py", "--epochs", "0", "--out", str(tmp_path), "--train-n", "64",
+                                      "--mix-finals", "0.4", "--trades-betas", "1", "--data-dir", "/usr/share/datasets/fashion-mnist"])
+    assert run_script(tradeoff.main) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "generalist_tradeoff.py: error: epochs must be > 0, got 0"
+    assert not any("Traceback" in line for line in err)

@@ -14,3 +14,15 @@ def check_choice(kind: str, value: str, allowed) -> str:
     if value not in allowed:
         raise RobustlabError(f"unknown {kind} {value!r}; allowed: {', '.join(allowed)}")
     return value
+
+
+def run_script(main) -> int:
+    """Run an experiment script's `main()` the way the CLI runs a command: a RobustlabError becomes one
+    line on stderr and exit status 2 instead of a traceback."""
+    import sys
+    from pathlib import Path
+    try:
+        return main() or 0
+    except RobustlabError as exc:
+        print(f"{Path(sys.argv[0]).name}: error: {exc}", file=sys.stderr)
+        return 2
