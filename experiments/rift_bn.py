@@ -19,9 +19,9 @@ attacked each batch against the statistics estimated so far rather than against 
 from __future__ import annotations
 
 import argparse
-import sys
 import copy
 import json
+import sys
 from functools import partial
 
 import torch

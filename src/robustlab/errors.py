@@ -1,4 +1,8 @@
 """The one exception type that the CLI turns into a one-line message and exit status 2."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 
 class RobustlabError(ValueError):
@@ -19,8 +23,6 @@ def check_choice(kind: str, value: str, allowed) -> str:
 def run_script(main) -> int:
     """Run an experiment script's `main()` the way the CLI runs a command: a RobustlabError becomes one
     line on stderr and exit status 2 instead of a traceback."""
-    import sys
-    from pathlib import Path
     try:
         return main() or 0
     except RobustlabError as exc:
