@@ -212,11 +212,12 @@ def test_free_at_replays_under_ddp_equal_one_process_on_the_full_batch(tmp_path,
 
 
 @pytest.mark.parametrize("method, options", [
-    ("fast-at", []), ("yopo", ["--outer", "2", "--inner", "2"]), ("trades", ["--steps", "2"]),
+    ("fast-at", []), ("yopo", ["--outer", "2", "--inner", "2"]),
+    ("yopo", ["--outer", "2", "--inner", "2", "--first-layer-grad", "hamiltonian"]), ("trades", ["--steps", "2"]),
     ("mart", ["--steps", "2"]), ("trades-awp", ["--steps", "2", "--awp-warmup", "0"]),
     ("generalist", ["--steps", "2"])])
 def test_every_method_trains_under_torchrun(tmp_path, fmnist, method, options):
-    """Each method's own collective steps (YOPO's first-layer gradient, AWP's proxy, Generalist's natural
+    """Each method's own collective steps (YOPO's Hamiltonian first-layer gradient, AWP's proxy, Generalist's natural
     learner) must run under two ranks, rank 0 alone writing, and learn something."""
     run = tmp_path / method
     args = ["train", "--data-dir", FMNIST, "--train-n", "512", "--val-n", "40", "--batch-size", "64",

@@ -16,6 +16,7 @@ from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from robustlab.attacks import pgd, within_ball
 from robustlab.data.datasets import Splits
@@ -27,7 +28,7 @@ from robustlab.training.awp import PGDATAWP, TRADESAWP, perturbed_weights
 from robustlab.training.fast_at import FastAT
 from robustlab.training.free_at import FreeAT
 from robustlab.training.run import validation_attack
-from robustlab.training.yopo import YOPO
+from robustlab.training.yopo import YOPO, is_affine_up_to, recorded_output
 
 FAMILY = ("fast-at", "free-at", "yopo", "trades", "mart", "pgd-at-awp", "trades-awp")
 EPS = {"linf": 0.1, "l2": 1.5}  # the protocol's Fashion-MNIST budgets
@@ -193,10 +194,10 @@ def test_free_at_does_one_backward_per_replay(batch):
     assert all(not torch.equal(a, b) for a, b in zip(seen, seen[1:])), "δ must move between replays"
 
 
-@pytest.mark.parametrize("outer, inner", [(5, 3), (2, 4)])
-def test_yopo_propagates_through_the_network_only_m_times(outer, inner, batch):
+@pytest.mark.parametrize("outer, inner, first_layer_grad", [(5, 3, "full"), (2, 4, "full"), (3, 2, "hamiltonian")])
+def test_yopo_propagates_through_the_network_only_m_times(outer, inner, first_layer_grad, batch):
     x, y = batch
-    model, method = lenet(), YOPO(outer=outer, inner=inner)
+    model, method = lenet(), YOPO(outer=outer, inner=inner, first_layer_grad=first_layer_grad)
     ctx = context(model)
     steps = []
     step = ctx.optimizer.step
@@ -204,18 +205,37 @@ def test_yopo_propagates_through_the_network_only_m_times(outer, inner, batch):
     with counting(model.net.fc3) as last, counting(model.net.conv2) as middle, counting(model.net.conv1, backward=False) as first:
         method.train_step(ctx, x, y)
     assert last == middle == {"forward": outer, "backward": outer}
-    # the first layer also runs n inner Hamiltonian steps and one for its own gradient, per outer step
-    assert first["forward"] == outer * (inner + 2)
+    # LeNet is affine up to conv1, so the full backward's input gradient serves all n inner steps; the
+    # paper's first-layer gradient costs one more pass through conv1 per outer step
+    assert first["forward"] == outer * (2 if first_layer_grad == "hamiltonian" else 1)
     assert len(steps) == 1
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.net.conv1.parameters())
+
+
+def test_yopo_inner_steps_reuse_the_gradient_exactly_when_the_first_layer_is_affine(batch):
+    x, y = batch
+    model, method = lenet(), YOPO(outer=1, inner=4)
+    assert is_affine_up_to(model, "net.conv1")
+    assert not is_affine_up_to(model, "net.conv2")  # conv1, a max-pool and a ReLU come first
+    resnet = build_model("preact-resnet18", (3, 32, 32), 10, [0.5] * 3, [0.25] * 3, width=4)
+    assert not is_affine_up_to(resnet, "net.conv1")  # its forward is not a plain Sequential: not assumed
+    eta = method._threat.random_start(x, None) - x
+    leaf = eta.clone().requires_grad_(True)
+    with recorded_output(model.net.conv1) as record:
+        F.cross_entropy(model(x + leaf), y).backward()
+    args = (context(model), model.net.conv1, x, eta, leaf.grad, record["output"].grad)
+    reused, recomputed = method._inner_steps(*args, affine=True), method._inner_steps(*args, affine=False)
+    assert torch.equal(reused, recomputed)
+    assert (reused - eta).abs().max() > 0.05  # the steps moved η
 
 
 def test_yopo_works_on_a_resnet_and_names_a_missing_layer():
     model = build_model("preact-resnet18", (3, 32, 32), 10, [0.5] * 3, [0.25] * 3, width=4)
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    with counting(model.net.linear) as last:
-        YOPO(eps=8 / 255, step_size=2 / 255, outer=2, inner=2).train_step(context(model), x, y)
+    with counting(model.net.linear) as last, counting(model.net.conv1, backward=False) as first:
+        YOPO(eps=8 / 255, step_size=2 / 255, outer=2, inner=3).train_step(context(model), x, y)
     assert last == {"forward": 2, "backward": 2}
+    assert first["forward"] == 2 * 3  # not known to be affine: inner steps 2 and 3 recompute ∇η H through conv1
     with pytest.raises(RobustlabError, match="conv0"):
         YOPO(first_layer="net.conv0").train_step(context(model), x, y)
 

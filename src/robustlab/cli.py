@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--outer", type=_positive(int), help="YOPO: outer steps m (full backward passes)")
     m.add_argument("--inner", type=_positive(int), help="YOPO: inner steps n per outer step")
     m.add_argument("--first-layer", help="YOPO: qualified name of the first layer (default net.conv1)")
+    m.add_argument("--first-layer-grad", help="YOPO: the first layer's gradient, full (default), hamiltonian "
+                   "(the paper's) or both")
     m.add_argument("--awp-gamma", type=_nonneg_float, help="AWP: relative weight-perturbation size γ")
     m.add_argument("--awp-warmup", type=_nonneg_float, help="AWP: fraction of epochs before AWP starts")
     m.add_argument("--co-drop", type=_nonneg_float,
@@ -167,10 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-METHOD_OPTIONS = ("eps", "steps", "step_size", "beta", "replays", "outer", "inner", "first_layer", "awp_gamma",
-                  "awp_warmup", "co_drop", "adv_loss", "mix_final", "mix_start", "global_decay", "redistribute_from",
-                  "redistribute_every", "redistribute_per_step", "nat_lr", "nat_weight_decay", "nat_schedule",
-                  "global_bn")
+METHOD_OPTIONS = ("eps", "steps", "step_size", "beta", "replays", "outer", "inner", "first_layer",
+                  "first_layer_grad", "awp_gamma", "awp_warmup", "co_drop", "adv_loss", "mix_final", "mix_start",
+                  "global_decay", "redistribute_from", "redistribute_every", "redistribute_per_step", "nat_lr",
+                  "nat_weight_decay", "nat_schedule", "global_bn")
 
 
 def train_config(args):
