@@ -107,9 +107,9 @@ class YOPO(Method):
     The first layer's own gradient (`first_layer_grad`):
     - "full" (the default): from the full backward, like every other layer.
     - "hamiltonian": the paper's Algorithm 1, ∂H/∂θ₀ at the η after the inner steps (one more pass
-      through f₀ per outer step). On Fashion-MNIST cnn-small this stalled training: 3 one-cycle epochs
-      reached 82.0% / 65.0% on validation (clean / PGD-10) against 85.5% / 71.8% with "full" (docs/results.md,
-      "YOPO's first-layer gradient").
+      through f₀ per outer step). On Fashion-MNIST cnn-small it stalled training: 5 one-cycle epochs of
+      YOPO-5-3 reached 82.9% / 66.8% on validation (clean / PGD-10) against 86.2% / 73.8% with "full"
+      (docs/results.md, "YOPO's first-layer gradient").
     - "both": their sum, as the reference code does once the full backward's first-layer gradient is
       kept.
 
