@@ -110,8 +110,8 @@ class YOPO(Method):
       through f₀ per outer step). On Fashion-MNIST cnn-small it stalled training: 5 one-cycle epochs of
       YOPO-5-3 reached 82.9% / 66.8% on validation (clean / PGD-10) against 86.2% / 73.8% with "full"
       (docs/results.md, "YOPO's first-layer gradient").
-    - "both": their sum, as the reference code does once the full backward's first-layer gradient is
-      kept.
+    - "both": their sum, as the reference code's later versions do (they keep the full backward's
+      first-layer gradient and add ∂H/∂θ₀).
 
     `first_layer` is the module path of the first layer with weights (everything before it, such as
     robustlab's input `Normalize`, must be parameter-free); "net.conv1" for every robustlab model.
@@ -173,9 +173,9 @@ class YOPO(Method):
             with (recorded_output(layer) if need_costate else nullcontext({})) as record, ctx.autocast():
                 logits = ctx.model(x + eta)
                 loss = F.cross_entropy(logits, y)
-            set_aside = [p.grad for p in layer_params]
-            if self.first_layer_grad == "hamiltonian":
-                for p in layer_params:  # so that the full backward's first-layer gradient can be dropped
+            if self.first_layer_grad == "hamiltonian":  # the full backward's first-layer gradient is dropped
+                set_aside = [p.grad for p in layer_params]
+                for p in layer_params:
                     p.grad = None
             (loss / self.outer).backward()  # the one full backward of this outer step
             if self.first_layer_grad == "hamiltonian":
