@@ -163,7 +163,8 @@ class YOPO(Method):
         layer = named_layer(ctx.module, self.first_layer)
         layer_params = [p for p in layer.parameters() if p.requires_grad]
         affine = is_affine_up_to(ctx.module, self.first_layer)
-        hamiltonian = self.first_layer_grad in ("hamiltonian", "both")
+        hamiltonian = self.first_layer_grad in ("hamiltonian", "both")  # ∂H/∂θ₀ is added
+        drop_full = self.first_layer_grad == "hamiltonian"  # the full backward's first-layer gradient is not
         need_costate = hamiltonian or (self.inner > 1 and not affine)
         eta = self._threat.random_start(x, ctx.generator) - x
         ctx.optimizer.zero_grad(set_to_none=True)
@@ -173,12 +174,12 @@ class YOPO(Method):
             with (recorded_output(layer) if need_costate else nullcontext({})) as record, ctx.autocast():
                 logits = ctx.model(x + eta)
                 loss = F.cross_entropy(logits, y)
-            if self.first_layer_grad == "hamiltonian":  # the full backward's first-layer gradient is dropped
+            if drop_full:
                 set_aside = [p.grad for p in layer_params]
                 for p in layer_params:
                     p.grad = None
             (loss / self.outer).backward()  # the one full backward of this outer step
-            if self.first_layer_grad == "hamiltonian":
+            if drop_full:
                 for p, g in zip(layer_params, set_aside):
                     p.grad = g
             costate = record["output"].grad.detach() if need_costate else None
