@@ -71,6 +71,18 @@ def test_train_then_eval_writes_a_report(tmp_path):
     bad_split = robustlab("eval", str(run), "--split", "train")
     assert bad_split.returncode == 2 and "test, val" in bad_split.stderr
 
+    # a second evaluation written elsewhere keeps the first report
+    second = robustlab("eval", str(run), "--attack", "fgsm", "--data-dir", FMNIST, "--n", "60", "--sweep-n", "0",
+                       "--threads", "1", "--out", str(run / "fgsm"))
+    assert second.returncode == 0, second.stderr
+    assert (run / "report.json").read_text() == report_json
+    assert json.loads((run / "fgsm" / "report.json").read_text())["attack"]["name"] == "fgsm"
+    assert (run / "fgsm" / "report.md").read_text().startswith("# Evaluation of `run`")
+    assert (run / "fgsm" / "training_curves.png").exists()
+    on_a_file = robustlab("eval", str(run), "--out", str(run / "report.json"))
+    assert on_a_file.returncode == 2 and len(on_a_file.stderr.strip().splitlines()) == 1
+    assert "--out" in on_a_file.stderr
+
 
 def test_standard_suite_reports_autoattack_sanity_and_ood(tmp_path):
     run = tmp_path / "run"

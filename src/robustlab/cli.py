@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", default="best", help="best or last")
     e.add_argument("--data-dir", help="default: the run's own")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
+    e.add_argument("--out", help="folder for report.md, report.json, the plots and AutoAttack's resumable state "
+                   "(default: the run's directory); another folder keeps an earlier evaluation's report")
     e.add_argument("--threads", type=_positive(int))
 
     d = sub.add_parser("demo", help="PGD-AT on Fashion-MNIST, evaluation and report, in a few minutes")
@@ -283,11 +285,16 @@ def cmd_eval(args) -> int:
     label = (f"PGD-{steps}{'×' + str(restarts) if restarts > 1 else ''} {norm} ε={eps:g} step {step_size:g}"
              if args.attack == "pgd" else f"{args.attack.upper()} ε={eps:g}")
     run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
+    out = Path(args.out) if args.out else run_dir
+    if args.split == "test":
+        if out.exists() and not out.is_dir():
+            raise RobustlabError(f"--out {out} is a file; name a folder for the report")
+        out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if args.suite == "standard":
         from robustlab.evaluate.suite import run_suite
         rows, extra, suite_plots = run_suite(model, test, data.info, norm=norm, eps=eps, pgd_attack=attack_at(eps),
-                                             pgd_label=label, run_dir=run_dir, aa_steps=args.aa_steps,
+                                             pgd_label=label, out_dir=out, aa_steps=args.aa_steps,
                                              aa_queries=args.aa_queries, sanity_n=args.sanity_n, ood=args.ood,
                                              seed=args.seed, batch_size=args.batch_size)
         clean, robust = rows[0]["accuracy"], rows[1]["accuracy"]
@@ -320,14 +327,14 @@ def cmd_eval(args) -> int:
     if not distributed.is_main():
         return 0
     if "sweep" in results:
-        plot_accuracy_vs_eps({label.split(" ")[0]: results["sweep"]["points"]}, run_dir / "accuracy_vs_eps.png",
+        plot_accuracy_vs_eps({label.split(" ")[0]: results["sweep"]["points"]}, out / "accuracy_vs_eps.png",
                              f"{meta['model']['name']} on {dataset} ({len(sweep)} test images)", norm)
         plots["Accuracy versus ε"] = "accuracy_vs_eps.png"
     if metrics := read_metrics(run_dir):
-        plot_training_curves({meta.get("method", {}).get("name") or run_dir.name: metrics}, run_dir / "training_curves.png",
+        plot_training_curves({meta.get("method", {}).get("name") or run_dir.name: metrics}, out / "training_curves.png",
                              f"{meta['model']['name']} on {dataset}: validation during training")
         plots["Training curves"] = "training_curves.png"
-    write_report(run_dir, results, {**plots, **suite_plots})
+    write_report(out, results, {**plots, **suite_plots}, run_name=run_dir.name)
     if args.json:
         print(json.dumps({k: results[k] for k in ("clean", "robust", "n", "attack", "wall_s")}))
     else:
@@ -336,7 +343,7 @@ def cmd_eval(args) -> int:
             print(f"{row['accuracy']:7.2%}  {row['name']}")
         if "sanity" in results:
             print(f"sanity checks: {results['sanity'].get('verdict')}")
-        print(f"report: {run_dir / 'report.md'}")
+        print(f"report: {out / 'report.md'}")
     return 0
 
 

@@ -57,12 +57,13 @@ def plot_training_curves(runs: dict[str, list[dict]], path, title: str):
     plt.close(fig)
 
 
-def write_report(run_dir, results: dict, plots: dict[str, str]):
-    """Write RUN/report.json (everything) and RUN/report.md (a readable summary with the plots)."""
-    run_dir = Path(run_dir)
-    (run_dir / "report.json").write_text(json.dumps({k: v for k, v in results.items() if k != "sanity_markdown"},
+def write_report(out_dir, results: dict, plots: dict[str, str], run_name: str | None = None):
+    """Write OUT/report.json (everything) and OUT/report.md (a readable summary with the plots, which lie
+    in OUT); OUT is the run's directory unless `robustlab eval --out` names another."""
+    out_dir = Path(out_dir)
+    (out_dir / "report.json").write_text(json.dumps({k: v for k, v in results.items() if k != "sanity_markdown"},
                                                     indent=1, default=str) + "\n")
-    lines = [f"# Evaluation of `{run_dir.name}`", ""]
+    lines = [f"# Evaluation of `{run_name or out_dir.name}`", ""]
     meta = results.get("run", {})
     if meta:
         lines += [f"- model: `{meta.get('model')}`, dataset: `{meta.get('dataset')}`, method: `{meta.get('method')}`, "
@@ -79,4 +80,4 @@ def write_report(run_dir, results: dict, plots: dict[str, str]):
         lines += ["Command:", "", f"    {results['command']}", ""]
     for title, file in plots.items():
         lines += [f"## {title}", "", f"![{title}]({file})", ""]
-    (run_dir / "report.md").write_text("\n".join(lines))
+    (out_dir / "report.md").write_text("\n".join(lines))

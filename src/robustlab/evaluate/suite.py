@@ -37,10 +37,10 @@ def plot_per_class(class_names, clean_mask, robust_mask, labels, path, robust_la
     plt.close(fig)
 
 
-def run_suite(model, test, info, *, norm, eps, pgd_attack, pgd_label, run_dir, aa_steps=100, aa_queries=5000,
+def run_suite(model, test, info, *, norm, eps, pgd_attack, pgd_label, out_dir, aa_steps=100, aa_queries=5000,
               sanity_n=500, ood=True, seed=0, batch_size=500, show=None) -> tuple[list, dict, dict]:
     """Returns (report rows, extra results, plots) for `write_report`."""
-    run_dir = Path(run_dir)
+    out_dir = Path(out_dir)
     rows, extra, plots, wall = [], {}, {}, {}
     start = time.perf_counter()
     clean_mask = correct_mask(model, test.images, test.labels, batch_size=batch_size, progress="clean", show=show)
@@ -52,7 +52,7 @@ def run_suite(model, test, info, *, norm, eps, pgd_attack, pgd_label, run_dir, a
 
     start = time.perf_counter()
     aa = autoattack_accuracy(model, test, eps, norm, batch_size=batch_size // 2, seed=seed, progress=show is not False,
-                             state_path=run_dir / "autoattack_state.safetensors", steps=aa_steps, queries=aa_queries)
+                             state_path=out_dir / "autoattack_state.safetensors", steps=aa_steps, queries=aa_queries)
     wall["autoattack"] = time.perf_counter() - start
     off = "" if (aa_steps, aa_queries) == (100, 5000) else f" (off-protocol: {aa_steps} steps, {aa_queries} queries)"
     for stage, acc in aa.stage_accuracy.items():
@@ -61,7 +61,7 @@ def run_suite(model, test, info, *, norm, eps, pgd_attack, pgd_label, run_dir, a
     extra["autoattack"] = {"stage_accuracy": aa.stage_accuracy, "seconds": aa.seconds, "steps": aa_steps,
                            "queries": aa_queries}
     if distributed.is_main():
-        plot_per_class(info.class_names, clean_mask, robust_mask, test.labels, run_dir / "per_class.png", pgd_label)
+        plot_per_class(info.class_names, clean_mask, robust_mask, test.labels, out_dir / "per_class.png", pgd_label)
     plots["Per-class accuracy"] = "per_class.png"
 
     start = time.perf_counter()
@@ -83,7 +83,7 @@ def run_suite(model, test, info, *, norm, eps, pgd_attack, pgd_label, run_dir, a
                      "accuracy": result.mean})
         extra["ood"] = result.to_dict()
         if distributed.is_main():
-            plot_corruptions(result, run_dir / "corruptions.png")
+            plot_corruptions(result, out_dir / "corruptions.png")
         plots["Accuracy under corruptions"] = "corruptions.png"
     extra["wall_s_by_step"] = {k: round(v, 1) for k, v in wall.items()}
     return rows, extra, plots
