@@ -287,9 +287,10 @@ def cmd_eval(args) -> int:
     run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
     out = Path(args.out) if args.out else run_dir
     if args.split == "test":
-        if out.exists() and not out.is_dir():
-            raise RobustlabError(f"--out {out} is a file; name a folder for the report")
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file of that name, a file on the path, no permission
+            raise RobustlabError(f"--out {out}: cannot make a folder for the report ({exc.strerror})") from None
     start = time.perf_counter()
     if args.suite == "standard":
         from robustlab.evaluate.suite import run_suite

@@ -57,13 +57,13 @@ def plot_training_curves(runs: dict[str, list[dict]], path, title: str):
     plt.close(fig)
 
 
-def write_report(out_dir, results: dict, plots: dict[str, str], run_name: str | None = None):
+def write_report(out_dir, results: dict, plots: dict[str, str], run_name: str):
     """Write OUT/report.json (everything) and OUT/report.md (a readable summary with the plots, which lie
     in OUT); OUT is the run's directory unless `robustlab eval --out` names another."""
     out_dir = Path(out_dir)
     (out_dir / "report.json").write_text(json.dumps({k: v for k, v in results.items() if k != "sanity_markdown"},
                                                     indent=1, default=str) + "\n")
-    lines = [f"# Evaluation of `{run_name or out_dir.name}`", ""]
+    lines = [f"# Evaluation of `{run_name}`", ""]
     meta = results.get("run", {})
     if meta:
         lines += [f"- model: `{meta.get('model')}`, dataset: `{meta.get('dataset')}`, method: `{meta.get('method')}`, "
