@@ -99,6 +99,7 @@ def test_standard_suite_reports_autoattack_sanity_and_ood(tmp_path):
     accs = [row["accuracy"] for row in report["rows"] if row["name"].startswith("AutoAttack")]
     assert accs == sorted(accs, reverse=True) and accs[-1] <= report["rows"][0]["accuracy"]
     assert report["sanity"]["verdict"] and (run / "corruptions.png").exists() and (run / "per_class.png").exists()
+    assert report["sanity"]["checks"][-1]["name"] == "autoattack_square"  # read off AutoAttack's own stages
     assert "Gradient-masking sanity checks" in (run / "report.md").read_text()
 
 

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustlab.attacks import pgd, within_ball
-from robustlab.evaluate.sanity import (Check, check_black_box, check_convergence, check_deterministic,
-                                       check_eps_monotonic, check_gradients, check_large_eps, random_search,
-                                       sanity_checks, to_markdown, verdict)
+from robustlab.evaluate.sanity import (Check, check_autoattack_square, check_black_box, check_convergence,
+                                       check_deterministic, check_eps_monotonic, check_gradients, check_large_eps,
+                                       random_search, sanity_checks, to_markdown, verdict)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -147,6 +147,19 @@ def test_comparison_checks_on_known_numbers():
     black[:10] = False  # the black-box attack broke 10% that the white-box attacks did not
     assert not check_black_box(white, black, tolerance=0.03).passed
     assert check_black_box(white, white, tolerance=0.03).passed
+
+
+def test_autoattack_square_check_counts_what_only_square_broke():
+    from robustlab.attacks.autoattack import ROBUST, STAGES
+    square = STAGES.index("square")
+    # 100 images: 10 misclassified, 10 broken by APGD-CE, 78 robust, 2 broken by Square only (2%)
+    broken_by = torch.tensor([0] * 10 + [1] * 10 + [ROBUST] * 78 + [square] * 2, dtype=torch.int8)
+    check = check_autoattack_square(broken_by, STAGES, ROBUST)
+    assert check.name == "autoattack_square" and not check.passed
+    assert check.values["white_box"] == pytest.approx(0.80) and check.values["only_black_box"] == pytest.approx(0.02)
+    assert "100 images" in check.detail and "masked" in check.detail
+    broken_by[-1] = ROBUST  # one image in 100: at the tolerance, passes
+    assert check_autoattack_square(broken_by, STAGES, ROBUST).passed
 
 
 def test_verdict_and_markdown():
