@@ -154,12 +154,12 @@ def test_autoattack_square_check_counts_what_only_square_broke():
     square = STAGES.index("square")
     # 100 images: 10 misclassified, 10 broken by APGD-CE, 78 robust, 2 broken by Square only (2%)
     broken_by = torch.tensor([0] * 10 + [1] * 10 + [ROBUST] * 78 + [square] * 2, dtype=torch.int8)
-    check = check_autoattack_square(broken_by, STAGES, ROBUST)
+    check = check_autoattack_square(broken_by)
     assert check.name == "autoattack_square" and not check.passed
     assert check.values["white_box"] == pytest.approx(0.80) and check.values["only_black_box"] == pytest.approx(0.02)
     assert "100 images" in check.detail and "masked" in check.detail
     broken_by[-1] = ROBUST  # one image in 100: at the tolerance, passes
-    assert check_autoattack_square(broken_by, STAGES, ROBUST).passed
+    assert check_autoattack_square(broken_by).passed
 
 
 def test_verdict_and_markdown():

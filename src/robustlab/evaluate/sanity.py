@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from robustlab.attacks import attack_mode, fgm, fgsm, pgd
+from robustlab.attacks.autoattack import ROBUST, STAGES
 from robustlab.attacks.threat import NORMS
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.evaluate.accuracy import correct_mask
@@ -284,21 +285,18 @@ def check_black_box(white_mask: torch.Tensor, combined_mask: torch.Tensor, *, to
     passed = only_black <= tolerance
     detail = (f"white-box {_pct(white)}; {attack} broke a further {_pct(only_black)} of images"
               + ("" if passed else ": the white-box gradients are masked"))
-    return Check(name, passed, detail, {"white_box": white, "with_black_box": combined,
-                                               "only_black_box": only_black})
+    return Check(name, passed, detail, {"white_box": white, "with_black_box": combined, "only_black_box": only_black})
 
 
-def check_autoattack_square(broken_by: torch.Tensor, stages: tuple[str, ...], robust_code: int, *,
-                            tolerance: float = AUTOATTACK_SQUARE_TOLERANCE) -> Check:
+def check_autoattack_square(broken_by: torch.Tensor, *, tolerance: float = AUTOATTACK_SQUARE_TOLERANCE) -> Check:
     """The black-box check on a finished AutoAttack run, at no extra cost: Square, its last and only gradient-free
     stage, should break (almost) nothing that its white-box stages left robust.
 
-    broken_by: per example, the index in `stages` of the stage that broke it, or `robust_code`
-    (`AutoAttackResult.broken_by`, `attacks.autoattack.STAGES`, `attacks.autoattack.ROBUST`). Unlike the
-    two-attack comparison of `check_black_box` this counts real adversarial examples, so no noise margin is needed.
+    broken_by: `AutoAttackResult.broken_by`. Unlike the two-attack comparison of `check_black_box` this counts
+    real adversarial examples, so no noise margin is needed.
     """
-    square = stages.index("square")
-    return check_black_box(broken_by.eq(robust_code) | broken_by.eq(square), broken_by.eq(robust_code),
+    robust = broken_by.eq(ROBUST)
+    return check_black_box(robust | broken_by.eq(STAGES.index("square")), robust,
                            tolerance=tolerance, name="autoattack_square",
                            attack=f"Square (AutoAttack's stage, {len(broken_by)} images)")
 

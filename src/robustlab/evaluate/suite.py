@@ -14,7 +14,6 @@ import torch  # noqa: E402
 
 from robustlab import distributed  # noqa: E402
 from robustlab.attacks import autoattack_accuracy, square  # noqa: E402
-from robustlab.attacks.autoattack import ROBUST, STAGES  # noqa: E402
 from robustlab.evaluate.accuracy import correct_mask  # noqa: E402
 from robustlab.evaluate.corruptions import ood_accuracy, plot_corruptions  # noqa: E402
 from robustlab.evaluate.sanity import check_autoattack_square, sanity_checks  # noqa: E402
@@ -71,7 +70,7 @@ def run_suite(model, test, info, *, norm, eps, pgd_attack, pgd_label, out_dir, a
                            attacks={pgd_label: pgd_attack},
                            black_box={"Square-1000": partial(square, norm=norm, queries=1000)},
                            progress=show is not False)
-    checks.checks.append(check_autoattack_square(aa.broken_by, STAGES, ROBUST))
+    checks.checks.append(check_autoattack_square(aa.broken_by))
     wall["sanity"] = time.perf_counter() - start
     extra["sanity"] = checks.to_dict()
     extra["sanity_markdown"] = checks.to_markdown()
