@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import time
-from functools import partial
 
 import torch
 import torch.nn.functional as F
