@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import time
 
 import torch
@@ -180,4 +181,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run_script(main)
+    sys.exit(run_script(main))
