@@ -79,6 +79,12 @@ def test_train_then_eval_writes_a_report(tmp_path):
     assert json.loads((run / "fgsm" / "report.json").read_text())["attack"]["name"] == "fgsm"
     assert (run / "fgsm" / "report.md").read_text().startswith("# Evaluation of `run`")
     assert (run / "fgsm" / "training_curves.png").exists()
+    smooth = robustlab("eval", str(run), "--attack", "pgd-smooth", "--tau", "0.5", "--data-dir", FMNIST, "--n", "60",
+                       "--steps", "3", "--restarts", "1", "--sweep-n", "0", "--threads", "1", "--json",
+                       "--out", str(run / "smooth"))
+    assert smooth.returncode == 0, smooth.stderr
+    assert 0 <= json.loads(smooth.stdout)["robust"] <= json.loads(smooth.stdout)["clean"]
+    assert "smooth ReLU gradients τ=0.5" in (run / "smooth" / "report.md").read_text()
     on_a_file = robustlab("eval", str(run), "--out", str(run / "report.json"))
     assert on_a_file.returncode == 2 and len(on_a_file.stderr.strip().splitlines()) == 1
     assert "--out" in on_a_file.stderr

@@ -90,7 +90,7 @@ def test_honest_model_is_trustworthy(mlp, eval_set):
     assert report.trustworthy, report.to_markdown()
     assert report.verdict == "trustworthy"
     assert [c.name for c in report.checks] == ["deterministic", "gradients", "eps_monotonic", "large_eps",
-                                               "single_step", "convergence", "black_box"]
+                                               "single_step", "convergence", "black_box", "smooth_gradients"]
     assert all(isinstance(c.detail, str) and "\n" not in c.detail for c in report.checks)
     assert report["large_eps"].values["accuracy"] <= 0.05
 

@@ -129,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a trained run under attack and write RUN/report.md")
     e.add_argument("run", help="run directory or checkpoint file")
-    e.add_argument("--attack", default="pgd", help="fgsm, fgm, pgd")
+    e.add_argument("--attack", default="pgd", help="fgsm, fgm, pgd, or pgd-smooth: PGD on the margin loss with ReLU's "
+                   "gradient smoothed, an adaptive attack for gradient masking (robustlab.attacks.smooth)")
+    e.add_argument("--tau", type=_positive(float), default=0.1, help="pgd-smooth: temperature of ReLU's sigmoid "
+                   "gradient (default 0.1)")
     e.add_argument("--norm", help="linf or l2 (default: the run's)")
     e.add_argument("--eps", type=_nonneg_float, help="default: the protocol's for the run's dataset")
     e.add_argument("--steps", type=_positive(int), help="PGD steps (default: the protocol's)")
@@ -238,7 +241,8 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import torch
     from robustlab import distributed, load_model
-    from robustlab.attacks import ATTACKS, pgd
+    from robustlab.attacks import ATTACKS, pgd, pgd_smooth
+    from robustlab.attacks.smooth import relu_count
     from robustlab.checkpoint import read_metrics
     from robustlab.errors import check_choice
     from robustlab.evaluate import accuracy
@@ -249,7 +253,7 @@ def cmd_eval(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    check_choice("attack", args.attack, ("fgsm", "fgm", "pgd"))
+    check_choice("attack", args.attack, ("fgsm", "fgm", "pgd", "pgd-smooth"))
     distributed.init()  # under torchrun every attack below shares the test set out over the ranks
     check_choice("suite", args.suite, ("none", "standard"))
     check_choice("split", args.split, ("test", "val"))
@@ -262,6 +266,8 @@ def cmd_eval(args) -> int:
     if meta.get("task") == "text":
         raise RobustlabError(f"{args.run} is a text run: `robustlab eval` attacks images; evaluate text models with "
                              "robustlab.text.training.text_accuracy / pgd_attack (see docs/text.md)")
+    if args.attack == "pgd-smooth" and not relu_count(model):
+        raise RobustlabError(f"--attack pgd-smooth: {args.run} has no nn.ReLU modules to smooth; use pgd")
     dataset = meta["dataset"]["name"]
     norm = args.norm or meta.get("method", {}).get("norm", "linf")
     if args.attack == "fgsm":
@@ -278,12 +284,17 @@ def cmd_eval(args) -> int:
     test = test.subset(args.n) if args.n else test
 
     def attack_at(e):
+        step = step_size * (e / eps if eps else 1)
         if args.attack == "pgd":
-            return partial(pgd, eps=e, norm=norm, steps=steps, step_size=step_size * (e / eps if eps else 1), restarts=restarts)
+            return partial(pgd, eps=e, norm=norm, steps=steps, step_size=step, restarts=restarts)
+        if args.attack == "pgd-smooth":
+            return partial(pgd_smooth, eps=e, norm=norm, steps=steps, step_size=step, restarts=restarts, tau=args.tau)
         return lambda m, x, y, generator=None: ATTACKS[args.attack](m, x, y, eps=e)
 
-    label = (f"PGD-{steps}{'×' + str(restarts) if restarts > 1 else ''} {norm} ε={eps:g} step {step_size:g}"
-             if args.attack == "pgd" else f"{args.attack.upper()} ε={eps:g}")
+    budget_label = f"{steps}{'×' + str(restarts) if restarts > 1 else ''} {norm} ε={eps:g} step {step_size:g}"
+    label = {"pgd": f"PGD-{budget_label}",
+             "pgd-smooth": f"PGD-{budget_label}, margin loss, smooth ReLU gradients τ={args.tau:g}",
+             }.get(args.attack, f"{args.attack.upper()} ε={eps:g}")
     run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
     out = Path(args.out) if args.out else run_dir
     if args.split == "test":

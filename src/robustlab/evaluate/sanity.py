@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 
 from robustlab.attacks import attack_mode, fgm, fgsm, pgd
 from robustlab.attacks.autoattack import ROBUST, STAGES
+from robustlab.attacks.smooth import negative_margin, pgd_smooth, relu_count
+from robustlab.attacks.square import margin
 from robustlab.attacks.threat import NORMS
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.evaluate.accuracy import correct_mask
@@ -37,12 +39,20 @@ TITLES = {  # check name -> what passing means, for reports
     "convergence": "more iterations or restarts do not lower accuracy much",
     "black_box": "a gradient-free attack is not stronger than the white-box ones",
     "autoattack_square": "AutoAttack's Square finds few images that its APGD and FAB stages missed",
+    "smooth_gradients": "PGD with smooth ReLU gradients finds few images that exact-gradient PGD missed",
 }
 
 # Square's share of AutoAttack's breaks above which the white-box stages count as masked. On the models measured
 # in docs/results.md Square broke 0.0-0.2% of images beyond APGD and FAB where nothing was masked, and 1.7% and
 # 4.8% on two residual networks whose PGD-50×3 figures AutoAttack put 3.6 and 6.7 points lower.
 AUTOATTACK_SQUARE_TOLERANCE = 0.01
+
+# The smooth-gradient check: PGD-100 (step ε/10) on the margin loss with the model's gradients, then with ReLU's
+# gradient smoothed at temperature τ on the images still robust. Both count real adversarial examples, hence
+# the small tolerance, as for Square above.
+SMOOTH_GRADIENT_STEPS = 100
+SMOOTH_GRADIENT_TAU = 0.1
+SMOOTH_GRADIENT_TOLERANCE = 0.01
 
 
 @dataclass
@@ -96,14 +106,6 @@ class SanityReport:
 
 # ---------------------------------------------------------------------------------------------- a gradient-free attack
 
-def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Logit of the true class minus the largest other one: negative once misclassified."""
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    other = logits.clone()
-    other.scatter_(1, y[:, None], float("-inf"))
-    return true - other.amax(1)
-
-
 def _l2_norm(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
 
@@ -130,10 +132,10 @@ def random_search(model, x, y, *, eps: float, norm: str = "linf", queries: int =
             delta = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             delta = eps * delta / _l2_norm(delta).clamp_min(1e-12)
         delta = (x + delta).clamp(0, 1) - x
-        margin = _margin(model(x + delta), y)
+        current = margin(model(x + delta), y)
         rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
         for i in range(1, queries):
-            active = (margin > 0).nonzero().squeeze(1)
+            active = (current > 0).nonzero().squeeze(1)
             if len(active) == 0:
                 break
             p = p_init * 0.5 ** sum(i > f * queries for f in (0.001, 0.005, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8))
@@ -152,10 +154,10 @@ def random_search(model, x, y, *, eps: float, norm: str = "linf", queries: int =
                 new = old + patch * (eps * (side * side / (h * w)) ** 0.5 / _l2_norm(patch).clamp_min(1e-12))
                 new = new * (eps / _l2_norm(new).clamp_min(1e-12)).clamp(max=1)
             new = (x[active] + new).clamp(0, 1) - x[active]
-            candidate = _margin(model(x[active] + new), y[active])
-            better = candidate < margin[active]
+            candidate = margin(model(x[active] + new), y[active])
+            better = candidate < current[active]
             delta[active[better]] = new[better]
-            margin[active[better]] = candidate[better]
+            current[active[better]] = candidate[better]
         return (x + delta).clamp(0, 1)
 
 
@@ -301,6 +303,18 @@ def check_autoattack_square(broken_by: torch.Tensor, *, tolerance: float = AUTOA
                            attack=f"Square (AutoAttack's stage, {len(broken_by)} images)")
 
 
+def check_smooth_gradients(exact_mask: torch.Tensor, smooth_mask: torch.Tensor, *, steps: int, tau: float,
+                           tolerance: float = SMOOTH_GRADIENT_TOLERANCE) -> Check:
+    """Images that PGD breaks with ReLU's gradient smoothed but not with the model's own gradients: ReLU units
+    switching near the data hide the loss from the exact-gradient attacks (`robustlab.attacks.smooth`).
+
+    exact_mask: robust to the white-box attacks and to margin PGD; smooth_mask: robust to those and to the
+    same PGD with smooth ReLU gradients.
+    """
+    return check_black_box(exact_mask, smooth_mask, tolerance=tolerance, name="smooth_gradients",
+                           attack=f"PGD-{steps} with smooth ReLU gradients (τ = {tau:g})")
+
+
 # ---------------------------------------------------------------------------------------------- all together
 
 def _as_dict(attacks, default_name: str) -> dict[str, Attack]:
@@ -320,14 +334,16 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: fl
                   steps: int = 20, long_steps: int | None = None, restarts: int = 5,
                   eps_factors=(0.25, 0.5, 1.0, 1.5, 2.0), large_eps: float | None = None,
                   black_box_queries: int = 500, tolerance: float = 0.03, large_eps_max_accuracy: float = 0.05,
-                  batch_size: int = 500, seed: int = 0, progress: bool = False, device="cpu") -> SanityReport:
+                  smooth_tau: float | None = SMOOTH_GRADIENT_TAU, batch_size: int = 500, seed: int = 0,
+                  progress: bool = False, device="cpu") -> SanityReport:
     """Run every check on (x, y) — floats in [0, 1] — for the threat (norm, ε).
 
     attacks: the white-box attacks of the evaluation (default PGD-`steps`); accuracy counts an image as robust
     only if it survives all of them. black_box: gradient-free attacks (default `random_search` with
     `black_box_queries`; pass Square). The convergence check compares PGD-`steps` with PGD-`long_steps`
     (default 10×) and with `restarts` random restarts. `tolerance` is the accuracy difference (a fraction)
-    tolerated before a comparison fails; keep it above the noise of the set (use ≥ 200 images).
+    tolerated before a comparison fails; keep it above the noise of the set (use ≥ 200 images). smooth_tau:
+    the temperature of the smooth-gradient check (None skips it; so does a model without nn.ReLU modules).
     """
     check_choice("norm", norm, NORMS)
     if eps <= 0:
@@ -388,6 +404,15 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: fl
     add(check_convergence(base_acc, longer, restarted, steps=steps, long_steps=long_steps, restarts=restarts,
                           tolerance=tolerance))
     add(check_black_box(masks[eps], ensemble(black, eps, among=masks[eps]), tolerance=tolerance))
+    if smooth_tau is not None and relu_count(model):
+        margin_pgd = partial(pgd, norm=norm, steps=SMOOTH_GRADIENT_STEPS, step_size=eps / 10, loss_fn=negative_margin)
+        exact = ensemble({"margin PGD": margin_pgd}, eps, among=masks[eps])
+        smooth = partial(pgd_smooth, norm=norm, steps=SMOOTH_GRADIENT_STEPS, step_size=eps / 10, tau=smooth_tau)
+        add(check_smooth_gradients(exact, ensemble({"smooth": smooth}, eps, among=exact),
+                                   steps=SMOOTH_GRADIENT_STEPS, tau=smooth_tau))
+    else:
+        add(Check("smooth_gradients", True, "not run: " + ("disabled" if smooth_tau is None
+                                                           else "the model has no nn.ReLU modules")))
     bar.close()
     return SanityReport(checks)
 

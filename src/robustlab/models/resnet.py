@@ -1,6 +1,8 @@
 """Residual networks in their CIFAR layouts (3×3 stem, no initial max-pool).
 
-`width` scales every stage (64 → 64·width/64), so a narrow ResNet trains on a CPU.
+`width` scales every stage (64 → 64·width/64), so a narrow ResNet trains on a CPU. Activations are
+`nn.ReLU` modules rather than `F.relu` calls so that an evaluation can swap them (the smooth-gradient attack,
+`robustlab.attacks.smooth`).
 """
 from __future__ import annotations
 
@@ -17,15 +19,16 @@ class PreActBlock(nn.Module):
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
         self.shortcut = None
         if stride != 1 or cin != cout:
             self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False)
 
     def forward(self, x):
-        out = F.relu(self.bn1(x))
+        out = self.relu1(self.bn1(x))
         skip = self.shortcut(out) if self.shortcut is not None else x
         out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
+        out = self.conv2(self.relu2(self.bn2(out)))
         return out + skip
 
 
@@ -38,14 +41,15 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return self.relu2(out + self.shortcut(x))
 
 
 class ResNet(nn.Module):
@@ -55,6 +59,7 @@ class ResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, stem_width, 3, stem_stride, 1, bias=False)
         # Post-activation nets normalize the stem; pre-activation nets normalize at the end instead.
         self.bn1 = nn.BatchNorm2d(stem_width) if not preact else None
+        self.relu = nn.ReLU()  # after the stem's BN (post-activation) or the final BN (pre-activation)
         layers, cin = [], stem_width
         for i, (n, cout) in enumerate(zip(blocks_per_stage, stage_widths)):
             stride = 1 if i == 0 else 2
@@ -71,12 +76,12 @@ class ResNet(nn.Module):
     def forward(self, x):
         out = self.conv1(x)
         if self.bn1 is not None:
-            out = F.relu(self.bn1(out))
+            out = self.relu(self.bn1(out))
         out = self.layer3(self.layer2(self.layer1(out)))
         if self.layer4 is not None:
             out = self.layer4(out)
         if self.bn_final is not None:
-            out = F.relu(self.bn_final(out))
+            out = self.relu(self.bn_final(out))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.linear(out)
 
