@@ -45,6 +45,15 @@ def test_metrics_checkpoints_and_best_epoch(fmnist, tmp_path):
     assert meta["dataset"]["name"] == "fashion-mnist" and meta["versions"]["torch"] == torch.__version__
 
 
+def test_keep_every_keeps_those_epochs_weights(fmnist, tmp_path):
+    trainer = small_trainer(tmp_path, epochs=3, keep_every=2)
+    trainer.fit()
+    assert sorted(p.name for p in tmp_path.glob("epoch-*.safetensors")) == ["epoch-002.safetensors"]
+    assert checkpoint.read_metadata(tmp_path / "epoch-002.safetensors")["epoch"] == 1  # 0-based, as in metrics.jsonl
+    kept, last = load_model(tmp_path / "epoch-002.safetensors"), load_model(tmp_path, "last")
+    assert any(not torch.equal(a, b) for a, b in zip(kept.state_dict().values(), last.state_dict().values()))
+
+
 def test_load_model_reproduces_the_trained_logits(fmnist, tmp_path):
     trainer = small_trainer(tmp_path, epochs=1)
     trainer.fit()
@@ -119,7 +128,8 @@ def test_learning_rate_schedules():
 
 
 def test_bad_config_is_a_clear_error(tmp_path):
-    for bad in ({"epochs": 0}, {"batch_size": 0}, {"optimizer": "lion"}, {"precision": "fp8"}, {"ema": 1.5}):
+    for bad in ({"epochs": 0}, {"batch_size": 0}, {"optimizer": "lion"}, {"precision": "fp8"}, {"ema": 1.5},
+                {"keep_every": 0}):
         with pytest.raises(RobustlabError):
             small_trainer(tmp_path, **bad)
 

@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: the GPU of each LOCAL_RANK)")
     t.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun ranks (CUDA only)")
     t.add_argument("--ema", type=float, help="weight-EMA decay, e.g. 0.999 (validated and exported weights)")
+    t.add_argument("--keep-every", type=_positive(int), help="also keep every N-th epoch's weights as "
+                   "RUN/epoch-NNN.safetensors (evaluate one with `robustlab eval RUN/epoch-NNN.safetensors --out DIR`)")
     t.add_argument("--backend", default="torch", help="torch, or tinygrad (models mlp, cnn-small; methods pgd-at, standard)")
     t.add_argument("--out", required=True, help="run directory (checkpoints, metrics, reports)")
     t.add_argument("--resume", action="store_true", help="continue from RUN/last.safetensors")
@@ -190,7 +192,8 @@ def train_config(args):
                        momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
                        seed=args.seed, precision=precision, channels_last=args.channels_last,
                        augment=args.augment, val_n=args.val_n, train_n=args.train_n, threads=args.threads,
-                       ema=args.ema, device=args.device, sync_bn=args.sync_bn, workers=args.workers)
+                       ema=args.ema, device=args.device, sync_bn=args.sync_bn, workers=args.workers,
+                       keep_every=args.keep_every)
 
 
 def fit(trainer, out: Path, resume: bool) -> int:

@@ -52,6 +52,7 @@ class TrainConfig:
     device: str = "cpu"                   # "cuda": each torchrun rank takes the GPU of its LOCAL_RANK
     sync_bn: bool = False                 # SyncBatchNorm across ranks (CUDA only); else each rank normalizes its part
     workers: int = 2                      # DataLoader processes decoding a streamed training set (folder, npy)
+    keep_every: int | None = None         # also keep every N-th epoch's weights as epoch-NNN.safetensors
     extra: dict = field(default_factory=dict)
 
     def validate(self):
@@ -69,6 +70,8 @@ class TrainConfig:
             raise RobustlabError(f"learning rate must be > 0, got {self.lr}")
         if self.workers < 0:
             raise RobustlabError(f"workers must be >= 0, got {self.workers}")
+        if self.keep_every is not None and self.keep_every <= 0:
+            raise RobustlabError(f"keep every must be > 0 epochs, got {self.keep_every}")
         if self.ema is not None and not 0 < self.ema < 1:
             raise RobustlabError(f"ema decay must be in (0, 1), got {self.ema}")
 
@@ -207,6 +210,10 @@ class Trainer:
             checkpoint.save(self.out / "best.safetensors", checkpoint.prefixed("model.", self.eval_model.state_dict()),
                             self._metadata(epoch, metrics, "model"))
         checkpoint.save(self.out / "last.safetensors", tensors, meta)
+        if self.config.keep_every and (epoch + 1) % self.config.keep_every == 0:  # named, like the docs, from 1
+            checkpoint.save(self.out / f"epoch-{epoch + 1:03d}.safetensors",
+                            checkpoint.prefixed("model.", self.eval_model.state_dict()),
+                            self._metadata(epoch, metrics, "model"))
 
     def resume(self) -> bool:
         path = self.out / "last.safetensors"
@@ -234,7 +241,7 @@ class Trainer:
         return True
 
     # Settings a resumed run may change: how it runs, not what it computes.
-    RESUMABLE_CHANGES = ("threads", "device", "workers")
+    RESUMABLE_CHANGES = ("threads", "device", "workers", "keep_every")
 
     def _check_same_settings(self, path: Path, meta: dict):
         """A resumed run must be the run it continues: changed options would silently mix two recipes
