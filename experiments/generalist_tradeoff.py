@@ -141,7 +141,8 @@ def main(argv=None):
     trades = [r for r in rows if r["method"] == "trades"]
     key = "autoattack" if args.autoattack_n else "robust"
     measured = (f"{args.checkpoint} checkpoints; clean on {len(data)}, "
-                f"PGD-{args.eval_steps}x{args.eval_restarts} on {min(args.eval_n, len(data))}")
+                f"PGD-{args.eval_steps}x{args.eval_restarts} on {min(args.eval_n, len(data))}"
+                + (f", AutoAttack on {min(args.autoattack_n, len(data))}" if args.autoattack_n else ""))
     summary = {"split": args.split, "eval": measured, "args": vars(args), "rows": rows,
                "dominance": dominance(gen, trades, key) if gen and trades else []}
     (root / "tradeoff.json").write_text(json.dumps(summary, indent=1) + "\n")
