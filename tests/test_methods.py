@@ -141,6 +141,7 @@ def test_examples_stay_inside_the_ball(name, norm, batch):
         seen.clear()
         method.train_step(ctx, xb, yb)
         assert seen, "the model saw no input"
+        seen[:] = [part for inputs in seen for part in inputs.split(len(xb))]  # a joint clean+adversarial pass
         for inputs in seen:
             assert within_ball(inputs, xb, norm, EPS[norm], tol=1e-5)
         assert any((inputs - xb).abs().amax() > EPS[norm] / 10 for inputs in seen), "no perturbation at all"
@@ -156,10 +157,16 @@ def test_batchnorm_inputs_names_what_the_model_sees_in_train_mode(name, batch):
     ctx = context(model, epoch=1, epochs=2)
     method.train_step(ctx, x[:32], y[:32])  # FreeAT's first replay starts from δ = 0: look at a later batch
     xb, kinds = x[32:], set()
-    model.register_forward_pre_hook(
-        lambda m, inputs: kinds.add("clean" if torch.equal(inputs[0], xb) else "adversarial") if m.training else None)
+
+    def kind(inputs):
+        if torch.equal(inputs, xb):
+            return "clean"
+        return "joint" if len(inputs) == 2 * len(xb) and torch.equal(inputs[:len(xb)], xb) else "adversarial"
+
+    model.register_forward_pre_hook(lambda m, inputs: kinds.add(kind(inputs[0])) if m.training else None)
     method.train_step(ctx, xb, y[32:])
-    assert kinds == set(method.batchnorm_inputs.split("+"))
+    declared = method.batchnorm_inputs_of(method.config())
+    assert kinds == ({"joint"} if declared.endswith(" joint") else set(declared.split("+")))
 
 
 def test_free_at_resets_delta_when_the_batch_size_changes(batch):
@@ -350,6 +357,25 @@ def test_mart_stays_finite_in_bf16_on_confidently_wrong_examples():
     grads = [p.grad for p in model.parameters()]
     assert torch.isfinite(result.loss) and all(torch.isfinite(g).all() for g in grads)
     assert max(g.abs().max().item() for g in grads) < 1e6
+
+
+@pytest.mark.parametrize("name", ["trades", "mart", "trades-awp"])
+def test_joint_batch_normalizes_clean_and_adversarial_inputs_with_one_set_of_statistics(name):
+    """Without BatchNorm the joint pass changes nothing; with it, the running statistics are those of the joint
+    batch, where two passes would have averaged each half's own."""
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 4, 4)
+    x_adv, y = (x + 0.1).clamp(0, 1), torch.randint(0, 10, (16,))
+    plain = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 10))
+    separate, joint = (make_method(name, "fashion-mnist", "linf", joint_batch=j) for j in (False, True))
+    assert torch.allclose(separate.objective(plain, x, x_adv, y).loss, joint.objective(plain, x, x_adv, y).loss,
+                          atol=1e-6)
+    bn = torch.nn.BatchNorm2d(1, momentum=None)  # momentum=None: the plain average of the batches seen
+    joint.objective(torch.nn.Sequential(bn, plain), x, x_adv, y)
+    both = torch.cat([x, x_adv])
+    assert bn.num_batches_tracked == 1
+    assert torch.allclose(bn.running_mean, both.mean().view(1), atol=1e-6)
+    assert torch.allclose(bn.running_var, both.var().view(1), atol=1e-6)
 
 
 def test_free_at_divides_the_epochs_by_its_replays(fmnist, tmp_path):

@@ -184,6 +184,10 @@ def test_recalibration_averages_over_the_images_attacked_against_the_model_as_gi
     seen.clear()
     recalibrate_bn(model, images, attack, clean=True, batch_size=32)
     assert len(seen) == 3 and first.num_batches_tracked.item() == 6
+    # joint=True (as they train by default): each clean batch and its attacked copy pass together.
+    seen.clear()
+    recalibrate_bn(model, images, attack, clean=True, joint=True, batch_size=32)
+    assert len(seen) == 3 and first.num_batches_tracked.item() == 3
 
 
 def test_the_pgd_and_dlr_check_keeps_the_first_success_per_image(tiny_run, small, one_thread):

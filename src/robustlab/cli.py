@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--step-size", type=_nonneg_float, help="attack step size in pixel scale")
     m = t.add_argument_group("method options (defaults: each method's paper; see docs/methods.md)")
     m.add_argument("--beta", type=_nonneg_float, help="TRADES / MART regularization weight")
+    m.add_argument("--separate-batches", dest="joint_batch", action="store_false", default=None,
+                   help="TRADES / MART: pass the clean and the adversarial batch through the model separately, as "
+                        "the reference code does, so that BatchNorm normalizes each with its own statistics "
+                        "(default: one pass over both; docs/methods.md)")
     m.add_argument("--replays", type=_positive(int), help="FreeAT: replays m per minibatch")
     m.add_argument("--init-mag", type=_nonneg_float, help="text FreeLB / FreeAT: size of the random start")
     m.add_argument("--outer", type=_positive(int), help="YOPO: outer steps m (full backward passes)")
@@ -179,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 METHOD_OPTIONS = ("eps", "steps", "step_size", "beta", "replays", "outer", "inner", "first_layer",
                   "first_layer_grad", "awp_gamma", "awp_warmup", "co_drop", "adv_loss", "mix_final", "mix_start",
                   "global_decay", "redistribute_from", "redistribute_every", "redistribute_per_step", "nat_lr",
-                  "nat_weight_decay", "nat_schedule", "global_bn")
+                  "nat_weight_decay", "nat_schedule", "global_bn", "joint_batch")
 
 
 def train_config(args):

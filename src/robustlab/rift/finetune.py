@@ -111,11 +111,12 @@ def finetune(model: nn.Module, module: str, data: Splits, out_dir, run_meta: dic
     return tuned.eval(), record
 
 
-def recalibrate_bn(model: nn.Module, images: ImageSet, attack=None, *, clean: bool = False, batch_size: int = 500,
-                   seed: int = 0, show=None) -> nn.Module:
+def recalibrate_bn(model: nn.Module, images: ImageSet, attack=None, *, clean: bool = False, joint: bool = False,
+                   batch_size: int = 500, seed: int = 0, show=None) -> nn.Module:
     """Replace every BatchNorm layer's running statistics by their plain average over `images`, attacked first
     (when `attack` is given) against `model` as it stands, in eval mode, with seed `seed + i` for the batch at i.
-    `clean`: each batch also passes unattacked, before its attacked copy (as TRADES and MART train).
+    `clean`: each batch also passes unattacked, before its attacked copy (as TRADES and MART train), or with
+    `joint` in one pass together with it (as they train by default).
 
     All examples are attacked before any statistic changes, so that no batch is attacked against half-estimated
     statistics. Weights, the modes of all modules and each layer's momentum are left as they were.
@@ -128,11 +129,12 @@ def recalibrate_bn(model: nn.Module, images: ImageSet, attack=None, *, clean: bo
     batches = []
     for i in progress(starts, show=show, desc="BN statistics: attack", leave=False):
         x = images.images[i:i + batch_size].to(device).float().div_(255)
-        if clean or attack is None:
+        if attack is None:
             batches.append(x)
-        if attack is not None:
-            y = images.labels[i:i + batch_size].to(device)
-            batches.append(attack(model, x, y, generator=torch.Generator(device).manual_seed(seed + i)))
+            continue
+        y = images.labels[i:i + batch_size].to(device)
+        x_adv = attack(model, x, y, generator=torch.Generator(device).manual_seed(seed + i))
+        batches += [torch.cat([x, x_adv])] if clean and joint else [x, x_adv] if clean else [x_adv]
     modes, momenta = [(m, m.training) for m in model.modules()], [m.momentum for m in norms]
     try:
         for m in norms:

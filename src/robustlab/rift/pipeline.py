@@ -173,9 +173,11 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
             raise RobustlabError("--bn recalibrate needs a training set held in memory; this dataset is streamed")
         recal = data.train.subset(settings.recal_n)
         # The kind of input the source run's statistics were measured on (PGD-AT: adversarial; TRADES: both).
-        inputs = getattr(METHODS.get(meta.get("method", {}).get("name")), "batchnorm_inputs", "adversarial")
+        method = meta.get("method", {})
+        source_method = METHODS.get(method.get("name"))
+        inputs = source_method.batchnorm_inputs_of(method) if source_method else "adversarial"
         prepare = partial(recalibrate_bn, images=recal, attack=attack if "adversarial" in inputs else None,
-                          clean="clean" in inputs, seed=settings.seed, show=show)
+                          clean="clean" in inputs, joint="joint" in inputs, seed=settings.seed, show=show)
         tune_bn = "keep"
         curve_key.update(recal_n=len(recal), recal_inputs=inputs)
     searches, tuned_states = {}, {}

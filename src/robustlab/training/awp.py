@@ -130,6 +130,6 @@ class TRADESAWP(AdversarialWeightPerturbation, TRADES):
     name = "trades-awp"
 
     def __init__(self, eps=0.1, norm="linf", steps=10, step_size=0.025, beta=6.0, init_std=0.001,
-                 awp_gamma=0.005, awp_warmup=0.05):
-        TRADES.__init__(self, eps, norm, steps, step_size, beta, init_std)
+                 awp_gamma=0.005, awp_warmup=0.05, joint_batch=True):
+        TRADES.__init__(self, eps, norm, steps, step_size, beta, init_std, joint_batch)
         self._init_awp(awp_gamma, awp_warmup)

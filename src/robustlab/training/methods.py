@@ -44,7 +44,8 @@ class Method:
     name = "base"
     adversarial = True
     # What the model's BatchNorm layers see in train mode, so its running statistics describe: "adversarial",
-    # "clean" or "clean+adversarial" (a clean and an adversarial pass per batch). RiFT's --bn recalibrate uses it.
+    # "clean", "clean+adversarial" (a clean and an adversarial pass per batch) or "clean+adversarial joint" (one
+    # pass over both). RiFT's --bn recalibrate uses it.
     batchnorm_inputs = "adversarial"
     # The protocol's training-threat fields that `make_method` fills in when not given: a method whose
     # defaults come from its paper instead (Fast-AT's step 1.25·ε, FreeAT's step ε) leaves them out.
@@ -76,6 +77,11 @@ class Method:
         """Called after each epoch with its metrics and the best epoch so far (by validation robust
         accuracy): a one-line reason to stop training early, or None to go on."""
         return None
+
+    @classmethod
+    def batchnorm_inputs_of(cls, options: dict) -> str:
+        """`batchnorm_inputs` of a run trained with these method options (a checkpoint's `method` metadata)."""
+        return cls.batchnorm_inputs
 
     def init_run_state(self, model: nn.Module, config) -> dict:
         """State kept for the whole run besides the Trainer's model and optimizer (e.g. more learners): a dict
