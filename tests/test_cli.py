@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -21,6 +22,9 @@ def robustlab(*args):
     (["train", "--batch-size", "0", "--out", "x"], ["batch-size"]),
     (["train", "--norm", "l7", "--out", "x"], ["norm", "linf"]),
     (["eval", "no/such/run"], ["no/such/run"]),
+    (["eval", "no/such/run", "--device", "tpu"], ["device", "cpu, cuda"]),
+    (["rift", "no/such/run", "--out", "x", "--device", "gpu0"], ["device", "cpu, cuda"]),
+    (["mrc", "no/such/run", "--device", "mps"], ["device", "cpu, cuda"]),
 ])
 def test_bad_input_is_one_line_and_status_2(args, words, tmp_path):
     if "--out" in args:
@@ -94,12 +98,15 @@ def test_standard_suite_reports_autoattack_sanity_and_ood(tmp_path):
     run = tmp_path / "run"
     assert robustlab("train", "--data-dir", FMNIST, "--train-n", "256", "--val-n", "50", "--epochs", "1",
                      "--steps", "2", "--threads", "1", "--out", str(run)).returncode == 0
-    result = robustlab("eval", str(run), "--suite", "standard", "--data-dir", FMNIST, "--n", "40", "--steps", "3",
-                       "--restarts", "1", "--aa-steps", "5", "--aa-queries", "50", "--sanity-n", "40",
+    result = robustlab("eval", str(run), "--suite", "standard", "--data-dir", FMNIST, "--n", "40", "--aa-n", "24",
+                       "--steps", "3", "--restarts", "1", "--aa-steps", "5", "--aa-queries", "50", "--sanity-n", "40",
                        "--sweep-n", "0", "--threads", "1")
     assert result.returncode == 0, result.stderr
     report = json.loads((run / "report.json").read_text())
     names = [row["name"] for row in report["rows"]]
+    # --aa-n: AutoAttack on the first 24 images, everything else on all 40
+    assert {row["n"] for row in report["rows"] if row["name"].startswith("AutoAttack")} == {24}
+    assert {row["n"] for row in report["rows"] if not row["name"].startswith("AutoAttack")} == {40}
     assert any("after square" in n and "off-protocol" in n for n in names)
     assert any(n.startswith("OOD mean") for n in names)
     accs = [row["accuracy"] for row in report["rows"] if row["name"].startswith("AutoAttack")]
@@ -118,3 +125,19 @@ def test_auto_precision_is_bf16_only_where_the_device_has_bf16_units(monkeypatch
     monkeypatch.setattr(trainer, "fast_bf16", lambda device: False)
     assert trainer.resolve_precision("auto", "cpu") == "fp32"
     assert trainer.resolve_precision("bf16", "cpu") == "bf16"  # asked for: given, however slow
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_eval_on_cuda_agrees_with_cpu(tmp_path):
+    run = tmp_path / "run"
+    assert robustlab("train", "--data-dir", FMNIST, "--train-n", "256", "--val-n", "50", "--epochs", "1",
+                     "--steps", "2", "--threads", "1", "--out", str(run)).returncode == 0
+    results = {}
+    for device in ("cpu", "cuda"):
+        out = robustlab("eval", str(run), "--data-dir", FMNIST, "--n", "200", "--steps", "10", "--restarts", "1",
+                        "--sweep-n", "0", "--json", "--device", device, "--out", str(tmp_path / device))
+        assert out.returncode == 0, out.stderr
+        results[device] = json.loads(out.stdout)
+    assert results["cuda"]["clean"] == results["cpu"]["clean"]  # fp32 on both (TF32 off on the GPU)
+    # the random starts differ (each device has its own generator); the attack's strength does not
+    assert abs(results["cuda"]["robust"] - results["cpu"]["robust"]) <= 0.03

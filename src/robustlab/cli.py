@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sweep-n", type=int, default=1000, help="test images for the accuracy-vs-ε plot (0: no plot)")
     e.add_argument("--suite", default="none", help="none, or standard: clean, PGD, AutoAttack-standard, "
                    "gradient-masking checks, corruptions (OOD)")
+    e.add_argument("--aa-n", type=_positive(int), help="--suite standard: AutoAttack on the first N of the evaluated "
+                   "images (default: all of them)")
     e.add_argument("--aa-steps", type=_positive(int), default=100, help="AutoAttack iterations (protocol: 100)")
     e.add_argument("--aa-queries", type=_positive(int), default=5000, help="Square queries (protocol: 5000)")
     e.add_argument("--sanity-n", type=_positive(int), default=500, help="test images for the sanity checks")
@@ -164,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="folder for report.md, report.json, the plots and AutoAttack's resumable state "
                    "(default: the run's directory); another folder keeps an earlier evaluation's report")
     e.add_argument("--threads", type=_positive(int))
+    e.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: the GPU of each LOCAL_RANK)")
 
     d = sub.add_parser("demo", help="PGD-AT on Fashion-MNIST, evaluation and report, in a few minutes")
     d.add_argument("--out", default="runs/demo")
@@ -261,14 +264,14 @@ def cmd_eval(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     check_choice("attack", args.attack, ("fgsm", "fgm", "pgd", "pgd-smooth"))
-    distributed.init()  # under torchrun every attack below shares the test set out over the ranks
+    device = distributed.init(args.device)  # under torchrun every attack below shares the test set out over the ranks
     check_choice("suite", args.suite, ("none", "standard"))
     check_choice("split", args.split, ("test", "val"))
     if args.split == "val" and args.suite != "none":
         raise RobustlabError("--split val evaluates clean and one attack; run --suite standard on the test split")
     # channels_last halves the cost of model passes on CPUs (measured in the AutoAttack timing).
     model = load_model(args.run, args.checkpoint)
-    model = model.to(memory_format=fast_memory_format(model))
+    model = model.to(device, memory_format=fast_memory_format(model, device))  # attacks follow the model's device
     meta = model.checkpoint_meta
     if meta.get("task") == "text":
         raise RobustlabError(f"{args.run} is a text run: `robustlab eval` attacks images; evaluate text models with "
@@ -314,7 +317,7 @@ def cmd_eval(args) -> int:
         from robustlab.evaluate.suite import run_suite
         rows, extra, suite_plots = run_suite(model, test, data.info, norm=norm, eps=eps, pgd_attack=attack_at(eps),
                                              pgd_label=label, out_dir=out, aa_steps=args.aa_steps,
-                                             aa_queries=args.aa_queries, sanity_n=args.sanity_n, ood=args.ood,
+                                             aa_queries=args.aa_queries, aa_n=args.aa_n, sanity_n=args.sanity_n, ood=args.ood,
                                              seed=args.seed, batch_size=args.batch_size)
         clean, robust = rows[0]["accuracy"], rows[1]["accuracy"]
     else:

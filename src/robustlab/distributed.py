@@ -23,8 +23,8 @@ def launched_by_torchrun() -> bool:
 def init(device: str = "cpu") -> torch.device:
     """Join the process group torchrun set up (no-op without torchrun); returns this rank's device."""
     if not launched_by_torchrun() or dist.is_initialized():
-        return _device(device)
-    dev = _device(device)
+        return resolve_device(device)
+    dev = resolve_device(device)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     try:
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
@@ -33,13 +33,20 @@ def init(device: str = "cpu") -> torch.device:
     return dev
 
 
-def _device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
+    """The torch device that `--device` names (under torchrun: cuda is the GPU of this LOCAL_RANK)."""
+    if str(device).split(":")[0] not in ("cpu", "cuda"):
+        raise RobustlabError(f"unknown device {device!r}; allowed: cpu, cuda")
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise RobustlabError("--device cuda was asked for but torch sees no CUDA GPU")
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(dev)
+        # fp32 means fp32: cuDNN would otherwise round convolution inputs to TF32 (10-bit mantissa), and robust
+        # accuracy would depend on the GPU. Speed comes from --precision bf16, which says what it does.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     return dev
 
 

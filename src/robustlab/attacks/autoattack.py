@@ -30,6 +30,7 @@ from robustlab.attacks.pgd import attack_mode
 from robustlab.attacks.square import square_attack
 from robustlab.attacks.threat import within_ball
 from robustlab.errors import RobustlabError, check_choice
+from robustlab.models import model_device
 
 STAGES = ("clean", "apgd-ce", "apgd-t", "fab-t", "square")
 VERSIONS = ("standard",)
@@ -252,13 +253,14 @@ def _attack_batch(model, x, y, rows, state, si, attack, seed, eps, norm):
 
 
 def autoattack_accuracy(model, data, eps: float, norm: str = "linf", n: int | None = None, *, batch_size: int = 250,
-                        seed: int = 0, device="cpu", progress: bool | None = True, state_path=None,
+                        seed: int = 0, device=None, progress: bool | None = True, state_path=None,
                         **kwargs) -> AutoAttackResult:
     """AutoAttack-standard on an ImageSet (uint8 images, scaled to [0, 1]); the first `n` examples if given.
 
-    Returns the AutoAttackResult; its `robust_accuracy` is the figure to report. The model is not
-    moved: put it on `device` first.
+    Returns the AutoAttackResult; its `robust_accuracy` is the figure to report. The images go to `device`,
+    by default the model's.
     """
+    device = device or model_device(model)
     if n is not None:
         data = data.subset(n)
     x = data.images.to(device).float().div_(255)

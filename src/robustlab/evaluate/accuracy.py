@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 
 from robustlab import distributed
+from robustlab.models import model_device
 from robustlab.progress import progress as progress_bar
 
 
@@ -16,14 +17,15 @@ def _predict(model, x):
 
 
 def correct_mask(model, images, labels, *, attack: Callable | None = None, batch_size: int = 500,
-                 device="cpu", seed: int = 0, progress: str | None = None, show: bool | None = None) -> torch.Tensor:
+                 device=None, seed: int = 0, progress: str | None = None, show: bool | None = None) -> torch.Tensor:
     """Boolean per example: classified correctly (on the attacked input when `attack` is given).
 
     `attack(model, x, y, generator=g)` returns adversarial inputs; each batch's generator is seeded from
     (seed, batch index), so a figure is reproducible and the same when the batches are shared out over
     the ranks of a torchrun job (each rank takes every W-th batch; the masks are gathered exactly).
-    The model's mode is left as the caller had it.
+    The model's mode is left as the caller had it. Batches go to `device`, by default the model's.
     """
+    device = device or model_device(model)
     was_training = model.training
     model.eval()
     n = len(labels)

@@ -715,7 +715,7 @@ def _published_suite(imageset: ImageSet, cifar_c_dir, names, severities):
 
 def ood_accuracy(model, imageset: ImageSet, names=None, severities=SEVERITIES, seed: int = 0,
                  batch_size: int = 500, progress: bool = True, cifar_c_dir=None, cache_dir=None,
-                 device="cpu") -> OODResult:
+                 device=None) -> OODResult:
     """Accuracy on every corrupted copy of `imageset`, generated from `seed`, or on the published
     CIFAR-10-C / CIFAR-100-C files when `cifar_c_dir` is given (then `names=None` means every file there)."""
     severities = tuple(severities)

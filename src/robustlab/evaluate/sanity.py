@@ -27,6 +27,7 @@ from robustlab.attacks.square import margin
 from robustlab.attacks.threat import NORMS
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.evaluate.accuracy import correct_mask
+from robustlab.models import model_device
 
 Attack = Callable[..., torch.Tensor]
 
@@ -335,7 +336,7 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: fl
                   eps_factors=(0.25, 0.5, 1.0, 1.5, 2.0), large_eps: float | None = None,
                   black_box_queries: int = 500, tolerance: float = 0.03, large_eps_max_accuracy: float = 0.05,
                   smooth_tau: float | None = SMOOTH_GRADIENT_TAU, batch_size: int = 500, seed: int = 0,
-                  progress: bool = False, device="cpu") -> SanityReport:
+                  progress: bool = False, device=None) -> SanityReport:
     """Run every check on (x, y) — floats in [0, 1] — for the threat (norm, ε).
 
     attacks: the white-box attacks of the evaluation (default PGD-`steps`); accuracy counts an image as robust
@@ -350,6 +351,7 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: fl
         raise RobustlabError(f"eps must be > 0 for the sanity checks, got {eps}")
     if len(x) != len(y) or len(x) == 0:
         raise RobustlabError(f"sanity checks need matching non-empty images and labels, got {len(x)} and {len(y)}")
+    device = device or model_device(model)  # the images go where the model is
     x, y = x.to(device), y.to(device)
     long_steps = long_steps or 10 * steps
     large_eps = large_eps if large_eps is not None else default_large_eps(norm, eps)

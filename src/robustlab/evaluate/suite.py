@@ -38,8 +38,9 @@ def plot_per_class(class_names, clean_mask, robust_mask, labels, path, robust_la
 
 
 def run_suite(model, test, info, *, norm, eps, pgd_attack, pgd_label, out_dir, aa_steps=100, aa_queries=5000,
-              sanity_n=500, ood=True, seed=0, batch_size=500, show=None) -> tuple[list, dict, dict]:
-    """Returns (report rows, extra results, plots) for `write_report`."""
+              aa_n=None, sanity_n=500, ood=True, seed=0, batch_size=500, show=None) -> tuple[list, dict, dict]:
+    """Returns (report rows, extra results, plots) for `write_report`. AutoAttack runs on the first `aa_n`
+    test images (default: all)."""
     out_dir = Path(out_dir)
     rows, extra, plots, wall = [], {}, {}, {}
     start = time.perf_counter()
@@ -51,13 +52,15 @@ def run_suite(model, test, info, *, norm, eps, pgd_attack, pgd_label, out_dir, a
              {"name": pgd_label, "n": len(test), "accuracy": robust_mask.float().mean().item()}]
 
     start = time.perf_counter()
-    aa = autoattack_accuracy(model, test, eps, norm, batch_size=batch_size // 2, seed=seed, progress=show is not False,
-                             state_path=out_dir / "autoattack_state.safetensors", steps=aa_steps, queries=aa_queries)
+    aa_n = min(aa_n or len(test), len(test))
+    aa = autoattack_accuracy(model, test, eps, norm, n=aa_n, batch_size=batch_size // 2, seed=seed,
+                             progress=show is not False, state_path=out_dir / "autoattack_state.safetensors",
+                             steps=aa_steps, queries=aa_queries)
     wall["autoattack"] = time.perf_counter() - start
     off = "" if (aa_steps, aa_queries) == (100, 5000) else f" (off-protocol: {aa_steps} steps, {aa_queries} queries)"
     for stage, acc in aa.stage_accuracy.items():
         if stage != "clean":
-            rows.append({"name": f"AutoAttack after {stage}{off}", "n": len(test), "accuracy": acc})
+            rows.append({"name": f"AutoAttack after {stage}{off}", "n": aa_n, "accuracy": acc})
     extra["autoattack"] = {"stage_accuracy": aa.stage_accuracy, "seconds": aa.seconds, "steps": aa_steps,
                            "queries": aa_queries}
     if distributed.is_main():

@@ -1,5 +1,6 @@
 """Model registry. Every model maps float inputs in [0, 1] to logits; normalization is its first layer."""
 from robustlab.models.registry import (MODELS, Normalize, build_model, channels_last_safe, classifier_modules,
-                                       fast_memory_format)
+                                       fast_memory_format, model_device)
 
-__all__ = ["MODELS", "Normalize", "build_model", "channels_last_safe", "classifier_modules", "fast_memory_format"]
+__all__ = ["MODELS", "Normalize", "build_model", "channels_last_safe", "classifier_modules", "fast_memory_format",
+           "model_device"]

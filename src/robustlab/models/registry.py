@@ -75,6 +75,12 @@ def classifier_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's weights are; evaluation and attacks bring their data there."""
+    weight = next(model.parameters(), None)
+    return weight.device if weight is not None else torch.device("cpu")
+
+
 def channels_last_safe(model: nn.Module, device="cpu") -> bool:
     """Whether `model` may run in channels_last on `device`.
 

@@ -26,6 +26,7 @@ def add_parsers(sub):
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--data-dir")
         p.add_argument("--threads", type=_positive(int), help="torch CPU threads")
+        p.add_argument("--device", default="cpu", help="cpu or cuda")
 
     m = sub.add_parser("mrc", help="module robust criticality of every Conv/Linear module of a run (RiFT step 1)")
     m.add_argument("run", help="run directory or checkpoint file")
@@ -68,6 +69,8 @@ def add_parsers(sub):
     t.add_argument("--aa-n", type=_positive(int), help="AutoAttack on the first N of them (default: the same)")
     t.add_argument("--aa-steps", type=_positive(int), default=100, help="AutoAttack iterations (protocol: 100)")
     t.add_argument("--aa-queries", type=_positive(int), default=5000, help="Square queries (protocol: 5000)")
+    t.add_argument("--test-batch-size", type=_positive(int), default=500,
+                   help="images per batch for the test-set report (AutoAttack takes half); larger is faster on GPUs")
     t.add_argument("--no-aa", dest="aa", action="store_false", help="skip AutoAttack")
     t.add_argument("--no-ood", dest="ood", action="store_false", help="skip the corruption suite")
     t.add_argument("--no-test", dest="test", action="store_false", help="stop before reading the test set")
@@ -94,17 +97,20 @@ def _mrc_config(args):
 
 
 def _setup(args, check=lambda source: None):
-    """The checkpoint file and its metadata, then (after `check(source)`, so bad input fails fast) the dataset."""
+    """The checkpoint file, its metadata, then (after `check(source)`, so bad input fails fast) the dataset,
+    and the device."""
     import torch
     from robustlab.checkpoint import read_metadata
+    from robustlab.distributed import resolve_device
     from robustlab.training.run import run_dataset
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     source = _source(args)
     meta = read_metadata(source)
     check(source)
-    return source, meta, run_dataset(meta, args.data_dir)
+    return source, meta, run_dataset(meta, args.data_dir), device
 
 
 def cmd_mrc(args) -> int:
@@ -113,9 +119,9 @@ def cmd_mrc(args) -> int:
     from robustlab.protocol import threat_defaults
     from robustlab.rift.mrc import compute_mrc, file_sha256, plot_mrc, ranked
 
-    source, meta, data = _setup(args)
+    source, meta, data, device = _setup(args)
     model = load_model(source)
-    model = model.to(memory_format=fast_memory_format(model))
+    model = model.to(device, memory_format=fast_memory_format(model, device))
     norm = meta.get("method", {}).get("norm", "linf")
     budget = threat_defaults(meta["dataset"]["name"], norm).train
     out = _mrc_dir(source, args.out)
@@ -158,11 +164,12 @@ def cmd_rift(args) -> int:
     settings.validate()
     if args.augment:
         check_choice("augmentation", args.augment, AUGMENTATIONS)
-    source, _, data = _setup(args, lambda s: args.module and module_named(load_model(s), args.module))
+    source, _, data, device = _setup(args, lambda s: args.module and module_named(load_model(s), args.module))
     test = TestSettings(n=args.n, aa=args.aa, aa_n=args.aa_n, aa_steps=args.aa_steps, aa_queries=args.aa_queries,
-                        ood=args.ood) if args.test else None
+                        ood=args.ood, batch_size=args.test_batch_size) if args.test else None
     command = "robustlab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["rift"] else None
-    report = rift(source, data, args.out, settings, test, mrc_dir=_mrc_dir(source), command=command)
+    report = rift(source, data, args.out, settings, test, mrc_dir=_mrc_dir(source), command=command,
+                  device=device)
     chosen = report["candidates"][report["chosen"]]
     print(f"fine-tuned {chosen['module']} (lr {chosen['lr']:g}), α = {chosen['alpha']:.1f}: validation clean "
           f"{chosen['val_clean']:.2%}, robust {chosen['val_robust']:.2%} "

@@ -31,7 +31,7 @@ from robustlab import checkpoint
 from robustlab.data import ImageSet, Splits
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.evaluate.accuracy import accuracy
-from robustlab.models import classifier_modules, fast_memory_format
+from robustlab.models import classifier_modules, fast_memory_format, model_device
 from robustlab.progress import progress
 from robustlab.training.methods import Method, StepResult
 from robustlab.training.trainer import TrainConfig, Trainer
@@ -81,7 +81,7 @@ def finetune(model: nn.Module, module: str, data: Splits, out_dir, run_meta: dic
     A Trainer run in `out_dir` (resumed when it holds one with the same settings). Returns the fine-tuned
     model at its best validation-clean epoch (eval mode) and the Trainer's record of it. Reads no test data.
     """
-    tuned = copy.deepcopy(model).to(memory_format=fast_memory_format(model))
+    tuned = copy.deepcopy(model).to(memory_format=fast_memory_format(model, model_device(model)))
     target = module_named(tuned, module)
     for p in tuned.parameters():
         p.requires_grad_(False)
@@ -92,7 +92,8 @@ def finetune(model: nn.Module, module: str, data: Splits, out_dir, run_meta: dic
                          train_n=train_n, ema=None, extra={"val_images": len(data.val)})  # the epoch choice's data
     method = CriticalFinetune(module, lr, bn)
     out = Path(out_dir)
-    trainer = Trainer(tuned, method, data, config, out, run_meta, val_attack=None, show_progress=show)
+    trainer = Trainer(tuned, method, data, config, out, run_meta, val_attack=None, device=model_device(model),
+                      show_progress=show)
     if (out / "last.safetensors").exists():
         meta = checkpoint.read_metadata(out / "last.safetensors")
         if meta.get("config") != asdict(config) or meta.get("method") != {"name": method.name, **method.config()}:
@@ -124,7 +125,7 @@ def recalibrate_bn(model: nn.Module, images: ImageSet, attack=None, *, clean: bo
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return model
-    device = next(model.parameters()).device
+    device = model_device(model)
     starts = range(0, len(images), batch_size)
     batches = []
     for i in progress(starts, show=show, desc="BN statistics: attack", leave=False):

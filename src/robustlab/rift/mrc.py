@@ -32,7 +32,7 @@ from robustlab import checkpoint
 from robustlab.attacks import attack_mode, make_threat, perturb
 from robustlab.data import ImageSet
 from robustlab.errors import RobustlabError, check_choice
-from robustlab.models import classifier_modules
+from robustlab.models import classifier_modules, model_device
 from robustlab.progress import progress
 
 
@@ -73,16 +73,18 @@ def read_json(path: Path) -> dict:
 
 def adversarial_set(model: nn.Module, images: ImageSet, *, norm: str, eps: float, steps: int, step_size: float,
                     seed: int = 0, batch_size: int = 500, show=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """PGD examples (last iterate, random start, as in training) against `model`, float32 in [0, 1]."""
+    """PGD examples (last iterate, random start, as in training) against `model`, float32 in [0, 1], on the
+    model's device. The random starts come from the device's generator: a GPU's set differs from a CPU's."""
     threat = make_threat(norm, eps, step_size)
-    g = torch.Generator().manual_seed(seed)
+    device = model_device(model)
+    g = torch.Generator(device).manual_seed(seed)
     out = []
     with attack_mode(model):
         for s in progress(range(0, len(images), batch_size), show=show, desc="adversarial set", unit="batch",
                           leave=False):
-            x = images.images[s:s + batch_size].float().div_(255)
-            out.append(perturb(model, x, images.labels[s:s + batch_size], threat, steps, generator=g))
-    return torch.cat(out), images.labels.clone()
+            x = images.images[s:s + batch_size].to(device).float().div_(255)
+            out.append(perturb(model, x, images.labels[s:s + batch_size].to(device), threat, steps, generator=g))
+    return torch.cat(out), images.labels.to(device)
 
 
 @torch.no_grad()
@@ -160,7 +162,7 @@ def compute_mrc(model: nn.Module, val: ImageSet, cache_dir, *, source_sha256: st
     if set_path.exists():
         tensors, meta = checkpoint.load(set_path)
         if meta.get("key") == set_key:
-            x, y, set_seconds = tensors["x"], tensors["y"], meta["seconds"]
+            x, y, set_seconds = tensors["x"].to(model_device(model)), tensors["y"].to(model_device(model)), meta["seconds"]
     if x is None:
         start = time.perf_counter()
         x, y = adversarial_set(model, images, seed=config.seed, show=show, **threat)
