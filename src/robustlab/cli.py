@@ -317,8 +317,8 @@ def cmd_eval(args) -> int:
         from robustlab.evaluate.suite import run_suite
         rows, extra, suite_plots = run_suite(model, test, data.info, norm=norm, eps=eps, pgd_attack=attack_at(eps),
                                              pgd_label=label, out_dir=out, aa_steps=args.aa_steps,
-                                             aa_queries=args.aa_queries, aa_n=args.aa_n, sanity_n=args.sanity_n, ood=args.ood,
-                                             seed=args.seed, batch_size=args.batch_size)
+                                             aa_queries=args.aa_queries, aa_n=args.aa_n, sanity_n=args.sanity_n,
+                                             ood=args.ood, seed=args.seed, batch_size=args.batch_size)
         clean, robust = rows[0]["accuracy"], rows[1]["accuracy"]
     else:
         rows, extra, suite_plots = None, {}, {}

@@ -87,17 +87,24 @@ def my_slice(n: int) -> slice:
     return slice(r * n // w, (r + 1) * n // w)
 
 
-def all_sum(t: torch.Tensor) -> torch.Tensor:
-    """Element-wise sum over ranks (in place, also returned)."""
-    if active():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
+    if not active():
+        return t
+    if dist.get_backend() == "nccl" and t.device.type != "cuda":  # NCCL reduces GPU tensors only
+        on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, op=op)
+        return t.copy_(on_gpu)
+    dist.all_reduce(t, op=op)
     return t
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks (in place, also returned), whichever device `t` is on."""
+    return _all_reduce(t, dist.ReduceOp.SUM)
 
 
 def all_max(t: torch.Tensor) -> torch.Tensor:
-    if active():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
+    return _all_reduce(t, dist.ReduceOp.MAX)
 
 
 def average_gradients(params):

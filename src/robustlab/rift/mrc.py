@@ -162,7 +162,8 @@ def compute_mrc(model: nn.Module, val: ImageSet, cache_dir, *, source_sha256: st
     if set_path.exists():
         tensors, meta = checkpoint.load(set_path)
         if meta.get("key") == set_key:
-            x, y, set_seconds = tensors["x"].to(model_device(model)), tensors["y"].to(model_device(model)), meta["seconds"]
+            device = model_device(model)
+            x, y, set_seconds = tensors["x"].to(device), tensors["y"].to(device), meta["seconds"]
     if x is None:
         start = time.perf_counter()
         x, y = adversarial_set(model, images, seed=config.seed, show=show, **threat)
