@@ -49,8 +49,8 @@ BASELINE = {"fast-at": "pgd-at", "free-at": "pgd-at", "yopo": "pgd-at", "trades"
 
 def train(method: str, run: Path, args) -> None:
     config = TrainConfig(epochs=args.epochs, batch_size=128, optimizer="sgd", lr=0.05, schedule="one-cycle",
-                         seed=0, threads=args.threads, val_n=args.val_n, train_n=args.train_n, augment=args.augment,
-                         precision=args.precision)
+                         seed=args.seed, threads=args.threads, val_n=args.val_n, train_n=args.train_n,
+                         augment=args.augment, precision=args.precision)
     trainer = build_trainer(dataset=DATASET, model="cnn-small", method=method, out=run, config=config,
                             method_kwargs=args.options.get(method))
     trainer.resume()  # a no-op for a new run
@@ -229,6 +229,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0, help="training seed (the test attacks keep seed 0)")
     p.add_argument("--n", type=int, default=1000, help="test images for PGD-50×3 (clean uses all 10,000)")
     p.add_argument("--aa-n", type=int, default=0, help="test images for AutoAttack-standard (0: skip)")
     p.add_argument("--threads", type=int, help="torch threads per worker")
