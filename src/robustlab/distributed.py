@@ -13,7 +13,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from robustlab.errors import RobustlabError
+from robustlab.errors import RobustlabError, check_choice
 
 
 def launched_by_torchrun() -> bool:
@@ -22,9 +22,9 @@ def launched_by_torchrun() -> bool:
 
 def init(device: str = "cpu") -> torch.device:
     """Join the process group torchrun set up (no-op without torchrun); returns this rank's device."""
-    if not launched_by_torchrun() or dist.is_initialized():
-        return resolve_device(device)
     dev = resolve_device(device)
+    if not launched_by_torchrun() or dist.is_initialized():
+        return dev
     backend = "nccl" if dev.type == "cuda" else "gloo"
     try:
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
@@ -35,8 +35,7 @@ def init(device: str = "cpu") -> torch.device:
 
 def resolve_device(device: str) -> torch.device:
     """The torch device that `--device` names (under torchrun: cuda is the GPU of this LOCAL_RANK)."""
-    if str(device).split(":")[0] not in ("cpu", "cuda"):
-        raise RobustlabError(f"unknown device {device!r}; allowed: cpu, cuda")
+    check_choice("device", str(device).split(":")[0], ("cpu", "cuda"))
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():

@@ -31,7 +31,7 @@ from robustlab import checkpoint
 from robustlab.data import ImageSet, Splits
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.evaluate.accuracy import accuracy
-from robustlab.models import classifier_modules, fast_memory_format, model_device
+from robustlab.models import classifier_modules, model_device
 from robustlab.progress import progress
 from robustlab.training.methods import Method, StepResult
 from robustlab.training.trainer import TrainConfig, Trainer
@@ -81,7 +81,7 @@ def finetune(model: nn.Module, module: str, data: Splits, out_dir, run_meta: dic
     A Trainer run in `out_dir` (resumed when it holds one with the same settings). Returns the fine-tuned
     model at its best validation-clean epoch (eval mode) and the Trainer's record of it. Reads no test data.
     """
-    tuned = copy.deepcopy(model).to(memory_format=fast_memory_format(model, model_device(model)))
+    tuned = copy.deepcopy(model)  # the Trainer puts it in the fast memory format on the model's device
     target = module_named(tuned, module)
     for p in tuned.parameters():
         p.requires_grad_(False)

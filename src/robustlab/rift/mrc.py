@@ -84,7 +84,7 @@ def adversarial_set(model: nn.Module, images: ImageSet, *, norm: str, eps: float
                           leave=False):
             x = images.images[s:s + batch_size].to(device).float().div_(255)
             out.append(perturb(model, x, images.labels[s:s + batch_size].to(device), threat, steps, generator=g))
-    return torch.cat(out), images.labels.to(device)
+    return torch.cat(out), images.labels.to(device, copy=True)
 
 
 @torch.no_grad()
