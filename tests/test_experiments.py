@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,3 +117,45 @@ def test_masking_probe_bad_input_is_one_line_and_status_2(tmp_path, monkeypatch,
     assert run_script(probe.main) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("masking_probe.py: error: ") and str(missing) in err[0]
+
+
+def test_aa_paired_merges_slices_image_by_image_and_refuses_unpaired_ones(robust_model, standard_model, test_batch,
+                                                                           tmp_path, monkeypatch, capsys, one_thread):
+    import sys
+
+    from robustlab.attacks.autoattack import autoattack
+    from robustlab.errors import run_script
+    paired = load_script("aa_paired")
+    x, y = test_batch
+    kwargs = dict(eps=0.1, norm="linf", steps=4, queries=20, n_target_classes=2, batch_size=16, progress=False)
+    states, robust = {}, {}
+    for name, model in (("robust", robust_model), ("standard", standard_model)):
+        results = []
+        for start, stop in ((0, 20), (20, 48)):
+            states[name, start] = tmp_path / f"{name}-{start}.safetensors"
+            results.append(autoattack(model, x[start:stop], y[start:stop], state_path=states[name, start], **kwargs))
+        robust[name] = torch.cat([r.robust for r in results])
+
+    def compare(before, after):
+        monkeypatch.setattr(sys, "argv", ["aa_paired.py", "compare", "--json", "--before", *map(str, before),
+                                          "--after", *map(str, after)])
+        status = run_script(paired.main)
+        return status, capsys.readouterr()
+
+    status, out = compare([states["robust", 0], states["robust", 20]], [states["standard", 0], states["standard", 20]])
+    result = json.loads(out.out)
+    r, s = robust["robust"], robust["standard"]
+    assert status == 0 and result["n"] == 48
+    assert result["before"] == pytest.approx(r.float().mean().item()) and result["after"] == pytest.approx(s.float().mean().item())
+    assert (result["only_before"], result["only_after"]) == (int((r & ~s).sum()), int((s & ~r).sum()))
+    assert result["only_before"] > result["only_after"]  # the robust model withstands what the standard one does not
+    # slices listed in a different order on the two sides do not pair the same images
+    status, out = compare([states["robust", 0], states["robust", 20]], [states["standard", 20], states["standard", 0]])
+    assert status == 2 and "do not cover the same images" in out.err and "Traceback" not in out.err
+
+
+def test_sign_test_is_exact():
+    paired = load_script("aa_paired")
+    assert paired.sign_test(0, 0) == 1.0 and paired.sign_test(11, 10) == 1.0
+    assert paired.sign_test(10, 0) == pytest.approx(2 / 2 ** 10) and paired.sign_test(0, 10) == paired.sign_test(10, 0)
+    assert paired.sign_test(8, 2) == pytest.approx(2 * (1 + 10 + 45) / 1024)
