@@ -1,6 +1,6 @@
 """AutoAttack on a slice of the test set, and a paired comparison of two models built from such slices.
 
-AutoAttack-standard takes about half an hour per 1,000 test images of the residual network on one CPU thread,
+AutoAttack-standard takes 20 to 30 minutes per 1,000 test images of the residual network on one CPU thread,
 so a comparison on more images than one session's first 1,000 is put together from slices, each run (and
 resumable) on its own, then merged image by image:
 
