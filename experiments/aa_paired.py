@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from robustlab import checkpoint, load_model
-from robustlab.attacks.autoattack import ROBUST, STAGES, autoattack
+from robustlab import load_model
+from robustlab.attacks.autoattack import ROBUST, autoattack_accuracy, load_finished_state
+from robustlab.data import ImageSet
 from robustlab.errors import RobustlabError, run_script
 from robustlab.models import fast_memory_format
 from robustlab.protocol import threat_defaults
@@ -45,11 +46,10 @@ def run(args):
                              f"got {args.start} and {args.stop}")
     norm = meta.get("method", {}).get("norm", "linf")
     eps = threat_defaults(meta["dataset"]["name"], norm).eval.eps
-    x = test.images[args.start:args.stop].float().div(255)
-    y = test.labels[args.start:args.stop]
+    images = ImageSet(test.images[args.start:args.stop], test.labels[args.start:args.stop])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = autoattack(model, x, y, eps=eps, norm=norm, state_path=out / f"aa-{args.start}-{args.stop}.safetensors")
+    result = autoattack_accuracy(model, images, eps, norm, state_path=out / f"aa-{args.start}-{args.stop}.safetensors")
     print(result.summary())
 
 
@@ -57,11 +57,7 @@ def _verdicts(paths) -> tuple[torch.Tensor, list[str]]:
     """Per image, whether it stayed robust through every stage, over the listed states in order."""
     robust, prints = [], []
     for path in paths:
-        tensors, meta = checkpoint.load(path)
-        if meta.get("kind") != "autoattack-state":
-            raise RobustlabError(f"{path} is not an AutoAttack state")
-        if meta["stage"] != len(STAGES):
-            raise RobustlabError(f"{path} is unfinished (stage {meta['stage']} of {len(STAGES)}); run it to the end")
+        tensors, meta = load_finished_state(path)
         robust.append(tensors["broken_by"] == ROBUST)
         prints.append(meta["config"]["data"])
     return torch.cat(robust), prints

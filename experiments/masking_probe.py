@@ -31,10 +31,10 @@ import torch.nn.functional as F
 
 from robustlab import checkpoint, load_model
 from robustlab.attacks import attack_mode, negative_margin, pgd, pgd_smooth, within_ball
-from robustlab.attacks.autoattack import ROBUST, STAGES
+from robustlab.attacks.autoattack import ROBUST, STAGES, load_finished_state
 from robustlab.attacks.square import margin
 from robustlab.data import load_dataset
-from robustlab.errors import RobustlabError, run_script
+from robustlab.errors import run_script
 
 
 def main():
@@ -50,9 +50,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    tensors, meta = checkpoint.load(args.state)
-    if meta.get("kind") != "autoattack-state" or meta.get("stage") != len(STAGES):
-        raise RobustlabError(f"{args.state} is not a finished AutoAttack evaluation")
+    tensors, meta = load_finished_state(args.state)
     config = meta["config"]
     model = load_model(args.run)
     test = load_dataset(checkpoint.read_metadata(f"{args.run}/best.safetensors")["dataset"]["name"]).test.subset(config["n"])

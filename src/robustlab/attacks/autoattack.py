@@ -128,6 +128,16 @@ class _State:
                                              "seconds": self.seconds})
 
 
+def load_finished_state(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors (broken_by, adv_index, adv_rows) and metadata of a state file whose evaluation ran to the end."""
+    tensors, meta = checkpoint.load(path)
+    if meta.get("kind") != "autoattack-state":
+        raise RobustlabError(f"{path} is not an AutoAttack state")
+    if meta["stage"] != len(STAGES):
+        raise RobustlabError(f"{path} is unfinished (stage {meta['stage']} of {len(STAGES)}); run it to the end")
+    return tensors, meta
+
+
 def _attacks(eps, norm, n_target_classes, steps, queries) -> dict:
     """The four members with AutoAttack-standard's settings; each maps (model, x, y, generator) to (x_adv, fooled)."""
     return {
