@@ -102,9 +102,7 @@ class _State:
             self._load()
 
     def _load(self):
-        tensors, meta = checkpoint.load(self.path)
-        if meta.get("kind") != "autoattack-state":
-            raise RobustlabError(f"{self.path} is a robustlab checkpoint but not an AutoAttack state")
+        tensors, meta = _load_state(self.path)
         if meta["config"] != self.config:
             diff = sorted(k for k in set(meta["config"]) | set(self.config) if meta["config"].get(k) != self.config.get(k))
             raise RobustlabError(f"{self.path} holds the state of a different evaluation (differs in {', '.join(diff)}); "
@@ -128,11 +126,16 @@ class _State:
                                              "seconds": self.seconds})
 
 
-def load_finished_state(path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors (broken_by, adv_index, adv_rows) and metadata of a state file whose evaluation ran to the end."""
+def _load_state(path) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, meta = checkpoint.load(path)
     if meta.get("kind") != "autoattack-state":
-        raise RobustlabError(f"{path} is not an AutoAttack state")
+        raise RobustlabError(f"{path} is a robustlab checkpoint but not an AutoAttack state")
+    return tensors, meta
+
+
+def load_finished_state(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors (broken_by, adv_index, adv_rows) and metadata of a state file whose evaluation ran to the end."""
+    tensors, meta = _load_state(path)
     if meta["stage"] != len(STAGES):
         raise RobustlabError(f"{path} is unfinished (stage {meta['stage']} of {len(STAGES)}); run it to the end")
     return tensors, meta
