@@ -127,6 +127,18 @@ def test_finetuning_changes_only_the_module_and_batchnorm_statistics(tiny_run, s
     assert _same(again.state_dict(), after)
 
 
+def test_several_modules_fine_tuned_together_are_the_only_ones_changed(tiny_run, small, tmp_path, one_thread):
+    model = load_model(tiny_run)
+    before = _snapshot(model)
+    meta = {k: model.checkpoint_meta[k] for k in ("model", "dataset")}
+    tuned, _ = finetune(model, "layer3.1.conv2, net.linear", small, tmp_path, meta, lr=0.05, epochs=1, train_n=128,
+                        bn="keep", show=False)
+    after = tuned.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"net.layer3.1.conv2.weight", "net.linear.weight", "net.linear.bias"}
+    assert pipeline_module.candidate_id("net.layer3.1.conv2,net.linear", 0.01) == "layer3.1.conv2+linear-lr0.01"
+
+
 def test_interpolation_reproduces_both_endpoints_exactly(tiny_run, small, one_thread):
     model = load_model(tiny_run)
     robust = _snapshot(model)
@@ -304,6 +316,7 @@ def robustlab(*args):
     (["rift", "no/such/run", "--out", "OUT"], ["no/such/run"]),
     (["mrc", "no/such/run"], ["no/such/run"]),
     (["rift", "RUN", "--module", "layer9.conv7", "--out", "OUT"], ["module", "net.linear"]),
+    (["rift", "RUN", "--module", "linear,net.layer1.0.conv1,net.linear", "--out", "OUT"], ["module", "twice"]),
     (["rift", "RUN", "--bn", "sometimes", "--out", "OUT"], ["bn", "keep", "recalibrate"]),
     (["rift", "RUN", "--lrs", "0.1,fast", "--out", "OUT"], ["--lrs"]),
     (["rift", "RUN", "--alpha-attack", "apgd", "--out", "OUT"], ["alpha attack", "pgd+dlr"]),

@@ -13,15 +13,18 @@ LR_GRID = "0.001,0.01"
 
 def add_parsers(sub):
     from robustlab.cli import _nonneg_float, _positive
+    from robustlab.rift.mrc import MRCConfig
 
     def mrc_options(p):
         g = p.add_argument_group("module robust criticality (defaults: the RiFT reference code)")
-        g.add_argument("--mrc-n", type=_positive(int), default=2000,
-                       help="validation images in the fixed adversarial set (default 2000; the split has 5000)")
-        g.add_argument("--mrc-eps", type=_positive(float), default=0.1,
-                       help="weight perturbation ‖Δ‖ ≤ ε‖θ‖ (0.1)")
-        g.add_argument("--mrc-epochs", type=_positive(int), default=10, help="gradient-ascent epochs (10)")
-        g.add_argument("--mrc-batch-size", type=_positive(int), default=512)
+        d = MRCConfig()  # one set of defaults for the CLI and the Python API
+        g.add_argument("--mrc-n", type=_positive(int), default=d.n,
+                       help=f"validation images in the fixed adversarial set (default {d.n}; the split has 5000)")
+        g.add_argument("--mrc-eps", type=_positive(float), default=d.eps,
+                       help=f"weight perturbation ‖Δ‖ ≤ ε‖θ‖ ({d.eps:g})")
+        g.add_argument("--mrc-epochs", type=_positive(int), default=d.epochs,
+                       help=f"gradient-ascent epochs ({d.epochs})")
+        g.add_argument("--mrc-batch-size", type=_positive(int), default=d.batch_size)
         p.add_argument("--checkpoint", default="best", help="best or last (when RUN is a directory)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--data-dir")
@@ -38,7 +41,8 @@ def add_parsers(sub):
                        "module, interpolate, report before/after")
     r.add_argument("run", help="run directory or checkpoint file")
     r.add_argument("--out", required=True, help="output directory: checkpoint, plots, rift_report.md")
-    r.add_argument("--module", help="fine-tune this module (default: the lowest MRC)")
+    r.add_argument("--module", help="fine-tune this module, or several together, comma-separated "
+                                    "(default: the lowest MRC)")
     r.add_argument("--auto", type=int, default=0, metavar="K",
                    help="also try the K least-critical modules × --lrs and keep the best on validation")
     r.add_argument("--lr", type=_positive(float), default=0.001, help="fine-tuning learning rate (reference: 0.001)")
@@ -147,7 +151,7 @@ def cmd_rift(args) -> int:
     from robustlab import load_model
     from robustlab.data import AUGMENTATIONS
     from robustlab.errors import check_choice
-    from robustlab.rift.finetune import module_named
+    from robustlab.rift.finetune import module_names
     from robustlab.rift.pipeline import RiftSettings, TestSettings, rift
 
     try:
@@ -164,7 +168,7 @@ def cmd_rift(args) -> int:
     settings.validate()
     if args.augment:
         check_choice("augmentation", args.augment, AUGMENTATIONS)
-    source, _, data, device = _setup(args, lambda s: args.module and module_named(load_model(s), args.module))
+    source, _, data, device = _setup(args, lambda s: args.module and module_names(load_model(s), args.module))
     test = TestSettings(n=args.n, aa=args.aa, aa_n=args.aa_n, aa_steps=args.aa_steps, aa_queries=args.aa_queries,
                         ood=args.ood, batch_size=args.test_batch_size) if args.test else None
     command = "robustlab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["rift"] else None

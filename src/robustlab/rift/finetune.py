@@ -64,29 +64,38 @@ class CriticalFinetune(Method):
         return super().train_step(ctx, x, y)
 
 
-def module_named(model: nn.Module, name: str) -> nn.Module:
+def module_names(model: nn.Module, spec: str) -> list[str]:
+    """The Conv/Linear modules that `spec` names, comma-separated (RiFT fine-tunes one; several are fine-tuned
+    together), by their qualified names; names without the Normalize wrapper's `net.` prefix are accepted."""
     modules = dict(classifier_modules(model))
-    if name not in modules and f"net.{name}" in modules:  # accept names without the Normalize wrapper's prefix
-        name = f"net.{name}"
-    check_choice("module", name, modules)
-    return modules[name]
+    names = []
+    for name in spec.split(","):
+        name = name.strip()
+        if name not in modules and f"net.{name}" in modules:
+            name = f"net.{name}"
+        check_choice("module", name, modules)
+        names.append(name)
+    if len(set(names)) < len(names):
+        raise RobustlabError(f"module: {spec!r} names a module twice")
+    return names
 
 
 def finetune(model: nn.Module, module: str, data: Splits, out_dir, run_meta: dict, *, lr: float = 0.001,
              epochs: int = 10, batch_size: int = 128, momentum: float = 0.9, weight_decay: float = 5e-4,
              augment: str | None = None, bn: str = "update", seed: int = 0, train_n: int | None = None,
              show=None) -> tuple[nn.Module, dict]:
-    """Fine-tune a copy of `model` on clean training data, only `module` trainable.
+    """Fine-tune a copy of `model` on clean training data, only `module` trainable (comma-separated: several).
 
     A Trainer run in `out_dir` (resumed when it holds one with the same settings). Returns the fine-tuned
     model at its best validation-clean epoch (eval mode) and the Trainer's record of it. Reads no test data.
     """
     tuned = copy.deepcopy(model)  # the Trainer puts it in the fast memory format on the model's device
-    target = module_named(tuned, module)
+    modules = dict(tuned.named_modules())
     for p in tuned.parameters():
         p.requires_grad_(False)
-    for p in target.parameters():
-        p.requires_grad_(True)
+    for name in module_names(tuned, module):
+        for p in modules[name].parameters():
+            p.requires_grad_(True)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer="sgd", lr=lr, momentum=momentum,
                          weight_decay=weight_decay, schedule="constant", seed=seed, augment=augment,
                          train_n=train_n, ema=None, extra={"val_images": len(data.val)})  # the epoch choice's data

@@ -22,7 +22,7 @@ from robustlab.evaluate.accuracy import accuracy
 from robustlab.evaluate.corruptions import ood_accuracy
 from robustlab.models import fast_memory_format
 from robustlab.protocol import threat_defaults
-from robustlab.rift.finetune import ALPHAS, BN_MODES, AlphaSearch, finetune, module_named, recalibrate_bn
+from robustlab.rift.finetune import ALPHAS, BN_MODES, AlphaSearch, finetune, module_names, recalibrate_bn
 from robustlab.rift.mrc import MRCConfig, compute_mrc, file_sha256, plot_mrc, ranked, read_json, write_json
 from robustlab.rift.report import plot_alpha, write_report
 from robustlab.training.registry import METHODS
@@ -55,7 +55,7 @@ def alpha_check(name: str, attack, eps: float, norm: str):
 
 @dataclass
 class RiftSettings:
-    module: str | None = None       # None: the lowest-MRC module (the paper's pick)
+    module: str | None = None       # None: the lowest-MRC module (the paper's pick); "a,b": several together
     auto: int = 0                   # > 0: also try the `auto` least-critical modules × `lrs`, keep the best
     lr: float = 0.001               # reference code's default
     lrs: tuple = (0.001, 0.01)      # the automatic mode's grid (the reference default and 10×)
@@ -121,7 +121,7 @@ class State:
 
 
 def candidate_id(module: str, lr: float) -> str:
-    return f"{module.removeprefix('net.')}-lr{lr:g}"
+    return "+".join(name.removeprefix("net.") for name in module.split(",")) + f"-lr{lr:g}"
 
 
 def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), test: TestSettings | None = TestSettings(),
@@ -145,7 +145,7 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
     dataset, norm = meta["dataset"]["name"], meta.get("method", {}).get("norm", "linf")
     budget = threat_defaults(dataset, norm)
     threat = {"norm": norm, "eps": budget.train.eps, "steps": budget.train.steps, "step_size": budget.train.step_size}
-    paper_module = module_named_str(model, settings.module) if settings.module else None  # a bad name fails early
+    paper_module = ",".join(module_names(model, settings.module)) if settings.module else None  # bad names fail early
     state = State(out / "rift_state.json", {"path": str(source), "sha256": file_sha256(source),
                                              "model": meta["model"], "method": meta.get("method", {}).get("name")})
     wall = {}
@@ -199,7 +199,9 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
         entry = state.data["candidates"].setdefault(cid, {})
         if entry.get("curve_key") != curve_key:
             entry.update(curve_key=curve_key, curve={})
-        entry.update(module=module, lr=lr, finetune=record, mrc=mrc["modules"][module]["mrc"])
+        # Several modules fine-tuned together: the largest of their MRCs.
+        entry.update(module=module, lr=lr, finetune=record,
+                     mrc=max(mrc["modules"][name]["mrc"] for name in module.split(",")))
         searches[cid] = AlphaSearch(work, robust_state, tuned_states[cid], val, val, check, seed=settings.seed,
                                     curve=entry["curve"], on_update=lambda _: state.save(), show=show,
                                     prepare=prepare)
@@ -239,7 +241,7 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
                      "rift": rift_meta})
 
     title = f"{meta['model']['name']} ({state.data['source']['method']}) on {dataset}"
-    plot_mrc(mrc, out / "mrc.png", f"MRC per module, {title}", highlight={chosen["module"]})
+    plot_mrc(mrc, out / "mrc.png", f"MRC per module, {title}", highlight=set(chosen["module"].split(",")))
     plot_alpha({cid: entries[cid] for cid in dict.fromkeys([paper, best, *entries])}, out / "alpha.png",
                f"Validation accuracy of θ(α), {title}", settings.tolerance)
 
@@ -267,11 +269,6 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
               "command": command, "alpha_check": ALPHA_CHECKS[settings.alpha_attack]}
     write_report(out, report)
     return report
-
-
-def module_named_str(model, name: str) -> str:
-    target = module_named(model, name)
-    return next(n for n, m in model.named_modules() if m is target)
 
 
 def settings_dict(settings: RiftSettings) -> dict:
