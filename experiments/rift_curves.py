@@ -13,14 +13,14 @@ from pathlib import Path
 from robustlab.rift.report import plot_alpha
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="RiFT output directories")
     p.add_argument("--labels", nargs="+", help="one legend label per run (default: the candidate ids)")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--title", default="Validation accuracy of θ(α)")
     p.add_argument("--tolerance", type=float, default=0.1, help="points (0.1, RiFT's default)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.labels and len(args.labels) != len(args.runs):
         p.error(f"--labels needs one label per run ({len(args.runs)}), got {len(args.labels)}")
     entries, sources = {}, set()

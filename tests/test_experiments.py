@@ -91,6 +91,21 @@ def test_training_curves_draws_several_runs_and_rejects_a_folder_without_metrics
     assert stop.value.code == 2 and "no metrics.jsonl" in capsys.readouterr().err
 
 
+def test_rift_curves_overlays_runs_of_one_model_and_refuses_runs_of_two(tmp_path, capsys):
+    curves = load_script("rift_curves")
+    for name, sha, fall in (("a", "x", 0.01), ("b", "x", 0.03), ("c", "y", 0.02)):
+        curve = {f"{a / 10:.2f}": {"clean": 0.86 + 0.01 * a / 10, "robust": 0.78 - fall * a / 10} for a in range(11)}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "rift_state.json").write_text(json.dumps(
+            {"source": {"sha256": sha}, "chosen": "m-lr0.01", "candidates": {"m-lr0.01": {"alpha": 0.1, "curve": curve}}}))
+    curves.main([str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "one", "two", "--out", str(tmp_path / "ab.png")])
+    assert (tmp_path / "ab.png").stat().st_size > 1000
+    with pytest.raises(SystemExit) as stop:
+        curves.main([str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "ac.png")])
+    assert stop.value.code == 2 and "different original models" in capsys.readouterr().err
+    assert not (tmp_path / "ac.png").exists()
+
+
 def test_a_bad_value_reaching_the_trainer_is_one_line_and_status_2(tmp_path, monkeypatch, capsys, one_thread):
     """`--epochs 0` passes argparse and is refused by TrainConfig: the script says so in one line, as the CLI does."""
     import sys
