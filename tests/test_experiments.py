@@ -97,7 +97,8 @@ def test_rift_curves_overlays_runs_of_one_model_and_refuses_runs_of_two(tmp_path
         curve = {f"{a / 10:.2f}": {"clean": 0.86 + 0.01 * a / 10, "robust": 0.78 - fall * a / 10} for a in range(11)}
         (tmp_path / name).mkdir()
         (tmp_path / name / "rift_state.json").write_text(json.dumps(
-            {"source": {"sha256": sha}, "chosen": "m-lr0.01", "candidates": {"m-lr0.01": {"alpha": 0.1, "curve": curve}}}))
+            {"source": {"sha256": sha}, "chosen": "m-lr0.01",
+             "candidates": {"m-lr0.01": {"alpha": 0.1, "curve": curve}}}))
     curves.main([str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "one", "two", "--out", str(tmp_path / "ab.png")])
     assert (tmp_path / "ab.png").stat().st_size > 1000
     with pytest.raises(SystemExit) as stop:
