@@ -47,14 +47,16 @@ def write_report(out: Path, report: dict):
     src, rift, cands = report["source"], report["rift"], report["candidates"]
     chosen, paper = report["chosen"], report["paper_pick"]
     given = report["settings"].get("module")
-    first = "the module given with --module" if given else "the paper's pick"
+    first = f"the module{'s' * (',' in given)} given with --module" if given else "the paper's pick"
+    tuned = rift["module"].split(",")
+    tuned = f"module{'s' * (len(tuned) > 1)} " + ", ".join(f"`{m}`" for m in tuned)
     kwargs = f" {src['model']['kwargs']}" if src["model"].get("kwargs") else ""
     key, original = report["mrc"]["key"], report["mrc"]["original"]
     recal = f", re-estimated on {rift['recal_n']} training images ({rift['recal_inputs']})" if "recal_n" in rift else ""
     lines = [f"# RiFT of `{src['path']}`", "",
              f"- model `{src['model']['name']}`{kwargs}, trained with `{src['method']}`; "
              f"dataset `{report['dataset']}`, threat {report['norm']}",
-             f"- fine-tuned module `{rift['module']}` (lr {rift['lr']:g}, BatchNorm statistics: {rift['bn']}{recal}), "
+             f"- fine-tuned {tuned} (lr {rift['lr']:g}, BatchNorm statistics: {rift['bn']}{recal}), "
              f"α = {rift['alpha']:.1f}; the checkpoint is `best.safetensors` (`robustlab eval {out}` reads it)",
              f"- {first}{'' if given else ' (lowest MRC)'}: `{paper}`"
              + (f"; automatic mode chose `{chosen}`" if rift["automatic"] else ""), ""]
@@ -91,6 +93,8 @@ def write_report(out: Path, report: dict):
         lines.append(f"| `{cid}`{tag} | {e['mrc']:.4f} | {e['finetune']['best_epoch'] + 1} "
                      f"({_pct(e['finetune']['val_clean'])}) | {e['alpha']:.1f} | {_pct(e['val_clean'])} | "
                      f"{_pct(e['val_robust'])} |")
+    if any("," in e["module"] for e in cands.values()):
+        lines += ["", "A candidate of several modules shows the largest of their MRCs."]
     if rift["automatic"]:
         gain = cands[chosen]["val_clean"] - cands[paper]["val_clean"]
         verdict = (f"beats {first} by {100 * gain:.2f} points of validation clean accuracy" if gain > 0
