@@ -1,8 +1,12 @@
-"""The comparison script of issue 5 end to end on a few hundred images: train, evaluate, resume, table."""
+"""The experiment scripts on a few hundred images: the comparison of issue 5 (train, evaluate, resume, table), the
+plots, the paired AutoAttack merge and the GPU AutoAttack script run on a CPU."""
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -175,3 +179,33 @@ def test_sign_test_is_exact():
     assert paired.sign_test(0, 0) == 1.0 and paired.sign_test(11, 10) == 1.0
     assert paired.sign_test(10, 0) == pytest.approx(2 / 2 ** 10) and paired.sign_test(0, 10) == paired.sign_test(10, 0)
     assert paired.sign_test(8, 2) == pytest.approx(2 * (1 + 10 + 45) / 1024)
+
+
+def test_gpu_autoattack_script_runs_and_refuses_bad_arguments(fmnist, tmp_path):
+    data, run, work = "/usr/share/datasets/fashion-mnist", tmp_path / "run", tmp_path / "work"
+    env = {**os.environ, "DEVICE": "cpu", "WORK": str(work), "SECONDS_LEFT": "300", "DATA": data,
+           "OMP_NUM_THREADS": "1", "EXTRA": "--n 16 --aa-steps 2 --aa-queries 5 --sanity-n 16 --threads 1"}
+    train = [sys.executable, "-m", "robustlab", "train", "--data-dir", data, "--train-n", "256", "--val-n", "16",
+             "--epochs", "1", "--steps", "2", "--threads", "1", "--out", str(run)]
+    done = subprocess.run(train, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+
+    def script(*args):
+        return subprocess.run(["bash", str(ROOT / "experiments" / "gpu_autoattack.sh"), *args], capture_output=True,
+                              text=True, env=env, cwd=ROOT, timeout=600)
+
+    for args, message in (([], "usage"), (["x=no/such.safetensors"], "no checkpoint file no/such.safetensors")):
+        done = script(*args)
+        assert done.returncode == 2 and message in done.stderr and len(done.stderr.splitlines()) == 1
+    done = script(f"tiny={run / 'best.safetensors'}")
+    assert done.returncode == 0, done.stderr
+    times = (work / "logs" / "times.log").read_text()
+    assert "tiny rc=0" in times and "agreement test rc=0" in times  # the CUDA test skips on a CPU
+
+    def stages():
+        return json.loads((work / "tiny" / "report.json").read_text())["autoattack"]["stage_accuracy"]
+
+    first = stages()
+    assert list(first) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"] and first["square"] <= first["clean"]
+    assert script(f"tiny={run / 'best.safetensors'}").returncode == 0
+    assert stages() == first  # run again: the same figures, from the AutoAttack state the first run left
