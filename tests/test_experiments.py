@@ -190,12 +190,13 @@ def test_gpu_autoattack_script_runs_and_refuses_bad_arguments(fmnist, tmp_path):
     done = subprocess.run(train, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
 
-    def script(*args):
+    def script(*args, **more_env):
         return subprocess.run(["bash", str(ROOT / "experiments" / "gpu_autoattack.sh"), *args], capture_output=True,
-                              text=True, env=env, cwd=ROOT, timeout=600)
+                              text=True, env={**env, **more_env}, cwd=ROOT, timeout=600)
 
-    for args, message in (([], "usage"), (["x=no/such.safetensors"], "no checkpoint file no/such.safetensors")):
-        done = script(*args)
+    for args, more_env, message in (([], {}, "usage"), (["x=no/such.safetensors"], {}, "no checkpoint file no/such"),
+                                    ([f"x={run / 'best.safetensors'}"], {"DATA": "/no/such"}, "no dataset folder")):
+        done = script(*args, **more_env)
         assert done.returncode == 2 and message in done.stderr and len(done.stderr.splitlines()) == 1
     done = script(f"tiny={run / 'best.safetensors'}")
     assert done.returncode == 0, done.stderr
