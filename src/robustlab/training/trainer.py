@@ -329,6 +329,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             result = self.method.train_step(ctx, x, y)
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate used: a method may set its own (RiFT's step decay)
             if self.ema:
                 self.ema.update(self.model)
             totals = distributed.all_sum(torch.tensor([result.loss.item() * len(y),
