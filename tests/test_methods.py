@@ -342,6 +342,19 @@ def test_a_diverged_run_stops_with_a_clear_error_and_keeps_its_last_good_checkpo
     assert json.loads((tmp_path / "last.json").read_text())["epoch"] == 0
 
 
+class _SetsItsOwnRateThenDiverges(_DivergesInSecondEpoch):
+    def train_step(self, ctx, x, y):
+        for group in ctx.optimizer.param_groups:
+            group["lr"] = 0.0123  # as RiFT's fine-tuning does with its step decay
+        return super().train_step(ctx, x, y)
+
+
+def test_the_divergence_message_names_the_rate_the_step_used_not_the_schedules(fmnist, tmp_path):
+    trainer = _trainer(fmnist, _SetsItsOwnRateThenDiverges(), tmp_path, n=128, epochs=2, lr=0.1)
+    with pytest.raises(RobustlabError, match=r"lr 0\.0123\)"):
+        trainer.fit()
+
+
 def test_mart_stays_finite_in_bf16_on_confidently_wrong_examples():
     """bf16 rounds the reference's 1.0001 to 1 and a p_k(x') of 0.9995 to 1: computed in bf16, log(1.0001 − p)
     has a gradient of 1e12, the other classes' logits get ~1e7, and weights soon hold NaN (a 10-epoch run did)."""
