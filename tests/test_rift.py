@@ -239,10 +239,22 @@ def test_alpha_rule_takes_the_best_clean_accuracy_within_the_tolerance():
              [(0.0, 0.80, 0.700), (0.1, 0.81, 0.700), (0.2, 0.83, 0.699), (0.3, 0.85, 0.6985), (0.4, 0.86, 0.650),
               (0.5, 0.86, 0.600)]}
     alphas = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
-    search = AlphaSearch(None, None, None, None, None, None, curve=curve)  # memoized: no model is needed
+    search = AlphaSearch(None, None, None, None, range(2000), None, curve=curve)  # memoized: only len(val_robust) is read
     assert search.choose(alphas, tolerance=0.001) == 0.2  # 0.3 costs 0.15 point, more than 0.1
     assert search.choose(alphas, tolerance=0.002) == 0.3
     assert search.choose(alphas, tolerance=0.0) == 0.1
+
+
+def test_an_alpha_that_costs_exactly_the_tolerance_qualifies_despite_float32_rounding():
+    """The width-64 TRADES run's curve (5,000 validation images): 3,977 robust at α = 0, 3,972 (0.1 point less)
+    at α = 0.3, stored as float32 accuracies, which put 0.7944 a hair below 0.7954 − 0.001."""
+    curve = {"0.00": {"clean": 0.8759999871253967, "robust": 0.7954000234603882},
+             "0.20": {"clean": 0.881600022315979, "robust": 0.7950000166893005},
+             "0.30": {"clean": 0.8823999762535095, "robust": 0.7943999767303467},
+             "0.40": {"clean": 0.8844000101089478, "robust": 0.7922000288963318}}
+    search = AlphaSearch(None, None, None, None, range(5000), None, curve=curve)
+    assert search.choose((0.0, 0.2, 0.3, 0.4), tolerance=0.001) == 0.3
+    assert search.choose((0.0, 0.2, 0.3, 0.4), tolerance=0.0008) == 0.2  # 4 images: 0.3's 5 are too many
 
 
 class NoTestSet:
