@@ -237,10 +237,11 @@ class AlphaSearch:
     def choose(self, alphas=ALPHAS, tolerance: float = 0.001, full: bool = True) -> float:
         """The chosen α. `full`: measure robust accuracy at every α (for the curves); otherwise only where it
         can change the choice, in order of falling clean accuracy, stopping at the first α that qualifies."""
-        # Compared as image counts: accuracies are k/n stored in float32 (79.44% reads 0.79439998), and a floor of
-        # float32 79.54% minus 0.1 point would refuse an α that costs exactly the tolerance.
         n = len(self.val_robust)
-        count = lambda a: round(self.robust_acc(a) * n)  # noqa: E731
+
+        def count(alpha):  # robust images: accuracies are k/n stored in float32 (79.44% reads 0.79439998), and
+            return round(self.robust_acc(alpha) * n)  # a float floor refused an α costing exactly the tolerance
+
         floor = count(0.0) - tolerance * n - 1e-9
         clean = {a: self.clean(a) for a in progress(alphas, show=self.show, desc="α clean", leave=False)}
         order = sorted(alphas, key=lambda a: (-clean[a], a))
