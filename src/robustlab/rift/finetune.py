@@ -237,10 +237,12 @@ class AlphaSearch:
     def choose(self, alphas=ALPHAS, tolerance: float = 0.001, full: bool = True) -> float:
         """The chosen α. `full`: measure robust accuracy at every α (for the curves); otherwise only where it
         can change the choice, in order of falling clean accuracy, stopping at the first α that qualifies."""
+        # Compared in images: accuracies are k/n stored in float32, where 3,972/5,000 reads 0.79439998 and
+        # 3,977/5,000 − 0.001 reads 0.79440002, so a float floor refused an α costing exactly the tolerance.
         n = len(self.val_robust)
 
-        def count(alpha):  # robust images: accuracies are k/n stored in float32 (79.44% reads 0.79439998), and
-            return round(self.robust_acc(alpha) * n)  # a float floor refused an α costing exactly the tolerance
+        def count(alpha):
+            return round(self.robust_acc(alpha) * n)
 
         floor = count(0.0) - tolerance * n - 1e-9
         clean = {a: self.clean(a) for a in progress(alphas, show=self.show, desc="α clean", leave=False)}
