@@ -3,7 +3,8 @@
 # take hours per model on this project's CPU and minutes on a GPU (docs/results.md, "Still to measure").
 #
 #   DATA=/usr/share/datasets/fashion-mnist WORK=runs/gpu-aa SECONDS_LEFT=420 bash experiments/gpu_autoattack.sh \
-#       trades-w32=runs/gpu-carry/trades-w32.safetensors rift-trades-w32=runs/gpu-carry/rift-trades-w32.safetensors
+#       trades-w32-s1=runs/gpu-carry/trades-w32-s1.safetensors \
+#       rift-trades-w32-s1=runs/gpu-carry/rift-trades-w32-s1.safetensors
 #
 # Each argument is NAME=CHECKPOINT (a .safetensors file carries its own metadata, so a copy of the file alone is
 # enough to carry to the device). First the CPU/GPU agreement test of tests/test_cli.py, which skips without a
