@@ -10,12 +10,12 @@ from scipy.optimize import linprog, minimize
 from torch import nn
 
 from robustlab.attacks import pgd, within_ball
-from robustlab.attacks.pgd import attack_mode, perturb
-from robustlab.attacks.threat import make_threat
 from robustlab.attacks.apgd import apgd, apgd_run, apgd_targeted, dlr_targeted_loss, step_size_checkpoints
 from robustlab.attacks.autoattack import STAGES, autoattack, autoattack_accuracy
 from robustlab.attacks.fab import fab_targeted, project_on_hyperplane_box
+from robustlab.attacks.pgd import attack_mode, perturb
 from robustlab.attacks.square import square
+from robustlab.attacks.threat import make_threat
 from robustlab.errors import RobustlabError
 
 EPS = {"linf": 0.1, "l2": 1.5}
@@ -211,10 +211,10 @@ def test_apgd_ce_climbs_higher_than_pgd20_and_with_dlr_breaks_all_it_breaks(robu
     4.05) that APGD-CE climbs past without crossing, so APGD-CE alone can break one image fewer than PGD-20; with
     APGD-DLR it breaks all of them."""
     x, y = test_batch[0][:200], test_batch[1][:200]
-    g = torch.Generator().manual_seed(0)
-    x_pgd = pgd(robust_model, x, y, eps=0.1, steps=20, generator=g)  # the first iterate that breaks, else the last
+    g, step = torch.Generator().manual_seed(0), 2.5 * 0.1 / 20  # pgd()'s default step for 20 steps
+    x_pgd = pgd(robust_model, x, y, eps=0.1, steps=20, step_size=step, generator=g)  # first breaking iterate, else last
     with attack_mode(robust_model):
-        x_last = perturb(robust_model, x, y, make_threat("linf", 0.1, 2.5 * 0.1 / 20), 20, generator=g)
+        x_last = perturb(robust_model, x, y, make_threat("linf", 0.1, step), 20, generator=g)
         ce = apgd_run(robust_model, x, y, y, loss="ce", eps=0.1, norm="linf", steps=50, generator=g)
         dlr = apgd_run(robust_model, x, y, y, loss="dlr", eps=0.1, norm="linf", steps=50, generator=g)
         with torch.no_grad():
