@@ -247,7 +247,7 @@ def _gather(state, starts, mine, batch_size):
 
 
 def _accuracy(broken_by: torch.Tensor) -> float:
-    return (broken_by == ROBUST).float().mean().item() if len(broken_by) else float("nan")
+    return int((broken_by == ROBUST).sum()) / len(broken_by) if len(broken_by) else float("nan")
 
 
 def _attack_batch(model, x, y, rows, state, si, attack, seed, eps, norm):

@@ -1,9 +1,9 @@
 """Evaluation: accuracy under attack, corruptions (OOD accuracy), gradient-masking sanity checks, reports."""
-from robustlab.evaluate.accuracy import accuracy, correct_mask
+from robustlab.evaluate.accuracy import accuracy, correct_mask, fraction
 from robustlab.evaluate.corruptions import (CORRUPTIONS, OODResult, corrupt, corruption_suite, default_corruptions,
                                             ood_accuracy, plot_corruptions)
 from robustlab.evaluate.sanity import Check, SanityReport, random_search, sanity_checks, to_markdown
 
 __all__ = ["CORRUPTIONS", "Check", "OODResult", "SanityReport", "accuracy", "corrupt", "correct_mask",
-           "corruption_suite", "default_corruptions", "ood_accuracy", "plot_corruptions", "random_search",
+           "corruption_suite", "default_corruptions", "fraction", "ood_accuracy", "plot_corruptions", "random_search",
            "sanity_checks", "to_markdown"]

@@ -44,7 +44,11 @@ def correct_mask(model, images, labels, *, attack: Callable | None = None, batch
     return distributed.all_max(mask).bool()
 
 
+def fraction(mask) -> float:
+    """The share of True entries as the exact k/n (a float32 mean would write 355/500 as 0.70999998); nan when empty."""
+    return int(mask.sum()) / len(mask) if len(mask) else float("nan")
+
+
 def accuracy(model, data, **kwargs) -> float:
     """Accuracy on an ImageSet (uint8 images) under an optional attack; see `correct_mask`."""
-    mask = correct_mask(model, data.images, data.labels, **kwargs)
-    return mask.float().mean().item() if len(mask) else float("nan")
+    return fraction(correct_mask(model, data.images, data.labels, **kwargs))

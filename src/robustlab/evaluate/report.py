@@ -66,8 +66,10 @@ def write_report(out_dir, results: dict, plots: dict[str, str], run_name: str):
     lines = [f"# Evaluation of `{run_name}`", ""]
     meta = results.get("run", {})
     if meta:
-        lines += [f"- model: `{meta.get('model')}`, dataset: `{meta.get('dataset')}`, method: `{meta.get('method')}`, "
-                  f"epoch {meta.get('epoch')}", ""]
+        epoch = "" if meta.get("epoch") is None else f", epoch {meta['epoch'] + 1}"  # files count from 0, people from 1
+        epoch += f" of {meta['epochs']}" if epoch and meta.get("epochs") else ""
+        lines += [f"- model: `{meta.get('model')}`, dataset: `{meta.get('dataset')}`, method: `{meta.get('method')}`"
+                  f"{epoch}", ""]
     lines += ["| evaluation | images | accuracy |", "|---|---|---|"]
     for row in results["rows"]:
         lines.append(f"| {row['name']} | {row['n']} | {100 * row['accuracy']:.2f}% |")

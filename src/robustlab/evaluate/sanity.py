@@ -26,7 +26,7 @@ from robustlab.attacks.smooth import negative_margin, pgd_smooth, relu_count
 from robustlab.attacks.square import margin
 from robustlab.attacks.threat import NORMS
 from robustlab.errors import RobustlabError, check_choice
-from robustlab.evaluate.accuracy import correct_mask
+from robustlab.evaluate.accuracy import correct_mask, fraction
 from robustlab.models import model_device
 
 Attack = Callable[..., torch.Tensor]
@@ -212,8 +212,8 @@ def check_gradients(model, x, y, *, norm: str, eps: float, batch_size: int = 500
     finite = torch.isfinite(g0).flatten(1).all(1) & torch.isfinite(near).flatten(1).all(1)
     nonzero = finite & (g0.flatten(1).abs().amax(1) > 0)
     usable = nonzero & (near.flatten(1).abs().amax(1) > 0)
-    nan_fraction = 1 - finite.float().mean().item()
-    zero_fraction = (finite & ~nonzero).float().mean().item()
+    nan_fraction = 1 - fraction(finite)
+    zero_fraction = fraction(finite & ~nonzero)
     repeat = _cosine(g0[nonzero], again[nonzero]).mean().item() if nonzero.any() else float("nan")
     nearby = _cosine(g0[usable], near[usable]).median().item() if usable.any() else float("nan")
     problems = []
@@ -283,8 +283,8 @@ def check_black_box(white_mask: torch.Tensor, combined_mask: torch.Tensor, *, to
 
     white_mask: robust to the white-box attacks; combined_mask: robust to those and the black-box ones.
     """
-    only_black = (white_mask & ~combined_mask).float().mean().item()
-    white, combined = white_mask.float().mean().item(), combined_mask.float().mean().item()
+    only_black = fraction(white_mask & ~combined_mask)
+    white, combined = fraction(white_mask), fraction(combined_mask)
     passed = only_black <= tolerance
     detail = (f"white-box {_pct(white)}; {attack} broke a further {_pct(only_black)} of images"
               + ("" if passed else ": the white-box gradients are masked"))
@@ -394,15 +394,15 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: fl
 
     eps_values = sorted({0.0, eps, *(f * eps for f in eps_factors)})
     masks = {e: ensemble(white, e) if e > 0 else clean for e in eps_values}
-    add(check_eps_monotonic(eps_values, [m.float().mean().item() for m in masks.values()], tolerance=tolerance))
-    add(check_large_eps(large_eps, ensemble(white, large_eps).float().mean().item(),
+    add(check_eps_monotonic(eps_values, [fraction(m) for m in masks.values()], tolerance=tolerance))
+    add(check_large_eps(large_eps, fraction(ensemble(white, large_eps)),
                         max_accuracy=large_eps_max_accuracy))
 
-    base_acc = (masks[eps] if attacks is None else robust(base, eps, clean)).float().mean().item()
+    base_acc = fraction(masks[eps] if attacks is None else robust(base, eps, clean))
     one_step = partial(_one_step, norm=norm)
-    add(check_single_step(robust(one_step, eps, clean).float().mean().item(), base_acc, tolerance=tolerance))
-    longer = robust(partial(pgd, norm=norm, steps=long_steps), eps, clean).float().mean().item()
-    restarted = robust(partial(pgd, norm=norm, steps=steps, restarts=restarts), eps, clean).float().mean().item()
+    add(check_single_step(fraction(robust(one_step, eps, clean)), base_acc, tolerance=tolerance))
+    longer = fraction(robust(partial(pgd, norm=norm, steps=long_steps), eps, clean))
+    restarted = fraction(robust(partial(pgd, norm=norm, steps=steps, restarts=restarts), eps, clean))
     add(check_convergence(base_acc, longer, restarted, steps=steps, long_steps=long_steps, restarts=restarts,
                           tolerance=tolerance))
     add(check_black_box(masks[eps], ensemble(black, eps, among=masks[eps]), tolerance=tolerance))

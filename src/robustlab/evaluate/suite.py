@@ -14,15 +14,15 @@ import torch  # noqa: E402
 
 from robustlab import distributed  # noqa: E402
 from robustlab.attacks import autoattack_accuracy, square  # noqa: E402
-from robustlab.evaluate.accuracy import correct_mask  # noqa: E402
+from robustlab.evaluate.accuracy import correct_mask, fraction  # noqa: E402
 from robustlab.evaluate.corruptions import ood_accuracy, plot_corruptions  # noqa: E402
 from robustlab.evaluate.sanity import check_autoattack_square, sanity_checks  # noqa: E402
 
 
 def plot_per_class(class_names, clean_mask, robust_mask, labels, path, robust_label):
     n = len(class_names)
-    clean = [clean_mask[labels == c].float().mean().item() * 100 for c in range(n)]
-    robust = [robust_mask[labels == c].float().mean().item() * 100 for c in range(n)]
+    clean = [fraction(clean_mask[labels == c]) * 100 for c in range(n)]
+    robust = [fraction(robust_mask[labels == c]) * 100 for c in range(n)]
     fig, ax = plt.subplots(figsize=(7, 3.8), dpi=120)
     idx = torch.arange(n).numpy()
     ax.bar(idx - 0.2, clean, 0.4, label="clean")
@@ -48,8 +48,8 @@ def run_suite(model, test, info, *, norm, eps, pgd_attack, pgd_label, out_dir, a
     robust_mask = correct_mask(model, test.images, test.labels, attack=pgd_attack, batch_size=batch_size, seed=seed,
                                progress=pgd_label, show=show)
     wall["clean+pgd"] = time.perf_counter() - start
-    rows += [{"name": "clean", "n": len(test), "accuracy": clean_mask.float().mean().item()},
-             {"name": pgd_label, "n": len(test), "accuracy": robust_mask.float().mean().item()}]
+    rows += [{"name": "clean", "n": len(test), "accuracy": fraction(clean_mask)},
+             {"name": pgd_label, "n": len(test), "accuracy": fraction(robust_mask)}]
 
     start = time.perf_counter()
     aa_n = min(aa_n or len(test), len(test))

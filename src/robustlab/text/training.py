@@ -14,6 +14,7 @@ import torch
 
 from robustlab import checkpoint, distributed
 from robustlab.errors import RobustlabError, check_choice
+from robustlab.evaluate.accuracy import fraction
 from robustlab.progress import progress as progress_bar
 from robustlab.text.adversary import DEFAULTS, EmbeddingAdversary, adversary_options, embedding_pgd
 from robustlab.text.data import TextSet, Vocab, load_text_dataset
@@ -80,8 +81,7 @@ def text_correct_mask(model, data: TextSet, *, attack=None, batch_size: int = 25
 
 
 def text_accuracy(model, data: TextSet, **kwargs) -> float:
-    mask = text_correct_mask(model, data, **kwargs)
-    return mask.float().mean().item() if len(mask) else float("nan")
+    return fraction(text_correct_mask(model, data, **kwargs))
 
 
 def pgd_attack(eps: float = EVAL_EPS, steps: int = EVAL_STEPS, norm: str = "l2"):
