@@ -57,7 +57,10 @@ def test_train_then_eval_writes_a_report(tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr
     result = json.loads(evaluated.stdout)
     assert result["n"] == 100 and 0 <= result["robust"] <= result["clean"] <= 1
+    for share in (result["clean"], result["robust"]):  # exact k/n, not float32's 0.70999998 for 71/100
+        assert share == round(share * 100) / 100
     report = (run / "report.md").read_text()
+    assert "method: `pgd-at`, epoch 1 of 1" in report  # counted from 1 for people; the files count from 0
     assert "accuracy_vs_eps.png" in report and (run / "accuracy_vs_eps.png").stat().st_size > 1000
     assert "training_curves.png" in report and (run / "training_curves.png").stat().st_size > 1000
     assert json.loads((run / "report.json").read_text())["attack"]["steps"] == 3

@@ -326,7 +326,7 @@ def cmd_eval(args) -> int:
         robust = accuracy(model, test, attack=attack_at(eps), batch_size=args.batch_size, seed=args.seed,
                           progress=label) if eps > 0 else clean
     results = {"run": {"model": meta["model"]["name"], "dataset": dataset, "method": meta.get("method", {}).get("name"),
-                       "epoch": meta.get("epoch")},
+                       "epoch": meta.get("epoch"), "epochs": meta.get("config", {}).get("epochs")},
                "attack": {"name": args.attack, "norm": norm, "eps": eps, "steps": steps, "step_size": step_size,
                           "restarts": restarts, "seed": args.seed},
                "clean": clean, "robust": robust, "n": len(test), "wall_s": round(time.perf_counter() - start, 1),
