@@ -42,6 +42,18 @@ def test_missing_data_is_one_line(tmp_path):
     assert str(tmp_path) in result.stderr
 
 
+def test_ctrl_c_says_what_the_command_keeps(monkeypatch, capsys):
+    from robustlab import cli
+    commands = cli.build_parser()._subparsers._group_actions[0].choices
+    assert set(commands) == set(cli.INTERRUPTED)  # a new command must say it too, not fail inside the handler
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "cmd_eval", interrupted)
+    assert cli.main(["eval", "runs/x"]) == 130
+    assert "AutoAttack's finished batches are saved" in capsys.readouterr().err
+
+
 def test_train_then_eval_writes_a_report(tmp_path):
     run = tmp_path / "run"
     trained = robustlab("train", "--data-dir", FMNIST, "--train-n", "256", "--val-n", "50", "--epochs", "1",

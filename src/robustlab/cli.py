@@ -394,6 +394,15 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# What a killed command keeps, told to whoever pressed Ctrl-C.
+INTERRUPTED = {"train": "the last completed epoch is saved; continue with --resume",
+               "demo": "the last completed epoch is saved; the same command continues",
+               "eval": "AutoAttack's finished batches are saved (--suite standard); the same command continues",
+               "rift": "finished steps are cached in --out; the same command continues",
+               "mrc": "finished modules are cached; the same command continues",
+               "bench": "nothing to keep"}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()
@@ -405,7 +414,7 @@ def main(argv=None) -> int:
         print(f"robustlab: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("robustlab: interrupted (the last completed epoch is saved; continue with --resume)", file=sys.stderr)
+        print(f"robustlab: interrupted ({INTERRUPTED[args.command]})", file=sys.stderr)
         return 130
     finally:
         from robustlab import distributed
