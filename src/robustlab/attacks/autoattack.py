@@ -247,6 +247,7 @@ def _gather(state, starts, mine, batch_size):
 
 
 def _accuracy(broken_by: torch.Tensor) -> float:
+    # evaluate.accuracy.fraction's exact k/n; importing it from here would make robustlab.attacks circular
     return int((broken_by == ROBUST).sum()) / len(broken_by) if len(broken_by) else float("nan")
 
 
