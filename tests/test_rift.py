@@ -283,6 +283,7 @@ def test_alpha_is_chosen_without_reading_the_test_split(tiny_run, small, tmp_pat
     rift_meta = model.checkpoint_meta["rift"]
     assert rift_meta["module"] == chosen["module"] and rift_meta["alpha"] == chosen["alpha"]
     assert set(rift_meta["mrc"]) == {n for n, _ in classifier_modules(model)}
+    assert model.checkpoint_meta["config"]["epochs"] == 1  # the source's training, so reports say "epoch 1 of 1"
     assert (tmp_path / "mrc.png").stat().st_size > 1000 and (tmp_path / "alpha.png").stat().st_size > 1000
     assert "Choice on the validation split" in (tmp_path / "rift_report.md").read_text()
     # fine-tuning kept the source run's augmentation (none), not the dataset's default (crops)

@@ -43,6 +43,9 @@ def test_metrics_checkpoints_and_best_epoch(fmnist, tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # atomic writes leave nothing behind
     meta = json.loads((tmp_path / "last.json").read_text())
     assert meta["dataset"]["name"] == "fashion-mnist" and meta["versions"]["torch"] == torch.__version__
+    assert meta["config"]["augment"] is None and meta["dataset"]["augment"] == "crop"  # the default, as it ran
+    no_crops = small_trainer(tmp_path / "no-crops", augment="none")
+    assert no_crops.run_meta["dataset"]["augment"] == "none"  # not the dataset's default beside config "none"
 
 
 def test_keep_every_keeps_those_epochs_weights(fmnist, tmp_path):

@@ -237,6 +237,7 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
                          "robust_original": chosen["curve"]["0.00"]["robust"], "images": len(val)}}
     checkpoint.save(out / "best.safetensors", checkpoint.prefixed("model.", final.state_dict()),
                     {**run_meta, "method": meta.get("method", {}), "kind": "model", "epoch": meta.get("epoch"),
+                     **({"config": meta["config"]} if "config" in meta else {}),  # the source's training, for reports
                      "metrics": {"val_clean": chosen["val_clean"], "val_robust": chosen["val_robust"]},
                      "rift": rift_meta})
 

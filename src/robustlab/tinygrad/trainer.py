@@ -135,6 +135,8 @@ class TinyTrainer:
         self.optimizer = self.step.optimizer
         self.train_set = data.train.subset(config.train_n) if config.train_n else data.train
         self.augment = check_choice("augmentation", config.augment or data.info.augment, AUGMENTATIONS)
+        if "dataset" in run_meta:  # the augmentation that ran, as the PyTorch trainer records it
+            self.run_meta = {**run_meta, "dataset": {**run_meta["dataset"], "augment": self.augment}}
         self.start_epoch, self.elapsed = 0, 0.0
         self.best = {"epoch": None, "val_robust": -1.0}
 

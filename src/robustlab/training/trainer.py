@@ -176,6 +176,8 @@ class Trainer:
             self.train_set = (Subset(data.train, range(min(config.train_n, len(data.train)))) if self.streamed
                               else data.train.subset(config.train_n))
         self.augment = config.augment or data.info.augment
+        if "dataset" in run_meta:  # the metadata describes the data this run trained on, not the dataset's default
+            self.run_meta = {**run_meta, "dataset": {**run_meta["dataset"], "augment": self.augment}}
         self.start_epoch, self.elapsed = 0, 0.0
         self.best = {"epoch": None, "val_robust": -1.0}
         self.epochs = method.epochs_for(config.epochs)  # FreeAT: config.epochs / replays (see Method.epochs_for)
