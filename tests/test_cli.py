@@ -21,6 +21,10 @@ def robustlab(*args):
     (["train", "--steps", "0", "--out", "x"], ["steps"]),
     (["train", "--batch-size", "0", "--out", "x"], ["batch-size"]),
     (["train", "--norm", "l7", "--out", "x"], ["norm", "linf"]),
+    (["train", "--lr", "nan", "--out", "x"], ["--lr", "finite", "nan"]),  # nan <= 0 is False: once let through
+    (["train", "--eps", "inf", "--out", "x"], ["--eps", "finite", "inf"]),
+    (["train", "--momentum", "-0.9", "--out", "x"], ["--momentum", ">= 0"]),
+    (["rift", "no/such/run", "--out", "x", "--lrs", "0.01,nan"], ["--lrs", "> 0", "nan"]),
     (["eval", "no/such/run"], ["no/such/run"]),
     (["eval", "no/such/run", "--device", "tpu"], ["device", "cpu, cuda"]),
     (["rift", "no/such/run", "--out", "x", "--device", "gpu0"], ["device", "cpu, cuda"]),

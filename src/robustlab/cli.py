@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 import time
@@ -21,16 +22,16 @@ class _Parser(argparse.ArgumentParser):
 def _positive(kind):
     def parse(text):
         value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not (value > 0 and math.isfinite(value)):  # float("nan") and "inf" parse, and nan <= 0 is False
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
         return value
     return parse
 
 
 def _nonneg_float(text):
     value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive(int), default=128)
     t.add_argument("--optimizer", default="sgd", help="sgd or adam")
     t.add_argument("--lr", type=_positive(float), default=0.05)
-    t.add_argument("--momentum", type=float, default=0.9)
+    t.add_argument("--momentum", type=_nonneg_float, default=0.9)
     t.add_argument("--weight-decay", type=_nonneg_float, default=5e-4)
     t.add_argument("--schedule", default="one-cycle", help=", ".join(SCHEDULES))
     t.add_argument("--augment", help="none, crop, crop-flip (default: the dataset's)")

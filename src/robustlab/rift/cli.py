@@ -1,6 +1,7 @@
 """`robustlab rift RUN --out OUT` and `robustlab mrc RUN`; wired into robustlab/cli.py by `add_parsers`."""
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import sys
@@ -149,15 +150,16 @@ def cmd_mrc(args) -> int:
 
 def cmd_rift(args) -> int:
     from robustlab import load_model
+    from robustlab.cli import _positive
     from robustlab.data import AUGMENTATIONS
     from robustlab.errors import check_choice
     from robustlab.rift.finetune import module_names
     from robustlab.rift.pipeline import RiftSettings, TestSettings, rift
 
     try:
-        lrs = tuple(float(v) for v in args.lrs.split(","))
-    except ValueError:
-        raise RobustlabError(f"--lrs takes comma-separated learning rates, got {args.lrs!r}") from None
+        lrs = tuple(_positive(float)(v) for v in args.lrs.split(","))
+    except (ValueError, argparse.ArgumentTypeError):
+        raise RobustlabError(f"--lrs takes comma-separated learning rates > 0, got {args.lrs!r}") from None
     if args.auto < 0:
         raise RobustlabError(f"--auto must be >= 0, got {args.auto}")
     settings = RiftSettings(module=args.module, auto=args.auto, lr=args.lr, lrs=lrs, epochs=args.epochs,

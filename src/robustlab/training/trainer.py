@@ -66,8 +66,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) <= 0:
                 raise RobustlabError(f"{name.replace('_', ' ')} must be > 0, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise RobustlabError(f"learning rate must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise RobustlabError(f"learning rate must be a finite number > 0, got {self.lr}")
         if self.workers < 0:
             raise RobustlabError(f"workers must be >= 0, got {self.workers}")
         if self.keep_every is not None and self.keep_every <= 0:
