@@ -28,11 +28,13 @@ def _positive(kind):
     return parse
 
 
-def _nonneg_float(text):
-    value = float(text)
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+def _nonneg(kind):
+    def parse(text):
+        value = kind(text)
+        if not (value >= 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+        return value
+    return parse
 
 
 def _image_size(text):
@@ -66,44 +68,44 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--image-size", type=_image_size, help="folder: resize images to H or H,W (default: the files' "
                    "own size, which must agree)")
     t.add_argument("--grayscale", action="store_true", help="folder: read images as one channel (default RGB)")
-    t.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding folder / npy training data")
+    t.add_argument("--workers", type=_nonneg(int), default=2, help="DataLoader processes decoding folder / npy training data")
     t.add_argument("--download", action="store_true", help="download missing dataset files (sha256-checked)")
     t.add_argument("--model", help=", ".join(MODELS) + " (default cnn-small); text: transformer (default), textcnn")
     t.add_argument("--width", type=_positive(int), help="channel width of the ResNets (default 64)")
     t.add_argument("--method", help=", ".join(METHODS) + " (default pgd-at); text: freelb (default), fgm, pgd, "
                    "free-at, standard")
     t.add_argument("--norm", help="linf (default) or l2; text: l2 (default) or linf")
-    t.add_argument("--eps", type=_nonneg_float, help="attack radius in pixel scale (default: the protocol's)")
+    t.add_argument("--eps", type=_nonneg(float), help="attack radius in pixel scale (default: the protocol's)")
     t.add_argument("--steps", type=_positive(int), help="attack steps during training")
-    t.add_argument("--step-size", type=_nonneg_float, help="attack step size in pixel scale")
+    t.add_argument("--step-size", type=_nonneg(float), help="attack step size in pixel scale")
     m = t.add_argument_group("method options (defaults: each method's paper; see docs/methods.md)")
-    m.add_argument("--beta", type=_nonneg_float, help="TRADES / MART regularization weight")
+    m.add_argument("--beta", type=_nonneg(float), help="TRADES / MART regularization weight")
     m.add_argument("--separate-batches", dest="joint_batch", action="store_false", default=None,
                    help="TRADES / MART: pass the clean and the adversarial batch through the model separately, as "
                         "the reference code does, so that BatchNorm normalizes each with its own statistics "
                         "(default: one pass over both; docs/methods.md)")
     m.add_argument("--replays", type=_positive(int), help="FreeAT: replays m per minibatch")
-    m.add_argument("--init-mag", type=_nonneg_float, help="text FreeLB / FreeAT: size of the random start")
+    m.add_argument("--init-mag", type=_nonneg(float), help="text FreeLB / FreeAT: size of the random start")
     m.add_argument("--outer", type=_positive(int), help="YOPO: outer steps m (full backward passes)")
     m.add_argument("--inner", type=_positive(int), help="YOPO: inner steps n per outer step")
     m.add_argument("--first-layer", help="YOPO: qualified name of the first layer (default net.conv1)")
     m.add_argument("--first-layer-grad", help="YOPO: the first layer's gradient, full (default), hamiltonian "
                    "(the paper's) or both")
-    m.add_argument("--awp-gamma", type=_nonneg_float, help="AWP: relative weight-perturbation size γ")
-    m.add_argument("--awp-warmup", type=_nonneg_float, help="AWP: fraction of epochs before AWP starts")
-    m.add_argument("--co-drop", type=_nonneg_float,
+    m.add_argument("--awp-gamma", type=_nonneg(float), help="AWP: relative weight-perturbation size γ")
+    m.add_argument("--awp-warmup", type=_nonneg(float), help="AWP: fraction of epochs before AWP starts")
+    m.add_argument("--co-drop", type=_nonneg(float),
                    help="Fast-AT: stop when validation robust accuracy drops this much below the best")
     m.add_argument("--adv-loss", help="Generalist: the adversarial learner's loss, pgd-at or trades (--beta)")
-    m.add_argument("--mix-final", type=_nonneg_float, help="Generalist: final mixing ratio β of the adversarial learner")
-    m.add_argument("--mix-start", type=_nonneg_float, help="Generalist: fraction of the run after which β leaves 1")
-    m.add_argument("--global-decay", type=_nonneg_float, help="Generalist: the global learner's EMA decay γ")
-    m.add_argument("--redistribute-from", type=_nonneg_float,
+    m.add_argument("--mix-final", type=_nonneg(float), help="Generalist: final mixing ratio β of the adversarial learner")
+    m.add_argument("--mix-start", type=_nonneg(float), help="Generalist: fraction of the run after which β leaves 1")
+    m.add_argument("--global-decay", type=_nonneg(float), help="Generalist: the global learner's EMA decay γ")
+    m.add_argument("--redistribute-from", type=_nonneg(float),
                    help="Generalist: fraction of the run at which redistribution starts (t′)")
     m.add_argument("--redistribute-every", type=int, help="Generalist: epochs between redistributions c (0: never)")
     m.add_argument("--redistribute-per-step", action="store_true", default=None,
                    help="Generalist: redistribute at every step of those epochs (the reference code), not once")
     m.add_argument("--nat-lr", type=_positive(float), help="Generalist: natural learner's learning rate (default --lr)")
-    m.add_argument("--nat-weight-decay", type=_nonneg_float, help="Generalist: natural learner's weight decay")
+    m.add_argument("--nat-weight-decay", type=_nonneg(float), help="Generalist: natural learner's weight decay")
     m.add_argument("--nat-schedule", help="Generalist: natural learner's schedule (default --schedule)")
     m.add_argument("--global-bn", help="Generalist: the global learner's BatchNorm statistics, mixed like the "
                                        "weights (mix, the paper), averaged from the adversarial learner only (adversarial), or "
@@ -112,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive(int), default=128)
     t.add_argument("--optimizer", default="sgd", help="sgd or adam")
     t.add_argument("--lr", type=_positive(float), default=0.05)
-    t.add_argument("--momentum", type=_nonneg_float, default=0.9)
-    t.add_argument("--weight-decay", type=_nonneg_float, default=5e-4)
+    t.add_argument("--momentum", type=_nonneg(float), default=0.9)
+    t.add_argument("--weight-decay", type=_nonneg(float), default=5e-4)
     t.add_argument("--schedule", default="one-cycle", help=", ".join(SCHEDULES))
     t.add_argument("--augment", help="none, crop, crop-flip (default: the dataset's)")
     t.add_argument("--seed", type=int, default=0)
@@ -141,9 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tau", type=_positive(float), default=0.1, help="pgd-smooth: temperature of ReLU's sigmoid "
                    "gradient (default 0.1)")
     e.add_argument("--norm", help="linf or l2 (default: the run's)")
-    e.add_argument("--eps", type=_nonneg_float, help="default: the protocol's for the run's dataset")
+    e.add_argument("--eps", type=_nonneg(float), help="default: the protocol's for the run's dataset")
     e.add_argument("--steps", type=_positive(int), help="PGD steps (default: the protocol's)")
-    e.add_argument("--step-size", type=_nonneg_float)
+    e.add_argument("--step-size", type=_nonneg(float))
     e.add_argument("--restarts", type=_positive(int))
     e.add_argument("--n", "--subset", dest="n", type=_positive(int),
                    help="evaluate the first N test images (default: all); under torchrun write --subset")
@@ -152,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "a checkpoint) that must not see the test set; prints (or --json) without writing a report")
     e.add_argument("--batch-size", type=_positive(int), default=500)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--sweep-n", type=int, default=1000, help="test images for the accuracy-vs-ε plot (0: no plot)")
+    e.add_argument("--sweep-n", type=_nonneg(int), default=1000, help="test images for the accuracy-vs-ε plot (0: no plot)")
     e.add_argument("--suite", default="none", help="none, or standard: clean, PGD, AutoAttack-standard, "
                    "gradient-masking checks, corruptions (OOD)")
     e.add_argument("--aa-n", type=_positive(int), help="--suite standard: AutoAttack on the first N of the evaluated "

@@ -13,7 +13,7 @@ LR_GRID = "0.001,0.01"
 
 
 def add_parsers(sub):
-    from robustlab.cli import _nonneg_float, _positive
+    from robustlab.cli import _nonneg, _positive
     from robustlab.rift.mrc import MRCConfig
 
     def mrc_options(p):
@@ -44,14 +44,14 @@ def add_parsers(sub):
     r.add_argument("--out", required=True, help="output directory: checkpoint, plots, rift_report.md")
     r.add_argument("--module", help="fine-tune this module, or several together, comma-separated "
                                     "(default: the lowest MRC)")
-    r.add_argument("--auto", type=int, default=0, metavar="K",
+    r.add_argument("--auto", type=_nonneg(int), default=0, metavar="K",
                    help="also try the K least-critical modules × --lrs and keep the best on validation")
     r.add_argument("--lr", type=_positive(float), default=0.001, help="fine-tuning learning rate (reference: 0.001)")
     r.add_argument("--lrs", default=LR_GRID, help=f"learning rates for --auto, comma-separated ({LR_GRID})")
     r.add_argument("--epochs", type=_positive(int), default=10)
     r.add_argument("--batch-size", type=_positive(int), default=128)
-    r.add_argument("--momentum", type=_nonneg_float, default=0.9)
-    r.add_argument("--weight-decay", type=_nonneg_float, default=5e-4)
+    r.add_argument("--momentum", type=_nonneg(float), default=0.9)
+    r.add_argument("--weight-decay", type=_nonneg(float), default=5e-4)
     r.add_argument("--augment", help="none, crop, crop-flip (default: the source run's, else the dataset's)")
     r.add_argument("--bn", default="update",
                    help="update (re-estimate BatchNorm statistics on clean data while fine-tuning, the reference), "
@@ -66,7 +66,7 @@ def add_parsers(sub):
                    help="robust check along α: pgd (the training PGD on cross-entropy), pgd+dlr (per image, the "
                         "first success of it and the same PGD on the DLR loss; twice the cost) or pgd+dlr+apgd-t "
                         "(then also APGD-T, 3 targets × 20 steps; about five times the cost)")
-    r.add_argument("--tolerance", type=_nonneg_float, default=0.1,
+    r.add_argument("--tolerance", type=_nonneg(float), default=0.1,
                    help="points of validation robust accuracy α may cost (0.1)")
     t = r.add_argument_group("test-set report")
     t.add_argument("--n", "--subset", dest="n", type=_positive(int),
@@ -160,8 +160,6 @@ def cmd_rift(args) -> int:
         lrs = tuple(_positive(float)(v) for v in args.lrs.split(","))
     except (ValueError, argparse.ArgumentTypeError):
         raise RobustlabError(f"--lrs takes comma-separated learning rates > 0, got {args.lrs!r}") from None
-    if args.auto < 0:
-        raise RobustlabError(f"--auto must be >= 0, got {args.auto}")
     settings = RiftSettings(module=args.module, auto=args.auto, lr=args.lr, lrs=lrs, epochs=args.epochs,
                             batch_size=args.batch_size, momentum=args.momentum, weight_decay=args.weight_decay,
                             augment=args.augment, bn=args.bn, recal_n=args.recal_n, alpha_attack=args.alpha_attack,
