@@ -133,8 +133,19 @@ def test_pgd_agrees_with_a_textbook_loop(robust_model, fmnist):
 
 
 @pytest.mark.parametrize("kwargs", [{"eps": -0.1}, {"eps": 0.1, "steps": 0}, {"eps": 0.1, "restarts": 0},
-                                    {"eps": 0.1, "norm": "l1"}])
+                                    {"eps": 0.1, "norm": "l1"}, {"eps": float("nan")},
+                                    {"eps": 0.1, "step_size": float("inf")}])
 def test_bad_budgets_are_clear_errors(kwargs):
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
     with pytest.raises(RobustlabError):
         pgd(model, torch.rand(2, 1, 2, 2), torch.zeros(2, dtype=torch.long), **kwargs)
+
+
+@pytest.mark.parametrize("name", ["fgsm", "fgm", "pgd", "apgd", "apgd-t", "fab-t", "square", "pgd-smooth"])
+def test_inputs_outside_the_box_are_refused_by_every_attack(name):
+    """Normalized inputs (the usual mistake) would otherwise be attacked, clipped into [0, 1] and scored."""
+    from robustlab.attacks import ATTACKS
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))  # a ReLU for pgd-smooth
+    x = (torch.rand(2, 1, 2, 2) - 0.5) / 0.25  # "normalized": values around ±2
+    with pytest.raises(RobustlabError, match=r"\[0, 1\].*inside the model"):
+        ATTACKS[name](model, x, torch.zeros(2, dtype=torch.long), eps=0.1)

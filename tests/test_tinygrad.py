@@ -170,6 +170,8 @@ def test_input_kinds_and_errors(batch, mlp_pair):
         tg.pgd(tiny, x, y, eps=0.1, norm="l3")
     with pytest.raises(RobustlabError, match="eps must be"):
         tg.pgd(tiny, x, y, eps=-1)
+    with pytest.raises(RobustlabError, match="eps must be a finite"):
+        tg.pgd(tiny, x, y, eps=float("nan"))
     with pytest.raises(RobustlabError, match="labels"):
         tg.pgd(tiny, x, y[:5], eps=0.1)
 

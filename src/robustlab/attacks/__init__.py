@@ -1,6 +1,7 @@
 """Attacks on models that map inputs in [0, 1] to logits.
 
-Functions take `(model, x, y, *, eps, ...)` and return adversarial inputs inside the ε-ball and [0, 1].
+Functions take `(model, x, y, *, eps, ...)` with x in [0, 1] (other inputs are refused) and return adversarial
+inputs inside the ε-ball and [0, 1].
 They run the model in eval mode (restoring the caller's mode) and never touch parameter gradients.
 """
 from robustlab.attacks.pgd import (attack_mode, cross_entropy, fgm, fgsm, first_success, frozen_params, perturb,

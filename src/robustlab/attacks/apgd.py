@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from robustlab.attacks.pgd import attack_mode
+from robustlab.attacks.threat import check_box
 from robustlab.errors import RobustlabError, check_choice
 
 NORMS = ("linf", "l2")
@@ -62,8 +63,8 @@ def random_direction(x: torch.Tensor, norm: str, generator=None) -> torch.Tensor
 
 def check_attack_args(eps: float, norm: str, steps: int, restarts: int = 1) -> None:
     check_choice("norm", norm, NORMS)
-    if not eps > 0:
-        raise RobustlabError(f"eps must be > 0, got {eps}")
+    if not (eps > 0 and math.isfinite(eps)):
+        raise RobustlabError(f"eps must be a finite number > 0, got {eps}")
     if steps < 1:
         raise RobustlabError(f"steps must be >= 1, got {steps}")
     if restarts < 1:
@@ -303,6 +304,7 @@ def apgd(model, x, y, *, eps: float, norm: str = "linf", steps: int = 100, loss:
         raise RobustlabError("target_class_rank applies only to loss='dlr-targeted'")
     else:
         rank = None
+    check_box(x)
     with attack_mode(model):
         x_adv, _ = apgd_attack(model, x, y, eps=eps, norm=norm, steps=steps, loss=loss, target_class_rank=rank,
                                restarts=restarts, rho=rho, generator=generator)
@@ -316,6 +318,7 @@ def apgd_targeted(model, x, y, *, eps: float, norm: str = "linf", steps: int = 1
     Each target rank runs only on the examples that the previous ranks did not break;
     n_target_classes is capped at num_classes − 1.
     """
+    check_box(x)
     with attack_mode(model):
         x_adv, _ = apgd_attack(model, x, y, eps=eps, norm=norm, steps=steps, loss="dlr-targeted",
                                n_target_classes=n_target_classes, restarts=restarts, rho=rho, generator=generator)

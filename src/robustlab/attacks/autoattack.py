@@ -28,7 +28,7 @@ from robustlab.attacks.apgd import apgd_attack, check_attack_args, check_targets
 from robustlab.attacks.fab import fab_targeted_attack
 from robustlab.attacks.pgd import attack_mode
 from robustlab.attacks.square import square_attack
-from robustlab.attacks.threat import within_ball
+from robustlab.attacks.threat import check_box, within_ball
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.models import model_device
 
@@ -160,8 +160,7 @@ def _check_inputs(x, y, eps, norm, batch_size):
         raise RobustlabError(f"AutoAttack needs float images N×C×H×W in [0, 1], got {x.dtype} {tuple(x.shape)}")
     if y.shape != (len(x),):
         raise RobustlabError(f"{len(x)} images but labels of shape {tuple(y.shape)}")
-    if len(x) and (x.min() < 0 or x.max() > 1):
-        raise RobustlabError("AutoAttack inputs must lie in [0, 1] (normalization belongs inside the model)")
+    check_box(x)
 
 
 def autoattack(model, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf", version: str = "standard",

@@ -5,6 +5,8 @@ Clipping only in the forward pass would give saturated pixels zero gradient fore
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from robustlab.errors import RobustlabError, check_choice
@@ -52,12 +54,23 @@ class L2Ball:
         return (x + delta * factor).clamp(0, 1)
 
 
+def check_size(name: str, value: float):
+    """ε and step sizes: finite and >= 0 (nan compares False with everything, so `value < 0` lets it through)."""
+    if not (value >= 0 and math.isfinite(value)):
+        raise RobustlabError(f"{name} must be a finite number >= 0, got {value}")
+
+
+def check_box(x: torch.Tensor):
+    """The most common misuse, normalized inputs, fails here with its cause instead of giving wrong numbers."""
+    if x.numel() and (x.min() < 0 or x.max() > 1):
+        raise RobustlabError(f"attack inputs must lie in [0, 1] (normalization belongs inside the model), got values "
+                             f"from {x.min().item():.3g} to {x.max().item():.3g}")
+
+
 def make_threat(norm: str, eps: float, step_size: float):
     check_choice("norm", norm, NORMS)
-    if eps < 0:
-        raise RobustlabError(f"eps must be >= 0, got {eps}")
-    if step_size < 0:
-        raise RobustlabError(f"step size must be >= 0, got {step_size}")
+    check_size("eps", eps)
+    check_size("step size", step_size)
     return (LinfBall if norm == "linf" else L2Ball)(eps, step_size)
 
 

@@ -11,6 +11,8 @@ Random starts are drawn with numpy from `seed`, so a figure does not depend on t
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from robustlab.attacks.threat import NORMS
@@ -52,8 +54,8 @@ def _like(result: Tensor, original):
 def _check_budget(eps, steps, restarts, step_size):
     for name, value, low in (("steps", steps, 1), ("restarts", restarts, 1), ("eps", eps, 0),
                              ("step size", step_size, 0)):
-        if value is not None and value < low:
-            raise RobustlabError(f"{name} must be >= {low}, got {value}")
+        if value is not None and not (value >= low and math.isfinite(value)):  # nan passes `value < low`
+            raise RobustlabError(f"{name} must be a finite number >= {low}, got {value}")
 
 
 # -- the threat model, in tinygrad ----------------------------------------------------------------
