@@ -81,6 +81,7 @@ def test_train_then_eval_writes_a_report(tmp_path):
     assert "method: `pgd-at`, epoch 1 of 1" in report  # counted from 1 for people; the files count from 0
     assert "accuracy_vs_eps.png" in report and (run / "accuracy_vs_eps.png").stat().st_size > 1000
     assert "training_curves.png" in report and (run / "training_curves.png").stat().st_size > 1000
+    assert "adversarial_examples.png" in report and (run / "adversarial_examples.png").stat().st_size > 1000
     assert json.loads((run / "report.json").read_text())["attack"]["steps"] == 3
     bad_attack = robustlab("eval", str(run), "--attack", "cw")
     assert bad_attack.returncode == 2 and "fgsm" in bad_attack.stderr

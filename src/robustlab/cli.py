@@ -259,7 +259,8 @@ def cmd_eval(args) -> int:
     from robustlab.checkpoint import read_metrics
     from robustlab.errors import check_choice
     from robustlab.evaluate import accuracy
-    from robustlab.evaluate.report import plot_accuracy_vs_eps, plot_training_curves, write_report
+    from robustlab.evaluate.report import (plot_accuracy_vs_eps, plot_adversarial_examples, plot_training_curves,
+                                           write_report)
     from robustlab.models import fast_memory_format
     from robustlab.protocol import threat_defaults
     from robustlab.training.run import run_dataset
@@ -355,6 +356,11 @@ def cmd_eval(args) -> int:
         plot_accuracy_vs_eps({label.split(" ")[0]: results["sweep"]["points"]}, out / "accuracy_vs_eps.png",
                              f"{meta['model']['name']} on {dataset} ({len(sweep)} test images)", norm)
         plots["Accuracy versus ε"] = "accuracy_vs_eps.png"
+    x, x_adv, y, pred = adversarial_examples(model, test, attack_at(eps), seed=args.seed) if eps > 0 else [()] * 4
+    if len(x):  # none when ε = 0 or no image of the first 64 is classified correctly
+        plot_adversarial_examples(x, x_adv, y, pred, data.info.class_names, out / "adversarial_examples.png",
+                                  f"{label} on the first {len(x)} correctly classified test images")
+        plots["Adversarial examples"] = "adversarial_examples.png"
     if metrics := read_metrics(run_dir):
         plot_training_curves({meta.get("method", {}).get("name") or run_dir.name: metrics}, out / "training_curves.png",
                              f"{meta['model']['name']} on {dataset}: validation during training")
@@ -370,6 +376,27 @@ def cmd_eval(args) -> int:
             print(f"sanity checks: {results['sanity'].get('verdict')}")
         print(f"report: {out / 'report.md'}")
     return 0
+
+
+def adversarial_examples(model, test, attack, n: int = 8, seed: int = 0):
+    """For the report's gallery: the first n test images (among the first 8n) that the model classifies correctly,
+    their adversarial versions, the labels and the predictions on the adversarial images."""
+    import torch
+    from robustlab.models import model_device
+
+    device, first = model_device(model), test.subset(8 * n)  # a lazy folder set decodes only these
+    x, y = first.images.to(device), first.labels.to(device)
+    x = x.float().div(255) if x.dtype == torch.uint8 else x
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        right = model(x).argmax(1) == y
+    x, y = x[right][:n], y[right][:n]
+    x_adv = attack(model, x, y, generator=torch.Generator(device).manual_seed(seed))
+    with torch.no_grad():
+        pred = model(x_adv).argmax(1)
+    model.train(was_training)
+    return x, x_adv, y, pred
 
 
 # Chosen so the demo finishes in under 10 minutes on a 2-core CPU (see docs/results.md).

@@ -57,6 +57,35 @@ def plot_training_curves(runs: dict[str, list[dict]], path, title: str):
     plt.close(fig)
 
 
+def plot_adversarial_examples(x, x_adv, y, pred, class_names, path, title: str):
+    """Clean test images (top row), their adversarial versions (middle) captioned with the model's prediction,
+    red where it is wrong, and the perturbation (bottom), mid-grey at zero and scaled so the largest |δ| of each
+    image reaches black or white. x, x_adv: N×C×H×W in [0, 1]; y, pred: N labels."""
+    n = len(x)
+    fig, axes = plt.subplots(3, n, figsize=(1.25 * n, 4.4), dpi=120, squeeze=False)
+    delta = x_adv - x
+    scale = delta.flatten(1).abs().amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    for i in range(n):
+        shown = (x[i], x_adv[i], 0.5 + delta[i] / (2 * scale[i]))
+        for row, image in enumerate(shown):
+            ax = axes[row, i]
+            image = image.float().cpu()
+            if image.shape[0] == 1:
+                ax.imshow(image[0], cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.imshow(image.permute(1, 2, 0).clamp(0, 1))
+            ax.set_xticks([]), ax.set_yticks([])
+        axes[0, i].set_title(class_names[int(y[i])], fontsize=7)
+        wrong = int(pred[i]) != int(y[i])
+        axes[1, i].set_title(class_names[int(pred[i])], fontsize=7, color="red" if wrong else "green")
+    for row, name in enumerate(("clean: label", "adversarial:\nprediction", "perturbation")):
+        axes[row, 0].set_ylabel(name, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def write_report(out_dir, results: dict, plots: dict[str, str], run_name: str):
     """Write OUT/report.json (everything) and OUT/report.md (a readable summary with the plots, which lie
     in OUT); OUT is the run's directory unless `robustlab eval --out` names another."""
