@@ -358,6 +358,19 @@ def test_cli_trains_a_text_model_and_rejects_bad_options(tmp_path, capsys):
     assert main(args + ["--resume"]) == 0  # nothing left to train; resumes cleanly
     capsys.readouterr()
 
+    # `robustlab eval` reads a text run (the data folder from its metadata) and writes the usual report
+    assert main(["eval", str(out), "--steps", "3", "--sweep-n", "20", "--json", "--threads", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["attack"]["name"] == "embedding-pgd" and result["n"] == len(data.test)
+    assert result["clean"] == text_accuracy(model, data.test) and 0 <= result["robust"] <= result["clean"]
+    report = (out / "report.md").read_text()
+    assert "| evaluation | texts | accuracy |" in report and "accuracy_vs_eps.png" in report
+    assert main(["eval", str(out), "--suite", "standard"]) == 2
+    assert "text run" in capsys.readouterr().err
+    # --train-n takes the first texts (it once crashed: token ids were treated as a streamed image Dataset)
+    assert main([*args[:-1], str(tmp_path / "few"), "--train-n", "40", "--epochs", "1"]) == 0
+    assert json.loads((tmp_path / "few" / "metrics.jsonl").read_text())["train_images_per_s"] > 0
+
     bad = [(["--method", "fgm", "--steps", "3"], "method fgm takes no option steps"),
            (["--method", "pgd-at"], "unknown text method 'pgd-at'"),
            (["--norm", "l1"], "unknown norm 'l1'"),

@@ -253,17 +253,15 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     import torch
-    from robustlab import distributed, load_model
+    from robustlab import checkpoint, distributed, load_model
     from robustlab.attacks import ATTACKS, pgd, pgd_smooth
     from robustlab.attacks.smooth import relu_count
-    from robustlab.checkpoint import read_metrics
     from robustlab.errors import check_choice
     from robustlab.evaluate import accuracy
-    from robustlab.evaluate.report import (plot_accuracy_vs_eps, plot_adversarial_examples, plot_training_curves,
-                                           write_report)
+    from robustlab.evaluate.report import plot_adversarial_examples
     from robustlab.models import fast_memory_format
     from robustlab.protocol import threat_defaults
-    from robustlab.training.run import run_dataset
+    from robustlab.training.run import resolve_checkpoint, run_dataset
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -273,13 +271,12 @@ def cmd_eval(args) -> int:
     check_choice("split", args.split, ("test", "val"))
     if args.split == "val" and args.suite != "none":
         raise RobustlabError("--split val evaluates clean and one attack; run --suite standard on the test split")
+    if checkpoint.read_metadata(resolve_checkpoint(args.run, args.checkpoint)).get("task") == "text":
+        return _eval_text(args, device)
     # channels_last halves the cost of model passes on CPUs (measured in the AutoAttack timing).
     model = load_model(args.run, args.checkpoint)
     model = model.to(device, memory_format=fast_memory_format(model, device))  # attacks follow the model's device
     meta = model.checkpoint_meta
-    if meta.get("task") == "text":
-        raise RobustlabError(f"{args.run} is a text run: `robustlab eval` attacks images; evaluate text models with "
-                             "robustlab.text.training.text_accuracy / pgd_attack (see docs/text.md)")
     if args.attack == "pgd-smooth" and not relu_count(model):
         raise RobustlabError(f"--attack pgd-smooth: {args.run} has no nn.ReLU modules to smooth; use pgd")
     dataset = meta["dataset"]["name"]
@@ -305,10 +302,79 @@ def cmd_eval(args) -> int:
             return partial(pgd_smooth, eps=e, norm=norm, steps=steps, step_size=step, restarts=restarts, tau=args.tau)
         return lambda m, x, y, generator=None: ATTACKS[args.attack](m, x, y, eps=e)
 
+    def measure(images, e, progress=None):
+        attack = attack_at(e) if e > 0 else None
+        return accuracy(model, images, attack=attack, batch_size=args.batch_size, seed=args.seed, progress=progress)
+
     budget_label = f"{steps}{'×' + str(restarts) if restarts > 1 else ''} {norm} ε={eps:g} step {step_size:g}"
     label = {"pgd": f"PGD-{budget_label}",
              "pgd-smooth": f"PGD-{budget_label}, margin loss, smooth ReLU gradients τ={args.tau:g}",
              }.get(args.attack, f"{args.attack.upper()} ε={eps:g}")
+    out = _report_dir(args)
+    start = time.perf_counter()
+    if args.suite == "standard":
+        from robustlab.evaluate.suite import run_suite
+        rows, extra, plots = run_suite(model, test, data.info, norm=norm, eps=eps, pgd_attack=attack_at(eps),
+                                       pgd_label=label, out_dir=out, aa_steps=args.aa_steps,
+                                       aa_queries=args.aa_queries, aa_n=args.aa_n, sanity_n=args.sanity_n,
+                                       ood=args.ood, seed=args.seed, batch_size=args.batch_size)
+        clean, robust = rows[0]["accuracy"], rows[1]["accuracy"]
+    else:
+        rows, extra, plots = None, {}, {}
+        clean = measure(test, 0, "clean")
+        robust = measure(test, eps, label) if eps > 0 else clean
+    results = _results(meta, clean, robust, len(test), label, start, rows, extra,
+                       attack={"name": args.attack, "norm": norm, "eps": eps, "steps": steps,
+                               "step_size": step_size, "restarts": restarts, "seed": args.seed})
+    if args.split == "test" and eps > 0 and distributed.is_main():
+        x, x_adv, y, pred = adversarial_examples(model, test, attack_at(eps), seed=args.seed)
+        if len(x):  # none when no image of the first 64 is classified correctly
+            plot_adversarial_examples(x, x_adv, y, pred, data.info.class_names, out / "adversarial_examples.png",
+                                      f"{label} on the first {len(x)} correctly classified test images")
+            plots["Adversarial examples"] = "adversarial_examples.png"
+    return _finish_eval(args, results, plots, measure, test, out, unit="images")
+
+
+def _eval_text(args, device) -> int:
+    """`robustlab eval` of a text run: clean and embedding-space PGD accuracy (docs/text.md), the ε sweep and the
+    training curves, in the same report as an image run's."""
+    from robustlab.text.adversary import embedding_pgd
+    from robustlab.text.data import load_text_dataset
+    from robustlab.text.training import EVAL_EPS, EVAL_STEPS, load_text_model, text_accuracy
+
+    if args.attack != "pgd" or args.suite != "none" or (args.restarts or 1) > 1:
+        raise RobustlabError(f"{args.run} is a text run, evaluated with embedding-space PGD only: drop --attack, "
+                             "--suite and --restarts")
+    model = load_text_model(args.run, args.checkpoint).to(device)
+    meta = model.checkpoint_meta
+    info = meta["dataset"]
+    data = load_text_dataset(info["name"], args.data_dir or info.get("data_dir"), max_len=info["max_len"],
+                             vocab=model.vocab)  # the run's own vocabulary, so token ids mean what they meant
+    test = getattr(data, args.split)
+    test = test.subset(args.n) if args.n else test
+    norm = args.norm or meta.get("method", {}).get("norm", "l2")
+    eps = EVAL_EPS if args.eps is None else args.eps
+    steps = args.steps or EVAL_STEPS
+
+    def measure(texts, e, progress=None):
+        attack = partial(embedding_pgd, eps=e, steps=steps, norm=norm,
+                         step_size=None if args.step_size is None else args.step_size * e / eps) if e > 0 else None
+        return text_accuracy(model, texts, attack=attack, batch_size=args.batch_size, device=device, progress=progress)
+
+    step_size = 2.5 * eps / steps if args.step_size is None else args.step_size
+    label = f"PGD-{steps} {norm} ε={eps:g} step {step_size:g} on the word embeddings"
+    out = _report_dir(args)
+    start = time.perf_counter()
+    clean = measure(test, 0, "clean")
+    robust = measure(test, eps, label) if eps > 0 else clean
+    results = _results(meta, clean, robust, len(test), label, start,
+                       attack={"name": "embedding-pgd", "norm": norm, "eps": eps, "steps": steps,
+                               "step_size": step_size, "restarts": 1, "seed": args.seed})
+    return _finish_eval(args, results, {}, measure, test, out, unit="texts")
+
+
+def _report_dir(args) -> Path:
+    """Where the report goes: --out, else the run's directory (made now, so a bad path fails before the attacks)."""
     run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
     out = Path(args.out) if args.out else run_dir
     if args.split == "test":
@@ -316,60 +382,57 @@ def cmd_eval(args) -> int:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a file of that name, a file on the path, no permission
             raise RobustlabError(f"--out {out}: cannot make a folder for the report ({exc.strerror})") from None
-    start = time.perf_counter()
-    if args.suite == "standard":
-        from robustlab.evaluate.suite import run_suite
-        rows, extra, suite_plots = run_suite(model, test, data.info, norm=norm, eps=eps, pgd_attack=attack_at(eps),
-                                             pgd_label=label, out_dir=out, aa_steps=args.aa_steps,
-                                             aa_queries=args.aa_queries, aa_n=args.aa_n, sanity_n=args.sanity_n,
-                                             ood=args.ood, seed=args.seed, batch_size=args.batch_size)
-        clean, robust = rows[0]["accuracy"], rows[1]["accuracy"]
-    else:
-        rows, extra, suite_plots = None, {}, {}
-        clean = accuracy(model, test, batch_size=args.batch_size, progress="clean")
-        robust = accuracy(model, test, attack=attack_at(eps), batch_size=args.batch_size, seed=args.seed,
-                          progress=label) if eps > 0 else clean
-    results = {"run": {"model": meta["model"]["name"], "dataset": dataset, "method": meta.get("method", {}).get("name"),
-                       "epoch": meta.get("epoch"), "epochs": meta.get("config", {}).get("epochs")},
-               "attack": {"name": args.attack, "norm": norm, "eps": eps, "steps": steps, "step_size": step_size,
-                          "restarts": restarts, "seed": args.seed},
-               "clean": clean, "robust": robust, "n": len(test), "wall_s": round(time.perf_counter() - start, 1),
-               "rows": rows or [{"name": "clean", "n": len(test), "accuracy": clean},
-                                {"name": label, "n": len(test), "accuracy": robust}], **extra,
-               "command": "robustlab eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None}
+    return out
+
+
+def _results(meta, clean, robust, n, label, start, rows=None, extra=None, *, attack) -> dict:
+    return {"run": {"model": meta["model"]["name"], "dataset": meta["dataset"]["name"],
+                    "method": meta.get("method", {}).get("name"), "epoch": meta.get("epoch"),
+                    "epochs": meta.get("config", {}).get("epochs")},
+            "attack": attack, "label": label, "clean": clean, "robust": robust, "n": n,
+            "wall_s": round(time.perf_counter() - start, 1),
+            "rows": rows or [{"name": "clean", "n": n, "accuracy": clean}, {"name": label, "n": n, "accuracy": robust}],
+            **(extra or {}),
+            "command": "robustlab eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None}
+
+
+def _finish_eval(args, results, plots, measure, test, out, unit: str) -> int:
+    """The end of every evaluation: validation figures are printed only; test figures get the ε sweep, the training
+    curves and report.md / report.json. `measure(subset, eps, progress)` is the run's accuracy under its attack."""
+    from robustlab import distributed
+    from robustlab.checkpoint import read_metrics
+    from robustlab.evaluate.report import plot_accuracy_vs_eps, plot_training_curves, write_report
+
+    clean, label, n, eps = results["clean"], results["label"], results["n"], results["attack"]["eps"]
+    results["unit"] = unit
     if args.split == "val":  # the run's report and plot describe the test set; validation figures are only printed
         if distributed.is_main():
             print(json.dumps({"split": "val", **{k: results[k] for k in ("clean", "robust", "n", "attack", "wall_s")}})
-                  if args.json else f"validation: clean {clean:.2%}, {label} {robust:.2%} ({len(test)} validation images)")
+                  if args.json else f"validation: clean {clean:.2%}, {label} {results['robust']:.2%} ({n} validation {unit})")
         return 0
-    plots = {}
     if args.sweep_n > 0 and eps > 0:
         sweep = test.subset(min(args.sweep_n, len(test)))
-        points = [(0.0, accuracy(model, sweep, batch_size=args.batch_size))]
-        for f in (0.25, 0.5, 0.75, 1.0, 1.5, 2.0):
-            points.append((f * eps, accuracy(model, sweep, attack=attack_at(f * eps), batch_size=args.batch_size,
-                                             seed=args.seed, progress=f"sweep ε={f * eps:g}")))
+        points = [(f * eps, measure(sweep, f * eps, f"sweep ε={f * eps:g}" if f else None))
+                  for f in (0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)]
         results["sweep"] = {"n": len(sweep), "points": points}
     if not distributed.is_main():
         return 0
+    run = results["run"]
+    run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
     if "sweep" in results:
         plot_accuracy_vs_eps({label.split(" ")[0]: results["sweep"]["points"]}, out / "accuracy_vs_eps.png",
-                             f"{meta['model']['name']} on {dataset} ({len(sweep)} test images)", norm)
-        plots["Accuracy versus ε"] = "accuracy_vs_eps.png"
-    x, x_adv, y, pred = adversarial_examples(model, test, attack_at(eps), seed=args.seed) if eps > 0 else [()] * 4
-    if len(x):  # none when ε = 0 or no image of the first 64 is classified correctly
-        plot_adversarial_examples(x, x_adv, y, pred, data.info.class_names, out / "adversarial_examples.png",
-                                  f"{label} on the first {len(x)} correctly classified test images")
-        plots["Adversarial examples"] = "adversarial_examples.png"
+                             f"{run['model']} on {run['dataset']} ({results['sweep']['n']} test {unit})",
+                             results["attack"]["norm"], "embedding scale" if unit == "texts" else "pixel scale")
+        plots = {"Accuracy versus ε": "accuracy_vs_eps.png", **plots}
     if metrics := read_metrics(run_dir):
-        plot_training_curves({meta.get("method", {}).get("name") or run_dir.name: metrics}, out / "training_curves.png",
-                             f"{meta['model']['name']} on {dataset}: validation during training")
+        plot_training_curves({run["method"] or run_dir.name: metrics}, out / "training_curves.png",
+                             f"{run['model']} on {run['dataset']}: validation during training")
         plots["Training curves"] = "training_curves.png"
-    write_report(out, results, {**plots, **suite_plots}, run_name=run_dir.name)
+    write_report(out, results, plots, run_name=run_dir.name)
     if args.json:
         print(json.dumps({k: results[k] for k in ("clean", "robust", "n", "attack", "wall_s")}))
     else:
-        print(f"clean accuracy   {clean:.2%} ({len(test)} test images)")
+        print(f"clean accuracy   {clean:.2%} ({n} test {unit})")
         for row in results["rows"][1:]:
             print(f"{row['accuracy']:7.2%}  {row['name']}")
         if "sanity" in results:

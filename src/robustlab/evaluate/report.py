@@ -12,13 +12,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
-def plot_accuracy_vs_eps(curves: dict[str, list[tuple[float, float]]], path, title: str, norm: str):
-    """One line per attack: accuracy (%) against ε."""
+def plot_accuracy_vs_eps(curves: dict[str, list[tuple[float, float]]], path, title: str, norm: str,
+                         scale: str = "pixel scale"):
+    """One line per attack: accuracy (%) against ε (in `scale`: text attacks measure it in the embedding's)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
     for name, points in curves.items():
         eps, acc = zip(*sorted(points))
         ax.plot(eps, [100 * a for a in acc], marker="o", label=name)
-    ax.set_xlabel(f"ε ({'L∞' if norm == 'linf' else 'L2'}, pixel scale)")
+    ax.set_xlabel(f"ε ({'L∞' if norm == 'linf' else 'L2'}, {scale})")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
@@ -99,7 +100,7 @@ def write_report(out_dir, results: dict, plots: dict[str, str], run_name: str):
         epoch += f" of {meta['epochs']}" if epoch and meta.get("epochs") else ""
         lines += [f"- model: `{meta.get('model')}`, dataset: `{meta.get('dataset')}`, method: `{meta.get('method')}`"
                   f"{epoch}", ""]
-    lines += ["| evaluation | images | accuracy |", "|---|---|---|"]
+    lines += [f"| evaluation | {results.get('unit', 'images')} | accuracy |", "|---|---|---|"]
     for row in results["rows"]:
         lines.append(f"| {row['name']} | {row['n']} | {100 * row['accuracy']:.2f}% |")
     lines.append("")

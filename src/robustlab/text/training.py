@@ -126,7 +126,9 @@ def build_text_trainer(*, out, dataset: str = "debian-packages", model: str = "t
     net = build_text_model(model, len(data.vocab), data.info.num_classes, pad_id=data.vocab.pad_id, **model_kwargs)
     m = make_text_method(method, **(method_kwargs or {}))
     run_meta = {"task": "text", "model": {"name": model, "kwargs": model_kwargs},
-                "dataset": {**asdict(data.info), "val_size": len(data.val)}, "vocab": data.vocab.tokens}
+                "dataset": {**asdict(data.info), "val_size": len(data.val),
+                            "data_dir": str(Path(data_dir).expanduser().resolve()) if data_dir else None},
+                "vocab": data.vocab.tokens}
     return TextTrainer(net, m, data, config, out, run_meta, val_attack=pgd_attack(val_eps, VAL_STEPS),
                        device=device, show_progress=show_progress)
 

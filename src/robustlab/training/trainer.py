@@ -168,9 +168,9 @@ class Trainer:
             self.scaler = torch.amp.GradScaler(self.device.type)
         self.val_attack = val_attack
         self.show_progress = show_progress
-        # An ImageSet is batched here and each rank slices every global batch; a Dataset (folder, npy) streams
-        # through DataLoader workers whose sampler gives each rank its own images.
-        self.streamed = not isinstance(data.train, ImageSet)
+        # A set held in memory (an ImageSet, or token ids) is batched here and each rank slices every global batch;
+        # a Dataset (folder, npy) streams through DataLoader workers whose sampler gives each rank its own images.
+        self.streamed = not hasattr(data.train, "subset")
         self.train_set = data.train
         if config.train_n:
             self.train_set = (Subset(data.train, range(min(config.train_n, len(data.train)))) if self.streamed
