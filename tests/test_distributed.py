@@ -130,6 +130,30 @@ def test_ddp_training_equals_one_process_on_the_full_batch(tmp_path, fmnist):
     assert len(metrics) == 1  # rank 0 alone writes
 
 
+def test_ddp_text_training_shares_each_batch_out_like_images(tmp_path):
+    """Token ids are held in memory like an ImageSet: each rank trains on its half of every batch (they were once
+    treated as a streamed Dataset, and every rank trained on the whole batch). No dropout, so it is exact."""
+    from test_text import fake_package_lists
+    from robustlab.text.corpus import build_corpus
+    build_corpus(tmp_path / "debian-packages.tsv", top=3, package_lists=fake_package_lists(60))
+    script = tmp_path / "train_text.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        from robustlab.text.training import build_text_trainer
+        from robustlab.training import TrainConfig
+        config = TrainConfig(epochs=1, batch_size=32, train_n=96, val_n=16, threads=1)
+        build_text_trainer(out=sys.argv[1], data_dir={str(tmp_path)!r}, model="textcnn", method="standard",
+                           model_kwargs={{"dropout": 0.0}}, config=config, show_progress=False).fit()
+    """))
+    single = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], capture_output=True, text=True, env=ENV)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = torchrun(str(script), str(tmp_path / "two"))
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_awp_weight_perturbation_under_ddp_is_the_full_batch_one(tmp_path):
     """AWP's proxy is not DDP-wrapped: its gradients are all-reduced by hand. One proxy step on two halves
     must give the perturbation of one process on the whole batch. (Whole AWP runs drift apart by ~1e-4:
