@@ -367,6 +367,9 @@ def test_cli_trains_a_text_model_and_rejects_bad_options(tmp_path, capsys):
     assert "| evaluation | texts | accuracy |" in report and "accuracy_vs_eps.png" in report
     assert main(["eval", str(out), "--suite", "standard"]) == 2
     assert "text run" in capsys.readouterr().err
+    for command in (["mrc", str(out)], ["rift", str(out), "--out", str(tmp_path / "rift")]):
+        assert main(command) == 2
+        assert "text run" in capsys.readouterr().err  # not "unknown dataset 'debian-packages'"
     # --train-n takes the first texts (it once crashed: token ids were treated as a streamed image Dataset)
     assert main([*args[:-1], str(tmp_path / "few"), "--train-n", "40", "--epochs", "1"]) == 0
     assert json.loads((tmp_path / "few" / "metrics.jsonl").read_text())["train_images_per_s"] > 0

@@ -60,6 +60,9 @@ def run_dataset(meta: dict, data_dir=None) -> Splits:
     """The dataset a run was trained on, split as it was: from `data_dir`, else the directory the run recorded
     (with its folder options: image size, grayscale), else the dataset's usual places."""
     info = meta["dataset"]
+    if meta.get("task") == "text":
+        raise RobustlabError(f"this is a text run ({info['name']}): RiFT, MRC and the image attacks need an image "
+                             "run; `robustlab eval` evaluates text runs")
     return load_dataset(info["name"], data_dir=data_dir or info.get("data_dir"), val_size=info.get("val_size"),
                         seed=info.get("split_seed", 0), **info.get("options", {}))
 
