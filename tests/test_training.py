@@ -120,6 +120,19 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(fmnist, tmp_path):
     assert all(torch.equal(resumed[k], resumed_again[k]) for k in resumed)
 
 
+@pytest.mark.parametrize("damage", ["lost", "cut short"])
+def test_resume_restores_the_metrics_line_a_kill_lost(fmnist, tmp_path, damage):
+    """A kill after the epoch's checkpoint but before (or while) its metrics line is appended."""
+    small_trainer(tmp_path, epochs=2).fit()
+    path = tmp_path / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\n" + ("" if damage == "lost" else lines[1][:25]))
+    assert [r["epoch"] for r in checkpoint.read_metrics(tmp_path)] == [0]
+    resumed = small_trainer(tmp_path, epochs=2)
+    assert resumed.resume() and resumed.start_epoch == 2
+    assert checkpoint.read_metrics(tmp_path) == [json.loads(l) for l in lines]
+
+
 def test_learning_rate_schedules():
     assert learning_rate("one-cycle", 0.1, 0.0) == 0.0
     assert learning_rate("one-cycle", 0.1, 0.4) == pytest.approx(0.1)

@@ -12,9 +12,8 @@ import platform
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from safetensors import safe_open
 
 from robustlab.errors import RobustlabError
 
@@ -101,8 +100,18 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
 
 # -- a run's per-epoch metrics: RUN/metrics.jsonl, one JSON object per epoch -----------------------
 def read_metrics(run) -> list[dict]:
+    """The rows of RUN/metrics.jsonl; a last line cut short (the run was killed while appending it) is left out,
+    and `truncate_metrics` restores it from the checkpoint when the run resumes."""
     path = Path(run) / "metrics.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines() if l] if path.exists() else []
+    lines = [l for l in path.read_text().splitlines() if l] if path.exists() else []
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise RobustlabError(f"{path}, line {i + 1}, is not JSON; it was edited or damaged") from None
+    return rows
 
 
 def append_metrics(run, row: dict) -> None:
@@ -110,8 +119,9 @@ def append_metrics(run, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def truncate_metrics(run, last_epoch: int) -> None:
-    """Drop the lines of epochs after `last_epoch`: a resumed run rewrites them."""
-    path = Path(run) / "metrics.jsonl"
-    if path.exists():
-        path.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(run) if r["epoch"] <= last_epoch))
+def truncate_metrics(run, last_epoch: int, last_row: dict) -> None:
+    """On resume from the checkpoint of `last_epoch`, whose metrics are `last_row`: drop the lines of later epochs
+    (the resumed run writes them again) and put back `last_row`, which a kill between the checkpoint and its line
+    may have lost or cut short."""
+    rows = [r for r in read_metrics(run) if r["epoch"] < last_epoch] + [last_row]
+    (Path(run) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

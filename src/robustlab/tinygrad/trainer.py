@@ -236,7 +236,7 @@ class TinyTrainer:
         for key, t in optimizer_state(self.optimizer).items():
             t.realize().assign(Tensor(tensors[f"optim.{key}"].numpy(), dtype=t.dtype, device=t.device)).realize()
         self.start_epoch, self.elapsed, self.best = meta["epoch"] + 1, meta["elapsed_s"], meta["best"]
-        checkpoint.truncate_metrics(self.out, meta["epoch"])
+        checkpoint.truncate_metrics(self.out, meta["epoch"], meta["metrics"])
         return True
 
 

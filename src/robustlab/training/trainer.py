@@ -239,7 +239,7 @@ class Trainer:
         self.start_epoch, self.elapsed, self.best = meta["epoch"] + 1, meta["elapsed_s"], meta["best"]
         if meta["metrics"].get("stopped_early"):  # e.g. Fast-AT overfitted: training on would undo the stop
             self.start_epoch = self.epochs
-        checkpoint.truncate_metrics(self.out, meta["epoch"])
+        checkpoint.truncate_metrics(self.out, meta["epoch"], meta["metrics"])
         return True
 
     # Settings a resumed run may change: how it runs, not what it computes.
