@@ -99,6 +99,19 @@ def _weights(run, name="last.safetensors"):
     return {k: v for k, v in tensors.items() if k.startswith("model.")}
 
 
+def _one_process_and_ddp_agree(script, tmp_path):
+    """Run `script OUT` in one process (OUT = tmp_path/one) and under torchrun with two (tmp_path/two); the final
+    weights must agree."""
+    single = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], capture_output=True, text=True, env=ENV)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = torchrun(str(script), str(tmp_path / "two"))
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def _train_script(tmp_path, method, extra):
     """Training through the Python API: `random_start=False` is not a CLI option."""
     script = tmp_path / f"train_{method}.py"
@@ -118,14 +131,7 @@ def test_ddp_training_equals_one_process_on_the_full_batch(tmp_path, fmnist):
     """Two ranks with 32 images each per step, gradients averaged, = one process with the 64-image batch.
     Without random starts: with them, each rank draws its own noise (equal in distribution only)."""
     script = _train_script(tmp_path, "pgd-at", {})
-    single = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], capture_output=True, text=True, env=ENV)
-    assert single.returncode == 0, single.stderr[-2000:]
-    ddp = torchrun(str(script), str(tmp_path / "two"))
-    assert ddp.returncode == 0, ddp.stderr[-2000:]
-    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
-    assert one.keys() == two.keys()
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+    _one_process_and_ddp_agree(script, tmp_path)
     metrics = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1  # rank 0 alone writes
 
@@ -145,13 +151,7 @@ def test_ddp_text_training_shares_each_batch_out_like_images(tmp_path):
         build_text_trainer(out=sys.argv[1], data_dir={str(tmp_path)!r}, model="textcnn", method="standard",
                            model_kwargs={{"dropout": 0.0}}, config=config, show_progress=False).fit()
     """))
-    single = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], capture_output=True, text=True, env=ENV)
-    assert single.returncode == 0, single.stderr[-2000:]
-    ddp = torchrun(str(script), str(tmp_path / "two"))
-    assert ddp.returncode == 0, ddp.stderr[-2000:]
-    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+    _one_process_and_ddp_agree(script, tmp_path)
 
 
 def test_awp_weight_perturbation_under_ddp_is_the_full_batch_one(tmp_path):
@@ -226,13 +226,7 @@ def test_free_at_replays_under_ddp_equal_one_process_on_the_full_batch(tmp_path,
         build_trainer(dataset="fashion-mnist", model="cnn-small", method="free-at", out=sys.argv[1], data_dir={FMNIST!r},
                       config=config, show_progress=False, method_kwargs=dict(replays=3)).fit()
     """))
-    single = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], capture_output=True, text=True, env=ENV)
-    assert single.returncode == 0, single.stderr[-2000:]
-    ddp = torchrun(str(script), str(tmp_path / "two"))
-    assert ddp.returncode == 0, ddp.stderr[-2000:]
-    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+    _one_process_and_ddp_agree(script, tmp_path)
 
 
 @pytest.mark.parametrize("method, options", [
