@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tau", type=_positive(float), default=0.1, help="pgd-smooth: temperature of ReLU's sigmoid "
                    "gradient (default 0.1)")
     e.add_argument("--norm", help="linf or l2 (default: the run's)")
-    e.add_argument("--eps", type=_nonneg(float), help="default: the protocol's for the run's dataset")
+    e.add_argument("--eps", type=_nonneg(float), help="default: the protocol's for the run's dataset (a text run: "
+                   "0.5, L2 in the embedding's scale)")
     e.add_argument("--steps", type=_positive(int), help="PGD steps (default: the protocol's)")
     e.add_argument("--step-size", type=_nonneg(float))
     e.add_argument("--restarts", type=_positive(int))
