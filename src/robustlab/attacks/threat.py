@@ -60,9 +60,10 @@ def check_size(name: str, value: float):
         raise RobustlabError(f"{name} must be a finite number >= 0, got {value}")
 
 
-def check_box(x: torch.Tensor):
-    """The most common misuse, normalized inputs, fails here with its cause instead of giving wrong numbers."""
-    if x.numel() and (x.min() < 0 or x.max() > 1):
+def check_box(x: torch.Tensor, tol: float = 1e-6):
+    """The most common misuse, normalized inputs, fails here with its cause instead of giving wrong numbers
+    (`tol` lets through the rounding of images computed in floating point)."""
+    if x.numel() and (x.min() < -tol or x.max() > 1 + tol):
         raise RobustlabError(f"attack inputs must lie in [0, 1] (normalization belongs inside the model), got values "
                              f"from {x.min().item():.3g} to {x.max().item():.3g}")
 
