@@ -114,7 +114,9 @@ def test_free_at_rejects_bad_replays(kwargs):
 
 def test_bad_hyper_parameters_are_errors():
     for build in (lambda: YOPO(outer=0), lambda: FastAT(co_drop=1.5), lambda: TRADESAWP(awp_warmup=2),
-                  lambda: PGDATAWP(awp_gamma=-1), lambda: make_method("trades", "fashion-mnist", "linf", beta=-1)):
+                  lambda: PGDATAWP(awp_gamma=-1), lambda: make_method("trades", "fashion-mnist", "linf", beta=-1),
+                  lambda: PGDATAWP(awp_gamma=float("nan")),  # nan fails `< 0` as well as `>= 0`
+                  lambda: make_method("trades", "fashion-mnist", "linf", beta=float("nan"))):
         with pytest.raises(RobustlabError):
             build()
 

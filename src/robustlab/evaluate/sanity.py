@@ -347,7 +347,7 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: fl
     the temperature of the smooth-gradient check (None skips it; so does a model without nn.ReLU modules).
     """
     check_choice("norm", norm, NORMS)
-    if eps <= 0:
+    if not eps > 0:
         raise RobustlabError(f"eps must be > 0 for the sanity checks, got {eps}")
     if len(x) != len(y) or len(x) == 0:
         raise RobustlabError(f"sanity checks need matching non-empty images and labels, got {len(x)} and {len(y)}")

@@ -50,7 +50,7 @@ class MRCConfig:
         for name in ("n", "epochs", "batch_size"):
             if getattr(self, name) <= 0:
                 raise RobustlabError(f"MRC {name.replace('_', ' ')} must be > 0, got {getattr(self, name)}")
-        if self.eps <= 0 or self.lr <= 0:
+        if not (self.eps > 0 and self.lr > 0):  # (nan fails every comparison)
             raise RobustlabError(f"MRC eps and lr must be > 0, got eps={self.eps}, lr={self.lr}")
 
 

@@ -79,8 +79,8 @@ class RiftSettings:
         check_choice("bn", self.bn, BN_MODES)
         check_choice("alpha attack", self.alpha_attack, ALPHA_ATTACKS)
         self.mrc.validate()
-        if (self.auto < 0 or self.recal_n <= 0 or self.epochs <= 0 or self.lr <= 0 or any(lr <= 0 for lr in self.lrs)
-                or self.tolerance < 0):
+        if not (self.auto >= 0 and self.recal_n > 0 and self.epochs > 0 and self.lr > 0 and all(lr > 0 for lr in self.lrs)
+                and self.tolerance >= 0):  # written as what must hold, so that nan fails
             raise RobustlabError("auto must be >= 0, recal_n, epochs and learning rates > 0, tolerance >= 0")
 
 

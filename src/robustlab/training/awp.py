@@ -43,7 +43,7 @@ class AdversarialWeightPerturbation:
     awp_warmup: float
 
     def _init_awp(self, awp_gamma, awp_warmup):
-        if awp_gamma < 0:
+        if not awp_gamma >= 0:  # (nan fails every comparison)
             raise RobustlabError(f"awp_gamma must be >= 0, got {awp_gamma}")
         if not 0 <= awp_warmup <= 1:
             raise RobustlabError(f"awp_warmup is a fraction of the epochs in [0, 1], got {awp_warmup}")

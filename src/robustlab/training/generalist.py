@@ -144,9 +144,9 @@ class Generalist(Method):
             raise RobustlabError(f"global_decay (the global learner's EMA decay γ) must be in (0, 1), got {global_decay}")
         if redistribute_every is not None and (int(redistribute_every) != redistribute_every or redistribute_every < 0):
             raise RobustlabError(f"redistribute_every is a number of epochs >= 0 (0: never), got {redistribute_every}")
-        if nat_lr is not None and nat_lr <= 0:
+        if nat_lr is not None and not nat_lr > 0:
             raise RobustlabError(f"nat_lr must be > 0, got {nat_lr}")
-        if nat_weight_decay < 0:
+        if not nat_weight_decay >= 0:
             raise RobustlabError(f"nat_weight_decay must be >= 0, got {nat_weight_decay}")
         if nat_schedule is not None:
             check_choice("schedule", nat_schedule, SCHEDULES)

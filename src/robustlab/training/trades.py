@@ -26,7 +26,7 @@ class RegularizedAT(Method):
 
     def __init__(self, eps=0.1, norm="linf", steps=10, step_size=0.025, beta=6.0, init_std=0.001,
                  joint_batch=True):
-        if beta < 0:
+        if not beta >= 0:  # (nan fails every comparison)
             raise RobustlabError(f"beta must be >= 0, got {beta}")
         self.eps, self.norm, self.steps, self.step_size = eps, norm, steps, step_size
         self.beta, self.init_std, self.joint_batch = beta, init_std, joint_batch
