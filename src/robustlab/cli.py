@@ -254,7 +254,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     import torch
-    from robustlab import checkpoint, distributed, load_model
+    from robustlab import distributed, load_model
     from robustlab.attacks import ATTACKS, pgd, pgd_smooth
     from robustlab.attacks.smooth import relu_count
     from robustlab.errors import check_choice
@@ -262,7 +262,7 @@ def cmd_eval(args) -> int:
     from robustlab.evaluate.report import plot_adversarial_examples
     from robustlab.models import fast_memory_format
     from robustlab.protocol import threat_defaults
-    from robustlab.training.run import resolve_checkpoint, run_dataset
+    from robustlab.training.run import run_dataset
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -272,10 +272,10 @@ def cmd_eval(args) -> int:
     check_choice("split", args.split, ("test", "val"))
     if args.split == "val" and args.suite != "none":
         raise RobustlabError("--split val evaluates clean and one attack; run --suite standard on the test split")
-    if checkpoint.read_metadata(resolve_checkpoint(args.run, args.checkpoint)).get("task") == "text":
-        return _eval_text(args, device)
+    model = load_model(args.run, args.checkpoint)  # a text run's model comes with its vocabulary
+    if model.checkpoint_meta.get("task") == "text":
+        return _eval_text(args, model.to(device), device)
     # channels_last halves the cost of model passes on CPUs (measured in the AutoAttack timing).
-    model = load_model(args.run, args.checkpoint)
     model = model.to(device, memory_format=fast_memory_format(model, device))  # attacks follow the model's device
     meta = model.checkpoint_meta
     if args.attack == "pgd-smooth" and not relu_count(model):
@@ -336,17 +336,16 @@ def cmd_eval(args) -> int:
     return _finish_eval(args, results, plots, measure, test, out, unit="images")
 
 
-def _eval_text(args, device) -> int:
+def _eval_text(args, model, device) -> int:
     """`robustlab eval` of a text run: clean and embedding-space PGD accuracy (docs/text.md), the ε sweep and the
     training curves, in the same report as an image run's."""
     from robustlab.text.adversary import embedding_pgd
     from robustlab.text.data import load_text_dataset
-    from robustlab.text.training import EVAL_EPS, EVAL_STEPS, load_text_model, text_accuracy
+    from robustlab.text.training import EVAL_EPS, EVAL_STEPS, text_accuracy
 
     if args.attack != "pgd" or args.suite != "none" or (args.restarts or 1) > 1:
         raise RobustlabError(f"{args.run} is a text run, evaluated with embedding-space PGD only: drop --attack, "
                              "--suite and --restarts")
-    model = load_text_model(args.run, args.checkpoint).to(device)
     meta = model.checkpoint_meta
     info = meta["dataset"]
     data = load_text_dataset(info["name"], args.data_dir or info.get("data_dir"), max_len=info["max_len"],
@@ -374,10 +373,14 @@ def _eval_text(args, device) -> int:
     return _finish_eval(args, results, {}, measure, test, out, unit="texts")
 
 
+def _run_dir(args) -> Path:
+    """The run's directory: RUN itself, or the folder of the checkpoint file RUN names."""
+    return Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
+
+
 def _report_dir(args) -> Path:
     """Where the report goes: --out, else the run's directory (made now, so a bad path fails before the attacks)."""
-    run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
-    out = Path(args.out) if args.out else run_dir
+    out = Path(args.out) if args.out else _run_dir(args)
     if args.split == "test":
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -419,7 +422,7 @@ def _finish_eval(args, results, plots, measure, test, out, unit: str) -> int:
     if not distributed.is_main():
         return 0
     run = results["run"]
-    run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
+    run_dir = _run_dir(args)
     if "sweep" in results:
         plot_accuracy_vs_eps({label.split(" ")[0]: results["sweep"]["points"]}, out / "accuracy_vs_eps.png",
                              f"{run['model']} on {run['dataset']} ({results['sweep']['n']} test {unit})",

@@ -63,9 +63,12 @@ def check_size(name: str, value: float):
 def check_box(x: torch.Tensor, tol: float = 1e-6):
     """The most common misuse, normalized inputs, fails here with its cause instead of giving wrong numbers
     (`tol` lets through the rounding of images computed in floating point)."""
-    if x.numel() and (x.min() < -tol or x.max() > 1 + tol):
+    if not x.numel():
+        return
+    low, high = (float(v) for v in x.aminmax())
+    if low < -tol or high > 1 + tol:
         raise RobustlabError(f"attack inputs must lie in [0, 1] (normalization belongs inside the model), got values "
-                             f"from {x.min().item():.3g} to {x.max().item():.3g}")
+                             f"from {low:.3g} to {high:.3g}")
 
 
 def make_threat(norm: str, eps: float, step_size: float):

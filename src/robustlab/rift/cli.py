@@ -12,6 +12,15 @@ from robustlab.errors import RobustlabError
 LR_GRID = "0.001,0.01"
 
 
+def _learning_rates(text) -> tuple[float, ...]:
+    """--lrs: "0.001,0.01" (argparse applies it to the default too)."""
+    from robustlab.cli import _positive
+    try:
+        return tuple(_positive(float)(v) for v in text.split(","))
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"takes comma-separated learning rates > 0, got {text!r}") from None
+
+
 def add_parsers(sub):
     from robustlab.cli import _nonneg, _positive
     from robustlab.rift.mrc import MRCConfig
@@ -47,7 +56,8 @@ def add_parsers(sub):
     r.add_argument("--auto", type=_nonneg(int), default=0, metavar="K",
                    help="also try the K least-critical modules × --lrs and keep the best on validation")
     r.add_argument("--lr", type=_positive(float), default=0.001, help="fine-tuning learning rate (reference: 0.001)")
-    r.add_argument("--lrs", default=LR_GRID, help=f"learning rates for --auto, comma-separated ({LR_GRID})")
+    r.add_argument("--lrs", type=_learning_rates, default=LR_GRID,
+                   help=f"learning rates for --auto, comma-separated ({LR_GRID})")
     r.add_argument("--epochs", type=_positive(int), default=10)
     r.add_argument("--batch-size", type=_positive(int), default=128)
     r.add_argument("--momentum", type=_nonneg(float), default=0.9)
@@ -150,17 +160,12 @@ def cmd_mrc(args) -> int:
 
 def cmd_rift(args) -> int:
     from robustlab import load_model
-    from robustlab.cli import _positive
     from robustlab.data import AUGMENTATIONS
     from robustlab.errors import check_choice
     from robustlab.rift.finetune import module_names
     from robustlab.rift.pipeline import RiftSettings, TestSettings, rift
 
-    try:
-        lrs = tuple(_positive(float)(v) for v in args.lrs.split(","))
-    except (ValueError, argparse.ArgumentTypeError):
-        raise RobustlabError(f"--lrs takes comma-separated learning rates > 0, got {args.lrs!r}") from None
-    settings = RiftSettings(module=args.module, auto=args.auto, lr=args.lr, lrs=lrs, epochs=args.epochs,
+    settings = RiftSettings(module=args.module, auto=args.auto, lr=args.lr, lrs=args.lrs, epochs=args.epochs,
                             batch_size=args.batch_size, momentum=args.momentum, weight_decay=args.weight_decay,
                             augment=args.augment, bn=args.bn, recal_n=args.recal_n, alpha_attack=args.alpha_attack,
                             seed=args.seed, train_n=args.train_n, val_n=args.val_n, tolerance=args.tolerance / 100,
