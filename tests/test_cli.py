@@ -28,6 +28,9 @@ def robustlab(*args):
     (["eval", "no/such/run", "--sweep-n", "-5"], ["--sweep-n", ">= 0"]),  # ran, and wrote a report, before
     (["rift", "no/such/run", "--out", "x", "--auto", "-1"], ["--auto", ">= 0"]),
     (["eval", "no/such/run"], ["no/such/run"]),
+    # a one-step attack ran in its own norm and budget whatever was asked, under the asked-for name
+    (["eval", "no/such/run", "--attack", "fgm", "--norm", "linf"], ["fgm", "l2", "--attack fgsm"]),
+    (["eval", "no/such/run", "--attack", "fgsm", "--steps", "10", "--restarts", "2"], ["--steps, --restarts", "pgd"]),
     (["eval", "no/such/run", "--device", "tpu"], ["device", "cpu, cuda"]),
     (["rift", "no/such/run", "--out", "x", "--device", "gpu0"], ["device", "cpu, cuda"]),
     (["mrc", "no/such/run", "--device", "mps"], ["device", "cpu, cuda"]),
@@ -40,6 +43,16 @@ def test_bad_input_is_one_line_and_status_2(args, words, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("robustlab: error:"), result.stderr
     assert all(w in lines[0] for w in words)
+
+
+@pytest.mark.parametrize("task", ["image", "text"])
+def test_train_out_on_a_file_is_one_line(task, tmp_path):
+    (tmp_path / "file").write_text("")
+    result = robustlab("train", "--task", task, "--data-dir", FMNIST if task == "image" else str(tmp_path),
+                       "--train-n", "40", "--out", str(tmp_path / "file" / "run"))
+    last = result.stderr.strip().splitlines()[-1]  # after the text corpus's "building ... (once)"
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert last.startswith("robustlab: error: --out") and "cannot make a folder" in last
 
 
 def test_missing_data_is_one_line(tmp_path):

@@ -334,9 +334,13 @@ def robustlab(*args):
     (["rift", "RUN", "--lrs", "0.1,fast", "--out", "OUT"], ["--lrs"]),
     (["rift", "RUN", "--alpha-attack", "apgd", "--out", "OUT"], ["alpha attack", "pgd+dlr"]),
     (["mrc", "RUN", "--mrc-n", "0"], ["mrc-n"]),
+    (["rift", "RUN", "--out", "FILE"], ["--out", "cannot make a folder"]),  # a traceback before
+    (["mrc", "RUN", "--out", "FILE"], ["--out", "cannot make a folder"]),
 ])
 def test_bad_input_is_one_line_and_status_2(tiny_run, tmp_path, capsys, args, words):
-    args = [str(tiny_run) if a == "RUN" else str(tmp_path / "out") if a == "OUT" else a for a in args]
+    (tmp_path / "file").write_text("")
+    args = [str(tiny_run) if a == "RUN" else str(tmp_path / "out") if a == "OUT" else str(tmp_path / "file")
+            if a == "FILE" else a for a in args]
     try:  # in-process: the same main() as the installed command, without a second torch start-up per case
         code = main([*args, "--data-dir", FMNIST])
     except SystemExit as exc:  # argparse's own errors

@@ -11,7 +11,7 @@ from functools import partial
 from pathlib import Path
 
 from robustlab.allocator import keep_freed_memory
-from robustlab.errors import RobustlabError
+from robustlab.errors import RobustlabError, check_choice, output_dir
 
 
 class _Parser(argparse.ArgumentParser):
@@ -210,6 +210,7 @@ def train_config(args):
 def fit(trainer, out: Path, resume: bool) -> int:
     """Resume if asked, train, print the summary (rank 0 only under torchrun)."""
     from robustlab import distributed
+    output_dir(out)
     if resume and trainer.resume():
         if distributed.is_main():
             print(f"resuming {out} after epoch {trainer.start_epoch}", file=sys.stderr)
@@ -222,7 +223,6 @@ def fit(trainer, out: Path, resume: bool) -> int:
 
 
 def cmd_train(args) -> int:
-    from robustlab.errors import check_choice
 
     out = Path(args.out)
     if not args.resume and (out / "last.safetensors").exists():
@@ -257,7 +257,6 @@ def cmd_eval(args) -> int:
     from robustlab import distributed, load_model
     from robustlab.attacks import ATTACKS, pgd, pgd_smooth
     from robustlab.attacks.smooth import relu_count
-    from robustlab.errors import check_choice
     from robustlab.evaluate import accuracy
     from robustlab.evaluate.report import plot_adversarial_examples
     from robustlab.models import fast_memory_format
@@ -267,6 +266,7 @@ def cmd_eval(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     check_choice("attack", args.attack, ("fgsm", "fgm", "pgd", "pgd-smooth"))
+    _check_one_step_options(args)
     device = distributed.init(args.device)  # under torchrun every attack below shares the test set out over the ranks
     check_choice("suite", args.suite, ("none", "standard"))
     check_choice("split", args.split, ("test", "val"))
@@ -281,11 +281,7 @@ def cmd_eval(args) -> int:
     if args.attack == "pgd-smooth" and not relu_count(model):
         raise RobustlabError(f"--attack pgd-smooth: {args.run} has no nn.ReLU modules to smooth; use pgd")
     dataset = meta["dataset"]["name"]
-    norm = args.norm or meta.get("method", {}).get("norm", "linf")
-    if args.attack == "fgsm":
-        norm = "linf"
-    if args.attack == "fgm":
-        norm = "l2"
+    norm = ONE_STEP_NORMS.get(args.attack) or args.norm or meta.get("method", {}).get("norm", "linf")
     budget = threat_defaults(dataset, norm).eval
     eps = budget.eps if args.eps is None else args.eps
     steps, restarts = args.steps or budget.steps, args.restarts or budget.restarts
@@ -373,6 +369,26 @@ def _eval_text(args, model, device) -> int:
     return _finish_eval(args, results, {}, measure, test, out, unit="texts")
 
 
+ONE_STEP_NORMS = {"fgsm": "linf", "fgm": "l2"}
+
+
+def _check_one_step_options(args):
+    """FGSM and FGM take one step of size ε in their own norm: options they would ignore are refused, so that a
+    report never names an attack other than the one that ran."""
+    norm = ONE_STEP_NORMS.get(args.attack)
+    if norm is None:
+        return
+    if args.norm not in (None, norm):
+        other = {v: k for k, v in ONE_STEP_NORMS.items()}[check_choice("norm", args.norm, ONE_STEP_NORMS.values())]
+        raise RobustlabError(f"--attack {args.attack} is the {norm} one-step attack; for --norm {args.norm} "
+                             f"use --attack {other}")
+    ignored = [option for option, value in (("--steps", args.steps), ("--step-size", args.step_size),
+                                            ("--restarts", args.restarts)) if value is not None]
+    if ignored:
+        raise RobustlabError(f"--attack {args.attack} takes one step of size ε; {', '.join(ignored)} "
+                             "apply to pgd and pgd-smooth")
+
+
 def _run_dir(args) -> Path:
     """The run's directory: RUN itself, or the folder of the checkpoint file RUN names."""
     return Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
@@ -381,12 +397,7 @@ def _run_dir(args) -> Path:
 def _report_dir(args) -> Path:
     """Where the report goes: --out, else the run's directory (made now, so a bad path fails before the attacks)."""
     out = Path(args.out) if args.out else _run_dir(args)
-    if args.split == "test":
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:  # a file of that name, a file on the path, no permission
-            raise RobustlabError(f"--out {out}: cannot make a folder for the report ({exc.strerror})") from None
-    return out
+    return output_dir(out) if args.split == "test" else out
 
 
 def _results(meta, clean, robust, n, label, start, rows=None, extra=None, *, attack) -> dict:

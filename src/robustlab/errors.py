@@ -20,6 +20,16 @@ def check_choice(kind: str, value: str, allowed) -> str:
     return value
 
 
+def output_dir(path, option: str = "--out") -> Path:
+    """Make the folder `path` now, so that an unusable --out fails in one line before the work, not after it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file of that name, a file on the path, no permission
+        raise RobustlabError(f"{option} {path}: cannot make a folder there ({exc.strerror})") from None
+    return path
+
+
 def run_script(main) -> int:
     """Run an experiment script's `main()` the way the CLI runs a command: a RobustlabError becomes one
     line on stderr and exit status 2 instead of a traceback."""

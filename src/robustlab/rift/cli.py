@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from robustlab.errors import RobustlabError
+from robustlab.errors import RobustlabError, output_dir
 
 LR_GRID = "0.001,0.01"
 
@@ -139,7 +139,7 @@ def cmd_mrc(args) -> int:
     model = model.to(device, memory_format=fast_memory_format(model, device))
     norm = meta.get("method", {}).get("norm", "linf")
     budget = threat_defaults(meta["dataset"]["name"], norm).train
-    out = _mrc_dir(source, args.out)
+    out = output_dir(_mrc_dir(source, args.out))
     result = compute_mrc(model, data.val, out, source_sha256=file_sha256(source), config=_mrc_config(args),
                          threat={"norm": norm, "eps": budget.eps, "steps": budget.steps, "step_size": budget.step_size})
     order = ranked(result)
@@ -174,6 +174,7 @@ def cmd_rift(args) -> int:
     if args.augment:
         check_choice("augmentation", args.augment, AUGMENTATIONS)
     source, _, data, device = _setup(args, lambda s: args.module and module_names(load_model(s), args.module))
+    output_dir(args.out)
     test = TestSettings(n=args.n, aa=args.aa, aa_n=args.aa_n, aa_steps=args.aa_steps, aa_queries=args.aa_queries,
                         ood=args.ood, batch_size=args.test_batch_size) if args.test else None
     command = "robustlab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["rift"] else None
