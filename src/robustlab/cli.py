@@ -173,14 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: the GPU of each LOCAL_RANK)")
 
     d = sub.add_parser("demo", help="PGD-AT on Fashion-MNIST, evaluation and report, in a few minutes")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--epochs", type=_positive(int), default=DEMO_EPOCHS)
-    d.add_argument("--data-dir")
+    d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo); run again to resume")
+    d.add_argument("--epochs", type=_positive(int), default=DEMO_EPOCHS, help=f"default {DEMO_EPOCHS}")
+    d.add_argument("--data-dir", help="where the Fashion-MNIST files are (default: the usual places)")
 
     b = sub.add_parser("bench", help="throughput against a textbook PyTorch loop")
-    b.add_argument("--model", default="cnn-small")
-    b.add_argument("--batch-size", type=_positive(int), default=128)
-    b.add_argument("--iters", type=_positive(int), default=10)
+    b.add_argument("--model", default="cnn-small", help="default cnn-small")
+    b.add_argument("--batch-size", type=_positive(int), default=128, help="default 128")
+    b.add_argument("--iters", type=_positive(int), default=10, help="timed rounds of each measured step, after 2 warm-up rounds (default 10)")
 
     from robustlab.rift.cli import add_parsers as add_rift_parsers
     add_rift_parsers(sub)  # robustlab rift, robustlab mrc
