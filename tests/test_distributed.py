@@ -263,6 +263,13 @@ def test_text_methods_train_under_torchrun(tmp_path, method):
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 3 and metrics[-1]["val_clean"] > 0.5, metrics
+    # its evaluation shares the texts out over the ranks (every rank did all of them once) and counts exactly
+    args = ["eval", str(run), "--batch-size", "8", "--steps", "5", "--sweep-n", "0", "--json", "--threads", "1"]
+    single, sharded = robustlab(*args), torchrun("-m", "robustlab", *args)
+    assert single.returncode == 0 and sharded.returncode == 0, (single.stderr + sharded.stderr)[-3000:]
+    one, two = json.loads(single.stdout), json.loads(sharded.stdout.strip().splitlines()[-1])
+    assert (two["clean"], two["robust"], two["n"]) == (one["clean"], one["robust"], one["n"])
+    assert one["n"] > 8 and one["robust"] < one["clean"]
 
 
 def test_rift_fine_tuning_runs_under_torchrun(tmp_path, fmnist):

@@ -6,6 +6,7 @@ not apply to token ids); the loop, schedule, EMA, checkpoints and resume are the
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
@@ -61,23 +62,27 @@ def text_correct_mask(model, data: TextSet, *, attack=None, batch_size: int = 25
                       forward=None, progress: str | None = None) -> torch.Tensor:
     """Per example: classified correctly, or with `attack(model, forward, y)` (e.g. `embedding_pgd`
     with its budget bound by functools.partial) still correct under it. `forward(model, ids)` gives
-    logits (default `model(ids)`). Eval mode; the caller's mode is restored."""
+    logits (default `model(ids)`). Eval mode; the caller's mode is restored. Under torchrun each rank takes
+    every W-th batch and the masks are gathered, as for images (the attack has no random start: exact)."""
     forward = forward or (lambda m, ids: m(ids))
     was_training = model.training
     model.eval()
-    out = []
-    starts = range(0, len(data), batch_size)
-    for s in progress_bar(starts, desc=progress, unit="batch", show=False if progress is None else None, leave=False):
-        batch = data.select(torch.arange(s, min(s + batch_size, len(data))))
+    n = len(data)
+    mask = torch.zeros(n, dtype=torch.uint8)
+    batches = distributed.my_batches(math.ceil(n / batch_size))
+    show = False if progress is None or not distributed.is_main() else None
+    for b in progress_bar(batches, desc=progress, unit="batch", show=show, leave=False):
+        rows = torch.arange(b * batch_size, min((b + 1) * batch_size, n))
+        batch = data.select(rows)
         ids, y = batch.ids.to(device), batch.labels.to(device)
         if attack is None:
             with torch.no_grad():
                 right = forward(model, ids).argmax(1) == y
         else:
             right = attack(model, lambda: forward(model, ids), y)
-        out.append(right.cpu())
+        mask[rows] = right.cpu().to(torch.uint8)
     model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+    return distributed.all_max(mask).bool()
 
 
 def text_accuracy(model, data: TextSet, **kwargs) -> float:
