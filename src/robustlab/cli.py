@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="run directory or checkpoint file")
     e.add_argument("--attack", default="pgd", help="fgsm, fgm, pgd, or pgd-smooth: PGD on the margin loss with ReLU's "
                    "gradient smoothed, an adaptive attack for gradient masking (robustlab.attacks.smooth)")
-    e.add_argument("--tau", type=_positive(float), default=0.1, help="pgd-smooth: temperature of ReLU's sigmoid "
+    e.add_argument("--tau", type=_positive(float), help="pgd-smooth: temperature of ReLU's sigmoid "
                    "gradient (default 0.1)")
     e.add_argument("--norm", help="linf or l2 (default: the run's)")
     e.add_argument("--eps", type=_nonneg(float), help="default: the protocol's for the run's dataset (a text run: "
@@ -259,6 +259,7 @@ def cmd_eval(args) -> int:
     from robustlab.attacks.smooth import relu_count
     from robustlab.evaluate import accuracy
     from robustlab.evaluate.report import plot_adversarial_examples
+    from robustlab.evaluate.sanity import SMOOTH_GRADIENT_TAU
     from robustlab.models import fast_memory_format
     from robustlab.protocol import threat_defaults
     from robustlab.training.run import run_dataset
@@ -266,7 +267,7 @@ def cmd_eval(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     check_choice("attack", args.attack, ("fgsm", "fgm", "pgd", "pgd-smooth"))
-    _check_one_step_options(args)
+    _check_attack_options(args)
     device = distributed.init(args.device)  # under torchrun every attack below shares the test set out over the ranks
     check_choice("suite", args.suite, ("none", "standard"))
     check_choice("split", args.split, ("test", "val"))
@@ -286,6 +287,7 @@ def cmd_eval(args) -> int:
     eps = budget.eps if args.eps is None else args.eps
     steps, restarts = args.steps or budget.steps, args.restarts or budget.restarts
     step_size = args.step_size if args.step_size is not None else (budget.step_size if args.steps is None else 2.5 * eps / steps)
+    tau = args.tau or SMOOTH_GRADIENT_TAU
     # A folder or npy test set is decoded as far as it is read: --n 1000 reads 1,000 images.
     data = run_dataset(meta, args.data_dir)
     test = getattr(data, args.split)  # "test" names the evaluated split below, whichever it is
@@ -296,7 +298,7 @@ def cmd_eval(args) -> int:
         if args.attack == "pgd":
             return partial(pgd, eps=e, norm=norm, steps=steps, step_size=step, restarts=restarts)
         if args.attack == "pgd-smooth":
-            return partial(pgd_smooth, eps=e, norm=norm, steps=steps, step_size=step, restarts=restarts, tau=args.tau)
+            return partial(pgd_smooth, eps=e, norm=norm, steps=steps, step_size=step, restarts=restarts, tau=tau)
         return lambda m, x, y, generator=None: ATTACKS[args.attack](m, x, y, eps=e)
 
     def measure(images, e, progress=None):
@@ -305,7 +307,7 @@ def cmd_eval(args) -> int:
 
     budget_label = f"{steps}{'×' + str(restarts) if restarts > 1 else ''} {norm} ε={eps:g} step {step_size:g}"
     label = {"pgd": f"PGD-{budget_label}",
-             "pgd-smooth": f"PGD-{budget_label}, margin loss, smooth ReLU gradients τ={args.tau:g}",
+             "pgd-smooth": f"PGD-{budget_label}, margin loss, smooth ReLU gradients τ={tau:g}",
              }.get(args.attack, f"{args.attack.upper()} ε={eps:g}")
     out = _report_dir(args)
     start = time.perf_counter()
@@ -372,9 +374,11 @@ def _eval_text(args, model, device) -> int:
 ONE_STEP_NORMS = {"fgsm": "linf", "fgm": "l2"}
 
 
-def _check_one_step_options(args):
-    """FGSM and FGM take one step of size ε in their own norm: options they would ignore are refused, so that a
-    report never names an attack other than the one that ran."""
+def _check_attack_options(args):
+    """Options the chosen attack would ignore are refused, so that a report never names an attack other than the
+    one that ran: FGSM and FGM take one step of size ε in their own norm, and only pgd-smooth has a τ."""
+    if args.tau is not None and args.attack != "pgd-smooth":
+        raise RobustlabError(f"--tau is pgd-smooth's temperature; --attack {args.attack} has none")
     norm = ONE_STEP_NORMS.get(args.attack)
     if norm is None:
         return
