@@ -273,13 +273,28 @@ def test_training_run_files_and_reload(trained_mlps, batch):
 
 
 def test_resume_continues_where_it_stopped(fmnist, tmp_path):
-    first = tiny_trainer(fmnist, tmp_path, "standard", epochs=1)
-    first.fit()
+    first = tiny_trainer(fmnist, tmp_path, "standard", epochs=2)
+    train_epoch = first.train_epoch
+
+    def killed_in_the_second_epoch(epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return train_epoch(epoch)
+    first.train_epoch = killed_in_the_second_epoch
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
     again = tiny_trainer(fmnist, tmp_path, "standard", epochs=2)
     assert again.resume() and again.start_epoch == 1
     np.testing.assert_array_equal(again.optimizer.b[0].numpy(), first.optimizer.b[0].numpy())
     again.fit()
     assert len((tmp_path / "standard" / "metrics.jsonl").read_text().splitlines()) == 2
+    uninterrupted = tiny_trainer(fmnist, tmp_path / "full", "standard", epochs=2)
+    uninterrupted.fit()
+    for key, value in uninterrupted.model.state_dict().items():
+        np.testing.assert_allclose(again.model.state_dict()[key], value, atol=1e-6, err_msg=key)
+    # another recipe is refused, as by the PyTorch trainer: more epochs would also reshape the schedule followed
+    with pytest.raises(RobustlabError, match="other settings.*epochs 2 → 3"):
+        tiny_trainer(fmnist, tmp_path, "standard", epochs=3).resume()
 
 
 def test_tinygrad_cnn_loads_as_pytorch_cnn_small(tmp_path, batch):

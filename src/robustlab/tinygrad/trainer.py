@@ -26,7 +26,7 @@ from robustlab.errors import RobustlabError, check_choice
 from robustlab.progress import progress
 from robustlab.tinygrad.backend import capture_first_call, require, set_threads
 from robustlab.training.schedules import learning_rate
-from robustlab.training.trainer import TrainConfig, epoch_batches, epoch_seed
+from robustlab.training.trainer import TrainConfig, check_resumable, epoch_batches, epoch_seed
 
 require()
 from tinygrad import Context, Tensor, nn  # noqa: E402
@@ -223,15 +223,12 @@ class TinyTrainer:
         checkpoint.save(self.out / "last.safetensors", {**model, **opt}, meta)
 
     def resume(self) -> bool:
-        """Continue from out/last.safetensors when there is one (a run of this backend and method)."""
+        """Continue from out/last.safetensors when there is one (a run of this backend, method and settings)."""
         path = self.out / "last.safetensors"
         if not path.exists():
             return False
         tensors, meta = checkpoint.load(path)
-        if meta.get("backend") != "tinygrad":
-            raise RobustlabError(f"{path} was trained with the PyTorch backend; resume it without --backend tinygrad")
-        if meta.get("method", {}).get("name") != self.method.name:
-            raise RobustlabError(f"{path} was trained with method {meta['method']['name']!r}, not {self.method.name!r}")
+        check_resumable(path, meta, "tinygrad", self.method, self.config)
         self.model.load_state_dict(checkpoint.unprefixed("model.", tensors))
         for key, t in optimizer_state(self.optimizer).items():
             t.realize().assign(Tensor(tensors[f"optim.{key}"].numpy(), dtype=t.dtype, device=t.device)).realize()

@@ -133,6 +133,31 @@ def make_optimizer(config: TrainConfig, params):
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
+# Settings a resumed run may change: how it runs, not what it computes.
+RESUMABLE_CHANGES = ("threads", "device", "workers", "keep_every")
+
+
+def check_resumable(path: Path, meta: dict, backend: str, method: Method, config: TrainConfig):
+    """A resumed run must be the run it continues: the same backend, method and settings. Changed options would
+    silently mix two recipes (a new learning rate or epoch count also reshapes the schedule already half followed)."""
+    saved_backend = meta.get("backend", "torch")
+    if saved_backend != backend:
+        raise RobustlabError(f"{path} was trained with the {saved_backend} backend; resume it with --backend "
+                             f"{saved_backend}")
+    if meta.get("method", {}).get("name") != method.name:
+        raise RobustlabError(f"{path} was trained with method {meta['method']['name']!r}, not {method.name!r}")
+    saved = {**{f"method.{k}": v for k, v in meta["method"].items()},
+             **{k: v for k, v in meta["config"].items() if k not in RESUMABLE_CHANGES}}
+    now = {**{f"method.{k}": v for k, v in {"name": method.name, **method.config()}.items()},
+           **{k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}}
+    now, saved = json.loads(json.dumps(now)), json.loads(json.dumps(saved))  # tuples and lists compare alike
+    changed = [f"{k} {saved.get(k)!r} → {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+               if saved.get(k) != now.get(k)]
+    if changed:
+        raise RobustlabError(f"--resume: {path} was trained with other settings ({'; '.join(changed)}); "
+                             "resume with the original options, or start a new run with another --out")
+
+
 class Trainer:
     """Train `model` with `method` on `data`, writing metrics and checkpoints to `out_dir`.
 
@@ -222,11 +247,7 @@ class Trainer:
         if not path.exists():
             return False
         tensors, meta = checkpoint.load(path)
-        if meta.get("backend", "torch") != "torch":
-            raise RobustlabError(f"{path} was trained with the {meta['backend']} backend; resume it with --backend {meta['backend']}")
-        if meta.get("method", {}).get("name") != self.method.name:
-            raise RobustlabError(f"{path} was trained with method {meta['method']['name']!r}, not {self.method.name!r}")
-        self._check_same_settings(path, meta)
+        check_resumable(path, meta, "torch", self.method, self.config)
         if self.eval_model is not self.model:
             self.model.load_state_dict(checkpoint.unprefixed("raw.", tensors))
             self.eval_model.load_state_dict(checkpoint.unprefixed("model.", tensors))
@@ -241,23 +262,6 @@ class Trainer:
             self.start_epoch = self.epochs
         checkpoint.truncate_metrics(self.out, meta["epoch"], meta["metrics"])
         return True
-
-    # Settings a resumed run may change: how it runs, not what it computes.
-    RESUMABLE_CHANGES = ("threads", "device", "workers", "keep_every")
-
-    def _check_same_settings(self, path: Path, meta: dict):
-        """A resumed run must be the run it continues: changed options would silently mix two recipes
-        (a new learning rate or epoch count also reshapes the schedule already half followed)."""
-        saved = {**{f"method.{k}": v for k, v in meta["method"].items()},
-                 **{k: v for k, v in meta["config"].items() if k not in self.RESUMABLE_CHANGES}}
-        now = {**{f"method.{k}": v for k, v in {"name": self.method.name, **self.method.config()}.items()},
-               **{k: v for k, v in asdict(self.config).items() if k not in self.RESUMABLE_CHANGES}}
-        now, saved = json.loads(json.dumps(now)), json.loads(json.dumps(saved))  # tuples and lists compare alike
-        changed = [f"{k} {saved.get(k)!r} → {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-                   if saved.get(k) != now.get(k)]
-        if changed:
-            raise RobustlabError(f"--resume: {path} was trained with other settings ({'; '.join(changed)}); "
-                                 "resume with the original options, or start a new run with another --out")
 
     # -- loop ----------------------------------------------------------------------------------
     def fit(self) -> dict:
