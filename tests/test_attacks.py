@@ -149,3 +149,18 @@ def test_inputs_outside_the_box_are_refused_by_every_attack(name):
     x = (torch.rand(2, 1, 2, 2) - 0.5) / 0.25  # "normalized": values around ±2
     with pytest.raises(RobustlabError, match=r"\[0, 1\].*inside the model"):
         ATTACKS[name](model, x, torch.zeros(2, dtype=torch.long), eps=0.1)
+
+
+@pytest.mark.parametrize("name", ["fgsm", "fgm", "pgd", "apgd", "apgd-t", "fab-t", "square", "pgd-smooth"])
+@pytest.mark.parametrize("x,y,words", [
+    ((torch.rand(2, 1, 2, 2) * 255).to(torch.uint8), torch.zeros(2, dtype=torch.long), ["uint8", "divide by 255"]),
+    (torch.rand(2, 1, 2, 2), torch.zeros(3, dtype=torch.long), ["2 images", "(3,)"]),
+    (torch.rand(2, 1, 2, 2), torch.zeros(2), ["integer label", "float32"]),
+])
+def test_images_and_labels_that_do_not_fit_are_clear_errors(name, x, y, words):
+    """Each was a traceback from inside torch (a label-count mismatch, float labels) or a box error."""
+    from robustlab.attacks import ATTACKS
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
+    with pytest.raises(RobustlabError) as error:
+        ATTACKS[name](model, x, y, eps=0.1)
+    assert all(w in str(error.value) for w in words), str(error.value)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from robustlab.attacks.pgd import attack_mode
-from robustlab.attacks.threat import check_box
+from robustlab.attacks.threat import check_batch
 from robustlab.errors import RobustlabError, check_choice
 
 NORMS = ("linf", "l2")
@@ -304,7 +304,7 @@ def apgd(model, x, y, *, eps: float, norm: str = "linf", steps: int = 100, loss:
         raise RobustlabError("target_class_rank applies only to loss='dlr-targeted'")
     else:
         rank = None
-    check_box(x)
+    check_batch(x, y)
     with attack_mode(model):
         x_adv, _ = apgd_attack(model, x, y, eps=eps, norm=norm, steps=steps, loss=loss, target_class_rank=rank,
                                restarts=restarts, rho=rho, generator=generator)
@@ -318,7 +318,7 @@ def apgd_targeted(model, x, y, *, eps: float, norm: str = "linf", steps: int = 1
     Each target rank runs only on the examples that the previous ranks did not break;
     n_target_classes is capped at num_classes − 1.
     """
-    check_box(x)
+    check_batch(x, y)
     with attack_mode(model):
         x_adv, _ = apgd_attack(model, x, y, eps=eps, norm=norm, steps=steps, loss="dlr-targeted",
                                n_target_classes=n_target_classes, restarts=restarts, rho=rho, generator=generator)

@@ -28,7 +28,7 @@ from robustlab.attacks.apgd import apgd_attack, check_attack_args, check_targets
 from robustlab.attacks.fab import fab_targeted_attack
 from robustlab.attacks.pgd import attack_mode
 from robustlab.attacks.square import square_attack
-from robustlab.attacks.threat import check_box, within_ball
+from robustlab.attacks.threat import check_batch, within_ball
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.models import model_device
 
@@ -156,11 +156,9 @@ def _check_inputs(x, y, eps, norm, batch_size):
     check_attack_args(eps, norm, steps=1)
     if batch_size < 1:
         raise RobustlabError(f"batch_size must be >= 1, got {batch_size}")
-    if x.dim() != 4 or not x.is_floating_point():
-        raise RobustlabError(f"AutoAttack needs float images N×C×H×W in [0, 1], got {x.dtype} {tuple(x.shape)}")
-    if y.shape != (len(x),):
-        raise RobustlabError(f"{len(x)} images but labels of shape {tuple(y.shape)}")
-    check_box(x)
+    if x.dim() != 4:
+        raise RobustlabError(f"AutoAttack needs images N×C×H×W, got shape {tuple(x.shape)}")
+    check_batch(x, y)
 
 
 def autoattack(model, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf", version: str = "standard",

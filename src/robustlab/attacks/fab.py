@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from robustlab.attacks.apgd import (check_attack_args, check_targets, clean_logits, lp_norm, per_example,
                                    random_direction)
 from robustlab.attacks.pgd import attack_mode
-from robustlab.attacks.threat import check_box
+from robustlab.attacks.threat import check_batch
 from robustlab.errors import RobustlabError
 
 
@@ -197,7 +197,7 @@ def fab_targeted(model, x, y, *, eps: float, norm: str = "linf", steps: int = 10
     beyond the first start at random points at distance ε/2 drawn with `generator`.
     n_target_classes is capped at num_classes − 1.
     """
-    check_box(x)
+    check_batch(x, y)
     with attack_mode(model):
         x_adv, _ = fab_targeted_attack(model, x, y, eps=eps, norm=norm, steps=steps, n_target_classes=n_target_classes,
                                        restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta, generator=generator)

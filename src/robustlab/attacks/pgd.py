@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustlab.attacks.threat import check_box, check_size, make_threat
+from robustlab.attacks.threat import check_batch, check_size, make_threat
 from robustlab.errors import RobustlabError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> per-example loss
@@ -109,7 +109,7 @@ def pgd(model, x, y, *, eps: float, norm: str = "linf", steps: int = 10, step_si
     A restart only runs on examples that earlier restarts did not break.
     """
     _check_budget(eps, steps, restarts)
-    check_box(x)
+    check_batch(x, y)
     threat = make_threat(norm, eps, step_size if step_size is not None else 2.5 * eps / steps)
     with attack_mode(model):
         x_adv = x.clone()

@@ -60,9 +60,16 @@ def check_size(name: str, value: float):
         raise RobustlabError(f"{name} must be a finite number >= 0, got {value}")
 
 
-def check_box(x: torch.Tensor, tol: float = 1e-6):
-    """The most common misuse, normalized inputs, fails here with its cause instead of giving wrong numbers
-    (`tol` lets through the rounding of images computed in floating point)."""
+def check_batch(x: torch.Tensor, y: torch.Tensor, tol: float = 1e-6):
+    """What every attack takes: float images in [0, 1] and one integer label per image. The most common misuse,
+    normalized inputs, fails here with its cause instead of giving wrong numbers (`tol` lets through the rounding
+    of images computed in floating point)."""
+    if not x.is_floating_point():
+        hint = " (uint8 images: divide by 255)" if x.dtype == torch.uint8 else ""
+        raise RobustlabError(f"attack inputs must be float images in [0, 1], got {x.dtype}{hint}")
+    if y.shape != (len(x),) or y.is_floating_point() or y.is_complex():
+        raise RobustlabError(f"attacks take one integer label per image: {len(x)} images, labels {y.dtype} "
+                             f"{tuple(y.shape)}")
     if not x.numel():
         return
     low, high = (float(v) for v in x.aminmax())
