@@ -161,8 +161,11 @@ def text_trainer_from_args(args, config: TrainConfig) -> TextTrainer:
     ones do not apply (dataset debian-packages, model transformer, method freelb, norm l2)."""
     if args.backend != "torch":
         raise RobustlabError("--task text runs on the torch backend only")
-    if getattr(args, "width", None):
-        raise RobustlabError("--width sets the ResNets' width; it does not apply to --task text")
+    image_only = {"--width": args.width, "--augment": args.augment not in (None, "none"),
+                  "--image-size": args.image_size, "--grayscale": args.grayscale, "--download": args.download}
+    if any(image_only.values()):  # each was once ignored without a word
+        raise RobustlabError(f"{', '.join(k for k, v in image_only.items() if v)}: image options; they do not "
+                             "apply to --task text")
     options = {k: getattr(args, k, None) for k in TEXT_OPTIONS}
     return build_text_trainer(out=Path(args.out), dataset=args.dataset or "debian-packages",
                               model=args.model or "transformer", method=args.method or "freelb",
