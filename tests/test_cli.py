@@ -120,6 +120,12 @@ def test_train_then_eval_writes_a_report(tmp_path):
     assert json.loads((run / "fgsm" / "report.json").read_text())["attack"]["name"] == "fgsm"
     assert (run / "fgsm" / "report.md").read_text().startswith("# Evaluation of `run`")
     assert (run / "fgsm" / "training_curves.png").exists()
+    # another checkpoint's report goes beside the run's by default, not over it
+    last = robustlab("eval", str(run), "--checkpoint", "last", "--attack", "fgsm", "--data-dir", FMNIST, "--n", "60",
+                     "--sweep-n", "0", "--threads", "1")
+    assert last.returncode == 0, last.stderr
+    assert (run / "report.json").read_text() == report_json
+    assert (run / "eval-last" / "report.md").read_text().startswith("# Evaluation of `run/last.safetensors`")
     smooth = robustlab("eval", str(run), "--attack", "pgd-smooth", "--tau", "0.5", "--data-dir", FMNIST, "--n", "60",
                        "--steps", "3", "--restarts", "1", "--sweep-n", "0", "--threads", "1", "--json",
                        "--out", str(run / "smooth"))

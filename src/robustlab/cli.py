@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun ranks (CUDA only)")
     t.add_argument("--ema", type=float, help="weight-EMA decay, e.g. 0.999 (validated and exported weights)")
     t.add_argument("--keep-every", type=_positive(int), help="also keep every N-th epoch's weights as "
-                   "RUN/epoch-NNN.safetensors (evaluate one with `robustlab eval RUN/epoch-NNN.safetensors --out DIR`)")
+                   "RUN/epoch-NNN.safetensors (`robustlab eval RUN/epoch-NNN.safetensors` reports in RUN/eval-epoch-NNN)")
     t.add_argument("--backend", default="torch", help="torch, or tinygrad (models mlp, cnn-small; methods pgd-at, standard)")
     t.add_argument("--out", required=True, help="run directory (checkpoints, metrics, reports)")
     t.add_argument("--resume", action="store_true", help="continue from RUN/last.safetensors")
@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", help="default: the run's own")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     e.add_argument("--out", help="folder for report.md, report.json, the plots and AutoAttack's resumable state "
-                   "(default: the run's directory); another folder keeps an earlier evaluation's report")
+                   "(default: the run's directory for its best checkpoint, RUN/eval-NAME for RUN/NAME.safetensors); another "
+                   "folder keeps an earlier evaluation's report")
     e.add_argument("--threads", type=_positive(int))
     e.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: the GPU of each LOCAL_RANK)")
 
@@ -398,9 +399,20 @@ def _run_dir(args) -> Path:
     return Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
 
 
+def _evaluated(args) -> tuple[Path, str]:
+    """The default report folder and the report's title: the run's directory and name for its best checkpoint,
+    RUN/eval-NAME and RUN/NAME.safetensors for any other (last, epoch-005, or one of several files in a folder),
+    so that evaluating one checkpoint never overwrites another's report."""
+    from robustlab.training.run import resolve_checkpoint
+    source, run_dir = resolve_checkpoint(args.run, args.checkpoint), _run_dir(args)
+    if source.stem == "best":
+        return run_dir, run_dir.name
+    return run_dir / f"eval-{source.stem}", f"{run_dir.name}/{source.name}"
+
+
 def _report_dir(args) -> Path:
-    """Where the report goes: --out, else the run's directory (made now, so a bad path fails before the attacks)."""
-    out = Path(args.out) if args.out else _run_dir(args)
+    """Where the report goes: --out, else `_evaluated`'s folder (made now, so a bad path fails before the attacks)."""
+    out = Path(args.out) if args.out else _evaluated(args)[0]
     return output_dir(out) if args.split == "test" else out
 
 
@@ -447,7 +459,7 @@ def _finish_eval(args, results, plots, measure, test, out, unit: str) -> int:
         plot_training_curves({run["method"] or run_dir.name: metrics}, out / "training_curves.png",
                              f"{run['model']} on {run['dataset']}: validation during training")
         plots["Training curves"] = "training_curves.png"
-    write_report(out, results, plots, run_name=run_dir.name)
+    write_report(out, results, plots, run_name=_evaluated(args)[1])
     if args.json:
         print(json.dumps({k: results[k] for k in ("clean", "robust", "n", "attack", "wall_s")}))
     else:
