@@ -335,6 +335,7 @@ def robustlab(*args):
     (["rift", "RUN", "--alpha-attack", "apgd", "--out", "OUT"], ["alpha attack", "pgd+dlr"]),
     (["mrc", "RUN", "--mrc-n", "0"], ["mrc-n"]),
     (["rift", "RUN", "--out", "FILE"], ["--out", "cannot make a folder"]),  # a traceback before
+    (["rift", "RUN", "--out", "RUN"], ["best.safetensors", "overwrite", "--out"]),  # it overwrote the robust model
     (["mrc", "RUN", "--out", "FILE"], ["--out", "cannot make a folder"]),
 ])
 def test_bad_input_is_one_line_and_status_2(tiny_run, tmp_path, capsys, args, words):
@@ -350,6 +351,7 @@ def test_bad_input_is_one_line_and_status_2(tiny_run, tmp_path, capsys, args, wo
     assert len(lines) == 1 and lines[0].startswith("robustlab: error:"), lines
     assert all(w in lines[0] for w in words), lines[0]
     assert not (tmp_path / "out").exists()  # nothing was started
+    assert "rift" not in checkpoint.read_metadata(tiny_run / "best.safetensors")
 
 
 def test_cli_mrc_then_rift_writes_checkpoint_and_report(tiny_run, tmp_path):

@@ -134,6 +134,9 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
     """
     settings.validate()
     out, source, device = Path(out), Path(source), torch.device(device)
+    kept = out / "best.safetensors"
+    if kept.exists() and "rift" not in checkpoint.read_metadata(kept):  # e.g. --out RUN: the robust model itself
+        raise RobustlabError(f"{kept} is a trained model that RiFT's result would overwrite; choose another --out")
 
     def load():  # channels_last: ~2× faster convolutions on CPUs
         fresh = load_model(source)
