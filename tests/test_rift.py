@@ -370,3 +370,6 @@ def test_cli_mrc_then_rift_writes_checkpoint_and_report(tiny_run, tmp_path):
     meta = checkpoint.read_metadata(out / "best.safetensors")
     assert meta["rift"]["alpha"] == report["rift"]["alpha"] and meta["model"]["kwargs"] == {"width": 8}
     assert "Test set, before and after" in (out / "rift_report.md").read_text()
+    # a training run pointed at the result would overwrite it (it has no last.safetensors to protect it)
+    again = robustlab("train", "--data-dir", FMNIST, "--train-n", "64", "--epochs", "1", "--out", str(out))
+    assert again.returncode == 2 and "already holds a model" in again.stderr, again.stderr

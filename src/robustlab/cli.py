@@ -228,6 +228,8 @@ def cmd_train(args) -> int:
     out = Path(args.out)
     if not args.resume and (out / "last.safetensors").exists():
         raise RobustlabError(f"{out} already holds a run; add --resume to continue it or choose another --out")
+    if not args.resume and (out / "best.safetensors").exists():  # e.g. a RiFT result, which has no last.safetensors
+        raise RobustlabError(f"{out} already holds a model (best.safetensors); choose another --out")
     config = train_config(args)
     if args.task == "text":
         from robustlab.text.training import text_trainer_from_args
