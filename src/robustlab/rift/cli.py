@@ -58,10 +58,11 @@ def add_parsers(sub):
     r.add_argument("--lr", type=_positive(float), default=0.001, help="fine-tuning learning rate (reference: 0.001)")
     r.add_argument("--lrs", type=_learning_rates, default=LR_GRID,
                    help=f"learning rates for --auto, comma-separated ({LR_GRID})")
-    r.add_argument("--epochs", type=_positive(int), default=10)
-    r.add_argument("--batch-size", type=_positive(int), default=128)
-    r.add_argument("--momentum", type=_nonneg(float), default=0.9)
-    r.add_argument("--weight-decay", type=_nonneg(float), default=5e-4)
+    r.add_argument("--epochs", type=_positive(int), default=10, help="fine-tuning epochs; the learning rate drops "
+                   "10× after half of them (reference: 10)")
+    r.add_argument("--batch-size", type=_positive(int), default=128, help="fine-tuning batch size (128)")
+    r.add_argument("--momentum", type=_nonneg(float), default=0.9, help="SGD momentum (reference: 0.9)")
+    r.add_argument("--weight-decay", type=_nonneg(float), default=5e-4, help="weight decay (reference: 5e-4)")
     r.add_argument("--augment", help="none, crop, crop-flip (default: the source run's, else the dataset's)")
     r.add_argument("--bn", default="update",
                    help="update (re-estimate BatchNorm statistics on clean data while fine-tuning, the reference), "
