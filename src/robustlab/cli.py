@@ -110,20 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--global-bn", help="Generalist: the global learner's BatchNorm statistics, mixed like the "
                                        "weights (mix, the paper), averaged from the adversarial learner only (adversarial), or "
                                        "estimated by the global learner's own forward pass on each adversarial batch (own)")
-    t.add_argument("--epochs", type=_positive(int), default=10)
-    t.add_argument("--batch-size", type=_positive(int), default=128)
-    t.add_argument("--optimizer", default="sgd", help="sgd or adam")
-    t.add_argument("--lr", type=_positive(float), default=0.05)
-    t.add_argument("--momentum", type=_nonneg(float), default=0.9)
-    t.add_argument("--weight-decay", type=_nonneg(float), default=5e-4)
-    t.add_argument("--schedule", default="one-cycle", help=", ".join(SCHEDULES))
+    t.add_argument("--epochs", type=_positive(int), default=10, help="default 10")
+    t.add_argument("--batch-size", type=_positive(int), default=128, help="default 128")
+    t.add_argument("--optimizer", default="sgd", help="sgd (default) or adam")
+    t.add_argument("--lr", type=_positive(float), default=0.05, help="learning rate, the peak of one-cycle (default 0.05)")
+    t.add_argument("--momentum", type=_nonneg(float), default=0.9, help="SGD momentum (default 0.9)")
+    t.add_argument("--weight-decay", type=_nonneg(float), default=5e-4, help="default 5e-4")
+    t.add_argument("--schedule", default="one-cycle", help=", ".join(SCHEDULES) + " (default one-cycle)")
     t.add_argument("--augment", help="none, crop, crop-flip (default: the dataset's)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order, augmentation and the "
+                   "attacks' random starts (default 0)")
     t.add_argument("--precision", default="auto",
                    help="auto (bf16 where the CPU or GPU has bf16 units, else fp32), fp32, bf16 (autocast; several "
                         "times slower on CPUs without bf16 units) or fp16 (CUDA, with loss scaling). Training only: "
                         "validation and evaluation attacks always run in fp32")
-    t.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    t.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="keep the default memory format (channels_last is faster on CPUs)")
     t.add_argument("--val-n", type=_positive(int), default=1000, help="validation images for the per-epoch PGD check")
     t.add_argument("--train-n", type=_positive(int), help="train on the first N training images only")
     t.add_argument("--threads", type=_positive(int), help="torch CPU threads")
