@@ -271,7 +271,7 @@ def test_fab_l2_finds_the_analytic_minimal_perturbation_of_a_linear_model():
         logits = model(x)
     y = logits.argmax(1)
     t = logits.argsort(1, descending=True)[:, 1]
-    W, b = linear.weight.detach(), linear.bias.detach()
+    W = linear.weight.detach()
     # Distance from x to the hyperplane z_t = z_y (the box stays inactive: x is near 0.5, the steps are small).
     gap = (logits.gather(1, y[:, None]) - logits.gather(1, t[:, None])).squeeze(1)
     analytic = gap / (W[t] - W[y]).norm(dim=1)

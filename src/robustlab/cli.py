@@ -170,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", help="default: the run's own")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     e.add_argument("--out", help="folder for report.md, report.json, the plots and AutoAttack's resumable state "
-                   "(default: the run's directory for its best checkpoint, RUN/eval-NAME for RUN/NAME.safetensors); another "
-                   "folder keeps an earlier evaluation's report")
+                   "(default: the run's directory for its best checkpoint, RUN/eval-NAME for RUN/NAME.safetensors); "
+                   "another folder keeps an earlier evaluation's report")
     e.add_argument("--threads", type=_positive(int))
     e.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: the GPU of each LOCAL_RANK)")
 
@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="throughput against a textbook PyTorch loop")
     b.add_argument("--model", default="cnn-small", help="default cnn-small")
     b.add_argument("--batch-size", type=_positive(int), default=128, help="default 128")
-    b.add_argument("--iters", type=_positive(int), default=10, help="timed rounds of each measured step, after 2 warm-up rounds (default 10)")
+    b.add_argument("--iters", type=_positive(int), default=10,
+                   help="timed rounds of each measured step, after 2 warm-up rounds (default 10)")
 
     from robustlab.rift.cli import add_parsers as add_rift_parsers
     add_rift_parsers(sub)  # robustlab rift, robustlab mrc
@@ -226,7 +227,6 @@ def fit(trainer, out: Path, resume: bool) -> int:
 
 
 def cmd_train(args) -> int:
-
     out = Path(args.out)
     if not args.resume and (out / "last.safetensors").exists():
         raise RobustlabError(f"{out} already holds a run; add --resume to continue it or choose another --out")

@@ -20,13 +20,13 @@ def check_choice(kind: str, value: str, allowed) -> str:
     return value
 
 
-def output_dir(path, option: str = "--out") -> Path:
+def output_dir(path) -> Path:
     """Make the folder `path` now, so that an unusable --out fails in one line before the work, not after it."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file of that name, a file on the path, no permission
-        raise RobustlabError(f"{option} {path}: cannot make a folder there ({exc.strerror})") from None
+        raise RobustlabError(f"--out {path}: cannot make a folder there ({exc.strerror})") from None
     return path
 
 

@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from robustlab.errors import RobustlabError, output_dir
+from robustlab.errors import output_dir
 
 LR_GRID = "0.001,0.01"
 
