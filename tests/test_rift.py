@@ -336,6 +336,11 @@ def robustlab(*args):
     (["mrc", "RUN", "--mrc-n", "0"], ["mrc-n"]),
     (["rift", "RUN", "--out", "FILE"], ["--out", "cannot make a folder"]),  # a traceback before
     (["rift", "RUN", "--out", "RUN"], ["best.safetensors", "overwrite", "--out"]),  # it overwrote the robust model
+    # options the rest of the command switches off were ignored without a word
+    (["rift", "RUN", "--out", "OUT", "--no-test", "--n", "50", "--no-aa"], ["--n, --no-aa", "--no-test"]),
+    (["rift", "RUN", "--out", "OUT", "--no-aa", "--aa-steps", "10"], ["--aa-steps", "--no-aa"]),
+    (["rift", "RUN", "--out", "OUT", "--recal-n", "100"], ["--recal-n", "--bn recalibrate"]),
+    (["rift", "RUN", "--out", "OUT", "--lrs", "0.01,0.1"], ["--lrs", "--auto"]),
     (["mrc", "RUN", "--out", "FILE"], ["--out", "cannot make a folder"]),
 ])
 def test_bad_input_is_one_line_and_status_2(tiny_run, tmp_path, capsys, args, words):

@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from robustlab.errors import output_dir
+from robustlab.errors import RobustlabError, output_dir
 
 LR_GRID = "0.001,0.01"
 
@@ -56,7 +56,7 @@ def add_parsers(sub):
     r.add_argument("--auto", type=_nonneg(int), default=0, metavar="K",
                    help="also try the K least-critical modules × --lrs and keep the best on validation")
     r.add_argument("--lr", type=_positive(float), default=0.001, help="fine-tuning learning rate (reference: 0.001)")
-    r.add_argument("--lrs", type=_learning_rates, default=LR_GRID,
+    r.add_argument("--lrs", type=_learning_rates,
                    help=f"learning rates for --auto, comma-separated ({LR_GRID})")
     r.add_argument("--epochs", type=_positive(int), default=10, help="fine-tuning epochs; the learning rate drops "
                    "10× after half of them (reference: 10)")
@@ -68,8 +68,7 @@ def add_parsers(sub):
                    help="update (re-estimate BatchNorm statistics on clean data while fine-tuning, the reference), "
                         "keep (freeze them), or recalibrate (freeze them while fine-tuning, then re-estimate them "
                         "for each α on PGD examples of --recal-n training images)")
-    r.add_argument("--recal-n", type=_positive(int), default=10000,
-                   help="training images for --bn recalibrate (default 10000)")
+    r.add_argument("--recal-n", type=_positive(int), help="training images for --bn recalibrate (default 10000)")
     r.add_argument("--train-n", type=_positive(int), help="fine-tune on the first N training images only")
     r.add_argument("--val-n", type=_positive(int),
                    help="validation images for choosing the fine-tuned epoch and α (default: all)")
@@ -83,10 +82,11 @@ def add_parsers(sub):
     t.add_argument("--n", "--subset", dest="n", type=_positive(int),
                    help="evaluate on the first N test images (default: all); --subset under torchrun, whose parser takes --n")
     t.add_argument("--aa-n", type=_positive(int), help="AutoAttack on the first N of them (default: the same)")
-    t.add_argument("--aa-steps", type=_positive(int), default=100, help="AutoAttack iterations (protocol: 100)")
-    t.add_argument("--aa-queries", type=_positive(int), default=5000, help="Square queries (protocol: 5000)")
-    t.add_argument("--test-batch-size", type=_positive(int), default=500,
-                   help="images per batch for the test-set report (AutoAttack takes half); larger is faster on GPUs")
+    t.add_argument("--aa-steps", type=_positive(int), help="AutoAttack iterations (protocol: 100)")
+    t.add_argument("--aa-queries", type=_positive(int), help="Square queries (protocol: 5000)")
+    t.add_argument("--test-batch-size", type=_positive(int),
+                   help="images per batch for the test-set report (default 500; AutoAttack takes half); larger is "
+                        "faster on GPUs")
     t.add_argument("--no-aa", dest="aa", action="store_false", help="skip AutoAttack")
     t.add_argument("--no-ood", dest="ood", action="store_false", help="skip the corruption suite")
     t.add_argument("--no-test", dest="test", action="store_false", help="stop before reading the test set")
@@ -159,6 +159,23 @@ def cmd_mrc(args) -> int:
     return 0
 
 
+def _check_options_in_use(args):
+    """Options that the rest of the command line leaves unused are refused rather than ignored without a word."""
+    def named(pairs):
+        return [option for option, value in pairs if value not in (None, False)]
+    aa = named([("--aa-n", args.aa_n), ("--aa-steps", args.aa_steps), ("--aa-queries", args.aa_queries)])
+    test = named([("--n", args.n), ("--test-batch-size", args.test_batch_size), ("--no-aa", not args.aa),
+                  ("--no-ood", not args.ood)]) + aa
+    if not args.test and test:
+        raise RobustlabError(f"{', '.join(test)} apply to the test-set report, which --no-test skips")
+    if not args.aa and aa:
+        raise RobustlabError(f"{', '.join(aa)} apply to AutoAttack, which --no-aa skips")
+    if args.recal_n is not None and args.bn != "recalibrate":
+        raise RobustlabError(f"--recal-n is for --bn recalibrate, not --bn {args.bn}")
+    if args.lrs is not None and not args.auto:
+        raise RobustlabError("--lrs is the grid of --auto K; without it RiFT fine-tunes with --lr")
+
+
 def cmd_rift(args) -> int:
     from robustlab import load_model
     from robustlab.data import AUGMENTATIONS
@@ -166,9 +183,11 @@ def cmd_rift(args) -> int:
     from robustlab.rift.finetune import module_names
     from robustlab.rift.pipeline import RiftSettings, TestSettings, rift
 
-    settings = RiftSettings(module=args.module, auto=args.auto, lr=args.lr, lrs=args.lrs, epochs=args.epochs,
-                            batch_size=args.batch_size, momentum=args.momentum, weight_decay=args.weight_decay,
-                            augment=args.augment, bn=args.bn, recal_n=args.recal_n, alpha_attack=args.alpha_attack,
+    _check_options_in_use(args)
+    settings = RiftSettings(module=args.module, auto=args.auto, lr=args.lr, lrs=args.lrs or RiftSettings.lrs,
+                            epochs=args.epochs, batch_size=args.batch_size, momentum=args.momentum,
+                            weight_decay=args.weight_decay, augment=args.augment, bn=args.bn,
+                            recal_n=args.recal_n or RiftSettings.recal_n, alpha_attack=args.alpha_attack,
                             seed=args.seed, train_n=args.train_n, val_n=args.val_n, tolerance=args.tolerance / 100,
                             mrc=_mrc_config(args))
     settings.validate()
@@ -176,8 +195,10 @@ def cmd_rift(args) -> int:
         check_choice("augmentation", args.augment, AUGMENTATIONS)
     source, _, data, device = _setup(args, lambda s: args.module and module_names(load_model(s), args.module))
     output_dir(args.out)
-    test = TestSettings(n=args.n, aa=args.aa, aa_n=args.aa_n, aa_steps=args.aa_steps, aa_queries=args.aa_queries,
-                        ood=args.ood, batch_size=args.test_batch_size) if args.test else None
+    given = {"n": args.n, "aa_n": args.aa_n, "aa_steps": args.aa_steps, "aa_queries": args.aa_queries,
+             "batch_size": args.test_batch_size}
+    test = (TestSettings(aa=args.aa, ood=args.ood, **{k: v for k, v in given.items() if v is not None})
+            if args.test else None)
     command = "robustlab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["rift"] else None
     report = rift(source, data, args.out, settings, test, mrc_dir=_mrc_dir(source), command=command,
                   device=device)
