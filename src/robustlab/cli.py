@@ -162,9 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "gradient-masking checks, corruptions (OOD)")
     e.add_argument("--aa-n", type=_positive(int), help="--suite standard: AutoAttack on the first N of the evaluated "
                    "images (default: all of them)")
-    e.add_argument("--aa-steps", type=_positive(int), default=100, help="AutoAttack iterations (protocol: 100)")
-    e.add_argument("--aa-queries", type=_positive(int), default=5000, help="Square queries (protocol: 5000)")
-    e.add_argument("--sanity-n", type=_positive(int), default=500, help="test images for the sanity checks")
+    e.add_argument("--aa-steps", type=_positive(int), help="AutoAttack iterations (protocol: 100)")
+    e.add_argument("--aa-queries", type=_positive(int), help="Square queries (protocol: 5000)")
+    e.add_argument("--sanity-n", type=_positive(int), help="test images for the sanity checks (default 500)")
     e.add_argument("--no-ood", dest="ood", action="store_false", help="skip the corruption suite")
     e.add_argument("--checkpoint", default="best", help="best or last")
     e.add_argument("--data-dir", help="default: the run's own")
@@ -272,7 +272,7 @@ def cmd_eval(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     check_choice("attack", args.attack, ("fgsm", "fgm", "pgd", "pgd-smooth"))
-    _check_attack_options(args)
+    _check_eval_options(args)
     device = distributed.init(args.device)  # under torchrun every attack below shares the test set out over the ranks
     check_choice("suite", args.suite, ("none", "standard"))
     check_choice("split", args.split, ("test", "val"))
@@ -318,10 +318,11 @@ def cmd_eval(args) -> int:
     start = time.perf_counter()
     if args.suite == "standard":
         from robustlab.evaluate.suite import run_suite
+        given = {"aa_steps": args.aa_steps, "aa_queries": args.aa_queries, "aa_n": args.aa_n,
+                 "sanity_n": args.sanity_n}
         rows, extra, plots = run_suite(model, test, data.info, norm=norm, eps=eps, pgd_attack=attack_at(eps),
-                                       pgd_label=label, out_dir=out, aa_steps=args.aa_steps,
-                                       aa_queries=args.aa_queries, aa_n=args.aa_n, sanity_n=args.sanity_n,
-                                       ood=args.ood, seed=args.seed, batch_size=args.batch_size)
+                                       pgd_label=label, out_dir=out, ood=args.ood, seed=args.seed,
+                                       batch_size=args.batch_size, **{k: v for k, v in given.items() if v is not None})
         clean, robust = rows[0]["accuracy"], rows[1]["accuracy"]
     else:
         rows, extra, plots = None, {}, {}
@@ -379,9 +380,19 @@ def _eval_text(args, model, device) -> int:
 ONE_STEP_NORMS = {"fgsm": "linf", "fgm": "l2"}
 
 
-def _check_attack_options(args):
-    """Options the chosen attack would ignore are refused, so that a report never names an attack other than the
-    one that ran: FGSM and FGM take one step of size ε in their own norm, and only pgd-smooth has a τ."""
+def _given(options) -> list[str]:
+    """The names among (name, value) pairs whose value says the option was given (not None, not False)."""
+    return [name for name, value in options if value is not None and value is not False]  # 0 is a value
+
+
+def _check_eval_options(args):
+    """Options this evaluation would ignore are refused, so that a report never names an attack other than the one
+    that ran: FGSM and FGM take one step of size ε in their own norm, only pgd-smooth has a τ, and the AutoAttack,
+    sanity and OOD options belong to --suite standard."""
+    suite = _given([("--aa-n", args.aa_n), ("--aa-steps", args.aa_steps), ("--aa-queries", args.aa_queries),
+                    ("--sanity-n", args.sanity_n), ("--no-ood", not args.ood)])
+    if suite and args.suite != "standard":
+        raise RobustlabError(f"{', '.join(suite)} apply to --suite standard")
     if args.tau is not None and args.attack != "pgd-smooth":
         raise RobustlabError(f"--tau is pgd-smooth's temperature; --attack {args.attack} has none")
     norm = ONE_STEP_NORMS.get(args.attack)
@@ -391,9 +402,7 @@ def _check_attack_options(args):
         other = {v: k for k, v in ONE_STEP_NORMS.items()}[check_choice("norm", args.norm, ONE_STEP_NORMS.values())]
         raise RobustlabError(f"--attack {args.attack} is the {norm} one-step attack; for --norm {args.norm} "
                              f"use --attack {other}")
-    ignored = [option for option, value in (("--steps", args.steps), ("--step-size", args.step_size),
-                                            ("--restarts", args.restarts)) if value is not None]
-    if ignored:
+    if ignored := _given([("--steps", args.steps), ("--step-size", args.step_size), ("--restarts", args.restarts)]):
         raise RobustlabError(f"--attack {args.attack} takes one step of size ε; {', '.join(ignored)} "
                              "apply to pgd and pgd-smooth")
 

@@ -161,11 +161,10 @@ def cmd_mrc(args) -> int:
 
 def _check_options_in_use(args):
     """Options that the rest of the command line leaves unused are refused rather than ignored without a word."""
-    def named(pairs):
-        return [option for option, value in pairs if value not in (None, False)]
-    aa = named([("--aa-n", args.aa_n), ("--aa-steps", args.aa_steps), ("--aa-queries", args.aa_queries)])
-    test = named([("--n", args.n), ("--test-batch-size", args.test_batch_size), ("--no-aa", not args.aa),
-                  ("--no-ood", not args.ood)]) + aa
+    from robustlab.cli import _given
+    aa = _given([("--aa-n", args.aa_n), ("--aa-steps", args.aa_steps), ("--aa-queries", args.aa_queries)])
+    test = _given([("--n", args.n), ("--test-batch-size", args.test_batch_size), ("--no-aa", not args.aa),
+                   ("--no-ood", not args.ood)]) + aa
     if not args.test and test:
         raise RobustlabError(f"{', '.join(test)} apply to the test-set report, which --no-test skips")
     if not args.aa and aa:
