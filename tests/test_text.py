@@ -367,6 +367,11 @@ def test_cli_trains_a_text_model_and_rejects_bad_options(tmp_path, capsys):
     assert "| evaluation | texts | accuracy |" in report and "accuracy_vs_eps.png" in report
     assert main(["eval", str(out), "--suite", "standard"]) == 2
     assert "text run" in capsys.readouterr().err
+    # a corpus with other sections (rebuilt from other package lists) would be scored with the wrong label ids
+    other = tmp_path / "other"
+    build_corpus(other / "debian-packages.tsv", top=2, package_lists=fake_package_lists(60))
+    assert main(["eval", str(out), "--data-dir", str(other), "--n", "10"]) == 2
+    assert "trained on ['games', 'perl', 'python']" in capsys.readouterr().err
     for command in (["mrc", str(out)], ["rift", str(out), "--out", str(tmp_path / "rift")]):
         assert main(command) == 2
         assert "text run" in capsys.readouterr().err  # not "unknown dataset 'debian-packages'"

@@ -354,6 +354,9 @@ def _eval_text(args, model, device) -> int:
     info = meta["dataset"]
     data = load_text_dataset(info["name"], args.data_dir or info.get("data_dir"), max_len=info["max_len"],
                              vocab=model.vocab)  # the run's own vocabulary, so token ids mean what they meant
+    if list(data.info.class_names) != list(info["class_names"]):  # e.g. a corpus rebuilt from other package lists
+        raise RobustlabError(f"the {info['name']} data found has classes {list(data.info.class_names)}, but "
+                             f"{args.run} was trained on {list(info['class_names'])}; pass the run's --data-dir")
     test = getattr(data, args.split)
     test = test.subset(args.n) if args.n else test
     norm = args.norm or meta.get("method", {}).get("norm", "l2")
