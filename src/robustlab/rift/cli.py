@@ -34,10 +34,12 @@ def add_parsers(sub):
                        help=f"weight perturbation ‖Δ‖ ≤ ε‖θ‖ ({d.eps:g})")
         g.add_argument("--mrc-epochs", type=_positive(int), default=d.epochs,
                        help=f"gradient-ascent epochs ({d.epochs})")
-        g.add_argument("--mrc-batch-size", type=_positive(int), default=d.batch_size)
+        g.add_argument("--mrc-batch-size", type=_positive(int), default=d.batch_size,
+                       help=f"images per gradient-ascent step ({d.batch_size})")
         p.add_argument("--checkpoint", default="best", help="best or last (when RUN is a directory)")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--data-dir")
+        p.add_argument("--seed", type=int, default=0, help="seeds every random choice: the attacks' random starts, "
+                       "the fine-tuning's data order (default 0)")
+        p.add_argument("--data-dir", help="default: the run's own")
         p.add_argument("--threads", type=_positive(int), help="torch CPU threads")
         p.add_argument("--device", default="cpu", help="cpu or cuda")
 
