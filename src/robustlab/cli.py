@@ -148,15 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eps", type=_nonneg(float), help="default: the protocol's for the run's dataset (a text run: "
                    "0.5, L2 in the embedding's scale)")
     e.add_argument("--steps", type=_positive(int), help="PGD steps (default: the protocol's)")
-    e.add_argument("--step-size", type=_nonneg(float))
-    e.add_argument("--restarts", type=_positive(int))
+    e.add_argument("--step-size", type=_nonneg(float), help="PGD step in pixel scale (default: the protocol's, or "
+                   "2.5·ε/steps with --steps)")
+    e.add_argument("--restarts", type=_positive(int), help="PGD restarts, each on the images still robust (default: "
+                   "the protocol's)")
     e.add_argument("--n", "--subset", dest="n", type=_positive(int),
                    help="evaluate the first N test images (default: all); under torchrun write --subset")
     e.add_argument("--split", default="test",
                    help="test (default), or val: the validation split held out of training, for choices (a recipe, "
                         "a checkpoint) that must not see the test set; prints (or --json) without writing a report")
-    e.add_argument("--batch-size", type=_positive(int), default=500)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-size", type=_positive(int), default=500, help="default 500")
+    e.add_argument("--seed", type=int, default=0, help="seeds the attacks' random starts, per batch (default 0)")
     e.add_argument("--sweep-n", type=_nonneg(int), default=1000, help="test images for the accuracy-vs-ε plot (0: no plot)")
     e.add_argument("--suite", default="none", help="none, or standard: clean, PGD, AutoAttack-standard, "
                    "gradient-masking checks, corruptions (OOD)")
@@ -172,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="folder for report.md, report.json, the plots and AutoAttack's resumable state "
                    "(default: the run's directory for its best checkpoint, RUN/eval-NAME for RUN/NAME.safetensors); "
                    "another folder keeps an earlier evaluation's report")
-    e.add_argument("--threads", type=_positive(int))
+    e.add_argument("--threads", type=_positive(int), help="torch CPU threads")
     e.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: the GPU of each LOCAL_RANK)")
 
     d = sub.add_parser("demo", help="PGD-AT on Fashion-MNIST, evaluation and report, in a few minutes")
