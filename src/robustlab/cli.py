@@ -398,6 +398,8 @@ def _check_eval_options(args):
                     ("--sanity-n", args.sanity_n), ("--no-ood", not args.ood)])
     if suite and args.suite != "standard":
         raise RobustlabError(f"{', '.join(suite)} apply to --suite standard")
+    if args.suite == "standard" and args.eps == 0:  # found out only after the clean and PGD passes before
+        raise RobustlabError("--suite standard needs --eps > 0: AutoAttack and the sanity checks attack at ε")
     if args.tau is not None and args.attack != "pgd-smooth":
         raise RobustlabError(f"--tau is pgd-smooth's temperature; --attack {args.attack} has none")
     norm = ONE_STEP_NORMS.get(args.attack)
