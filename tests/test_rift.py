@@ -48,6 +48,16 @@ def tiny_run(fmnist, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def bn_free_run(tmp_path_factory):
+    """cnn-small, which has no BatchNorm layers, after one step."""
+    out, before = tmp_path_factory.mktemp("bn-free"), torch.get_num_threads()
+    build_trainer(dataset="fashion-mnist", model="cnn-small", method="standard", out=out, data_dir=FMNIST,
+                  show_progress=False, config=TrainConfig(epochs=1, train_n=32, val_n=10, threads=1)).fit()
+    torch.set_num_threads(before)
+    return out
+
+
 def _snapshot(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -341,12 +351,13 @@ def robustlab(*args):
     (["rift", "RUN", "--out", "OUT", "--no-aa", "--aa-steps", "10"], ["--aa-steps", "--no-aa"]),
     (["rift", "RUN", "--out", "OUT", "--recal-n", "100"], ["--recal-n", "--bn recalibrate"]),
     (["rift", "RUN", "--out", "OUT", "--lrs", "0.01,0.1"], ["--lrs", "--auto"]),
+    (["rift", "BNFREE", "--out", "OUT", "--bn", "keep"], ["--bn keep", "no BatchNorm"]),
     (["mrc", "RUN", "--out", "FILE"], ["--out", "cannot make a folder"]),
 ])
-def test_bad_input_is_one_line_and_status_2(tiny_run, tmp_path, capsys, args, words):
+def test_bad_input_is_one_line_and_status_2(tiny_run, bn_free_run, tmp_path, capsys, args, words):
     (tmp_path / "file").write_text("")
-    args = [str(tiny_run) if a == "RUN" else str(tmp_path / "out") if a == "OUT" else str(tmp_path / "file")
-            if a == "FILE" else a for a in args]
+    stand_ins = {"RUN": tiny_run, "BNFREE": bn_free_run, "OUT": tmp_path / "out", "FILE": tmp_path / "file"}
+    args = [str(stand_ins.get(a, a)) for a in args]
     try:  # in-process: the same main() as the installed command, without a second torch start-up per case
         code = main([*args, "--data-dir", FMNIST])
     except SystemExit as exc:  # argparse's own errors

@@ -178,6 +178,8 @@ def _check_options_in_use(args):
 
 
 def cmd_rift(args) -> int:
+    from torch import nn
+
     from robustlab import load_model
     from robustlab.data import AUGMENTATIONS
     from robustlab.errors import check_choice
@@ -194,7 +196,13 @@ def cmd_rift(args) -> int:
     settings.validate()
     if args.augment:
         check_choice("augmentation", args.augment, AUGMENTATIONS)
-    source, _, data, device = _setup(args, lambda s: args.module and module_names(load_model(s), args.module))
+    def check_model(source):  # before the data is read: names the modules, and --bn needs BatchNorm layers
+        model = load_model(source)
+        if args.module:
+            module_names(model, args.module)
+        if args.bn != "update" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            raise RobustlabError(f"--bn {args.bn}: {source} has no BatchNorm layers to keep or recalibrate; drop --bn")
+    source, _, data, device = _setup(args, check_model)
     output_dir(args.out)
     given = {"n": args.n, "aa_n": args.aa_n, "aa_steps": args.aa_steps, "aa_queries": args.aa_queries,
              "batch_size": args.test_batch_size}
