@@ -280,6 +280,8 @@ def cmd_eval(args) -> int:
     check_choice("split", args.split, ("test", "val"))
     if args.split == "val" and args.suite != "none":
         raise RobustlabError("--split val evaluates clean and one attack; run --suite standard on the test split")
+    if args.split == "val" and args.out:
+        raise RobustlabError("--split val prints its figures and writes no report; drop --out")
     model = load_model(args.run, args.checkpoint)  # a text run's model comes with its vocabulary
     if model.checkpoint_meta.get("task") == "text":
         return _eval_text(args, model.to(device), device)
