@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "a checkpoint) that must not see the test set; prints (or --json) without writing a report")
     e.add_argument("--batch-size", type=_positive(int), default=500, help="default 500")
     e.add_argument("--seed", type=int, default=0, help="seeds the attacks' random starts, per batch (default 0)")
-    e.add_argument("--sweep-n", type=_nonneg(int), default=1000, help="test images for the accuracy-vs-ε plot (0: no plot)")
+    e.add_argument("--sweep-n", type=_nonneg(int), help=f"test images for the accuracy-vs-ε plot (default {SWEEP_N}; "
+                   "0: no plot)")
     e.add_argument("--suite", default="none", help="none, or standard: clean, PGD, AutoAttack-standard, "
                    "gradient-masking checks, corruptions (OOD)")
     e.add_argument("--aa-n", type=_positive(int), help="--suite standard: AutoAttack on the first N of the evaluated "
@@ -280,8 +281,8 @@ def cmd_eval(args) -> int:
     check_choice("split", args.split, ("test", "val"))
     if args.split == "val" and args.suite != "none":
         raise RobustlabError("--split val evaluates clean and one attack; run --suite standard on the test split")
-    if args.split == "val" and args.out:
-        raise RobustlabError("--split val prints its figures and writes no report; drop --out")
+    if args.split == "val" and (args.out or args.sweep_n is not None):
+        raise RobustlabError("--split val prints its figures and writes no report nor plot; drop --out and --sweep-n")
     model = load_model(args.run, args.checkpoint)  # a text run's model comes with its vocabulary
     if model.checkpoint_meta.get("task") == "text":
         return _eval_text(args, model.to(device), device)
@@ -463,8 +464,9 @@ def _finish_eval(args, results, plots, measure, test, out, unit: str) -> int:
             print(json.dumps({"split": "val", **{k: results[k] for k in ("clean", "robust", "n", "attack", "wall_s")}})
                   if args.json else f"validation: clean {clean:.2%}, {label} {results['robust']:.2%} ({n} validation {unit})")
         return 0
-    if args.sweep_n > 0 and eps > 0:
-        sweep = test.subset(min(args.sweep_n, len(test)))
+    sweep_n = SWEEP_N if args.sweep_n is None else args.sweep_n
+    if sweep_n > 0 and eps > 0:
+        sweep = test.subset(min(sweep_n, len(test)))
         points = [(f * eps, measure(sweep, f * eps, f"sweep ε={f * eps:g}" if f else None))
                   for f in (0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)]
         results["sweep"] = {"n": len(sweep), "points": points}
@@ -518,6 +520,7 @@ def adversarial_examples(model, test, attack, n: int = 8, seed: int = 0):
 # Chosen so the demo finishes in under 10 minutes on a 2-core CPU (see docs/results.md).
 DEMO_EPOCHS = 2
 DEMO_TRAIN = ["--steps", "5", "--step-size", "0.05", "--augment", "none", "--ema", "0.999", "--val-n", "500"]
+SWEEP_N = 1000  # test images for the report's accuracy-vs-ε plot
 DEMO_EVAL = ["--n", "1000", "--sweep-n", "300"]
 
 
