@@ -282,7 +282,7 @@ def cmd_eval(args) -> int:
     if args.split == "val" and args.suite != "none":
         raise RobustlabError("--split val evaluates clean and one attack; run --suite standard on the test split")
     if args.split == "val" and (args.out or args.sweep_n is not None):
-        raise RobustlabError("--split val prints its figures and writes no report nor plot; drop --out and --sweep-n")
+        raise RobustlabError("--split val prints its figures and writes neither a report nor a plot; drop --out and --sweep-n")
     model = load_model(args.run, args.checkpoint)  # a text run's model comes with its vocabulary
     if model.checkpoint_meta.get("task") == "text":
         return _eval_text(args, model.to(device), device)
@@ -386,6 +386,7 @@ def _eval_text(args, model, device) -> int:
 
 
 ONE_STEP_NORMS = {"fgsm": "linf", "fgm": "l2"}
+SWEEP_N = 1000  # test images for the report's accuracy-vs-ε plot
 
 
 def _given(options) -> list[str]:
@@ -401,7 +402,7 @@ def _check_eval_options(args):
                     ("--sanity-n", args.sanity_n), ("--no-ood", not args.ood)])
     if suite and args.suite != "standard":
         raise RobustlabError(f"{', '.join(suite)} apply to --suite standard")
-    if args.suite == "standard" and args.eps == 0:  # found out only after the clean and PGD passes before
+    if args.suite == "standard" and args.eps == 0:  # else AutoAttack fails on it, after the clean and PGD passes
         raise RobustlabError("--suite standard needs --eps > 0: AutoAttack and the sanity checks attack at ε")
     if args.tau is not None and args.attack != "pgd-smooth":
         raise RobustlabError(f"--tau is pgd-smooth's temperature; --attack {args.attack} has none")
@@ -520,7 +521,6 @@ def adversarial_examples(model, test, attack, n: int = 8, seed: int = 0):
 # Chosen so the demo finishes in under 10 minutes on a 2-core CPU (see docs/results.md).
 DEMO_EPOCHS = 2
 DEMO_TRAIN = ["--steps", "5", "--step-size", "0.05", "--augment", "none", "--ema", "0.999", "--val-n", "500"]
-SWEEP_N = 1000  # test images for the report's accuracy-vs-ε plot
 DEMO_EVAL = ["--n", "1000", "--sweep-n", "300"]
 
 
