@@ -178,12 +178,10 @@ def _check_options_in_use(args):
 
 
 def cmd_rift(args) -> int:
-    from torch import nn
-
     from robustlab import load_model
     from robustlab.data import AUGMENTATIONS
     from robustlab.errors import check_choice
-    from robustlab.rift.finetune import module_names
+    from robustlab.rift.finetune import batch_norms, module_names
     from robustlab.rift.pipeline import RiftSettings, TestSettings, rift
 
     _check_options_in_use(args)
@@ -200,7 +198,7 @@ def cmd_rift(args) -> int:
         model = load_model(source)
         if args.module:
             module_names(model, args.module)
-        if args.bn != "update" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        if args.bn != "update" and not batch_norms(model):
             raise RobustlabError(f"--bn {args.bn}: {source} has no BatchNorm layers to keep or recalibrate; drop --bn")
     source, _, data, device = _setup(args, check_model)
     output_dir(args.out)

@@ -40,6 +40,11 @@ ALPHAS = tuple(i / 10 for i in range(11))
 BN_MODES = ("update", "keep", "recalibrate")
 
 
+def batch_norms(model: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm layer of `model` (1d, 2d, 3d, SyncBatchNorm)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 class CriticalFinetune(Method):
     """Cross-entropy on clean inputs, with the reference code's step decay (×`gamma` after half the epochs)."""
     name = "rift-finetune"
@@ -58,9 +63,8 @@ class CriticalFinetune(Method):
         for group in ctx.optimizer.param_groups:
             group["lr"] = lr
         if self.bn == "keep":
-            for m in ctx.model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+            for m in batch_norms(ctx.model):
+                m.eval()
         return super().train_step(ctx, x, y)
 
 
@@ -131,7 +135,7 @@ def recalibrate_bn(model: nn.Module, images: ImageSet, attack=None, *, clean: bo
     All examples are attacked before any statistic changes, so that no batch is attacked against half-estimated
     statistics. Weights, the modes of all modules and each layer's momentum are left as they were.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = batch_norms(model)
     if not norms:
         return model
     device = model_device(model)
