@@ -120,6 +120,38 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(fmnist, tmp_path):
     assert all(torch.equal(resumed[k], resumed_again[k]) for k in resumed)
 
 
+def test_resume_of_a_run_killed_in_its_first_epoch_starts_it_afresh(tmp_path):
+    """A requeued job repeats its command with --resume; a kill before the first checkpoint must not make it fail."""
+    common = ["-m", "robustlab", "train", "--data-dir", FMNIST, "--train-n", "256", "--val-n", "50", "--epochs", "1",
+              "--steps", "2", "--threads", "1"]
+    subprocess.run([sys.executable, *common, "--out", str(tmp_path / "whole")], check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, *common, "--out", str(killed)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed / "config.json").exists():
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (killed / "config.json").exists() and not (killed / "last.safetensors").exists()
+
+    resumed = subprocess.run([sys.executable, *common, "--out", str(killed), "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "stopped before its first epoch ended; starting it afresh" in resumed.stderr
+    whole, _ = checkpoint.load(tmp_path / "whole" / "last.safetensors")
+    again, _ = checkpoint.load(killed / "last.safetensors")
+    assert all(torch.equal(whole[k], again[k]) for k in whole)
+
+    # A folder that never held a run (a mistyped --out) is still an error, not a new run.
+    for place in ("empty", "missing"):
+        if place == "empty":
+            (tmp_path / place).mkdir()
+        refused = subprocess.run([sys.executable, *common, "--out", str(tmp_path / place), "--resume"],
+                                 capture_output=True, text=True)
+        assert refused.returncode == 2 and "holds no run to continue" in refused.stderr, refused.stderr
+    assert not (tmp_path / "empty" / "config.json").exists() and not (tmp_path / "missing").exists()
+
+
 @pytest.mark.parametrize("damage", ["lost", "cut short"])
 def test_resume_restores_the_metrics_line_a_kill_lost(fmnist, tmp_path, damage):
     """A kill after the epoch's checkpoint but before (or while) its metrics line is appended."""

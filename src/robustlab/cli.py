@@ -217,12 +217,15 @@ def train_config(args):
 def fit(trainer, out: Path, resume: bool) -> int:
     """Resume if asked, train, print the summary (rank 0 only under torchrun)."""
     from robustlab import distributed
-    output_dir(out)
     if resume and trainer.resume():
         if distributed.is_main():
             print(f"resuming {out} after epoch {trainer.start_epoch}", file=sys.stderr)
+    elif resume and (out / "config.json").exists():  # a run stopped in its first epoch: nothing saved to lose
+        if distributed.is_main():
+            print(f"{out} was stopped before its first epoch ended; starting it afresh", file=sys.stderr)
     elif resume:
-        raise RobustlabError(f"--resume: {out} holds no last.safetensors to continue from")
+        raise RobustlabError(f"--resume: {out} holds no run to continue (no last.safetensors, no config.json)")
+    output_dir(out)
     metrics = trainer.fit()
     if distributed.is_main():
         print(json.dumps({"run": str(out), "best": trainer.best, "last": metrics}))
