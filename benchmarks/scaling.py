@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from robustlab.cli import nonnegative, positive
+
 
 def worker(args) -> None:
     from torch.nn.parallel import DistributedDataParallel
@@ -100,11 +102,11 @@ def launch(nproc: int, args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--batch-size", type=int, default=128, help="global batch, split over the processes")
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--aa-n", type=int, default=0, help="AutoAttack-standard on the first N test images (0: skip)")
+    p.add_argument("--nproc", type=positive(int), nargs="+", default=[1, 2])
+    p.add_argument("--batch-size", type=positive(int), default=128, help="global batch, split over the processes")
+    p.add_argument("--iters", type=positive(int), default=20)
+    p.add_argument("--warmup", type=nonnegative(int), default=3)
+    p.add_argument("--aa-n", type=nonnegative(int), default=0, help="AutoAttack-standard on the first N test images (0: skip)")
     p.add_argument("--model", help="a trained run for the AutoAttack figure")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])

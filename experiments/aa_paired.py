@@ -28,6 +28,7 @@ import torch
 
 from robustlab import load_model
 from robustlab.attacks.autoattack import ROBUST, autoattack_accuracy, load_finished_state
+from robustlab.cli import nonnegative, positive
 from robustlab.data import ImageSet
 from robustlab.errors import RobustlabError, run_script
 from robustlab.models import fast_memory_format
@@ -96,10 +97,10 @@ def main():
     r = sub.add_parser("run", help="AutoAttack-standard on test images [start, stop) of a run's dataset")
     r.add_argument("model", help="run directory or checkpoint file")
     r.add_argument("--checkpoint", default="best")
-    r.add_argument("--start", type=int, required=True)
-    r.add_argument("--stop", type=int, required=True)
+    r.add_argument("--start", type=nonnegative(int), required=True)
+    r.add_argument("--stop", type=nonnegative(int), required=True)
     r.add_argument("--out", required=True)
-    r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--threads", type=positive(int), default=1)
     c = sub.add_parser("compare", help="paired comparison of two models' AutoAttack states, slice by slice")
     c.add_argument("--before", nargs="+", required=True, help="state files of the original model, in image order")
     c.add_argument("--after", nargs="+", required=True, help="state files of the other model, the same slices")

@@ -31,6 +31,7 @@ import torch
 from robustlab import load_model
 from robustlab.checkpoint import read_metrics
 from robustlab.attacks import pgd
+from robustlab.cli import nonnegative, positive
 from robustlab.data import load_dataset
 from robustlab.errors import run_script
 from robustlab.evaluate import accuracy
@@ -228,22 +229,22 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0, help="training seed (the test attacks keep seed 0)")
-    p.add_argument("--n", type=int, default=1000, help="test images for PGD-50×3 (clean uses all 10,000)")
-    p.add_argument("--aa-n", type=int, default=0, help="test images for AutoAttack-standard (0: skip)")
-    p.add_argument("--threads", type=int, help="torch threads per worker")
-    p.add_argument("--val-n", type=int, default=1000)
+    p.add_argument("--epochs", type=positive(int), default=5)
+    p.add_argument("--seed", type=nonnegative(int), default=0, help="training seed (the test attacks keep seed 0)")
+    p.add_argument("--n", type=positive(int), default=1000, help="test images for PGD-50×3 (clean uses all 10,000)")
+    p.add_argument("--aa-n", type=nonnegative(int), default=0, help="test images for AutoAttack-standard (0: skip)")
+    p.add_argument("--threads", type=positive(int), help="torch threads per worker")
+    p.add_argument("--val-n", type=positive(int), default=1000)
     p.add_argument("--augment", default="none",
                    help="training augmentation (default none: Madry et al.'s MNIST setting, and the protocol's reference "
                         "loops; random crops cost accuracy in 5-epoch runs)")
-    p.add_argument("--train-n", type=int, help="train on the first N images (a smoke test, not the result)")
+    p.add_argument("--train-n", type=positive(int), help="train on the first N images (a smoke test, not the result)")
     p.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="a method option other than its paper's default, e.g. free-at.replays=4 (repeatable)")
     p.add_argument("--table", action="store_true", help="only gather finished runs into OUT/results.md and the plot")
     p.add_argument("--step-times", action="store_true",
                    help="only time every method's training step back to back (OUT/step_times.json); run it on a quiet machine")
-    p.add_argument("--step-iters", type=int, default=10)
+    p.add_argument("--step-iters", type=positive(int), default=10)
     p.add_argument("--precision", default="fp32",
                    help="training precision: fp32 (the earlier tables), bf16, or auto (bf16 where the CPU has bf16 units)")
     args = p.parse_args(argv)

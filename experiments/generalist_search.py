@@ -35,6 +35,7 @@ import torch
 
 from robustlab import load_model
 from robustlab.attacks import pgd
+from robustlab.cli import nonnegative, positive
 from robustlab.data import load_dataset
 from robustlab.errors import run_script
 from robustlab.evaluate import accuracy
@@ -180,27 +181,27 @@ def main(argv=None):
     p.add_argument("--out", default="runs/generalist-search")
     p.add_argument("--stage", dest="table_stage", default="scan", help="for `table`: scan or confirm")
     p.add_argument("--baseline", default="pgd-at", help="pgd-at or pgd-at-ema: what the margin is measured against")
-    p.add_argument("--budget", type=int, default=24, help="scan: configurations (the reference one included)")
-    p.add_argument("--top", type=int, default=3, help="confirm: how many of the scan's best to rerun")
-    p.add_argument("--sample-seed", type=int, default=0)
+    p.add_argument("--budget", type=positive(int), default=24, help="scan: configurations (the reference one included)")
+    p.add_argument("--top", type=positive(int), default=3, help="confirm: how many of the scan's best to rerun")
+    p.add_argument("--sample-seed", type=nonnegative(int), default=0)
     p.add_argument("--shard", type=shard_arg, default=(0, 1), help="I/N: run every N-th configuration from the I-th (0-based), so that "
                    "N processes of one thread each share a scan; shard 0 trains the baselines")
     p.add_argument("--model", default="cnn-small")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--train-n", type=int, help="training images (default: all 55,000)")
-    p.add_argument("--steps", type=int, default=10, help="training PGD steps (protocol: 10)")
-    p.add_argument("--step-size", type=float, default=0.025)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--epochs", type=positive(int), default=5)
+    p.add_argument("--train-n", type=positive(int), help="training images (default: all 55,000)")
+    p.add_argument("--steps", type=positive(int), default=10, help="training PGD steps (protocol: 10)")
+    p.add_argument("--step-size", type=nonnegative(float), default=0.025)
+    p.add_argument("--lr", type=positive(float), default=0.05)
     p.add_argument("--schedule", default="one-cycle")
     p.add_argument("--augment", default=None)
-    p.add_argument("--val-n", type=int, default=500, help="validation images for the per-epoch PGD check")
-    p.add_argument("--eval-n", type=int, default=1000, help="validation images for the final PGD evaluation")
-    p.add_argument("--eval-steps", type=int, default=20)
-    p.add_argument("--eval-restarts", type=int, default=1)
+    p.add_argument("--val-n", type=positive(int), default=500, help="validation images for the per-epoch PGD check")
+    p.add_argument("--eval-n", type=positive(int), default=1000, help="validation images for the final PGD evaluation")
+    p.add_argument("--eval-steps", type=positive(int), default=20)
+    p.add_argument("--eval-restarts", type=positive(int), default=1)
     p.add_argument("--trades-baseline", action="store_true", help="also train TRADES (β = 6) as a baseline")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=positive(int), default=1)
     p.add_argument("--precision", default="auto", help="training precision: auto (bf16 where the CPU has bf16 units), fp32, bf16")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative(int), default=0)
     p.add_argument("--data-dir")
     args = p.parse_args(argv)
     root = Path(args.out)

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from generalist_search import evaluate, shard_arg, train  # noqa: E402
 
 from robustlab import load_model  # noqa: E402
+from robustlab.cli import nonnegative, positive  # noqa: E402
 from robustlab.data import load_dataset  # noqa: E402
 from robustlab.errors import run_script  # noqa: E402
 from robustlab.models import fast_memory_format  # noqa: E402
@@ -75,28 +76,28 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/generalist-tradeoff")
     p.add_argument("--generalist", default="{}", help="JSON of Generalist options (mix_final is swept)")
-    p.add_argument("--mix-finals", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8, 1.0])
-    p.add_argument("--trades-betas", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0, 6.0, 8.0])
+    p.add_argument("--mix-finals", type=nonnegative(float), nargs="+", default=[0.2, 0.4, 0.6, 0.8, 1.0])
+    p.add_argument("--trades-betas", type=nonnegative(float), nargs="+", default=[0.5, 1.0, 2.0, 4.0, 6.0, 8.0])
     p.add_argument("--split", default="test", choices=("val", "test"))
     p.add_argument("--checkpoint", default="best", choices=("best", "last"),
                    help="which checkpoint of each run to evaluate: best (by the Trainer's validation PGD) or last; "
                         "β's final value acts in the last epochs, which a best-epoch choice can pass over")
-    p.add_argument("--autoattack-n", type=int, default=0, help="also AutoAttack-standard on the first N images")
+    p.add_argument("--autoattack-n", type=nonnegative(int), default=0, help="also AutoAttack-standard on the first N images")
     p.add_argument("--model", default="cnn-small")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--train-n", type=int)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--step-size", type=float, default=0.025)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--epochs", type=positive(int), default=10)
+    p.add_argument("--train-n", type=positive(int))
+    p.add_argument("--steps", type=positive(int), default=10)
+    p.add_argument("--step-size", type=nonnegative(float), default=0.025)
+    p.add_argument("--lr", type=positive(float), default=0.05)
     p.add_argument("--schedule", default="one-cycle")
     p.add_argument("--augment", default=None)
-    p.add_argument("--val-n", type=int, default=500)
-    p.add_argument("--eval-n", type=int, default=10000)
-    p.add_argument("--eval-steps", type=int, default=50)
-    p.add_argument("--eval-restarts", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--val-n", type=positive(int), default=500)
+    p.add_argument("--eval-n", type=positive(int), default=10000)
+    p.add_argument("--eval-steps", type=positive(int), default=50)
+    p.add_argument("--eval-restarts", type=positive(int), default=3)
+    p.add_argument("--threads", type=positive(int), default=2)
     p.add_argument("--precision", default="auto", help="training precision: auto (bf16 where the CPU has bf16 units), fp32, bf16")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative(int), default=0)
     p.add_argument("--shard", type=shard_arg, default=(0, 1),
                    help="I/N: train and evaluate every N-th run from the I-th (0-based; shard 0 has PGD-AT), so that "
                         "N one-thread processes share a sweep; then run without --shard for the figure")

@@ -33,6 +33,7 @@ from robustlab import checkpoint, load_model
 from robustlab.attacks import attack_mode, negative_margin, pgd, pgd_smooth, within_ball
 from robustlab.attacks.autoattack import ROBUST, STAGES, load_finished_state
 from robustlab.attacks.square import margin
+from robustlab.cli import positive
 from robustlab.data import load_dataset
 from robustlab.errors import run_script
 
@@ -41,11 +42,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run")
     p.add_argument("state", help="autoattack_state.safetensors of a finished evaluation of RUN")
-    p.add_argument("--robust-n", type=int, default=200, help="robust images to compare with (the first ones)")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--restarts", type=int, default=5)
-    p.add_argument("--tau", type=float, nargs="+", default=[0.1, 0.5], help="temperatures of the smooth ReLU gradient")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--robust-n", type=positive(int), default=200, help="robust images to compare with (the first ones)")
+    p.add_argument("--steps", type=positive(int), default=100)
+    p.add_argument("--restarts", type=positive(int), default=5)
+    p.add_argument("--tau", type=positive(float), nargs="+", default=[0.1, 0.5], help="temperatures of the smooth ReLU gradient")
+    p.add_argument("--threads", type=positive(int), default=1)
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -28,6 +28,7 @@ import torch
 
 from robustlab import load_model
 from robustlab.attacks import pgd
+from robustlab.cli import nonnegative, positive
 from robustlab.data import load_dataset
 from robustlab.errors import run_script
 from robustlab.evaluate import accuracy
@@ -45,11 +46,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run")
     p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--n", type=int, default=10000, help="training images for the statistics")
-    p.add_argument("--val-n", type=int, default=5000)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--n", type=positive(int), default=10000, help="training images for the statistics")
+    p.add_argument("--val-n", type=positive(int), default=5000)
+    p.add_argument("--threads", type=positive(int), default=2)
     p.add_argument("--tuned", help="a RiFT fine-tuned checkpoint: compare the two kinds of statistics along α")
-    p.add_argument("--alphas", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8, 1.0])
+    p.add_argument("--alphas", type=nonnegative(float), nargs="+", default=[0.2, 0.4, 0.6, 0.8, 1.0])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.run)

@@ -10,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from robustlab.cli import nonnegative
 from robustlab.rift.report import plot_alpha
 
 
@@ -19,7 +20,7 @@ def main(argv=None):
     p.add_argument("--labels", nargs="+", help="one legend label per run (default: the candidate ids)")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--title", default="Validation accuracy of θ(α)")
-    p.add_argument("--tolerance", type=float, default=0.1, help="points (0.1, RiFT's default)")
+    p.add_argument("--tolerance", type=nonnegative(float), default=0.1, help="points (0.1, RiFT's default)")
     args = p.parse_args(argv)
     if args.labels and len(args.labels) != len(args.runs):
         p.error(f"--labels needs one label per run ({len(args.runs)}), got {len(args.labels)}")

@@ -25,6 +25,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from robustlab.cli import nonnegative, positive
 from robustlab.errors import run_script
 from robustlab.provenance import commit, machine
 
@@ -109,14 +110,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/text-results")
     p.add_argument("--data-dir", help="where debian-packages.tsv is (default: the user cache, built if missing)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--train-n", type=int, help="train on the first N training descriptions (quick looks)")
-    p.add_argument("--attack-n", type=int, default=1000, help="test descriptions under PGD")
-    p.add_argument("--jobs", type=int, default=2, help="parallel runs, one thread each")
+    p.add_argument("--seeds", type=nonnegative(int), nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=positive(int), default=2)
+    p.add_argument("--train-n", type=positive(int), help="train on the first N training descriptions (quick looks)")
+    p.add_argument("--attack-n", type=positive(int), default=1000, help="test descriptions under PGD")
+    p.add_argument("--jobs", type=positive(int), default=2, help="parallel runs, one thread each")
     p.add_argument("--methods", nargs="+", default=[m for _, m, _ in RUNS], help="a subset of: "
                    + ", ".join(m for _, m, _ in RUNS))
-    p.add_argument("--eps", type=float, help="one training budget ε for every method instead of their defaults "
+    p.add_argument("--eps", type=nonnegative(float), help="one training budget ε for every method instead of their defaults "
                    "(PGD's step then ε/3); choose it on validation accuracy, never on the test set")
     args = p.parse_args(argv)
 

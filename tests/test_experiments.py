@@ -111,18 +111,26 @@ def test_rift_curves_overlays_runs_of_one_model_and_refuses_runs_of_two(tmp_path
     assert not (tmp_path / "ac.png").exists()
 
 
-def test_a_bad_value_reaching_the_trainer_is_one_line_and_status_2(tmp_path, monkeypatch, capsys, one_thread):
-    """`--epochs 0` passes argparse and is refused by TrainConfig: the script says so in one line, as the CLI does."""
+def test_a_bad_value_past_argparse_is_one_line_and_status_2(tmp_path, monkeypatch, capsys, one_thread):
+    """`--mix-finals 1.5` passes argparse and is refused by the Generalist method: the script says so in one line, as
+    the CLI does. `--epochs 0` is refused by argparse itself."""
     import sys
 
     from robustlab.errors import run_script
     tradeoff = load_script("generalist_tradeoff")
-    monkeypatch.setattr(sys, "argv", ["generalist_tradeoff.py", "--epochs", "0", "--out", str(tmp_path), "--train-n", "64",
-                                      "--mix-finals", "0.4", "--trades-betas", "1", "--data-dir", "/usr/share/datasets/fashion-mnist"])
+    argv = ["generalist_tradeoff.py", "--out", str(tmp_path), "--train-n", "64", "--epochs", "1", "--trades-betas", "1",
+            "--data-dir", "/usr/share/datasets/fashion-mnist"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--mix-finals", "1.5", "--shard", "1/2"])  # shard 1 starts with it
     assert run_script(tradeoff.main) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "generalist_tradeoff.py: error: epochs must be > 0, got 0"
+    assert err[-1].startswith("generalist_tradeoff.py: error: mix_final must be in [0, 1]"), err[-1]
     assert not any("Traceback" in line for line in err)
+
+    monkeypatch.setattr(sys, "argv", [*argv, "--mix-finals", "0.4", "--lr", "nan"])
+    with pytest.raises(SystemExit) as exited:
+        run_script(tradeoff.main)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("argument --lr: must be a finite number > 0, got nan")
 
 
 

@@ -19,7 +19,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"robustlab: error: {message}\n")
 
 
-def _positive(kind):
+def positive(kind):
     def parse(text):
         value = kind(text)
         if not (value > 0 and math.isfinite(value)):  # float("nan") and "inf" parse, and nan <= 0 is False
@@ -28,7 +28,7 @@ def _positive(kind):
     return parse
 
 
-def _nonneg(kind):
+def nonnegative(kind):
     def parse(text):
         value = kind(text)
         if not (value >= 0 and math.isfinite(value)):
@@ -68,54 +68,54 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--image-size", type=_image_size, help="folder: resize images to H or H,W (default: the files' "
                    "own size, which must agree)")
     t.add_argument("--grayscale", action="store_true", help="folder: read images as one channel (default RGB)")
-    t.add_argument("--workers", type=_nonneg(int), default=2, help="DataLoader processes decoding folder / npy training data")
+    t.add_argument("--workers", type=nonnegative(int), default=2, help="DataLoader processes decoding folder / npy training data")
     t.add_argument("--download", action="store_true", help="download missing dataset files (sha256-checked)")
     t.add_argument("--model", help=", ".join(MODELS) + " (default cnn-small); text: transformer (default), textcnn")
-    t.add_argument("--width", type=_positive(int), help="channel width of the ResNets (default 64)")
+    t.add_argument("--width", type=positive(int), help="channel width of the ResNets (default 64)")
     t.add_argument("--method", help=", ".join(METHODS) + " (default pgd-at); text: freelb (default), fgm, pgd, "
                    "free-at, standard")
     t.add_argument("--norm", help="linf (default) or l2; text: l2 (default) or linf")
-    t.add_argument("--eps", type=_nonneg(float), help="attack radius in pixel scale (default: the protocol's)")
-    t.add_argument("--steps", type=_positive(int), help="attack steps during training")
-    t.add_argument("--step-size", type=_nonneg(float), help="attack step size in pixel scale")
+    t.add_argument("--eps", type=nonnegative(float), help="attack radius in pixel scale (default: the protocol's)")
+    t.add_argument("--steps", type=positive(int), help="attack steps during training")
+    t.add_argument("--step-size", type=nonnegative(float), help="attack step size in pixel scale")
     m = t.add_argument_group("method options (defaults: each method's paper; see docs/methods.md)")
-    m.add_argument("--beta", type=_nonneg(float), help="TRADES / MART regularization weight")
+    m.add_argument("--beta", type=nonnegative(float), help="TRADES / MART regularization weight")
     m.add_argument("--separate-batches", dest="joint_batch", action="store_false", default=None,
                    help="TRADES / MART: pass the clean and the adversarial batch through the model separately, as "
                         "the reference code does, so that BatchNorm normalizes each with its own statistics "
                         "(default: one pass over both; docs/methods.md)")
-    m.add_argument("--replays", type=_positive(int), help="FreeAT: replays m per minibatch")
-    m.add_argument("--init-mag", type=_nonneg(float), help="text FreeLB / FreeAT: size of the random start")
-    m.add_argument("--outer", type=_positive(int), help="YOPO: outer steps m (full backward passes)")
-    m.add_argument("--inner", type=_positive(int), help="YOPO: inner steps n per outer step")
+    m.add_argument("--replays", type=positive(int), help="FreeAT: replays m per minibatch")
+    m.add_argument("--init-mag", type=nonnegative(float), help="text FreeLB / FreeAT: size of the random start")
+    m.add_argument("--outer", type=positive(int), help="YOPO: outer steps m (full backward passes)")
+    m.add_argument("--inner", type=positive(int), help="YOPO: inner steps n per outer step")
     m.add_argument("--first-layer", help="YOPO: qualified name of the first layer (default net.conv1)")
     m.add_argument("--first-layer-grad", help="YOPO: the first layer's gradient, full (default), hamiltonian "
                    "(the paper's) or both")
-    m.add_argument("--awp-gamma", type=_nonneg(float), help="AWP: relative weight-perturbation size γ")
-    m.add_argument("--awp-warmup", type=_nonneg(float), help="AWP: fraction of epochs before AWP starts")
-    m.add_argument("--co-drop", type=_nonneg(float),
+    m.add_argument("--awp-gamma", type=nonnegative(float), help="AWP: relative weight-perturbation size γ")
+    m.add_argument("--awp-warmup", type=nonnegative(float), help="AWP: fraction of epochs before AWP starts")
+    m.add_argument("--co-drop", type=nonnegative(float),
                    help="Fast-AT: stop when validation robust accuracy drops this much below the best")
     m.add_argument("--adv-loss", help="Generalist: the adversarial learner's loss, pgd-at or trades (--beta)")
-    m.add_argument("--mix-final", type=_nonneg(float), help="Generalist: final mixing ratio β of the adversarial learner")
-    m.add_argument("--mix-start", type=_nonneg(float), help="Generalist: fraction of the run after which β leaves 1")
-    m.add_argument("--global-decay", type=_nonneg(float), help="Generalist: the global learner's EMA decay γ")
-    m.add_argument("--redistribute-from", type=_nonneg(float),
+    m.add_argument("--mix-final", type=nonnegative(float), help="Generalist: final mixing ratio β of the adversarial learner")
+    m.add_argument("--mix-start", type=nonnegative(float), help="Generalist: fraction of the run after which β leaves 1")
+    m.add_argument("--global-decay", type=nonnegative(float), help="Generalist: the global learner's EMA decay γ")
+    m.add_argument("--redistribute-from", type=nonnegative(float),
                    help="Generalist: fraction of the run at which redistribution starts (t′)")
     m.add_argument("--redistribute-every", type=int, help="Generalist: epochs between redistributions c (0: never)")
     m.add_argument("--redistribute-per-step", action="store_true", default=None,
                    help="Generalist: redistribute at every step of those epochs (the reference code), not once")
-    m.add_argument("--nat-lr", type=_positive(float), help="Generalist: natural learner's learning rate (default --lr)")
-    m.add_argument("--nat-weight-decay", type=_nonneg(float), help="Generalist: natural learner's weight decay")
+    m.add_argument("--nat-lr", type=positive(float), help="Generalist: natural learner's learning rate (default --lr)")
+    m.add_argument("--nat-weight-decay", type=nonnegative(float), help="Generalist: natural learner's weight decay")
     m.add_argument("--nat-schedule", help="Generalist: natural learner's schedule (default --schedule)")
     m.add_argument("--global-bn", help="Generalist: the global learner's BatchNorm statistics, mixed like the "
                                        "weights (mix, the paper), averaged from the adversarial learner only (adversarial), or "
                                        "estimated by the global learner's own forward pass on each adversarial batch (own)")
-    t.add_argument("--epochs", type=_positive(int), default=10, help="default 10")
-    t.add_argument("--batch-size", type=_positive(int), default=128, help="default 128")
+    t.add_argument("--epochs", type=positive(int), default=10, help="default 10")
+    t.add_argument("--batch-size", type=positive(int), default=128, help="default 128")
     t.add_argument("--optimizer", default="sgd", help="sgd (default) or adam")
-    t.add_argument("--lr", type=_positive(float), default=0.05, help="learning rate, the peak of one-cycle (default 0.05)")
-    t.add_argument("--momentum", type=_nonneg(float), default=0.9, help="SGD momentum (default 0.9)")
-    t.add_argument("--weight-decay", type=_nonneg(float), default=5e-4, help="default 5e-4")
+    t.add_argument("--lr", type=positive(float), default=0.05, help="learning rate, the peak of one-cycle (default 0.05)")
+    t.add_argument("--momentum", type=nonnegative(float), default=0.9, help="SGD momentum (default 0.9)")
+    t.add_argument("--weight-decay", type=nonnegative(float), default=5e-4, help="default 5e-4")
     t.add_argument("--schedule", default="one-cycle", help=", ".join(SCHEDULES) + " (default one-cycle)")
     t.add_argument("--augment", help="none, crop, crop-flip (default: the dataset's)")
     t.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order, augmentation and the "
@@ -126,13 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "validation and evaluation attacks always run in fp32")
     t.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="keep the default memory format (channels_last is faster on CPUs)")
-    t.add_argument("--val-n", type=_positive(int), default=1000, help="validation images for the per-epoch PGD check")
-    t.add_argument("--train-n", type=_positive(int), help="train on the first N training images only")
-    t.add_argument("--threads", type=_positive(int), help="torch CPU threads")
+    t.add_argument("--val-n", type=positive(int), default=1000, help="validation images for the per-epoch PGD check")
+    t.add_argument("--train-n", type=positive(int), help="train on the first N training images only")
+    t.add_argument("--threads", type=positive(int), help="torch CPU threads")
     t.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: the GPU of each LOCAL_RANK)")
     t.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun ranks (CUDA only)")
     t.add_argument("--ema", type=float, help="weight-EMA decay, e.g. 0.999 (validated and exported weights)")
-    t.add_argument("--keep-every", type=_positive(int), help="also keep every N-th epoch's weights as "
+    t.add_argument("--keep-every", type=positive(int), help="also keep every N-th epoch's weights as "
                    "RUN/epoch-NNN.safetensors (`robustlab eval RUN/epoch-NNN.safetensors` reports in RUN/eval-epoch-NNN)")
     t.add_argument("--backend", default="torch", help="torch, or tinygrad (models mlp, cnn-small; methods pgd-at, standard)")
     t.add_argument("--out", required=True, help="run directory (checkpoints, metrics, reports)")
@@ -142,32 +142,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="run directory or checkpoint file")
     e.add_argument("--attack", default="pgd", help="fgsm, fgm, pgd, or pgd-smooth: PGD on the margin loss with ReLU's "
                    "gradient smoothed, an adaptive attack for gradient masking (robustlab.attacks.smooth)")
-    e.add_argument("--tau", type=_positive(float), help="pgd-smooth: temperature of ReLU's sigmoid "
+    e.add_argument("--tau", type=positive(float), help="pgd-smooth: temperature of ReLU's sigmoid "
                    "gradient (default 0.1)")
     e.add_argument("--norm", help="linf or l2 (default: the run's)")
-    e.add_argument("--eps", type=_nonneg(float), help="default: the protocol's for the run's dataset (a text run: "
+    e.add_argument("--eps", type=nonnegative(float), help="default: the protocol's for the run's dataset (a text run: "
                    "0.5, L2 in the embedding's scale)")
-    e.add_argument("--steps", type=_positive(int), help="PGD steps (default: the protocol's)")
-    e.add_argument("--step-size", type=_nonneg(float), help="PGD step in pixel scale (default: the protocol's, or "
+    e.add_argument("--steps", type=positive(int), help="PGD steps (default: the protocol's)")
+    e.add_argument("--step-size", type=nonnegative(float), help="PGD step in pixel scale (default: the protocol's, or "
                    "2.5·ε/steps with --steps)")
-    e.add_argument("--restarts", type=_positive(int), help="PGD restarts, each on the images still robust (default: "
+    e.add_argument("--restarts", type=positive(int), help="PGD restarts, each on the images still robust (default: "
                    "the protocol's)")
-    e.add_argument("--n", "--subset", dest="n", type=_positive(int),
+    e.add_argument("--n", "--subset", dest="n", type=positive(int),
                    help="evaluate the first N test images (default: all); under torchrun write --subset")
     e.add_argument("--split", default="test",
                    help="test (default), or val: the validation split held out of training, for choices (a recipe, "
                         "a checkpoint) that must not see the test set; prints (or --json) without writing a report")
-    e.add_argument("--batch-size", type=_positive(int), default=500, help="default 500")
+    e.add_argument("--batch-size", type=positive(int), default=500, help="default 500")
     e.add_argument("--seed", type=int, default=0, help="seeds the attacks' random starts, per batch (default 0)")
-    e.add_argument("--sweep-n", type=_nonneg(int), help=f"test images for the accuracy-vs-ε plot (default {SWEEP_N}; "
+    e.add_argument("--sweep-n", type=nonnegative(int), help=f"test images for the accuracy-vs-ε plot (default {SWEEP_N}; "
                    "0: no plot)")
     e.add_argument("--suite", default="none", help="none, or standard: clean, PGD, AutoAttack-standard, "
                    "gradient-masking checks, corruptions (OOD)")
-    e.add_argument("--aa-n", type=_positive(int), help="--suite standard: AutoAttack on the first N of the evaluated "
+    e.add_argument("--aa-n", type=positive(int), help="--suite standard: AutoAttack on the first N of the evaluated "
                    "images (default: all of them)")
-    e.add_argument("--aa-steps", type=_positive(int), help="AutoAttack iterations (protocol: 100)")
-    e.add_argument("--aa-queries", type=_positive(int), help="Square queries (protocol: 5000)")
-    e.add_argument("--sanity-n", type=_positive(int), help="test images for the sanity checks (default 500)")
+    e.add_argument("--aa-steps", type=positive(int), help="AutoAttack iterations (protocol: 100)")
+    e.add_argument("--aa-queries", type=positive(int), help="Square queries (protocol: 5000)")
+    e.add_argument("--sanity-n", type=positive(int), help="test images for the sanity checks (default 500)")
     e.add_argument("--no-ood", dest="ood", action="store_false", help="skip the corruption suite")
     e.add_argument("--checkpoint", default="best", help="best or last")
     e.add_argument("--data-dir", help="default: the run's own")
@@ -175,18 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="folder for report.md, report.json, the plots and AutoAttack's resumable state "
                    "(default: the run's directory for its best checkpoint, RUN/eval-NAME for RUN/NAME.safetensors); "
                    "another folder keeps an earlier evaluation's report")
-    e.add_argument("--threads", type=_positive(int), help="torch CPU threads")
+    e.add_argument("--threads", type=positive(int), help="torch CPU threads")
     e.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: the GPU of each LOCAL_RANK)")
 
     d = sub.add_parser("demo", help="PGD-AT on Fashion-MNIST, evaluation and report, in a few minutes")
     d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo); run again to resume")
-    d.add_argument("--epochs", type=_positive(int), default=DEMO_EPOCHS, help=f"default {DEMO_EPOCHS}")
+    d.add_argument("--epochs", type=positive(int), default=DEMO_EPOCHS, help=f"default {DEMO_EPOCHS}")
     d.add_argument("--data-dir", help="where the Fashion-MNIST files are (default: the usual places)")
 
     b = sub.add_parser("bench", help="throughput against a textbook PyTorch loop")
     b.add_argument("--model", default="cnn-small", help="default cnn-small")
-    b.add_argument("--batch-size", type=_positive(int), default=128, help="default 128")
-    b.add_argument("--iters", type=_positive(int), default=10,
+    b.add_argument("--batch-size", type=positive(int), default=128, help="default 128")
+    b.add_argument("--iters", type=positive(int), default=10,
                    help="timed rounds of each measured step, after 2 warm-up rounds (default 10)")
 
     from robustlab.rift.cli import add_parsers as add_rift_parsers

@@ -14,33 +14,33 @@ LR_GRID = "0.001,0.01"
 
 def _learning_rates(text) -> tuple[float, ...]:
     """--lrs: "0.001,0.01" (argparse applies it to the default too)."""
-    from robustlab.cli import _positive
+    from robustlab.cli import positive
     try:
-        return tuple(_positive(float)(v) for v in text.split(","))
+        return tuple(positive(float)(v) for v in text.split(","))
     except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(f"takes comma-separated learning rates > 0, got {text!r}") from None
 
 
 def add_parsers(sub):
-    from robustlab.cli import _nonneg, _positive
+    from robustlab.cli import nonnegative, positive
     from robustlab.rift.mrc import MRCConfig
 
     def mrc_options(p):
         g = p.add_argument_group("module robust criticality (defaults: the RiFT reference code)")
         d = MRCConfig()  # one set of defaults for the CLI and the Python API
-        g.add_argument("--mrc-n", type=_positive(int), default=d.n,
+        g.add_argument("--mrc-n", type=positive(int), default=d.n,
                        help=f"validation images in the fixed adversarial set (default {d.n}; the split has 5000)")
-        g.add_argument("--mrc-eps", type=_positive(float), default=d.eps,
+        g.add_argument("--mrc-eps", type=positive(float), default=d.eps,
                        help=f"weight perturbation ‖Δ‖ ≤ ε‖θ‖ ({d.eps:g})")
-        g.add_argument("--mrc-epochs", type=_positive(int), default=d.epochs,
+        g.add_argument("--mrc-epochs", type=positive(int), default=d.epochs,
                        help=f"gradient-ascent epochs ({d.epochs})")
-        g.add_argument("--mrc-batch-size", type=_positive(int), default=d.batch_size,
+        g.add_argument("--mrc-batch-size", type=positive(int), default=d.batch_size,
                        help=f"images per gradient-ascent step ({d.batch_size})")
         p.add_argument("--checkpoint", default="best", help="best or last (when RUN is a directory)")
         p.add_argument("--seed", type=int, default=0, help="seeds every random choice: the attacks' random starts, "
                        "the fine-tuning's data order (default 0)")
         p.add_argument("--data-dir", help="default: the run's own")
-        p.add_argument("--threads", type=_positive(int), help="torch CPU threads")
+        p.add_argument("--threads", type=positive(int), help="torch CPU threads")
         p.add_argument("--device", default="cpu", help="cpu or cuda")
 
     m = sub.add_parser("mrc", help="module robust criticality of every Conv/Linear module of a run (RiFT step 1)")
@@ -55,38 +55,38 @@ def add_parsers(sub):
     r.add_argument("--out", required=True, help="output directory: checkpoint, plots, rift_report.md")
     r.add_argument("--module", help="fine-tune this module, or several together, comma-separated "
                                     "(default: the lowest MRC)")
-    r.add_argument("--auto", type=_nonneg(int), default=0, metavar="K",
+    r.add_argument("--auto", type=nonnegative(int), default=0, metavar="K",
                    help="also try the K least-critical modules × --lrs and keep the best on validation")
-    r.add_argument("--lr", type=_positive(float), default=0.001, help="fine-tuning learning rate (reference: 0.001)")
+    r.add_argument("--lr", type=positive(float), default=0.001, help="fine-tuning learning rate (reference: 0.001)")
     r.add_argument("--lrs", type=_learning_rates,
                    help=f"learning rates for --auto, comma-separated ({LR_GRID})")
-    r.add_argument("--epochs", type=_positive(int), default=10, help="fine-tuning epochs; the learning rate drops "
+    r.add_argument("--epochs", type=positive(int), default=10, help="fine-tuning epochs; the learning rate drops "
                    "10× after half of them (reference: 10)")
-    r.add_argument("--batch-size", type=_positive(int), default=128, help="fine-tuning batch size (128)")
-    r.add_argument("--momentum", type=_nonneg(float), default=0.9, help="SGD momentum (reference: 0.9)")
-    r.add_argument("--weight-decay", type=_nonneg(float), default=5e-4, help="weight decay (reference: 5e-4)")
+    r.add_argument("--batch-size", type=positive(int), default=128, help="fine-tuning batch size (128)")
+    r.add_argument("--momentum", type=nonnegative(float), default=0.9, help="SGD momentum (reference: 0.9)")
+    r.add_argument("--weight-decay", type=nonnegative(float), default=5e-4, help="weight decay (reference: 5e-4)")
     r.add_argument("--augment", help="none, crop, crop-flip (default: the source run's, else the dataset's)")
     r.add_argument("--bn", default="update",
                    help="update (re-estimate BatchNorm statistics on clean data while fine-tuning, the reference), "
                         "keep (freeze them), or recalibrate (freeze them while fine-tuning, then re-estimate them "
                         "for each α on PGD examples of --recal-n training images)")
-    r.add_argument("--recal-n", type=_positive(int), help="training images for --bn recalibrate (default 10000)")
-    r.add_argument("--train-n", type=_positive(int), help="fine-tune on the first N training images only")
-    r.add_argument("--val-n", type=_positive(int),
+    r.add_argument("--recal-n", type=positive(int), help="training images for --bn recalibrate (default 10000)")
+    r.add_argument("--train-n", type=positive(int), help="fine-tune on the first N training images only")
+    r.add_argument("--val-n", type=positive(int),
                    help="validation images for choosing the fine-tuned epoch and α (default: all)")
     r.add_argument("--alpha-attack", default="pgd",
                    help="robust check along α: pgd (the training PGD on cross-entropy), pgd+dlr (per image, the "
                         "first success of it and the same PGD on the DLR loss; twice the cost) or pgd+dlr+apgd-t "
                         "(then also APGD-T, 3 targets × 20 steps; about five times the cost)")
-    r.add_argument("--tolerance", type=_nonneg(float), default=0.1,
+    r.add_argument("--tolerance", type=nonnegative(float), default=0.1,
                    help="points of validation robust accuracy α may cost (0.1)")
     t = r.add_argument_group("test-set report")
-    t.add_argument("--n", "--subset", dest="n", type=_positive(int),
+    t.add_argument("--n", "--subset", dest="n", type=positive(int),
                    help="evaluate on the first N test images (default: all); --subset under torchrun, whose parser takes --n")
-    t.add_argument("--aa-n", type=_positive(int), help="AutoAttack on the first N of them (default: the same)")
-    t.add_argument("--aa-steps", type=_positive(int), help="AutoAttack iterations (protocol: 100)")
-    t.add_argument("--aa-queries", type=_positive(int), help="Square queries (protocol: 5000)")
-    t.add_argument("--test-batch-size", type=_positive(int),
+    t.add_argument("--aa-n", type=positive(int), help="AutoAttack on the first N of them (default: the same)")
+    t.add_argument("--aa-steps", type=positive(int), help="AutoAttack iterations (protocol: 100)")
+    t.add_argument("--aa-queries", type=positive(int), help="Square queries (protocol: 5000)")
+    t.add_argument("--test-batch-size", type=positive(int),
                    help="images per batch for the test-set report (default 500; AutoAttack takes half); larger is "
                         "faster on GPUs")
     t.add_argument("--no-aa", dest="aa", action="store_false", help="skip AutoAttack")
