@@ -164,3 +164,14 @@ def test_images_and_labels_that_do_not_fit_are_clear_errors(name, x, y, words):
     with pytest.raises(RobustlabError) as error:
         ATTACKS[name](model, x, y, eps=0.1)
     assert all(w in str(error.value) for w in words), str(error.value)
+
+
+def test_accuracy_takes_an_image_set_or_a_pair_of_tensors(robust_model, fmnist):
+    from robustlab.evaluate import accuracy as evaluate_accuracy
+    test = fmnist.test.subset(300)
+    attack = lambda m, x, y, generator=None: pgd(m, x, y, eps=0.1, steps=3, generator=generator)
+    on_set = evaluate_accuracy(robust_model, test, attack=attack, batch_size=100)
+    assert evaluate_accuracy(robust_model, (test.images, test.labels), attack=attack, batch_size=100) == on_set
+    assert evaluate_accuracy(robust_model, (test.as_float(), test.labels), attack=attack, batch_size=100) == on_set
+    with pytest.raises(RobustlabError, match="an ImageSet .* or an \\(images, labels\\) pair, not a Tensor"):
+        evaluate_accuracy(robust_model, test.as_float())

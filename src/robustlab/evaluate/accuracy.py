@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 
 from robustlab import distributed
+from robustlab.errors import RobustlabError
 from robustlab.models import model_device
 from robustlab.progress import progress as progress_bar
 
@@ -50,5 +51,13 @@ def fraction(mask) -> float:
 
 
 def accuracy(model, data, **kwargs) -> float:
-    """Accuracy on an ImageSet (uint8 images) under an optional attack; see `correct_mask`."""
-    return fraction(correct_mask(model, data.images, data.labels, **kwargs))
+    """Accuracy on an ImageSet (uint8 images), or on an (images, labels) pair of tensors (uint8, or float in
+    [0, 1]), under an optional attack; see `correct_mask`."""
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        images, labels = data
+    elif hasattr(data, "images") and hasattr(data, "labels"):
+        images, labels = data.images, data.labels
+    else:
+        raise RobustlabError(f"accuracy takes an ImageSet (e.g. load_dataset(...).test) or an (images, labels) pair, "
+                             f"not a {type(data).__name__}")
+    return fraction(correct_mask(model, images, labels, **kwargs))
