@@ -175,3 +175,26 @@ def test_accuracy_takes_an_image_set_or_a_pair_of_tensors(robust_model, fmnist):
     assert evaluate_accuracy(robust_model, (test.as_float(), test.labels), attack=attack, batch_size=100) == on_set
     with pytest.raises(RobustlabError, match="an ImageSet .* or an \\(images, labels\\) pair, not a Tensor"):
         evaluate_accuracy(robust_model, test.as_float())
+
+
+def test_transfer_attacks_the_source_and_never_runs_the_target(robust_model, standard_model, fmnist):
+    from functools import partial
+
+    from robustlab.attacks import transfer
+    from robustlab.evaluate import accuracy as evaluate_accuracy
+    test = fmnist.test.subset(300)
+    x, y = test.as_float()[:50], test.labels[:50]
+    made = partial(pgd, eps=0.1, steps=10, step_size=0.025, keep_best=False)
+    calls = []
+    hook = robust_model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        x_t = transfer(standard_model, made)(robust_model, x, y, generator=torch.Generator().manual_seed(3))
+    finally:
+        hook.remove()
+    assert not calls  # black-box: the attacked model is never run
+    assert torch.equal(x_t, made(standard_model, x, y, generator=torch.Generator().manual_seed(3)))
+    assert within_ball(x_t, x, "linf", 0.1)
+    # A robust model resists examples made on a standard one better than its own white-box attack.
+    white = evaluate_accuracy(robust_model, test, attack=made, batch_size=100)
+    moved = evaluate_accuracy(robust_model, test, attack=transfer(standard_model, made), batch_size=100)
+    assert white + 0.03 < moved < evaluate_accuracy(robust_model, test), (white, moved)  # 0.52, 0.58, 0.70 here

@@ -141,6 +141,34 @@ def test_train_then_eval_writes_a_report(tmp_path):
     assert "--out" in on_a_file.stderr
 
 
+def test_eval_transfer_from_another_run(tmp_path):
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for seed, run in enumerate(runs):
+        assert robustlab("train", "--data-dir", FMNIST, "--train-n", "256", "--val-n", "50", "--epochs", "1", "--steps",
+                         "2", "--seed", str(seed), "--threads", "1", "--out", str(run)).returncode == 0
+    common = ["--data-dir", FMNIST, "--n", "100", "--steps", "3", "--restarts", "1", "--threads", "1", "--json"]
+    # From the model itself, with the same seed, the transferred last iterate is the white-box attack's own last
+    # iterate, so it breaks nothing the white-box attack left.
+    itself = robustlab("eval", str(runs[0]), "--transfer-from", str(runs[0]), *common)
+    assert itself.returncode == 0, itself.stderr
+    itself = json.loads(itself.stdout)
+    assert itself["transfer_only"] == 0 and itself["worst_case"] == itself["white_box"] <= itself["transfer"]
+    other = robustlab("eval", str(runs[1]), "--transfer-from", str(runs[0]), *common)
+    assert other.returncode == 0, other.stderr
+    other = json.loads(other.stdout)
+    assert other["n"] == 100 and other["transfer"] < other["clean"] and other["source"] == str(runs[0])
+    assert not (runs[1] / "report.json").exists()  # figures only
+
+    refused = robustlab("eval", str(runs[1]), "--transfer-from", str(runs[0]), "--suite", "standard")
+    assert refused.returncode == 2 and "--transfer-from" in refused.stderr, refused.stderr
+    from robustlab import checkpoint
+    tensors, meta = checkpoint.load(runs[0] / "best.safetensors")
+    meta["dataset"]["name"] = "mnist"
+    checkpoint.save(tmp_path / "mnist.safetensors", tensors, meta)
+    refused = robustlab("eval", str(runs[1]), "--transfer-from", str(tmp_path / "mnist.safetensors"), *common)
+    assert refused.returncode == 2 and "same data" in refused.stderr and len(refused.stderr.splitlines()) == 1
+
+
 def test_standard_suite_reports_autoattack_sanity_and_ood(tmp_path):
     run = tmp_path / "run"
     assert robustlab("train", "--data-dir", FMNIST, "--train-n", "256", "--val-n", "50", "--epochs", "1",

@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--aa-queries", type=positive(int), help="Square queries (protocol: 5000)")
     e.add_argument("--sanity-n", type=positive(int), help="test images for the sanity checks (default 500)")
     e.add_argument("--no-ood", dest="ood", action="store_false", help="skip the corruption suite")
+    e.add_argument("--transfer-from", metavar="SOURCE", help="black-box transfer: make the attack against SOURCE (a run "
+                   "directory or checkpoint file, the same data) and score RUN on its examples, beside the attack "
+                   "white-box on RUN and the worst case of the two per image; prints (or --json), writes no report")
     e.add_argument("--checkpoint", default="best", help="best or last")
     e.add_argument("--data-dir", help="default: the run's own")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -286,6 +289,9 @@ def cmd_eval(args) -> int:
         raise RobustlabError("--split val evaluates clean and one attack; run --suite standard on the test split")
     if args.split == "val" and (args.out or args.sweep_n is not None):
         raise RobustlabError("--split val prints its figures and writes neither a report nor a plot; drop --out and --sweep-n")
+    if args.transfer_from and (args.suite != "none" or args.out or args.sweep_n is not None or args.attack == "pgd-smooth"):
+        raise RobustlabError("--transfer-from prints its figures and writes no report: it takes --attack fgsm, fgm or pgd, "
+                             "without --suite, --out or --sweep-n")
     model = load_model(args.run, args.checkpoint)  # a text run's model comes with its vocabulary
     if model.checkpoint_meta.get("task") == "text":
         return _eval_text(args, model.to(device), device)
@@ -322,6 +328,8 @@ def cmd_eval(args) -> int:
     label = {"pgd": f"PGD-{budget_label}",
              "pgd-smooth": f"PGD-{budget_label}, margin loss, smooth ReLU gradients τ={tau:g}",
              }.get(args.attack, f"{args.attack.upper()} ε={eps:g}")
+    if args.transfer_from:
+        return _eval_transfer(args, model, test, attack_at(eps), label, device)
     out = _report_dir(args)
     start = time.perf_counter()
     if args.suite == "standard":
@@ -355,9 +363,9 @@ def _eval_text(args, model, device) -> int:
     from robustlab.text.data import load_text_dataset
     from robustlab.text.training import EVAL_EPS, EVAL_STEPS, text_accuracy
 
-    if args.attack != "pgd" or args.suite != "none" or (args.restarts or 1) > 1:
+    if args.attack != "pgd" or args.suite != "none" or (args.restarts or 1) > 1 or args.transfer_from:
         raise RobustlabError(f"{args.run} is a text run, evaluated with embedding-space PGD only: drop --attack, "
-                             "--suite and --restarts")
+                             "--suite, --restarts and --transfer-from")
     meta = model.checkpoint_meta
     info = meta["dataset"]
     data = load_text_dataset(info["name"], args.data_dir or info.get("data_dir"), max_len=info["max_len"],
@@ -386,6 +394,49 @@ def _eval_text(args, model, device) -> int:
                        attack={"name": "embedding-pgd", "norm": norm, "eps": eps, "steps": steps,
                                "step_size": step_size, "restarts": 1, "seed": args.seed})
     return _finish_eval(args, results, {}, measure, test, out, unit="texts")
+
+
+def _eval_transfer(args, target, test, attack, label, device) -> int:
+    """`eval RUN --transfer-from SOURCE`: the attack made against SOURCE and scored on RUN (black-box), beside the same
+    attack white-box on RUN. Per image the worst of the two is the robust accuracy to quote; images that only the
+    transferred examples break mean the white-box attack misses them (robustlab.attacks.transfer)."""
+    from robustlab import distributed, load_model
+    from robustlab.attacks import transfer
+    from robustlab.evaluate import correct_mask, fraction
+    from robustlab.models import fast_memory_format
+
+    source = load_model(args.transfer_from)
+    theirs, ours = source.checkpoint_meta.get("dataset", {}), target.checkpoint_meta["dataset"]
+    if [theirs.get(k) for k in ("name", "input_shape", "class_names")] != [ours.get(k) for k in ("name", "input_shape", "class_names")]:
+        raise RobustlabError(f"--transfer-from {args.transfer_from} was trained on {theirs.get('name')} "
+                             f"{theirs.get('input_shape')}, {args.run} on {ours['name']} {ours.get('input_shape')}: "
+                             "transfer needs models of the same data")
+    source = source.to(device, memory_format=fast_memory_format(source, device))
+    crafted = partial(attack, keep_best=False) if args.attack == "pgd" else attack  # the last iterate transfers better
+    start = time.perf_counter()
+
+    def correct(attack=None, progress=None):
+        return correct_mask(target, test.images, test.labels, attack=attack, batch_size=args.batch_size,
+                            seed=args.seed, progress=progress)
+    clean, white, moved = correct(None, "clean"), correct(attack, label), correct(transfer(source, crafted),
+                                                                                 f"{label}, made on the source")
+    results = {"split": args.split, "n": len(test), "clean": fraction(clean), "white_box": fraction(white),
+               "transfer": fraction(moved), "worst_case": fraction(white & moved),
+               "transfer_only": int((white & ~moved).sum()), "attack": label, "source": str(args.transfer_from),
+               "wall_s": round(time.perf_counter() - start, 1)}
+    if not distributed.is_main():
+        return 0
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    print(f"clean             {results['clean']:7.2%}  ({len(test)} {args.split} images)\n"
+          f"white-box         {results['white_box']:7.2%}  {label}\n"
+          f"transferred       {results['transfer']:7.2%}  the same attack made on {args.transfer_from}\n"
+          f"worst of the two  {results['worst_case']:7.2%}")
+    if results["transfer_only"]:
+        print(f"{results['transfer_only']} images fell to the transferred examples but not to the white-box attack: "
+              "it misses them (masked gradients, or too few steps); quote the worst case")
+    return 0
 
 
 ONE_STEP_NORMS = {"fgsm": "linf", "fgm": "l2"}

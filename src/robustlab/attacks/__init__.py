@@ -12,6 +12,7 @@ from robustlab.attacks.fab import fab_targeted
 from robustlab.attacks.square import square
 from robustlab.attacks.smooth import negative_margin, pgd_smooth, smooth_relu_gradients
 from robustlab.attacks.autoattack import AutoAttackResult, autoattack, autoattack_accuracy
+from robustlab.attacks.transfer import transfer
 
 ATTACKS = {"fgsm": fgsm, "fgm": fgm, "pgd": pgd, "apgd": apgd, "apgd-t": apgd_targeted, "fab-t": fab_targeted,
            "square": square, "pgd-smooth": pgd_smooth}
@@ -19,4 +20,4 @@ ATTACKS = {"fgsm": fgsm, "fgm": fgm, "pgd": pgd, "apgd": apgd, "apgd-t": apgd_ta
 __all__ = ["ATTACKS", "AutoAttackResult", "NORMS", "L2Ball", "LinfBall", "apgd", "apgd_targeted", "attack_mode",
            "autoattack", "autoattack_accuracy", "cross_entropy", "dlr_loss", "dlr_targeted_loss", "fab_targeted",
            "fgm", "fgsm", "first_success", "frozen_params", "make_threat", "negative_margin", "perturb", "pgd", "pgd_smooth",
-           "smooth_relu_gradients", "square", "within_ball"]
+           "smooth_relu_gradients", "square", "transfer", "within_ball"]

@@ -102,11 +102,14 @@ def _check_budget(eps, steps, restarts):
 
 def pgd(model, x, y, *, eps: float, norm: str = "linf", steps: int = 10, step_size: float | None = None,
         random_start: bool = True, restarts: int = 1, targeted: bool = False,
-        loss_fn: LossFn = cross_entropy, generator: torch.Generator | None = None) -> torch.Tensor:
+        loss_fn: LossFn = cross_entropy, generator: torch.Generator | None = None,
+        keep_best: bool = True) -> torch.Tensor:
     """Evaluation PGD: worst case per example over `restarts` runs, model in eval mode.
 
     step_size defaults to 2.5·ε/steps (Madry et al.), so the iterate can cross the ball.
     A restart only runs on examples that earlier restarts did not break.
+    Per example the first iterate that breaks the model is kept (`keep_best`); with keep_best=False the last one
+    is, the highest loss on this model, which is what to transfer to another (`transfer`).
     """
     _check_budget(eps, steps, restarts)
     check_batch(x, y)
@@ -117,7 +120,7 @@ def pgd(model, x, y, *, eps: float, norm: str = "linf", steps: int = 10, step_si
         for r in range(restarts):
             xr, yr = x[remaining], y[remaining]
             adv = perturb(model, xr, yr, threat, steps, random_start=random_start or r > 0,
-                          targeted=targeted, loss_fn=loss_fn, keep_best=True, generator=generator)
+                          targeted=targeted, loss_fn=loss_fn, keep_best=keep_best, generator=generator)
             x_adv[remaining] = adv
             with torch.no_grad():
                 pred = model(adv).argmax(1)
