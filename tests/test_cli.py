@@ -74,7 +74,7 @@ def test_ctrl_c_says_what_the_command_keeps(monkeypatch, capsys):
 
     def interrupted(args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(cli, "cmd_eval", interrupted)
+    monkeypatch.setattr("robustlab.evaluate.cli.cmd_eval", interrupted)
     assert cli.main(["eval", "runs/x"]) == 130
     assert "AutoAttack's finished batches are saved" in capsys.readouterr().err
 

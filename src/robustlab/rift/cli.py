@@ -163,9 +163,9 @@ def cmd_mrc(args) -> int:
 
 def _check_options_in_use(args):
     """Options that the rest of the command line leaves unused are refused rather than ignored without a word."""
-    from robustlab.cli import _given
-    aa = _given([("--aa-n", args.aa_n), ("--aa-steps", args.aa_steps), ("--aa-queries", args.aa_queries)])
-    test = _given([("--n", args.n), ("--test-batch-size", args.test_batch_size), ("--no-aa", not args.aa),
+    from robustlab.cli import given
+    aa = given([("--aa-n", args.aa_n), ("--aa-steps", args.aa_steps), ("--aa-queries", args.aa_queries)])
+    test = given([("--n", args.n), ("--test-batch-size", args.test_batch_size), ("--no-aa", not args.aa),
                    ("--no-ood", not args.ood)]) + aa
     if not args.test and test:
         raise RobustlabError(f"{', '.join(test)} apply to the test-set report, which --no-test skips")
@@ -202,9 +202,9 @@ def cmd_rift(args) -> int:
             raise RobustlabError(f"--bn {args.bn}: {source} has no BatchNorm layers to keep or recalibrate; drop --bn")
     source, _, data, device = _setup(args, check_model)
     output_dir(args.out)
-    given = {"n": args.n, "aa_n": args.aa_n, "aa_steps": args.aa_steps, "aa_queries": args.aa_queries,
-             "batch_size": args.test_batch_size}
-    test = (TestSettings(aa=args.aa, ood=args.ood, **{k: v for k, v in given.items() if v is not None})
+    test_options = {"n": args.n, "aa_n": args.aa_n, "aa_steps": args.aa_steps, "aa_queries": args.aa_queries,
+                    "batch_size": args.test_batch_size}
+    test = (TestSettings(aa=args.aa, ood=args.ood, **{k: v for k, v in test_options.items() if v is not None})
             if args.test else None)
     command = "robustlab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["rift"] else None
     report = rift(source, data, args.out, settings, test, mrc_dir=_mrc_dir(source), command=command,

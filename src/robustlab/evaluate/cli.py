@@ -1,0 +1,361 @@
+"""`robustlab eval RUN`: clean accuracy and one attack, or the standard suite, with a report; text runs and
+transfer attacks too. Wired into robustlab/cli.py by `add_parser`."""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+from robustlab.cli import given
+from robustlab.errors import RobustlabError, check_choice, output_dir
+
+
+def add_parser(sub):
+    from robustlab.cli import nonnegative, positive
+
+    e = sub.add_parser("eval", help="evaluate a trained run under attack and write RUN/report.md")
+    e.add_argument("run", help="run directory or checkpoint file")
+    e.add_argument("--attack", default="pgd", help="fgsm, fgm, pgd, or pgd-smooth: PGD on the margin loss with ReLU's "
+                   "gradient smoothed, an adaptive attack for gradient masking (robustlab.attacks.smooth)")
+    e.add_argument("--tau", type=positive(float), help="pgd-smooth: temperature of ReLU's sigmoid "
+                   "gradient (default 0.1)")
+    e.add_argument("--norm", help="linf or l2 (default: the run's)")
+    e.add_argument("--eps", type=nonnegative(float), help="default: the protocol's for the run's dataset (a text run: "
+                   "0.5, L2 in the embedding's scale)")
+    e.add_argument("--steps", type=positive(int), help="PGD steps (default: the protocol's)")
+    e.add_argument("--step-size", type=nonnegative(float), help="PGD step in pixel scale (default: the protocol's, or "
+                   "2.5·ε/steps with --steps)")
+    e.add_argument("--restarts", type=positive(int), help="PGD restarts, each on the images still robust (default: "
+                   "the protocol's)")
+    e.add_argument("--n", "--subset", dest="n", type=positive(int),
+                   help="evaluate the first N test images (default: all); under torchrun write --subset")
+    e.add_argument("--split", default="test",
+                   help="test (default), or val: the validation split held out of training, for choices (a recipe, "
+                        "a checkpoint) that must not see the test set; prints (or --json) without writing a report")
+    e.add_argument("--batch-size", type=positive(int), default=500, help="default 500")
+    e.add_argument("--seed", type=int, default=0, help="seeds the attacks' random starts, per batch (default 0)")
+    e.add_argument("--sweep-n", type=nonnegative(int), help=f"test images for the accuracy-vs-ε plot (default {SWEEP_N}; "
+                   "0: no plot)")
+    e.add_argument("--suite", default="none", help="none, or standard: clean, PGD, AutoAttack-standard, "
+                   "gradient-masking checks, corruptions (OOD)")
+    e.add_argument("--aa-n", type=positive(int), help="--suite standard: AutoAttack on the first N of the evaluated "
+                   "images (default: all of them)")
+    e.add_argument("--aa-steps", type=positive(int), help="AutoAttack iterations (protocol: 100)")
+    e.add_argument("--aa-queries", type=positive(int), help="Square queries (protocol: 5000)")
+    e.add_argument("--sanity-n", type=positive(int), help="test images for the sanity checks (default 500)")
+    e.add_argument("--no-ood", dest="ood", action="store_false", help="skip the corruption suite")
+    e.add_argument("--transfer-from", metavar="SOURCE", help="black-box transfer: make the attack against SOURCE (a run "
+                   "directory or checkpoint file, the same data) and score RUN on its examples, beside the attack "
+                   "white-box on RUN and the worst case of the two per image; prints (or --json), writes no report")
+    e.add_argument("--checkpoint", default="best", help="best or last")
+    e.add_argument("--data-dir", help="default: the run's own")
+    e.add_argument("--json", action="store_true", help="print the results as JSON")
+    e.add_argument("--out", help="folder for report.md, report.json, the plots and AutoAttack's resumable state "
+                   "(default: the run's directory for its best checkpoint, RUN/eval-NAME for RUN/NAME.safetensors); "
+                   "another folder keeps an earlier evaluation's report")
+    e.add_argument("--threads", type=positive(int), help="torch CPU threads")
+    e.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: the GPU of each LOCAL_RANK)")
+
+
+def cmd_eval(args) -> int:
+    import torch
+    from robustlab import distributed, load_model
+    from robustlab.attacks import ATTACKS, pgd, pgd_smooth
+    from robustlab.attacks.smooth import relu_count
+    from robustlab.evaluate import accuracy
+    from robustlab.evaluate.report import plot_adversarial_examples
+    from robustlab.evaluate.sanity import SMOOTH_GRADIENT_TAU
+    from robustlab.models import fast_memory_format
+    from robustlab.protocol import threat_defaults
+    from robustlab.training.run import run_dataset
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    check_choice("attack", args.attack, ("fgsm", "fgm", "pgd", "pgd-smooth"))
+    _check_eval_options(args)
+    device = distributed.init(args.device)  # under torchrun every attack below shares the test set out over the ranks
+    check_choice("suite", args.suite, ("none", "standard"))
+    check_choice("split", args.split, ("test", "val"))
+    if args.split == "val" and args.suite != "none":
+        raise RobustlabError("--split val evaluates clean and one attack; run --suite standard on the test split")
+    if args.split == "val" and (args.out or args.sweep_n is not None):
+        raise RobustlabError("--split val prints its figures and writes neither a report nor a plot; drop --out and --sweep-n")
+    if args.transfer_from and (args.suite != "none" or args.out or args.sweep_n is not None or args.attack == "pgd-smooth"):
+        raise RobustlabError("--transfer-from prints its figures and writes no report: it takes --attack fgsm, fgm or pgd, "
+                             "without --suite, --out or --sweep-n")
+    model = load_model(args.run, args.checkpoint)  # a text run's model comes with its vocabulary
+    if model.checkpoint_meta.get("task") == "text":
+        return _eval_text(args, model.to(device), device)
+    # channels_last halves the cost of model passes on CPUs (measured in the AutoAttack timing).
+    model = model.to(device, memory_format=fast_memory_format(model, device))  # attacks follow the model's device
+    meta = model.checkpoint_meta
+    if args.attack == "pgd-smooth" and not relu_count(model):
+        raise RobustlabError(f"--attack pgd-smooth: {args.run} has no nn.ReLU modules to smooth; use pgd")
+    dataset = meta["dataset"]["name"]
+    norm = ONE_STEP_NORMS.get(args.attack) or args.norm or meta.get("method", {}).get("norm", "linf")
+    budget = threat_defaults(dataset, norm).eval
+    eps = budget.eps if args.eps is None else args.eps
+    steps, restarts = args.steps or budget.steps, args.restarts or budget.restarts
+    step_size = args.step_size if args.step_size is not None else (budget.step_size if args.steps is None else 2.5 * eps / steps)
+    tau = args.tau or SMOOTH_GRADIENT_TAU
+    # A folder or npy test set is decoded as far as it is read: --n 1000 reads 1,000 images.
+    data = run_dataset(meta, args.data_dir)
+    test = getattr(data, args.split)  # "test" names the evaluated split below, whichever it is
+    test = test.subset(args.n) if args.n else test
+
+    def attack_at(e):
+        step = step_size * (e / eps if eps else 1)
+        if args.attack == "pgd":
+            return partial(pgd, eps=e, norm=norm, steps=steps, step_size=step, restarts=restarts)
+        if args.attack == "pgd-smooth":
+            return partial(pgd_smooth, eps=e, norm=norm, steps=steps, step_size=step, restarts=restarts, tau=tau)
+        return lambda m, x, y, generator=None: ATTACKS[args.attack](m, x, y, eps=e)
+
+    def measure(images, e, progress=None):
+        attack = attack_at(e) if e > 0 else None
+        return accuracy(model, images, attack=attack, batch_size=args.batch_size, seed=args.seed, progress=progress)
+
+    budget_label = f"{steps}{'×' + str(restarts) if restarts > 1 else ''} {norm} ε={eps:g} step {step_size:g}"
+    label = {"pgd": f"PGD-{budget_label}",
+             "pgd-smooth": f"PGD-{budget_label}, margin loss, smooth ReLU gradients τ={tau:g}",
+             }.get(args.attack, f"{args.attack.upper()} ε={eps:g}")
+    if args.transfer_from:
+        return _eval_transfer(args, model, test, attack_at(eps), label, device)
+    out = _report_dir(args)
+    start = time.perf_counter()
+    if args.suite == "standard":
+        from robustlab.evaluate.suite import run_suite
+        budget_options = {"aa_steps": args.aa_steps, "aa_queries": args.aa_queries, "aa_n": args.aa_n,
+                          "sanity_n": args.sanity_n}
+        rows, extra, plots = run_suite(model, test, data.info, norm=norm, eps=eps, pgd_attack=attack_at(eps),
+                                       pgd_label=label, out_dir=out, ood=args.ood, seed=args.seed,
+                                       batch_size=args.batch_size, **{k: v for k, v in budget_options.items() if v is not None})
+        clean, robust = rows[0]["accuracy"], rows[1]["accuracy"]
+    else:
+        rows, extra, plots = None, {}, {}
+        clean = measure(test, 0, "clean")
+        robust = measure(test, eps, label) if eps > 0 else clean
+    results = _results(meta, clean, robust, len(test), label, start, rows, extra,
+                       attack={"name": args.attack, "norm": norm, "eps": eps, "steps": steps,
+                               "step_size": step_size, "restarts": restarts, "seed": args.seed})
+    if args.split == "test" and eps > 0 and distributed.is_main():
+        x, x_adv, y, pred = adversarial_examples(model, test, attack_at(eps), seed=args.seed)
+        if len(x):  # none when no image of the first 64 is classified correctly
+            plot_adversarial_examples(x, x_adv, y, pred, data.info.class_names, out / "adversarial_examples.png",
+                                      f"{label} on the first {len(x)} correctly classified test images")
+            plots["Adversarial examples"] = "adversarial_examples.png"
+    return _finish_eval(args, results, plots, measure, test, out, unit="images")
+
+
+def _eval_text(args, model, device) -> int:
+    """`robustlab eval` of a text run: clean and embedding-space PGD accuracy (docs/text.md), the ε sweep and the
+    training curves, in the same report as an image run's."""
+    from robustlab.text.adversary import embedding_pgd
+    from robustlab.text.data import load_text_dataset
+    from robustlab.text.training import EVAL_EPS, EVAL_STEPS, text_accuracy
+
+    if args.attack != "pgd" or args.suite != "none" or (args.restarts or 1) > 1 or args.transfer_from:
+        raise RobustlabError(f"{args.run} is a text run, evaluated with embedding-space PGD only: drop --attack, "
+                             "--suite, --restarts and --transfer-from")
+    meta = model.checkpoint_meta
+    info = meta["dataset"]
+    data = load_text_dataset(info["name"], args.data_dir or info.get("data_dir"), max_len=info["max_len"],
+                             vocab=model.vocab)  # the run's own vocabulary, so token ids mean what they meant
+    if list(data.info.class_names) != list(info["class_names"]):  # e.g. a corpus rebuilt from other package lists
+        raise RobustlabError(f"the {info['name']} data found has classes {list(data.info.class_names)}, but "
+                             f"{args.run} was trained on {list(info['class_names'])}; pass the run's --data-dir")
+    test = getattr(data, args.split)
+    test = test.subset(args.n) if args.n else test
+    norm = args.norm or meta.get("method", {}).get("norm", "l2")
+    eps = EVAL_EPS if args.eps is None else args.eps
+    steps = args.steps or EVAL_STEPS
+
+    def measure(texts, e, progress=None):
+        attack = partial(embedding_pgd, eps=e, steps=steps, norm=norm,
+                         step_size=None if args.step_size is None else args.step_size * e / eps) if e > 0 else None
+        return text_accuracy(model, texts, attack=attack, batch_size=args.batch_size, device=device, progress=progress)
+
+    step_size = 2.5 * eps / steps if args.step_size is None else args.step_size
+    label = f"PGD-{steps} {norm} ε={eps:g} step {step_size:g} on the word embeddings"
+    out = _report_dir(args)
+    start = time.perf_counter()
+    clean = measure(test, 0, "clean")
+    robust = measure(test, eps, label) if eps > 0 else clean
+    results = _results(meta, clean, robust, len(test), label, start,
+                       attack={"name": "embedding-pgd", "norm": norm, "eps": eps, "steps": steps,
+                               "step_size": step_size, "restarts": 1, "seed": args.seed})
+    return _finish_eval(args, results, {}, measure, test, out, unit="texts")
+
+
+def _eval_transfer(args, target, test, attack, label, device) -> int:
+    """`eval RUN --transfer-from SOURCE`: the attack made against SOURCE and scored on RUN (black-box), beside the same
+    attack white-box on RUN. Per image the worst of the two is the robust accuracy to quote; images that only the
+    transferred examples break mean the white-box attack misses them (robustlab.attacks.transfer)."""
+    from robustlab import distributed, load_model
+    from robustlab.attacks import transfer
+    from robustlab.evaluate import correct_mask, fraction
+    from robustlab.models import fast_memory_format
+
+    source = load_model(args.transfer_from)
+    theirs, ours = source.checkpoint_meta.get("dataset", {}), target.checkpoint_meta["dataset"]
+    if [theirs.get(k) for k in ("name", "input_shape", "class_names")] != [ours.get(k) for k in ("name", "input_shape", "class_names")]:
+        raise RobustlabError(f"--transfer-from {args.transfer_from} was trained on {theirs.get('name')} "
+                             f"{theirs.get('input_shape')}, {args.run} on {ours['name']} {ours.get('input_shape')}: "
+                             "transfer needs models of the same data")
+    source = source.to(device, memory_format=fast_memory_format(source, device))
+    crafted = partial(attack, keep_best=False) if args.attack == "pgd" else attack  # the last iterate transfers better
+    start = time.perf_counter()
+
+    def correct(attack=None, progress=None):
+        return correct_mask(target, test.images, test.labels, attack=attack, batch_size=args.batch_size,
+                            seed=args.seed, progress=progress)
+    clean, white, moved = correct(None, "clean"), correct(attack, label), correct(transfer(source, crafted),
+                                                                                 f"{label}, made on the source")
+    results = {"split": args.split, "n": len(test), "clean": fraction(clean), "white_box": fraction(white),
+               "transfer": fraction(moved), "worst_case": fraction(white & moved),
+               "transfer_only": int((white & ~moved).sum()), "attack": label, "source": str(args.transfer_from),
+               "wall_s": round(time.perf_counter() - start, 1)}
+    if not distributed.is_main():
+        return 0
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    print(f"clean             {results['clean']:7.2%}  ({len(test)} {args.split} images)\n"
+          f"white-box         {results['white_box']:7.2%}  {label}\n"
+          f"transferred       {results['transfer']:7.2%}  the same attack made on {args.transfer_from}\n"
+          f"worst of the two  {results['worst_case']:7.2%}")
+    if results["transfer_only"]:
+        print(f"{results['transfer_only']} images fell to the transferred examples but not to the white-box attack: "
+              "it misses them (masked gradients, or too few steps); quote the worst case")
+    return 0
+
+
+ONE_STEP_NORMS = {"fgsm": "linf", "fgm": "l2"}
+SWEEP_N = 1000  # test images for the report's accuracy-vs-ε plot
+
+
+def _check_eval_options(args):
+    """Options this evaluation would ignore are refused, so that a report never names an attack other than the one
+    that ran: FGSM and FGM take one step of size ε in their own norm, only pgd-smooth has a τ, and the AutoAttack,
+    sanity and OOD options belong to --suite standard."""
+    suite = given([("--aa-n", args.aa_n), ("--aa-steps", args.aa_steps), ("--aa-queries", args.aa_queries),
+                    ("--sanity-n", args.sanity_n), ("--no-ood", not args.ood)])
+    if suite and args.suite != "standard":
+        raise RobustlabError(f"{', '.join(suite)} apply to --suite standard")
+    if args.suite == "standard" and args.eps == 0:  # else AutoAttack fails on it, after the clean and PGD passes
+        raise RobustlabError("--suite standard needs --eps > 0: AutoAttack and the sanity checks attack at ε")
+    if args.tau is not None and args.attack != "pgd-smooth":
+        raise RobustlabError(f"--tau is pgd-smooth's temperature; --attack {args.attack} has none")
+    norm = ONE_STEP_NORMS.get(args.attack)
+    if norm is None:
+        return
+    if args.norm not in (None, norm):
+        other = {v: k for k, v in ONE_STEP_NORMS.items()}[check_choice("norm", args.norm, ONE_STEP_NORMS.values())]
+        raise RobustlabError(f"--attack {args.attack} is the {norm} one-step attack; for --norm {args.norm} "
+                             f"use --attack {other}")
+    if ignored := given([("--steps", args.steps), ("--step-size", args.step_size), ("--restarts", args.restarts)]):
+        raise RobustlabError(f"--attack {args.attack} takes one step of size ε; {', '.join(ignored)} "
+                             "apply to pgd and pgd-smooth")
+
+
+def _run_dir(args) -> Path:
+    """The run's directory: RUN itself, or the folder of the checkpoint file RUN names."""
+    return Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
+
+
+def _evaluated(args) -> tuple[Path, str]:
+    """The default report folder and the report's title: the run's directory and name for its best checkpoint,
+    RUN/eval-NAME and RUN/NAME.safetensors for any other (last, epoch-005, or one of several files in a folder),
+    so that evaluating one checkpoint never overwrites another's report."""
+    from robustlab.training.run import resolve_checkpoint
+    source, run_dir = resolve_checkpoint(args.run, args.checkpoint), _run_dir(args)
+    if source.stem == "best":
+        return run_dir, run_dir.name
+    return run_dir / f"eval-{source.stem}", f"{run_dir.name}/{source.name}"
+
+
+def _report_dir(args) -> Path:
+    """Where the report goes: --out, else `_evaluated`'s folder (made now, so a bad path fails before the attacks)."""
+    out = Path(args.out) if args.out else _evaluated(args)[0]
+    return output_dir(out) if args.split == "test" else out
+
+
+def _results(meta, clean, robust, n, label, start, rows=None, extra=None, *, attack) -> dict:
+    return {"run": {"model": meta["model"]["name"], "dataset": meta["dataset"]["name"],
+                    "method": meta.get("method", {}).get("name"), "epoch": meta.get("epoch"),
+                    "epochs": meta.get("config", {}).get("epochs")},
+            "attack": attack, "label": label, "clean": clean, "robust": robust, "n": n,
+            "wall_s": round(time.perf_counter() - start, 1),
+            "rows": rows or [{"name": "clean", "n": n, "accuracy": clean}, {"name": label, "n": n, "accuracy": robust}],
+            **(extra or {}),
+            "command": "robustlab eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None}
+
+
+def _finish_eval(args, results, plots, measure, test, out, unit: str) -> int:
+    """The end of every evaluation: validation figures are printed only; test figures get the ε sweep, the training
+    curves and report.md / report.json. `measure(subset, eps, progress)` is the run's accuracy under its attack."""
+    from robustlab import distributed
+    from robustlab.checkpoint import read_metrics
+    from robustlab.evaluate.report import plot_accuracy_vs_eps, plot_training_curves, write_report
+
+    clean, label, n, eps = results["clean"], results["label"], results["n"], results["attack"]["eps"]
+    results["unit"] = unit
+    if args.split == "val":  # the run's report and plot describe the test set; validation figures are only printed
+        if distributed.is_main():
+            print(json.dumps({"split": "val", **{k: results[k] for k in ("clean", "robust", "n", "attack", "wall_s")}})
+                  if args.json else f"validation: clean {clean:.2%}, {label} {results['robust']:.2%} ({n} validation {unit})")
+        return 0
+    sweep_n = SWEEP_N if args.sweep_n is None else args.sweep_n
+    if sweep_n > 0 and eps > 0:
+        sweep = test.subset(min(sweep_n, len(test)))
+        points = [(f * eps, measure(sweep, f * eps, f"sweep ε={f * eps:g}" if f else None))
+                  for f in (0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)]
+        results["sweep"] = {"n": len(sweep), "points": points}
+    if not distributed.is_main():
+        return 0
+    run = results["run"]
+    run_dir = _run_dir(args)
+    if "sweep" in results:
+        plot_accuracy_vs_eps({label.split(" ")[0]: results["sweep"]["points"]}, out / "accuracy_vs_eps.png",
+                             f"{run['model']} on {run['dataset']} ({results['sweep']['n']} test {unit})",
+                             results["attack"]["norm"], "embedding scale" if unit == "texts" else "pixel scale")
+        plots = {"Accuracy versus ε": "accuracy_vs_eps.png", **plots}
+    if metrics := read_metrics(run_dir):
+        plot_training_curves({run["method"] or run_dir.name: metrics}, out / "training_curves.png",
+                             f"{run['model']} on {run['dataset']}: validation during training")
+        plots["Training curves"] = "training_curves.png"
+    write_report(out, results, plots, run_name=_evaluated(args)[1])
+    if args.json:
+        print(json.dumps({k: results[k] for k in ("clean", "robust", "n", "attack", "wall_s")}))
+    else:
+        print(f"clean accuracy   {clean:.2%} ({n} test {unit})")
+        for row in results["rows"][1:]:
+            print(f"{row['accuracy']:7.2%}  {row['name']}")
+        if "sanity" in results:
+            print(f"sanity checks: {results['sanity'].get('verdict')}")
+        print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def adversarial_examples(model, test, attack, n: int = 8, seed: int = 0):
+    """For the report's gallery: the first n test images (among the first 8n) that the model classifies correctly,
+    their adversarial versions, the labels and the predictions on the adversarial images."""
+    import torch
+    from robustlab.models import model_device
+
+    device, first = model_device(model), test.subset(8 * n)  # a lazy folder set decodes only these
+    x, y = first.images.to(device), first.labels.to(device)
+    x = x.float().div(255) if x.dtype == torch.uint8 else x
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        right = model(x).argmax(1) == y
+    x, y = x[right][:n], y[right][:n]
+    x_adv = attack(model, x, y, generator=torch.Generator(device).manual_seed(seed))
+    with torch.no_grad():
+        pred = model(x_adv).argmax(1)
+    model.train(was_training)
+    return x, x_adv, y, pred
