@@ -74,18 +74,8 @@ def cmd_eval(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    check_choice("attack", args.attack, ("fgsm", "fgm", "pgd", "pgd-smooth"))
     _check_eval_options(args)
     device = distributed.init(args.device)  # under torchrun every attack below shares the test set out over the ranks
-    check_choice("suite", args.suite, ("none", "standard"))
-    check_choice("split", args.split, ("test", "val"))
-    if args.split == "val" and args.suite != "none":
-        raise RobustlabError("--split val evaluates clean and one attack; run --suite standard on the test split")
-    if args.split == "val" and (args.out or args.sweep_n is not None):
-        raise RobustlabError("--split val prints its figures and writes neither a report nor a plot; drop --out and --sweep-n")
-    if args.transfer_from and (args.suite != "none" or args.out or args.sweep_n is not None or args.attack == "pgd-smooth"):
-        raise RobustlabError("--transfer-from prints its figures and writes no report: it takes --attack fgsm, fgm or pgd, "
-                             "without --suite, --out or --sweep-n")
     model = load_model(args.run, args.checkpoint)  # a text run's model comes with its vocabulary
     if model.checkpoint_meta.get("task") == "text":
         return _eval_text(args, model.to(device), device)
@@ -240,7 +230,17 @@ SWEEP_N = 1000  # test images for the report's accuracy-vs-ε plot
 def _check_eval_options(args):
     """Options this evaluation would ignore are refused, so that a report never names an attack other than the one
     that ran: FGSM and FGM take one step of size ε in their own norm, only pgd-smooth has a τ, and the AutoAttack,
-    sanity and OOD options belong to --suite standard."""
+    sanity and OOD options belong to --suite standard. Validation and transfer figures are printed, not reported."""
+    check_choice("attack", args.attack, ("fgsm", "fgm", "pgd", "pgd-smooth"))
+    check_choice("suite", args.suite, ("none", "standard"))
+    check_choice("split", args.split, ("test", "val"))
+    if args.split == "val" and args.suite != "none":
+        raise RobustlabError("--split val evaluates clean and one attack; run --suite standard on the test split")
+    if args.split == "val" and (args.out or args.sweep_n is not None):
+        raise RobustlabError("--split val prints its figures and writes neither a report nor a plot; drop --out and --sweep-n")
+    if args.transfer_from and (args.suite != "none" or args.out or args.sweep_n is not None or args.attack == "pgd-smooth"):
+        raise RobustlabError("--transfer-from prints its figures and writes no report: it takes --attack fgsm, fgm or pgd, "
+                             "without --suite, --out or --sweep-n")
     suite = given([("--aa-n", args.aa_n), ("--aa-steps", args.aa_steps), ("--aa-queries", args.aa_queries),
                     ("--sanity-n", args.sanity_n), ("--no-ood", not args.ood)])
     if suite and args.suite != "standard":
