@@ -175,6 +175,10 @@ def test_accuracy_takes_an_image_set_or_a_pair_of_tensors(robust_model, fmnist):
     assert evaluate_accuracy(robust_model, (test.as_float(), test.labels), attack=attack, batch_size=100) == on_set
     with pytest.raises(RobustlabError, match="an ImageSet .* or an \\(images, labels\\) pair, not a Tensor"):
         evaluate_accuracy(robust_model, test.as_float())
+    with pytest.raises(RobustlabError, match="normalization belongs inside the model"):  # even without an attack
+        evaluate_accuracy(robust_model, ((test.as_float() - 0.286) / 0.353, test.labels))
+    with pytest.raises(RobustlabError, match="300 images but 299 labels"):
+        evaluate_accuracy(robust_model, (test.images, test.labels[:-1]))
 
 
 def test_transfer_attacks_the_source_and_never_runs_the_target(robust_model, standard_model, fmnist):

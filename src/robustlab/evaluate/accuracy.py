@@ -26,6 +26,13 @@ def correct_mask(model, images, labels, *, attack: Callable | None = None, batch
     the ranks of a torchrun job (each rank takes every W-th batch; the masks are gathered exactly).
     The model's mode is left as the caller had it. Batches go to `device`, by default the model's.
     """
+    if len(images) != len(labels):
+        raise RobustlabError(f"{len(images)} images but {len(labels)} labels")
+    if isinstance(images, torch.Tensor) and images.is_floating_point() and images.numel():
+        low, high = (float(v) for v in images.aminmax())
+        if low < -1e-6 or high > 1 + 1e-6:  # normalized images would give a wrong clean accuracy without a word
+            raise RobustlabError(f"float images must lie in [0, 1] (normalization belongs inside the model), got "
+                                 f"values from {low:.3g} to {high:.3g}")
     device = device or model_device(model)
     was_training = model.training
     model.eval()
