@@ -63,6 +63,18 @@ def test_sharded_pgd_evaluation_counts_exactly_as_one_process(tiny_run):
     assert 0 < one["robust"] < one["clean"]
 
 
+def test_sharded_transfer_evaluation_counts_exactly_as_one_process(tiny_run):
+    args = ["eval", str(tiny_run), "--transfer-from", str(tiny_run / "last.safetensors"), "--data-dir", FMNIST,
+            "--subset", "300", "--batch-size", "40", "--steps", "5", "--restarts", "1", "--json", "--threads", "1"]
+    single = robustlab(*args)
+    assert single.returncode == 0, failure(single)
+    sharded = torchrun("-m", "robustlab", *args)
+    assert sharded.returncode == 0, failure(sharded)
+    one, two = json.loads(single.stdout), json.loads(sharded.stdout.strip().splitlines()[-1])
+    assert one == {**two, "wall_s": one["wall_s"]}
+    assert 0 < one["white_box"] <= one["transfer"] and one["transfer_only"] == 0  # the source is the model itself
+
+
 def test_sharded_autoattack_matches_one_process(tiny_run, tmp_path):
     from robustlab import load_model
     from robustlab.attacks import autoattack_accuracy
