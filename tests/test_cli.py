@@ -167,6 +167,8 @@ def test_eval_transfer_from_another_run(tmp_path):
     checkpoint.save(tmp_path / "mnist.safetensors", tensors, meta)
     refused = robustlab("eval", str(runs[1]), "--transfer-from", str(tmp_path / "mnist.safetensors"), *common)
     assert refused.returncode == 2 and "same data" in refused.stderr and len(refused.stderr.splitlines()) == 1
+    missing = robustlab("eval", str(runs[1]), "--transfer-from", str(tmp_path / "nope"), *common)
+    assert missing.returncode == 2 and missing.stderr.startswith("robustlab: error: --transfer-from: no run directory")
 
 
 def test_standard_suite_reports_autoattack_sanity_and_ood(tmp_path):

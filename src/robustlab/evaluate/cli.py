@@ -189,7 +189,10 @@ def _eval_transfer(args, target, test, attack, label, device) -> int:
     from robustlab.evaluate import correct_mask, fraction
     from robustlab.models import fast_memory_format
 
-    source = load_model(args.transfer_from)
+    try:
+        source = load_model(args.transfer_from)
+    except RobustlabError as exc:
+        raise RobustlabError(f"--transfer-from: {exc}") from None
     theirs, ours = source.checkpoint_meta.get("dataset", {}), target.checkpoint_meta["dataset"]
     if [theirs.get(k) for k in ("name", "input_shape", "class_names")] != [ours.get(k) for k in ("name", "input_shape", "class_names")]:
         raise RobustlabError(f"--transfer-from {args.transfer_from} was trained on {theirs.get('name')} "
