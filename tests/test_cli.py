@@ -140,6 +140,21 @@ def test_train_then_eval_writes_a_report(tmp_path):
     assert on_a_file.returncode == 2 and len(on_a_file.stderr.strip().splitlines()) == 1
     assert "--out" in on_a_file.stderr
 
+    # the reports side by side
+    summary = robustlab("summary", str(run), str(run / "eval-last"), str(run / "fgsm" / "report.json"),
+                        "--plot", str(tmp_path / "plots" / "runs.png"))
+    assert summary.returncode == 0, summary.stderr
+    lines = summary.stdout.splitlines()
+    assert lines[2].startswith(f"| run | cnn-small | pgd-at | 1/1 | 100 | {100 * result['clean']:.2f} | "
+                               f"{100 * result['robust']:.2f} | – | – |"), lines[2]
+    assert lines[3].startswith("| run/eval-last | cnn-small | pgd-at | 1/1 | 60 |") and lines[4].startswith("| fgsm |")
+    assert "different attacks" in summary.stdout and "different numbers of images" in summary.stdout
+    assert (tmp_path / "plots" / "runs.png").stat().st_size > 1000
+    rows = json.loads(robustlab("summary", str(run), "--json").stdout)
+    assert (rows[0]["clean"], rows[0]["robust"], rows[0]["n"]) == (result["clean"], result["robust"], 100)
+    none = robustlab("summary", str(run), str(tmp_path))
+    assert none.returncode == 2 and none.stderr.count("\n") == 1 and "no report.json in" in none.stderr
+
 
 def test_eval_transfer_from_another_run(tmp_path):
     runs = [tmp_path / "a", tmp_path / "b"]
@@ -191,6 +206,8 @@ def test_standard_suite_reports_autoattack_sanity_and_ood(tmp_path):
     assert report["sanity"]["verdict"] and (run / "corruptions.png").exists() and (run / "per_class.png").exists()
     assert report["sanity"]["checks"][-1]["name"] == "autoattack_square"  # read off AutoAttack's own stages
     assert "Gradient-masking sanity checks" in (run / "report.md").read_text()
+    row, = json.loads(robustlab("summary", str(run), "--json").stdout)
+    assert row["autoattack"] == accs[-1] and row["autoattack_n"] == 24 and row["ood"] is not None
 
 
 def test_auto_precision_is_bf16_only_where_the_device_has_bf16_units(monkeypatch):

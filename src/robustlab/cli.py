@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from robustlab.evaluate.cli import add_parser as add_eval_parser
     add_eval_parser(sub)  # robustlab eval
+    from robustlab.evaluate.summary import add_parser as add_summary_parser
+    add_summary_parser(sub)  # robustlab summary
 
     d = sub.add_parser("demo", help="PGD-AT on Fashion-MNIST, evaluation and report, in a few minutes")
     d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo); run again to resume")
@@ -260,6 +262,7 @@ INTERRUPTED = {"train": "the last completed epoch is saved; continue with --resu
                "eval": "AutoAttack's finished batches are saved (--suite standard); the same command continues",
                "rift": "finished steps are cached in --out; the same command continues",
                "mrc": "finished modules are cached; the same command continues",
+               "summary": "nothing to keep",
                "bench": "nothing to keep"}
 
 
@@ -268,8 +271,10 @@ def main(argv=None) -> int:
     keep_freed_memory()
     try:
         from robustlab.evaluate.cli import cmd_eval
+        from robustlab.evaluate.summary import cmd_summary
         from robustlab.rift.cli import COMMANDS as RIFT_COMMANDS
-        commands = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench, **RIFT_COMMANDS}
+        commands = {"train": cmd_train, "eval": cmd_eval, "summary": cmd_summary, "demo": cmd_demo,
+                    "bench": cmd_bench, **RIFT_COMMANDS}
         return commands[args.command](args)
     except RobustlabError as exc:
         print(f"robustlab: error: {exc}", file=sys.stderr)

@@ -1,0 +1,121 @@
+"""`robustlab summary RUN...`: the evaluation reports of several runs side by side, as a table and a plot.
+
+Each RUN is a run directory or an evaluation folder holding `report.json` (what `robustlab eval` writes), or the
+file itself. Figures are copied from the reports, never recomputed; the table says when the reports measured
+different things (another attack, another number of images), since their figures then do not compare.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from robustlab.errors import RobustlabError
+
+
+def read_report(where) -> tuple[str, dict]:
+    """(a name for the row, the report) of a run directory, an evaluation folder or a report.json file."""
+    path = Path(where)
+    file = path if path.is_file() else path / "report.json"
+    if not file.is_file():
+        raise RobustlabError(f"no report.json in {where}; write one with `robustlab eval {where}`")
+    try:
+        report = json.loads(file.read_text())
+    except ValueError:
+        report = None
+    if not isinstance(report, dict) or not {"rows", "label", "clean", "robust", "n"} <= report.keys():
+        raise RobustlabError(f"{file} is not a robustlab evaluation report")
+    folder = file.parent
+    name = f"{folder.parent.name}/{folder.name}" if folder.name.startswith("eval-") else folder.name
+    return name, report
+
+
+def summarize(name: str, report: dict) -> dict:
+    """One row: the run, clean accuracy, the report's attack, AutoAttack's final stage and the OOD mean when there."""
+    rows = report["rows"]
+    autoattack = [r for r in rows if r["name"].startswith("AutoAttack after")]
+    ood = next((r for r in rows if r["name"].startswith("OOD mean")), None)
+    run = report.get("run", {})
+    return {"name": name, "model": run.get("model"), "method": run.get("method"),
+            "epoch": None if run.get("epoch") is None else f"{run['epoch'] + 1}/{run.get('epochs')}",
+            "n": report["n"], "clean": report["clean"], "attack": report["label"], "robust": report["robust"],
+            "autoattack": autoattack[-1]["accuracy"] if autoattack else None,
+            "autoattack_n": autoattack[-1]["n"] if autoattack else None,
+            "autoattack_stage": autoattack[-1]["name"] if autoattack else None,
+            "ood": ood["accuracy"] if ood else None}
+
+
+def _percent(value) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
+def table(rows: list[dict]) -> str:
+    """A markdown table, then a line for each way in which the reports are not alike."""
+    lines = ["| run | model | method | epoch | images | clean | attack | AutoAttack | OOD mean |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        aa = _percent(r["autoattack"]) + (f" ({r['autoattack_n']})" if r["autoattack_n"] not in (None, r["n"]) else "")
+        lines.append(f"| {r['name']} | {r['model']} | {r['method']} | {r['epoch'] or '–'} | {r['n']} | "
+                     f"{_percent(r['clean'])} | {_percent(r['robust'])} | {aa} | {_percent(r['ood'])} |")
+    attacks = sorted({r["attack"] for r in rows})
+    lines.append("")
+    lines.append(f"attack: {attacks[0]}" if len(attacks) == 1 else
+                 "the reports ran different attacks, so that column does not compare: " + "; ".join(
+                     f"{r['name']}: {r['attack']}" for r in rows))
+    if len({r["n"] for r in rows}) > 1:
+        lines.append("the reports measured different numbers of images: compare with their sampling error in mind")
+    stages = {r["autoattack_stage"] for r in rows if r["autoattack_stage"]}
+    if any("off-protocol" in s for s in stages):
+        lines.append("AutoAttack ran with a lowered budget (off-protocol) in some reports")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path) -> str:
+    """Clean against robust accuracy, one point per run: AutoAttack where every report has it, else the attack of
+    the reports. Returns the robust measure plotted."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "autoattack" if all(r["autoattack"] is not None for r in rows) else "robust"
+    measure = "AutoAttack" if key == "autoattack" else (rows[0]["attack"] if len({r["attack"] for r in rows}) == 1
+                                                      else "each report's attack")
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    # A legend rather than labels beside the points: runs often land within a few tenths of a point.
+    for r in rows:
+        ax.scatter(100 * r["clean"], 100 * r[key], s=50, label=r["name"])
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
+    ax.set_xlabel("clean accuracy (%)")
+    ax.set_ylabel(f"robust accuracy (%), {measure}")
+    ax.set_title(f"{len(rows)} runs, clean against robust accuracy")
+    ax.grid(alpha=0.3)
+    ax.margins(0.15)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return measure
+
+
+def cmd_summary(args) -> int:
+    rows = [summarize(*read_report(where)) for where in args.runs]
+    measure = None
+    if args.plot:
+        try:
+            Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+            measure = plot(rows, args.plot)
+        except (OSError, ValueError) as exc:  # no folder can be made there; a format matplotlib does not write
+            raise RobustlabError(f"--plot {args.plot}: {getattr(exc, 'strerror', None) or exc}") from None
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(table(rows))
+    if measure:
+        print(f"plot: {args.plot} (robust accuracy: {measure})")
+    return 0
+
+
+def add_parser(sub):
+    s = sub.add_parser("summary", help="several runs' evaluation reports side by side: a table and a plot")
+    s.add_argument("runs", nargs="+", metavar="RUN",
+                   help="run directory or evaluation folder holding report.json (from robustlab eval), or the file")
+    s.add_argument("--plot", metavar="FILE", help="also draw clean against robust accuracy to FILE (.png, .pdf, .svg)")
+    s.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
