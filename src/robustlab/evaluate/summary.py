@@ -12,8 +12,8 @@ from pathlib import Path
 from robustlab.errors import RobustlabError
 
 
-def read_report(where) -> tuple[str, dict]:
-    """(a name for the row, the report) of a run directory, an evaluation folder or a report.json file."""
+def read_report(where) -> tuple[str, dict, Path]:
+    """(a name for the row, the report, its folder) of a run directory, an evaluation folder or a report.json file."""
     path = Path(where)
     file = path if path.is_file() else path / "report.json"
     if not file.is_file():
@@ -26,11 +26,21 @@ def read_report(where) -> tuple[str, dict]:
         raise RobustlabError(f"{file} is not a robustlab evaluation report")
     folder = file.parent
     name = f"{folder.parent.name}/{folder.name}" if folder.name.startswith("eval-") else folder.name
-    return name, report
+    return name, report, folder
 
 
-def summarize(name: str, report: dict) -> dict:
-    """One row: the run, clean accuracy, the report's attack, AutoAttack's final stage and the OOD mean when there."""
+def training_seconds(folder: Path) -> float | None:
+    """The run's training time from its metrics.jsonl, in the report's folder or, for RUN/eval-NAME, above it."""
+    from robustlab.checkpoint import read_metrics
+    for run in (folder, folder.parent):
+        if metrics := read_metrics(run):
+            return metrics[-1].get("elapsed_s")
+    return None
+
+
+def summarize(name: str, report: dict, folder: Path) -> dict:
+    """One row: the run, clean accuracy, the report's attack, AutoAttack's final stage and the OOD mean when there,
+    and the run's training time."""
     rows = report["rows"]
     autoattack = [r for r in rows if r["name"].startswith("AutoAttack after")]
     ood = next((r for r in rows if r["name"].startswith("OOD mean")), None)
@@ -41,7 +51,7 @@ def summarize(name: str, report: dict) -> dict:
             "autoattack": autoattack[-1]["accuracy"] if autoattack else None,
             "autoattack_n": autoattack[-1]["n"] if autoattack else None,
             "autoattack_stage": autoattack[-1]["name"] if autoattack else None,
-            "ood": ood["accuracy"] if ood else None}
+            "ood": ood["accuracy"] if ood else None, "train_s": training_seconds(folder)}
 
 
 def _percent(value) -> str:
@@ -50,12 +60,14 @@ def _percent(value) -> str:
 
 def table(rows: list[dict]) -> str:
     """A markdown table, then a line for each way in which the reports are not alike."""
-    lines = ["| run | model | method | epoch | images | clean | attack | AutoAttack | OOD mean |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | model | method | epoch | images | clean | attack | AutoAttack | OOD mean | training |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         aa = _percent(r["autoattack"]) + (f" ({r['autoattack_n']})" if r["autoattack_n"] not in (None, r["n"]) else "")
+        seconds = r["train_s"]
+        train = "–" if seconds is None else f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
         lines.append(f"| {r['name']} | {r['model']} | {r['method']} | {r['epoch'] or '–'} | {r['n']} | "
-                     f"{_percent(r['clean'])} | {_percent(r['robust'])} | {aa} | {_percent(r['ood'])} |")
+                     f"{_percent(r['clean'])} | {_percent(r['robust'])} | {aa} | {_percent(r['ood'])} | {train} |")
     attacks = sorted({r["attack"] for r in rows})
     lines.append("")
     lines.append(f"attack: {attacks[0]}" if len(attacks) == 1 else
