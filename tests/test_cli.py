@@ -152,6 +152,10 @@ def test_train_then_eval_writes_a_report(tmp_path):
     assert (tmp_path / "plots" / "runs.png").stat().st_size > 1000
     rows = json.loads(robustlab("summary", str(run), "--json").stdout)
     assert (rows[0]["clean"], rows[0]["robust"], rows[0]["n"]) == (result["clean"], result["robust"], 100)
+    gone = subprocess.Popen([sys.executable, "-m", "robustlab", "summary", str(run)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    gone.stdout.close()  # `| head` that has read enough
+    assert gone.wait() in (0, 141) and b"Traceback" not in gone.stderr.read()
     none = robustlab("summary", str(run), str(tmp_path))
     assert none.returncode == 2 and none.stderr.count("\n") == 1 and "no report.json in" in none.stderr
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -282,6 +283,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"robustlab: interrupted ({INTERRUPTED[args.command]})", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `robustlab summary ... | head`: the reader left; end quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that Python's own flush at exit is quiet too
+        return 141
     finally:
         from robustlab import distributed
         distributed.shutdown()
