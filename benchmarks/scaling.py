@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from robustlab.cli import nonnegative, positive
+from robustlab.cli import OneLineParser, nonnegative, positive
 
 
 def worker(args) -> None:
@@ -101,7 +101,7 @@ def launch(nproc: int, args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--nproc", type=positive(int), nargs="+", default=[1, 2])
     p.add_argument("--batch-size", type=positive(int), default=128, help="global batch, split over the processes")
     p.add_argument("--iters", type=positive(int), default=20)

@@ -18,7 +18,6 @@ exactly one model is robust, and an exact two-sided sign test on those.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -28,7 +27,7 @@ import torch
 
 from robustlab import load_model
 from robustlab.attacks.autoattack import ROBUST, autoattack_accuracy, load_finished_state
-from robustlab.cli import nonnegative, positive
+from robustlab.cli import OneLineParser, nonnegative, positive
 from robustlab.data import ImageSet
 from robustlab.errors import RobustlabError, run_script
 from robustlab.models import fast_memory_format
@@ -92,7 +91,7 @@ def compare(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="AutoAttack-standard on test images [start, stop) of a run's dataset")
     r.add_argument("model", help="run directory or checkpoint file")

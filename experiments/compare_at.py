@@ -19,7 +19,6 @@ Wall time is the Trainer's own clock (training alone, validation excluded).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -31,7 +30,7 @@ import torch
 from robustlab import load_model
 from robustlab.checkpoint import read_metrics
 from robustlab.attacks import pgd
-from robustlab.cli import nonnegative, positive
+from robustlab.cli import OneLineParser, nonnegative, positive
 from robustlab.data import load_dataset
 from robustlab.errors import run_script
 from robustlab.evaluate import accuracy
@@ -226,7 +225,7 @@ def parse_options(items: list[str], parser) -> dict[str, dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--epochs", type=positive(int), default=5)

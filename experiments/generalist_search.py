@@ -35,7 +35,7 @@ import torch
 
 from robustlab import load_model
 from robustlab.attacks import pgd
-from robustlab.cli import nonnegative, positive
+from robustlab.cli import OneLineParser, nonnegative, positive
 from robustlab.data import load_dataset
 from robustlab.errors import run_script
 from robustlab.evaluate import accuracy
@@ -176,7 +176,7 @@ def shard_arg(text: str) -> tuple[int, int]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("stage", choices=("scan", "confirm", "table"))
     p.add_argument("--out", default="runs/generalist-search")
     p.add_argument("--stage", dest="table_stage", default="scan", help="for `table`: scan or confirm")

@@ -12,7 +12,6 @@ so an interrupted sweep continues where it stopped.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from generalist_search import evaluate, shard_arg, train  # noqa: E402
 
 from robustlab import load_model  # noqa: E402
-from robustlab.cli import nonnegative, positive  # noqa: E402
+from robustlab.cli import OneLineParser, nonnegative, positive# noqa: E402
 from robustlab.data import load_dataset  # noqa: E402
 from robustlab.errors import run_script  # noqa: E402
 from robustlab.models import fast_memory_format  # noqa: E402
@@ -73,7 +72,7 @@ def plot(rows: list[dict], path: Path, title: str):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/generalist-tradeoff")
     p.add_argument("--generalist", default="{}", help="JSON of Generalist options (mix_final is swept)")
     p.add_argument("--mix-finals", type=nonnegative(float), nargs="+", default=[0.2, 0.4, 0.6, 0.8, 1.0])

@@ -20,7 +20,6 @@ Test images only, and only to judge an evaluation: nothing here chooses a model 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -33,13 +32,13 @@ from robustlab import checkpoint, load_model
 from robustlab.attacks import attack_mode, negative_margin, pgd, pgd_smooth, within_ball
 from robustlab.attacks.autoattack import ROBUST, STAGES, load_finished_state
 from robustlab.attacks.square import margin
-from robustlab.cli import positive
+from robustlab.cli import OneLineParser, positive
 from robustlab.data import load_dataset
 from robustlab.errors import run_script
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("run")
     p.add_argument("state", help="autoattack_state.safetensors of a finished evaluation of RUN")
     p.add_argument("--robust-n", type=positive(int), default=200, help="robust images to compare with (the first ones)")

@@ -18,7 +18,6 @@ attacked each batch against the statistics estimated so far rather than against 
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
@@ -28,7 +27,7 @@ import torch
 
 from robustlab import load_model
 from robustlab.attacks import pgd
-from robustlab.cli import nonnegative, positive
+from robustlab.cli import OneLineParser, nonnegative, positive
 from robustlab.data import load_dataset
 from robustlab.errors import run_script
 from robustlab.evaluate import accuracy
@@ -43,7 +42,7 @@ def with_bn_statistics_of(model, data, attack=None):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("run")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--n", type=positive(int), default=10000, help="training images for the statistics")

@@ -6,16 +6,15 @@
 Reads only each run's rift_state.json (validation figures); the runs must share their original model, so that the
 tolerance line (drawn from the first run's α = 0) applies to all.
 """
-import argparse
 import json
 from pathlib import Path
 
-from robustlab.cli import nonnegative
+from robustlab.cli import OneLineParser, nonnegative
 from robustlab.rift.report import plot_alpha
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="RiFT output directories")
     p.add_argument("--labels", nargs="+", help="one legend label per run (default: the candidate ids)")
     p.add_argument("--out", required=True, help="PNG to write")

@@ -16,7 +16,6 @@ to `--jobs` worker processes of one thread each, so wall times are comparable be
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -25,7 +24,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from robustlab.cli import nonnegative, positive
+from robustlab.cli import OneLineParser, nonnegative, positive
 from robustlab.errors import run_script
 from robustlab.provenance import commit, machine
 
@@ -107,7 +106,7 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/text-results")
     p.add_argument("--data-dir", help="where debian-packages.tsv is (default: the user cache, built if missing)")
     p.add_argument("--seeds", type=nonnegative(int), nargs="+", default=[0, 1, 2])

@@ -7,17 +7,17 @@ with the best epoch ringed; `robustlab eval` draws the same plot for one run in 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from robustlab.checkpoint import read_metrics
+from robustlab.cli import OneLineParser
 from robustlab.errors import run_script
 from robustlab.evaluate.report import plot_training_curves
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="run directories (each with a metrics.jsonl)")
     p.add_argument("--out", required=True, help="the PNG to write")
     p.add_argument("--title", default="validation during training")

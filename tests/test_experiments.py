@@ -130,7 +130,8 @@ def test_a_bad_value_past_argparse_is_one_line_and_status_2(tmp_path, monkeypatc
     with pytest.raises(SystemExit) as exited:
         run_script(tradeoff.main)
     assert exited.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("argument --lr: must be a finite number > 0, got nan")
+    assert capsys.readouterr().err.strip().splitlines() == [  # one line, as the CLI's
+        "generalist_tradeoff.py: error: argument --lr: must be a finite number > 0, got nan"]
 
 
 

@@ -13,9 +13,11 @@ from robustlab.allocator import keep_freed_memory
 from robustlab.errors import RobustlabError, check_choice, output_dir
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own errors: one line, status 2
-        self.exit(2, f"robustlab: error: {message}\n")
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's own errors (an unknown option, a bad value) in one line with status 2, like every other error,
+    named by the program: "robustlab" for every subcommand, the script's name for an experiment."""
+    def error(self, message):
+        self.exit(2, f"{self.prog.split()[0]}: error: {message}\n")
 
 
 def positive(kind):
@@ -59,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     from robustlab.training.registry import METHODS
     from robustlab.training.schedules import SCHEDULES
 
-    p = _Parser(prog="robustlab", description="Adversarial robustness for PyTorch.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = OneLineParser(prog="robustlab", description="Adversarial robustness for PyTorch.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     t = sub.add_parser("train", help="train a model (adversarially)")
     t.add_argument("--task", default="image", choices=("image", "text"),
