@@ -7,7 +7,6 @@ parameters and input for every attack step, default memory format, fp32.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -60,7 +59,8 @@ def median_seconds(fns: dict, iters: int = 10, warmup: int = 2) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from robustlab.cli import OneLineParser
+    p = OneLineParser(prog="python -m robustlab.bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="cnn-small")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--iters", type=int, default=10)

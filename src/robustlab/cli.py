@@ -15,9 +15,10 @@ from robustlab.errors import RobustlabError, check_choice, output_dir
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse's own errors (an unknown option, a bad value) in one line with status 2, like every other error,
-    named by the program: "robustlab" for every subcommand, the script's name for an experiment."""
+    named by the program: "robustlab" for every subcommand, else argparse's name for it (an experiment script)."""
     def error(self, message):
-        self.exit(2, f"{self.prog.split()[0]}: error: {message}\n")
+        name = "robustlab" if self.prog.split()[0] == "robustlab" else self.prog
+        self.exit(2, f"{name}: error: {message}\n")
 
 
 def positive(kind):

@@ -22,7 +22,6 @@ builds it on first use.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -139,7 +138,8 @@ def load_corpus(data_dir=None) -> tuple[dict, tuple]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m robustlab.text.corpus", description=__doc__.splitlines()[0])
+    from robustlab.cli import OneLineParser
+    p = OneLineParser(prog="python -m robustlab.text.corpus", description=__doc__.splitlines()[0])
     p.add_argument("--out", help=f"corpus file (default {DEFAULT_DIR}/{CORPUS_FILE})")
     p.add_argument("--top", type=int, default=10, help="keep the N most frequent sections (default 10)")
     args = p.parse_args(argv)

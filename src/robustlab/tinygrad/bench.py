@@ -93,7 +93,8 @@ def run_one(args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m robustlab.tinygrad.bench", description=__doc__.split("\n")[0])
+    from robustlab.cli import OneLineParser
+    p = OneLineParser(prog="python -m robustlab.tinygrad.bench", description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["mlp", "cnn-small"])
     p.add_argument("--backends", nargs="+", default=["tinygrad", "torch"])
     p.add_argument("--threads", nargs="+", type=int, default=[1, 0], help="0: the framework's default")

@@ -12,7 +12,6 @@ only evaluated, a stopped one resumes from its last epoch.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -104,7 +103,8 @@ def evaluate(backend: str, out: Path, n: int | None, seed: int = 0) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m robustlab.tinygrad.results", description=__doc__.split("\n")[0])
+    from robustlab.cli import OneLineParser
+    p = OneLineParser(prog="python -m robustlab.tinygrad.results", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--models", nargs="+", default=["mlp", "cnn-small"])
     p.add_argument("--backends", nargs="+", default=["tinygrad", "torch"])
