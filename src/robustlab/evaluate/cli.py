@@ -194,7 +194,8 @@ def _eval_transfer(args, target, test, attack, label, device) -> int:
     except RobustlabError as exc:
         raise RobustlabError(f"--transfer-from: {exc}") from None
     theirs, ours = source.checkpoint_meta.get("dataset", {}), target.checkpoint_meta["dataset"]
-    if [theirs.get(k) for k in ("name", "input_shape", "class_names")] != [ours.get(k) for k in ("name", "input_shape", "class_names")]:
+    data_of = lambda info: [info.get(k) for k in ("name", "input_shape", "class_names")]  # noqa: E731
+    if data_of(theirs) != data_of(ours):
         raise RobustlabError(f"--transfer-from {args.transfer_from} was trained on {theirs.get('name')} "
                              f"{theirs.get('input_shape')}, {args.run} on {ours['name']} {ours.get('input_shape')}: "
                              "transfer needs models of the same data")
@@ -220,8 +221,8 @@ def _eval_transfer(args, target, test, attack, label, device) -> int:
           f"white-box         {results['white_box']:7.2%}  {label}\n"
           f"transferred       {results['transfer']:7.2%}  the same attack made on {args.transfer_from}\n"
           f"worst of the two  {results['worst_case']:7.2%}")
-    if results["transfer_only"]:
-        print(f"{results['transfer_only']} images fell to the transferred examples but not to the white-box attack: "
+    if n := results["transfer_only"]:
+        print(f"{n} image{'s' if n > 1 else ''} fell to the transferred examples but not to the white-box attack: "
               "it misses them (masked gradients, or too few steps); quote the worst case")
     return 0
 
