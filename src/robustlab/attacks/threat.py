@@ -70,11 +70,16 @@ def check_batch(x: torch.Tensor, y: torch.Tensor, tol: float = 1e-6):
     if y.shape != (len(x),) or y.is_floating_point() or y.is_complex():
         raise RobustlabError(f"attacks take one integer label per image: {len(x)} images, labels {y.dtype} "
                              f"{tuple(y.shape)}")
+    check_in_box(x, "attack inputs", tol)
+
+
+def check_in_box(x: torch.Tensor, what: str, tol: float = 1e-6):
+    """Float images in [0, 1], up to `tol`: normalized ones are refused with the cause, not scored wrongly."""
     if not x.numel():
         return
     low, high = (float(v) for v in x.aminmax())
     if low < -tol or high > 1 + tol:
-        raise RobustlabError(f"attack inputs must lie in [0, 1] (normalization belongs inside the model), got values "
+        raise RobustlabError(f"{what} must lie in [0, 1] (normalization belongs inside the model), got values "
                              f"from {low:.3g} to {high:.3g}")
 
 

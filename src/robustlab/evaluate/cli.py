@@ -246,7 +246,7 @@ def _check_eval_options(args):
         raise RobustlabError("--transfer-from prints its figures and writes no report: it takes --attack fgsm, fgm or pgd, "
                              "without --suite, --out or --sweep-n")
     suite = given([("--aa-n", args.aa_n), ("--aa-steps", args.aa_steps), ("--aa-queries", args.aa_queries),
-                    ("--sanity-n", args.sanity_n), ("--no-ood", not args.ood)])
+                   ("--sanity-n", args.sanity_n), ("--no-ood", not args.ood)])
     if suite and args.suite != "standard":
         raise RobustlabError(f"{', '.join(suite)} apply to --suite standard")
     if args.suite == "standard" and args.eps == 0:  # else AutoAttack fails on it, after the clean and PGD passes

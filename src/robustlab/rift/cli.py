@@ -166,7 +166,7 @@ def _check_options_in_use(args):
     from robustlab.cli import given
     aa = given([("--aa-n", args.aa_n), ("--aa-steps", args.aa_steps), ("--aa-queries", args.aa_queries)])
     test = given([("--n", args.n), ("--test-batch-size", args.test_batch_size), ("--no-aa", not args.aa),
-                   ("--no-ood", not args.ood)]) + aa
+                  ("--no-ood", not args.ood)]) + aa
     if not args.test and test:
         raise RobustlabError(f"{', '.join(test)} apply to the test-set report, which --no-test skips")
     if not args.aa and aa:
