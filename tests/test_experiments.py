@@ -219,3 +219,44 @@ def test_gpu_autoattack_script_runs_and_refuses_bad_arguments(fmnist, tmp_path):
     assert list(first) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"] and first["square"] <= first["clean"]
     assert script(f"tiny={run / 'best.safetensors'}").returncode == 0
     assert stages() == first  # run again: the same figures, from the AutoAttack state the first run left
+
+
+def reference_mnist_net():
+    """The layout of `mnist_net` in locuslab/fast_adversarial (an unnamed nn.Sequential), for the import test."""
+    from torch import nn
+    return nn.Sequential(nn.Conv2d(1, 16, 4, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 4, stride=2, padding=1),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(32 * 7 * 7, 100), nn.ReLU(), nn.Linear(100, 10))
+
+
+def test_fast_at_mnist_import_gives_the_reference_network_on_raw_pixels(tmp_path, monkeypatch, capsys, one_thread):
+    import sys
+
+    from test_data import write_idx_dataset
+
+    from robustlab import load_model
+    from robustlab.errors import run_script
+    script = load_script("fast_at_mnist")
+    write_idx_dataset(tmp_path / "mnist")
+    torch.manual_seed(0)
+    reference = reference_mnist_net().eval()
+    torch.save(reference.state_dict(), tmp_path / "fgsm.pth")
+    out = tmp_path / "imported"
+    script.import_state_dict(tmp_path / "fgsm.pth", data_dir=tmp_path / "mnist", out=out)
+
+    model = load_model(out)
+    x = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference(x), atol=1e-6)
+    meta = model.checkpoint_meta
+    assert meta["dataset"]["name"] == "mnist" and meta["dataset"]["mean"] == [0.0] and meta["dataset"]["std"] == [1.0]
+    assert meta["dataset"]["data_dir"] == str((tmp_path / "mnist").resolve()) and meta["model"]["name"] == "cnn-strided"
+
+    # another layout, and a pickle that holds more than tensors, are one-line errors
+    torch.save(torch.nn.Linear(784, 10).state_dict(), tmp_path / "linear.pth")
+    torch.save({"weights": reference.state_dict(), "note": object()}, tmp_path / "object.pth")
+    for bad, words in (("linear.pth", "does not hold the cnn-strided layout"), ("object.pth", "cannot read")):
+        monkeypatch.setattr(sys, "argv", ["fast_at_mnist.py", "import", str(tmp_path / bad), "--out", str(out),
+                                          "--data-dir", str(tmp_path / "mnist")])
+        assert run_script(script.main) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err

@@ -53,8 +53,23 @@ def lenet(input_shape, num_classes):
     ))
 
 
+def cnn_strided(input_shape, num_classes):
+    """Two 4×4 stride-2 convolutions (16 and 32 channels) and 100 hidden units: the MNIST network of Wong et al.'s
+    Fast-AT code (`MNIST/mnist_net.py` in locuslab/fast_adversarial), whose published weights
+    `experiments/fast_at_mnist.py` imports."""
+    c, h, w = input_shape
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(c, 16, 4, stride=2, padding=1), relu1=nn.ReLU(),
+        conv2=nn.Conv2d(16, 32, 4, stride=2, padding=1), relu2=nn.ReLU(),
+        flatten=nn.Flatten(),
+        fc1=nn.Linear(32 * (h // 4) * (w // 4), 100), relu3=nn.ReLU(),
+        fc2=nn.Linear(100, num_classes),
+    ))
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn-small": cnn_small,
+    "cnn-strided": cnn_strided,
     "lenet": lenet,
     "preact-resnet18": resnet.preact_resnet18,
     "preact-resnet18-small": resnet.preact_resnet18_small,
