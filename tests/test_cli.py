@@ -24,6 +24,7 @@ def robustlab(*args):
     (["train", "--lr", "nan", "--out", "x"], ["--lr", "finite", "nan"]),  # nan <= 0 is False: once let through
     (["train", "--eps", "inf", "--out", "x"], ["--eps", "finite", "inf"]),
     (["train", "--momentum", "-0.9", "--out", "x"], ["--momentum", ">= 0"]),
+    (["train", "--method", "pgd-at", "--clip-start", "--out", "x"], ["pgd-at", "clip_start"]),  # Fast-AT's only
     (["rift", "no/such/run", "--out", "x", "--lrs", "0.01,nan"], ["--lrs", "> 0", "nan"]),
     (["eval", "no/such/run", "--sweep-n", "-5"], ["--sweep-n", ">= 0"]),  # ran, and wrote a report, before
     (["rift", "no/such/run", "--out", "x", "--auto", "-1"], ["--auto", ">= 0"]),

@@ -299,6 +299,20 @@ def test_awp_warmup_is_a_fraction_of_the_epochs():
 
 # -- Trainer hooks ------------------------------------------------------------------------------
 
+def test_fast_at_steps_from_the_unclipped_start_so_black_pixels_keep_their_noise(batch):
+    """On pixels at 0 (MNIST's background) a start clipped to [0, 1] turns the FGSM step of 1.25ε into plain FGSM's
+    corners 0 and ε; stepping from the unclipped start, as the paper's δ, leaves values in between."""
+    y = batch[1][:32]
+    x, eps = torch.zeros(32, 1, 28, 28), 0.1
+    between = {}
+    for clip_start in (True, False):
+        x_adv = FastAT(eps=eps, clip_start=clip_start).adversarial_examples(context(lenet()), x, y)
+        assert within_ball(x_adv, x, "linf", eps)
+        between[clip_start] = ((x_adv > 1e-6) & (x_adv < eps - 1e-6)).float().mean().item()
+    assert between[True] == 0.0
+    assert between[False] > 0.1  # about half of the pixels step up, and 3/8 of those from below -ε/4
+
+
 def test_fast_at_flags_catastrophic_overfitting():
     method = FastAT()
     best = {"epoch": 2, "val_robust": 0.45}

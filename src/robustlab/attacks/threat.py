@@ -22,9 +22,11 @@ class LinfBall:
     def __init__(self, eps: float, step_size: float):
         self.eps, self.step_size = eps, step_size
 
-    def random_start(self, x, generator=None):
+    def random_start(self, x, generator=None, box=True):
+        """A uniform point of the ball around x, clipped to [0, 1] unless `box` is False (Fast-AT steps from it)."""
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return (x + (2 * noise - 1) * self.eps).clamp(0, 1)
+        start = x + (2 * noise - 1) * self.eps
+        return start.clamp(0, 1) if box else start
 
     def step(self, x_adv, grad):
         return x_adv + self.step_size * grad.sign()
@@ -37,13 +39,14 @@ class L2Ball:
     def __init__(self, eps: float, step_size: float):
         self.eps, self.step_size = eps, step_size
 
-    def random_start(self, x, generator=None):
+    def random_start(self, x, generator=None, box=True):
         # Uniform in the ball: a Gaussian direction with radius eps·U^(1/d).
         direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         direction = direction / _per_example_norm(direction).clamp_min(1e-12)
         d = x[0].numel()
         radius = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype) ** (1.0 / d)
-        return self.project(x + direction * self.eps * radius.view(-1, *([1] * (x.dim() - 1))), x)
+        start = x + direction * self.eps * radius.view(-1, *([1] * (x.dim() - 1)))
+        return self.project(start, x) if box else start
 
     def step(self, x_adv, grad):
         return x_adv + self.step_size * grad / _per_example_norm(grad).clamp_min(1e-12)
