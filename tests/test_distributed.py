@@ -36,6 +36,25 @@ def failure(proc) -> str:
     return "\n".join(causes[-40:]) + "\n--- end of stderr ---\n" + "\n".join(lines)[-3000:]
 
 
+def test_a_script_that_never_calls_shutdown_leaves_no_process_group_at_exit(tmp_path):
+    """The Python API under torchrun: `distributed.init()` registers the group's teardown with atexit, so a script
+    that ends without `shutdown()` does not exit with gloo running (a rank once aborted there under load). The
+    check is registered first, so it runs after robustlab's handler."""
+    script = tmp_path / "no_shutdown.py"
+    script.write_text(textwrap.dedent("""
+        import atexit, os, sys
+        import torch.distributed as dist
+        from robustlab import distributed
+        out = f"{sys.argv[1]}.{os.environ['RANK']}"
+        atexit.register(lambda: open(out, "w").write(str(dist.is_initialized())))
+        distributed.init()
+        assert dist.is_initialized() and distributed.world_size() == 2
+    """))
+    done = torchrun(str(script), str(tmp_path / "alive"))
+    assert done.returncode == 0, failure(done)
+    assert [(tmp_path / f"alive.{r}").read_text() for r in (0, 1)] == ["False", "False"]
+
+
 def robustlab(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "robustlab", *args], capture_output=True, text=True, env=ENV,
                           timeout=timeout)

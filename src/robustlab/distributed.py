@@ -7,6 +7,7 @@ seeded from its global index, so a sharded run computes exactly what one process
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 
@@ -30,6 +31,10 @@ def init(device: str = "cpu") -> torch.device:
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
     except (RuntimeError, ValueError) as exc:
         raise RobustlabError(f"could not join the torchrun process group ({backend}): {str(exc).splitlines()[0]}") from None
+    # A group still alive when the interpreter exits is torn down with its gloo threads running, and a rank can
+    # die in "terminate called without an active exception" (SIGABRT) after its work is done, which fails the
+    # whole torchrun job: seen under load with the Python API, which, unlike the CLI, may never call shutdown().
+    atexit.register(shutdown)
     return dev
 
 
