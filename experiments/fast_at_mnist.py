@@ -43,12 +43,11 @@ def import_state_dict(source, *, data_dir, out) -> Path:
     data = load_dataset("mnist", data_dir=data_dir, seed=0)
     info = replace(data.info, mean=(0.0,), std=(1.0,))  # the reference network reads raw pixels
     model = build_model(MODEL, info.input_shape, info.num_classes, info.mean, info.std)
-    ours = [k for k in model.state_dict() if k.startswith("net.")]
-    shapes = lambda d, keys: [tuple(d[k].shape) for k in keys]  # noqa: E731
-    if shapes(state, state) != shapes(model.state_dict(), ours):
-        raise RobustlabError(f"{source} does not hold the {MODEL} layout: tensors {shapes(state, state)}, "
-                             f"expected {shapes(model.state_dict(), ours)}")
-    tensors = {**model.state_dict(), **dict(zip(ours, state.values()))}  # the same layers, in the same order
+    ours = model.net.state_dict()
+    shapes = [tuple(t.shape) for t in state.values()], [tuple(t.shape) for t in ours.values()]
+    if shapes[0] != shapes[1]:
+        raise RobustlabError(f"{source} does not hold the {MODEL} layout: tensors {shapes[0]}, expected {shapes[1]}")
+    model.net.load_state_dict(dict(zip(ours, state.values())))  # the same layers, in the same order
     meta = {"kind": "model", "epoch": None,
             "model": {"name": MODEL, "kwargs": {}},
             "dataset": {**asdict(info), "split_seed": 0, "val_size": len(data.val),
@@ -57,7 +56,7 @@ def import_state_dict(source, *, data_dir, out) -> Path:
             "source": {"file": source.name, "sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
                        "keys": list(state)}}
     out = Path(out)
-    checkpoint.save(out / "best.safetensors", checkpoint.prefixed("model.", tensors), meta)
+    checkpoint.save(out / "best.safetensors", checkpoint.prefixed("model.", model.state_dict()), meta)
     return out / "best.safetensors"
 
 
