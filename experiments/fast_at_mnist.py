@@ -17,7 +17,6 @@ the web runs no code. These models take raw pixels in [0, 1]: the checkpoint's n
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from robustlab import checkpoint
 from robustlab.cli import OneLineParser
 from robustlab.data import load_dataset
 from robustlab.errors import RobustlabError, run_script
-from robustlab.models import build_model
+from robustlab.training.run import dataset_meta, model_from_meta
 
 MODEL = "cnn-strided"
 
@@ -41,17 +40,14 @@ def import_state_dict(source, *, data_dir, out) -> Path:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise RobustlabError(f"{source} holds no state dict of tensors")
     data = load_dataset("mnist", data_dir=data_dir, seed=0)
-    info = replace(data.info, mean=(0.0,), std=(1.0,))  # the reference network reads raw pixels
-    model = build_model(MODEL, info.input_shape, info.num_classes, info.mean, info.std)
+    dataset = {**dataset_meta(data, data_dir), "mean": (0.0,), "std": (1.0,)}  # the reference network reads raw pixels
+    model = model_from_meta({"model": {"name": MODEL, "kwargs": {}}, "dataset": dataset})  # as load_model rebuilds it
     ours = model.net.state_dict()
     shapes = [tuple(t.shape) for t in state.values()], [tuple(t.shape) for t in ours.values()]
     if shapes[0] != shapes[1]:
         raise RobustlabError(f"{source} does not hold the {MODEL} layout: tensors {shapes[0]}, expected {shapes[1]}")
     model.net.load_state_dict(dict(zip(ours, state.values())))  # the same layers, in the same order
-    meta = {"kind": "model", "epoch": None,
-            "model": {"name": MODEL, "kwargs": {}},
-            "dataset": {**asdict(info), "split_seed": 0, "val_size": len(data.val),
-                        "data_dir": str(Path(data_dir).expanduser().resolve()) if data_dir else None, "options": {}},
+    meta = {"kind": "model", "epoch": None, "model": {"name": MODEL, "kwargs": {}}, "dataset": dataset,
             "method": {"name": "imported", "norm": "linf"},
             "source": {"file": source.name, "sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
                        "keys": list(state)}}

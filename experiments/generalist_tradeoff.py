@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from generalist_search import evaluate, shard_arg, train  # noqa: E402
 
 from robustlab import load_model  # noqa: E402
-from robustlab.cli import OneLineParser, nonnegative, positive# noqa: E402
+from robustlab.cli import OneLineParser, nonnegative, positive  # noqa: E402
 from robustlab.data import load_dataset  # noqa: E402
 from robustlab.errors import run_script  # noqa: E402
 from robustlab.models import fast_memory_format  # noqa: E402

@@ -25,6 +25,13 @@ def model_from_meta(meta: dict) -> torch.nn.Module:
                        info["mean"], info["std"], **meta["model"].get("kwargs", {}))
 
 
+def dataset_meta(data: Splits, data_dir=None, options=None) -> dict:
+    """How a checkpoint records its data: the dataset's info, the split (seed 0 and the validation size) and where
+    the files were read, with their folder options, so that `run_dataset` reads the same images again."""
+    return {**asdict(data.info), "split_seed": 0, "val_size": len(data.val),
+            "data_dir": str(Path(data_dir).expanduser().resolve()) if data_dir else None, "options": options or {}}
+
+
 def resolve_checkpoint(path, which: str = "best") -> Path:
     path = Path(path)
     if path.is_dir():
@@ -132,8 +139,6 @@ def build_trainer(*, dataset: str, model: str, method: str, out, norm: str = "li
     net = build_model(model, info.input_shape, info.num_classes, info.mean, info.std, **(model_kwargs or {}))
     m = make_method(method, dataset, norm, **(method_kwargs or {}))
     run_meta = {"model": {"name": model, "kwargs": model_kwargs or {}},
-                "dataset": {**asdict(info), "split_seed": 0, "val_size": len(data.val),
-                            "data_dir": str(Path(data_dir).expanduser().resolve()) if data_dir else None,
-                            "options": data_options}}
+                "dataset": dataset_meta(data, data_dir, data_options)}
     return Trainer(net, m, data, config, out, run_meta, val_attack=validation_attack(m, dataset, norm),
                    device=device, show_progress=show_progress)
