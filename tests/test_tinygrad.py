@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -314,6 +315,23 @@ def test_tinygrad_cnn_loads_as_pytorch_cnn_small(tmp_path, batch):
     tg.save_model(trainer.model, tmp_path / "alone.safetensors", dataset="fashion-mnist")
     back = tg.load_model(tmp_path / "alone.safetensors")
     assert back.name == "cnn-small" and back.checkpoint_meta["dataset"]["name"] == "fashion-mnist"
+
+
+def test_a_run_records_the_folder_it_read(fmnist, tmp_path):
+    """As PyTorch runs do, so that `robustlab eval RUN` reads the same files without `--data-dir`."""
+    from conftest import FMNIST
+    from robustlab.training.run import run_dataset
+
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    for path in Path(FMNIST).glob("*-ubyte.gz"):
+        (folder / path.name).symlink_to(path)
+    trainer = tg.build_trainer(dataset="fashion-mnist", model="mlp", method="standard", out=tmp_path / "run",
+                               data_dir=folder, show_progress=False)
+    trainer.save(0, {"val_robust": 0.0}, is_best=True)
+    meta = tg.load_model(tmp_path / "run").checkpoint_meta
+    assert meta["dataset"]["data_dir"] == str(folder.resolve()) and meta["dataset"]["val_size"] == len(fmnist.val)
+    assert torch.equal(run_dataset(meta).test.labels, fmnist.test.labels)
 
 
 def test_unsupported_options_are_refused(fmnist, tmp_path):

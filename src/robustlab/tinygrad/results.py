@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -40,7 +39,7 @@ def train_tinygrad(model: str, config: TrainConfig, out: Path) -> dict:
 
 def train_torch(model: str, config: TrainConfig, out: Path) -> dict:
     from robustlab.tinygrad.torch_twins import build_torch_model
-    from robustlab.training.run import make_method, validation_attack
+    from robustlab.training.run import dataset_meta, make_method, validation_attack
     from robustlab.training.trainer import Trainer
 
     data = load_dataset(DATASET, seed=0)
@@ -50,7 +49,7 @@ def train_torch(model: str, config: TrainConfig, out: Path) -> dict:
     info = data.info
     net = build_torch_model(model, info.input_shape, info.num_classes, info.mean, info.std)
     method = make_method("pgd-at", DATASET, "linf")
-    meta = {"model": {"name": model, "kwargs": {}}, "dataset": {**asdict(info), "split_seed": 0, "val_size": len(data.val)}}
+    meta = {"model": {"name": model, "kwargs": {}}, "dataset": dataset_meta(data)}
     trainer = Trainer(net, method, data, config, out, meta, val_attack=validation_attack(method, DATASET, "linf"),
                       show_progress=None)
     trainer.resume()

@@ -241,7 +241,7 @@ def build_trainer(*, dataset: str, model: str, method: str, out, norm: str = "li
                   download: bool = False, config: TrainConfig | None = None, model_kwargs=None,
                   method_kwargs=None, show_progress=None) -> TinyTrainer:
     """robustlab.training.build_trainer's signature, for a tinygrad 'mlp' or 'cnn-small'."""
-    from robustlab.training.run import make_method, validation_attack
+    from robustlab.training.run import dataset_meta, make_method, validation_attack
 
     if method not in METHODS:  # before the data is read
         raise RobustlabError(f"the tinygrad backend trains methods {', '.join(METHODS)}, not {method!r}")
@@ -259,7 +259,7 @@ def build_trainer(*, dataset: str, model: str, method: str, out, norm: str = "li
     m = make_method(method, dataset, norm, **(method_kwargs or {}))
     val_attack = validation_attack(m, dataset, norm).keywords  # eps, norm, steps, step_size
     run_meta = {"model": {"name": model, "kwargs": model_kwargs or {}},
-                "dataset": {**asdict(info), "split_seed": 0, "val_size": len(data.val)}, **backend_meta()}
+                "dataset": dataset_meta(data, data_dir), **backend_meta()}
     return TinyTrainer(net, m, data, config, out, run_meta, val_attack=val_attack, show_progress=show_progress)
 
 
