@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robustlab.attacks import pgd, within_ball
+from robustlab.attacks import perturb, pgd, within_ball
 from robustlab.data.datasets import Splits
 from robustlab.errors import RobustlabError
 from robustlab.evaluate.accuracy import accuracy
@@ -28,6 +28,7 @@ from robustlab.training.awp import PGDATAWP, TRADESAWP, perturbed_weights
 from robustlab.training.fast_at import FastAT
 from robustlab.training.free_at import FreeAT
 from robustlab.training.run import validation_attack
+from robustlab.training.trades import TRADES, kl_to_target
 from robustlab.training.yopo import YOPO, is_affine_up_to, recorded_output
 
 FAMILY = ("fast-at", "free-at", "yopo", "trades", "mart", "pgd-at-awp", "trades-awp")
@@ -386,6 +387,23 @@ def test_mart_stays_finite_in_bf16_on_confidently_wrong_examples():
     grads = [p.grad for p in model.parameters()]
     assert torch.isfinite(result.loss) and all(torch.isfinite(g).all() for g in grads)
     assert max(g.abs().max().item() for g in grads) < 1e6
+
+
+def test_trades_takes_its_first_step_in_fp32_under_bf16_autocast(batch):
+    """From x + 0.001·N(0, 1) the KL's change of the logits is below bf16's resolution, so a bf16 first step
+    follows rounding noise (on a trained cnn-small PGD-10 then ended at KL 0.040 where fp32 reached 0.045)."""
+    x, y = batch
+    model = lenet()
+    fp32 = TRADES(steps=1).adversarial_examples(context(model), x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = TRADES(steps=1).adversarial_examples(context(model), x, y)
+        with torch.no_grad():
+            target = F.softmax(model(x), dim=1)
+        method = TRADES()
+        in_bf16 = perturb(model, x, target, method._threat, 1, loss_fn=kl_to_target,
+                          x_init=method._start(context(model), x))
+    assert torch.equal(mixed, fp32)
+    assert (in_bf16 != fp32).float().mean() > 0.2  # what the step would have been
 
 
 @pytest.mark.parametrize("name", ["trades", "mart", "trades-awp"])
