@@ -260,3 +260,19 @@ def test_fast_at_mnist_import_gives_the_reference_network_on_raw_pixels(tmp_path
         assert run_script(script.main) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and words in err[0], err
+
+
+def test_trades_bf16_compares_the_three_ways_of_running_kl_pgd(fmnist, tmp_path, one_thread):
+    from robustlab.training import TrainConfig, build_trainer
+
+    run = tmp_path / "trades"
+    config = TrainConfig(epochs=1, train_n=256, val_n=32, threads=1)
+    build_trainer(dataset="fashion-mnist", model="cnn-small", method="trades", out=run, config=config,
+                  method_kwargs={"steps": 2}, show_progress=False).fit()
+    script = load_script("trades_bf16")
+    script.main(["--checkpoint", str(run), "--out", str(tmp_path / "out"), "--n", "64", "--seeds", "0"])
+    rows = {r["attack"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())["rows"]}
+    assert set(rows) == {"KL-PGD-1", "KL-PGD-2", "KL-PGD-10", "CE-PGD-10"}
+    one = rows["KL-PGD-1"]
+    assert one["robustlab"] == one["fp32"]  # robustlab's first step is the fp32 one
+    assert one["bf16"]["kl"] < 0.9 * one["fp32"]["kl"]  # a bf16 first step climbs less
