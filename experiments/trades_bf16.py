@@ -46,9 +46,10 @@ def main(argv=None):
     run = args.checkpoint
     if run is None:
         run = out / "trades"
-        if not (run / "last.safetensors").exists():
-            config = TrainConfig(epochs=3, train_n=8000, val_n=200, lr=0.05, threads=args.threads, precision="bf16")
-            build_trainer(dataset="fashion-mnist", model="cnn-small", method="trades", out=run, config=config).fit()
+        config = TrainConfig(epochs=3, train_n=8000, val_n=200, lr=0.05, threads=args.threads, precision="bf16")
+        trainer = build_trainer(dataset="fashion-mnist", model="cnn-small", method="trades", out=run, config=config)
+        trainer.resume()  # a run killed after an epoch goes on; a finished one trains no more
+        trainer.fit()
     model = load_model(run, "last").eval()
     data = load_dataset("fashion-mnist", seed=0)
     x = data.val.subset(args.n).as_float().contiguous(memory_format=torch.channels_last)
