@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--awp-warmup", type=nonnegative(float), help="AWP: fraction of epochs before AWP starts")
     m.add_argument("--co-drop", type=nonnegative(float),
                    help="Fast-AT: stop when validation robust accuracy drops this much below the best")
+    m.add_argument("--co-ratio", type=nonnegative(float),
+                   help="Fast-AT: stop when validation robust accuracy falls below this fraction of the training "
+                   "accuracy on FGSM examples")
     m.add_argument("--clip-start", action="store_true", default=None,
                    help="Fast-AT: take the FGSM step from the random start clipped to [0, 1] (default: unclipped, "
                    "as the paper's δ)")
@@ -170,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 METHOD_OPTIONS = ("eps", "steps", "step_size", "beta", "replays", "outer", "inner", "first_layer",
-                  "first_layer_grad", "awp_gamma", "awp_warmup", "co_drop", "clip_start", "adv_loss", "mix_final",
+                  "first_layer_grad", "awp_gamma", "awp_warmup", "co_drop", "co_ratio", "clip_start", "adv_loss", "mix_final",
                   "mix_start", "global_decay", "redistribute_from", "redistribute_every", "redistribute_per_step",
                   "nat_lr", "nat_weight_decay", "nat_schedule", "global_bn", "joint_batch")
 

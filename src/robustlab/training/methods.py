@@ -50,6 +50,8 @@ class Method:
     # The protocol's training-threat fields that `make_method` fills in when not given: a method whose
     # defaults come from its paper instead (Fast-AT's step 1.25·ε, FreeAT's step ε) leaves them out.
     protocol_fields = ("eps", "norm", "steps", "step_size")
+    # Options a resumed run may change because they decide when to stop, not what an epoch computes.
+    resumable_changes: tuple[str, ...] = ()
 
     def loss(self, ctx: StepContext, x, y) -> StepResult:
         raise NotImplementedError

@@ -146,9 +146,10 @@ def check_resumable(path: Path, meta: dict, backend: str, method: Method, config
                              f"{saved_backend}")
     if meta.get("method", {}).get("name") != method.name:
         raise RobustlabError(f"{path} was trained with method {meta['method']['name']!r}, not {method.name!r}")
-    saved = {**{f"method.{k}": v for k, v in meta["method"].items()},
+    saved = {**{f"method.{k}": v for k, v in meta["method"].items() if k not in method.resumable_changes},
              **{k: v for k, v in meta["config"].items() if k not in RESUMABLE_CHANGES}}
-    now = {**{f"method.{k}": v for k, v in {"name": method.name, **method.config()}.items()},
+    now = {**{f"method.{k}": v for k, v in {"name": method.name, **method.config()}.items()
+              if k not in method.resumable_changes},
            **{k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}}
     now, saved = json.loads(json.dumps(now)), json.loads(json.dumps(saved))  # tuples and lists compare alike
     changed = [f"{k} {saved.get(k)!r} → {now.get(k)!r}" for k in sorted(set(saved) | set(now))
