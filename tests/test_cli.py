@@ -153,6 +153,12 @@ def test_train_then_eval_writes_a_report(tmp_path):
     assert (tmp_path / "plots" / "runs.png").stat().st_size > 1000
     rows = json.loads(robustlab("summary", str(run), "--json").stdout)
     assert (rows[0]["clean"], rows[0]["robust"], rows[0]["n"]) == (result["clean"], result["robust"], 100)
+    trained_s = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["elapsed_s"]
+    assert rows[0]["train_s"] == trained_s
+    away = tmp_path / "away" / "report.json"  # a report moved away from its run still knows the training time
+    away.parent.mkdir()
+    away.write_text((run / "fgsm" / "report.json").read_text())
+    assert json.loads(robustlab("summary", str(away), "--json").stdout)[0]["train_s"] == trained_s
     gone = subprocess.Popen([sys.executable, "-m", "robustlab", "summary", str(run)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     gone.stdout.close()  # `| head` that has read enough

@@ -30,7 +30,8 @@ def read_report(where) -> tuple[str, dict, Path]:
 
 
 def training_seconds(folder: Path) -> float | None:
-    """The run's training time from its metrics.jsonl, in the report's folder or, for RUN/eval-NAME, above it."""
+    """The run's training time from its metrics.jsonl, in the report's folder or, for RUN/eval-NAME, above it
+    (reports written before they recorded it themselves)."""
     from robustlab.checkpoint import read_metrics
     for run in (folder, folder.parent):
         if metrics := read_metrics(run):
@@ -51,7 +52,8 @@ def summarize(name: str, report: dict, folder: Path) -> dict:
             "autoattack": autoattack[-1]["accuracy"] if autoattack else None,
             "autoattack_n": autoattack[-1]["n"] if autoattack else None,
             "autoattack_stage": autoattack[-1]["name"] if autoattack else None,
-            "ood": ood["accuracy"] if ood else None, "train_s": training_seconds(folder)}
+            "ood": ood["accuracy"] if ood else None,
+            "train_s": run["train_s"] if "train_s" in run else training_seconds(folder)}
 
 
 def _percent(value) -> str:
