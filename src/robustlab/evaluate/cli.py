@@ -329,6 +329,8 @@ def _finish_eval(args, results, plots, measure, test, out, unit: str) -> int:
         plots = {"Accuracy versus ε": "accuracy_vs_eps.png", **plots}
     if metrics := read_metrics(run_dir):
         run["train_s"] = metrics[-1].get("elapsed_s")  # so that `robustlab summary` finds it wherever the report goes
+        if stop := metrics[-1].get("stopped_early"):  # e.g. Fast-AT's overfitting check: the reader should know
+            run["stopped_early"] = f"after epoch {metrics[-1]['epoch'] + 1}: {stop}"
         plot_training_curves({run["method"] or run_dir.name: metrics}, out / "training_curves.png",
                              f"{run['model']} on {run['dataset']}: validation during training")
         plots["Training curves"] = "training_curves.png"

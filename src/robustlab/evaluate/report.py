@@ -98,8 +98,11 @@ def write_report(out_dir, results: dict, plots: dict[str, str], run_name: str):
     if meta:
         epoch = "" if meta.get("epoch") is None else f", epoch {meta['epoch'] + 1}"  # files count from 0, people from 1
         epoch += f" of {meta['epochs']}" if epoch and meta.get("epochs") else ""
-        lines += [f"- model: `{meta.get('model')}`, dataset: `{meta.get('dataset')}`, method: `{meta.get('method')}`"
-                  f"{epoch}", ""]
+        lines.append(f"- model: `{meta.get('model')}`, dataset: `{meta.get('dataset')}`, method: `{meta.get('method')}`"
+                     f"{epoch}")
+        if meta.get("stopped_early"):
+            lines.append(f"- training stopped early {meta['stopped_early']}")
+        lines.append("")
     lines += [f"| evaluation | {results.get('unit', 'images')} | accuracy |", "|---|---|---|"]
     for row in results["rows"]:
         lines.append(f"| {row['name']} | {row['n']} | {100 * row['accuracy']:.2f}% |")
