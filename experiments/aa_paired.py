@@ -87,7 +87,11 @@ def compare(args):
     print(json.dumps(result) if args.json else
           f"AutoAttack on {n} images: before {result['before']:.2%}, after {result['after']:.2%} "
           f"({100 * result['difference']:+.2f} points); robust only before: {only_before}, only after: "
-          f"{only_after} (sign test p = {result['sign_test_p']:.2f})")
+          f"{only_after} (sign test p {_p_value(result['sign_test_p'])})")
+
+
+def _p_value(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"= {p:.3f}"
 
 
 def main():
