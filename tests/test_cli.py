@@ -141,12 +141,14 @@ def test_train_then_eval_writes_a_report(tmp_path):
     metrics_file = run / "metrics.jsonl"
     kept = metrics_file.read_text()
     last = json.loads(kept.splitlines()[-1])
-    metrics_file.write_text(kept.replace(json.dumps(last), json.dumps({**last, "stopped_early": "catastrophic overfitting"})))
+    stopped_last = json.dumps({**last, "stopped_early": "catastrophic overfitting"})
+    metrics_file.write_text(kept.replace(json.dumps(last), stopped_last))
     stopped = robustlab("eval", str(run), "--attack", "fgsm", "--data-dir", FMNIST, "--n", "20", "--sweep-n", "0",
                         "--threads", "1", "--out", str(tmp_path / "stopped"))
     metrics_file.write_text(kept)
     assert stopped.returncode == 0, stopped.stderr
-    assert "- training stopped early after epoch 1: catastrophic overfitting\n" in (tmp_path / "stopped" / "report.md").read_text()
+    report_md = (tmp_path / "stopped" / "report.md").read_text()
+    assert "- training stopped early after epoch 1: catastrophic overfitting\n" in report_md
     on_a_file = robustlab("eval", str(run), "--out", str(run / "report.json"))
     assert on_a_file.returncode == 2 and len(on_a_file.stderr.strip().splitlines()) == 1
     assert "--out" in on_a_file.stderr

@@ -322,7 +322,8 @@ def test_fast_at_flags_catastrophic_overfitting():
     reason = method.should_stop({"epoch": 3, "train_acc": 0.5, "val_robust": 0.05}, best)
     assert "catastrophic overfitting" in reason and "below its best" in reason and "\n" not in reason
     assert method.should_stop({"epoch": 3, "train_acc": 0.5, "val_robust": float("nan")}, best) is None
-    assert FastAT(co_drop=None, co_ratio=None).should_stop({"epoch": 3, "train_acc": 0.9, "val_robust": 0.0}, best) is None
+    unchecked = FastAT(co_drop=None, co_ratio=None)
+    assert unchecked.should_stop({"epoch": 3, "train_acc": 0.9, "val_robust": 0.0}, best) is None
 
 
 def test_fast_at_flags_a_run_that_is_never_robust():
@@ -336,7 +337,8 @@ def test_fast_at_flags_a_run_that_is_never_robust():
     assert method.should_stop(healthy, {"epoch": 0, "val_robust": 0.141}) is None
     assert FastAT(co_ratio=None).should_stop(first, {"epoch": 0, "val_robust": 0.001}) is None
     # without a validation attack the Trainer ranks epochs by clean accuracy, far above a tenth of anything
-    assert method.should_stop({"epoch": 0, "train_acc": 0.9, "val_robust": 0.8}, {"epoch": 0, "val_robust": 0.8}) is None
+    clean = {"epoch": 0, "train_acc": 0.9, "val_robust": 0.8}
+    assert method.should_stop(clean, {"epoch": 0, "val_robust": 0.8}) is None
 
 
 def test_fast_at_runs_resume_with_other_stop_thresholds(tmp_path):

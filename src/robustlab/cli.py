@@ -173,9 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 METHOD_OPTIONS = ("eps", "steps", "step_size", "beta", "replays", "outer", "inner", "first_layer",
-                  "first_layer_grad", "awp_gamma", "awp_warmup", "co_drop", "co_ratio", "clip_start", "adv_loss", "mix_final",
-                  "mix_start", "global_decay", "redistribute_from", "redistribute_every", "redistribute_per_step",
-                  "nat_lr", "nat_weight_decay", "nat_schedule", "global_bn", "joint_batch")
+                  "first_layer_grad", "awp_gamma", "awp_warmup", "co_drop", "co_ratio", "clip_start", "adv_loss",
+                  "mix_final", "mix_start", "global_decay", "redistribute_from", "redistribute_every",
+                  "redistribute_per_step", "nat_lr", "nat_weight_decay", "nat_schedule", "global_bn", "joint_batch")
 
 
 def train_config(args):
