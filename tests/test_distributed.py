@@ -269,6 +269,26 @@ def test_free_at_replays_under_ddp_equal_one_process_on_the_full_batch(tmp_path,
     _one_process_and_ddp_agree(script, tmp_path)
 
 
+def test_an_early_stop_ends_training_on_every_rank(tmp_path, fmnist):
+    """A method's stop (Fast-AT's overfitting check) is computed on every rank: every rank must leave the loop, not
+    rank 0 alone while the others train on into a collective that no partner joins."""
+    script = tmp_path / "stop.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys
+        from robustlab.training import TrainConfig, build_trainer
+        from robustlab.training.methods import Standard
+        Standard.should_stop = lambda self, metrics, best: "enough" if metrics["epoch"] == 0 else None
+        config = TrainConfig(epochs=3, batch_size=64, train_n=256, val_n=40, augment="none", threads=1)
+        last = build_trainer(dataset="fashion-mnist", model="cnn-small", method="standard", out=sys.argv[1],
+                             data_dir={FMNIST!r}, config=config, show_progress=False).fit()
+        open(f"{{sys.argv[1]}}.rank{{os.environ['RANK']}}", "w").write(str(last["epoch"]))
+    """))
+    done = torchrun(str(script), str(tmp_path / "run"), timeout=300)
+    assert done.returncode == 0, failure(done)
+    assert [(tmp_path / f"run.rank{r}").read_text() for r in (0, 1)] == ["0", "0"]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 1
+
+
 @pytest.mark.parametrize("method, options", [
     ("fast-at", []), ("yopo", ["--outer", "2", "--inner", "2"]),
     ("yopo", ["--outer", "2", "--inner", "2", "--first-layer-grad", "hamiltonian"]), ("trades", ["--steps", "2"]),

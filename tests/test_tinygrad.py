@@ -298,6 +298,17 @@ def test_resume_continues_where_it_stopped(fmnist, tmp_path):
         tiny_trainer(fmnist, tmp_path, "standard", epochs=3).resume()
 
 
+def test_a_method_stop_is_recorded_and_kept_on_resume(fmnist, tmp_path, monkeypatch):
+    """As in the PyTorch Trainer: the epoch that stops says why in its metrics, and a resumed run trains no further."""
+    from robustlab.training.methods import Standard
+    monkeypatch.setattr(Standard, "should_stop", lambda self, metrics, best: "enough" if metrics["epoch"] == 0 else None)
+    last = tiny_trainer(fmnist, tmp_path, "standard", epochs=3, train_n=256).fit()
+    assert last["epoch"] == 0 and last["stopped_early"] == "enough"
+    again = tiny_trainer(fmnist, tmp_path, "standard", epochs=3, train_n=256)
+    assert again.resume() and again.fit() == {}
+    assert len((tmp_path / "standard" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
 def test_tinygrad_cnn_loads_as_pytorch_cnn_small(tmp_path, batch):
     """A tinygrad run's checkpoint is read by robustlab.load_model as the PyTorch cnn-small."""
     x, _ = batch

@@ -195,14 +195,16 @@ class TinyTrainer:
             is_best = val_metrics["val_robust"] > self.best["val_robust"]
             if is_best:
                 self.best = {"epoch": epoch, "val_robust": val_metrics["val_robust"], "val_clean": val_metrics["val_clean"]}
+            stop = self.method.should_stop(metrics, self.best)
+            if stop:
+                metrics["stopped_early"] = stop
             self.save(epoch, metrics, is_best)
             checkpoint.append_metrics(self.out, metrics)
             tqdm.write(f"epoch {epoch + 1}/{self.config.epochs}: train loss {train_metrics['train_loss']:.4f} "
                        f"acc {train_metrics['train_acc']:.2%} | val clean {val_metrics['val_clean']:.2%} "
                        f"robust {val_metrics['val_robust']:.2%}{' (best)' if is_best else ''} | {self.elapsed:.0f}s")
-            stop = self.method.should_stop(metrics, self.best) if hasattr(self.method, "should_stop") else None
             if stop:
-                tqdm.write(f"stopping early: {stop}")
+                tqdm.write(f"early stop after epoch {epoch + 1}: {stop}")
                 break
         return metrics
 
@@ -233,6 +235,8 @@ class TinyTrainer:
         for key, t in optimizer_state(self.optimizer).items():
             t.realize().assign(Tensor(tensors[f"optim.{key}"].numpy(), dtype=t.dtype, device=t.device)).realize()
         self.start_epoch, self.elapsed, self.best = meta["epoch"] + 1, meta["elapsed_s"], meta["best"]
+        if meta["metrics"].get("stopped_early"):  # as the PyTorch Trainer: training on would undo the stop
+            self.start_epoch = self.config.epochs
         checkpoint.truncate_metrics(self.out, meta["epoch"], meta["metrics"])
         return True
 

@@ -295,8 +295,9 @@ class Trainer:
                 tqdm.write(f"epoch {epoch + 1}/{self.epochs}: train loss {train_metrics['train_loss']:.4f} "
                            f"acc {train_metrics['train_acc']:.2%} | val clean {val_metrics['val_clean']:.2%}"
                            f"{robust}{' (best)' if is_best else ''} | {self.elapsed:.0f}s")
-            if stop and main:
-                tqdm.write(f"early stop after epoch {epoch + 1}: {stop}")
+            if stop:  # every rank computed it and every rank leaves, or the others would wait in a collective
+                if main:
+                    tqdm.write(f"early stop after epoch {epoch + 1}: {stop}")
                 break
         return metrics
 
