@@ -289,6 +289,38 @@ def test_an_early_stop_ends_training_on_every_rank(tmp_path, fmnist):
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 1
 
 
+def test_a_last_batch_smaller_than_the_ranks_is_skipped(tmp_path, fmnist):
+    """129 images in batches of 128 leave one image for two ranks: the rank with none had a NaN loss, which stopped
+    the run as diverged (and would have put NaN into every weight through DDP's averaging)."""
+    run = tmp_path / "run"
+    done = torchrun("-m", "robustlab", "train", "--data-dir", FMNIST, "--train-n", "129", "--val-n", "40",
+                    "--batch-size", "128", "--epochs", "1", "--augment", "none", "--threads", "1", "--method",
+                    "standard", "--out", str(run))
+    assert done.returncode == 0, failure(done)
+    assert all(torch.isfinite(w).all() for w in _weights(run).values())
+
+
+def test_ranks_validate_and_save_the_same_batchnorm_statistics(tmp_path, fmnist):
+    """DDP broadcasts buffers before each forward, so after an epoch each rank's BatchNorm statistics include its
+    own last batch; validation (shared out over the ranks) must use rank 0's, the ones saved."""
+    script = tmp_path / "bn.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys, torch
+        from robustlab.training import TrainConfig, build_trainer
+        config = TrainConfig(epochs=1, batch_size=64, train_n=128, val_n=16, augment="none", threads=1)
+        trainer = build_trainer(dataset="fashion-mnist", model="preact-resnet18-small", method="standard",
+                                out=sys.argv[1], data_dir={FMNIST!r}, config=config, show_progress=False,
+                                model_kwargs=dict(width=4))
+        trainer.fit()
+        stats = [b.double().sum().item() for b in trainer.model.buffers() if b.is_floating_point()]
+        open(f"{{sys.argv[1]}}.rank{{os.environ['RANK']}}", "w").write(repr(stats))
+    """))
+    done = torchrun(str(script), str(tmp_path / "run"))
+    assert done.returncode == 0, failure(done)
+    rank0, rank1 = ((tmp_path / f"run.rank{r}").read_text() for r in (0, 1))
+    assert rank0 == rank1
+
+
 @pytest.mark.parametrize("method, options", [
     ("fast-at", []), ("yopo", ["--outer", "2", "--inner", "2"]),
     ("yopo", ["--outer", "2", "--inner", "2", "--first-layer-grad", "hamiltonian"]), ("trades", ["--steps", "2"]),

@@ -120,6 +120,20 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(fmnist, tmp_path):
     assert all(torch.equal(resumed[k], resumed_again[k]) for k in resumed)
 
 
+def test_resume_restores_the_loss_scale(tmp_path):
+    """fp16 runs scale their loss (GradScaler): a resumed run must go on with the scale reached, not restart at 2^16,
+    which would replay the first overflows and skip optimizer steps the uninterrupted run took. fp16 needs CUDA, so
+    the CPU scaler stands in for it."""
+    trainer = small_trainer(tmp_path, epochs=1, train_n=64)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    trainer.scaler.load_state_dict({**trainer.scaler.state_dict(), "scale": 1024.0, "_growth_tracker": 7})
+    trainer.save(0, {"epoch": 0}, is_best=False)
+    again = small_trainer(tmp_path, epochs=1, train_n=64)
+    again.scaler = torch.amp.GradScaler("cpu")
+    assert again.resume()
+    assert again.scaler.state_dict()["scale"] == 1024.0 and again.scaler.state_dict()["_growth_tracker"] == 7
+
+
 def test_resume_of_a_run_killed_in_its_first_epoch_starts_it_afresh(tmp_path):
     """A requeued job repeats its command with --resume; a kill before the first checkpoint must not make it fail."""
     common = ["-m", "robustlab", "train", "--data-dir", FMNIST, "--train-n", "256", "--val-n", "50", "--epochs", "1",

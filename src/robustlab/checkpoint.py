@@ -124,4 +124,5 @@ def truncate_metrics(run, last_epoch: int, last_row: dict) -> None:
     (the resumed run writes them again) and put back `last_row`, which a kill between the checkpoint and its line
     may have lost or cut short."""
     rows = [r for r in read_metrics(run) if r["epoch"] < last_epoch] + [last_row]
-    (Path(run) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    _atomic_write_bytes(Path(run) / "metrics.jsonl", lambda p: p.write_text(text))  # a kill here loses no history

@@ -111,6 +111,15 @@ def all_max(t: torch.Tensor) -> torch.Tensor:
     return _all_reduce(t, dist.ReduceOp.MAX)
 
 
+def broadcast_buffers(*modules):
+    """Rank 0's buffers (BatchNorm statistics) on every rank, for each module given (None is skipped)."""
+    if not active():
+        return
+    for module in modules:
+        for b in (module.buffers() if module is not None else ()):
+            dist.broadcast(b, src=0)
+
+
 def average_gradients(params):
     """Mean of .grad over ranks, for gradients DDP does not see (a method's auxiliary model, e.g. AWP's proxy)."""
     if not active():

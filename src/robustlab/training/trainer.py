@@ -234,6 +234,7 @@ class Trainer:
         meta = self._metadata(epoch, metrics, "training-state")
         meta["optimizer"], meta["run_state"] = opt_info, run_info
         meta["ema_updates"] = self.ema.updates if self.ema else None
+        meta["grad_scaler"] = self.scaler.state_dict() if self.scaler else None  # else a resumed fp16 run rescales
         if is_best:  # the best weights first: a kill between the two writes then loses nothing
             checkpoint.save(self.out / "best.safetensors", checkpoint.prefixed("model.", self.eval_model.state_dict()),
                             self._metadata(epoch, metrics, "model"))
@@ -256,12 +257,15 @@ class Trainer:
             self.model.load_state_dict(checkpoint.unprefixed("model.", tensors))
         if self.ema:
             self.ema.updates = meta["ema_updates"]
+        if self.scaler and meta.get("grad_scaler"):
+            self.scaler.load_state_dict(meta["grad_scaler"])
         checkpoint.restore_optimizer(self.optimizer, checkpoint.unprefixed("optim.", tensors), meta["optimizer"])
         restore_run_state(self.run_state, checkpoint.unprefixed("run.", tensors), meta.get("run_state", {}))
         self.start_epoch, self.elapsed, self.best = meta["epoch"] + 1, meta["elapsed_s"], meta["best"]
         if meta["metrics"].get("stopped_early"):  # e.g. Fast-AT overfitted: training on would undo the stop
             self.start_epoch = self.epochs
-        checkpoint.truncate_metrics(self.out, meta["epoch"], meta["metrics"])
+        if distributed.is_main():  # rank 0 alone writes the file, as in fit()
+            checkpoint.truncate_metrics(self.out, meta["epoch"], meta["metrics"])
         return True
 
     # -- loop ----------------------------------------------------------------------------------
@@ -277,6 +281,10 @@ class Trainer:
             start = time.perf_counter()
             train_metrics = self.train_epoch(epoch)
             self.elapsed += time.perf_counter() - start
+            # DDP broadcasts buffers before each forward, so after the last step each rank holds its own BatchNorm
+            # statistics: validate (and save) rank 0's everywhere, and keep a method's other learners in step
+            distributed.broadcast_buffers(self.model, self.ema.model if self.ema else None,
+                                          *(v for v in self.run_state.values() if isinstance(v, nn.Module)))
             val_metrics = self.validate(epoch)
             metrics = {"epoch": epoch, **train_metrics, **val_metrics, "elapsed_s": round(self.elapsed, 2)}
             is_best = val_metrics["val_robust"] > self.best["val_robust"]
@@ -331,6 +339,8 @@ class Trainer:
         # Each rank trains on its share of every global batch; streamed batches are that share already.
         part = (lambda n: slice(None)) if self.streamed else distributed.my_slice
         for i, (x, y) in enumerate(bar):
+            if not self.streamed and len(y) < distributed.world_size():  # a rank's empty share: NaN loss, NaN weights
+                continue
             x, y = x[part(len(y))], y[part(len(y))]
             ctx.progress = (epoch + i / steps) / self.epochs
             lr = learning_rate(cfg.schedule, cfg.lr, ctx.progress)
