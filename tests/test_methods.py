@@ -240,6 +240,24 @@ def test_yopo_inner_steps_reuse_the_gradient_exactly_when_the_first_layer_is_aff
     assert (reused - eta).abs().max() > 0.05  # the steps moved η
 
 
+def test_yopo_decays_the_weights_as_the_reference_code(batch):
+    """The reference sums the m outer gradients and runs SGD (weight decay 5e-4) with the learning rate over m: the
+    decay term is lr·wd/m·θ. YOPO averages the gradients instead, so it must divide the decay by m for its step."""
+    x, y = batch
+    lr, wd, m = 0.05, 5e-4, 5
+    steps = {}
+    for decay in (wd, 0.0):
+        model = lenet()
+        ctx = StepContext(model, model, torch.optim.SGD(model.parameters(), lr=lr, weight_decay=decay),
+                          torch.Generator().manual_seed(0), contextlib.nullcontext)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        YOPO(outer=m, inner=2).train_step(ctx, x, y)
+        assert ctx.optimizer.param_groups[0]["weight_decay"] == decay  # restored
+        steps[decay] = {n: p.detach() for n, p in model.named_parameters()}
+    for name, theta in before.items():
+        torch.testing.assert_close(steps[wd][name], steps[0.0][name] - lr * wd / m * theta, atol=1e-7, rtol=1e-5)
+
+
 def test_yopo_works_on_a_resnet_and_names_a_missing_layer():
     model = build_model("preact-resnet18", (3, 32, 32), 10, [0.5] * 3, [0.25] * 3, width=4)
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))

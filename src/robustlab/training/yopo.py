@@ -125,8 +125,10 @@ class YOPO(Method):
     - η starts uniform in the ε-ball (the reference's `uniform_(-eps, eps)`) and is carried across the
       outer steps.
     Other deliberate differences from the reference code: gradients are averaged over the m outer steps
-    (the reference sums them and divides the learning rate by K instead, same update); one optimizer for
-    all layers (same lr, momentum, weight decay as the reference's two optimizers).
+    (the reference sums them and divides the learning rate by K instead); the weight decay is divided by m
+    for YOPO's step, so that the update is the reference's, decay term included (SGD adds the decay to the
+    summed gradient before the learning rate's 1/K); one optimizer for all layers (same lr, momentum,
+    weight decay as the reference's two optimizers).
     """
     name = "yopo"
     protocol_fields = ("eps", "norm", "step_size")
@@ -191,5 +193,10 @@ class YOPO(Method):
             total += loss.detach()
         if hamiltonian:  # ∂H/∂θ₀ came from the unwrapped module, which DDP does not see
             distributed.average_gradients(layer_params)
+        decays = [group["weight_decay"] for group in ctx.optimizer.param_groups]
+        for group in ctx.optimizer.param_groups:
+            group["weight_decay"] /= self.outer
         ctx.optimizer.step()
+        for group, decay in zip(ctx.optimizer.param_groups, decays):
+            group["weight_decay"] = decay
         return StepResult(total / self.outer, logits.detach())
