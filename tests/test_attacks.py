@@ -166,6 +166,41 @@ def test_images_and_labels_that_do_not_fit_are_clear_errors(name, x, y, words):
     assert all(w in str(error.value) for w in words), str(error.value)
 
 
+ALL = ["fgsm", "fgm", "pgd", "apgd", "apgd-t", "fab-t", "square", "pgd-smooth"]
+
+
+def _four_classes():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))  # APGD-T needs 4 classes
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_labels_of_any_integer_type_are_taken(name, dtype):
+    """uint8 is what idx files hold; each type failed inside a loss or `gather` with a torch traceback."""
+    from robustlab.attacks import ATTACKS
+    x, y = torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 3])
+    x_adv = ATTACKS[name](_four_classes(), x, y.to(dtype), eps=0.1)
+    assert within_ball(x_adv, x, "l2" if name == "fgm" else "linf", 0.1)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_attacks_run_inside_no_grad(name):
+    """Evaluation code often holds torch.no_grad(); PGD and its one-step forms raised "does not require grad"."""
+    from robustlab.attacks import ATTACKS
+    x, y = torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 3])
+    with torch.no_grad():
+        x_adv = ATTACKS[name](_four_classes(), x, y, eps=0.1)
+    assert x_adv.shape == x.shape
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_an_empty_batch_gives_an_empty_batch(norm):
+    x, y = torch.rand(0, 1, 2, 2), torch.zeros(0, dtype=torch.long)
+    assert pgd(_four_classes(), x, y, eps=0.1, norm=norm).shape == x.shape  # L2's random start read x[0]
+    assert (fgm if norm == "l2" else fgsm)(_four_classes(), x, y, eps=0.1).shape == x.shape
+
+
 def test_accuracy_takes_an_image_set_or_a_pair_of_tensors(robust_model, fmnist):
     from robustlab.evaluate import accuracy as evaluate_accuracy
     test = fmnist.test.subset(300)

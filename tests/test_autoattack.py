@@ -102,6 +102,15 @@ def test_bad_arguments_raise_one_line_errors(robust_model, test_batch):
         assert "\n" not in str(err.value)
 
 
+def test_autoattack_refuses_a_model_with_fewer_than_four_classes_before_any_stage(tmp_path):
+    """APGD-T's targeted DLR loss needs 4 classes: the refusal came at that stage, after the clean and APGD-CE work."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    x, y = torch.rand(2, 1, 2, 2), torch.tensor([0, 2], dtype=torch.int32)
+    with pytest.raises(RobustlabError, match="needs at least 4 classes; the model has 3"):
+        autoattack(model, x, y, eps=0.1, progress=False, state_path=tmp_path / "state.safetensors")
+    assert not (tmp_path / "state.safetensors").exists()
+
+
 # ---- APGD ----
 
 def _checkpoints_by_hand(steps):

@@ -124,7 +124,7 @@ def _loss_fn(name: str) -> Callable:
     return dlr_targeted_loss
 
 
-def _min_classes(loss: str) -> int:
+def min_classes(loss: str) -> int:
     return {"ce": 2, "dlr": 3, "dlr-targeted": 4}[loss]
 
 
@@ -258,8 +258,8 @@ def apgd_attack(model, x, y, *, eps: float, norm: str = "linf", steps: int = 100
     x, y, x_adv, logits = clean_logits(model, x, y)
     if logits is None:
         return x_adv, torch.zeros(0, dtype=torch.bool, device=x.device)
-    if logits.shape[1] < _min_classes(loss):
-        raise RobustlabError(f"loss {loss!r} needs at least {_min_classes(loss)} classes, the model has {logits.shape[1]}")
+    if logits.shape[1] < min_classes(loss):
+        raise RobustlabError(f"loss {loss!r} needs at least {min_classes(loss)} classes, the model has {logits.shape[1]}")
     if n_target_classes is not None:
         ranks = range(2, check_targets(n_target_classes, logits.shape[1], "APGD-T") + 2)
     else:
@@ -304,7 +304,7 @@ def apgd(model, x, y, *, eps: float, norm: str = "linf", steps: int = 100, loss:
         raise RobustlabError("target_class_rank applies only to loss='dlr-targeted'")
     else:
         rank = None
-    check_batch(x, y)
+    y = check_batch(x, y)
     with attack_mode(model):
         x_adv, _ = apgd_attack(model, x, y, eps=eps, norm=norm, steps=steps, loss=loss, target_class_rank=rank,
                                restarts=restarts, rho=rho, generator=generator)
@@ -318,7 +318,7 @@ def apgd_targeted(model, x, y, *, eps: float, norm: str = "linf", steps: int = 1
     Each target rank runs only on the examples that the previous ranks did not break;
     n_target_classes is capped at num_classes − 1.
     """
-    check_batch(x, y)
+    y = check_batch(x, y)
     with attack_mode(model):
         x_adv, _ = apgd_attack(model, x, y, eps=eps, norm=norm, steps=steps, loss="dlr-targeted",
                                n_target_classes=n_target_classes, restarts=restarts, rho=rho, generator=generator)

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from robustlab import checkpoint, distributed
-from robustlab.attacks.apgd import apgd_attack, check_attack_args, check_targets
+from robustlab.attacks.apgd import apgd_attack, check_attack_args, check_targets, min_classes
 from robustlab.attacks.fab import fab_targeted_attack
 from robustlab.attacks.pgd import attack_mode
 from robustlab.attacks.square import square_attack
@@ -158,7 +158,7 @@ def _check_inputs(x, y, eps, norm, batch_size):
         raise RobustlabError(f"batch_size must be >= 1, got {batch_size}")
     if x.dim() != 4:
         raise RobustlabError(f"AutoAttack needs images N×C×H×W, got shape {tuple(x.shape)}")
-    check_batch(x, y)
+    return check_batch(x, y)
 
 
 def autoattack(model, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf", version: str = "standard",
@@ -173,7 +173,7 @@ def autoattack(model, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str
     and meant for quick checks. n_target_classes is capped at num_classes − 1.
     """
     check_choice("version", version, VERSIONS)
-    _check_inputs(x, y, eps, norm, batch_size)
+    y = _check_inputs(x, y, eps, norm, batch_size)
     if steps < 1 or queries < 1:
         raise RobustlabError(f"steps and queries must be >= 1, got {steps} and {queries}")
     x, y = x.detach(), y.detach().to(x.device)
@@ -181,6 +181,9 @@ def autoattack(model, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str
     with attack_mode(model):
         num_classes = model(x[:1]).shape[1] if n else 10
     n_targets = check_targets(n_target_classes, num_classes, "AutoAttack")
+    if n and num_classes < min_classes("dlr-targeted"):  # refused now, not at APGD-T after two stages' work
+        raise RobustlabError(f"AutoAttack's APGD-T uses the targeted DLR loss, which needs at least "
+                             f"{min_classes('dlr-targeted')} classes; the model has {num_classes}")
     config = {"version": version, "eps": float(eps), "norm": norm, "n": n, "seed": seed, "batch_size": batch_size,
               "n_target_classes": n_targets, "steps": steps, "queries": queries, "data": _fingerprint(x, y)}
     if distributed.active() and state_path is not None:  # one state file per rank: each holds its own batches

@@ -69,10 +69,11 @@ def perturb(model, x, y, threat, steps: int, *, random_start: bool = True, targe
     done = torch.zeros(len(x), dtype=torch.bool, device=x.device) if keep_best else None
     sign = -1.0 if targeted else 1.0
     for _ in range(steps):
-        x_adv.requires_grad_(True)
-        logits = model(x_adv)
-        loss = loss_fn(logits, y).sum()
-        (grad,) = torch.autograd.grad(sign * loss, x_adv)
+        with torch.enable_grad():  # a caller may hold torch.no_grad(), as APGD and FAB allow too
+            x_adv.requires_grad_(True)
+            logits = model(x_adv)
+            loss = loss_fn(logits, y).sum()
+            (grad,) = torch.autograd.grad(sign * loss, x_adv)
         x_adv = x_adv.detach()
         if keep_best:
             _record_success(logits.detach(), y, targeted, x_adv, best, done)
@@ -112,7 +113,7 @@ def pgd(model, x, y, *, eps: float, norm: str = "linf", steps: int = 10, step_si
     is, the highest loss on this model, which is what to transfer to another (`transfer`).
     """
     _check_budget(eps, steps, restarts)
-    check_batch(x, y)
+    y = check_batch(x, y)
     threat = make_threat(norm, eps, step_size if step_size is not None else 2.5 * eps / steps)
     with attack_mode(model):
         x_adv = x.clone()

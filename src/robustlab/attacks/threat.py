@@ -43,7 +43,7 @@ class L2Ball:
         # Uniform in the ball: a Gaussian direction with radius eps·U^(1/d).
         direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         direction = direction / _per_example_norm(direction).clamp_min(1e-12)
-        d = x[0].numel()
+        d = math.prod(x.shape[1:])  # x[0] fails on an empty batch
         radius = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype) ** (1.0 / d)
         start = x + direction * self.eps * radius.view(-1, *([1] * (x.dim() - 1)))
         return self.project(start, x) if box else start
@@ -63,10 +63,11 @@ def check_size(name: str, value: float):
         raise RobustlabError(f"{name} must be a finite number >= 0, got {value}")
 
 
-def check_batch(x: torch.Tensor, y: torch.Tensor, tol: float = 1e-6):
-    """What every attack takes: float images in [0, 1] and one integer label per image. The most common misuse,
-    normalized inputs, fails here with its cause instead of giving wrong numbers (`tol` lets through the rounding
-    of images computed in floating point)."""
+def check_batch(x: torch.Tensor, y: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
+    """What every attack takes: float images in [0, 1] and one integer label per image; returns the labels as
+    int64, the type the losses and `gather` need (idx files hold uint8). The most common misuse, normalized
+    inputs, fails here with its cause instead of giving wrong numbers (`tol` lets through the rounding of images
+    computed in floating point)."""
     if not x.is_floating_point():
         hint = " (uint8 images: divide by 255)" if x.dtype == torch.uint8 else ""
         raise RobustlabError(f"attack inputs must be float images in [0, 1], got {x.dtype}{hint}")
@@ -74,6 +75,7 @@ def check_batch(x: torch.Tensor, y: torch.Tensor, tol: float = 1e-6):
         raise RobustlabError(f"attacks take one integer label per image: {len(x)} images, labels {y.dtype} "
                              f"{tuple(y.shape)}")
     check_in_box(x, "attack inputs", tol)
+    return y.long()
 
 
 def check_in_box(x: torch.Tensor, what: str, tol: float = 1e-6):
