@@ -231,6 +231,12 @@ def test_standard_suite_reports_autoattack_sanity_and_ood(tmp_path):
     assert "Gradient-masking sanity checks" in (run / "report.md").read_text()
     row, = json.loads(robustlab("summary", str(run), "--json").stdout)
     assert row["autoattack"] == accs[-1] and row["autoattack_n"] == 24 and row["ood"] is not None
+    # with a one-step attack too: its sanity checks called it at other ε, which it did not take (a traceback)
+    fgsm = robustlab("eval", str(run), "--suite", "standard", "--attack", "fgsm", "--data-dir", FMNIST, "--n", "20",
+                     "--aa-steps", "2", "--aa-queries", "10", "--sanity-n", "20", "--no-ood", "--sweep-n", "0",
+                     "--threads", "1", "--out", str(tmp_path / "fgsm"))
+    assert fgsm.returncode == 0, fgsm.stderr
+    assert json.loads((tmp_path / "fgsm" / "report.json").read_text())["sanity"]["verdict"]
 
 
 def test_auto_precision_is_bf16_only_where_the_device_has_bf16_units(monkeypatch):

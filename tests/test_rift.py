@@ -1,7 +1,9 @@
 """RiFT (issue 6): MRC leaves the model as it was and respects its constraint, fine-tuning touches only the chosen
 module (and BatchNorm statistics), interpolation reproduces its endpoints, and α is chosen without the test set."""
+import dataclasses
 import functools
 import json
+import shutil
 import subprocess
 import sys
 
@@ -12,8 +14,9 @@ from robustlab import checkpoint, load_model
 from robustlab.attacks import dlr_loss, first_success, pgd
 from robustlab.cli import main
 from robustlab.data import Splits
+from robustlab.errors import RobustlabError
 from robustlab.evaluate import accuracy
-from robustlab.models import classifier_modules
+from robustlab.models import classifier_modules, fast_memory_format
 from robustlab.rift import (AlphaSearch, MRCConfig, RiftSettings, compute_mrc, finetune, interpolate,
                             module_criticality, recalibrate_bn, rift)
 from robustlab.rift import TestSettings as ReportSettings  # not a test class
@@ -135,6 +138,12 @@ def test_finetuning_changes_only_the_module_and_batchnorm_statistics(tiny_run, s
     again, _ = finetune(model, "layer3.1.conv2", small, tmp_path, meta, lr=0.05, epochs=1, train_n=128, bn=bn,
                         show=False)
     assert _same(again.state_dict(), after)
+    # ...but never from other weights: the folder would mix two models
+    other = load_model(tiny_run / "last.safetensors")
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    with pytest.raises(RobustlabError, match="other settings"):
+        finetune(other, "layer3.1.conv2", small, tmp_path, meta, lr=0.05, epochs=1, train_n=128, bn=bn, show=False)
 
 
 def test_several_modules_fine_tuned_together_are_the_only_ones_changed(tiny_run, small, tmp_path, one_thread):
@@ -320,14 +329,49 @@ def test_recalibrate_mode_measures_and_saves_theta_alpha_with_statistics_of_its_
     expected = load_model(source)
     tuned = load_model(run / "best.safetensors")
     expected.load_state_dict(interpolate(robust.state_dict(), tuned.state_dict(), alpha))
+    # in RiFT's layout: ten sign steps turn the two layouts' rounding differences into other iterates
+    expected = expected.to(memory_format=fast_memory_format(expected, torch.device("cpu")))
     interpolated = _snapshot(expected)
-    attack = functools.partial(pgd, eps=0.1, norm="linf", steps=10, step_size=0.025)  # the protocol's PGD-10
+    # the protocol's PGD-10, its last iterates as in training (not the first iterate that fools the model)
+    attack = functools.partial(pgd, eps=0.1, norm="linf", steps=10, step_size=0.025, keep_best=False)
     recalibrate_bn(expected, small.train.subset(64), attack)
     saved = load_model(tmp_path).state_dict()
     for k, v in expected.state_dict().items():
         assert torch.allclose(saved[k].float(), v.float(), atol=1e-5), k
         if "running_" in k:
             assert not torch.allclose(v, interpolated[k]), k  # re-estimated, not interpolated
+
+
+def test_a_new_fine_tuning_is_measured_afresh_along_alpha(tiny_run, small, tmp_path, one_thread):
+    """The α curve belongs to one fine-tuned endpoint: after its run is removed and fine-tuned again with other
+    settings (as the refusal of a changed fine-tuning advises), the cached curve of the old one was reused."""
+    settings = RiftSettings(module="linear", lr=0.05, epochs=1, train_n=128, val_n=40, tolerance=1.0,
+                            mrc=MRCConfig(n=48, epochs=1, batch_size=24))  # the classifier: its accuracy moves
+    source = tiny_run / "best.safetensors"
+    first = rift(source, small, tmp_path, settings, test=None, show=False)
+    shutil.rmtree(tmp_path / "finetune")
+    report = rift(source, small, tmp_path, dataclasses.replace(settings, epochs=2, batch_size=16), test=None,
+                  show=False)
+    tuned = load_model(next((tmp_path / "finetune").iterdir()) / "best.safetensors")
+    old, new = (r["candidates"][r["chosen"]]["curve"]["1.00"]["clean"] for r in (first, report))
+    assert new == accuracy(tuned, small.val.subset(40)) != old  # θ(1) is the new endpoint
+
+
+def test_an_out_folder_never_holds_two_checkpoints_results(tiny_run, small, tmp_path, one_thread, monkeypatch):
+    """A first run killed while fine-tuning had written no rift_state.json, so a second run on another checkpoint
+    into the same --out resumed the first one's fine-tuning and interpolated toward it."""
+    class Killed(Exception):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed
+    monkeypatch.setattr(pipeline_module, "finetune", killed)
+    settings = RiftSettings(module="layer4.1.conv2", epochs=1, train_n=64, val_n=40,
+                            mrc=MRCConfig(n=48, epochs=1, batch_size=24))
+    with pytest.raises(Killed):
+        rift(tiny_run / "best.safetensors", small, tmp_path, settings, test=None, show=False)
+    with pytest.raises(RobustlabError, match="holds RiFT results for another checkpoint"):
+        rift(tiny_run / "last.safetensors", small, tmp_path, settings, test=None, show=False)
 
 
 def robustlab(*args):

@@ -189,3 +189,20 @@ def test_random_search_needs_no_gradients_and_stays_in_the_ball(mlp, eval_set, n
                         generator=torch.Generator().manual_seed(0))
     assert within_ball(adv, x, norm, eps, tol=1e-5)
     assert _acc(mlp, adv, y) < _acc(mlp, x, y) - 0.1
+
+
+def test_the_standard_suite_runs_the_sanity_checks_with_its_attack_scaled_to_each_eps(robust_model, fmnist, tmp_path):
+    """The suite's attack has its step fixed for ε; the checks at 8ε and at other ε must get the same attack with the
+    step scaled (the evaluation's `attack_at`), not the step of ε, with which PGD at 8ε cannot reach beyond 2.5ε."""
+    from functools import partial
+
+    from robustlab.evaluate.sanity import default_large_eps
+    from robustlab.evaluate.suite import run_suite
+    asked = []
+
+    def attack_at(e):
+        asked.append(round(e, 6))
+        return partial(pgd, eps=e, norm="linf", steps=3, step_size=2.5 * e / 3)
+    run_suite(robust_model, fmnist.test.subset(20), fmnist.info, norm="linf", eps=0.1, attack_at=attack_at,
+              pgd_label="PGD-3", out_dir=tmp_path, aa_steps=2, aa_queries=10, sanity_n=20, ood=False, show=False)
+    assert {round(default_large_eps("linf", 0.1), 6), 0.05, 0.2} <= set(asked)

@@ -120,7 +120,7 @@ def cmd_eval(args) -> int:
         from robustlab.evaluate.suite import run_suite
         budget_options = {"aa_steps": args.aa_steps, "aa_queries": args.aa_queries, "aa_n": args.aa_n,
                           "sanity_n": args.sanity_n}
-        rows, extra, plots = run_suite(model, test, data.info, norm=norm, eps=eps, pgd_attack=attack_at(eps),
+        rows, extra, plots = run_suite(model, test, data.info, norm=norm, eps=eps, attack_at=attack_at,
                                        pgd_label=label, out_dir=out, ood=args.ood, seed=args.seed,
                                        batch_size=args.batch_size, **{k: v for k, v in budget_options.items() if v is not None})
         clean, robust = rows[0]["accuracy"], rows[1]["accuracy"]

@@ -37,10 +37,12 @@ def plot_per_class(class_names, clean_mask, robust_mask, labels, path, robust_la
     plt.close(fig)
 
 
-def run_suite(model, test, info, *, norm, eps, pgd_attack, pgd_label, out_dir, aa_steps=100, aa_queries=5000,
+def run_suite(model, test, info, *, norm, eps, attack_at, pgd_label, out_dir, aa_steps=100, aa_queries=5000,
               aa_n=None, sanity_n=500, ood=True, seed=0, batch_size=500, show=None) -> tuple[list, dict, dict]:
-    """Returns (report rows, extra results, plots) for `write_report`. AutoAttack runs on the first `aa_n`
-    test images (default: all)."""
+    """Returns (report rows, extra results, plots) for `write_report`. `attack_at(e)`: the evaluation's attack
+    (named `pgd_label`) at ε = e, its step scaled with e; the sanity checks run it at other ε. AutoAttack runs on
+    the first `aa_n` test images (default: all)."""
+    pgd_attack = attack_at(eps)
     out_dir = Path(out_dir)
     rows, extra, plots, wall = [], {}, {}, {}
     start = time.perf_counter()
@@ -53,7 +55,7 @@ def run_suite(model, test, info, *, norm, eps, pgd_attack, pgd_label, out_dir, a
 
     start = time.perf_counter()
     aa_n = min(aa_n or len(test), len(test))
-    aa = autoattack_accuracy(model, test, eps, norm, n=aa_n, batch_size=batch_size // 2, seed=seed,
+    aa = autoattack_accuracy(model, test, eps, norm, n=aa_n, batch_size=max(1, batch_size // 2), seed=seed,
                              progress=show is not False, state_path=out_dir / "autoattack_state.safetensors",
                              steps=aa_steps, queries=aa_queries)
     wall["autoattack"] = time.perf_counter() - start
@@ -69,8 +71,10 @@ def run_suite(model, test, info, *, norm, eps, pgd_attack, pgd_label, out_dir, a
 
     start = time.perf_counter()
     n = min(sanity_n, len(test))
+    def at_any_eps(m, x, y, eps, generator=None):  # the sanity checks' calling convention
+        return attack_at(eps)(m, x, y, generator=generator)
     checks = sanity_checks(model, test.subset(n).as_float(), test.labels[:n], norm=norm, eps=eps,
-                           attacks={pgd_label: pgd_attack},
+                           attacks={pgd_label: at_any_eps},
                            black_box={"Square-1000": partial(square, norm=norm, queries=1000)},
                            progress=show is not False)
     checks.checks.append(check_autoattack_square(aa.broken_by))

@@ -6,7 +6,6 @@ fine-tuning runs, AutoAttack states), so a killed run continues where it stopped
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -22,7 +21,8 @@ from robustlab.evaluate.accuracy import accuracy
 from robustlab.evaluate.corruptions import ood_accuracy
 from robustlab.models import fast_memory_format
 from robustlab.protocol import threat_defaults
-from robustlab.rift.finetune import ALPHAS, BN_MODES, AlphaSearch, finetune, module_names, recalibrate_bn
+from robustlab.rift.finetune import (ALPHAS, BN_MODES, AlphaSearch, finetune, module_names, recalibrate_bn,
+                                     weights_digest)
 from robustlab.rift.mrc import MRCConfig, compute_mrc, file_sha256, plot_mrc, ranked, read_json, write_json
 from robustlab.rift.report import plot_alpha, write_report
 from robustlab.training.registry import METHODS
@@ -95,15 +95,6 @@ class TestSettings:
     batch_size: int = 500
 
 
-def weights_digest(model) -> str:
-    """A short fingerprint of a model's state, naming its cached test results and AutoAttack state."""
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 class State:
     """rift_state.json: everything measured so far, rewritten atomically after each measurement."""
 
@@ -115,6 +106,7 @@ class State:
         self.data["source"] = source
         self.data.setdefault("candidates", {})
         self.data.setdefault("test", {})
+        self.save()  # at once: a killed first run's --out is then refused to another checkpoint from the start
 
     def save(self):
         write_json(self.path, self.data)
@@ -186,7 +178,9 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
         method = meta.get("method", {})
         source_method = METHODS.get(method.get("name"))
         inputs = source_method.batchnorm_inputs_of(method) if source_method else "adversarial"
-        prepare = partial(recalibrate_bn, images=recal, attack=attack if "adversarial" in inputs else None,
+        # The training attack's examples: its last iterates, not the first that fools the model, as `pgd` keeps.
+        train_attack = partial(attack, keep_best=False)
+        prepare = partial(recalibrate_bn, images=recal, attack=train_attack if "adversarial" in inputs else None,
                           clean="clean" in inputs, joint="joint" in inputs, seed=settings.seed, show=show)
         tune_bn = "keep"
         curve_key.update(recal_n=len(recal), recal_inputs=inputs)
@@ -200,8 +194,9 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
                                  seed=settings.seed, train_n=settings.train_n, show=show)
         tuned_states[cid] = tuned.state_dict()
         entry = state.data["candidates"].setdefault(cid, {})
-        if entry.get("curve_key") != curve_key:
-            entry.update(curve_key=curve_key, curve={})
+        key = {**curve_key, "tuned": weights_digest(tuned)}  # a curve belongs to one fine-tuned endpoint
+        if entry.get("curve_key") != key:
+            entry.update(curve_key=key, curve={})
         # Several modules fine-tuned together: the largest of their MRCs.
         entry.update(module=module, lr=lr, finetune=record,
                      mrc=max(mrc["modules"][name]["mrc"] for name in module.split(",")))
@@ -306,7 +301,7 @@ def evaluate_test(model, data: Splits, *, threat_eval, norm, settings: TestSetti
         aa_dir = out / "eval"
         aa_dir.mkdir(exist_ok=True)
         jobs["AutoAttack"] = lambda: autoattack_accuracy(
-            model, test, threat_eval.eps, norm, n=settings.aa_n, batch_size=settings.batch_size // 2, seed=0,
+            model, test, threat_eval.eps, norm, n=settings.aa_n, batch_size=max(1, settings.batch_size // 2), seed=0,
             progress=show is not False, state_path=aa_dir / f"autoattack-{digest}.safetensors",
             steps=settings.aa_steps, queries=settings.aa_queries).robust_accuracy
     for name, job in jobs.items():
