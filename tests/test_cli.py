@@ -41,6 +41,8 @@ def robustlab(*args):
     (["eval", "no/such/run", "--device", "tpu"], ["device", "cpu, cuda"]),
     (["rift", "no/such/run", "--out", "x", "--device", "gpu0"], ["device", "cpu, cuda"]),
     (["mrc", "no/such/run", "--device", "mps"], ["device", "cpu, cuda"]),
+    (["train", "--model", "cnn-small", "--width", "8", "--train-n", "8", "--out", "x"],  # once a TypeError
+     ["model 'cnn-small' has no option width", "none"]),
 ])
 def test_bad_input_is_one_line_and_status_2(args, words, tmp_path):
     if "--out" in args:

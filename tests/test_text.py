@@ -300,6 +300,8 @@ def test_loaders_parse_the_standard_formats(tmp_path):
             (imdb / split / label).mkdir(parents=True)
             for i in range(3):
                 (imdb / split / label / f"{i}_1.txt").write_text(f"{words} {i}")
+    (imdb / "train" / "unsup").mkdir()  # the real archive's 50,000 unlabelled reviews: once read as a third class
+    (imdb / "train" / "unsup" / "0_0.txt").write_text("no label")
     texts, labels, classes = read_folders(imdb / "train")
     assert classes == ("neg", "pos") and labels == [0, 0, 0, 1, 1, 1] and texts[0] == "bad boring 0"
     assert len(load_text_dataset("imdb", imdb).test) == 6
@@ -339,6 +341,11 @@ def test_debian_corpus_is_deduplicated_and_split_by_hash(tmp_path):
     assert json.loads(path.with_suffix(".json").read_text())["examples"] == 120
     splits, classes = load_corpus(tmp_path)
     assert classes == ("games", "perl", "python") and sum(len(v[0]) for v in splits.values()) == 120
+    for bad in ("train\tgames", "bogus\tgames\ttext"):  # truncated, or an unknown split: once a traceback
+        (tmp_path / "broken").mkdir(exist_ok=True)
+        (tmp_path / "broken" / "debian-packages.tsv").write_text(f"split\tsection\ttext\ntrain\tperl\tok\n{bad}\n")
+        with pytest.raises(RobustlabError, match="line 3: expected split<TAB>section<TAB>text"):
+            load_corpus(tmp_path / "broken")
 
 
 def test_cli_trains_a_text_model_and_rejects_bad_options(tmp_path, capsys):
@@ -383,7 +390,10 @@ def test_cli_trains_a_text_model_and_rejects_bad_options(tmp_path, capsys):
            (["--method", "pgd-at"], "unknown text method 'pgd-at'"),
            (["--norm", "l1"], "unknown norm 'l1'"),
            (["--model", "cnn-small"], "unknown text model 'cnn-small'"),
-           (["--dataset", "mnist"], "unknown text dataset 'mnist'")]
+           (["--dataset", "mnist"], "unknown text dataset 'mnist'"),
+           (["--method", "fgm", "--beta", "6", "--separate-batches"],  # both were once ignored without a word
+            "--beta, --separate-batches: image options"),
+           (["--width", "8"], "--width: image options")]
     for extra, message in bad:
         code = main(["train", "--task", "text", "--data-dir", str(tmp_path), "--out", str(tmp_path / "bad"), *extra])
         err = capsys.readouterr().err

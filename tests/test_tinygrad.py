@@ -271,6 +271,21 @@ def test_training_run_files_and_reload(trained_mlps, batch):
     reloaded = tg.load_model(trainer.out, "last")
     np.testing.assert_allclose(reloaded(Tensor(x)).numpy(), trainer.model(Tensor(x)).numpy(), atol=1e-6)
     assert reloaded.checkpoint_meta["backend"] == "tinygrad"
+    # and as a PyTorch model, so that `robustlab eval` reads a tinygrad MLP run (it once knew no model 'mlp')
+    from robustlab import load_model as load_torch_model
+    torch_model = load_torch_model(trainer.out, "last")
+    with torch.no_grad():
+        np.testing.assert_allclose(torch_model(torch.from_numpy(x)).numpy(), trainer.model(Tensor(x)).numpy(), atol=1e-5)
+
+
+def test_every_kth_epoch_is_kept_and_torchrun_is_refused(fmnist, tmp_path, monkeypatch):
+    tiny_trainer(fmnist, tmp_path, "standard", epochs=2, train_n=128, keep_every=1).fit()
+    assert {p.name for p in (tmp_path / "standard").glob("epoch-*.safetensors")} == {"epoch-001.safetensors",
+                                                                                      "epoch-002.safetensors"}
+    from robustlab.cli import main
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets them: every rank would train the whole run
+    assert main(["train", "--backend", "tinygrad", "--data-dir", "/usr/share/datasets/fashion-mnist", "--out", str(tmp_path / "ddp")]) == 2
 
 
 def test_resume_continues_where_it_stopped(fmnist, tmp_path):

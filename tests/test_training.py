@@ -116,6 +116,12 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(fmnist, tmp_path):
     changed = subprocess.run([sys.executable, *common, "--out", str(killed), "--resume", "--steps", "4"],
                              capture_output=True, text=True)
     assert changed.returncode == 2 and "method.steps 3 → 4" in changed.stderr, changed.stderr
+    # another model was a traceback from load_state_dict; other data of the same shape trained on silently
+    for option, words in ((["--model", "lenet"], "model.name 'cnn-small' → 'lenet'"),
+                          (["--dataset", "mnist"], "dataset.name 'fashion-mnist' → 'mnist'")):
+        changed = subprocess.run([sys.executable, *common, "--out", str(killed), "--resume", *option],
+                                 capture_output=True, text=True)
+        assert changed.returncode == 2 and changed.stderr.count("\n") == 1 and words in changed.stderr, changed.stderr
     resumed_again, _ = checkpoint.load(killed / "last.safetensors")
     assert all(torch.equal(resumed[k], resumed_again[k]) for k in resumed)
 

@@ -225,11 +225,14 @@ def cmd_train(args) -> int:
     args.method, args.norm = args.method or "pgd-at", args.norm or "linf"
     data_options = {"image_size": args.image_size, "grayscale": args.grayscale}
     if check_choice("backend", args.backend, ("torch", "tinygrad")) == "tinygrad":
+        from robustlab import distributed
         from robustlab.data import LARGE_DATASETS
         from robustlab.tinygrad import build_trainer
         if args.dataset in LARGE_DATASETS or any(data_options.values()):
             raise RobustlabError(f"the tinygrad backend trains in-memory datasets only, not {args.dataset} "
                                  "(nor --image-size, --grayscale); use --backend torch")
+        if distributed.launched_by_torchrun():  # every rank would train the whole run and write the same files
+            raise RobustlabError("the tinygrad backend trains in one process; run it without torchrun")
         extra = {}
     else:
         from robustlab.training.run import build_trainer

@@ -1,13 +1,14 @@
 """Build models by name. Each builder takes the input shape (C, H, W) and the number of classes."""
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from typing import Callable
 
 import torch
 from torch import nn
 
-from robustlab.errors import check_choice
+from robustlab.errors import RobustlabError, check_choice
 from robustlab.models import resnet
 
 
@@ -36,6 +37,14 @@ def cnn_small(input_shape, num_classes):
         flatten=nn.Flatten(),
         fc1=nn.Linear(64 * (h // 4) * (w // 4), 128), relu3=nn.ReLU(),
         fc2=nn.Linear(128, num_classes),
+    ))
+
+
+def mlp(input_shape, num_classes, hidden: int = 128):
+    """One hidden layer, TinyBobNet's layout (784-128-10 on MNIST), with biases; the tinygrad backend's other model."""
+    c, h, w = input_shape
+    return nn.Sequential(OrderedDict(
+        flatten=nn.Flatten(), fc1=nn.Linear(c * h * w, hidden), relu1=nn.ReLU(), fc2=nn.Linear(hidden, num_classes),
     ))
 
 
@@ -71,6 +80,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn-small": cnn_small,
     "cnn-strided": cnn_strided,
     "lenet": lenet,
+    "mlp": mlp,
     "preact-resnet18": resnet.preact_resnet18,
     "preact-resnet18-small": resnet.preact_resnet18_small,
     "resnet18": resnet.resnet18,
@@ -81,6 +91,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 def build_model(name: str, input_shape, num_classes: int, mean, std, **kwargs) -> nn.Module:
     """`Normalize` followed by the named network; `kwargs` go to the builder (e.g. `width`)."""
     check_choice("model", name, MODELS)
+    takes = sorted(set(inspect.signature(MODELS[name]).parameters) - {"input_shape", "num_classes"})
+    if unknown := sorted(set(kwargs) - set(takes)):  # e.g. --width on cnn-small: a TypeError from the builder
+        raise RobustlabError(f"model {name!r} has no option {', '.join(unknown)}; it takes: {', '.join(takes) or 'none'}")
     net = MODELS[name](tuple(input_shape), num_classes, **kwargs)
     return nn.Sequential(OrderedDict(normalize=Normalize(mean, std), net=net))
 

@@ -128,7 +128,13 @@ def load_corpus(data_dir=None) -> tuple[dict, tuple]:
     lines = path.read_text(encoding="utf-8").splitlines()
     if not lines or lines[0] != "split\tsection\ttext":
         raise RobustlabError(f"{path} is not a robustlab corpus file (expected the header split<TAB>section<TAB>text)")
-    rows = [line.split("\t", 2) for line in lines[1:] if line]
+    rows = []
+    for n, line in enumerate(lines[1:], 2):
+        row = line.split("\t", 2)
+        if line and (len(row) != 3 or row[0] not in SPLITS):  # a truncated or edited copy: not a traceback below
+            raise RobustlabError(f"{path}, line {n}: expected split<TAB>section<TAB>text with split one of "
+                                 f"{', '.join(SPLITS)}")
+        rows += [row] if line else []
     classes = tuple(sorted({r[1] for r in rows}))
     out = {s: ([], []) for s in SPLITS}
     for split, section, text in rows:

@@ -159,9 +159,10 @@ def read_agnews(path) -> tuple[list[str], list[int]]:
 
 def read_folders(path, classes=None) -> tuple[list[str], list[int], tuple]:
     """IMDB style: `path/<class>/*.txt`; classes are the sub-folders in sorted order (neg, pos) unless
-    given. HTML line breaks (<br />) become spaces."""
+    given, less IMDB's `unsup` (unlabelled reviews). HTML line breaks (<br />) become spaces."""
     path = Path(path)
-    classes = tuple(classes or sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else ())
+    folders = sorted(p.name for p in path.iterdir() if p.is_dir() and p.name != "unsup") if path.is_dir() else ()
+    classes = tuple(classes or folders)
     if not classes:
         raise RobustlabError(f"{path} has no class sub-folders (expected e.g. {path}/neg and {path}/pos)")
     texts, labels = [], []

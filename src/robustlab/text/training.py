@@ -154,6 +154,7 @@ def load_text_model(path, which: str = "best") -> torch.nn.Module:
 
 
 TEXT_OPTIONS = ("eps", "steps", "step_size", "replays", "init_mag", "norm")
+FLAGS = {"joint_batch": "--separate-batches"}  # the image options whose flag is not their name
 
 
 def text_trainer_from_args(args, config: TrainConfig) -> TextTrainer:
@@ -161,8 +162,11 @@ def text_trainer_from_args(args, config: TrainConfig) -> TextTrainer:
     ones do not apply (dataset debian-packages, model transformer, method freelb, norm l2)."""
     if args.backend != "torch":
         raise RobustlabError("--task text runs on the torch backend only")
+    from robustlab.cli import METHOD_OPTIONS
     image_only = {"--width": args.width, "--augment": args.augment not in (None, "none"),
-                  "--image-size": args.image_size, "--grayscale": args.grayscale, "--download": args.download}
+                  "--image-size": args.image_size, "--grayscale": args.grayscale, "--download": args.download,
+                  **{FLAGS.get(k, "--" + k.replace("_", "-")): getattr(args, k) is not None  # e.g. --beta
+                     for k in METHOD_OPTIONS if k not in TEXT_OPTIONS}}
     if any(image_only.values()):  # each was once ignored without a word
         raise RobustlabError(f"{', '.join(k for k, v in image_only.items() if v)}: image options; they do not "
                              "apply to --task text")

@@ -223,6 +223,8 @@ class TinyTrainer:
         meta = self._metadata(epoch, metrics, "training-state")
         meta["optimizer"] = {"backend": "tinygrad", "name": self.config.optimizer}
         checkpoint.save(self.out / "last.safetensors", {**model, **opt}, meta)
+        if self.config.keep_every and (epoch + 1) % self.config.keep_every == 0:  # named, like the docs, from 1
+            checkpoint.save(self.out / f"epoch-{epoch + 1:03d}.safetensors", model, self._metadata(epoch, metrics, "model"))
 
     def resume(self) -> bool:
         """Continue from out/last.safetensors when there is one (a run of this backend, method and settings)."""
@@ -230,7 +232,7 @@ class TinyTrainer:
         if not path.exists():
             return False
         tensors, meta = checkpoint.load(path)
-        check_resumable(path, meta, "tinygrad", self.method, self.config)
+        check_resumable(path, meta, "tinygrad", self.method, self.config, self.run_meta)
         self.model.load_state_dict(checkpoint.unprefixed("model.", tensors))
         for key, t in optimizer_state(self.optimizer).items():
             t.realize().assign(Tensor(tensors[f"optim.{key}"].numpy(), dtype=t.dtype, device=t.device)).realize()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import time
@@ -137,9 +138,21 @@ def make_optimizer(config: TrainConfig, params):
 RESUMABLE_CHANGES = ("threads", "device", "workers", "keep_every")
 
 
-def check_resumable(path: Path, meta: dict, backend: str, method: Method, config: TrainConfig):
-    """A resumed run must be the run it continues: the same backend, method and settings. Changed options would
-    silently mix two recipes (a new learning rate or epoch count also reshapes the schedule already half followed)."""
+def _data_and_model(run_meta: dict) -> dict:
+    """What a resumed run must share with the run it continues besides its recipe: the model, the data (wherever
+    its folder now is) and a text model's vocabulary."""
+    dataset = {k: v for k, v in run_meta.get("dataset", {}).items() if k != "data_dir"}
+    return {"task": run_meta.get("task"), **{f"model.{k}": v for k, v in run_meta.get("model", {}).items()},
+            **{f"dataset.{k}": v for k, v in dataset.items()},
+            "vocabulary": f"{len(run_meta['vocab'])} tokens, sha256 "
+                          f"{hashlib.sha256(chr(0).join(run_meta['vocab']).encode()).hexdigest()[:12]}"
+            if run_meta.get("vocab") else None}
+
+
+def check_resumable(path: Path, meta: dict, backend: str, method: Method, config: TrainConfig, run_meta=None):
+    """A resumed run must be the run it continues: the same backend, method, settings, model and data (`run_meta`,
+    when given). Changed options would silently mix two recipes (a new learning rate or epoch count also reshapes
+    the schedule already half followed), another model fails to load, and other data of the same shape trains on."""
     saved_backend = meta.get("backend", "torch")
     if saved_backend != backend:
         raise RobustlabError(f"{path} was trained with the {saved_backend} backend; resume it with --backend "
@@ -151,6 +164,9 @@ def check_resumable(path: Path, meta: dict, backend: str, method: Method, config
     now = {**{f"method.{k}": v for k, v in {"name": method.name, **method.config()}.items()
               if k not in method.resumable_changes},
            **{k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}}
+    if run_meta is not None:
+        saved.update(_data_and_model(meta))
+        now.update(_data_and_model(run_meta))
     now, saved = json.loads(json.dumps(now)), json.loads(json.dumps(saved))  # tuples and lists compare alike
     changed = [f"{k} {saved.get(k)!r} → {now.get(k)!r}" for k in sorted(set(saved) | set(now))
                if saved.get(k) != now.get(k)]
@@ -249,7 +265,7 @@ class Trainer:
         if not path.exists():
             return False
         tensors, meta = checkpoint.load(path)
-        check_resumable(path, meta, "torch", self.method, self.config)
+        check_resumable(path, meta, "torch", self.method, self.config, self.run_meta)
         if self.eval_model is not self.model:
             self.model.load_state_dict(checkpoint.unprefixed("raw.", tensors))
             self.eval_model.load_state_dict(checkpoint.unprefixed("model.", tensors))
