@@ -132,7 +132,7 @@ def test_one_step_trains_both_learners_and_mixes_them(adv_loss):
     for learner in (run["natural"], run["global"]):  # one initialization for all three
         assert all(torch.equal(v, init[k]) for k, v in learner.state_dict().items())
     ctx = StepContext(model, model, optimizer, torch.Generator().manual_seed(0), contextlib.nullcontext,
-                      epoch=0, epochs=1, progress=0.5, run=run)
+                      epoch=0, epochs=2, progress=0.5, run=run)  # the last step of the first of two epochs
     x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
 
     adversarial_inputs, natural_inputs = [], []
@@ -150,7 +150,7 @@ def test_one_step_trains_both_learners_and_mixes_them(adv_loss):
     assert len(natural_inputs) == 1 and natural_inputs[0][0] and torch.equal(natural_inputs[0][1], x)
     assert run["natural_optimizer"].param_groups[0]["lr"] == pytest.approx(learning_rate("one-cycle", 0.05, 0.5))
 
-    # γ warmed up to 1/10 at the first update, β = 1 + (0.3 − 1)·0.5 at half of the run
+    # γ warmed up to 1/10 at the first update, β = 1 + (0.3 − 1)·0.5 in epoch 1 of 2
     decay, beta = 0.1, 0.65
     adv, nat = model.state_dict(), run["natural"].state_dict()
     assert not torch.equal(adv["0.weight"], nat["0.weight"])  # two different learners moved
@@ -162,6 +162,32 @@ def test_one_step_trains_both_learners_and_mixes_them(adv_loss):
     assert run["global_updates"] == 1 and method.eval_model(run) is run["global"]
 
 
+def test_the_last_epoch_mixes_at_the_final_ratio_from_its_first_step():
+    """As the reference's adjust_beta(epoch): β is held for an epoch at its 1-based number, so the last epoch mixes
+    at mix_final throughout; moved per step, β only reached it at the run's end."""
+    method = make_method("generalist", "fashion-mnist", "linf", steps=2, mix_start=0.0, mix_final=0.3,
+                         redistribute_every=0)
+    model = toy()
+    run = method.init_run_state(model, TrainConfig(lr=0.05))
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    ctx = StepContext(model, model, torch.optim.SGD(model.parameters(), lr=0.05), torch.Generator().manual_seed(0),
+                      contextlib.nullcontext, epoch=1, epochs=2, progress=0.5, run=run)  # the last epoch's first step
+    model.train()
+    method.train_step(ctx, torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,)))
+    adv, nat, mixed = model.state_dict(), run["natural"].state_dict(), run["global"].state_dict()
+    expected = 0.1 * init["0.weight"] + 0.9 * (0.3 * adv["0.weight"] + 0.7 * nat["0.weight"])
+    torch.testing.assert_close(mixed["0.weight"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_recalibration_inputs_follow_the_global_learners_statistics():
+    """`rift --bn recalibrate` re-estimates a Generalist model's statistics on what they were measured on."""
+    assert Generalist.batchnorm_inputs_of({"global_bn": "mix"}) == "clean+adversarial"
+    assert Generalist.batchnorm_inputs_of({"global_bn": "own"}) == "adversarial"
+    assert Generalist.batchnorm_inputs_of({"global_bn": "adversarial", "adv_loss": "pgd-at"}) == "adversarial"
+    assert Generalist.batchnorm_inputs_of({"global_bn": "adversarial", "adv_loss": "trades"}) == \
+        "clean+adversarial joint"
+
+
 @pytest.mark.parametrize("adv_loss", ["pgd-at", "trades"])
 def test_own_statistics_come_from_the_global_learners_pass_on_the_adversarial_examples(adv_loss):
     method = make_method("generalist", "fashion-mnist", "linf", adv_loss=adv_loss, steps=3, step_size=0.04,
@@ -170,7 +196,7 @@ def test_own_statistics_come_from_the_global_learners_pass_on_the_adversarial_ex
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     run = method.init_run_state(model, TrainConfig(lr=0.05))
     ctx = StepContext(model, model, optimizer, torch.Generator().manual_seed(0), contextlib.nullcontext,
-                      epoch=0, epochs=1, progress=0.5, run=run)
+                      epoch=0, epochs=2, progress=0.5, run=run)
     x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
     global_model = run["global"]
     before = {k: v.clone() for k, v in global_model.state_dict().items()}

@@ -132,6 +132,15 @@ class Generalist(Method):
     name = "generalist"
     batchnorm_inputs = "clean+adversarial"  # the global learner's statistics mix the two base learners'
 
+    @classmethod
+    def batchnorm_inputs_of(cls, options: dict) -> str:
+        """What the global learner's statistics were measured on, by `global_bn`: both learners' inputs when
+        mixed, the adversarial learner's own, or the global learner's pass on adversarial examples."""
+        global_bn = options.get("global_bn", "mix")
+        if global_bn == "adversarial":
+            return "clean+adversarial joint" if options.get("adv_loss") == "trades" else "adversarial"
+        return "adversarial" if global_bn == "own" else cls.batchnorm_inputs
+
     def __init__(self, eps=0.1, norm="linf", steps=10, step_size=0.025, adv_loss="pgd-at", beta=None,
                  mix_final=0.4, mix_start=2 / 3, global_decay=0.999, redistribute_from=0.625, redistribute_every=None,
                  redistribute_per_step=False, nat_lr=None, nat_weight_decay=5e-4, nat_schedule=None, global_bn="mix"):
@@ -222,8 +231,10 @@ class Generalist(Method):
             optimizer.step()
 
         decay = warmed_up(self.global_decay, run["global_updates"])
-        mix_into(global_model, ctx.module, natural, decay, mixing_ratio(ctx.progress, self.mix_start, self.mix_final),
-                 self.global_bn)
+        # β for the whole epoch at its 1-based number, as the reference's adjust_beta(epoch): moving it per step
+        # lagged up to an epoch behind (at 5 epochs, 0.58 on average in the last one instead of 0.4)
+        beta = mixing_ratio((ctx.epoch + 1) / ctx.epochs, self.mix_start, self.mix_final)
+        mix_into(global_model, ctx.module, natural, decay, beta, self.global_bn)
         if self.global_bn == "own":
             own_statistics(global_model, result.x_adv.detach(), ctx.autocast)
         run["global_updates"] += 1
