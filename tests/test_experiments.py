@@ -276,3 +276,18 @@ def test_trades_bf16_compares_the_three_ways_of_running_kl_pgd(fmnist, tmp_path,
     one = rows["KL-PGD-1"]
     assert one["robustlab"] == one["fp32"]  # robustlab's first step is the fp32 one
     assert one["bf16"]["kl"] < 0.9 * one["fp32"]["kl"]  # a bf16 first step climbs less
+
+
+def test_masking_probe_mnist_tabulates_the_four_validation_attacks(tmp_path, monkeypatch, capsys, one_thread):
+    from robustlab.errors import run_script
+    from robustlab.training import TrainConfig, build_trainer
+    build_trainer(dataset="fashion-mnist", model="cnn-small", method="standard", out=tmp_path, show_progress=False,
+                  data_dir="/usr/share/datasets/fashion-mnist", config=TrainConfig(epochs=1, train_n=64, val_n=10)).fit()
+    probe = load_script("masking_probe_mnist")
+    monkeypatch.setattr(sys, "argv", ["masking_probe_mnist.py", str(tmp_path), "--n", "20"])
+    assert run_script(probe.main) == 2  # a clean-trained run records no ε
+    assert "records no training ε; give --eps" in capsys.readouterr().err
+    assert run_script(lambda: probe.main([str(tmp_path), "--n", "20", "--eps", "0.1"])) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1].split(" | ")
+    clean, pgd, _, apgd, square = (float(cell.rstrip("%")) for cell in row[1:6])
+    assert 0 <= apgd <= clean and 0 <= square <= clean and 0 <= pgd <= clean
