@@ -201,6 +201,19 @@ def test_an_empty_batch_gives_an_empty_batch(norm):
     assert (fgm if norm == "l2" else fgsm)(_four_classes(), x, y, eps=0.1).shape == x.shape
 
 
+def test_evaluation_restores_each_modules_own_mode():
+    """A caller training with a BatchNorm layer frozen in eval mode: evaluation used to hand the whole model back in
+    train mode, BatchNorm included, and the next training step updated the frozen statistics."""
+    from robustlab.evaluate import accuracy as evaluate_accuracy
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(4))
+    model(torch.rand(2, 1, 6, 6))  # materialize the lazy layer
+    model.train()
+    model[1].eval()
+    x, y = torch.rand(8, 1, 6, 6), torch.randint(0, 4, (8,))
+    evaluate_accuracy(model, (x, y), attack=lambda m, x, y, generator=None: pgd(m, x, y, eps=0.1, steps=2))
+    assert model.training and model[0].training and not model[1].training
+
+
 def test_accuracy_takes_an_image_set_or_a_pair_of_tensors(robust_model, fmnist):
     from robustlab.evaluate import accuracy as evaluate_accuracy
     test = fmnist.test.subset(300)

@@ -15,6 +15,7 @@ from torch import nn
 
 from robustlab.attacks.threat import check_batch, check_size, make_threat
 from robustlab.errors import RobustlabError
+from robustlab.models.registry import eval_mode
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> per-example loss
 
@@ -39,14 +40,8 @@ def frozen_params(model: nn.Module):
 @contextmanager
 def attack_mode(model: nn.Module):
     """Eval mode and frozen parameters; the caller's mode (per module) is restored afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with frozen_params(model):
-            yield model
-    finally:
-        for m, training in modes:
-            m.training = training
+    with eval_mode(model), frozen_params(model):
+        yield model
 
 
 def perturb(model, x, y, threat, steps: int, *, random_start: bool = True, targeted: bool = False,

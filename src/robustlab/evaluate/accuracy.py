@@ -9,7 +9,7 @@ import torch
 from robustlab import distributed
 from robustlab.attacks.threat import check_in_box
 from robustlab.errors import RobustlabError
-from robustlab.models import model_device
+from robustlab.models import eval_mode, model_device
 from robustlab.progress import progress as progress_bar
 
 
@@ -32,21 +32,19 @@ def correct_mask(model, images, labels, *, attack: Callable | None = None, batch
     if isinstance(images, torch.Tensor) and images.is_floating_point():  # else a wrong clean accuracy, without a word
         check_in_box(images, "float images")
     device = device or model_device(model)
-    was_training = model.training
-    model.eval()
     n = len(labels)
     mask = torch.zeros(n, dtype=torch.uint8)
     batches = distributed.my_batches(math.ceil(n / batch_size))
     show = False if progress is None or not distributed.is_main() else show
-    for b in progress_bar(batches, desc=progress, unit="batch", show=show, leave=False):
-        rows = slice(b * batch_size, (b + 1) * batch_size)
-        x = images[rows].to(device)
-        x = x.float().div(255) if x.dtype == torch.uint8 else x
-        y = labels[rows].to(device)
-        if attack is not None:
-            x = attack(model, x, y, generator=torch.Generator(device).manual_seed(seed + b * 1_000_003))
-        mask[rows] = (_predict(model, x) == y).cpu()
-    model.train(was_training)
+    with eval_mode(model):
+        for b in progress_bar(batches, desc=progress, unit="batch", show=show, leave=False):
+            rows = slice(b * batch_size, (b + 1) * batch_size)
+            x = images[rows].to(device)
+            x = x.float().div(255) if x.dtype == torch.uint8 else x
+            y = labels[rows].to(device)
+            if attack is not None:
+                x = attack(model, x, y, generator=torch.Generator(device).manual_seed(seed + b * 1_000_003))
+            mask[rows] = (_predict(model, x) == y).cpu()
     return distributed.all_max(mask).bool()
 
 

@@ -351,18 +351,16 @@ def adversarial_examples(model, test, attack, n: int = 8, seed: int = 0):
     """For the report's gallery: the first n test images (among the first 8n) that the model classifies correctly,
     their adversarial versions, the labels and the predictions on the adversarial images."""
     import torch
-    from robustlab.models import model_device
+    from robustlab.models import eval_mode, model_device
 
     device, first = model_device(model), test.subset(8 * n)  # a lazy folder set decodes only these
     x, y = first.images.to(device), first.labels.to(device)
     x = x.float().div(255) if x.dtype == torch.uint8 else x
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        right = model(x).argmax(1) == y
-    x, y = x[right][:n], y[right][:n]
-    x_adv = attack(model, x, y, generator=torch.Generator(device).manual_seed(seed))
-    with torch.no_grad():
-        pred = model(x_adv).argmax(1)
-    model.train(was_training)
+    with eval_mode(model):
+        with torch.no_grad():
+            right = model(x).argmax(1) == y
+        x, y = x[right][:n], y[right][:n]
+        x_adv = attack(model, x, y, generator=torch.Generator(device).manual_seed(seed))
+        with torch.no_grad():
+            pred = model(x_adv).argmax(1)
     return x, x_adv, y, pred

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -101,6 +102,19 @@ def build_model(name: str, input_shape, num_classes: int, mean, std, **kwargs) -
 def classifier_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The Conv and Linear modules of a model, by qualified name (the units RiFT and AWP work on)."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Eval mode inside; afterwards every module's own mode as the caller left it (`model.train(was_training)`
+    would flatten them, e.g. switch a BatchNorm layer the caller had frozen in eval mode back to training)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -16,6 +16,7 @@ import torch
 from robustlab import checkpoint, distributed
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.evaluate.accuracy import fraction
+from robustlab.models import eval_mode
 from robustlab.progress import progress as progress_bar
 from robustlab.text.adversary import DEFAULTS, EmbeddingAdversary, adversary_options, embedding_pgd
 from robustlab.text.data import TextSet, Vocab, load_text_dataset
@@ -65,23 +66,21 @@ def text_correct_mask(model, data: TextSet, *, attack=None, batch_size: int = 25
     logits (default `model(ids)`). Eval mode; the caller's mode is restored. Under torchrun each rank takes
     every W-th batch and the masks are gathered, as for images (the attack has no random start: exact)."""
     forward = forward or (lambda m, ids: m(ids))
-    was_training = model.training
-    model.eval()
     n = len(data)
     mask = torch.zeros(n, dtype=torch.uint8)
     batches = distributed.my_batches(math.ceil(n / batch_size))
     show = False if progress is None or not distributed.is_main() else None
-    for b in progress_bar(batches, desc=progress, unit="batch", show=show, leave=False):
-        rows = torch.arange(b * batch_size, min((b + 1) * batch_size, n))
-        batch = data.select(rows)
-        ids, y = batch.ids.to(device), batch.labels.to(device)
-        if attack is None:
-            with torch.no_grad():
-                right = forward(model, ids).argmax(1) == y
-        else:
-            right = attack(model, lambda: forward(model, ids), y)
-        mask[rows] = right.cpu().to(torch.uint8)
-    model.train(was_training)
+    with eval_mode(model):
+        for b in progress_bar(batches, desc=progress, unit="batch", show=show, leave=False):
+            rows = torch.arange(b * batch_size, min((b + 1) * batch_size, n))
+            batch = data.select(rows)
+            ids, y = batch.ids.to(device), batch.labels.to(device)
+            if attack is None:
+                with torch.no_grad():
+                    right = forward(model, ids).argmax(1) == y
+            else:
+                right = attack(model, lambda: forward(model, ids), y)
+            mask[rows] = right.cpu().to(torch.uint8)
     return distributed.all_max(mask).bool()
 
 
