@@ -392,6 +392,18 @@ def test_trainer_stops_when_the_method_says_so(fmnist, tmp_path):
     assert (tmp_path / "best.safetensors").exists()
 
 
+def test_a_run_without_validation_images_keeps_its_last_epoch_as_the_best(fmnist, tmp_path, capsys):
+    """Nothing ranks the epochs, and NaN never beat the best so far: no best.safetensors was written, and `robustlab
+    train` printed NaN, which is not JSON."""
+    data = Splits(fmnist.train.subset(128), fmnist.val.subset(0), fmnist.test, fmnist.info)
+    trainer = Trainer(lenet(), Standard(), data, TrainConfig(epochs=2, batch_size=64), tmp_path,
+                      {"model": {"name": "lenet", "kwargs": {}}, "dataset": asdict(fmnist.info)}, show_progress=False)
+    from robustlab.cli import fit
+    fit(trainer, tmp_path, resume=False)  # trains, then prints the summary line
+    assert json.loads((tmp_path / "best.json").read_text())["epoch"] == 1
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["best"]["val_robust"] is None
+
+
 class _DivergesInSecondEpoch(Standard):
     def loss(self, ctx, x, y):
         result = super().loss(ctx, x, y)

@@ -206,7 +206,8 @@ def fit(trainer, out: Path, resume: bool) -> int:
     output_dir(out)
     metrics = trainer.fit()
     if distributed.is_main():
-        print(json.dumps({"run": str(out), "best": trainer.best, "last": metrics}))
+        summary = json.dumps({"run": str(out), "best": trainer.best, "last": metrics})
+        print(json.dumps(json.loads(summary, parse_constant=lambda _: None)))  # NaN (no validation) is not JSON
     return 0
 
 
