@@ -25,6 +25,7 @@ def robustlab(*args):
     (["train", "--eps", "inf", "--out", "x"], ["--eps", "finite", "inf"]),
     (["train", "--momentum", "-0.9", "--out", "x"], ["--momentum", ">= 0"]),
     (["train", "--method", "pgd-at", "--clip-start", "--out", "x"], ["pgd-at", "clip_start"]),  # Fast-AT's only
+    (["train", "--method", "trades", "--attack-train-mode", "--out", "x"], ["trades", "attack_in_eval"]),
     (["rift", "no/such/run", "--out", "x", "--lrs", "0.01,nan"], ["--lrs", "> 0", "nan"]),
     (["eval", "no/such/run", "--sweep-n", "-5"], ["--sweep-n", ">= 0"]),  # ran, and wrote a report, before
     (["rift", "no/such/run", "--out", "x", "--auto", "-1"], ["--auto", ">= 0"]),
@@ -52,6 +53,19 @@ def test_bad_input_is_one_line_and_status_2(args, words, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("robustlab: error:"), result.stderr
     assert all(w in lines[0] for w in words)
+
+
+@pytest.mark.parametrize("method", ["pgd-at", "pgd-at-awp"])
+def test_attack_train_mode_reaches_the_method(method):
+    """methods.md offers PGD-AT's examples in train mode (Madry's and the AWP code); the CLI once had no way to ask."""
+    from robustlab import cli
+    from robustlab.training.run import make_method
+
+    def built(*flags):
+        args = cli.build_parser().parse_args(["train", "--method", method, *flags, "--out", "x"])
+        return make_method(method, "fashion-mnist", "linf", **{k: getattr(args, k) for k in cli.METHOD_OPTIONS})
+    assert built().attack_in_eval is True
+    assert built("--attack-train-mode").attack_in_eval is False
 
 
 @pytest.mark.parametrize("task", ["image", "text"])

@@ -310,7 +310,9 @@ def test_awp_with_zero_learning_rate_leaves_the_weights_exactly_as_they_were(cls
 
 
 def test_awp_warmup_is_a_fraction_of_the_epochs():
-    method = TRADESAWP()  # 0.05, as epoch 10 of 200 in the reference
+    method = TRADESAWP()  # 0.045: the reference's 200 epochs, numbered from 1, perturb from epoch 10 on
+    assert not method.awp_active(context(lenet(), epoch=8, epochs=200))  # the 9th: the last warm-up epoch
+    assert method.awp_active(context(lenet(), epoch=9, epochs=200))
     assert not method.awp_active(context(lenet(), epoch=0, epochs=10))
     assert method.awp_active(context(lenet(), epoch=1, epochs=10))
     assert PGDATAWP().awp_active(context(lenet(), epoch=0, epochs=10))

@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TRADES / MART: pass the clean and the adversarial batch through the model separately, as "
                         "the reference code does, so that BatchNorm normalizes each with its own statistics "
                         "(default: one pass over both; docs/methods.md)")
+    m.add_argument("--attack-train-mode", dest="attack_in_eval", action="store_false", default=None,
+                   help="PGD-AT / PGD-AT-AWP: generate the training examples in train mode, as Madry's and the AWP "
+                        "code do (default: eval mode, as the TRADES and MART code)")
     m.add_argument("--replays", type=positive(int), help="FreeAT: replays m per minibatch")
     m.add_argument("--init-mag", type=nonnegative(float), help="text FreeLB / FreeAT: size of the random start")
     m.add_argument("--outer", type=positive(int), help="YOPO: outer steps m (full backward passes)")
@@ -175,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 METHOD_OPTIONS = ("eps", "steps", "step_size", "beta", "replays", "outer", "inner", "first_layer",
                   "first_layer_grad", "awp_gamma", "awp_warmup", "co_drop", "co_ratio", "clip_start", "adv_loss",
                   "mix_final", "mix_start", "global_decay", "redistribute_from", "redistribute_every",
-                  "redistribute_per_step", "nat_lr", "nat_weight_decay", "nat_schedule", "global_bn", "joint_batch")
+                  "redistribute_per_step", "nat_lr", "nat_weight_decay", "nat_schedule", "global_bn", "joint_batch",
+                  "attack_in_eval")
 
 
 def train_config(args):

@@ -153,7 +153,8 @@ def load_text_model(path, which: str = "best") -> torch.nn.Module:
 
 
 TEXT_OPTIONS = ("eps", "steps", "step_size", "replays", "init_mag", "norm")
-FLAGS = {"joint_batch": "--separate-batches"}  # the image options whose flag is not their name
+# The image options whose flag is not their name.
+FLAGS = {"joint_batch": "--separate-batches", "attack_in_eval": "--attack-train-mode"}
 
 
 def text_trainer_from_args(args, config: TrainConfig) -> TextTrainer:

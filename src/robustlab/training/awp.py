@@ -17,10 +17,10 @@ PROXY_LR = 1.0
 
 
 def perturbed_weights(module):
-    """The weights AWP perturbs: every trainable tensor of two or more dimensions (conv and linear
-    weights), as the reference perturbs the `weight` entries with more than one dimension; biases and
-    normalization parameters are left alone."""
-    return [(n, p) for n, p in module.named_parameters() if p.requires_grad and p.dim() > 1]
+    """The weights AWP perturbs: every trainable `weight` of two or more dimensions (conv and linear
+    weights), as the reference's `diff_in_weights`; biases and normalization parameters are left alone."""
+    return [(n, p) for n, p in module.named_parameters()
+            if p.requires_grad and p.dim() > 1 and n.rsplit(".", 1)[-1] == "weight"]
 
 
 class AdversarialWeightPerturbation:
@@ -34,9 +34,9 @@ class AdversarialWeightPerturbation:
     The proxy is a copy of the model, kept in `ctx.state` with its own SGD optimizer; it runs in train
     mode like the reference's, so its forward passes leave the model's BatchNorm statistics alone.
 
-    AWP is active from epoch ⌈awp_warmup · epochs⌉ on (`awp_warmup` is a fraction of the run).
+    AWP is active from the 0-based epoch ⌈awp_warmup · epochs⌉ on (`awp_warmup` is a fraction of the run).
     Deliberate difference from the reference: it restores w after `optimizer.step()` by subtracting
-    γ·v, so its weight decay (and momentum) see w + v; here they see w, and the update is
+    v, so its weight decay (and momentum) see w + v; here they see w, and the update is
     w ← w − lr·(∇L(w + v) + decay·w), the paper's update with the regularizer taken at w.
     """
     awp_gamma: float
@@ -123,13 +123,14 @@ class TRADESAWP(AdversarialWeightPerturbation, TRADES):
 
     Defaults and their sources (csdongxian/AWP, `trades_AWP/train_trades_cifar.py`):
     - `awp_gamma` γ = 0.005 (`--awp-gamma 0.005`, WRN-34-10 on CIFAR-10).
-    - `awp_warmup` = 0.05: the reference starts AWP at epoch 10 of 200 (`--awp-warmup 10`); here a
-      fraction, so that short runs keep the same proportion.
+    - `awp_warmup` = 0.045: the reference trains 200 epochs numbered from 1 and perturbs from `epoch >= 10`
+      (`--awp-warmup 10`), after 9 warm-up epochs: 9/200. Here a fraction, so that short runs keep the same
+      proportion (before session 37 it was 0.05, one warm-up epoch more at 200 epochs; the same epochs at 10).
     - `beta` = 6.0 and the rest: as `TRADES`.
     """
     name = "trades-awp"
 
     def __init__(self, eps=0.1, norm="linf", steps=10, step_size=0.025, beta=6.0, init_std=0.001,
-                 awp_gamma=0.005, awp_warmup=0.05, joint_batch=True):
+                 awp_gamma=0.005, awp_warmup=0.045, joint_batch=True):
         TRADES.__init__(self, eps, norm, steps, step_size, beta, init_std, joint_batch)
         self._init_awp(awp_gamma, awp_warmup)

@@ -24,7 +24,9 @@ class FreeAT(Method):
     around the new images); it starts at zero, and again whenever the batch size changes (the last,
     smaller minibatch of an epoch) and at the start of every epoch (it lives in `ctx.state`, which the
     Trainer makes per epoch, so that a run resumed at an epoch boundary replays exactly).
-    Examples are generated in **train mode**: they are the training forward pass itself.
+    Examples are generated in **train mode**: they are the training forward pass itself. x + δ stays in [0, 1]
+    at every replay, as the protocol asks of every iterate and as Wong et al.'s FreeAT does; the authors'
+    `main_free.py` clips δ to the ε-ball only and clamps x + δ inside the forward pass (docs/methods.md).
 
     Defaults and their sources:
     - `replays` m = 8 (the paper's CIFAR-10 choice, "Free (m = 8)"; its ImageNet runs use m = 4).
