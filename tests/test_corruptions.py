@@ -63,6 +63,52 @@ def test_corruption_changes_images_more_with_severity(name, kind):
     assert change[1] > change[0], f"{name}: severity 5 changes less than severity 1 ({change})"
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_two_corruptions_give_the_same_images(kind):
+    """defocus_blur's severity 1 once had a disk inside the centre pixel: gaussian_blur's severity 1, byte for byte."""
+    channels, size = KINDS[kind]
+    clean = synthetic(channels, size)
+    for severity in SEVERITIES:
+        seen = {}
+        for name in default_corruptions(channels):
+            key = corrupt(clean, name, severity).images.numpy().tobytes()
+            assert key not in seen, f"severity {severity}: {name} gives {seen.get(key)}'s images"
+            seen[key] = name
+
+
+@pytest.mark.parametrize("size", [28, 64])
+def test_grayscale_spatter_covers_more_with_every_severity_at_any_size(size):
+    """CIFAR-10-C's table, on dark grayscale images, hurt most at severity 3 and left 4 and 5 at clean accuracy; and
+    the fixed threshold under a smoothing scaled to the image covered 0.1% of a 64-pixel image at severity 1."""
+    black = ImageSet(torch.zeros(64, 1, size, size, dtype=torch.uint8), torch.zeros(64, dtype=torch.long))
+    covered = [(corrupt(black, "spatter", s).images > 12).float().mean().item() for s in SEVERITIES]
+    assert covered == sorted(covered) and len(set(covered)) == 5, covered
+    assert 0.03 < covered[0] < 0.15 and covered[-1] > 0.35, covered
+
+
+def test_motion_streaks_run_as_far_as_imagemagicks():
+    """MotionBlurImage spans 2·⌈radius⌉ + 1 taps; σ, not the radius, sets the streak's length (snow's σ 12 at radius
+    14 reaches well past 14 pixels). The line once stopped at the radius."""
+    kernel = C._motion_kernels(1, 4, 100.0, np.array([0.0]))[0]  # horizontal, centre at (8, 8)
+    assert kernel.shape == (17, 17) and kernel[8, 16] > 0 and kernel[8, 9:].sum() > 0.8
+
+
+def test_stripe_changes_every_image_of_a_non_square_set():
+    """The band's start was drawn over the longer side for both axes, so on the shorter one it often fell outside."""
+    grey = ImageSet(torch.full((200, 1, 56, 28), 50, dtype=torch.uint8), torch.zeros(200, dtype=torch.long))
+    for severity in SEVERITIES:
+        out = corrupt(grey, "stripe", severity).images
+        assert (out != grey.images).flatten(1).any(1).all()
+
+
+def test_contrast_pulls_each_channel_toward_its_own_mean():
+    """CIFAR-10-C's contrast averages over H×W per channel: a pure red image stays pure red."""
+    red = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    red[:, 0] = 255
+    out = corrupt(ImageSet(red, torch.zeros(2, dtype=torch.long)), "contrast", 5).images
+    assert torch.equal(out, red)
+
+
 @pytest.mark.parametrize("name", ["gaussian_noise", "motion_blur", "snow", "rotate", "zigzag", "elastic_transform"])
 def test_same_seed_same_images_other_seed_other_images(name):
     clean = synthetic(3, 32)
