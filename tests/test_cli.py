@@ -245,6 +245,7 @@ def test_standard_suite_reports_autoattack_sanity_and_ood(tmp_path):
     assert report["sanity"]["verdict"] and (run / "corruptions.png").exists() and (run / "per_class.png").exists()
     assert report["sanity"]["checks"][-1]["name"] == "autoattack_square"  # read off AutoAttack's own stages
     assert "Gradient-masking sanity checks" in (run / "report.md").read_text()
+    assert report["sanity"]["n"] == 40 and "On the first 40 of the evaluated images" in (run / "report.md").read_text()
     row, = json.loads(robustlab("summary", str(run), "--json").stdout)
     assert row["autoattack"] == accs[-1] and row["autoattack_n"] == 24 and row["ood"] is not None
     # with a one-step attack too: its sanity checks called it at other ε, which it did not take (a traceback)
@@ -280,3 +281,16 @@ def test_eval_on_cuda_agrees_with_cpu(tmp_path):
     assert results["cuda"]["clean"] == results["cpu"]["clean"]  # fp32 on both (TF32 off on the GPU)
     # the random starts differ (each device has its own generator); the attack's strength does not
     assert abs(results["cuda"]["robust"] - results["cpu"]["robust"]) <= 0.03
+
+
+def test_summary_table_names_what_differs_and_prints_no_nan(tmp_path):
+    """AutoAttack on fewer images than clean, and an OOD mean of NaN, once passed without a word (and printed `nan`)."""
+    from robustlab.evaluate.summary import plot, table
+    row = {"name": "a", "model": "cnn-small", "method": "pgd-at", "epoch": "10/10", "n": 1000, "clean": 0.85,
+           "attack": "PGD", "robust": 0.75, "autoattack": 0.74, "autoattack_n": 1000, "autoattack_stage": "x",
+           "ood": float("nan"), "train_s": 100.0}
+    rows = [row, {**row, "name": "b", "autoattack_n": 500}]
+    text = table(rows)
+    assert "nan" not in text and "different numbers of images" in text
+    assert "AutoAttack on fewer images than clean" == plot(rows, tmp_path / "p.png")
+    assert "AutoAttack on the first 500 images" == plot([rows[1]], tmp_path / "q.png")

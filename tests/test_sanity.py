@@ -5,6 +5,8 @@ which the CNN fixtures would make too slow for the test budget); the gradient ch
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,6 +114,31 @@ def test_masked_model_is_flagged_and_black_box_still_breaks_it(mlp, eval_set, wr
     assert "gradients" in report.verdict and "black_box" in report.verdict
     assert report["deterministic"].passed
     assert "**FAIL**" in report.to_markdown()
+
+
+def test_black_box_check_fails_when_it_alone_breaks_two_percent(mlp, eval_set):
+    """Images that only the black-box attack breaks are real adversarial examples: 2% of them is masking, which the
+    old 3% tolerance let pass (as it did two masked residual networks at 2.0% and 1.5%)."""
+    x, y = eval_set
+    with torch.no_grad():
+        predicted = mlp(x).argmax(1)
+    count = math.ceil(0.02 * len(y))
+
+    def breaks_a_few(model, xb, yb, eps, generator=None):  # a stand-in: another image the model calls another class
+        out = xb.clone()
+        for i in range(min(count, len(xb))):
+            out[i] = x[(predicted != yb[i]).nonzero()[0, 0]]
+        return out
+    budget = {k: v for k, v in BUDGET.items() if k != "black_box_queries"}
+    report = sanity_checks(mlp, x, y, norm="linf", eps=EPS, black_box={"two-percent": breaks_a_few}, **budget)
+    check = report["black_box"]
+    assert not check.passed and check.values["only_black_box"] == pytest.approx(count / len(y))
+    assert "two-percent broke" in check.detail and report["eps_monotonic"].passed
+
+
+def test_eps_monotonic_never_says_falls_when_nothing_falls():
+    flat = check_eps_monotonic([0, 0.05, 0.1], [0.8, 0.8, 0.8], tolerance=0.02)
+    assert flat.passed and "falls" not in flat.detail and "lowers nothing" in flat.detail
 
 
 def test_randomized_model_is_flagged(mlp, eval_set):

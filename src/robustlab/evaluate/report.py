@@ -108,7 +108,10 @@ def write_report(out_dir, results: dict, plots: dict[str, str], run_name: str):
         lines.append(f"| {row['name']} | {row['n']} | {100 * row['accuracy']:.2f}% |")
     lines.append("")
     if results.get("sanity_markdown"):
-        lines += ["## Gradient-masking sanity checks", "", results["sanity_markdown"], ""]
+        on = results.get("sanity", {}).get("n")
+        lines += ["## Gradient-masking sanity checks", "",
+                  *([f"On the first {on} of the evaluated images; `autoattack_square` on AutoAttack's.", ""] if on else []),
+                  results["sanity_markdown"], ""]
     if results.get("wall_s_by_step"):
         lines += ["Wall time (s): " + ", ".join(f"{k} {v}" for k, v in results["wall_s_by_step"].items()), ""]
     if results.get("command"):

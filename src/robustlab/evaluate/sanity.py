@@ -55,6 +55,12 @@ SMOOTH_GRADIENT_STEPS = 100
 SMOOTH_GRADIENT_TAU = 0.1
 SMOOTH_GRADIENT_TOLERANCE = 0.01
 
+# The black-box check counts images that the gradient-free attack broke and the white-box ones did not: real
+# adversarial examples, not a difference of two noisy accuracies, so the same small tolerance. With 3% it passed
+# two residual networks whose PGD-50×3 AutoAttack put 6.7 and 3.6 points lower (Square broke a further 2.0% and 1.5%
+# of 200 images; docs/results.md, "AutoAttack on the 20-epoch residual networks").
+BLACK_BOX_TOLERANCE = 0.01
+
 
 @dataclass
 class Check:
@@ -244,9 +250,12 @@ def check_eps_monotonic(eps_values, accuracies, *, tolerance: float) -> Check:
     if rises:
         e0, a0, e1, a1 = max(rises, key=lambda r: r[3] - r[1])
         detail = f"accuracy rises from {_pct(a0)} at ε={e0:.4g} to {_pct(a1)} at ε={e1:.4g}: the attack is failing"
-    else:
+    elif accuracies[-1] < accuracies[0] - tolerance:
         detail = (f"accuracy falls from {_pct(accuracies[0])} at ε={eps_values[0]:.4g} to "
                   f"{_pct(accuracies[-1])} at ε={eps_values[-1]:.4g}")
+    else:  # not a failure of this check (a tiny ε may change nothing), but no reader should take it for a fall
+        detail = (f"accuracy stays at {_pct(accuracies[0])}–{_pct(accuracies[-1])} from ε={eps_values[0]:.4g} to "
+                  f"ε={eps_values[-1]:.4g}: the attack lowers nothing; unless ε is tiny, see `large_eps`")
     return Check("eps_monotonic", not rises, detail, {"eps": list(eps_values), "accuracy": list(accuracies)})
 
 
@@ -334,7 +343,8 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: fl
                   black_box: dict[str, Attack] | Attack | None = None,
                   steps: int = 20, long_steps: int | None = None, restarts: int = 5,
                   eps_factors=(0.25, 0.5, 1.0, 1.5, 2.0), large_eps: float | None = None,
-                  black_box_queries: int = 500, tolerance: float = 0.03, large_eps_max_accuracy: float = 0.05,
+                  black_box_queries: int = 500, tolerance: float = 0.03, black_box_tolerance: float = BLACK_BOX_TOLERANCE,
+                  large_eps_max_accuracy: float = 0.05,
                   smooth_tau: float | None = SMOOTH_GRADIENT_TAU, batch_size: int = 500, seed: int = 0,
                   progress: bool = False, device=None) -> SanityReport:
     """Run every check on (x, y) — floats in [0, 1] — for the threat (norm, ε).
@@ -343,7 +353,9 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: fl
     only if it survives all of them. black_box: gradient-free attacks (default `random_search` with
     `black_box_queries`; pass Square). The convergence check compares PGD-`steps` with PGD-`long_steps`
     (default 10×) and with `restarts` random restarts. `tolerance` is the accuracy difference (a fraction)
-    tolerated before a comparison fails; keep it above the noise of the set (use ≥ 200 images). smooth_tau:
+    tolerated before a comparison fails; keep it above the noise of the set (use ≥ 200 images).
+    `black_box_tolerance`: the share of images that only the black-box attacks break (real adversarial examples,
+    no noise to allow for) before the black-box check fails. smooth_tau:
     the temperature of the smooth-gradient check (None skips it; so does a model without nn.ReLU modules).
     """
     check_choice("norm", norm, NORMS)
@@ -405,7 +417,8 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: fl
     restarted = fraction(robust(partial(pgd, norm=norm, steps=steps, restarts=restarts), eps, clean))
     add(check_convergence(base_acc, longer, restarted, steps=steps, long_steps=long_steps, restarts=restarts,
                           tolerance=tolerance))
-    add(check_black_box(masks[eps], ensemble(black, eps, among=masks[eps]), tolerance=tolerance))
+    add(check_black_box(masks[eps], ensemble(black, eps, among=masks[eps]), tolerance=black_box_tolerance,
+                        attack=" then ".join(black)))
     if smooth_tau is not None and relu_count(model):
         margin_pgd = partial(pgd, norm=norm, steps=SMOOTH_GRADIENT_STEPS, step_size=eps / 10, loss_fn=negative_margin)
         exact = ensemble({"margin PGD": margin_pgd}, eps, among=masks[eps])

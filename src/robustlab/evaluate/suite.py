@@ -79,7 +79,7 @@ def run_suite(model, test, info, *, norm, eps, attack_at, pgd_label, out_dir, aa
                            progress=show is not False)
     checks.checks.append(check_autoattack_square(aa.broken_by))
     wall["sanity"] = time.perf_counter() - start
-    extra["sanity"] = checks.to_dict()
+    extra["sanity"] = {**checks.to_dict(), "n": n}
     extra["sanity_markdown"] = checks.to_markdown()
 
     if ood:

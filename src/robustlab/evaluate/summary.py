@@ -57,7 +57,7 @@ def summarize(name: str, report: dict, folder: Path) -> dict:
 
 
 def _percent(value) -> str:
-    return "–" if value is None else f"{100 * value:.2f}"
+    return "–" if value is None or value != value else f"{100 * value:.2f}"  # (NaN != NaN)
 
 
 def table(rows: list[dict]) -> str:
@@ -75,7 +75,7 @@ def table(rows: list[dict]) -> str:
     lines.append(f"attack: {attacks[0]}" if len(attacks) == 1 else
                  "the reports ran different attacks, so that column does not compare: " + "; ".join(
                      f"{r['name']}: {r['attack']}" for r in rows))
-    if len({r["n"] for r in rows}) > 1:
+    if len({r["n"] for r in rows}) > 1 or len({r["autoattack_n"] for r in rows if r["autoattack_n"]}) > 1:
         lines.append("the reports measured different numbers of images: compare with their sampling error in mind")
     stages = {r["autoattack_stage"] for r in rows if r["autoattack_stage"]}
     if any("off-protocol" in s for s in stages):
@@ -93,6 +93,9 @@ def plot(rows: list[dict], path) -> str:
     key = "autoattack" if all(r["autoattack"] is not None for r in rows) else "robust"
     measure = "AutoAttack" if key == "autoattack" else (rows[0]["attack"] if len({r["attack"] for r in rows}) == 1
                                                       else "each report's attack")
+    if key == "autoattack" and any(r["autoattack_n"] != r["n"] for r in rows):  # clean on more images than AutoAttack
+        counts = sorted({r["autoattack_n"] for r in rows})
+        measure += f" on the first {counts[0]} images" if len(counts) == 1 else " on fewer images than clean"
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     # A legend rather than labels beside the points: runs often land within a few tenths of a point.
     for r in rows:
