@@ -99,7 +99,7 @@ def main():
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="AutoAttack-standard on test images [start, stop) of a run's dataset")
     r.add_argument("model", help="run directory or checkpoint file")
-    r.add_argument("--checkpoint", default="best")
+    r.add_argument("--checkpoint", help="best (default) or last, when the model is a run directory")
     r.add_argument("--start", type=nonnegative(int), required=True)
     r.add_argument("--stop", type=nonnegative(int), required=True)
     r.add_argument("--out", required=True)

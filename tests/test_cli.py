@@ -1,5 +1,6 @@
 """The command line: one-line errors with status 2, and the train → eval → report path."""
 import json
+import os
 import subprocess
 import sys
 
@@ -24,11 +25,19 @@ def robustlab(*args):
     (["train", "--lr", "nan", "--out", "x"], ["--lr", "finite", "nan"]),  # nan <= 0 is False: once let through
     (["train", "--eps", "inf", "--out", "x"], ["--eps", "finite", "inf"]),
     (["train", "--momentum", "-0.9", "--out", "x"], ["--momentum", ">= 0"]),
-    (["train", "--method", "pgd-at", "--clip-start", "--out", "x"], ["pgd-at", "clip_start"]),  # Fast-AT's only
-    (["train", "--method", "trades", "--attack-train-mode", "--out", "x"], ["trades", "attack_in_eval"]),
+    (["train", "--method", "pgd-at", "--clip-start", "--out", "x"], ["pgd-at", "--clip-start", "--attack-train-mode"]),
+    (["train", "--method", "trades", "--attack-train-mode", "--out", "x"], ["trades", "--attack-train-mode", "--beta"]),
+    (["train", "--method", "pgd-at", "--separate-batches", "--out", "x"], ["takes no --separate-batches", "--steps"]),
+    (["train", "--eps", "2", "--out", "x"], ["--eps 2", "at most 1"]),  # an L∞ radius beyond the pixel range
+    (["train", "--step-size", "0", "--out", "x"], ["--step-size", "> 0"]),  # a PGD that never moves
+    (["eval", "no/such/run", "--step-size", "0"], ["--step-size", "> 0"]),
+    (["train", "--schedule", "cos", "--out", "x"], ["schedule", "one-cycle"]),  # once after the first epoch's bar
+    (["train", "--augment", "rotate", "--out", "x"], ["augment", "crop-flip"]),
+    (["eval", "no/such/run", "--checkpoint", "bogus"], ["checkpoint", "best, last"]),
     (["rift", "no/such/run", "--out", "x", "--lrs", "0.01,nan"], ["--lrs", "> 0", "nan"]),
     (["eval", "no/such/run", "--sweep-n", "-5"], ["--sweep-n", ">= 0"]),  # ran, and wrote a report, before
     (["rift", "no/such/run", "--out", "x", "--auto", "-1"], ["--auto", ">= 0"]),
+    (["rift", "no/such/run", "--out", "x", "--tolerance", "150"], ["--tolerance", "0 to 100"]),
     (["eval", "no/such/run"], ["no/such/run"]),
     # a one-step attack ran in its own norm and budget whatever was asked, under the asked-for name
     (["eval", "no/such/run", "--attack", "fgm", "--norm", "linf"], ["fgm", "l2", "--attack fgsm"]),
@@ -101,6 +110,11 @@ def test_train_then_eval_writes_a_report(tmp_path):
     trained = robustlab("train", "--data-dir", FMNIST, "--train-n", "256", "--val-n", "50", "--epochs", "1",
                         "--steps", "2", "--threads", "1", "--out", str(run))
     assert trained.returncode == 0, trained.stderr
+    # two steps of the protocol's 0.025 would reach half of ε: the step follows --steps, 2.5·ε/steps, as eval's does
+    assert json.loads((run / "config.json").read_text())["method"]["step_size"] == pytest.approx(0.125)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (run / "best.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not owner-only, as its .json
     # --precision auto (the default) is recorded as what it resolved to on this machine
     from robustlab.training.trainer import resolve_precision
     assert json.loads((run / "config.json").read_text())["config"]["precision"] == resolve_precision("auto", "cpu")
@@ -138,7 +152,8 @@ def test_train_then_eval_writes_a_report(tmp_path):
                        "--threads", "1", "--out", str(run / "fgsm"))
     assert second.returncode == 0, second.stderr
     assert (run / "report.json").read_text() == report_json
-    assert json.loads((run / "fgsm" / "report.json").read_text())["attack"]["name"] == "fgsm"
+    fgsm = json.loads((run / "fgsm" / "report.json").read_text())["attack"]
+    assert (fgsm["name"], fgsm["steps"], fgsm["step_size"], fgsm["restarts"]) == ("fgsm", 1, 0.1, 1)  # not PGD's
     assert (run / "fgsm" / "report.md").read_text().startswith("# Evaluation of `run`")
     assert (run / "fgsm" / "training_curves.png").exists()
     # another checkpoint's report goes beside the run's by default, not over it
@@ -165,6 +180,14 @@ def test_train_then_eval_writes_a_report(tmp_path):
     assert stopped.returncode == 0, stopped.stderr
     report_md = (tmp_path / "stopped" / "report.md").read_text()
     assert "- training stopped early after epoch 1: catastrophic overfitting\n" in report_md
+    # a larger ε gets a step scaled with it (the protocol's 0.01 is for ε = 0.1), as the report's ε sweep does
+    wider = robustlab("eval", str(run), "--eps", "0.2", "--data-dir", FMNIST, "--n", "20", "--restarts", "1",
+                      "--sweep-n", "0", "--threads", "1", "--json", "--out", str(tmp_path / "wider"))
+    assert wider.returncode == 0 and json.loads(wider.stdout)["attack"]["step_size"] == pytest.approx(0.02)
+    for args, words in ([str(run / "best.safetensors"), "--checkpoint", "last"], "is a checkpoint file"), \
+                       ([str(run / "report.json")], "not a readable safetensors"):
+        refused = robustlab("eval", *args)
+        assert refused.returncode == 2 and words in refused.stderr and len(refused.stderr.splitlines()) == 1
     on_a_file = robustlab("eval", str(run), "--out", str(run / "report.json"))
     assert on_a_file.returncode == 2 and len(on_a_file.stderr.strip().splitlines()) == 1
     assert "--out" in on_a_file.stderr
@@ -294,3 +317,63 @@ def test_summary_table_names_what_differs_and_prints_no_nan(tmp_path):
     assert "nan" not in text and "different numbers of images" in text
     assert "AutoAttack on fewer images than clean" == plot(rows, tmp_path / "p.png")
     assert "AutoAttack on the first 500 images" == plot([rows[1]], tmp_path / "q.png")
+
+
+def test_checkpoint_choice_and_non_model_files_are_one_line_errors(tmp_path):
+    """--checkpoint with a file was ignored, a RiFT folder's missing last.safetensors was reported as no checkpoint at
+    all, and a robustlab file that holds no model (an AutoAttack state) failed with KeyError: 'dataset'."""
+    from robustlab import checkpoint, load_model
+    from robustlab.errors import RobustlabError
+    from robustlab.training.run import resolve_checkpoint
+    rift = tmp_path / "rift"
+    checkpoint.save(rift / "best.safetensors", {"w": torch.zeros(1)}, {"kind": "model"})
+    assert resolve_checkpoint(rift) == rift / "best.safetensors"
+    with pytest.raises(RobustlabError, match="has no last.safetensors .a RiFT result keeps best.safetensors only"):
+        resolve_checkpoint(rift, "last")
+    with pytest.raises(RobustlabError, match="--checkpoint best: .* is a checkpoint file"):
+        resolve_checkpoint(rift / "best.safetensors", "best")
+    state = tmp_path / "autoattack_state.safetensors"
+    checkpoint.save(state, {"x": torch.zeros(1)}, {"kind": "autoattack-state"})
+    with pytest.raises(RobustlabError, match="not a robustlab model checkpoint .it holds 'autoattack-state'.: its "
+                                             "metadata lacks model.name, dataset.input_shape"):
+        load_model(state)
+    result = robustlab("mrc", str(state))
+    assert result.returncode == 2 and "not a robustlab model checkpoint" in result.stderr, result.stderr
+
+
+def test_a_damaged_rift_cache_is_a_one_line_error(tmp_path):
+    from robustlab.errors import RobustlabError
+    from robustlab.rift.mrc import read_json
+    (tmp_path / "mrc.json").write_text('{"x')
+    with pytest.raises(RobustlabError, match="mrc.json is damaged .not JSON.; delete it"):
+        read_json(tmp_path / "mrc.json")
+    assert read_json(tmp_path / "none.json") == {}
+
+
+@pytest.mark.parametrize("overrides,step", [({}, 0.025), ({"steps": 3}, 2.5 * 0.1 / 3), ({"eps": 0.2}, 0.05),
+                                            ({"eps": 0.2, "steps": 5}, 0.1), ({"steps": 3, "step_size": 0.01}, 0.01)])
+def test_training_step_follows_changed_eps_and_steps(overrides, step):
+    """--steps 3 kept the protocol's 0.025, which cannot cross ε = 0.1 in three steps; eval already scaled it."""
+    from robustlab.training.run import make_method
+    assert make_method("pgd-at", "fashion-mnist", "linf", **overrides).step_size == pytest.approx(step)
+
+
+def test_demo_of_another_length_and_ctrl_c_in_the_first_epoch_say_what_is_true(tmp_path, monkeypatch, capsys):
+    from robustlab import checkpoint, cli
+    out = tmp_path / "demo"
+    checkpoint.save(out / "last.safetensors", {"w": torch.zeros(1)}, {"kind": "last", "config": {"epochs": 1}})
+    assert cli.main(["demo", "--out", str(out), "--epochs", "2"]) == 2
+    assert "holds a demo run of 1 epochs: `robustlab demo --epochs 1` continues it" in capsys.readouterr().err
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "cmd_train", interrupted)
+    assert cli.main(["train", "--out", str(tmp_path / "fresh")]) == 130
+    assert "no epoch had finished, so nothing is saved" in capsys.readouterr().err
+
+
+def test_free_at_says_that_it_divides_the_epochs(tmp_path):
+    result = robustlab("train", "--method", "free-at", "--replays", "2", "--epochs", "2", "--data-dir", FMNIST,
+                       "--train-n", "64", "--val-n", "20", "--threads", "1", "--out", str(tmp_path / "free"))
+    assert result.returncode == 0, result.stderr
+    assert "--method free-at trains 1 epoch for --epochs 2: it replays each minibatch 2 times" in result.stderr

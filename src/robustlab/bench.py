@@ -48,8 +48,9 @@ def median_seconds(fns: dict, iters: int = 10, warmup: int = 2) -> dict:
     one of them land in a spell and the next not (we saw 1.5× between two blocks of the same step).
     Interleaving spreads the spells over all functions alike, and the median drops the worst calls.
     """
+    from tqdm.auto import tqdm
     seconds = {name: [] for name in fns}
-    for round_ in range(warmup + iters):
+    for round_ in tqdm(range(warmup + iters), desc=f"timing {len(fns)} steps", unit="round", leave=False):
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
@@ -68,7 +69,10 @@ def main(argv=None):
     p.add_argument("--bf16", action="store_true", default=None,
                    help="also time bf16 autocast (default: only where the CPU has bf16 units)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     shape = (1, 28, 28)
     x = torch.rand(args.batch_size, *shape)

@@ -25,10 +25,15 @@ def versions() -> dict:
     return {"robustlab": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
+_UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it), then put back
+os.umask(_UMASK)
+
+
 def _atomic_write_bytes(path: Path, write):
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors writes owner-only files; a checkpoint is as shareable as its .json
         os.replace(tmp, path)
     finally:
         if tmp.exists():

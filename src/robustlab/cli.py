@@ -39,6 +39,13 @@ def nonnegative(kind):
     return parse
 
 
+def check_linf_eps(eps, norm: str):
+    """An L∞ radius above 1 is no threat model: inputs live in [0, 1], so at ε = 1 every image is reachable."""
+    if eps is not None and norm == "linf" and eps > 1:
+        raise RobustlabError(f"--eps {eps:g}: an L∞ radius above 1 exceeds the pixel range [0, 1], where ε = 1 already "
+                             "reaches every image; give at most 1 (ε is in pixel scale, e.g. 0.1 or 8/255 = 0.031)")
+
+
 def given(options) -> list[str]:
     """The names among (name, value) pairs whose value says the option was given (not None, not False)."""
     return [name for name, value in options if value is not None and value is not False]  # 0 is a value
@@ -83,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "free-at, standard")
     t.add_argument("--norm", help="linf (default) or l2; text: l2 (default) or linf")
     t.add_argument("--eps", type=nonnegative(float), help="attack radius in pixel scale (default: the protocol's)")
-    t.add_argument("--steps", type=positive(int), help="attack steps during training")
-    t.add_argument("--step-size", type=nonnegative(float), help="attack step size in pixel scale")
+    t.add_argument("--steps", type=positive(int), help="attack steps during training (default: the protocol's)")
+    t.add_argument("--step-size", type=positive(float), help="attack step size in pixel scale (default: the "
+                   "protocol's, scaled with --eps; 2.5·ε/steps with --steps)")
     m = t.add_argument_group("method options (defaults: each method's paper; see docs/methods.md)")
     m.add_argument("--beta", type=nonnegative(float), help="TRADES / MART regularization weight")
     m.add_argument("--separate-batches", dest="joint_batch", action="store_false", default=None,
@@ -163,16 +171,39 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo); run again to resume")
     d.add_argument("--epochs", type=positive(int), default=DEMO_EPOCHS, help=f"default {DEMO_EPOCHS}")
     d.add_argument("--data-dir", help="where the Fashion-MNIST files are (default: the usual places)")
+    d.add_argument("--threads", type=positive(int), help="torch CPU threads")
 
     b = sub.add_parser("bench", help="throughput against a textbook PyTorch loop")
     b.add_argument("--model", default="cnn-small", help="default cnn-small")
     b.add_argument("--batch-size", type=positive(int), default=128, help="default 128")
     b.add_argument("--iters", type=positive(int), default=10,
                    help="timed rounds of each measured step, after 2 warm-up rounds (default 10)")
+    b.add_argument("--threads", type=positive(int), help="torch CPU threads (default: torch's)")
 
     from robustlab.rift.cli import add_parsers as add_rift_parsers
     add_rift_parsers(sub)  # robustlab rift, robustlab mrc
     return p
+
+
+# The method options whose flag is not their name.
+FLAGS = {"joint_batch": "--separate-batches", "attack_in_eval": "--attack-train-mode"}
+
+
+def flag(option: str) -> str:
+    return FLAGS.get(option, "--" + option.replace("_", "-"))
+
+
+def check_method_flags(method: str, args):
+    """The method options given on the command line that `method` does not take, named by their flags (the library's
+    own check names its keyword arguments, which a command-line user never typed)."""
+    from robustlab.training.registry import METHODS
+    from robustlab.training.run import THREAT_KEYS, method_options
+    check_choice("method", method, METHODS)
+    cls = METHODS[method]
+    takes = set(method_options(cls)) | (set() if cls.adversarial else set(THREAT_KEYS))
+    if unknown := [flag(k) for k in METHOD_OPTIONS if getattr(args, k) is not None and k not in takes]:
+        own = [flag(k) for k in METHOD_OPTIONS if k in method_options(cls)]
+        raise RobustlabError(f"--method {method} takes no {', '.join(unknown)}; its options: {', '.join(own) or 'none'}")
 
 
 METHOD_OPTIONS = ("eps", "steps", "step_size", "beta", "replays", "outer", "inner", "first_layer",
@@ -208,6 +239,12 @@ def fit(trainer, out: Path, resume: bool) -> int:
     elif resume:
         raise RobustlabError(f"--resume: {out} holds no run to continue (no last.safetensors, no config.json)")
     output_dir(out)
+    requested = trainer.config.epochs
+    if getattr(trainer, "epochs", requested) != requested and distributed.is_main():  # FreeAT: say so, not only in docs
+        replays = getattr(trainer.method, "replays", None)
+        print(f"--method {trainer.method.name} trains {trainer.epochs} epoch{'s' if trainer.epochs > 1 else ''} for "
+              f"--epochs {requested}" + (f": it replays each minibatch {replays} times, so the epochs are divided by "
+                                          f"{replays}, rounded up (docs/methods.md)" if replays else ""), file=sys.stderr)
     metrics = trainer.fit()
     if distributed.is_main():
         summary = json.dumps({"run": str(out), "best": trainer.best, "last": metrics})
@@ -228,6 +265,8 @@ def cmd_train(args) -> int:
     # Image defaults (text has its own, so the parser leaves these unset).
     args.dataset, args.model = args.dataset or "fashion-mnist", args.model or "cnn-small"
     args.method, args.norm = args.method or "pgd-at", args.norm or "linf"
+    check_linf_eps(args.eps, args.norm)
+    check_method_flags(args.method, args)
     data_options = {"image_size": args.image_size, "grayscale": args.grayscale}
     if check_choice("backend", args.backend, ("torch", "tinygrad")) == "tinygrad":
         from robustlab import distributed
@@ -257,9 +296,14 @@ DEMO_EVAL = ["--n", "1000", "--sweep-n", "300"]
 
 def cmd_demo(args) -> int:
     """Train cnn-small with PGD-AT, evaluate it with the protocol's PGD-50×3, write the report."""
+    from robustlab import checkpoint
     out = Path(args.out)
     data = ["--data-dir", args.data_dir] if args.data_dir else []
+    data += ["--threads", str(args.threads)] if args.threads else []
     resume = ["--resume"] if (out / "last.safetensors").exists() else []
+    if resume and (was := checkpoint.read_metadata(out / "last.safetensors").get("config", {}).get("epochs")) != args.epochs:
+        raise RobustlabError(f"{out} holds a demo run of {was} epochs: `robustlab demo --epochs {was}` continues it; "
+                             "for another length choose another --out")
     print(f"[1/2] PGD adversarial training of cnn-small on Fashion-MNIST ({args.epochs} epochs) -> {out}")
     code = main(["train", "--epochs", str(args.epochs), *DEMO_TRAIN, *data, *resume, "--out", str(out)])
     if code:
@@ -270,7 +314,8 @@ def cmd_demo(args) -> int:
 
 def cmd_bench(args) -> int:
     from robustlab.bench import main as bench_main
-    bench_main(["--model", args.model, "--batch-size", str(args.batch_size), "--iters", str(args.iters)])
+    bench_main(["--model", args.model, "--batch-size", str(args.batch_size), "--iters", str(args.iters),
+                *(["--threads", str(args.threads)] if args.threads else [])])
     return 0
 
 
@@ -298,7 +343,10 @@ def main(argv=None) -> int:
         print(f"robustlab: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"robustlab: interrupted ({INTERRUPTED[args.command]})", file=sys.stderr)
+        kept = INTERRUPTED[args.command]
+        if args.command in ("train", "demo") and not (Path(args.out) / "last.safetensors").exists():
+            kept = "no epoch had finished, so nothing is saved; the same command starts afresh"
+        print(f"robustlab: interrupted ({kept})", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `robustlab summary ... | head`: the reader left; end quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that Python's own flush at exit is quiet too

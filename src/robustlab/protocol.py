@@ -42,6 +42,14 @@ PROTOCOL = {"fashion-mnist": _FMNIST, "mnist": _MNIST, "cifar10": _CIFAR, "cifar
             "folder": _CIFAR, "npy": _CIFAR}
 
 
+def step_for(budget: Budget, eps: float | None = None, steps: int | None = None) -> float:
+    """The step size of `budget` with ε or the step count changed: 2.5·ε/steps when the steps are given (Madry et
+    al.'s rule, which the protocol's training steps follow), else the budget's step scaled with ε, so that a larger
+    ε never gets a step too short to reach its edge (10 steps of 0.025 cannot cross ε = 2)."""
+    eps = budget.eps if eps is None else eps
+    return 2.5 * eps / steps if steps is not None else budget.step_size * eps / budget.eps
+
+
 def threat_defaults(dataset: str, norm: str) -> ThreatDefaults:
     check_choice("dataset", dataset, PROTOCOL)
     check_choice("norm", norm, ("linf", "l2"))

@@ -9,7 +9,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from robustlab.cli import given
+from robustlab.cli import check_linf_eps, given
 from robustlab.errors import RobustlabError, check_choice, output_dir
 
 
@@ -26,8 +26,8 @@ def add_parser(sub):
     e.add_argument("--eps", type=nonnegative(float), help="default: the protocol's for the run's dataset (a text run: "
                    "0.5, L2 in the embedding's scale)")
     e.add_argument("--steps", type=positive(int), help="PGD steps (default: the protocol's)")
-    e.add_argument("--step-size", type=nonnegative(float), help="PGD step in pixel scale (default: the protocol's, or "
-                   "2.5·ε/steps with --steps)")
+    e.add_argument("--step-size", type=positive(float), help="PGD step in pixel scale (default: the protocol's, scaled "
+                   "with --eps; 2.5·ε/steps with --steps)")
     e.add_argument("--restarts", type=positive(int), help="PGD restarts, each on the images still robust (default: "
                    "the protocol's)")
     e.add_argument("--n", "--subset", dest="n", type=positive(int),
@@ -50,7 +50,7 @@ def add_parser(sub):
     e.add_argument("--transfer-from", metavar="SOURCE", help="black-box transfer: make the attack against SOURCE (a run "
                    "directory or checkpoint file, the same data) and score RUN on its examples, beside the attack "
                    "white-box on RUN and the worst case of the two per image; prints (or --json), writes no report")
-    e.add_argument("--checkpoint", default="best", help="best or last")
+    e.add_argument("--checkpoint", help="best (default) or last, when RUN is a run directory")
     e.add_argument("--data-dir", help="default: the run's own")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     e.add_argument("--out", help="folder for report.md, report.json, the plots and AutoAttack's resumable state "
@@ -69,7 +69,7 @@ def cmd_eval(args) -> int:
     from robustlab.evaluate.report import plot_adversarial_examples
     from robustlab.evaluate.sanity import SMOOTH_GRADIENT_TAU
     from robustlab.models import fast_memory_format
-    from robustlab.protocol import threat_defaults
+    from robustlab.protocol import step_for, threat_defaults
     from robustlab.training.run import run_dataset
 
     if args.threads:
@@ -88,8 +88,11 @@ def cmd_eval(args) -> int:
     norm = ONE_STEP_NORMS.get(args.attack) or args.norm or meta.get("method", {}).get("norm", "linf")
     budget = threat_defaults(dataset, norm).eval
     eps = budget.eps if args.eps is None else args.eps
+    check_linf_eps(eps, norm)
     steps, restarts = args.steps or budget.steps, args.restarts or budget.restarts
-    step_size = args.step_size if args.step_size is not None else (budget.step_size if args.steps is None else 2.5 * eps / steps)
+    step_size = args.step_size if args.step_size is not None else step_for(budget, eps, args.steps)
+    if args.attack in ONE_STEP_NORMS:  # what runs, for the report: one step of size ε
+        steps, step_size, restarts = 1, eps, 1
     tau = args.tau or SMOOTH_GRADIENT_TAU
     # A folder or npy test set is decoded as far as it is read: --n 1000 reads 1,000 images.
     data = run_dataset(meta, args.data_dir)
@@ -193,6 +196,9 @@ def _eval_transfer(args, target, test, attack, label, device) -> int:
         source = load_model(args.transfer_from)
     except RobustlabError as exc:
         raise RobustlabError(f"--transfer-from: {exc}") from None
+    if source.checkpoint_meta.get("task") == "text":
+        raise RobustlabError(f"--transfer-from {args.transfer_from} is a text run; transfer needs an image run of "
+                             f"{args.run}'s data")
     theirs, ours = source.checkpoint_meta.get("dataset", {}), target.checkpoint_meta["dataset"]
     data_of = lambda info: [info.get(k) for k in ("name", "input_shape", "class_names")]  # noqa: E731
     if data_of(theirs) != data_of(ours):

@@ -25,6 +25,12 @@ def add_parsers(sub):
     from robustlab.cli import nonnegative, positive
     from robustlab.rift.mrc import MRCConfig
 
+    def points(text):  # accuracy points: a tolerance above 100 tolerates anything
+        value = nonnegative(float)(text)
+        if value > 100:
+            raise argparse.ArgumentTypeError(f"is in accuracy points, 0 to 100, got {text}")
+        return value
+
     def mrc_options(p):
         g = p.add_argument_group("module robust criticality (defaults: the RiFT reference code)")
         d = MRCConfig()  # one set of defaults for the CLI and the Python API
@@ -36,7 +42,7 @@ def add_parsers(sub):
                        help=f"gradient-ascent epochs ({d.epochs})")
         g.add_argument("--mrc-batch-size", type=positive(int), default=d.batch_size,
                        help=f"images per gradient-ascent step ({d.batch_size})")
-        p.add_argument("--checkpoint", default="best", help="best or last (when RUN is a directory)")
+        p.add_argument("--checkpoint", help="best (default) or last, when RUN is a run directory")
         p.add_argument("--seed", type=int, default=0, help="seeds every random choice: the attacks' random starts, "
                        "the fine-tuning's data order (default 0)")
         p.add_argument("--data-dir", help="default: the run's own")
@@ -78,8 +84,8 @@ def add_parsers(sub):
                    help="robust check along α: pgd (the training PGD on cross-entropy), pgd+dlr (per image, the "
                         "first success of it and the same PGD on the DLR loss; twice the cost) or pgd+dlr+apgd-t "
                         "(then also APGD-T, 3 targets × 20 steps; about five times the cost)")
-    r.add_argument("--tolerance", type=nonnegative(float), default=0.1,
-                   help="points of validation robust accuracy α may cost (0.1)")
+    r.add_argument("--tolerance", type=points, default=0.1,
+                   help="points of validation robust accuracy α may cost, 0 to 100 (0.1)")
     t = r.add_argument_group("test-set report")
     t.add_argument("--n", "--subset", dest="n", type=positive(int),
                    help="evaluate on the first N test images (default: all); --subset under torchrun, whose parser takes --n")
@@ -120,13 +126,13 @@ def _setup(args, check=lambda source: None):
     import torch
     from robustlab.checkpoint import read_metadata
     from robustlab.distributed import resolve_device
-    from robustlab.training.run import run_dataset
+    from robustlab.training.run import check_model_meta, run_dataset
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     source = _source(args)
-    meta = read_metadata(source)
+    meta = check_model_meta(read_metadata(source), source)
     check(source)
     return source, meta, run_dataset(meta, args.data_dir), device
 

@@ -69,7 +69,14 @@ def write_json(path: Path, data: dict):
 
 
 def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text()) if Path(path).exists() else {}
+    """A cache file's contents ({} when there is none yet); a damaged one is a one-line error, not a traceback."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RobustlabError(f"{path} is damaged (not JSON); delete it and run again: its step is recomputed") from None
 
 
 def adversarial_set(model: nn.Module, images: ImageSet, *, norm: str, eps: float, steps: int, step_size: float,

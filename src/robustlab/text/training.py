@@ -137,7 +137,7 @@ def build_text_trainer(*, out, dataset: str = "debian-packages", model: str = "t
                        device=device, show_progress=show_progress)
 
 
-def load_text_model(path, which: str = "best") -> torch.nn.Module:
+def load_text_model(path, which: str | None = None) -> torch.nn.Module:
     """A trained text model (eval mode, CPU) with `.vocab` (to encode new text) and `.checkpoint_meta`."""
     from robustlab.training.run import resolve_checkpoint
     file = resolve_checkpoint(path, which)
@@ -153,8 +153,6 @@ def load_text_model(path, which: str = "best") -> torch.nn.Module:
 
 
 TEXT_OPTIONS = ("eps", "steps", "step_size", "replays", "init_mag", "norm")
-# The image options whose flag is not their name.
-FLAGS = {"joint_batch": "--separate-batches", "attack_in_eval": "--attack-train-mode"}
 
 
 def text_trainer_from_args(args, config: TrainConfig) -> TextTrainer:
@@ -162,10 +160,10 @@ def text_trainer_from_args(args, config: TrainConfig) -> TextTrainer:
     ones do not apply (dataset debian-packages, model transformer, method freelb, norm l2)."""
     if args.backend != "torch":
         raise RobustlabError("--task text runs on the torch backend only")
-    from robustlab.cli import METHOD_OPTIONS
+    from robustlab.cli import METHOD_OPTIONS, flag
     image_only = {"--width": args.width, "--augment": args.augment not in (None, "none"),
                   "--image-size": args.image_size, "--grayscale": args.grayscale, "--download": args.download,
-                  **{FLAGS.get(k, "--" + k.replace("_", "-")): getattr(args, k) is not None  # e.g. --beta
+                  **{flag(k): getattr(args, k) is not None  # e.g. --beta
                      for k in METHOD_OPTIONS if k not in TEXT_OPTIONS}}
     if any(image_only.values()):  # each was once ignored without a word
         raise RobustlabError(f"{', '.join(k for k, v in image_only.items() if v)}: image options; they do not "

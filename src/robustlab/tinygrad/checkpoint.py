@@ -46,7 +46,7 @@ def save_model(model: TinyModel, path, *, dataset: str | None = None, metadata: 
     checkpoint.save(path, model_tensors(model), meta)
 
 
-def load_model(path, which: str = "best") -> TinyModel:
+def load_model(path, which: str | None = None) -> TinyModel:
     """A tinygrad model from a robustlab run directory or checkpoint, trained by either backend."""
     from robustlab.training.run import resolve_checkpoint
 

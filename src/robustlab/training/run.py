@@ -14,15 +14,40 @@ from robustlab.attacks import pgd
 from robustlab.data import DatasetInfo, Splits, load_dataset
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.models import build_model
-from robustlab.protocol import threat_defaults
+from robustlab.protocol import step_for, threat_defaults
 from robustlab.training.registry import METHODS
 from robustlab.training.trainer import TrainConfig, Trainer
 
 
-def model_from_meta(meta: dict) -> torch.nn.Module:
-    info = meta["dataset"]
-    return build_model(meta["model"]["name"], info["input_shape"], info["num_classes"],
-                       info["mean"], info["std"], **meta["model"].get("kwargs", {}))
+def refuse_text_run(meta: dict):
+    if meta.get("task") == "text":
+        raise RobustlabError(f"this is a text run ({meta['dataset']['name']}): RiFT, MRC and the image attacks need an "
+                             "image run; `robustlab eval` evaluates text runs")
+
+
+MODEL_META = {"model": ("name",), "dataset": ("input_shape", "num_classes", "mean", "std")}
+
+
+def check_model_meta(meta: dict, source="the checkpoint") -> dict:
+    """`meta` if it describes a model; a file that holds none (an AutoAttack state, RiFT's adversarial set) or lacks
+    a field is a one-line error naming `source`."""
+    refuse_text_run(meta)
+    missing = [f"{part}.{key}" for part, keys in MODEL_META.items() for key in keys
+               if not isinstance(meta.get(part), dict) or key not in meta[part]]
+    if missing:
+        kind = f" (it holds {meta['kind']!r})" if meta.get("kind") else ""
+        raise RobustlabError(f"{source} is not a robustlab model checkpoint{kind}: its metadata lacks {', '.join(missing)}")
+    return meta
+
+
+def model_from_meta(meta: dict, source="the checkpoint") -> torch.nn.Module:
+    """The model a checkpoint's metadata describes, untrained."""
+    info = check_model_meta(meta, source)["dataset"]
+    try:
+        return build_model(meta["model"]["name"], info["input_shape"], info["num_classes"],
+                           info["mean"], info["std"], **meta["model"].get("kwargs", {}))
+    except RobustlabError as exc:
+        raise RobustlabError(f"{source}: {exc}") from None
 
 
 def dataset_meta(data: Splits, data_dir=None, options=None) -> dict:
@@ -32,32 +57,45 @@ def dataset_meta(data: Splits, data_dir=None, options=None) -> dict:
             "data_dir": str(Path(data_dir).expanduser().resolve()) if data_dir else None, "options": options or {}}
 
 
-def resolve_checkpoint(path, which: str = "best") -> Path:
+def resolve_checkpoint(path, which: str | None = None) -> Path:
+    """The checkpoint file of a run directory (`which`: best, the default, or last) or the file `path` itself."""
     path = Path(path)
-    if path.is_dir():
+    if which is not None:
         check_choice("checkpoint", which, ("best", "last"))
-        for name in ((f"{which}.safetensors", "last.safetensors") if which == "best" else ("last.safetensors",)):
-            if (path / name).exists():
-                return path / name
-        raise RobustlabError(f"{path} holds no checkpoint (looked for best.safetensors and last.safetensors); "
-                             f"train one with `robustlab train --out {path}`")
+    if path.is_dir():
+        if (which or "best") == "best":
+            for name in ("best.safetensors", "last.safetensors"):
+                if (path / name).exists():
+                    return path / name
+            raise RobustlabError(f"{path} holds no checkpoint (looked for best.safetensors and last.safetensors); "
+                                 f"train one with `robustlab train --out {path}`")
+        if (path / "last.safetensors").exists():
+            return path / "last.safetensors"
+        kept = " (a RiFT result keeps best.safetensors only)" if (path / "best.safetensors").exists() else ""
+        raise RobustlabError(f"{path} has no last.safetensors{kept}; drop --checkpoint last to evaluate its best")
     if not path.exists():
         raise RobustlabError(f"no run directory or checkpoint at {path}")
+    if which is not None:  # it would be ignored: the file is the checkpoint
+        raise RobustlabError(f"--checkpoint {which}: {path} is a checkpoint file; pass its run directory to choose "
+                             "best or last, or drop --checkpoint")
     return path
 
 
-def load_model(path, which: str = "best") -> torch.nn.Module:
+def load_model(path, which: str | None = None) -> torch.nn.Module:
     """Rebuild a model from a robustlab checkpoint; returns it in eval mode, on the CPU, in fp32."""
     file = resolve_checkpoint(path, which)
     tensors, meta = checkpoint.load(file)
     if meta.get("task") == "text":  # a text run carries its vocabulary; its own loader rebuilds both
         from robustlab.text.training import load_text_model
         return load_text_model(file)
-    model = model_from_meta(meta)
+    model = model_from_meta(meta, file)
     try:
         model.load_state_dict(checkpoint.unprefixed("model.", tensors))
-    except RuntimeError as exc:
-        raise RobustlabError(f"{file}: weights do not fit model {meta['model']['name']!r} ({str(exc).splitlines()[0]})") from None
+    except RuntimeError as exc:  # its first line only names the module class; the next says which keys
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = "; ".join(lines[1:]) or lines[0]
+        detail = detail if len(detail) <= 300 else detail[:297] + "..."
+        raise RobustlabError(f"{file}: weights do not fit model {meta['model']['name']!r} ({detail})") from None
     model.eval()
     model.checkpoint_meta = meta
     return model
@@ -67,9 +105,7 @@ def run_dataset(meta: dict, data_dir=None) -> Splits:
     """The dataset a run was trained on, split as it was: from `data_dir`, else the directory the run recorded
     (with its folder options: image size, grayscale), else the dataset's usual places."""
     info = meta["dataset"]
-    if meta.get("task") == "text":
-        raise RobustlabError(f"this is a text run ({info['name']}): RiFT, MRC and the image attacks need an image "
-                             "run; `robustlab eval` evaluates text runs")
+    refuse_text_run(meta)
     return load_dataset(info["name"], data_dir=data_dir or info.get("data_dir"), val_size=info.get("val_size"),
                         seed=info.get("split_seed", 0), **info.get("options", {}))
 
@@ -102,7 +138,9 @@ def make_method(name: str, dataset: str, norm: str, **overrides):
     if not cls.adversarial:
         return cls(**overrides)
     budget = threat_defaults(dataset, norm).train
-    protocol = {"eps": budget.eps, "norm": norm, "steps": budget.steps, "step_size": budget.step_size}
+    # A changed ε or step count changes the step too (`step_for`): the protocol's 0.025 is for 10 steps at ε = 0.1.
+    protocol = {"eps": budget.eps, "norm": norm, "steps": budget.steps,
+                "step_size": step_for(budget, overrides.get("eps"), overrides.get("steps"))}
     params = {k: protocol[k] for k in cls.protocol_fields}
     return cls(**{**params, **overrides})
 

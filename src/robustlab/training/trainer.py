@@ -24,13 +24,14 @@ from tqdm.auto import tqdm
 
 from robustlab import checkpoint, distributed
 from robustlab.data import ImageSet, Splits, augment_batch
+from robustlab.data.augment import AUGMENTATIONS
 from robustlab.data.folder import epoch_loader
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.evaluate.accuracy import accuracy
 from robustlab.models import fast_memory_format
 from robustlab.progress import progress
 from robustlab.training.methods import Method, StepContext
-from robustlab.training.schedules import learning_rate
+from robustlab.training.schedules import SCHEDULES, learning_rate
 
 
 @dataclass
@@ -59,6 +60,9 @@ class TrainConfig:
     def validate(self):
         check_choice("optimizer", self.optimizer, ("sgd", "adam"))
         check_choice("precision", self.precision, ("fp32", "bf16", "fp16"))
+        check_choice("schedule", self.schedule, SCHEDULES)  # here, not at the first step: before any folder is made
+        if self.augment is not None:
+            check_choice("augment", self.augment, AUGMENTATIONS)
         check_choice("device", self.device.split(":")[0], ("cpu", "cuda"))
         if self.precision == "fp16" and self.device == "cpu":
             raise RobustlabError("fp16 autocast needs --device cuda; on a CPU use fp32 (or bf16 where the CPU has bf16 units)")
