@@ -377,3 +377,10 @@ def test_free_at_says_that_it_divides_the_epochs(tmp_path):
                        "--train-n", "64", "--val-n", "20", "--threads", "1", "--out", str(tmp_path / "free"))
     assert result.returncode == 0, result.stderr
     assert "--method free-at trains 1 epoch for --epochs 2: it replays each minibatch 2 times" in result.stderr
+
+
+def test_summary_rows_of_same_named_folders_get_distinct_names(tmp_path):
+    from robustlab.evaluate.summary import distinct_names
+    folders = [tmp_path / "standard", tmp_path / "pgd" / "standard", tmp_path / "other"]
+    rows = distinct_names([{"name": "standard"}, {"name": "standard"}, {"name": "other"}], folders)
+    assert [r["name"] for r in rows] == [f"{tmp_path.name}/standard", "pgd/standard", "other"]

@@ -112,8 +112,22 @@ def plot(rows: list[dict], path) -> str:
     return measure
 
 
+def distinct_names(rows: list[dict], folders: list[Path]) -> list[dict]:
+    """Rows whose names collide (runs/standard beside runs/pgd/standard) are named by more of their folder's path."""
+    for depth in range(2, 6):
+        names = [r["name"] for r in rows]
+        clash = {n for n in names if names.count(n) > 1}
+        if not clash:
+            break
+        for r, folder in zip(rows, folders):
+            if r["name"] in clash:
+                r["name"] = "/".join(folder.resolve().parts[-depth:])
+    return rows
+
+
 def cmd_summary(args) -> int:
-    rows = [summarize(*read_report(where)) for where in args.runs]
+    reports = [read_report(where) for where in args.runs]
+    rows = distinct_names([summarize(*r) for r in reports], [folder for _, _, folder in reports])
     measure = None
     if args.plot:
         try:
