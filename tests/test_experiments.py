@@ -291,3 +291,18 @@ def test_masking_probe_mnist_tabulates_the_four_validation_attacks(tmp_path, mon
     row = capsys.readouterr().out.strip().splitlines()[-1].split(" | ")
     clean, pgd, _, apgd, square = (float(cell.rstrip("%")) for cell in row[1:6])
     assert 0 <= apgd <= clean and 0 <= square <= clean and 0 <= pgd <= clean
+
+
+def test_ood_per_severity_prints_every_corruption_and_the_mean(standard_model, tmp_path, capsys, one_thread):
+    from robustlab import checkpoint
+    from robustlab.errors import run_script
+    from robustlab.training.run import dataset_meta
+    from robustlab.data import load_dataset
+    data = load_dataset("fashion-mnist", data_dir="/usr/share/datasets/fashion-mnist", seed=0)
+    meta = {"kind": "model", "model": {"name": "cnn-small", "kwargs": {}}, "dataset": dataset_meta(data)}
+    checkpoint.save(tmp_path / "best.safetensors", checkpoint.prefixed("model.", standard_model.state_dict()), meta)
+    script = load_script("ood_per_severity")
+    assert run_script(lambda: script.main([str(tmp_path), "--n", "20"])) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    from robustlab.evaluate.corruptions import default_corruptions
+    assert "OOD mean" in lines[0] and "(20 images" in lines[0] and len(lines) == 1 + len(default_corruptions(1))
