@@ -43,6 +43,7 @@ def robustlab(*args):
     (["eval", "no/such/run", "--attack", "fgm", "--norm", "linf"], ["fgm", "l2", "--attack fgsm"]),
     (["eval", "no/such/run", "--attack", "fgsm", "--steps", "10", "--restarts", "2"], ["--steps, --restarts", "pgd"]),
     (["eval", "no/such/run", "--tau", "0.5"], ["--tau", "pgd-smooth"]),
+    (["eval", "no/such/run", "--attack", "apgd-ce", "--step-size", "0.01"], ["apgd-ce", "own step sizes", "--step-size"]),
     (["eval", "no/such/run", "--no-ood", "--sanity-n", "100"], ["--sanity-n, --no-ood", "--suite standard"]),
     (["eval", "no/such/run", "--suite", "standard", "--eps", "0"], ["--suite standard", "--eps > 0"]),
     (["eval", "no/such/run", "--split", "val", "--out", "x"], ["--split val", "drop --out"]),
@@ -168,6 +169,12 @@ def test_train_then_eval_writes_a_report(tmp_path):
     assert smooth.returncode == 0, smooth.stderr
     assert 0 <= json.loads(smooth.stdout)["robust"] <= json.loads(smooth.stdout)["clean"]
     assert "smooth ReLU gradients τ=0.5" in (run / "smooth" / "report.md").read_text()
+    apgd = robustlab("eval", str(run), "--attack", "apgd-ce", "--steps", "5", "--split", "val", "--data-dir", FMNIST,
+                     "--n", "40", "--threads", "1", "--json")
+    assert apgd.returncode == 0, apgd.stderr
+    apgd = json.loads(apgd.stdout)
+    assert apgd["attack"]["name"] == "apgd-ce" and apgd["attack"]["step_size"] is None
+    assert apgd["attack"]["steps"] == 5 and 0 <= apgd["robust"] <= apgd["clean"]
     # a run that its method stopped early (Fast-AT's overfitting check) says so in its report
     metrics_file = run / "metrics.jsonl"
     kept = metrics_file.read_text()

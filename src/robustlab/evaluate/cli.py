@@ -18,8 +18,9 @@ def add_parser(sub):
 
     e = sub.add_parser("eval", help="evaluate a trained run under attack and write RUN/report.md")
     e.add_argument("run", help="run directory or checkpoint file")
-    e.add_argument("--attack", default="pgd", help="fgsm, fgm, pgd, or pgd-smooth: PGD on the margin loss with ReLU's "
-                   "gradient smoothed, an adaptive attack for gradient masking (robustlab.attacks.smooth)")
+    e.add_argument("--attack", default="pgd", help="fgsm, fgm, pgd, apgd-ce (AutoAttack's first stage: APGD on the "
+                   "cross-entropy with its own step sizes; 100 steps unless --steps), or pgd-smooth: PGD on the margin "
+                   "loss with ReLU's gradient smoothed, an adaptive attack for gradient masking (robustlab.attacks.smooth)")
     e.add_argument("--tau", type=positive(float), help="pgd-smooth: temperature of ReLU's sigmoid "
                    "gradient (default 0.1)")
     e.add_argument("--norm", help="linf or l2 (default: the run's)")
@@ -63,7 +64,7 @@ def add_parser(sub):
 def cmd_eval(args) -> int:
     import torch
     from robustlab import distributed, load_model
-    from robustlab.attacks import ATTACKS, pgd, pgd_smooth
+    from robustlab.attacks import ATTACKS, apgd, pgd, pgd_smooth
     from robustlab.attacks.smooth import relu_count
     from robustlab.evaluate import accuracy
     from robustlab.evaluate.report import plot_adversarial_examples
@@ -90,6 +91,8 @@ def cmd_eval(args) -> int:
     eps = budget.eps if args.eps is None else args.eps
     check_linf_eps(eps, norm)
     steps, restarts = args.steps or budget.steps, args.restarts or budget.restarts
+    if args.attack == "apgd-ce":  # AutoAttack's budget, not the protocol's PGD
+        steps, restarts = args.steps or APGD_STEPS, args.restarts or 1
     step_size = args.step_size if args.step_size is not None else step_for(budget, eps, args.steps)
     if args.attack in ONE_STEP_NORMS:  # what runs, for the report: one step of size ε
         steps, step_size, restarts = 1, eps, 1
@@ -103,6 +106,8 @@ def cmd_eval(args) -> int:
         step = step_size * (e / eps if eps else 1)
         if args.attack == "pgd":
             return partial(pgd, eps=e, norm=norm, steps=steps, step_size=step, restarts=restarts)
+        if args.attack == "apgd-ce":
+            return partial(apgd, eps=e, norm=norm, steps=steps, restarts=restarts)
         if args.attack == "pgd-smooth":
             return partial(pgd_smooth, eps=e, norm=norm, steps=steps, step_size=step, restarts=restarts, tau=tau)
         return lambda m, x, y, generator=None: ATTACKS[args.attack](m, x, y, eps=e)
@@ -113,6 +118,7 @@ def cmd_eval(args) -> int:
 
     budget_label = f"{steps}{'×' + str(restarts) if restarts > 1 else ''} {norm} ε={eps:g} step {step_size:g}"
     label = {"pgd": f"PGD-{budget_label}",
+             "apgd-ce": f"APGD-CE-{steps}{'×' + str(restarts) if restarts > 1 else ''} {norm} ε={eps:g}",
              "pgd-smooth": f"PGD-{budget_label}, margin loss, smooth ReLU gradients τ={tau:g}",
              }.get(args.attack, f"{args.attack.upper()} ε={eps:g}")
     if args.transfer_from:
@@ -133,7 +139,8 @@ def cmd_eval(args) -> int:
         robust = measure(test, eps, label) if eps > 0 else clean
     results = _results(meta, clean, robust, len(test), label, start, rows, extra,
                        attack={"name": args.attack, "norm": norm, "eps": eps, "steps": steps,
-                               "step_size": step_size, "restarts": restarts, "seed": args.seed})
+                               "step_size": None if args.attack == "apgd-ce" else step_size, "restarts": restarts,
+                               "seed": args.seed})
     if args.split == "test" and eps > 0 and distributed.is_main():
         x, x_adv, y, pred = adversarial_examples(model, test, attack_at(eps), seed=args.seed)
         if len(x):  # none when no image of the first 64 is classified correctly
@@ -234,6 +241,7 @@ def _eval_transfer(args, target, test, attack, label, device) -> int:
 
 
 ONE_STEP_NORMS = {"fgsm": "linf", "fgm": "l2"}
+APGD_STEPS = 100  # AutoAttack-standard's iterations
 SWEEP_N = 1000  # test images for the report's accuracy-vs-ε plot
 
 
@@ -241,7 +249,10 @@ def _check_eval_options(args):
     """Options this evaluation would ignore are refused, so that a report never names an attack other than the one
     that ran: FGSM and FGM take one step of size ε in their own norm, only pgd-smooth has a τ, and the AutoAttack,
     sanity and OOD options belong to --suite standard. Validation and transfer figures are printed, not reported."""
-    check_choice("attack", args.attack, ("fgsm", "fgm", "pgd", "pgd-smooth"))
+    check_choice("attack", args.attack, ("fgsm", "fgm", "pgd", "apgd-ce", "pgd-smooth"))
+    if args.attack == "apgd-ce" and args.step_size is not None:
+        raise RobustlabError("--attack apgd-ce sets its own step sizes (from 2ε, halved when progress stalls); drop "
+                             "--step-size")
     check_choice("suite", args.suite, ("none", "standard"))
     check_choice("split", args.split, ("test", "val"))
     if args.split == "val" and args.suite != "none":
