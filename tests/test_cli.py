@@ -384,6 +384,7 @@ def test_free_at_says_that_it_divides_the_epochs(tmp_path):
                        "--train-n", "64", "--val-n", "20", "--threads", "1", "--out", str(tmp_path / "free"))
     assert result.returncode == 0, result.stderr
     assert "--method free-at trains 1 epoch for --epochs 2: it replays each minibatch 2 times" in result.stderr
+    assert "(first 20)" in result.stdout + result.stderr  # robust on --val-n images, clean on all 5,000: say so
 
 
 def test_summary_rows_of_same_named_folders_get_distinct_names(tmp_path):

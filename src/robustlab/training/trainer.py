@@ -321,6 +321,8 @@ class Trainer:
             if main:
                 # without a validation attack, "robust" is the clean accuracy (it still ranks epochs): say only clean
                 robust = "" if self.val_attack is None else f" robust {val_metrics['val_robust']:.2%}"
+                if robust and self.config.val_n < len(self.data.val):  # clean is on every validation image
+                    robust += f" (first {self.config.val_n})"
                 tqdm.write(f"epoch {epoch + 1}/{self.epochs}: train loss {train_metrics['train_loss']:.4f} "
                            f"acc {train_metrics['train_acc']:.2%} | val clean {val_metrics['val_clean']:.2%}"
                            f"{robust}{' (best)' if is_best else ''} | {self.elapsed:.0f}s")
