@@ -394,3 +394,10 @@ def test_interrupted_evaluation_resumes_to_the_same_result(robust_model, test_ba
     assert again.calls <= 1
     with pytest.raises(RobustlabError, match="different evaluation"):
         autoattack(robust_model, x, y, state_path=state, **{**kwargs, "eps": 0.2})
+
+
+def test_fab_l2_projection_leaves_near_zero_weights_alone_when_the_plane_is_out_of_reach():
+    """The reference's projection_l2 freezes coordinates with |w| ≤ 1e-8; robustlab once pushed them to the box."""
+    t, w, b = torch.tensor([[0.5, 0.5]]), torch.tensor([[1.0, 1e-10]]), torch.tensor([-10.0])
+    d = project_on_hyperplane_box(t, w, b, "l2")
+    assert d[0, 0] == pytest.approx(-0.5) and d[0, 1] == 0

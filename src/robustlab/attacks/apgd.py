@@ -177,8 +177,15 @@ def apgd_run(model, x, y, target, *, loss: str, eps: float, norm: str, steps: in
     The model must already be in attack mode. `target` is ignored unless loss is "dlr-targeted".
     Success is misclassification (argmax ≠ y), also for the targeted loss, as in AutoAttack.
     At checkpoint w_j the conditions are checked once x^(w_j) is evaluated, as in the authors' code
-    (the paper's listing checks one iterate later); Condition 1 counts the same w_j − w_{j−1}
-    comparisons f(x^(i+1)) > f(x^(i)) either way, and at w_1 Condition 2 compares with f(x^(0)).
+    (the paper's listing checks one iterate later). Three details follow the paper where the authors'
+    code differs; comparing a line-for-line port of that code on the same starting points changed no
+    example's verdict, only the best loss of a few unbroken ones (session 37):
+    - Condition 1 halves when the loss rose in fewer than ρ·k of the k steps since the last checkpoint
+      (the code: at most ρ·k; they differ only where ρ·k is whole, the 16-step window of a 100-step run).
+    - At w_1 the first comparison is f(x^(1)) > f(x^(0)) (the code compares with 0), and Condition 2 may
+      halve there (the code never halves by it at w_1).
+    - After a restart from x_max the next comparison is against f_max (the code keeps the loss of the
+      iterate before the restart).
     """
     loss_fn = _loss_fn(loss)
     n = len(x)

@@ -38,7 +38,10 @@ def project_on_hyperplane_box(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
     w = torch.where(flip[:, None], -w, w)
     c = c.abs()
     room = torch.where(w > 0, t, 1 - t) * (w != 0)  # how far each coordinate can move against sign(w)
-    return _project_linf(w, c, room) if norm == "linf" else _project_l2(w, c, room)
+    if norm == "l2":  # as the reference's projection_l2, which freezes |w| ≤ 1e-8: where the hyperplane is out of
+        room = room * (w.abs() > 1e-8)  # reach, such coordinates would otherwise be pushed to the box's edge
+        return _project_l2(w, c, room)
+    return _project_linf(w, c, room)
 
 
 def _exclusive_tail(v: torch.Tensor) -> torch.Tensor:
