@@ -351,4 +351,4 @@ def test_cli_trains_generalist_end_to_end(fmnist, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("robustlab: error:") and err.count("\n") == 1, err
     assert cli([*common[:2], "pgd-at", *common[3:], "--mix-final", "0.5", "--out", str(tmp_path / "pgd")]) == 2
-    assert "mix_final" in capsys.readouterr().err
+    assert "--method pgd-at takes no --mix-final" in capsys.readouterr().err  # named by its flag

@@ -47,7 +47,7 @@ def step_for(budget: Budget, eps: float | None = None, steps: int | None = None)
     al.'s rule, which the protocol's training steps follow), else the budget's step scaled with ε, so that a larger
     ε never gets a step too short to reach its edge (10 steps of 0.025 cannot cross ε = 2)."""
     eps = budget.eps if eps is None else eps
-    return 2.5 * eps / steps if steps is not None else budget.step_size * eps / budget.eps
+    return 2.5 * eps / steps if steps is not None else budget.step_size * (eps / budget.eps)  # (ε/ε is exactly 1)
 
 
 def threat_defaults(dataset: str, norm: str) -> ThreatDefaults:
