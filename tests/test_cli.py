@@ -253,6 +253,8 @@ def test_eval_transfer_from_another_run(tmp_path):
     assert refused.returncode == 2 and "same data" in refused.stderr and len(refused.stderr.splitlines()) == 1
     missing = robustlab("eval", str(runs[1]), "--transfer-from", str(tmp_path / "nope"), *common)
     assert missing.returncode == 2 and missing.stderr.startswith("robustlab: error: --transfer-from: no run directory")
+    early = robustlab("eval", str(runs[1]), "--transfer-from", str(tmp_path / "nope"), "--data-dir", str(tmp_path / "x"))
+    assert "--transfer-from: no run directory" in early.stderr  # before the test data is looked for
 
 
 def test_standard_suite_reports_autoattack_sanity_and_ood(tmp_path):

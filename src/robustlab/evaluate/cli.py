@@ -97,6 +97,12 @@ def cmd_eval(args) -> int:
     if args.attack in ONE_STEP_NORMS:  # what runs, for the report: one step of size ε
         steps, step_size, restarts = 1, eps, 1
     tau = args.tau or SMOOTH_GRADIENT_TAU
+    if args.transfer_from:  # a wrong source path fails now, not after the test data is read
+        from robustlab.training.run import resolve_checkpoint
+        try:
+            resolve_checkpoint(args.transfer_from)
+        except RobustlabError as exc:
+            raise RobustlabError(f"--transfer-from: {exc}") from None
     # A folder or npy test set is decoded as far as it is read: --n 1000 reads 1,000 images.
     data = run_dataset(meta, args.data_dir)
     test = getattr(data, args.split)  # "test" names the evaluated split below, whichever it is
