@@ -215,3 +215,13 @@ def test_published_cifar_c_files_are_used_as_they_are(tmp_path):
         ood_accuracy(model, shuffled, cifar_c_dir=tmp_path, progress=False)
     with pytest.raises(RobustlabError, match="not found"):
         ood_accuracy(model, clean, names=["snow"], cifar_c_dir=tmp_path, progress=False)
+
+
+def test_cifar_100_c_subfolder_is_found_and_negative_labels_refused(tmp_path):
+    from robustlab.data import load_cifar_c
+    clean = synthetic(3, 32, n=12)
+    _write_cifar_c(tmp_path / "CIFAR-100-C", clean, ["fog"])
+    assert set(load_cifar_c(tmp_path)) == {"fog"}  # once found for CIFAR-10-C's folder name only
+    np.save(tmp_path / "CIFAR-100-C" / "labels.npy", np.full(60, -1))
+    with pytest.raises(RobustlabError, match="labels.npy holds int64 labels down to -1"):
+        load_cifar_c(tmp_path)

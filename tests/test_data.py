@@ -377,3 +377,50 @@ def test_real_fashion_mnist():
         assert part.images.dtype == torch.uint8 and part.images.shape[1:] == (1, 28, 28)
         assert part.labels.dtype == torch.int64 and part.labels.max() == 9
     assert torch.equal(s.test.labels.bincount(), torch.full((10,), 1000))
+
+
+def test_idx_files_of_another_size_an_overflowing_header_and_shadowed_folders_are_refused(tmp_path):
+    # 32×32 images under an MNIST name failed later as a matmul inside the model
+    folder = tmp_path / "size32"
+    write_idx_dataset(folder)
+    x = np.zeros((30, 32, 32), np.uint8)
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(x)))
+    with pytest.raises(RobustlabError, match=r"training images in .* are \(1, 32, 32\), not mnist's \(1, 28, 28\)"):
+        load_dataset("mnist", data_dir=folder, val_size=5)
+    # a header whose size product wraps to 0 in int64 was a reshape ValueError
+    forged = tmp_path / "forged"
+    write_idx_dataset(forged)
+    header = bytes((0, 0, 0x08, 3)) + b"".join(d.to_bytes(4, "big") for d in (1 << 22, 1 << 21, 1 << 21))
+    (forged / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(header))
+    with pytest.raises(RobustlabError, match="data bytes but its header"):
+        load_dataset("mnist", data_dir=forged, val_size=5)
+    # files in --data-dir and in --data-dir/<name>: the parent's once won without a word
+    nest = tmp_path / "nest"
+    write_idx_dataset(nest)
+    write_idx_dataset(nest / "fashion-mnist", seed=1)
+    with pytest.raises(RobustlabError, match="both .* hold fashion-mnist files"):
+        load_dataset("fashion-mnist", data_dir=nest, val_size=5)
+
+
+def test_download_cut_short_or_into_a_file_is_a_one_line_error(tmp_path, monkeypatch):
+    import http.client
+    from robustlab.data.download import download_file
+
+    class CutShort:
+        headers = {}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self, n):
+            raise http.client.IncompleteRead(b"partial")
+    monkeypatch.setattr("urllib.request.urlopen", lambda url, timeout: CutShort())
+    with pytest.raises(RobustlabError, match="download of http://127.0.0.1/x failed"):
+        download_file("http://127.0.0.1/x", tmp_path / "x.gz", "0" * 64)
+    assert list(tmp_path.iterdir()) == []  # no .part left behind
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(RobustlabError, match="cannot download into"):
+        download_file("http://127.0.0.1/x", tmp_path / "afile" / "sub" / "x.gz", "0" * 64)

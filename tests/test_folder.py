@@ -62,3 +62,37 @@ def test_epoch_loader_order_depends_on_seed_and_epoch_only(tmp_path):
 
     assert sorted(order(0, 0)) == list(range(20))
     assert order(0, 0) == order(0, 0) and order(0, 0) != order(0, 1) and order(0, 0) != order(1, 0)
+
+
+def test_hidden_folders_are_no_classes_and_an_empty_class_is_refused(tmp_path):
+    root = _folder(tmp_path / "imgs")
+    (root / ".ipynb_checkpoints").mkdir()  # once class 0, shifting every real label by one
+    assert ImageFolder(root).classes == ["cat", "dog"]
+    (root / "zebra").mkdir()
+    (root / "zebra" / "readme.txt").write_text("no images here")
+    with pytest.raises(RobustlabError, match="class folder zebra under .* holds no images"):
+        ImageFolder(root)
+
+
+def test_an_image_too_large_to_decode_is_a_one_line_error(tmp_path, monkeypatch):
+    data = ImageFolder(_folder(tmp_path / "imgs"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # Pillow refuses images over twice this: a decompression bomb
+    with pytest.raises(RobustlabError, match="cannot decode image"):
+        data[0]
+
+
+def test_an_error_raised_in_a_loader_worker_is_told_in_one_line():
+    """PyTorch re-raises it wrapped in the worker's whole traceback; the CLI prints the last line only."""
+    from torch.utils.data import DataLoader, Dataset
+    from robustlab.errors import one_line
+
+    class Broken(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise RobustlabError("cannot decode image x.png: truncated")
+    with pytest.raises(RobustlabError) as err:
+        list(DataLoader(Broken(), num_workers=1))
+    assert "Original Traceback" in str(err.value)
+    assert one_line(err.value) == "cannot decode image x.png: truncated"

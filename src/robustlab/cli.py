@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from robustlab.allocator import keep_freed_memory
-from robustlab.errors import RobustlabError, check_choice, output_dir
+from robustlab.errors import RobustlabError, check_choice, one_line, output_dir
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -340,7 +340,7 @@ def main(argv=None) -> int:
                     "bench": cmd_bench, **RIFT_COMMANDS}
         return commands[args.command](args)
     except RobustlabError as exc:
-        print(f"robustlab: error: {exc}", file=sys.stderr)
+        print(f"robustlab: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         kept = INTERRUPTED[args.command]

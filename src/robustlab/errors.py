@@ -30,11 +30,21 @@ def output_dir(path) -> Path:
     return path
 
 
+def one_line(exc: RobustlabError) -> str:
+    """The error's message; one raised in a DataLoader worker comes back wrapped in the worker's whole traceback
+    ("Caught RobustlabError in DataLoader worker process 0. Original Traceback ..."), whose last line is it."""
+    message = str(exc)
+    if "Original Traceback" not in message:
+        return message
+    last = [line for line in message.splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if last.startswith(f"{RobustlabError.__module__}.RobustlabError: ") else last
+
+
 def run_script(main) -> int:
     """Run an experiment script's `main()` the way the CLI runs a command: a RobustlabError becomes one
     line on stderr and exit status 2 instead of a traceback."""
     try:
         return main() or 0
     except RobustlabError as exc:
-        print(f"{Path(sys.argv[0]).name}: error: {exc}", file=sys.stderr)
+        print(f"{Path(sys.argv[0]).name}: error: {one_line(exc)}", file=sys.stderr)
         return 2

@@ -32,8 +32,9 @@ def load_cifar_c(data_dir: str | os.PathLike, corruptions: list[str] | None = No
                  severities=SEVERITIES) -> dict[str, dict[int, ImageSet]]:
     """Return {corruption: {severity: ImageSet}}; all corruptions in the folder if none named."""
     folder = Path(data_dir).expanduser()
-    if not (folder / "labels.npy").is_file() and (folder / "CIFAR-10-C" / "labels.npy").is_file():
-        folder = folder / "CIFAR-10-C"
+    for sub in ("CIFAR-10-C", "CIFAR-100-C"):  # the archives' own folders
+        if not (folder / "labels.npy").is_file() and (folder / sub / "labels.npy").is_file():
+            folder = folder / sub
     if not (folder / "labels.npy").is_file():
         raise RobustlabError(f"labels.npy not found in {folder}; {_HOW_TO_GET}")
     available = sorted(p.stem for p in folder.glob("*.npy") if p.stem != "labels")
@@ -48,6 +49,10 @@ def load_cifar_c(data_dir: str | os.PathLike, corruptions: list[str] | None = No
         raise RobustlabError(f"severities must be among 1..5, got {bad}")
 
     labels = _load_npy(folder / "labels.npy")
+    if not np.issubdtype(labels.dtype, np.integer) or (labels.size and labels.min() < 0):
+        raise RobustlabError(f"{folder / 'labels.npy'} holds {labels.dtype} labels"
+                             f"{f' down to {labels.min()}' if labels.size and np.issubdtype(labels.dtype, np.number) else ''}; "
+                             "expected class indices (integers >= 0)")
     result = {}
     for name in corruptions:
         path = folder / f"{name}.npy"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import math
 import os
 import pickle
 import shutil
@@ -155,7 +156,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
         raise RobustlabError(f"{path} is not a {ndim}-d unsigned-byte idx file "
                              f"(magic {raw[:4].hex() or 'missing'}); {hint}")
     dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(dims))
+    expected = math.prod(dims)  # Python ints: numpy's int64 product of a forged header wraps to 0
     if len(raw) - header != expected:
         raise RobustlabError(f"idx file {path} has {len(raw) - header} data bytes but its header "
                              f"{dims} says {expected}; {hint}")
@@ -346,6 +347,9 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
         raise RobustlabError("--image-size and --grayscale apply to --dataset folder only")
     dirs = _search_dirs(name, data_dir)
     folder = _locate(name, dirs)
+    if data_dir is not None and folder is not None and (other := _locate(name, dirs[1:])) is not None \
+            and other.resolve() != folder.resolve():  # files beside a folder named for the dataset: which is meant?
+        raise RobustlabError(f"both {folder} and {other} hold {name} files; point --data-dir at the one to use")
     if folder is None and download:
         dest = dirs[0] if data_dir is not None else dirs[-1]
         download_dataset(name, dest)
@@ -354,5 +358,12 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
         where = ", ".join(str(d) for d in dirs)
         raise RobustlabError(f"{name} not found in {where}; {_HOW_TO_GET[name]}")
     train, test = _read(name, folder)
+    want = tuple(DATASETS[name].input_shape)
+    for split, images in (("training", train), ("test", test)):
+        if tuple(images.images.shape[1:]) != want:  # caught here, not as a matmul error inside the model
+            raise RobustlabError(f"the {name} {split} images in {folder} are {tuple(images.images.shape[1:])}, "
+                                 f"not {name}'s {want}")
+    if len(train) == 0:
+        raise RobustlabError(f"the {name} training set in {folder} holds no images")
     train, val = split_train_val(train, default_val_size(len(train)) if val_size is None else val_size, seed)
     return Splits(train, val, test, DATASETS[name])

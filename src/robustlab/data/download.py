@@ -9,6 +9,7 @@ matches, so an interrupted or corrupted transfer never leaves a file the loaders
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import tempfile
 import urllib.error
@@ -62,8 +63,11 @@ def file_url(name: str, filename: str) -> str:
 def download_file(url: str, dest: Path, sha256: str) -> Path:
     """Stream `url` to `dest`, verifying its sha256; `dest` appears only once verified."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    except OSError as exc:  # e.g. a file where a folder of the path should be
+        raise RobustlabError(f"cannot download into {dest.parent}: {exc.strerror or exc}") from None
     digest = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
@@ -73,7 +77,7 @@ def download_file(url: str, dest: Path, sha256: str) -> Path:
                     out.write(chunk)
                     digest.update(chunk)
                     bar.update(len(chunk))
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:  # the last: a connection cut short
         os.unlink(tmp)
         if isinstance(exc, urllib.error.HTTPError):
             exc.close()  # an HTTP error carries the open response

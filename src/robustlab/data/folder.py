@@ -35,12 +35,17 @@ class ImageFolder(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise RobustlabError(f"image folder {self.root} does not exist (expected {self.root}/<class>/<image>)")
-        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        # Hidden folders (.ipynb_checkpoints, .git) are no classes: one of them would shift every label.
+        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
         self.files = [(f, label) for label, c in enumerate(self.classes)
                       for f in sorted((self.root / c).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
         if not self.files:
             raise RobustlabError(f"no images under {self.root} (expected {self.root}/<class>/<image> with one of "
                                  f"{', '.join(IMAGE_SUFFIXES)})")
+        if empty := sorted(set(self.classes) - {self.classes[label] for _, label in self.files}):
+            raise RobustlabError(f"class folder{'s' if len(empty) > 1 else ''} {', '.join(empty)} under {self.root} "
+                                 f"hold{'' if len(empty) > 1 else 's'} no images ({', '.join(IMAGE_SUFFIXES)}): "
+                                 "an empty class would still get an output; remove it or fill it")
         self.mode, self.size, self.resize = mode, None, size is not None
         self.size = tuple(size) if size is not None else self._decode(self.files[0][0]).shape[:2]
 
@@ -60,7 +65,7 @@ class ImageFolder(Dataset):
                                              "(--image-size) to resize them all")
                     im = im.resize((self.size[1], self.size[0]), Image.BILINEAR)
                 return np.asarray(im, dtype=np.uint8)
-        except OSError as exc:
+        except (OSError, Image.DecompressionBombError) as exc:  # the second is not an OSError
             raise RobustlabError(f"cannot decode image {path}: {exc}") from None
 
     def __getitem__(self, i):
