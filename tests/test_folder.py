@@ -96,3 +96,16 @@ def test_an_error_raised_in_a_loader_worker_is_told_in_one_line():
         list(DataLoader(Broken(), num_workers=1))
     assert "Original Traceback" in str(err.value)
     assert one_line(err.value) == "cannot decode image x.png: truncated"
+
+
+def test_npy_arrays_refuse_channels_first_images_and_labels_that_are_not_class_indices(tmp_path):
+    """N×3×H×W arrays trained as 16-channel images, 2-d labels crashed in np.concatenate, string labels in a ufunc."""
+    np.save(tmp_path / "x.npy", np.zeros((5, 4, 4, 3), dtype=np.uint8))
+    np.save(tmp_path / "nchw.npy", np.zeros((5, 3, 16, 16), dtype=np.uint8))
+    np.save(tmp_path / "y.npy", np.arange(5))
+    with pytest.raises(RobustlabError, match=r"expected N×H×W×C with 1 or 3 channels"):
+        NpyArrays(tmp_path / "nchw.npy", tmp_path / "y.npy")
+    for bad in (np.arange(5)[:, None], np.array(list("abcde")), np.arange(5) + 0.5):
+        np.save(tmp_path / "bad_y.npy", bad)
+        with pytest.raises(RobustlabError, match="expected one integer class index per image"):
+            NpyArrays(tmp_path / "x.npy", tmp_path / "bad_y.npy")

@@ -90,6 +90,13 @@ class NpyArrays(Dataset):
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
             raise RobustlabError(f"{images_path}: expected uint8 images of 4 dimensions, got "
                                  f"{self.images.dtype} {self.images.shape}")
+        channels = self.images.shape[1 if channels_first else 3]
+        if channels not in (1, 3):  # e.g. N×3×H×W read as N×H×W×C: its width would be the channels
+            layout = "N×C×H×W" if channels_first else "N×H×W×C"
+            raise RobustlabError(f"{images_path} is {self.images.shape}: expected {layout} with 1 or 3 channels")
+        if self.labels.ndim != 1 or not np.issubdtype(self.labels.dtype, np.integer):
+            raise RobustlabError(f"{labels_path} holds {self.labels.dtype} {self.labels.shape}: expected one integer "
+                                 "class index per image")
         if len(self.labels) != len(self.images):
             raise RobustlabError(f"{images_path} holds {len(self.images)} images but {labels_path} "
                                  f"{len(self.labels)} labels")
