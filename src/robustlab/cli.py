@@ -197,11 +197,10 @@ def check_method_flags(method: str, args):
     """The method options given on the command line that `method` does not take, named by their flags (the library's
     own check names its keyword arguments, which a command-line user never typed)."""
     from robustlab.training.registry import METHODS
-    from robustlab.training.run import THREAT_KEYS, method_options
+    from robustlab.training.run import method_options, unknown_options
     check_choice("method", method, METHODS)
     cls = METHODS[method]
-    takes = set(method_options(cls)) | (set() if cls.adversarial else set(THREAT_KEYS))
-    if unknown := [flag(k) for k in METHOD_OPTIONS if getattr(args, k) is not None and k not in takes]:
+    if unknown := [flag(k) for k in unknown_options(cls, [k for k in METHOD_OPTIONS if getattr(args, k) is not None])]:
         own = [flag(k) for k in METHOD_OPTIONS if k in method_options(cls)]
         raise RobustlabError(f"--method {method} takes no {', '.join(unknown)}; its options: {', '.join(own) or 'none'}")
 

@@ -97,12 +97,7 @@ def cmd_eval(args) -> int:
     if args.attack in ONE_STEP_NORMS:  # what runs, for the report: one step of size ε
         steps, step_size, restarts = 1, eps, 1
     tau = args.tau or SMOOTH_GRADIENT_TAU
-    if args.transfer_from:  # a wrong source path fails now, not after the test data is read
-        from robustlab.training.run import resolve_checkpoint
-        try:
-            resolve_checkpoint(args.transfer_from)
-        except RobustlabError as exc:
-            raise RobustlabError(f"--transfer-from: {exc}") from None
+    source = _transfer_source(args, model, device) if args.transfer_from else None  # fails before the data is read
     # A folder or npy test set is decoded as far as it is read: --n 1000 reads 1,000 images.
     data = run_dataset(meta, args.data_dir)
     test = getattr(data, args.split)  # "test" names the evaluated split below, whichever it is
@@ -128,7 +123,7 @@ def cmd_eval(args) -> int:
              "pgd-smooth": f"PGD-{budget_label}, margin loss, smooth ReLU gradients τ={tau:g}",
              }.get(args.attack, f"{args.attack.upper()} ε={eps:g}")
     if args.transfer_from:
-        return _eval_transfer(args, model, test, attack_at(eps), label, device)
+        return _eval_transfer(args, model, source, test, attack_at(eps), label)
     out = _report_dir(args)
     start = time.perf_counter()
     if args.suite == "standard":
@@ -196,13 +191,9 @@ def _eval_text(args, model, device) -> int:
     return _finish_eval(args, results, {}, measure, test, out, unit="texts")
 
 
-def _eval_transfer(args, target, test, attack, label, device) -> int:
-    """`eval RUN --transfer-from SOURCE`: the attack made against SOURCE and scored on RUN (black-box), beside the same
-    attack white-box on RUN. Per image the worst of the two is the robust accuracy to quote; images that only the
-    transferred examples break mean the white-box attack misses them (robustlab.attacks.transfer)."""
-    from robustlab import distributed, load_model
-    from robustlab.attacks import transfer
-    from robustlab.evaluate import correct_mask, fraction
+def _transfer_source(args, target, device):
+    """The --transfer-from model, checked to be an image run of the target's data, on `device`."""
+    from robustlab import load_model
     from robustlab.models import fast_memory_format
 
     try:
@@ -218,7 +209,17 @@ def _eval_transfer(args, target, test, attack, label, device) -> int:
         raise RobustlabError(f"--transfer-from {args.transfer_from} was trained on {theirs.get('name')} "
                              f"{theirs.get('input_shape')}, {args.run} on {ours['name']} {ours.get('input_shape')}: "
                              "transfer needs models of the same data")
-    source = source.to(device, memory_format=fast_memory_format(source, device))
+    return source.to(device, memory_format=fast_memory_format(source, device))
+
+
+def _eval_transfer(args, target, source, test, attack, label) -> int:
+    """`eval RUN --transfer-from SOURCE`: the attack made against SOURCE and scored on RUN (black-box), beside the same
+    attack white-box on RUN. Per image the worst of the two is the robust accuracy to quote; images that only the
+    transferred examples break mean the white-box attack misses them (robustlab.attacks.transfer)."""
+    from robustlab import distributed
+    from robustlab.attacks import transfer
+    from robustlab.evaluate import correct_mask, fraction
+
     crafted = partial(attack, keep_best=False) if args.attack == "pgd" else attack  # the last iterate transfers better
     start = time.perf_counter()
 

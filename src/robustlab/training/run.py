@@ -119,6 +119,12 @@ def method_options(cls) -> list[str]:
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
+def unknown_options(cls, given) -> list[str]:
+    """The options among `given` that method class `cls` does not take; a clean-training method has no threat model,
+    so it takes (and ignores) the threat options."""
+    return sorted(set(given) - set(method_options(cls)) - (set() if cls.adversarial else set(THREAT_KEYS)))
+
+
 def make_method(name: str, dataset: str, norm: str, **overrides):
     """A method with the protocol's training threat model for `dataset`, overridable per field.
 
@@ -131,10 +137,9 @@ def make_method(name: str, dataset: str, norm: str, **overrides):
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if not cls.adversarial:  # a clean-training method has no threat model to set
         overrides = {k: v for k, v in overrides.items() if k not in THREAT_KEYS}
-    options = method_options(cls)
-    unknown = sorted(set(overrides) - set(options))
-    if unknown:
-        raise RobustlabError(f"method {name} takes no option {', '.join(unknown)}; its options: {', '.join(options)}")
+    if unknown := unknown_options(cls, overrides):
+        raise RobustlabError(f"method {name} takes no option {', '.join(unknown)}; its options: "
+                             f"{', '.join(method_options(cls))}")
     if not cls.adversarial:
         return cls(**overrides)
     budget = threat_defaults(dataset, norm).train
