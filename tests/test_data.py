@@ -402,6 +402,38 @@ def test_idx_files_of_another_size_an_overflowing_header_and_shadowed_folders_ar
         load_dataset("fashion-mnist", data_dir=nest, val_size=5)
 
 
+def test_cifar_pickles_of_other_dtypes_are_refused(tmp_path):
+    """float pixels in [0, 1] were cast to black uint8 images and float labels truncated, without a word."""
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar10(tmp_path)
+    batch = {b"data": np.full((4, 3072), 0.5, np.float32), b"labels": [1, 2, 3, 4]}
+    (folder / "data_batch_2").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(RobustlabError, match="data_batch_2 holds float32 data and int64 labels; expected uint8"):
+        load_dataset("cifar10", data_dir=tmp_path, val_size=2)
+    batch = {b"data": np.zeros((4, 3072), np.uint8), b"labels": [1.0, 2.5, 3.0, 4.0]}
+    (folder / "data_batch_2").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(RobustlabError, match="uint8 data and float64 labels"):
+        load_dataset("cifar10", data_dir=tmp_path, val_size=2)
+
+
+def test_mnist_and_fashion_mnist_files_are_told_apart(tmp_path):
+    """The two share file names and shapes: the wrong --dataset trained with the other's normalization silently."""
+    def write_with_mean(folder, mean):  # 300 images whose pixels average `mean` (in [0, 1])
+        x = np.zeros((300, 28, 28), np.uint8)
+        x.reshape(300, -1)[:, :int(round(mean * 784))] = 255
+        write_idx_dataset(folder, n_train=300)
+        (folder / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(x)))
+    write_with_mean(tmp_path / "fashion", 0.2860)
+    with pytest.raises(RobustlabError, match="are fashion-mnist's, not mnist's .*pass --dataset fashion-mnist"):
+        load_dataset("mnist", data_dir=tmp_path / "fashion")
+    assert len(load_dataset("fashion-mnist", data_dir=tmp_path / "fashion").train) == 270
+    write_with_mean(tmp_path / "mnist", 0.1307)
+    with pytest.raises(RobustlabError, match="pass --dataset mnist"):
+        load_dataset("fashion-mnist", data_dir=tmp_path / "mnist")
+    write_with_mean(tmp_path / "kmnist", 0.19)  # another idx dataset of the same shape is no registered one's
+    assert len(load_dataset("mnist", data_dir=tmp_path / "kmnist").train) == 270
+
+
 def test_download_cut_short_or_into_a_file_is_a_one_line_error(tmp_path, monkeypatch):
     import http.client
     from robustlab.data.download import download_file

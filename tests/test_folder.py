@@ -109,3 +109,14 @@ def test_npy_arrays_refuse_channels_first_images_and_labels_that_are_not_class_i
         np.save(tmp_path / "bad_y.npy", bad)
         with pytest.raises(RobustlabError, match="expected one integer class index per image"):
             NpyArrays(tmp_path / "x.npy", tmp_path / "bad_y.npy")
+
+
+def test_sixteen_bit_grayscale_images_are_scaled_not_clipped(tmp_path):
+    """Pillow's convert clipped every 16-bit value above 255: a 16-bit PNG folder trained on white images."""
+    (tmp_path / "a").mkdir()
+    ramp = (np.arange(64).reshape(8, 8) * 1040).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "a" / "0.png")
+    for mode, channels in (("L", 1), ("RGB", 3)):
+        x, _ = ImageFolder(tmp_path, mode=mode)[0]
+        assert x.shape == (channels, 8, 8)
+        assert torch.equal(x[0], torch.from_numpy(np.round(ramp / 257).astype(np.uint8)))

@@ -403,7 +403,9 @@ def test_a_run_without_validation_images_keeps_its_last_epoch_as_the_best(fmnist
     from robustlab.cli import fit
     fit(trainer, tmp_path, resume=False)  # trains, then prints the summary line
     assert json.loads((tmp_path / "best.json").read_text())["epoch"] == 1
-    assert json.loads(capsys.readouterr().out.splitlines()[-1])["best"]["val_robust"] is None
+    out = capsys.readouterr().out.splitlines()
+    assert json.loads(out[-1])["best"]["val_robust"] is None
+    assert out[0].startswith("no validation images") and "| no validation |" in out[1]  # they said nothing, then nan%
 
 
 class _DivergesInSecondEpoch(Standard):

@@ -211,15 +211,18 @@ def _read_cifar_file(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarr
     try:
         with open(path, "rb") as f:
             batch = _CifarUnpickler(f, encoding="bytes").load()
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-        labels = np.asarray(batch[label_key], dtype=np.int64)
+        data, labels = np.asarray(batch[b"data"]), np.asarray(batch[label_key])
     except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as exc:
         raise RobustlabError(f"cannot read CIFAR batch {path}: {exc!r}; "
                              "delete the folder and extract or download the archive again") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
         raise RobustlabError(f"CIFAR batch {path} holds data {data.shape} and {len(labels)} labels; "
                              "expected N×3072 and N labels")
-    return data, labels
+    if data.dtype != np.uint8 or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
+        # a cast would turn pixels in [0, 1] into black images and truncate float labels without a word
+        raise RobustlabError(f"CIFAR batch {path} holds {data.dtype} data and {labels.dtype} labels; "
+                             "expected uint8 pixels and integer labels, as the publisher's files")
+    return data, labels.astype(np.int64)
 
 
 def _read_cifar_split(folder: Path, files: tuple, label_key: bytes, num_classes: int) -> ImageSet:
@@ -321,6 +324,20 @@ def split_train_val(train: ImageSet, val_size: int, seed: int) -> tuple[ImageSet
             ImageSet(train.images[held], train.labels[held]))
 
 
+def _mistaken_for(name: str, train: ImageSet) -> str | None:
+    """The other registered dataset whose training-set mean these images have, if not `name`'s own.
+
+    MNIST and Fashion-MNIST share file names and shapes, so the wrong --dataset would train and evaluate with
+    the other's normalization and class names without a word; their means (0.131, 0.286) tell them apart.
+    """
+    mean = float(train.images.numpy().mean(dtype=np.float64)) / 255  # float64: a float32 sum drifts over 47M pixels
+    if abs(mean - float(np.mean(DATASETS[name].mean))) < 0.02:
+        return None
+    return next((other.name for other in DATASETS.values() if other.name != name
+                 and other.input_shape == DATASETS[name].input_shape
+                 and abs(mean - float(np.mean(other.mean))) < 0.002), None)
+
+
 # Read from --data-dir by robustlab.data.folder, never held in memory whole: the training split streams.
 LARGE_DATASETS = ("folder", "npy")
 
@@ -365,5 +382,9 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
                                  f"not {name}'s {want}")
     if len(train) == 0:
         raise RobustlabError(f"the {name} training set in {folder} holds no images")
+    if (other := _mistaken_for(name, train)) is not None:
+        raise RobustlabError(f"the images in {folder} are {other}'s, not {name}'s (mean pixel "
+                             f"{np.mean(DATASETS[other].mean):.3f}, not {np.mean(DATASETS[name].mean):.3f}); "
+                             f"pass --dataset {other}")
     train, val = split_train_val(train, default_val_size(len(train)) if val_size is None else val_size, seed)
     return Splits(train, val, test, DATASETS[name])

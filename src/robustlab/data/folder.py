@@ -57,6 +57,8 @@ class ImageFolder(Dataset):
 
         try:
             with Image.open(path) as im:
+                if im.mode.startswith("I;16"):  # Pillow's convert clips 16-bit values to 255: scale them instead
+                    im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().astype(np.uint8))
                 im = im.convert(self.mode)
                 if self.size is not None and (im.height, im.width) != self.size:
                     if not self.resize:  # a silently resized odd image would hide a mixed-up folder

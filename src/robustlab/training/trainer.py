@@ -296,6 +296,9 @@ class Trainer:
             (self.out / "config.json").write_text(json.dumps(
                 {**self.run_meta, "method": {"name": self.method.name, **self.method.config()},
                  "config": asdict(self.config), "world_size": distributed.world_size()}, indent=1) + "\n")
+        if main and len(self.data.val) == 0 and self.start_epoch < self.epochs:
+            tqdm.write("no validation images: nothing ranks the epochs, so best.safetensors is the last epoch's "
+                       "(the protocol holds out none from a training set under 10)")
         metrics = {}
         for epoch in range(self.start_epoch, self.epochs):
             start = time.perf_counter()
@@ -323,9 +326,10 @@ class Trainer:
                 robust = "" if self.val_attack is None else f" robust {val_metrics['val_robust']:.2%}"
                 if robust and self.config.val_n < len(self.data.val):  # clean is on every validation image
                     robust += f" (first {self.config.val_n})"
+                val = (f"val clean {val_metrics['val_clean']:.2%}{robust}{' (best)' if is_best else ''}"
+                       if len(self.data.val) else "no validation")
                 tqdm.write(f"epoch {epoch + 1}/{self.epochs}: train loss {train_metrics['train_loss']:.4f} "
-                           f"acc {train_metrics['train_acc']:.2%} | val clean {val_metrics['val_clean']:.2%}"
-                           f"{robust}{' (best)' if is_best else ''} | {self.elapsed:.0f}s")
+                           f"acc {train_metrics['train_acc']:.2%} | {val} | {self.elapsed:.0f}s")
             if stop:  # every rank computed it and every rank leaves, or the others would wait in a collective
                 if main:
                     tqdm.write(f"early stop after epoch {epoch + 1}: {stop}")
