@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustlab.attacks import fgm, fgsm, pgd, within_ball
+from robustlab.attacks import apgd, fgm, fgsm, pgd, within_ball
 from robustlab.errors import RobustlabError
 
 
@@ -134,11 +134,15 @@ def test_pgd_agrees_with_a_textbook_loop(robust_model, fmnist):
 
 @pytest.mark.parametrize("kwargs", [{"eps": -0.1}, {"eps": 0.1, "steps": 0}, {"eps": 0.1, "restarts": 0},
                                     {"eps": 0.1, "norm": "l1"}, {"eps": float("nan")},
-                                    {"eps": 0.1, "step_size": float("inf")}])
+                                    {"eps": 0.1, "step_size": float("inf")},
+                                    {"eps": 0.1, "steps": 2.5}, {"eps": 0.1, "restarts": "3"}])
 def test_bad_budgets_are_clear_errors(kwargs):
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
     with pytest.raises(RobustlabError):
         pgd(model, torch.rand(2, 1, 2, 2), torch.zeros(2, dtype=torch.long), **kwargs)
+    if "steps" in kwargs or "restarts" in kwargs:  # TypeErrors from range() and "3" < 1, in APGD too
+        with pytest.raises(RobustlabError, match="must be an integer >= 1"):
+            apgd(model, torch.rand(2, 1, 2, 2), torch.zeros(2, dtype=torch.long), **kwargs)
 
 
 @pytest.mark.parametrize("name", ["fgsm", "fgm", "pgd", "apgd", "apgd-t", "fab-t", "square", "pgd-smooth"])
@@ -164,6 +168,17 @@ def test_images_and_labels_that_do_not_fit_are_clear_errors(name, x, y, words):
     with pytest.raises(RobustlabError) as error:
         ATTACKS[name](model, x, y, eps=0.1)
     assert all(w in str(error.value) for w in words), str(error.value)
+
+
+@pytest.mark.parametrize("name", ["fgsm", "fgm", "pgd", "apgd", "apgd-t", "fab-t", "square", "pgd-smooth"])
+def test_nan_inputs_are_refused_by_every_attack(name):
+    """NaN compares False with both bounds, so it passed the box check and came back as an adversarial image."""
+    from robustlab.attacks import ATTACKS
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
+    x = torch.rand(2, 1, 2, 2)
+    x[1, 0, 0, 0] = float("nan")
+    with pytest.raises(RobustlabError, match="hold NaN values"):
+        ATTACKS[name](model, x, torch.zeros(2, dtype=torch.long), eps=0.1)
 
 
 ALL = ["fgsm", "fgm", "pgd", "apgd", "apgd-t", "fab-t", "square", "pgd-smooth"]

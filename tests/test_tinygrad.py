@@ -175,6 +175,46 @@ def test_input_kinds_and_errors(batch, mlp_pair):
         tg.pgd(tiny, x, y, eps=float("nan"))
     with pytest.raises(RobustlabError, match="labels"):
         tg.pgd(tiny, x, y[:5], eps=0.1)
+    # each of these ran: float labels truncated, classes beyond the outputs scored 0, NaN passed the box check
+    with pytest.raises(RobustlabError, match="integer class indices >= 0, got dtype float"):
+        tg.pgd(tiny, x, y + 0.7, eps=0.1)
+    with pytest.raises(RobustlabError, match="integer class indices >= 0"):
+        tg.pgd(tiny, x, y - 10, eps=0.1)
+    with pytest.raises(RobustlabError, match="y holds class 19 but the model has 10 outputs"):
+        tg.pgd(tiny, x, np.where(np.arange(len(y)) == 3, 19, y), eps=0.1, steps=1)
+    nan = x.copy()
+    nan[0, 0, 0, 0] = np.nan
+    with pytest.raises(RobustlabError, match=r"NaN values; it must hold images in \[0, 1\]"):
+        tg.pgd(tiny, nan, y, eps=0.1)
+    for steps in (2.5, "3"):  # TypeErrors from range() and from "3" < 1
+        with pytest.raises(RobustlabError, match="steps must be an integer >= 1"):
+            tg.pgd(tiny, x, y, eps=0.1, steps=steps)
+
+
+def test_attack_runs_batchnorm_and_dropout_in_eval_mode(batch):
+    """The MLP has neither, so the TRAINING=0 the attacks set was untested: a model with both, attacked from
+    inside TRAINING=1, must give the same images twice (no dropout) and keep its running statistics."""
+    from tinygrad import nn as tnn
+
+    class NoisyNet:
+        def __init__(self):
+            Tensor.manual_seed(0)
+            self.bn, self.fc = tnn.BatchNorm(1), tnn.Linear(784, 10)
+
+        def __call__(self, x):
+            return self.fc(self.bn(x).flatten(1).dropout(0.5))
+
+    x, y = batch
+    net = NoisyNet()
+    mean, var = net.bn.running_mean.numpy().copy(), net.bn.running_var.numpy().copy()
+    with Context(TRAINING=1):
+        first = tg.pgd(net, x, y, eps=0.1, steps=3, random_start=False)
+        second = tg.pgd(net, x, y, eps=0.1, steps=3, random_start=False)
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_array_equal(net.bn.running_mean.numpy(), mean)
+    np.testing.assert_array_equal(net.bn.running_var.numpy(), var)
+    with Context(TRAINING=1):  # the check itself can fail: in train mode dropout changes the outputs
+        assert not np.array_equal(net(Tensor(x)).numpy(), net(Tensor(x)).numpy())
 
 
 def test_fgsm_agrees_with_pytorch(batch, mlp_pair):

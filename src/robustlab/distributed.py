@@ -130,11 +130,3 @@ def average_gradients(params):
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
             p.grad.div_(w)
 
-
-def broadcast_object(obj):
-    """Rank 0's value of a picklable Python object on every rank (small control data only, never weights files)."""
-    if not active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

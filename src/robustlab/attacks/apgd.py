@@ -20,37 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from robustlab.attacks.pgd import attack_mode
-from robustlab.attacks.threat import check_batch
+from robustlab.attacks.threat import NORMS, check_batch, check_budget, lp_norm, per_example, project
 from robustlab.errors import RobustlabError, check_choice
 
-NORMS = ("linf", "l2")
 LOSSES = ("ce", "dlr", "dlr-targeted")
 MOMENTUM = 0.75  # α of the gradient step (Sec. 3.1)
 
 
-# ---- small tensor helpers, shared with fab.py and square.py ----
-
-def per_example(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Reshape a per-example vector so that it broadcasts against a batch shaped like `like`."""
-    return v.view(-1, *([1] * (like.dim() - 1)))
-
-
-def lp_norm(t: torch.Tensor, norm: str) -> torch.Tensor:
-    """Per-example L∞ or L2 norm of a batch."""
-    flat = t.flatten(1)
-    return flat.abs().amax(1) if norm == "linf" else flat.norm(dim=1)
-
-
-def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    """Back into the ε-ball around x, then into [0, 1] (clipping to the box only shrinks |δ|)."""
-    if norm == "linf":
-        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
-    else:
-        delta = x_adv - x
-        delta = delta * per_example((eps / lp_norm(delta, "l2").clamp_min(1e-12)).clamp(max=1.0), delta)
-        x_adv = x + delta
-    return x_adv.clamp(0.0, 1.0)
-
+# ---- shared with fab.py and square.py ----
 
 def random_direction(x: torch.Tensor, norm: str, generator=None) -> torch.Tensor:
     """A random perturbation of unit norm: uniform noise rescaled to L∞ norm 1, or a Gaussian direction."""
@@ -63,12 +40,7 @@ def random_direction(x: torch.Tensor, norm: str, generator=None) -> torch.Tensor
 
 def check_attack_args(eps: float, norm: str, steps: int, restarts: int = 1) -> None:
     check_choice("norm", norm, NORMS)
-    if not (eps > 0 and math.isfinite(eps)):
-        raise RobustlabError(f"eps must be a finite number > 0, got {eps}")
-    if steps < 1:
-        raise RobustlabError(f"steps must be >= 1, got {steps}")
-    if restarts < 1:
-        raise RobustlabError(f"restarts must be >= 1, got {restarts}")
+    check_budget(eps, steps, restarts, eps_positive=True)
 
 
 def check_targets(n_target_classes: int, num_classes: int, attack: str) -> int:
@@ -179,7 +151,7 @@ def apgd_run(model, x, y, target, *, loss: str, eps: float, norm: str, steps: in
     At checkpoint w_j the conditions are checked once x^(w_j) is evaluated, as in the authors' code
     (the paper's listing checks one iterate later). Three details follow the paper where the authors'
     code differs; comparing a line-for-line port of that code on the same starting points changed no
-    example's verdict, only the best loss of a few unbroken ones (session 37):
+    example's verdict, only the best loss of a few unbroken ones:
     - Condition 1 halves when the loss rose in fewer than ρ·k of the k steps since the last checkpoint
       (the code: at most ρ·k; they differ only where ρ·k is whole, the 16-step window of a 100-step run).
     - At w_1 the first comparison is f(x^(1)) > f(x^(0)) (the code compares with 0), and Condition 2 may

@@ -17,10 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from robustlab.attacks.apgd import (check_attack_args, check_targets, clean_logits, lp_norm, per_example,
-                                   random_direction)
+from robustlab.attacks.apgd import check_attack_args, check_targets, clean_logits, random_direction
 from robustlab.attacks.pgd import attack_mode
-from robustlab.attacks.threat import check_batch
+from robustlab.attacks.threat import check_batch, lp_norm, per_example
 from robustlab.errors import RobustlabError
 
 

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustlab.attacks.threat import check_batch, check_size, make_threat
-from robustlab.errors import RobustlabError
+from robustlab.attacks.threat import check_batch, check_budget, make_threat
 from robustlab.models.registry import eval_mode
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> per-example loss
@@ -88,13 +87,6 @@ def _record_success(logits, y, targeted, x_adv, best, done):
     done |= new
 
 
-def _check_budget(eps, steps, restarts):
-    check_size("eps", eps)
-    if steps < 1:
-        raise RobustlabError(f"steps must be >= 1, got {steps}")
-    if restarts < 1:
-        raise RobustlabError(f"restarts must be >= 1, got {restarts}")
-
 
 def pgd(model, x, y, *, eps: float, norm: str = "linf", steps: int = 10, step_size: float | None = None,
         random_start: bool = True, restarts: int = 1, targeted: bool = False,
@@ -107,7 +99,7 @@ def pgd(model, x, y, *, eps: float, norm: str = "linf", steps: int = 10, step_si
     Per example the first iterate that breaks the model is kept (`keep_best`); with keep_best=False the last one
     is, the highest loss on this model, which is what to transfer to another (`transfer`).
     """
-    _check_budget(eps, steps, restarts)
+    check_budget(eps, steps, restarts)
     y = check_batch(x, y)
     threat = make_threat(norm, eps, step_size if step_size is not None else 2.5 * eps / steps)
     with attack_mode(model):

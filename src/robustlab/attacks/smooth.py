@@ -17,7 +17,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from robustlab.attacks.pgd import _check_budget, pgd
+from robustlab.attacks.pgd import pgd
+from robustlab.attacks.threat import check_budget
 from robustlab.attacks.square import margin
 from robustlab.errors import RobustlabError
 
@@ -84,7 +85,7 @@ def pgd_smooth(model, x, y, *, eps: float, norm: str = "linf", steps: int = 100,
     networks"): 100 steps of ε/10. There τ = 0.1 broke as many of the images only Square could break as τ = 0.5
     on one model and more on two (7 against 2 of 17, 6 against 1 of 16).
     """
-    _check_budget(eps, steps, restarts)
+    check_budget(eps, steps, restarts)
     with smooth_relu_gradients(model, tau):
         return pgd(model, x, y, eps=eps, norm=norm, steps=steps, step_size=eps / 10 if step_size is None else step_size,
                    restarts=restarts, loss_fn=negative_margin, generator=generator)

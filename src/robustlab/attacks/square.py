@@ -14,9 +14,9 @@ import math
 
 import torch
 
-from robustlab.attacks.apgd import check_attack_args, lp_norm, per_example
+from robustlab.attacks.apgd import check_attack_args
 from robustlab.attacks.pgd import attack_mode
-from robustlab.attacks.threat import check_batch
+from robustlab.attacks.threat import check_batch, lp_norm, per_example
 from robustlab.errors import RobustlabError
 
 P_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)

@@ -6,6 +6,7 @@ Clipping only in the forward pass would give saturated pixels zero gradient fore
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -14,8 +15,29 @@ from robustlab.errors import RobustlabError, check_choice
 NORMS = ("linf", "l2")
 
 
-def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+def per_example(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-example vector so that it broadcasts against a batch shaped like `like`."""
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def lp_norm(t: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-example L∞ or L2 norm of a batch."""
+    flat = t.flatten(1)
+    return flat.abs().amax(1) if norm == "linf" else flat.norm(dim=1)
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """Back into the ε-ball around x, then into [0, 1] (clipping to the box only shrinks |δ|)."""
+    if norm == "linf":
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
+    else:
+        delta = x_adv - x
+        x_adv = x + delta * per_example((eps / lp_norm(delta, "l2").clamp_min(1e-12)).clamp(max=1.0), delta)
+    return x_adv.clamp(0, 1)
+
+
+def _l2_unit(t: torch.Tensor) -> torch.Tensor:
+    return t / per_example(lp_norm(t, "l2").clamp_min(1e-12), t)
 
 
 class LinfBall:
@@ -32,7 +54,7 @@ class LinfBall:
         return x_adv + self.step_size * grad.sign()
 
     def project(self, x_adv, x):
-        return torch.min(torch.max(x_adv, x - self.eps), x + self.eps).clamp(0, 1)
+        return project(x_adv, x, self.eps, "linf")
 
 
 class L2Ball:
@@ -42,25 +64,34 @@ class L2Ball:
     def random_start(self, x, generator=None, box=True):
         # Uniform in the ball: a Gaussian direction with radius eps·U^(1/d).
         direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        direction = direction / _per_example_norm(direction).clamp_min(1e-12)
+        direction = _l2_unit(direction)
         d = math.prod(x.shape[1:])  # x[0] fails on an empty batch
         radius = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype) ** (1.0 / d)
         start = x + direction * self.eps * radius.view(-1, *([1] * (x.dim() - 1)))
         return self.project(start, x) if box else start
 
     def step(self, x_adv, grad):
-        return x_adv + self.step_size * grad / _per_example_norm(grad).clamp_min(1e-12)
+        return x_adv + self.step_size * _l2_unit(grad)
 
     def project(self, x_adv, x):
-        delta = x_adv - x
-        factor = (self.eps / _per_example_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
-        return (x + delta * factor).clamp(0, 1)
+        return project(x_adv, x, self.eps, "l2")
 
 
 def check_size(name: str, value: float):
     """ε and step sizes: finite and >= 0 (nan compares False with everything, so `value < 0` lets it through)."""
     if not (value >= 0 and math.isfinite(value)):
         raise RobustlabError(f"{name} must be a finite number >= 0, got {value}")
+
+
+def check_budget(eps: float, steps: int, restarts: int = 1, *, eps_positive: bool = False):
+    """An attack's ε (>= 0, or > 0 where a zero ball means nothing to search) and its integer step and restart
+    counts (>= 1: `range(2.5)` and `"3" < 1` would fail as TypeErrors deep inside)."""
+    check_size("eps", eps)
+    if eps_positive and eps == 0:
+        raise RobustlabError("eps must be > 0, got 0")
+    for name, value in (("steps", steps), ("restarts", restarts)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise RobustlabError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def check_batch(x: torch.Tensor, y: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
@@ -83,6 +114,8 @@ def check_in_box(x: torch.Tensor, what: str, tol: float = 1e-6):
     if not x.numel():
         return
     low, high = (float(v) for v in x.aminmax())
+    if math.isnan(low) or math.isnan(high):  # NaN compares False with both bounds
+        raise RobustlabError(f"{what} hold NaN values; they must be images in [0, 1]")
     if low < -tol or high > 1 + tol:
         raise RobustlabError(f"{what} must lie in [0, 1] (normalization belongs inside the model), got values "
                              f"from {low:.3g} to {high:.3g}")

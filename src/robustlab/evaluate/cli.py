@@ -100,8 +100,8 @@ def cmd_eval(args) -> int:
     source = _transfer_source(args, model, device) if args.transfer_from else None  # fails before the data is read
     # A folder or npy test set is decoded as far as it is read: --n 1000 reads 1,000 images.
     data = run_dataset(meta, args.data_dir)
-    test = getattr(data, args.split)  # "test" names the evaluated split below, whichever it is
-    test = test.subset(args.n) if args.n else test
+    images = getattr(data, args.split)
+    images = images.subset(args.n) if args.n else images
 
     def attack_at(e):
         step = step_size * (e / eps if eps else 1)
@@ -123,32 +123,32 @@ def cmd_eval(args) -> int:
              "pgd-smooth": f"PGD-{budget_label}, margin loss, smooth ReLU gradients τ={tau:g}",
              }.get(args.attack, f"{args.attack.upper()} ε={eps:g}")
     if args.transfer_from:
-        return _eval_transfer(args, model, source, test, attack_at(eps), label)
+        return _eval_transfer(args, model, source, images, attack_at(eps), label)
     out = _report_dir(args)
     start = time.perf_counter()
     if args.suite == "standard":
         from robustlab.evaluate.suite import run_suite
         budget_options = {"aa_steps": args.aa_steps, "aa_queries": args.aa_queries, "aa_n": args.aa_n,
                           "sanity_n": args.sanity_n}
-        rows, extra, plots = run_suite(model, test, data.info, norm=norm, eps=eps, attack_at=attack_at,
+        rows, extra, plots = run_suite(model, images, data.info, norm=norm, eps=eps, attack_at=attack_at,
                                        pgd_label=label, out_dir=out, ood=args.ood, seed=args.seed,
                                        batch_size=args.batch_size, **{k: v for k, v in budget_options.items() if v is not None})
         clean, robust = rows[0]["accuracy"], rows[1]["accuracy"]
     else:
         rows, extra, plots = None, {}, {}
-        clean = measure(test, 0, "clean")
-        robust = measure(test, eps, label) if eps > 0 else clean
-    results = _results(meta, clean, robust, len(test), label, start, rows, extra,
+        clean = measure(images, 0, "clean")
+        robust = measure(images, eps, label) if eps > 0 else clean
+    results = _results(meta, clean, robust, len(images), label, start, rows, extra,
                        attack={"name": args.attack, "norm": norm, "eps": eps, "steps": steps,
                                "step_size": None if args.attack == "apgd-ce" else step_size, "restarts": restarts,
                                "seed": args.seed})
     if args.split == "test" and eps > 0 and distributed.is_main():
-        x, x_adv, y, pred = adversarial_examples(model, test, attack_at(eps), seed=args.seed)
+        x, x_adv, y, pred = adversarial_examples(model, images, attack_at(eps), seed=args.seed)
         if len(x):  # none when no image of the first 64 is classified correctly
             plot_adversarial_examples(x, x_adv, y, pred, data.info.class_names, out / "adversarial_examples.png",
                                       f"{label} on the first {len(x)} correctly classified test images")
             plots["Adversarial examples"] = "adversarial_examples.png"
-    return _finish_eval(args, results, plots, measure, test, out, unit="images")
+    return _finish_eval(args, results, plots, measure, images, out, unit="images")
 
 
 def _eval_text(args, model, device) -> int:

@@ -24,7 +24,7 @@ from robustlab.attacks import attack_mode, fgm, fgsm, pgd
 from robustlab.attacks.autoattack import ROBUST, STAGES
 from robustlab.attacks.smooth import negative_margin, pgd_smooth, relu_count
 from robustlab.attacks.square import margin
-from robustlab.attacks.threat import NORMS
+from robustlab.attacks.threat import NORMS, lp_norm, per_example
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.evaluate.accuracy import correct_mask, fraction
 from robustlab.models import model_device
@@ -114,7 +114,7 @@ class SanityReport:
 # ---------------------------------------------------------------------------------------------- a gradient-free attack
 
 def _l2_norm(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+    return per_example(lp_norm(t, "l2"), t)
 
 
 @torch.no_grad()

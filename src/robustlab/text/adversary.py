@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustlab.attacks import attack_mode
+from robustlab.attacks.threat import lp_norm, per_example
 from robustlab.errors import RobustlabError, check_choice
 
 # Each method's options and their defaults (sources in the EmbeddingAdversary docstring).
@@ -73,15 +74,9 @@ def input_embeddings(model: nn.Module, embedding: nn.Module | str | None = None)
     return getter()
 
 
-def _norms(t: torch.Tensor, norm: str) -> torch.Tensor:
-    flat = t.flatten(1)
-    values = flat.norm(dim=1) if norm == "l2" else flat.abs().amax(1)
-    return values.view(-1, *([1] * (t.dim() - 1)))
-
-
 def ascend(delta, grad, step_size: float, norm: str):
     """One ascent step: along g/‖g‖₂ per example (L2) or sign(g) (L∞)."""
-    direction = grad / _norms(grad, "l2").clamp_min(1e-12) if norm == "l2" else grad.sign()
+    direction = grad / per_example(lp_norm(grad, "l2"), grad).clamp_min(1e-12) if norm == "l2" else grad.sign()
     return delta + step_size * direction
 
 
@@ -91,7 +86,7 @@ def project(delta, eps: float, norm: str):
         return delta
     if norm == "linf":
         return delta.clamp(-eps, eps)
-    return delta * (eps / _norms(delta, "l2").clamp_min(1e-12)).clamp(max=1.0)
+    return delta * (eps / per_example(lp_norm(delta, "l2"), delta).clamp_min(1e-12)).clamp(max=1.0)
 
 
 class _Hook:
@@ -279,9 +274,8 @@ class EmbeddingAdversary:
         if self.method == "free-at":
             raise RobustlabError("free-at steps the optimizer between its replays: use step(forward, y, optimizer)")
         if self.method == "freelb":
-            device = next(self.model.parameters()).device
-            return self._freelb(forward, y, mask, device)
-        return getattr(self, f"_{self.method}")(forward, y, mask)
+            return self._freelb(forward, y, mask, next(self.model.parameters()).device)
+        return {"fgm": self._fgm, "pgd": self._pgd}[self.method](forward, y, mask)
 
     def step(self, forward: Callable[[], torch.Tensor], y: torch.Tensor, optimizer: torch.optim.Optimizer,
              mask: torch.Tensor | None = None):

@@ -5,17 +5,15 @@ writes no `.grad` on any tensor, so the model's parameter gradients are never to
 runs under `Context(TRAINING=0)` (tinygrad's eval mode: no dropout, BatchNorm running statistics
 used and not updated), and the caller's TRAINING setting is restored on exit.
 
-Every iterate is projected onto the ε-ball around x and onto [0, 1] (shared/PROTOCOL.md: clipping
+Every iterate is projected onto the ε-ball around x and onto [0, 1] (clipping
 only in the forward pass would give saturated pixels zero gradient and weaken the attack).
 Random starts are drawn with numpy from `seed`, so a figure does not depend on tinygrad's global RNG.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from robustlab.attacks.threat import NORMS
+from robustlab.attacks.threat import NORMS, check_budget, check_size
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.tinygrad.backend import capture_first_call, require
 
@@ -36,14 +34,24 @@ def as_inputs(x, y) -> tuple[Tensor, Tensor]:
         if array.dtype.kind != "f":
             raise RobustlabError(f"x must hold float pixels in [0, 1], got dtype {array.dtype}; divide uint8 images by 255")
         x = Tensor(np.ascontiguousarray(array, np.float32))
-    y = y if isinstance(y, Tensor) else Tensor(np.ascontiguousarray(np.asarray(y), np.int32))
-    y = y.cast(dtypes.int32).contiguous().realize()
+    labels = y.numpy() if isinstance(y, Tensor) else np.asarray(y)
+    if labels.dtype.kind not in "iu" or (labels.size and labels.min() < 0):  # a cast would truncate 0.7 to class 0
+        raise RobustlabError(f"y must hold integer class indices >= 0, got dtype {labels.dtype}")
+    y = Tensor(np.ascontiguousarray(labels, np.int32))
     if x.ndim < 2 or y.shape != (x.shape[0],):
         raise RobustlabError(f"x must be a batch N×... and y its N labels; got x {tuple(x.shape)}, y {tuple(y.shape)}")
+    if (x != x).any().item():  # NaN: tinygrad's min and max pass over it
+        raise RobustlabError("x holds NaN values; it must hold images in [0, 1]")
     lo, hi = float(x.min().item()), float(x.max().item())
     if lo < 0 or hi > 1:
         raise RobustlabError(f"x must lie in [0, 1] (the model normalizes inside); got values in [{lo:g}, {hi:g}]")
     return x, y
+
+
+def check_labels(logits: Tensor, y: Tensor):
+    """Labels beyond the model's classes: tinygrad's one-hot cross-entropy would score them as 0, silently."""
+    if y.shape[0] and int(y.max().item()) >= logits.shape[1]:
+        raise RobustlabError(f"y holds class {int(y.max().item())} but the model has {logits.shape[1]} outputs")
 
 
 def _like(result: Tensor, original):
@@ -52,10 +60,9 @@ def _like(result: Tensor, original):
 
 
 def _check_budget(eps, steps, restarts, step_size):
-    for name, value, low in (("steps", steps, 1), ("restarts", restarts, 1), ("eps", eps, 0),
-                             ("step size", step_size, 0)):
-        if value is not None and not (value >= low and math.isfinite(value)):  # nan passes `value < low`
-            raise RobustlabError(f"{name} must be a finite number >= {low}, got {value}")
+    check_budget(eps, steps, restarts)
+    if step_size is not None:
+        check_size("step size", step_size)
 
 
 # -- the threat model, in tinygrad ----------------------------------------------------------------
@@ -174,7 +181,9 @@ def _one_run(model, x: Tensor, y: Tensor, *, norm, eps, steps, step_size, random
     run = capture_first_call(step, get_parameters(model)) if jit and steps > 1 else step
     for _ in range(steps):
         run(x_adv, best, done, x, y)
-    fooled = (model(x_adv).argmax(1) != y) & done.logical_not()  # the final iterate counts too
+    logits = model(x_adv)
+    check_labels(logits, y)  # here, where the logits are computed anyway (a first forward of its own would cost one)
+    fooled = (logits.argmax(1) != y) & done.logical_not()  # the final iterate counts too
     best = _per_example(x_adv, fooled).where(x_adv, best)
     done = done | fooled
     done_np = done.numpy()

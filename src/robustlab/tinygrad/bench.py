@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 
-def _batch(batch_size: int, seed: int = 0):
+def _batch(batch_size: int):
     from robustlab.data import load_dataset
     train = load_dataset("fashion-mnist").train
     return train.images[:batch_size].float().div(255).numpy(), train.labels[:batch_size].numpy()

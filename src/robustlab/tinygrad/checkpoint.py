@@ -13,7 +13,7 @@ import torch
 
 from robustlab import checkpoint
 from robustlab.data import DATASETS
-from robustlab.errors import RobustlabError
+from robustlab.errors import RobustlabError, check_choice
 from robustlab.tinygrad.backend import require
 
 tinygrad = require()
@@ -29,11 +29,10 @@ def model_tensors(model: TinyModel) -> dict[str, torch.Tensor]:
     return checkpoint.prefixed("model.", {k: torch.from_numpy(v) for k, v in model.state_dict().items()})
 
 
-def dataset_meta(model: TinyModel, dataset: str | None) -> dict:
+def _dataset_info(model: TinyModel, dataset: str | None) -> dict:
     """What robustlab.load_model needs to rebuild the model: the dataset's info, or the model's own shapes."""
     if dataset is not None:
-        if dataset not in DATASETS:
-            raise RobustlabError(f"unknown dataset {dataset!r}; allowed: {', '.join(sorted(DATASETS))}")
+        check_choice("dataset", dataset, DATASETS)
         return asdict(DATASETS[dataset])
     return {"name": None, "input_shape": list(model.input_shape), "num_classes": model.num_classes,
             "mean": list(model.mean), "std": list(model.std)}
@@ -41,7 +40,7 @@ def dataset_meta(model: TinyModel, dataset: str | None) -> dict:
 
 def save_model(model: TinyModel, path, *, dataset: str | None = None, metadata: dict | None = None) -> None:
     """Write `model` as a robustlab model checkpoint (kind "model") at `path`."""
-    meta = {"kind": "model", "model": {"name": model.name, "kwargs": dict(model.kwargs)}, "dataset": dataset_meta(model, dataset),
+    meta = {"kind": "model", "model": {"name": model.name, "kwargs": dict(model.kwargs)}, "dataset": _dataset_info(model, dataset),
             **backend_meta(), **(metadata or {})}
     checkpoint.save(path, model_tensors(model), meta)
 

@@ -1,4 +1,4 @@
-"""Issue 10's result table: Fashion-MNIST MLP and cnn-small after PGD-AT in tinygrad, beside PyTorch.
+"""The tinygrad result table of docs/results.md: Fashion-MNIST MLP and cnn-small after PGD-AT in tinygrad, beside PyTorch.
 
     python -m robustlab.tinygrad.results --epochs 5 --out runs/tinygrad-results
 
@@ -18,8 +18,6 @@ import time
 from functools import partial
 from pathlib import Path
 
-import torch
-
 from robustlab import checkpoint
 from robustlab.data import load_dataset
 from robustlab.protocol import threat_defaults
@@ -38,20 +36,8 @@ def train_tinygrad(model: str, config: TrainConfig, out: Path) -> dict:
 
 
 def train_torch(model: str, config: TrainConfig, out: Path) -> dict:
-    from robustlab.tinygrad.torch_twins import build_torch_model
-    from robustlab.training.run import dataset_meta, make_method, validation_attack
-    from robustlab.training.trainer import Trainer
-
-    data = load_dataset(DATASET, seed=0)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    info = data.info
-    net = build_torch_model(model, info.input_shape, info.num_classes, info.mean, info.std)
-    method = make_method("pgd-at", DATASET, "linf")
-    meta = {"model": {"name": model, "kwargs": {}}, "dataset": dataset_meta(data)}
-    trainer = Trainer(net, method, data, config, out, meta, val_attack=validation_attack(method, DATASET, "linf"),
-                      show_progress=None)
+    from robustlab.training.run import build_trainer
+    trainer = build_trainer(dataset=DATASET, model=model, method="pgd-at", out=out, config=config)
     trainer.resume()
     trainer.fit()
     return _epochs(out)
@@ -65,18 +51,6 @@ def _epochs(out: Path) -> dict:
         last = r["elapsed_s"]
     return {"epochs": len(rows), "epoch_s": [round(t, 1) for t in times], "train_s": round(rows[-1]["elapsed_s"], 1),
             "val": [{"clean": r["val_clean"], "robust": r["val_robust"]} for r in rows]}
-
-
-def torch_model(path: Path) -> torch.nn.Module:
-    """A PyTorch checkpoint of either twin (the MLP is not in robustlab's model registry)."""
-    from robustlab import checkpoint
-    from robustlab.tinygrad.torch_twins import build_torch_model
-
-    tensors, meta = checkpoint.load(path)
-    info = meta["dataset"]
-    model = build_torch_model(meta["model"]["name"], info["input_shape"], info["num_classes"], info["mean"], info["std"])
-    model.load_state_dict(checkpoint.unprefixed("model.", tensors))
-    return model.eval()
 
 
 def evaluate(backend: str, out: Path, n: int | None, seed: int = 0) -> dict:
@@ -94,7 +68,8 @@ def evaluate(backend: str, out: Path, n: int | None, seed: int = 0) -> dict:
     else:
         from robustlab.attacks import pgd
         from robustlab.evaluate import accuracy
-        model = torch_model(out / "best.safetensors")
+        from robustlab.training.run import load_model
+        model = load_model(out, "best")
         clean = accuracy(model, test, batch_size=500)
         robust = accuracy(model, test, attack=partial(pgd, **attack), batch_size=500, seed=seed, progress="PGD", show=True)
     label = f"PGD-{budget.steps}×{budget.restarts} step {budget.step_size:g}"

@@ -41,11 +41,8 @@ METHODS = ("pgd-at", "standard")
 
 
 def make_optimizer(config: TrainConfig, params: list[Tensor]):
-    """tinygrad's SGD (momentum, coupled weight decay: as torch.optim.SGD) or Adam.
-
-    tinygrad's Adam has no weight decay and its AdamW decouples it, so for Adam the step adds
-    weight_decay·w to the gradient itself, as torch.optim.Adam does.
-    """
+    """tinygrad's SGD (momentum, coupled weight decay: as torch.optim.SGD) or Adam (weight decay added in the
+    step, see TrainStep)."""
     if config.optimizer == "adam":
         return nn.optim.Adam(params, lr=config.lr)
     return nn.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
@@ -91,6 +88,8 @@ class TrainStep:
             loss = logits.sparse_categorical_crossentropy(y)
             grads = loss.gradient(*self.params)
             if cfg.optimizer == "adam" and cfg.weight_decay:
+                # tinygrad's Adam has no weight decay and its AdamW decouples it: add weight_decay·w to the
+                # gradient, as torch.optim.Adam does
                 grads = [g + cfg.weight_decay * p.detach() for g, p in zip(grads, self.params)]
             for p, g in zip(self.params, grads):
                 p.grad = g

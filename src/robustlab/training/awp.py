@@ -125,7 +125,7 @@ class TRADESAWP(AdversarialWeightPerturbation, TRADES):
     - `awp_gamma` γ = 0.005 (`--awp-gamma 0.005`, WRN-34-10 on CIFAR-10).
     - `awp_warmup` = 0.045: the reference trains 200 epochs numbered from 1 and perturbs from `epoch >= 10`
       (`--awp-warmup 10`), after 9 warm-up epochs: 9/200. Here a fraction, so that short runs keep the same
-      proportion (before session 37 it was 0.05, one warm-up epoch more at 200 epochs; the same epochs at 10).
+      proportion.
     - `beta` = 6.0 and the rest: as `TRADES`.
     """
     name = "trades-awp"
