@@ -28,6 +28,9 @@ def robustlab(*args):
     (["train", "--method", "pgd-at", "--clip-start", "--out", "x"], ["pgd-at", "--clip-start", "--attack-train-mode"]),
     (["train", "--method", "trades", "--attack-train-mode", "--out", "x"], ["trades", "--attack-train-mode", "--beta"]),
     (["train", "--method", "pgd-at", "--separate-batches", "--out", "x"], ["takes no --separate-batches", "--steps"]),
+    # ignored without a word: standard training has no attack for them to change
+    (["train", "--method", "standard", "--eps", "0.2", "--steps", "5", "--out", "x"],
+     ["--method standard trains without attacks", "--eps, --steps"]),
     (["train", "--eps", "2", "--out", "x"], ["--eps 2", "at most 1"]),  # an L∞ radius beyond the pixel range
     (["train", "--step-size", "0", "--out", "x"], ["--step-size", "> 0"]),  # a PGD that never moves
     (["eval", "no/such/run", "--step-size", "0"], ["--step-size", "> 0"]),

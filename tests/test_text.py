@@ -313,6 +313,30 @@ def test_loaders_parse_the_standard_formats(tmp_path):
         read_sst2(sst / "test.tsv")
 
 
+def test_text_data_a_classifier_cannot_learn_is_refused_in_one_line(tmp_path):
+    """Each was a traceback (ZeroDivisionError, IndexError in the loss, UnicodeDecodeError) or trained silently."""
+    def sst(train_rows, dev_rows="fine\t1\ndull\t0\n", raw=None):
+        folder = tmp_path / f"sst{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        (folder / "train.tsv").write_bytes(raw if raw is not None else ("sentence\tlabel\n" + train_rows).encode())
+        (folder / "dev.tsv").write_text("sentence\tlabel\n" + dev_rows)
+        return folder
+    cases = [(sst(""), "training split holds no examples"),
+             (sst("good\t1\nbad\t-1\n" * 5), "negative label"),
+             (sst("good\t1\nbad\t0\n" * 5, "odd\t7\n"), "test split has label 7, but sst2 has 2 classes"),
+             (sst("", raw=b"sentence\tlabel\ngood\xff\t1\n"), r"not UTF-8 text \(it holds byte 0xff\)"),
+             (sst("good\t1\n" * 10), r"one class \(positive\); a classifier needs at least two")]
+    for folder, message in cases:
+        with pytest.raises(RobustlabError, match=message):
+            load_text_dataset("sst2", folder)
+    imdb = tmp_path / "imdb"
+    for split in ("train", "test"):
+        (imdb / split / "pos").mkdir(parents=True)
+        (imdb / split / "pos" / "0_1.txt").write_text("wonderful")
+    with pytest.raises(RobustlabError, match=r"one class \(pos\)"):
+        load_text_dataset("imdb", imdb)
+
+
 def fake_package_lists(n_per_section=40):
     """Control-format stanzas like `apt-cache dumpavail`'s, with duplicates and a conflict."""
     words = {"games": "game puzzle arcade strategy board", "python": "python module library bindings pure",
@@ -338,6 +362,9 @@ def test_debian_corpus_is_deduplicated_and_split_by_hash(tmp_path):
     assert all(r[2].endswith(" ...") for r in rows)  # the long description's line is joined on
     assert "shared text" not in {r[2] for r in rows}
     path = build_corpus(tmp_path / "debian-packages.tsv", top=3, package_lists=fake_package_lists())
+    for top in (-3, 1):  # -3 kept all sections but the last three, 1 a corpus no classifier can learn
+        with pytest.raises(RobustlabError, match="top must be an integer >= 2"):
+            build_corpus(tmp_path / "bad.tsv", top=top, package_lists=fake_package_lists())
     assert json.loads(path.with_suffix(".json").read_text())["examples"] == 120
     splits, classes = load_corpus(tmp_path)
     assert classes == ("games", "perl", "python") and sum(len(v[0]) for v in splits.values()) == 120
@@ -385,8 +412,20 @@ def test_cli_trains_a_text_model_and_rejects_bad_options(tmp_path, capsys):
     # --train-n takes the first texts (it once crashed: token ids were treated as a streamed image Dataset)
     assert main([*args[:-1], str(tmp_path / "few"), "--train-n", "40", "--epochs", "1"]) == 0
     assert json.loads((tmp_path / "few" / "metrics.jsonl").read_text())["train_images_per_s"] > 0
+    # an L∞ run is evaluated in the L2 ball its validation used (it was L∞ at the L2 radius ε = 0.5: 0% robust)
+    linf = [*args[:-1], str(tmp_path / "linf"), "--train-n", "40", "--epochs", "1", "--method", "pgd", "--norm",
+            "linf", "--eps", "0.01", "--step-size", "0.004"]
+    assert main(linf) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "linf"), "--n", "10", "--steps", "2", "--sweep-n", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["attack"]["norm"] == "l2"
+    assert main(["eval", str(tmp_path / "linf"), "--n", "10", "--norm", "linf"]) == 2
+    assert "--norm linf needs --eps" in capsys.readouterr().err
 
-    bad = [(["--method", "fgm", "--steps", "3"], "method fgm takes no option steps"),
+    bad = [(["--method", "fgm", "--steps", "3"], "--method fgm takes no --steps; its options: --eps, --norm"),
+           (["--method", "fgm", "--init-mag", "1"], "--method fgm takes no --init-mag"),  # was init_mag
+           (["--method", "standard", "--eps", "3"], "--method standard trains without attacks"),  # once ignored
+           (["--method", "standard", "--norm", "linf"], "--method standard takes no --norm; its options: none"),
            (["--method", "pgd-at"], "unknown text method 'pgd-at'"),
            (["--norm", "l1"], "unknown norm 'l1'"),
            (["--model", "cnn-small"], "unknown text model 'cnn-small'"),

@@ -200,9 +200,18 @@ def check_method_flags(method: str, args):
     from robustlab.training.run import method_options, unknown_options
     check_choice("method", method, METHODS)
     cls = METHODS[method]
+    check_clean_method_flags(method, cls.adversarial, args)
     if unknown := [flag(k) for k in unknown_options(cls, [k for k in METHOD_OPTIONS if getattr(args, k) is not None])]:
         own = [flag(k) for k in METHOD_OPTIONS if k in method_options(cls)]
         raise RobustlabError(f"--method {method} takes no {', '.join(unknown)}; its options: {', '.join(own) or 'none'}")
+
+
+def check_clean_method_flags(method: str, adversarial: bool, args):
+    """The library lets a clean-training method take (and ignore) the threat options, so that one set of options
+    serves every method; on the command line they would change nothing, so they are refused."""
+    if not adversarial and (ignored := [flag(k) for k in ("eps", "steps", "step_size") if getattr(args, k) is not None]):
+        raise RobustlabError(f"--method {method} trains without attacks, so {', '.join(ignored)} would change "
+                             "nothing (its validation attack is the default one)")
 
 
 METHOD_OPTIONS = ("eps", "steps", "step_size", "beta", "replays", "outer", "inner", "first_layer",

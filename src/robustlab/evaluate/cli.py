@@ -170,7 +170,12 @@ def _eval_text(args, model, device) -> int:
                              f"{args.run} was trained on {list(info['class_names'])}; pass the run's --data-dir")
     test = getattr(data, args.split)
     test = test.subset(args.n) if args.n else test
-    norm = args.norm or meta.get("method", {}).get("norm", "l2")
+    # The text threat model is L2 at ε = 0.5 whatever the run trained with, as its validation was: ε = 0.5 per
+    # coordinate of every token would be another, far larger ball.
+    norm = args.norm or "l2"
+    if norm == "linf" and args.eps is None:
+        raise RobustlabError(f"--norm linf needs --eps for a text run: the default ε = {EVAL_EPS} is an L2 radius per "
+                             "sentence")
     eps = EVAL_EPS if args.eps is None else args.eps
     steps = args.steps or EVAL_STEPS
 

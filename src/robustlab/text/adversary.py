@@ -138,7 +138,9 @@ class EmbeddingAdversary:
     and returns logits: it zeroes the gradients, runs the method and steps the optimizer (FreeAT steps it
     m times). `backward(forward, y)` only accumulates the gradients, for loops that clip or accumulate
     them before their own `optimizer.step()` (every method but FreeAT, which must step between replays).
-    Both return the loss (detached) and logits. The model runs in the mode the caller left it in.
+    Both return, detached, the mean of the losses whose gradients the parameters got (fgm and pgd: clean
+    and adversarial; free-at and freelb: every pass) and the last pass's logits, so the train loss and
+    accuracy logged mean the same for every method. The model runs in the mode the caller left it in.
 
     `mask` (batch × tokens, 1 for real tokens) marks what may be perturbed; without it the embedding's
     `padding_idx` decides, else every position is perturbed. `generator` draws the random starts.
@@ -160,7 +162,7 @@ class EmbeddingAdversary:
       (uniform, padding zero), K ascent steps, the parameters' gradients averaged over all K passes
       (each loss divided by K), per-example projection onto max_norm = ε (0: none), and the same dropout
       masks in all K passes (the RNG state is restored before each). K = 3, α = 0.1, init 1.0, ε = 0.6
-      (FreeLB's Hugging Face launch script for SST-2).
+      (FreeLB's fairseq launch script for SST-2: adv-steps 2, which its code runs as 3 passes).
     L∞ (`norm="linf"`) ascends along sign(g) (the FreeLB code divides g by its largest entry instead).
     """
 
@@ -222,9 +224,9 @@ class EmbeddingAdversary:
             loss, logits = self._pass(forward, y)
             loss.backward()  # the clean gradient, for the parameters and for δ
             hook.delta = ascend(torch.zeros_like(hook.delta), hook.delta.grad, self.eps, self.norm).detach()
-            adv_loss, _ = self._pass(forward, y)
+            adv_loss, adv_logits = self._pass(forward, y)
             adv_loss.backward()
-        return (loss + adv_loss).detach(), logits.detach()
+        return (loss + adv_loss).detach() / 2, adv_logits.detach()
 
     def _pgd(self, forward, y, mask):
         with self._attached(mask, self._zeros) as hook:
@@ -239,7 +241,7 @@ class EmbeddingAdversary:
                     grad, = torch.autograd.grad(loss, hook.delta)
                 else:
                     loss.backward()
-        return loss.detach(), logits.detach()
+        return (clean_loss + loss).detach() / 2, logits.detach()
 
     def _freelb(self, forward, y, mask, device):
         rng = _rng_state(device)

@@ -102,6 +102,8 @@ def _dumpavail() -> str:
 
 def build_corpus(path=None, top: int = 10, package_lists: str | None = None) -> Path:
     """Build the corpus TSV at `path` (default: the user cache), atomically; returns its path."""
+    if isinstance(top, bool) or not isinstance(top, int) or top < 2:  # -3 sliced all but three sections away
+        raise RobustlabError(f"top must be an integer >= 2 (a classifier needs two sections), got {top!r}")
     path = Path(path or Path(DEFAULT_DIR) / CORPUS_FILE).expanduser()
     rows = corpus_rows(package_lists if package_lists is not None else _dumpavail(), top)
     if not rows:

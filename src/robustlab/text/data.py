@@ -13,6 +13,7 @@ rule, so that choices never look at the test set. The corpus ships its own fixed
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import re
 from collections import Counter
@@ -115,11 +116,22 @@ class TextSplits:
 
 
 # -- readers ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _utf8(path: Path):
+    """The file opened for csv, with a byte that is not UTF-8 reported as one line, not a UnicodeDecodeError."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            yield f
+    except UnicodeDecodeError as exc:
+        raise RobustlabError(f"{path} is not UTF-8 text (it holds byte {exc.object[exc.start]:#x}); "
+                             "convert it, e.g. with iconv -t utf-8") from None
+
+
 def read_sst2(path) -> tuple[list[str], list[int]]:
     """SST-2 / GLUE style TSV: columns `sentence` and `label` (any order) under a header, or
     sentence<TAB>label rows without one."""
     path = Path(path)
-    with open(path, newline="", encoding="utf-8") as f:
+    with _utf8(path) as f:
         rows = [r for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if r]
     if not rows:
         raise RobustlabError(f"{path} holds no rows")
@@ -142,7 +154,7 @@ def read_agnews(path) -> tuple[list[str], list[int]]:
     description; AG News escapes line breaks as backslash-n, which become spaces."""
     path = Path(path)
     texts, labels = [], []
-    with open(path, newline="", encoding="utf-8") as f:
+    with _utf8(path) as f:
         for n, row in enumerate(csv.reader(f), 1):
             if not row:
                 continue
@@ -205,11 +217,30 @@ def _raw_splits(name: str, data_dir) -> tuple[dict, tuple]:
     return {"train": (tr_texts, tr_labels), "test": (te_texts, te_labels)}, tuple(classes)
 
 
+def _check_labels(name: str, raw: dict, classes: tuple):
+    """Labels a classifier can learn and be scored on: each was a traceback in the loss or the loop, or a model
+    trained on without a word (a 1-class model at 100%, or an 8-class SST-2 model for a test label of 7)."""
+    train = set(raw["train"][1])
+    if not train:
+        raise RobustlabError(f"the {name} training split holds no examples")
+    if min(lbl for _, labels in raw.values() for lbl in labels) < 0:
+        raise RobustlabError(f"the {name} data has a negative label; labels are class indices from 0")
+    if len(train) < 2:
+        only = next(iter(train))
+        raise RobustlabError(f"the {name} training split has one class ({classes[only] if only < len(classes) else only}); "
+                             "a classifier needs at least two")
+    for split, (_, labels) in raw.items():
+        if labels and max(labels) >= len(classes):
+            raise RobustlabError(f"the {name} {split} split has label {max(labels)}, but {name} has {len(classes)} "
+                                 f"classes ({', '.join(classes)})")
+
+
 def load_text_dataset(name: str, data_dir=None, *, max_len: int = 64, min_freq: int = 2,
                       max_vocab: int = 20_000, vocab: Vocab | None = None) -> TextSplits:
     """Read a text dataset, build the vocabulary on its training split (or use `vocab`) and encode it."""
     check_choice("text dataset", name, TEXT_DATASETS)
     raw, classes = _raw_splits(name, data_dir)
+    _check_labels(name, raw, classes)
     if "val" not in raw:
         texts, labels = raw["train"]
         order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0)).tolist()
@@ -219,9 +250,7 @@ def load_text_dataset(name: str, data_dir=None, *, max_len: int = 64, min_freq: 
     vocab = vocab or Vocab.build(raw["train"][0], min_freq=min_freq, max_size=max_vocab)
     sets = {k: TextSet(vocab.encode_all(t, max_len), torch.tensor(l, dtype=torch.long), vocab.pad_id)
             for k, (t, l) in raw.items()}
-    num_classes = max(len(classes), max(int(s.labels.max()) for s in sets.values() if len(s)) + 1)
-    classes = classes if len(classes) == num_classes else tuple(str(i) for i in range(num_classes))
-    return TextSplits(sets["train"], sets["val"], sets["test"], TextInfo(name, num_classes, classes, max_len), vocab)
+    return TextSplits(sets["train"], sets["val"], sets["test"], TextInfo(name, len(classes), classes, max_len), vocab)
 
 
 def hf_encode(tokenizer, texts, labels, max_len: int = 128) -> TextSet:

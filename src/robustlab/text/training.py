@@ -168,7 +168,16 @@ def text_trainer_from_args(args, config: TrainConfig) -> TextTrainer:
     if any(image_only.values()):  # each was once ignored without a word
         raise RobustlabError(f"{', '.join(k for k, v in image_only.items() if v)}: image options; they do not "
                              "apply to --task text")
+    from robustlab.cli import check_clean_method_flags
+    from robustlab.text.adversary import DEFAULTS
+    method = args.method or "freelb"
+    check_choice("text method", method, TEXT_METHODS)
+    check_clean_method_flags(method, method != "standard", args)
     options = {k: getattr(args, k, None) for k in TEXT_OPTIONS}
+    takes = DEFAULTS.get(method, {})  # standard: none (validation is always L2 PGD at ε = 0.5)
+    if unknown := [flag(k) for k, v in options.items() if v is not None and k not in takes]:
+        raise RobustlabError(f"--method {method} takes no {', '.join(unknown)}; its options: "
+                             f"{', '.join(flag(k) for k in takes) or 'none'}")
     return build_text_trainer(out=Path(args.out), dataset=args.dataset or "debian-packages",
-                              model=args.model or "transformer", method=args.method or "freelb",
+                              model=args.model or "transformer", method=method,
                               data_dir=args.data_dir, config=config, method_kwargs=options)
