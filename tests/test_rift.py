@@ -167,6 +167,9 @@ def test_interpolation_reproduces_both_endpoints_exactly(tiny_run, small, one_th
     mid = interpolate(robust, tuned, 0.3)
     k = "net.linear.weight"
     assert torch.allclose(mid[k], 0.7 * robust[k] + 0.3 * tuned[k])
+    # a tensor the fine-tuning left alone stays bit for bit (0.8·a + 0.2·a rounds away from a in float32)
+    untouched = interpolate(robust, {**tuned, k: robust[k]}, 0.2)[k]
+    assert torch.equal(untouched, robust[k]) and not torch.equal(0.8 * robust[k] + 0.2 * robust[k], robust[k])
     x = small.val.subset(16).as_float()
     with torch.no_grad():
         reference = model(x)
@@ -397,6 +400,8 @@ def robustlab(*args):
     (["rift", "RUN", "--out", "OUT", "--lrs", "0.01,0.1"], ["--lrs", "--auto"]),
     (["rift", "BNFREE", "--out", "OUT", "--bn", "keep"], ["--bn keep", "no BatchNorm"]),
     (["mrc", "RUN", "--out", "FILE"], ["--out", "cannot make a folder"]),
+    (["rift", "RUN", "--out", "OUT", "--mrc-dir", "FILE"], ["--mrc-dir", "cannot make a folder"]),  # a traceback
+    (["rift", "RUN", "--module", "", "--out", "OUT"], ["unknown module ''"]),  # took the lowest MRC silently
 ])
 def test_bad_input_is_one_line_and_status_2(tiny_run, bn_free_run, tmp_path, capsys, args, words):
     (tmp_path / "file").write_text("")
@@ -430,6 +435,10 @@ def test_cli_mrc_then_rift_writes_checkpoint_and_report(tiny_run, tmp_path):
     meta = checkpoint.read_metadata(out / "best.safetensors")
     assert meta["rift"]["alpha"] == report["rift"]["alpha"] and meta["model"]["kwargs"] == {"width": 8}
     assert "Test set, before and after" in (out / "rift_report.md").read_text()
+    # other AutoAttack settings on the same --out: the run once stopped at its end on the first one's saved state
+    again = robustlab("rift", str(tiny_run), "--out", str(out), "--epochs", "1", "--train-n", "128", "--val-n", "50",
+                      "--n", "30", "--aa-steps", "3", "--aa-queries", "10", "--no-ood", *common)
+    assert again.returncode == 0, again.stderr
     # a training run pointed at the result would overwrite it (it has no last.safetensors to protect it)
     again = robustlab("train", "--data-dir", FMNIST, "--train-n", "64", "--epochs", "1", "--out", str(out))
     assert again.returncode == 2 and "already holds a model" in again.stderr, again.stderr

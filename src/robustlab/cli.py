@@ -331,7 +331,8 @@ def cmd_bench(args) -> int:
 INTERRUPTED = {"train": "the last completed epoch is saved; continue with --resume",
                "demo": "the last completed epoch is saved; the same command continues",
                "eval": "AutoAttack's finished batches are saved (--suite standard); the same command continues",
-               "rift": "finished steps are cached in --out; the same command continues",
+               "rift": "finished steps are cached in --out and the MRC in --mrc-dir (default RUN/mrc); the same "
+                       "command continues",
                "mrc": "finished modules are cached; the same command continues",
                "summary": "nothing to keep",
                "bench": "nothing to keep"}

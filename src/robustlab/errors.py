@@ -20,13 +20,14 @@ def check_choice(kind: str, value: str, allowed) -> str:
     return value
 
 
-def output_dir(path) -> Path:
-    """Make the folder `path` now, so that an unusable --out fails in one line before the work, not after it."""
+def output_dir(path, flag: str = "--out") -> Path:
+    """Make the folder `path` (given with `flag`) now, so that an unusable one fails in one line before the work,
+    not after it."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file of that name, a file on the path, no permission
-        raise RobustlabError(f"--out {path}: cannot make a folder there ({exc.strerror})") from None
+        raise RobustlabError(f"{flag} {path}: cannot make a folder there ({exc.strerror})") from None
     return path
 
 

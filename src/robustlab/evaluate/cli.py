@@ -70,7 +70,6 @@ def cmd_eval(args) -> int:
     from robustlab.evaluate.report import plot_adversarial_examples
     from robustlab.evaluate.sanity import SMOOTH_GRADIENT_TAU
     from robustlab.models import fast_memory_format
-    from robustlab.protocol import step_for, threat_defaults
     from robustlab.training.run import run_dataset
 
     if args.threads:
@@ -85,17 +84,8 @@ def cmd_eval(args) -> int:
     meta = model.checkpoint_meta
     if args.attack == "pgd-smooth" and not relu_count(model):
         raise RobustlabError(f"--attack pgd-smooth: {args.run} has no nn.ReLU modules to smooth; use pgd")
-    dataset = meta["dataset"]["name"]
-    norm = ONE_STEP_NORMS.get(args.attack) or args.norm or meta.get("method", {}).get("norm", "linf")
-    budget = threat_defaults(dataset, norm).eval
-    eps = budget.eps if args.eps is None else args.eps
-    check_linf_eps(eps, norm)
-    steps, restarts = args.steps or budget.steps, args.restarts or budget.restarts
-    if args.attack == "apgd-ce":  # AutoAttack's budget, not the protocol's PGD
-        steps, restarts = args.steps or APGD_STEPS, args.restarts or 1
-    step_size = args.step_size if args.step_size is not None else step_for(budget, eps, args.steps)
-    if args.attack in ONE_STEP_NORMS:  # what runs, for the report: one step of size ε
-        steps, step_size, restarts = 1, eps, 1
+    norm, eps, steps, step_size, restarts = _attack_budget(args, meta["dataset"]["name"],
+                                                           meta.get("method", {}).get("norm", "linf"))
     tau = args.tau or SMOOTH_GRADIENT_TAU
     source = _transfer_source(args, model, device) if args.transfer_from else None  # fails before the data is read
     # A folder or npy test set is decoded as far as it is read: --n 1000 reads 1,000 images.
@@ -103,24 +93,24 @@ def cmd_eval(args) -> int:
     images = getattr(data, args.split)
     images = images.subset(args.n) if args.n else images
 
-    def attack_at(e):
-        step = step_size * (e / eps if eps else 1)
+    def attack_at(e):  # the attack at radius e, its step scaled with it (the ε sweep)
         if args.attack == "pgd":
-            return partial(pgd, eps=e, norm=norm, steps=steps, step_size=step, restarts=restarts)
+            return partial(pgd, eps=e, norm=norm, steps=steps, step_size=step_size * e / eps, restarts=restarts)
         if args.attack == "apgd-ce":
             return partial(apgd, eps=e, norm=norm, steps=steps, restarts=restarts)
         if args.attack == "pgd-smooth":
-            return partial(pgd_smooth, eps=e, norm=norm, steps=steps, step_size=step, restarts=restarts, tau=tau)
+            return partial(pgd_smooth, eps=e, norm=norm, steps=steps, step_size=step_size * e / eps, restarts=restarts,
+                           tau=tau)
         return lambda m, x, y, generator=None: ATTACKS[args.attack](m, x, y, eps=e)
 
     def measure(images, e, progress=None):
         attack = attack_at(e) if e > 0 else None
         return accuracy(model, images, attack=attack, batch_size=args.batch_size, seed=args.seed, progress=progress)
 
-    budget_label = f"{steps}{'×' + str(restarts) if restarts > 1 else ''} {norm} ε={eps:g} step {step_size:g}"
-    label = {"pgd": f"PGD-{budget_label}",
-             "apgd-ce": f"APGD-CE-{steps}{'×' + str(restarts) if restarts > 1 else ''} {norm} ε={eps:g}",
-             "pgd-smooth": f"PGD-{budget_label}, margin loss, smooth ReLU gradients τ={tau:g}",
+    runs = f"{steps}{'×' + str(restarts) if restarts > 1 else ''}"
+    label = {"pgd": f"PGD-{runs} {norm} ε={eps:g} step {step_size:g}",
+             "apgd-ce": f"APGD-CE-{runs} {norm} ε={eps:g}",
+             "pgd-smooth": f"PGD-{runs} {norm} ε={eps:g} step {step_size:g}, margin loss, smooth ReLU gradients τ={tau:g}",
              }.get(args.attack, f"{args.attack.upper()} ε={eps:g}")
     if args.transfer_from:
         return _eval_transfer(args, model, source, images, attack_at(eps), label)
@@ -140,7 +130,7 @@ def cmd_eval(args) -> int:
         robust = measure(images, eps, label) if eps > 0 else clean
     results = _results(meta, clean, robust, len(images), label, start, rows, extra,
                        attack={"name": args.attack, "norm": norm, "eps": eps, "steps": steps,
-                               "step_size": None if args.attack == "apgd-ce" else step_size, "restarts": restarts,
+                               "step_size": step_size, "restarts": restarts,
                                "seed": args.seed})
     if args.split == "test" and eps > 0 and distributed.is_main():
         x, x_adv, y, pred = adversarial_examples(model, images, attack_at(eps), seed=args.seed)
@@ -149,6 +139,23 @@ def cmd_eval(args) -> int:
                                       f"{label} on the first {len(x)} correctly classified test images")
             plots["Adversarial examples"] = "adversarial_examples.png"
     return _finish_eval(args, results, plots, measure, images, out, unit="images")
+
+
+def _attack_budget(args, dataset: str, trained_norm: str) -> tuple:
+    """(norm, ε, steps, step size, restarts) of the attack `robustlab eval` runs: the protocol's evaluation PGD for
+    the run's norm, each part overridable; one step of ε for FGSM and FGM; AutoAttack's 100 steps for apgd-ce, whose
+    step sizes are its own (None)."""
+    from robustlab.protocol import step_for, threat_defaults
+    norm = ONE_STEP_NORMS.get(args.attack) or args.norm or trained_norm
+    budget = threat_defaults(dataset, norm).eval
+    eps = budget.eps if args.eps is None else args.eps
+    check_linf_eps(eps, norm)
+    if args.attack in ONE_STEP_NORMS:
+        return norm, eps, 1, eps, 1
+    if args.attack == "apgd-ce":
+        return norm, eps, args.steps or APGD_STEPS, None, args.restarts or 1
+    step_size = args.step_size if args.step_size is not None else step_for(budget, eps, args.steps)
+    return norm, eps, args.steps or budget.steps, step_size, args.restarts or budget.restarts
 
 
 def _eval_text(args, model, device) -> int:

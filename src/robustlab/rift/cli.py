@@ -59,6 +59,8 @@ def add_parsers(sub):
                        "module, interpolate, report before/after")
     r.add_argument("run", help="run directory or checkpoint file")
     r.add_argument("--out", required=True, help="output directory: checkpoint, plots, rift_report.md")
+    r.add_argument("--mrc-dir", help="where the MRC cache goes (default beside the checkpoint, RUN/mrc, which "
+                                     "robustlab mrc RUN shares)")
     r.add_argument("--module", help="fine-tune this module, or several together, comma-separated "
                                     "(default: the lowest MRC)")
     r.add_argument("--auto", type=nonnegative(int), default=0, metavar="K",
@@ -202,18 +204,19 @@ def cmd_rift(args) -> int:
         check_choice("augmentation", args.augment, AUGMENTATIONS)
     def check_model(source):  # before the data is read: names the modules, and --bn needs BatchNorm layers
         model = load_model(source)
-        if args.module:
+        if args.module is not None:  # '' too: it once fell back to the lowest-MRC module without a word
             module_names(model, args.module)
         if args.bn != "update" and not batch_norms(model):
             raise RobustlabError(f"--bn {args.bn}: {source} has no BatchNorm layers to keep or recalibrate; drop --bn")
     source, _, data, device = _setup(args, check_model)
+    mrc_dir = output_dir(_mrc_dir(source, args.mrc_dir), "--mrc-dir")  # beside the run by default: writable?
     output_dir(args.out)
     test_options = {"n": args.n, "aa_n": args.aa_n, "aa_steps": args.aa_steps, "aa_queries": args.aa_queries,
                     "batch_size": args.test_batch_size}
     test = (TestSettings(aa=args.aa, ood=args.ood, **{k: v for k, v in test_options.items() if v is not None})
             if args.test else None)
     command = "robustlab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["rift"] else None
-    report = rift(source, data, args.out, settings, test, mrc_dir=_mrc_dir(source), command=command,
+    report = rift(source, data, args.out, settings, test, mrc_dir=mrc_dir, command=command,
                   device=device)
     chosen = report["candidates"][report["chosen"]]
     print(f"fine-tuned {chosen['module']} (lr {chosen['lr']:g}), α = {chosen['alpha']:.1f}: validation clean "

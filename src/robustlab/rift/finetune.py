@@ -193,8 +193,8 @@ def interpolate(robust: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor],
         b = tuned[k]
         if alpha in (0, 1) or not a.is_floating_point():
             out[k] = (a if alpha < 0.5 else b).clone()
-        else:
-            out[k] = (1 - alpha) * a + alpha * b
+        else:  # not (1 − α)·a + α·b, which rounds a tensor the fine-tuning left alone (a == b) away from a
+            out[k] = a + alpha * (b - a)
     return out
 
 

@@ -6,6 +6,8 @@ fine-tuning runs, AutoAttack states), so a killed run continues where it stopped
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -140,7 +142,8 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
     dataset, norm = meta["dataset"]["name"], meta.get("method", {}).get("norm", "linf")
     budget = threat_defaults(dataset, norm)
     threat = {"norm": norm, "eps": budget.train.eps, "steps": budget.train.steps, "step_size": budget.train.step_size}
-    paper_module = ",".join(module_names(model, settings.module)) if settings.module else None  # bad names fail early
+    paper_module = (",".join(module_names(model, settings.module))  # bad names fail early
+                    if settings.module is not None else None)
     state = State(out / "rift_state.json", {"path": str(source), "sha256": file_sha256(source),
                                              "model": meta["model"], "method": meta.get("method", {}).get("name")})
     wall = {}
@@ -283,6 +286,8 @@ def evaluate_test(model, data: Splits, *, threat_eval, norm, settings: TestSetti
     test = data.test.subset(settings.n) if settings.n else data.test
     digest = weights_digest(model)
     key = {"n": len(test), "aa_n": settings.aa_n, "aa_steps": settings.aa_steps, "aa_queries": settings.aa_queries}
+    # AutoAttack's resumable state is kept per setting too: another --aa-n once found the old state and stopped
+    settings_digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     cached = state.data["test"].setdefault(digest, {})
     if cached.get("key") != key:
         cached.clear()
@@ -302,7 +307,7 @@ def evaluate_test(model, data: Splits, *, threat_eval, norm, settings: TestSetti
         aa_dir.mkdir(exist_ok=True)
         jobs["AutoAttack"] = lambda: autoattack_accuracy(
             model, test, threat_eval.eps, norm, n=settings.aa_n, batch_size=max(1, settings.batch_size // 2), seed=0,
-            progress=show is not False, state_path=aa_dir / f"autoattack-{digest}.safetensors",
+            progress=show is not False, state_path=aa_dir / f"autoattack-{digest}-{settings_digest}.safetensors",
             steps=settings.aa_steps, queries=settings.aa_queries).robust_accuracy
     for name, job in jobs.items():
         if name not in cached:
