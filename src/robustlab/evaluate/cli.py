@@ -108,10 +108,13 @@ def cmd_eval(args) -> int:
         return accuracy(model, images, attack=attack, batch_size=args.batch_size, seed=args.seed, progress=progress)
 
     runs = f"{steps}{'×' + str(restarts) if restarts > 1 else ''}"
-    label = {"pgd": f"PGD-{runs} {norm} ε={eps:g} step {step_size:g}",
-             "apgd-ce": f"APGD-CE-{runs} {norm} ε={eps:g}",
-             "pgd-smooth": f"PGD-{runs} {norm} ε={eps:g} step {step_size:g}, margin loss, smooth ReLU gradients τ={tau:g}",
-             }.get(args.attack, f"{args.attack.upper()} ε={eps:g}")
+    if args.attack == "apgd-ce":
+        label = f"APGD-CE-{runs} {norm} ε={eps:g}"
+    elif args.attack in ("pgd", "pgd-smooth"):
+        label = f"PGD-{runs} {norm} ε={eps:g} step {step_size:g}"
+        label += f", margin loss, smooth ReLU gradients τ={tau:g}" if args.attack == "pgd-smooth" else ""
+    else:
+        label = f"{args.attack.upper()} ε={eps:g}"
     if args.transfer_from:
         return _eval_transfer(args, model, source, images, attack_at(eps), label)
     out = _report_dir(args)
