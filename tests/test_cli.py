@@ -33,6 +33,7 @@ def robustlab(*args):
      ["--method standard trains without attacks", "--eps, --steps"]),
     (["train", "--eps", "2", "--out", "x"], ["--eps 2", "at most 1"]),  # an L∞ radius beyond the pixel range
     (["train", "--step-size", "0", "--out", "x"], ["--step-size", "> 0"]),  # a PGD that never moves
+    (["train", "--seed", str(2 ** 64), "--out", "x"], ["--seed", "2**63 - 1"]),  # torch.manual_seed overflowed
     (["eval", "no/such/run", "--step-size", "0"], ["--step-size", "> 0"]),
     (["train", "--schedule", "cos", "--out", "x"], ["schedule", "one-cycle"]),  # once after the first epoch's bar
     (["train", "--augment", "rotate", "--out", "x"], ["augment", "crop-flip"]),

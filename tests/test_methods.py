@@ -367,7 +367,7 @@ def test_fast_at_runs_resume_with_other_stop_thresholds(tmp_path):
     from robustlab.training.trainer import TrainConfig, check_resumable
     config = TrainConfig()
     saved = FastAT()
-    meta = {"method": {"name": saved.name, **saved.config()}, "config": asdict(config)}
+    meta = {"kind": "training-state", "method": {"name": saved.name, **saved.config()}, "config": asdict(config)}
     del meta["method"]["co_ratio"]
     check_resumable(tmp_path / "last.safetensors", meta, "torch", FastAT(co_drop=0.5, co_ratio=0.2), config)
     with pytest.raises(RobustlabError, match="method.step_size"):
@@ -392,6 +392,17 @@ def test_trainer_stops_when_the_method_says_so(fmnist, tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and last["stopped_early"] == "enough"
     assert (tmp_path / "best.safetensors").exists()
+
+
+def test_resuming_a_stopped_run_says_so_and_reports_its_last_epoch(fmnist, tmp_path, capsys):
+    """It said "resuming after epoch 5" for a run stopped after epoch 2, and printed "last": {}."""
+    from robustlab.cli import fit
+    _trainer(fmnist, _StopAfterSecondEpoch(), tmp_path, n=128, epochs=5).fit()
+    again = _trainer(fmnist, _StopAfterSecondEpoch(), tmp_path, n=128, epochs=5)
+    fit(again, tmp_path, resume=True)
+    out, err = capsys.readouterr()
+    assert "stopped early after epoch 2 (enough); nothing to train" in err
+    assert json.loads(out.splitlines()[-1])["last"]["epoch"] == 1
 
 
 def test_a_run_without_validation_images_keeps_its_last_epoch_as_the_best(fmnist, tmp_path, capsys):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -117,8 +118,17 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(fmnist, tmp_path):
                              capture_output=True, text=True)
     assert changed.returncode == 2 and "method.steps 3 → 4" in changed.stderr, changed.stderr
     # another model was a traceback from load_state_dict; other data of the same shape trained on silently
+    mnist = tmp_path / "mnist"  # idx files of MNIST's mean pixel: --dataset mnist on Fashion-MNIST's is refused first
+    mnist.mkdir()
+    for name, count in (("train", 300), ("t10k", 10)):
+        images = np.zeros((count, 28 * 28), np.uint8)
+        images[:, :round(0.1307 * 784)] = 255
+        (mnist / f"{name}-images-idx3-ubyte").write_bytes(
+            bytes((0, 0, 8, 3)) + b"".join(d.to_bytes(4, "big") for d in (count, 28, 28)) + images.tobytes())
+        (mnist / f"{name}-labels-idx1-ubyte").write_bytes(
+            bytes((0, 0, 8, 1)) + count.to_bytes(4, "big") + bytes(i % 10 for i in range(count)))
     for option, words in ((["--model", "lenet"], "model.name 'cnn-small' → 'lenet'"),
-                          (["--dataset", "mnist"], "dataset.name 'fashion-mnist' → 'mnist'")):
+                          (["--dataset", "mnist", "--data-dir", str(mnist)], "dataset.name 'fashion-mnist' → 'mnist'")):
         changed = subprocess.run([sys.executable, *common, "--out", str(killed), "--resume", *option],
                                  capture_output=True, text=True)
         assert changed.returncode == 2 and changed.stderr.count("\n") == 1 and words in changed.stderr, changed.stderr
@@ -157,7 +167,7 @@ def test_resume_of_a_run_killed_in_its_first_epoch_starts_it_afresh(tmp_path):
 
     resumed = subprocess.run([sys.executable, *common, "--out", str(killed), "--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert "stopped before its first epoch ended; starting it afresh" in resumed.stderr
+    assert "holds no finished epoch; starting it afresh" in resumed.stderr
     whole, _ = checkpoint.load(tmp_path / "whole" / "last.safetensors")
     again, _ = checkpoint.load(killed / "last.safetensors")
     assert all(torch.equal(whole[k], again[k]) for k in whole)
@@ -170,6 +180,39 @@ def test_resume_of_a_run_killed_in_its_first_epoch_starts_it_afresh(tmp_path):
                                  capture_output=True, text=True)
         assert refused.returncode == 2 and "holds no run to continue" in refused.stderr, refused.stderr
     assert not (tmp_path / "empty" / "config.json").exists() and not (tmp_path / "missing").exists()
+
+    # Stopped while reading its data (minutes for a large dataset), before any epoch began: a data folder that
+    # fails stands in for the kill. The placeholder config.json written first lets --resume start it afresh.
+    starting = tmp_path / "starting"
+    broken = [*common[:common.index("--data-dir") + 1], str(tmp_path / "no-data"), *common[common.index(FMNIST) + 1:]]
+    failed = subprocess.run([sys.executable, *broken, "--out", str(starting)], capture_output=True, text=True)
+    assert failed.returncode == 2 and json.loads((starting / "config.json").read_text()) == {"status": "starting"}
+    resumed = subprocess.run([sys.executable, *common, "--out", str(starting), "--resume"], capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0 and "starting it afresh" in resumed.stderr, resumed.stderr
+
+
+def test_a_kill_after_last_safetensors_loses_no_kept_epoch_and_weights_only_files_are_refused(fmnist, tmp_path,
+                                                                                             monkeypatch):
+    """last.safetensors was written before epoch-NNN: a kill between them ended the epoch without its kept file,
+    which no resume wrote again. And a model file put in last's place was a load_state_dict traceback."""
+    written = []
+    real_save = checkpoint.save
+
+    def save(path, *args, **kwargs):
+        real_save(path, *args, **kwargs)
+        written.append(path.name)
+        if path.name == "last.safetensors":
+            raise KeyboardInterrupt  # the kill, once the epoch counts as done
+    monkeypatch.setattr(checkpoint, "save", save)
+    with pytest.raises(KeyboardInterrupt):
+        small_trainer(tmp_path, epochs=1, keep_every=1).fit()
+    assert written[-2:] == ["epoch-001.safetensors", "last.safetensors"]
+    monkeypatch.setattr(checkpoint, "save", real_save)
+
+    os.replace(tmp_path / "epoch-001.safetensors", tmp_path / "last.safetensors")
+    with pytest.raises(RobustlabError, match="holds model weights only, not a training state"):
+        small_trainer(tmp_path, epochs=1).resume()
 
 
 @pytest.mark.parametrize("damage", ["lost", "cut short"])

@@ -51,6 +51,14 @@ def given(options) -> list[str]:
     return [name for name, value in options if value is not None and value is not False]  # 0 is a value
 
 
+def seed(text):
+    """A seed torch.manual_seed takes: 0 to 2⁶³ − 1 (beyond, it overflowed in a traceback)."""
+    value = int(text)
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**63 - 1, got {text}")
+    return value
+
+
 def _image_size(text):
     """"64" or "64,48" (height, width)."""
     try:
@@ -142,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=nonnegative(float), default=5e-4, help="default 5e-4")
     t.add_argument("--schedule", default="one-cycle", help=", ".join(SCHEDULES) + " (default one-cycle)")
     t.add_argument("--augment", help="none, crop, crop-flip (default: the dataset's)")
-    t.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order, augmentation and the "
+    t.add_argument("--seed", type=seed, default=0, help="seeds the weights, the data order, augmentation and the "
                    "attacks' random starts (default 0)")
     t.add_argument("--precision", default="auto",
                    help="auto (bf16 where the CPU or GPU has bf16 units, else fp32), fp32, bf16 (autocast; several "
@@ -235,17 +243,27 @@ def train_config(args):
                        keep_every=args.keep_every)
 
 
+def _say_resumed(trainer, out: Path):
+    last = trainer.last_metrics
+    if last.get("stopped_early"):  # a stop is final: a loosened threshold applies to runs still training
+        print(f"{out} stopped early after epoch {last['epoch'] + 1} ({last['stopped_early']}); nothing to train",
+              file=sys.stderr)
+    elif trainer.start_epoch >= trainer.epochs:
+        print(f"{out} has trained all its {trainer.epochs} epochs; nothing to train", file=sys.stderr)
+    else:
+        print(f"resuming {out} after epoch {trainer.start_epoch}", file=sys.stderr)
+    for stale in out.glob(".*.tmp[0-9]*"):  # writes a SIGKILL cut short (checkpoint.save's temporaries)
+        stale.unlink(missing_ok=True)
+
+
 def fit(trainer, out: Path, resume: bool) -> int:
     """Resume if asked, train, print the summary (rank 0 only under torchrun)."""
     from robustlab import distributed
     if resume and trainer.resume():
         if distributed.is_main():
-            print(f"resuming {out} after epoch {trainer.start_epoch}", file=sys.stderr)
-    elif resume and (out / "config.json").exists():  # a run stopped in its first epoch: nothing saved to lose
-        if distributed.is_main():
-            print(f"{out} was stopped before its first epoch ended; starting it afresh", file=sys.stderr)
-    elif resume:
-        raise RobustlabError(f"--resume: {out} holds no run to continue (no last.safetensors, no config.json)")
+            _say_resumed(trainer, out)
+    elif resume and distributed.is_main():  # stopped in its first epoch or while reading its data (cmd_train checked)
+        print(f"{out} holds no finished epoch; starting it afresh", file=sys.stderr)
     output_dir(out)
     requested = trainer.config.epochs
     if getattr(trainer, "epochs", requested) != requested and distributed.is_main():  # FreeAT: say so, not only in docs
@@ -266,6 +284,11 @@ def cmd_train(args) -> int:
         raise RobustlabError(f"{out} already holds a run; add --resume to continue it or choose another --out")
     if not args.resume and (out / "best.safetensors").exists():  # e.g. a RiFT result, which has no last.safetensors
         raise RobustlabError(f"{out} already holds a model (best.safetensors); choose another --out")
+    # A run writes config.json before it reads its data: without either file nothing was started here (a mistyped
+    # --out); with config.json alone it was stopped before its first epoch ended, and --resume starts it afresh,
+    # so that a requeued job can always add it.
+    if args.resume and not (out / "last.safetensors").exists() and not (out / "config.json").exists():
+        raise RobustlabError(f"--resume: {out} holds no run to continue (no last.safetensors, no config.json)")
     config = train_config(args)
     if args.task == "text":
         from robustlab.text.training import text_trainer_from_args

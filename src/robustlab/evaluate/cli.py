@@ -14,7 +14,7 @@ from robustlab.errors import RobustlabError, check_choice, output_dir
 
 
 def add_parser(sub):
-    from robustlab.cli import nonnegative, positive
+    from robustlab.cli import nonnegative, positive, seed
 
     e = sub.add_parser("eval", help="evaluate a trained run under attack and write RUN/report.md")
     e.add_argument("run", help="run directory or checkpoint file")
@@ -37,7 +37,7 @@ def add_parser(sub):
                    help="test (default), or val: the validation split held out of training, for choices (a recipe, "
                         "a checkpoint) that must not see the test set; prints (or --json) without writing a report")
     e.add_argument("--batch-size", type=positive(int), default=500, help="default 500")
-    e.add_argument("--seed", type=int, default=0, help="seeds the attacks' random starts, per batch (default 0)")
+    e.add_argument("--seed", type=seed, default=0, help="seeds the attacks' random starts, per batch (default 0)")
     e.add_argument("--sweep-n", type=nonnegative(int), help=f"test images for the accuracy-vs-ε plot (default {SWEEP_N}; "
                    "0: no plot)")
     e.add_argument("--suite", default="none", help="none, or standard: clean, PGD, AutoAttack-standard, "

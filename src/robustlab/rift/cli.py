@@ -22,7 +22,7 @@ def _learning_rates(text) -> tuple[float, ...]:
 
 
 def add_parsers(sub):
-    from robustlab.cli import nonnegative, positive
+    from robustlab.cli import nonnegative, positive, seed
     from robustlab.rift.mrc import MRCConfig
 
     def points(text):  # accuracy points: a tolerance above 100 tolerates anything
@@ -43,7 +43,7 @@ def add_parsers(sub):
         g.add_argument("--mrc-batch-size", type=positive(int), default=d.batch_size,
                        help=f"images per gradient-ascent step ({d.batch_size})")
         p.add_argument("--checkpoint", help="best (default) or last, when RUN is a run directory")
-        p.add_argument("--seed", type=int, default=0, help="seeds every random choice: the attacks' random starts, "
+        p.add_argument("--seed", type=seed, default=0, help="seeds every random choice: the attacks' random starts, "
                        "the fine-tuning's data order (default 0)")
         p.add_argument("--data-dir", help="default: the run's own")
         p.add_argument("--threads", type=positive(int), help="torch CPU threads")

@@ -22,6 +22,7 @@ from robustlab.text.adversary import DEFAULTS, EmbeddingAdversary, adversary_opt
 from robustlab.text.data import TextSet, Vocab, load_text_dataset
 from robustlab.text.models import build_text_model
 from robustlab.training.methods import Method, Standard, StepResult
+from robustlab.training.run import mark_started
 from robustlab.training.trainer import TrainConfig, Trainer, epoch_seed
 
 TEXT_METHODS = ("standard", *DEFAULTS)
@@ -122,6 +123,7 @@ def build_text_trainer(*, out, dataset: str = "debian-packages", model: str = "t
     config = replace(config or TrainConfig(), channels_last=False, augment="none")
     config.validate()
     device = distributed.init(config.device)
+    mark_started(out)
     data = load_text_dataset(dataset, data_dir, max_len=max_len)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -169,7 +171,6 @@ def text_trainer_from_args(args, config: TrainConfig) -> TextTrainer:
         raise RobustlabError(f"{', '.join(k for k, v in image_only.items() if v)}: image options; they do not "
                              "apply to --task text")
     from robustlab.cli import check_clean_method_flags
-    from robustlab.text.adversary import DEFAULTS
     method = args.method or "freelb"
     check_choice("text method", method, TEXT_METHODS)
     check_clean_method_flags(method, method != "standard", args)

@@ -137,7 +137,7 @@ class TinyTrainer:
         if "dataset" in run_meta:  # the augmentation that ran, as the PyTorch trainer records it
             self.run_meta = {**run_meta, "dataset": {**run_meta["dataset"], "augment": self.augment}}
         self.start_epoch, self.elapsed = 0, 0.0
-        self.best = {"epoch": None, "val_robust": -1.0}
+        self.best, self.last_metrics = {"epoch": None, "val_robust": -1.0}, {}
 
     # -- epochs --------------------------------------------------------------------------------
     def batches(self, epoch: int):
@@ -182,7 +182,7 @@ class TinyTrainer:
         (self.out / "config.json").write_text(json.dumps(
             {**self.run_meta, "method": {"name": self.method.name, **self.method.config()},
              "config": asdict(self.config)}, indent=1) + "\n")
-        metrics = {}
+        metrics = self.last_metrics  # a resumed run with nothing left to train reports its last epoch
         for epoch in range(self.start_epoch, self.config.epochs):
             start = time.perf_counter()
             train_metrics = self.train_epoch(epoch)
@@ -236,6 +236,7 @@ class TinyTrainer:
         for key, t in optimizer_state(self.optimizer).items():
             t.realize().assign(Tensor(tensors[f"optim.{key}"].numpy(), dtype=t.dtype, device=t.device)).realize()
         self.start_epoch, self.elapsed, self.best = meta["epoch"] + 1, meta["elapsed_s"], meta["best"]
+        self.last_metrics = meta["metrics"]
         if meta["metrics"].get("stopped_early"):  # as the PyTorch Trainer: training on would undo the stop
             self.start_epoch = self.config.epochs
         checkpoint.truncate_metrics(self.out, meta["epoch"], meta["metrics"])
@@ -246,12 +247,13 @@ def build_trainer(*, dataset: str, model: str, method: str, out, norm: str = "li
                   download: bool = False, config: TrainConfig | None = None, model_kwargs=None,
                   method_kwargs=None, show_progress=None) -> TinyTrainer:
     """robustlab.training.build_trainer's signature, for a tinygrad 'mlp' or 'cnn-small'."""
-    from robustlab.training.run import dataset_meta, make_method, validation_attack
+    from robustlab.training.run import dataset_meta, make_method, mark_started, validation_attack
 
     if method not in METHODS:  # before the data is read
         raise RobustlabError(f"the tinygrad backend trains methods {', '.join(METHODS)}, not {method!r}")
     config = config or TrainConfig()
     config.validate()
+    mark_started(out)
     data = load_dataset(dataset, data_dir=data_dir, download=download, seed=0)
     set_threads(config.threads)
     if config.threads:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -12,7 +13,7 @@ from robustlab import checkpoint, distributed
 from robustlab.allocator import keep_freed_memory
 from robustlab.attacks import pgd
 from robustlab.data import DatasetInfo, Splits, load_dataset
-from robustlab.errors import RobustlabError, check_choice
+from robustlab.errors import RobustlabError, check_choice, output_dir
 from robustlab.models import build_model
 from robustlab.protocol import step_for, threat_defaults
 from robustlab.training.registry import METHODS
@@ -164,6 +165,16 @@ def validation_attack(method, dataset: str, norm: str):
                    step_size=step if steps >= 10 else 2.5 * eps / 10)
 
 
+def mark_started(out):
+    """A placeholder config.json, written before the run reads its data: a run killed while starting is then one
+    that `--resume` starts afresh, as one killed in its first epoch (a folder without it is refused: a mistyped
+    --out). The Trainer replaces it with the run's own."""
+    out = Path(out)
+    if distributed.is_main() and not (out / "config.json").exists():
+        output_dir(out)
+        (out / "config.json").write_text(json.dumps({"status": "starting"}) + "\n")
+
+
 def build_trainer(*, dataset: str, model: str, method: str, out, norm: str = "linf", data_dir=None,
                   download: bool = False, config: TrainConfig | None = None, model_kwargs=None,
                   method_kwargs=None, show_progress=None, data_options=None) -> Trainer:
@@ -172,6 +183,7 @@ def build_trainer(*, dataset: str, model: str, method: str, out, norm: str = "li
     config = config or TrainConfig()
     config.validate()
     device = distributed.init(config.device)  # joins the torchrun group, if launched by torchrun
+    mark_started(out)
     data_options = {k: v for k, v in (data_options or {}).items() if v}
     data = load_dataset(dataset, data_dir=data_dir, download=download, seed=0, **data_options)
     if config.threads:

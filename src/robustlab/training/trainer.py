@@ -3,7 +3,8 @@ batching and augmentation, learning-rate schedule, validation, metrics, checkpoi
 
 Determinism: the data order, augmentation, attack random starts and torch's global RNG are seeded
 from (seed, epoch) at the start of every epoch, so resuming from an epoch checkpoint replays exactly
-the epochs an uninterrupted run would have trained.
+the epochs an uninterrupted run would have trained, bit for bit on the same device and thread count (another
+--threads or --device changes the order of floating-point sums: close, not identical).
 """
 from __future__ import annotations
 
@@ -157,6 +158,9 @@ def check_resumable(path: Path, meta: dict, backend: str, method: Method, config
     """A resumed run must be the run it continues: the same backend, method, settings, model and data (`run_meta`,
     when given). Changed options would silently mix two recipes (a new learning rate or epoch count also reshapes
     the schedule already half followed), another model fails to load, and other data of the same shape trains on."""
+    if (kind := meta.get("kind")) != "training-state":  # e.g. best.safetensors copied over: no optimizer state
+        what = "holds model weights only" if kind == "model" else f"is a {kind!r} file" if kind else "has no kind"
+        raise RobustlabError(f"--resume: {path} {what}, not a training state (last.safetensors as training writes it)")
     saved_backend = meta.get("backend", "torch")
     if saved_backend != backend:
         raise RobustlabError(f"{path} was trained with the {saved_backend} backend; resume it with --backend "
@@ -224,7 +228,7 @@ class Trainer:
         self.augment = config.augment or data.info.augment
         if "dataset" in run_meta:  # the metadata describes the data this run trained on, not the dataset's default
             self.run_meta = {**run_meta, "dataset": {**run_meta["dataset"], "augment": self.augment}}
-        self.start_epoch, self.elapsed = 0, 0.0
+        self.start_epoch, self.elapsed, self.last_metrics = 0, 0.0, {}
         self.best = {"epoch": None, "val_robust": -1.0}
         self.epochs = method.epochs_for(config.epochs)  # FreeAT: config.epochs / replays (see Method.epochs_for)
         self.ema = WeightEMA(self.model, config.ema) if config.ema else None
@@ -255,14 +259,16 @@ class Trainer:
         meta["optimizer"], meta["run_state"] = opt_info, run_info
         meta["ema_updates"] = self.ema.updates if self.ema else None
         meta["grad_scaler"] = self.scaler.state_dict() if self.scaler else None  # else a resumed fp16 run rescales
-        if is_best:  # the best weights first: a kill between the two writes then loses nothing
+        # last.safetensors last: a kill before it repeats the epoch, after it the epoch is done, so every other
+        # file of the epoch (best, the kept one) must be written by then
+        if is_best:
             checkpoint.save(self.out / "best.safetensors", checkpoint.prefixed("model.", self.eval_model.state_dict()),
                             self._metadata(epoch, metrics, "model"))
-        checkpoint.save(self.out / "last.safetensors", tensors, meta)
         if self.config.keep_every and (epoch + 1) % self.config.keep_every == 0:  # named, like the docs, from 1
             checkpoint.save(self.out / f"epoch-{epoch + 1:03d}.safetensors",
                             checkpoint.prefixed("model.", self.eval_model.state_dict()),
                             self._metadata(epoch, metrics, "model"))
+        checkpoint.save(self.out / "last.safetensors", tensors, meta)
 
     def resume(self) -> bool:
         path = self.out / "last.safetensors"
@@ -282,6 +288,7 @@ class Trainer:
         checkpoint.restore_optimizer(self.optimizer, checkpoint.unprefixed("optim.", tensors), meta["optimizer"])
         restore_run_state(self.run_state, checkpoint.unprefixed("run.", tensors), meta.get("run_state", {}))
         self.start_epoch, self.elapsed, self.best = meta["epoch"] + 1, meta["elapsed_s"], meta["best"]
+        self.last_metrics = meta["metrics"]
         if meta["metrics"].get("stopped_early"):  # e.g. Fast-AT overfitted: training on would undo the stop
             self.start_epoch = self.epochs
         if distributed.is_main():  # rank 0 alone writes the file, as in fit()
@@ -299,7 +306,7 @@ class Trainer:
         if main and len(self.data.val) == 0 and self.start_epoch < self.epochs:
             tqdm.write("no validation images: nothing ranks the epochs, so best.safetensors is the last epoch's "
                        "(the protocol holds out none from a training set under 10)")
-        metrics = {}
+        metrics = self.last_metrics  # a resumed run with nothing left to train reports its last epoch
         for epoch in range(self.start_epoch, self.epochs):
             start = time.perf_counter()
             train_metrics = self.train_epoch(epoch)
