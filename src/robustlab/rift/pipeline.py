@@ -174,19 +174,9 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
         curve_key["alpha_attack"] = settings.alpha_attack
     prepare, tune_bn = None, settings.bn
     if settings.bn == "recalibrate":  # fine-tune with the statistics fixed, then re-estimate them for each θ(α)
-        if not isinstance(data.train, ImageSet):
-            raise RobustlabError("--bn recalibrate needs a training set held in memory; this dataset is streamed")
-        recal = data.train.subset(settings.recal_n)
-        # The kind of input the source run's statistics were measured on (PGD-AT: adversarial; TRADES: both).
-        method = meta.get("method", {})
-        source_method = METHODS.get(method.get("name"))
-        inputs = source_method.batchnorm_inputs_of(method) if source_method else "adversarial"
-        # The training attack's examples: its last iterates, not the first that fools the model, as `pgd` keeps.
-        train_attack = partial(attack, keep_best=False)
-        prepare = partial(recalibrate_bn, images=recal, attack=train_attack if "adversarial" in inputs else None,
-                          clean="clean" in inputs, joint="joint" in inputs, seed=settings.seed, show=show)
+        prepare, recal_key = _recalibration(settings, data, meta.get("method", {}), attack, show)
         tune_bn = "keep"
-        curve_key.update(recal_n=len(recal), recal_inputs=inputs)
+        curve_key.update(recal_key)
     searches, tuned_states = {}, {}
     work = load()  # holds θ(α) while it is measured
     for module, lr in candidates:
@@ -253,24 +243,45 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
         paper_model = load()
         paper_model.load_state_dict(searches[paper].state(entries[paper]["alpha"]))
         models["paper pick"] = paper_model
-    results, seen = {}, {}
-    if test is not None:
-        for name, m in models.items():
-            results[name] = evaluate_test(m, data, threat_eval=budget.eval, norm=norm, settings=test, state=state,
-                                          out=out, show=show)
-            digest = results[name]["weights"]
-            if digest in seen:  # e.g. α = 0: measured once
-                results[name]["same_weights_as"] = seen[digest]
-                continue
-            seen[digest] = name
-            for metric, seconds in results[name]["seconds"].items():
-                wall[f"test {name}: {metric}"] = seconds
+    results = _test_report(models, data, budget, norm, test, state, out, show, wall) if test is not None else {}
     report = {"source": state.data["source"], "dataset": dataset, "norm": norm, "settings": settings_dict(settings),
               "test_settings": asdict(test) if test else None, "mrc": mrc, "mrc_ranking": order, "paper_pick": paper,
               "chosen": best, "rift": rift_meta, "candidates": entries, "test": results, "wall_s": wall,
               "command": command, "alpha_check": ALPHA_CHECKS[settings.alpha_attack]}
     write_report(out, report)
     return report
+
+
+def _recalibration(settings: RiftSettings, data: Splits, method: dict, attack, show):
+    """--bn recalibrate: the function that re-estimates θ(α)'s BatchNorm statistics, and what keys its curve."""
+    if not isinstance(data.train, ImageSet):
+        raise RobustlabError("--bn recalibrate needs a training set held in memory; this dataset is streamed")
+    recal = data.train.subset(settings.recal_n)
+    # The kind of input the source run's statistics were measured on (PGD-AT: adversarial; TRADES: both).
+    source_method = METHODS.get(method.get("name"))
+    inputs = source_method.batchnorm_inputs_of(method) if source_method else "adversarial"
+    # The training attack's examples: its last iterates, not the first that fools the model, as `pgd` keeps.
+    train_attack = partial(attack, keep_best=False)
+    prepare = partial(recalibrate_bn, images=recal, attack=train_attack if "adversarial" in inputs else None,
+                      clean="clean" in inputs, joint="joint" in inputs, seed=settings.seed, show=show)
+    return prepare, {"recal_n": len(recal), "recal_inputs": inputs}
+
+
+def _test_report(models: dict, data: Splits, budget, norm: str, test: TestSettings, state: State, out: Path, show,
+                 wall: dict) -> dict:
+    """Step 4, each model on the test set (read here for the first time); the same weights are measured once."""
+    results, seen = {}, {}
+    for name, m in models.items():
+        results[name] = evaluate_test(m, data, threat_eval=budget.eval, norm=norm, settings=test, state=state,
+                                      out=out, show=show)
+        digest = results[name]["weights"]
+        if digest in seen:  # e.g. α = 0
+            results[name]["same_weights_as"] = seen[digest]
+            continue
+        seen[digest] = name
+        for metric, seconds in results[name]["seconds"].items():
+            wall[f"test {name}: {metric}"] = seconds
+    return results
 
 
 def settings_dict(settings: RiftSettings) -> dict:
