@@ -398,3 +398,13 @@ def test_summary_rows_of_same_named_folders_get_distinct_names(tmp_path):
     folders = [tmp_path / "standard", tmp_path / "pgd" / "standard", tmp_path / "other"]
     rows = distinct_names([{"name": "standard"}, {"name": "standard"}, {"name": "other"}], folders)
     assert [r["name"] for r in rows] == [f"{tmp_path.name}/standard", "pgd/standard", "other"]
+
+
+def test_the_protocols_own_step_count_keeps_its_step():
+    """`--steps 50` spelled out ran PGD-50 with 2.5·ε/50 = 0.005, half the protocol's PGD-50 step (0.01)."""
+    from robustlab.protocol import step_for, threat_defaults
+    evaluation = threat_defaults("fashion-mnist", "linf").eval
+    assert step_for(evaluation, None, 50) == step_for(evaluation) == 0.01
+    assert step_for(evaluation, 0.2, 50) == pytest.approx(0.02)  # scaled with ε, as without --steps
+    assert step_for(evaluation, None, 20) == pytest.approx(2.5 * 0.1 / 20)  # another count: Madry's rule
+    assert step_for(threat_defaults("fashion-mnist", "l2").eval, None, 50) == pytest.approx(0.15)

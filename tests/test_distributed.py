@@ -378,3 +378,11 @@ def test_rift_fine_tuning_runs_under_torchrun(tmp_path, fmnist):
     report = json.loads((out / "rift_report.json").read_text())
     assert 0.0 <= report["rift"]["alpha"] <= 1.0
     assert (out / "best.safetensors").exists()
+
+
+def test_an_option_error_under_torchrun_is_said_once(tmp_path):
+    """Every rank checks the options and every rank printed the same error."""
+    proc = torchrun("-m", "robustlab", "train", "--method", "free-at", "--steps", "3", "--out", str(tmp_path / "x"),
+                    timeout=120)
+    said = [line for line in proc.stderr.splitlines() if "error: --method free-at takes no --steps" in line]
+    assert proc.returncode != 0 and len(said) == 1, failure(proc)

@@ -246,11 +246,17 @@ def test_redistribution_happens_at_exactly_the_configured_epochs(fmnist, tmp_pat
     assert trainer.method.redistribution_epochs(6) == [2, 4]
     init = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     epoch, calls = {}, []
-    original_step, original_redistribute = Generalist.train_step, G.redistribute
+    original_step, original_redistribute, original_mix = Generalist.train_step, G.redistribute, G.mix_into
 
     def step(self, ctx, x, y):
-        epoch["now"] = ctx.epoch
+        epoch["now"], epoch["mixed"] = ctx.epoch, False
+        if ctx.epoch == 2 and "idle before" not in epoch:  # the natural learner, as the first redistribution epoch begins
+            epoch["idle before"] = all(torch.equal(v, init[k]) for k, v in trainer.run_state["natural"].state_dict().items())
         return original_step(self, ctx, x, y)
+
+    def mix(*args, **kwargs):
+        original_mix(*args, **kwargs)
+        epoch["mixed"] = True
 
     def spy(global_model, *learners):
         natural = trainer.run_state["natural"]
@@ -259,16 +265,28 @@ def test_redistribution_happens_at_exactly_the_configured_epochs(fmnist, tmp_pat
         assert all(torch.equal(v, global_model.state_dict()[k]) for learner in learners
                    for k, v in learner.state_dict().items())
         assert {id(l) for l in learners} == {id(trainer.model), id(natural)}
-        calls.append((epoch["now"], untouched))
+        calls.append((epoch["now"], untouched, epoch["mixed"]))
 
     monkeypatch.setattr(Generalist, "train_step", step)
     monkeypatch.setattr(G, "redistribute", spy)
+    monkeypatch.setattr(G, "mix_into", mix)
     trainer.fit()
     per_epoch = 2 if per_step else 1  # 128 images in batches of 64
-    assert [e for e, _ in calls] == [2] * per_epoch + [4] * per_epoch
+    assert [e for e, _, _ in calls] == [2] * per_epoch + [4] * per_epoch
+    # once per epoch before its first step; per step after each step's mix, as the reference (it once came before)
+    assert all(after_mix == per_step for _, _, after_mix in calls), calls
     # β stays 1 until 2/3 of the run, after the first redistribution: the natural learner had nothing to do
-    assert calls[0][1]
+    assert epoch["idle before"] and calls[0][1] == (not per_step)  # per step, it trains in the step before the copy
     assert not calls[-1][1]
+
+
+def test_the_best_epoch_is_ranked_by_clean_plus_robust_accuracy(fmnist, tmp_path):
+    """The reference's ranking (clean + PGD-20); robust accuracy alone, every other method's, was used before."""
+    trainer = small_trainer(fmnist, tmp_path, 2, {})
+    scores = iter([{"val_clean": 0.60, "val_robust": 0.30}, {"val_clean": 0.80, "val_robust": 0.25}])
+    trainer.validate = lambda epoch: next(scores)
+    trainer.fit()
+    assert trainer.best["epoch"] == 1 and json.loads((tmp_path / "best.json").read_text())["epoch"] == 1
 
 
 def test_the_global_learner_is_validated_and_exported(fmnist, tmp_path):

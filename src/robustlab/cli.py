@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eps", type=nonnegative(float), help="attack radius in pixel scale (default: the protocol's)")
     t.add_argument("--steps", type=positive(int), help="attack steps during training (default: the protocol's)")
     t.add_argument("--step-size", type=positive(float), help="attack step size in pixel scale (default: the "
-                   "protocol's, scaled with --eps; 2.5·ε/steps with --steps)")
+                   "protocol's, scaled with --eps; 2.5·ε/steps with another --steps)")
     m = t.add_argument_group("method options (defaults: each method's paper; see docs/methods.md)")
     m.add_argument("--beta", type=nonnegative(float), help="TRADES / MART regularization weight")
     m.add_argument("--separate-batches", dest="joint_batch", action="store_false", default=None,
@@ -372,7 +372,12 @@ def main(argv=None) -> int:
                     "bench": cmd_bench, **RIFT_COMMANDS}
         return commands[args.command](args)
     except RobustlabError as exc:
-        print(f"robustlab: error: {one_line(exc)}", file=sys.stderr)
+        from robustlab import distributed
+        rank = os.environ.get("RANK", "0")  # under torchrun; the process group may not be up yet
+        if rank == "0":
+            print(f"robustlab: error: {one_line(exc)}", file=sys.stderr)
+        elif distributed.active():  # raised inside the run, maybe on this rank alone; option errors are every rank's
+            print(f"robustlab (rank {rank}): error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         kept = INTERRUPTED[args.command]

@@ -43,11 +43,14 @@ PROTOCOL = {"fashion-mnist": _FMNIST, "mnist": _MNIST, "cifar10": _CIFAR, "cifar
 
 
 def step_for(budget: Budget, eps: float | None = None, steps: int | None = None) -> float:
-    """The step size of `budget` with ε or the step count changed: 2.5·ε/steps when the steps are given (Madry et
+    """The step size of `budget` with ε or the step count changed: 2.5·ε/steps for another step count (Madry et
     al.'s rule, which the protocol's training steps follow), else the budget's step scaled with ε, so that a larger
-    ε never gets a step too short to reach its edge (10 steps of 0.025 cannot cross ε = 2)."""
+    ε never gets a step too short to reach its edge (10 steps of 0.025 cannot cross ε = 2). The budget's own step
+    count keeps its step: `--steps 50` spelled out is the protocol's PGD-50, step 0.01, not 0.005."""
     eps = budget.eps if eps is None else eps
-    return 2.5 * eps / steps if steps is not None else budget.step_size * (eps / budget.eps)  # (ε/ε is exactly 1)
+    if steps is not None and steps != budget.steps:
+        return 2.5 * eps / steps
+    return budget.step_size * (eps / budget.eps)  # (ε/ε is exactly 1)
 
 
 def threat_defaults(dataset: str, norm: str) -> ThreatDefaults:

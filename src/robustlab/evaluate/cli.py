@@ -28,7 +28,7 @@ def add_parser(sub):
                    "0.5, L2 in the embedding's scale)")
     e.add_argument("--steps", type=positive(int), help="PGD steps (default: the protocol's)")
     e.add_argument("--step-size", type=positive(float), help="PGD step in pixel scale (default: the protocol's, scaled "
-                   "with --eps; 2.5·ε/steps with --steps)")
+                   "with --eps; 2.5·ε/steps with another --steps)")
     e.add_argument("--restarts", type=positive(int), help="PGD restarts, each on the images still robust (default: "
                    "the protocol's)")
     e.add_argument("--n", "--subset", dest="n", type=positive(int),
