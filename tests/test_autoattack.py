@@ -2,6 +2,8 @@
 the papers fix (step-size checkpoints, exact projections, minimal perturbations, resumable state)."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -394,6 +396,15 @@ def test_interrupted_evaluation_resumes_to_the_same_result(robust_model, test_ba
     assert again.calls <= 1
     with pytest.raises(RobustlabError, match="different evaluation"):
         autoattack(robust_model, x, y, state_path=state, **{**kwargs, "eps": 0.2})
+    # ...and so is the state of other weights: a suite run again after training went on reported the old model's
+    # AutoAttack as the new one's; the suite replaces it
+    other = CountingModel(copy.deepcopy(robust_model))
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    with pytest.raises(RobustlabError, match="differs in model"):
+        autoattack(other, x, y, state_path=state, **kwargs)
+    replaced = autoattack(other, x, y, state_path=state, replace_other_state=True, **kwargs)
+    assert torch.equal(replaced.broken_by, autoattack(other, x, y, **kwargs).broken_by)
 
 
 def test_fab_l2_projection_leaves_near_zero_weights_alone_when_the_plane_is_out_of_reach():

@@ -269,7 +269,10 @@ def test_standard_suite_reports_autoattack_sanity_and_ood(tmp_path):
                        "--steps", "3", "--restarts", "1", "--aa-steps", "5", "--aa-queries", "50", "--sanity-n", "40",
                        "--sweep-n", "0", "--threads", "1")
     assert result.returncode == 0, result.stderr
+    assert "AutoAttack after square (off-protocol: 5 steps, 50 queries) (first 24 test images)" in result.stdout, \
+        result.stdout
     report = json.loads((run / "report.json").read_text())
+    assert report["run"]["checkpoint"] == str((run / "best.safetensors").resolve())
     names = [row["name"] for row in report["rows"]]
     # --aa-n: AutoAttack on the first 24 images, everything else on all 40
     assert {row["n"] for row in report["rows"] if row["name"].startswith("AutoAttack")} == {24}
@@ -287,9 +290,17 @@ def test_standard_suite_reports_autoattack_sanity_and_ood(tmp_path):
     # with a one-step attack too: its sanity checks called it at other ε, which it did not take (a traceback)
     fgsm = robustlab("eval", str(run), "--suite", "standard", "--attack", "fgsm", "--data-dir", FMNIST, "--n", "20",
                      "--aa-steps", "2", "--aa-queries", "10", "--sanity-n", "20", "--no-ood", "--sweep-n", "0",
-                     "--threads", "1", "--out", str(tmp_path / "fgsm"))
+                     "--threads", "1", "--out", str(tmp_path / "fgsm"), "--json")
     assert fgsm.returncode == 0, fgsm.stderr
     assert json.loads((tmp_path / "fgsm" / "report.json").read_text())["sanity"]["verdict"]
+    printed = json.loads(fgsm.stdout)  # --json printed clean and FGSM only: no AutoAttack, no verdict
+    assert printed["sanity"] and any(row["name"].startswith("AutoAttack") for row in printed["rows"])
+    # --out over another checkpoint's report, or into another run's folder, replaced it without a word
+    (tmp_path / "other-run").mkdir()
+    (tmp_path / "other-run" / "config.json").write_text("{}")
+    for out, words in ((run, "holds the report of"), (tmp_path / "other-run", "another run's folder")):
+        refused = robustlab("eval", str(run), "--checkpoint", "last", "--out", str(out), "--data-dir", FMNIST)
+        assert refused.returncode == 2 and words in refused.stderr, refused.stderr
 
 
 def test_auto_precision_is_bf16_only_where_the_device_has_bf16_units(monkeypatch):

@@ -6,6 +6,7 @@ mid-write leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -131,3 +132,13 @@ def truncate_metrics(run, last_epoch: int, last_row: dict) -> None:
     rows = [r for r in read_metrics(run) if r["epoch"] < last_epoch] + [last_row]
     text = "".join(json.dumps(r) + "\n" for r in rows)
     _atomic_write_bytes(Path(run) / "metrics.jsonl", lambda p: p.write_text(text))  # a kill here loses no history
+
+
+def weights_digest(model) -> str:
+    """A short fingerprint of a model's state: what an AutoAttack state, a RiFT fine-tuning run, α curve or cached
+    test result belongs to."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -90,8 +90,9 @@ def _fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
 class _State:
     """Progress of one evaluation: the next (stage, batch) to run and everything found so far."""
 
-    def __init__(self, x: torch.Tensor, config: dict, path):
+    def __init__(self, x: torch.Tensor, config: dict, path, replace_other: bool = False):
         self.path = Path(path) if path is not None else None
+        self.replace_other = replace_other
         self.config = config
         self.x_adv = x.clone()
         self.broken_by = torch.full((len(x),), ROBUST, dtype=torch.int8, device=x.device)
@@ -105,6 +106,10 @@ class _State:
         tensors, meta = _load_state(self.path)
         if meta["config"] != self.config:
             diff = sorted(k for k in set(meta["config"]) | set(self.config) if meta["config"].get(k) != self.config.get(k))
+            if self.replace_other:  # overwritten by this evaluation's first save
+                tqdm.write(f"{self.path} held another evaluation (it differs in {', '.join(diff)}); AutoAttack starts "
+                           "afresh")
+                return
             raise RobustlabError(f"{self.path} holds the state of a different evaluation (differs in {', '.join(diff)}); "
                                  "delete it or pass another state path")
         index = tensors["adv_index"].to(self.x_adv.device)
@@ -163,12 +168,14 @@ def _check_inputs(x, y, eps, norm, batch_size):
 
 def autoattack(model, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf", version: str = "standard",
                n_target_classes: int = 9, seed: int = 0, batch_size: int = 250, progress: bool | None = True,
-               state_path=None, steps: int = 100, queries: int = 5000) -> AutoAttackResult:
+               state_path=None, replace_other_state: bool = False, steps: int = 100,
+               queries: int = 5000) -> AutoAttackResult:
     """AutoAttack-standard on a batch of float images in [0, 1].
 
     batch_size: examples per attack call (robust ones only are attacked, so later stages run
     smaller batches). progress: tqdm bars per stage (None: only on a terminal).
-    state_path: a .safetensors file to resume from and to save progress to after every batch.
+    state_path: a .safetensors file to resume from and to save progress to after every batch; one holding another
+    evaluation (other settings, images or model weights) is an error, or replaced with `replace_other_state`.
     steps / queries: APGD and FAB iterations / Square queries; anything but 100 / 5000 is off-protocol
     and meant for quick checks. n_target_classes is capped at num_classes − 1.
     """
@@ -185,10 +192,11 @@ def autoattack(model, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str
         raise RobustlabError(f"AutoAttack's APGD-T uses the targeted DLR loss, which needs at least "
                              f"{min_classes('dlr-targeted')} classes; the model has {num_classes}")
     config = {"version": version, "eps": float(eps), "norm": norm, "n": n, "seed": seed, "batch_size": batch_size,
-              "n_target_classes": n_targets, "steps": steps, "queries": queries, "data": _fingerprint(x, y)}
+              "n_target_classes": n_targets, "steps": steps, "queries": queries, "data": _fingerprint(x, y),
+              "model": checkpoint.weights_digest(model)}  # a state of the model before a resumed training went on
     if distributed.active() and state_path is not None:  # one state file per rank: each holds its own batches
         state_path = Path(state_path).with_suffix(f".rank{distributed.rank()}of{distributed.world_size()}.safetensors")
-    state = _State(x, config, state_path)
+    state = _State(x, config, state_path, replace_other_state)
     attacks = _attacks(eps, norm, n_targets, steps, queries)
     starts = list(range(0, n, batch_size))
     mine = set(distributed.my_batches(len(starts)))

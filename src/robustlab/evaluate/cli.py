@@ -321,8 +321,22 @@ def _evaluated(args) -> tuple[Path, str]:
 
 
 def _report_dir(args) -> Path:
-    """Where the report goes: --out, else `_evaluated`'s folder (made now, so a bad path fails before the attacks)."""
+    """Where the report goes: --out, else `_evaluated`'s folder (made now, so a bad path fails before the attacks).
+    An --out that holds another run, or another checkpoint's report, is refused: it was overwritten without a word,
+    and the report named the folder's run, not the one evaluated."""
+    from robustlab.training.run import resolve_checkpoint
     out = Path(args.out) if args.out else _evaluated(args)[0]
+    if args.out and args.split == "test":
+        if out.resolve() != _run_dir(args).resolve() and any((out / f).exists() for f in ("config.json", "last.safetensors")):
+            raise RobustlabError(f"--out {out} is another run's folder; give the report a folder of its own")
+        source = str(resolve_checkpoint(args.run, args.checkpoint).resolve())
+        try:
+            earlier = json.loads((out / "report.json").read_text())["run"].get("checkpoint", source)
+        except (OSError, ValueError, KeyError, AttributeError):  # none, or one that records no checkpoint
+            earlier = source
+        if earlier != source:
+            raise RobustlabError(f"--out {out} holds the report of {earlier}; choose another --out, or delete its "
+                                 "report.json to replace it")
     return output_dir(out) if args.split == "test" else out
 
 
@@ -343,6 +357,7 @@ def _finish_eval(args, results, plots, measure, test, out, unit: str) -> int:
     from robustlab import distributed
     from robustlab.checkpoint import read_metrics
     from robustlab.evaluate.report import plot_accuracy_vs_eps, plot_training_curves, write_report
+    from robustlab.training.run import resolve_checkpoint
 
     clean, label, n, eps = results["clean"], results["label"], results["n"], results["attack"]["eps"]
     results["unit"] = unit
@@ -361,6 +376,7 @@ def _finish_eval(args, results, plots, measure, test, out, unit: str) -> int:
         return 0
     run = results["run"]
     run_dir = _run_dir(args)
+    run["checkpoint"] = str(resolve_checkpoint(args.run, args.checkpoint).resolve())  # which model, wherever it goes
     if "sweep" in results:
         plot_accuracy_vs_eps({label.split(" ")[0]: results["sweep"]["points"]}, out / "accuracy_vs_eps.png",
                              f"{run['model']} on {run['dataset']} ({results['sweep']['n']} test {unit})",
@@ -374,12 +390,14 @@ def _finish_eval(args, results, plots, measure, test, out, unit: str) -> int:
                              f"{run['model']} on {run['dataset']}: validation during training")
         plots["Training curves"] = "training_curves.png"
     write_report(out, results, plots, run_name=_evaluated(args)[1])
-    if args.json:
-        print(json.dumps({k: results[k] for k in ("clean", "robust", "n", "attack", "wall_s")}))
+    if args.json:  # with --suite standard, every row (AutoAttack's stages, OOD) and the sanity verdict too
+        summary = {k: results[k] for k in ("clean", "robust", "n", "attack", "label", "rows", "wall_s")}
+        print(json.dumps({**summary, **({"sanity": results["sanity"].get("verdict")} if "sanity" in results else {})}))
     else:
         print(f"clean accuracy   {clean:.2%} ({n} test {unit})")
         for row in results["rows"][1:]:
-            print(f"{row['accuracy']:7.2%}  {row['name']}")
+            fewer = f" (first {row['n']} test {unit})" if row.get("n", n) != n else ""  # e.g. AutoAttack on --aa-n
+            print(f"{row['accuracy']:7.2%}  {row['name']}{fewer}")
         if "sanity" in results:
             print(f"sanity checks: {results['sanity'].get('verdict')}")
         print(f"report: {out / 'report.md'}")

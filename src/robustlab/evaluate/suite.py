@@ -57,6 +57,7 @@ def run_suite(model, test, info, *, norm, eps, attack_at, pgd_label, out_dir, aa
     aa_n = min(aa_n or len(test), len(test))
     aa = autoattack_accuracy(model, test, eps, norm, n=aa_n, batch_size=max(1, batch_size // 2), seed=seed,
                              progress=show is not False, state_path=out_dir / "autoattack_state.safetensors",
+                             replace_other_state=True,  # the report it belonged to is being rewritten too
                              steps=aa_steps, queries=aa_queries)
     wall["autoattack"] = time.perf_counter() - start
     off = "" if (aa_steps, aa_queries) == (100, 5000) else f" (off-protocol: {aa_steps} steps, {aa_queries} queries)"

@@ -19,7 +19,6 @@ kind of input the robust model's own statistics were measured on.
 from __future__ import annotations
 
 import copy
-import hashlib
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -85,16 +84,6 @@ def module_names(model: nn.Module, spec: str) -> list[str]:
     return names
 
 
-def weights_digest(model) -> str:
-    """A short fingerprint of a model's state: what a fine-tuning run started from, what an α curve or a cached
-    test result measured."""
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def finetune(model: nn.Module, module: str, data: Splits, out_dir, run_meta: dict, *, lr: float = 0.001,
              epochs: int = 10, batch_size: int = 128, momentum: float = 0.9, weight_decay: float = 5e-4,
              augment: str | None = None, bn: str = "update", seed: int = 0, train_n: int | None = None,
@@ -114,7 +103,7 @@ def finetune(model: nn.Module, module: str, data: Splits, out_dir, run_meta: dic
     config = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer="sgd", lr=lr, momentum=momentum,
                          weight_decay=weight_decay, schedule="constant", seed=seed, augment=augment,
                          train_n=train_n, ema=None,  # the epoch choice's data, and the weights started from:
-                         extra={"val_images": len(data.val), "start": weights_digest(model)})
+                         extra={"val_images": len(data.val), "start": checkpoint.weights_digest(model)})
     method = CriticalFinetune(module, lr, bn)
     out = Path(out_dir)
     trainer = Trainer(tuned, method, data, config, out, run_meta, val_attack=None, device=model_device(model),

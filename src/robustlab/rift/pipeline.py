@@ -23,8 +23,8 @@ from robustlab.evaluate.accuracy import accuracy
 from robustlab.evaluate.corruptions import ood_accuracy
 from robustlab.models import fast_memory_format
 from robustlab.protocol import threat_defaults
-from robustlab.rift.finetune import (ALPHAS, BN_MODES, AlphaSearch, finetune, module_names, recalibrate_bn,
-                                     weights_digest)
+from robustlab.checkpoint import weights_digest
+from robustlab.rift.finetune import ALPHAS, BN_MODES, AlphaSearch, finetune, module_names, recalibrate_bn
 from robustlab.rift.mrc import MRCConfig, compute_mrc, file_sha256, plot_mrc, ranked, read_json, write_json
 from robustlab.rift.report import plot_alpha, write_report
 from robustlab.training.registry import METHODS
