@@ -115,6 +115,8 @@ def cmd_eval(args) -> int:
         label += f", margin loss, smooth ReLU gradients τ={tau:g}" if args.attack == "pgd-smooth" else ""
     else:
         label = f"{args.attack.upper()} ε={eps:g}"
+    if eps == 0:  # the "robust" row is then clean accuracy itself: no attack ran
+        label = "no attack (ε = 0)"
     if args.transfer_from:
         return _eval_transfer(args, model, source, images, attack_at(eps), label)
     out = _report_dir(args)
@@ -355,7 +357,7 @@ def _finish_eval(args, results, plots, measure, test, out, unit: str) -> int:
     """The end of every evaluation: validation figures are printed only; test figures get the ε sweep, the training
     curves and report.md / report.json. `measure(subset, eps, progress)` is the run's accuracy under its attack."""
     from robustlab import distributed
-    from robustlab.checkpoint import read_metrics
+    from robustlab.checkpoint import read_metadata, read_metrics
     from robustlab.evaluate.report import plot_accuracy_vs_eps, plot_training_curves, write_report
     from robustlab.training.run import resolve_checkpoint
 
@@ -378,7 +380,8 @@ def _finish_eval(args, results, plots, measure, test, out, unit: str) -> int:
     run_dir = _run_dir(args)
     run["checkpoint"] = str(resolve_checkpoint(args.run, args.checkpoint).resolve())  # which model, wherever it goes
     if "sweep" in results:
-        plot_accuracy_vs_eps({label.split(" ")[0]: results["sweep"]["points"]}, out / "accuracy_vs_eps.png",
+        legend = label.split(" ")[0] + (" smooth-gradient" if results["attack"]["name"] == "pgd-smooth" else "")
+        plot_accuracy_vs_eps({legend: results["sweep"]["points"]}, out / "accuracy_vs_eps.png",
                              f"{run['model']} on {run['dataset']} ({results['sweep']['n']} test {unit})",
                              results["attack"]["norm"], "embedding scale" if unit == "texts" else "pixel scale")
         plots = {"Accuracy versus ε": "accuracy_vs_eps.png", **plots}
@@ -386,8 +389,14 @@ def _finish_eval(args, results, plots, measure, test, out, unit: str) -> int:
         run["train_s"] = metrics[-1].get("elapsed_s")  # so that `robustlab summary` finds it wherever the report goes
         if stop := metrics[-1].get("stopped_early"):  # e.g. Fast-AT's overfitting check: the reader should know
             run["stopped_early"] = f"after epoch {metrics[-1]['epoch'] + 1}: {stop}"
-        plot_training_curves({run["method"] or run_dir.name: metrics}, out / "training_curves.png",
-                             f"{run['model']} on {run['dataset']}: validation during training")
+        meta = read_metadata(run["checkpoint"])
+        val_n, val_size = meta.get("config", {}).get("val_n"), meta.get("dataset", {}).get("val_size")
+        robust_on = f"robust: PGD-10 on the first {val_n}" if val_n and val_size and val_n < val_size else "robust: PGD-10"
+        name = run["method"] or run_dir.name
+        plot_training_curves({name: metrics}, out / "training_curves.png",
+                             f"{run['model']} on {run['dataset']}: validation during training\n(clean on "
+                             f"{val_size or 'all'} images, {robust_on})",
+                             best={name: (meta.get("best") or {}).get("epoch")})
         plots["Training curves"] = "training_curves.png"
     write_report(out, results, plots, run_name=_evaluated(args)[1])
     if args.json:  # with --suite standard, every row (AutoAttack's stages, OOD) and the sanity verdict too

@@ -30,11 +30,13 @@ def plot_accuracy_vs_eps(curves: dict[str, list[tuple[float, float]]], path, tit
     plt.close(fig)
 
 
-def plot_training_curves(runs: dict[str, list[dict]], path, title: str):
-    """Validation clean (dashed) and robust (solid) accuracy per epoch, one colour per run, the best
-    epoch by validation robust accuracy ringed: robust overfitting shows as a robust line that peaks
-    and falls while training goes on."""
+def plot_training_curves(runs: dict[str, list[dict]], path, title: str, best: dict[str, int] | None = None):
+    """Validation clean (dashed) and robust (solid) accuracy per epoch, one colour per run, the kept epoch ringed
+    (`best`: run name → 0-based epoch, e.g. a checkpoint's; else the highest validation robust accuracy, the
+    Trainer's rule for most methods): robust overfitting shows as a robust line that peaks and falls while
+    training goes on."""
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
+    last = 1
     for i, (name, metrics) in enumerate(runs.items()):
         rows = [m for m in metrics if math.isfinite(m.get("val_robust", math.nan))]  # NaN: no validation split
         if not rows:
@@ -43,11 +45,16 @@ def plot_training_curves(runs: dict[str, list[dict]], path, title: str):
         epochs = [m["epoch"] + 1 for m in rows]
         robust = [100 * m["val_robust"] for m in rows]
         ax.plot(epochs, robust, color=colour, marker=".", label=f"{name}: robust")
-        if all("val_clean" in m for m in rows):
-            ax.plot(epochs, [100 * m["val_clean"] for m in rows], color=colour, ls="--", label=f"{name}: clean")
-        best = max(range(len(rows)), key=lambda j: robust[j])  # the first maximum, as the Trainer keeps it
-        ax.plot(epochs[best], robust[best], "o", ms=11, mfc="none", color=colour)
+        if all("val_clean" in m for m in rows):  # markers on both: a one-epoch run is a point, not a line
+            ax.plot(epochs, [100 * m["val_clean"] for m in rows], color=colour, ls="--", marker=".",
+                    label=f"{name}: clean")
+        kept = [j for j, m in enumerate(rows) if m["epoch"] == (best or {}).get(name)]
+        j = kept[0] if kept else max(range(len(rows)), key=lambda k: robust[k])  # the first maximum, as kept
+        ax.plot(epochs[j], robust[j], "o", ms=11, mfc="none", color=colour,
+                label="kept checkpoint (best.safetensors)" if i == 0 else None)
+        last = max(last, epochs[-1])
     ax.set_xlabel("epoch")
+    ax.set_xlim(0.5, last + 0.5)  # a single epoch once spread 0.95–1.05 over the axis
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("validation accuracy (%)")
     ax.grid(alpha=0.3)

@@ -27,7 +27,9 @@ def plot_per_class(class_names, clean_mask, robust_mask, labels, path, robust_la
     idx = torch.arange(n).numpy()
     ax.bar(idx - 0.2, clean, 0.4, label="clean")
     ax.bar(idx + 0.2, robust, 0.4, label=robust_label)
-    ax.set_xticks(idx, class_names, rotation=35, ha="right", fontsize=8)
+    counts = [int((labels == c).sum()) for c in range(n)]  # how many images each bar rests on
+    ax.set_xticks(idx, [f"{name} ({k})" for name, k in zip(class_names, counts)], rotation=35, ha="right", fontsize=8)
+    ax.set_title(f"Per-class accuracy on {len(labels)} test images (images per class in brackets)", fontsize=10)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
