@@ -76,7 +76,7 @@ def cmd_eval(args) -> int:
         torch.set_num_threads(args.threads)
     _check_eval_options(args)
     device = distributed.init(args.device)  # under torchrun every attack below shares the test set out over the ranks
-    model = load_model(args.run, args.checkpoint)  # a text run's model comes with its vocabulary
+    model = load_model(_source(args))  # a text run's model comes with its vocabulary
     if model.checkpoint_meta.get("task") == "text":
         return _eval_text(args, model.to(device), device)
     # channels_last halves the cost of model passes on CPUs (measured in the AutoAttack timing).
@@ -311,12 +311,20 @@ def _run_dir(args) -> Path:
     return Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
 
 
+def _source(args) -> Path:
+    """The checkpoint file evaluated (RUN, with --checkpoint), resolved once for the model, the report's folder and
+    its record."""
+    if getattr(args, "source_file", None) is None:
+        from robustlab.training.run import resolve_checkpoint
+        args.source_file = resolve_checkpoint(args.run, args.checkpoint).resolve()
+    return args.source_file
+
+
 def _evaluated(args) -> tuple[Path, str]:
     """The default report folder and the report's title: the run's directory and name for its best checkpoint,
     RUN/eval-NAME and RUN/NAME.safetensors for any other (last, epoch-005, or one of several files in a folder),
     so that evaluating one checkpoint never overwrites another's report."""
-    from robustlab.training.run import resolve_checkpoint
-    source, run_dir = resolve_checkpoint(args.run, args.checkpoint), _run_dir(args)
+    source, run_dir = _source(args), _run_dir(args)
     if source.stem == "best":
         return run_dir, run_dir.name
     return run_dir / f"eval-{source.stem}", f"{run_dir.name}/{source.name}"
@@ -326,12 +334,11 @@ def _report_dir(args) -> Path:
     """Where the report goes: --out, else `_evaluated`'s folder (made now, so a bad path fails before the attacks).
     An --out that holds another run, or another checkpoint's report, is refused: it was overwritten without a word,
     and the report named the folder's run, not the one evaluated."""
-    from robustlab.training.run import resolve_checkpoint
     out = Path(args.out) if args.out else _evaluated(args)[0]
     if args.out and args.split == "test":
         if out.resolve() != _run_dir(args).resolve() and any((out / f).exists() for f in ("config.json", "last.safetensors")):
             raise RobustlabError(f"--out {out} is another run's folder; give the report a folder of its own")
-        source = str(resolve_checkpoint(args.run, args.checkpoint).resolve())
+        source = str(_source(args))
         try:
             earlier = json.loads((out / "report.json").read_text())["run"].get("checkpoint", source)
         except (OSError, ValueError, KeyError, AttributeError):  # none, or one that records no checkpoint
@@ -359,7 +366,6 @@ def _finish_eval(args, results, plots, measure, test, out, unit: str) -> int:
     from robustlab import distributed
     from robustlab.checkpoint import read_metadata, read_metrics
     from robustlab.evaluate.report import plot_accuracy_vs_eps, plot_training_curves, write_report
-    from robustlab.training.run import resolve_checkpoint
 
     clean, label, n, eps = results["clean"], results["label"], results["n"], results["attack"]["eps"]
     results["unit"] = unit
@@ -378,7 +384,7 @@ def _finish_eval(args, results, plots, measure, test, out, unit: str) -> int:
         return 0
     run = results["run"]
     run_dir = _run_dir(args)
-    run["checkpoint"] = str(resolve_checkpoint(args.run, args.checkpoint).resolve())  # which model, wherever it goes
+    run["checkpoint"] = str(_source(args))  # which model, wherever the report goes
     if "sweep" in results:
         legend = label.split(" ")[0] + (" smooth-gradient" if results["attack"]["name"] == "pgd-smooth" else "")
         plot_accuracy_vs_eps({legend: results["sweep"]["points"]}, out / "accuracy_vs_eps.png",
