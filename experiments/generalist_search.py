@@ -180,7 +180,8 @@ def main(argv=None):
     p.add_argument("stage", choices=("scan", "confirm", "table"))
     p.add_argument("--out", default="runs/generalist-search")
     p.add_argument("--stage", dest="table_stage", default="scan", help="for `table`: scan or confirm")
-    p.add_argument("--baseline", default="pgd-at", help="pgd-at or pgd-at-ema: what the margin is measured against")
+    p.add_argument("--baseline", default="pgd-at", choices=("pgd-at", "pgd-at-ema"),
+                   help="what the margin is measured against")
     p.add_argument("--budget", type=positive(int), default=24, help="scan: configurations (the reference one included)")
     p.add_argument("--top", type=positive(int), default=3, help="confirm: how many of the scan's best to rerun")
     p.add_argument("--sample-seed", type=nonnegative(int), default=0)

@@ -12,7 +12,6 @@ Validation images only: nothing here reads the test set.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from functools import partial
@@ -23,6 +22,7 @@ from robustlab import load_model
 from robustlab.attacks import dlr_loss, pgd
 from robustlab.attacks.apgd import apgd
 from robustlab.attacks.square import square
+from robustlab.cli import OneLineParser, positive
 from robustlab.errors import RobustlabError, run_script
 from robustlab.evaluate import accuracy
 from robustlab.training.run import run_dataset
@@ -49,11 +49,11 @@ def probe(run: str, n: int, args_eps: float | None) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+")
-    p.add_argument("--n", type=int, default=1000, help="validation images")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--eps", type=float, help="the threat's ε (default: the run's training ε)")
+    p.add_argument("--n", type=positive(int), default=1000, help="validation images")
+    p.add_argument("--threads", type=positive(int), default=1)
+    p.add_argument("--eps", type=positive(float), help="the threat's ε (default: the run's training ε)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print("| run | clean | PGD-10 | PGD-10 DLR | APGD-CE-20 | Square-300 | PGD-10 − APGD-CE-20 |")

@@ -7,23 +7,23 @@ worktree of the older commit). Test images are read, so this is for reporting, n
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import torch
 
 from robustlab import load_model
+from robustlab.cli import OneLineParser, positive
 from robustlab.errors import run_script
 from robustlab.evaluate import corruptions
 from robustlab.training.run import run_dataset
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("run")
-    p.add_argument("--n", type=int, default=10000, help="first N test images")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--n", type=positive(int), default=10000, help="first N test images")
+    p.add_argument("--threads", type=positive(int), default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_model(args.run)

@@ -7,9 +7,11 @@ Reads only each run's rift_state.json (validation figures); the runs must share 
 tolerance line (drawn from the first run's α = 0) applies to all.
 """
 import json
+import sys
 from pathlib import Path
 
 from robustlab.cli import OneLineParser, nonnegative
+from robustlab.errors import run_script
 from robustlab.rift.report import plot_alpha
 
 
@@ -40,4 +42,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -25,7 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from robustlab.cli import OneLineParser, nonnegative, positive
-from robustlab.errors import run_script
+from robustlab.errors import RobustlabError, run_script
 from robustlab.provenance import commit, machine
 
 RUNS = [  # (label, method, options): the most expensive first, so that the workers finish together
@@ -114,11 +114,13 @@ def main(argv=None) -> int:
     p.add_argument("--train-n", type=positive(int), help="train on the first N training descriptions (quick looks)")
     p.add_argument("--attack-n", type=positive(int), default=1000, help="test descriptions under PGD")
     p.add_argument("--jobs", type=positive(int), default=2, help="parallel runs, one thread each")
-    p.add_argument("--methods", nargs="+", default=[m for _, m, _ in RUNS], help="a subset of: "
-                   + ", ".join(m for _, m, _ in RUNS))
+    p.add_argument("--methods", nargs="+", default=[m for _, m, _ in RUNS], choices=[m for _, m, _ in RUNS],
+                   help="a subset of: " + ", ".join(m for _, m, _ in RUNS))
     p.add_argument("--eps", type=nonnegative(float), help="one training budget ε for every method instead of their defaults "
                    "(PGD's step then ε/3); choose it on validation accuracy, never on the test set")
     args = p.parse_args(argv)
+    if args.data_dir and not Path(args.data_dir).expanduser().is_dir():  # a mistyped path once got a new corpus
+        raise RobustlabError(f"--data-dir {args.data_dir}: no such folder (leave it out to use the user cache)")
 
     from robustlab.text.data import load_text_dataset
     load_text_dataset("debian-packages", args.data_dir)  # build the corpus once, before the workers start

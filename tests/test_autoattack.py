@@ -13,7 +13,7 @@ from torch import nn
 
 from robustlab.attacks import pgd, within_ball
 from robustlab.attacks.apgd import apgd, apgd_run, apgd_targeted, dlr_targeted_loss, step_size_checkpoints
-from robustlab.attacks.autoattack import STAGES, autoattack, autoattack_accuracy
+from robustlab.attacks.autoattack import STAGES, autoattack, autoattack_accuracy, load_finished_state
 from robustlab.attacks.fab import fab_targeted, project_on_hyperplane_box
 from robustlab.attacks.pgd import attack_mode, perturb
 from robustlab.attacks.square import square
@@ -394,6 +394,10 @@ def test_interrupted_evaluation_resumes_to_the_same_result(robust_model, test_ba
     again = CountingModel(robust_model)
     assert autoattack(again, x, y, state_path=state, **kwargs).stage_accuracy == full.stage_accuracy
     assert again.calls <= 1
+    # a finished state read against a model and images (experiments/masking_probe.py) must be theirs
+    load_finished_state(state, again, x, y)
+    with pytest.raises(RobustlabError, match="other images than the first 40"):
+        load_finished_state(state, again, x.flip(0), y.flip(0))
     with pytest.raises(RobustlabError, match="different evaluation"):
         autoattack(robust_model, x, y, state_path=state, **{**kwargs, "eps": 0.2})
     # ...and so is the state of other weights: a suite run again after training went on reported the old model's
@@ -403,6 +407,8 @@ def test_interrupted_evaluation_resumes_to_the_same_result(robust_model, test_ba
         next(other.parameters()).add_(0.01)
     with pytest.raises(RobustlabError, match="differs in model"):
         autoattack(other, x, y, state_path=state, **kwargs)
+    with pytest.raises(RobustlabError, match="another model's weights"):
+        load_finished_state(state, other, x, y)
     replaced = autoattack(other, x, y, state_path=state, replace_other_state=True, **kwargs)
     assert torch.equal(replaced.broken_by, autoattack(other, x, y, **kwargs).broken_by)
 

@@ -280,15 +280,6 @@ def test_redistribution_happens_at_exactly_the_configured_epochs(fmnist, tmp_pat
     assert not calls[-1][1]
 
 
-def test_the_best_epoch_is_ranked_by_clean_plus_robust_accuracy(fmnist, tmp_path):
-    """The reference's ranking (clean + PGD-20); robust accuracy alone, every other method's, was used before."""
-    trainer = small_trainer(fmnist, tmp_path, 2, {})
-    scores = iter([{"val_clean": 0.60, "val_robust": 0.30}, {"val_clean": 0.80, "val_robust": 0.25}])
-    trainer.validate = lambda epoch: next(scores)
-    trainer.fit()
-    assert trainer.best["epoch"] == 1 and json.loads((tmp_path / "best.json").read_text())["epoch"] == 1
-
-
 def test_the_global_learner_is_validated_and_exported(fmnist, tmp_path):
     trainer = small_trainer(fmnist, tmp_path, 2, {"mix_start": 0.0, "mix_final": 0.5})
     trainer.fit()

@@ -303,7 +303,7 @@ def test_training_curves_plot_reads_the_runs_metrics(tmp_path):
     no_val = [{"epoch": 0, "val_clean": float("nan"), "val_robust": float("nan")}]
     plot_training_curves({"a": lines, "no validation": no_val}, tmp_path / "curves.png", "toy")
     assert (tmp_path / "curves.png").stat().st_size > 1000
-    # the kept epoch is the checkpoint's where it is given (Generalist ranks by clean + robust), one epoch is a point
+    # the kept epoch is the checkpoint's where it is given, and one epoch is a point
     plot_training_curves({"a": lines[:1]}, tmp_path / "one.png", "toy", best={"a": 0})
     plot_training_curves({"a": lines}, tmp_path / "kept.png", "toy", best={"a": 4})
     assert (tmp_path / "one.png").stat().st_size > 1000 and (tmp_path / "kept.png").stat().st_size > 1000

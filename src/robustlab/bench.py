@@ -60,16 +60,16 @@ def median_seconds(fns: dict, iters: int = 10, warmup: int = 2) -> dict:
 
 
 def main(argv=None):
-    from robustlab.cli import OneLineParser
+    from robustlab.cli import OneLineParser, nonnegative, positive
     p = OneLineParser(prog="python -m robustlab.bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="cnn-small")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--eps", type=float, default=0.1)
+    p.add_argument("--batch-size", type=positive(int), default=128)
+    p.add_argument("--iters", type=positive(int), default=10)
+    p.add_argument("--eps", type=nonnegative(float), default=0.1)
     p.add_argument("--bf16", action="store_true", default=None,
                    help="also time bf16 autocast (default: only where the CPU has bf16 units)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive(int), help="torch CPU threads (default: torch's)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

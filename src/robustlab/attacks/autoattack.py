@@ -138,11 +138,17 @@ def _load_state(path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def load_finished_state(path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors (broken_by, adv_index, adv_rows) and metadata of a state file whose evaluation ran to the end."""
+def load_finished_state(path, model=None, x=None, y=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors (broken_by, adv_index, adv_rows) and metadata of a state file whose evaluation ran to the end;
+    given the model and the images (x in [0, 1], its first config["n"]) it is read against, checked to be theirs."""
     tensors, meta = _load_state(path)
     if meta["stage"] != len(STAGES):
         raise RobustlabError(f"{path} is unfinished (stage {meta['stage']} of {len(STAGES)}); run it to the end")
+    config = meta["config"]
+    if model is not None and config.get("model", checkpoint.weights_digest(model)) != checkpoint.weights_digest(model):
+        raise RobustlabError(f"{path} is the AutoAttack state of another model's weights")
+    if x is not None and _fingerprint(x[:config["n"]], y[:config["n"]].long()) != config["data"]:
+        raise RobustlabError(f"{path} is the AutoAttack state of other images than the first {config['n']} given")
     return tensors, meta
 
 

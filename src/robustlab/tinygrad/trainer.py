@@ -137,7 +137,7 @@ class TinyTrainer:
         if "dataset" in run_meta:  # the augmentation that ran, as the PyTorch trainer records it
             self.run_meta = {**run_meta, "dataset": {**run_meta["dataset"], "augment": self.augment}}
         self.start_epoch, self.elapsed = 0, 0.0
-        self.best, self.last_metrics = {"epoch": None, "val_robust": -1.0, "val_clean": -1.0}, {}
+        self.best, self.last_metrics = {"epoch": None, "val_robust": -1.0}, {}
 
     # -- epochs --------------------------------------------------------------------------------
     def batches(self, epoch: int):
@@ -191,8 +191,7 @@ class TinyTrainer:
             val_metrics = self.validate()
             metrics = {"epoch": epoch, **train_metrics, **val_metrics, "epoch_s": round(epoch_s, 2),
                        "elapsed_s": round(self.elapsed, 2)}
-            score = self.method.selection_score(val_metrics)
-            is_best = math.isnan(score) or score > self.method.selection_score(self.best)
+            is_best = math.isnan(val_metrics["val_robust"]) or val_metrics["val_robust"] > self.best["val_robust"]
             if is_best:
                 self.best = {"epoch": epoch, "val_robust": val_metrics["val_robust"], "val_clean": val_metrics["val_clean"]}
             stop = self.method.should_stop(metrics, self.best)

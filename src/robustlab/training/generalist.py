@@ -205,11 +205,6 @@ class Generalist(Method):
     def eval_model(self, run):
         return run.get("global")
 
-    def selection_score(self, metrics):
-        # The reference keeps the epoch of the highest clean + PGD-20 accuracy (on its test set, here on
-        # validation; with clean ≥ 88% on CIFAR-10, a threshold without a counterpart here).
-        return metrics["val_clean"] + metrics["val_robust"]
-
     def loss(self, ctx, x, y):
         return self._adversarial.loss(ctx, x, y)
 

@@ -76,14 +76,9 @@ class Method:
         return requested
 
     def should_stop(self, metrics: dict, best: dict) -> str | None:
-        """Called after each epoch with its metrics and the best epoch so far (by `selection_score`): a one-line
-        reason to stop training early, or None to go on."""
+        """Called after each epoch with its metrics and the best epoch so far (by validation robust
+        accuracy): a one-line reason to stop training early, or None to go on."""
         return None
-
-    def selection_score(self, metrics: dict) -> float:
-        """What ranks the epochs for best.safetensors, from validation metrics (val_clean, val_robust): robust
-        accuracy, unless the method's paper chooses otherwise."""
-        return metrics["val_robust"]
 
     @classmethod
     def batchnorm_inputs_of(cls, options: dict) -> str:

@@ -229,7 +229,7 @@ class Trainer:
         if "dataset" in run_meta:  # the metadata describes the data this run trained on, not the dataset's default
             self.run_meta = {**run_meta, "dataset": {**run_meta["dataset"], "augment": self.augment}}
         self.start_epoch, self.elapsed, self.last_metrics = 0, 0.0, {}
-        self.best = {"epoch": None, "val_robust": -1.0, "val_clean": -1.0}
+        self.best = {"epoch": None, "val_robust": -1.0}
         self.epochs = method.epochs_for(config.epochs)  # FreeAT: config.epochs / replays (see Method.epochs_for)
         self.ema = WeightEMA(self.model, config.ema) if config.ema else None
         self.run_state = method.init_run_state(self.model, config)  # e.g. Generalist's other learners
@@ -318,8 +318,7 @@ class Trainer:
             val_metrics = self.validate(epoch)
             metrics = {"epoch": epoch, **train_metrics, **val_metrics, "elapsed_s": round(self.elapsed, 2)}
             # without validation images nothing ranks the epochs: the last is kept as the best
-            score = self.method.selection_score(val_metrics)
-            is_best = math.isnan(score) or score > self.method.selection_score(self.best)
+            is_best = math.isnan(val_metrics["val_robust"]) or val_metrics["val_robust"] > self.best["val_robust"]
             if is_best:
                 self.best = {"epoch": epoch, "val_robust": val_metrics["val_robust"], "val_clean": val_metrics["val_clean"]}
             stop = self.method.should_stop(metrics, self.best)  # e.g. Fast-AT's catastrophic-overfitting check
