@@ -218,12 +218,13 @@ class TinyTrainer:
         model = model_tensors(self.model)
         if is_best:
             checkpoint.save(self.out / "best.safetensors", model, self._metadata(epoch, metrics, "model"))
+        if self.config.keep_every and (epoch + 1) % self.config.keep_every == 0:  # named, like the docs, from 1
+            checkpoint.save(self.out / f"epoch-{epoch + 1:03d}.safetensors", model, self._metadata(epoch, metrics, "model"))
         opt = {f"optim.{k}": torch.from_numpy(v.numpy()) for k, v in optimizer_state(self.optimizer).items()}
         meta = self._metadata(epoch, metrics, "training-state")
         meta["optimizer"] = {"backend": "tinygrad", "name": self.config.optimizer}
+        # last: once it is written the epoch is done, so the epoch's other files come first (as the PyTorch Trainer)
         checkpoint.save(self.out / "last.safetensors", {**model, **opt}, meta)
-        if self.config.keep_every and (epoch + 1) % self.config.keep_every == 0:  # named, like the docs, from 1
-            checkpoint.save(self.out / f"epoch-{epoch + 1:03d}.safetensors", model, self._metadata(epoch, metrics, "model"))
 
     def resume(self) -> bool:
         """Continue from out/last.safetensors when there is one (a run of this backend, method and settings)."""
