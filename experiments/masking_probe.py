@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from robustlab import load_model
 from robustlab.attacks import attack_mode, negative_margin, pgd, pgd_smooth, within_ball
-from robustlab.attacks.autoattack import ROBUST, STAGES, load_finished_state
+from robustlab.attacks.autoattack import ROBUST, STAGES, check_state_belongs, load_finished_state
 from robustlab.attacks.square import margin
 from robustlab.cli import OneLineParser, positive
 from robustlab.errors import run_script
@@ -50,12 +50,12 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    _, meta = load_finished_state(args.state)
-    model = load_model(args.run)  # a run folder (its best checkpoint) or a checkpoint file
-    test = run_dataset(model.checkpoint_meta).test.subset(meta["config"]["n"])
-    x, y = test.images.float().div(255), test.labels
-    tensors, meta = load_finished_state(args.state, model, x, y)  # once refused nothing: any state, any model
+    tensors, meta = load_finished_state(args.state)
     config = meta["config"]
+    model = load_model(args.run)  # a run folder (its best checkpoint) or a checkpoint file
+    test = run_dataset(model.checkpoint_meta).test.subset(config["n"])
+    x, y = test.images.float().div(255), test.labels
+    check_state_belongs(args.state, meta, model, x, y)  # once refused nothing: any state ran against any model
     broken_by = tensors["broken_by"]
     x_adv = x.clone()
     x_adv[tensors["adv_index"]] = tensors["adv_rows"]

@@ -246,6 +246,8 @@ def test_eval_transfer_from_another_run(tmp_path):
     other = json.loads(other.stdout)
     assert other["n"] == 100 and other["transfer"] < other["clean"] and other["source"] == str(runs[0])
     assert not (runs[1] / "report.json").exists()  # figures only
+    at_zero = robustlab("eval", str(runs[1]), "--transfer-from", str(runs[0]), *common, "--eps", "0")
+    assert at_zero.returncode == 0, at_zero.stderr  # the step scaled by e/ε once divided by zero
 
     refused = robustlab("eval", str(runs[1]), "--transfer-from", str(runs[0]), "--suite", "standard")
     assert refused.returncode == 2 and "--transfer-from" in refused.stderr, refused.stderr

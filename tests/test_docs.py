@@ -16,19 +16,21 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMAND = re.compile(r"^\s*(robustlab (?:train|eval|rift|mrc|demo|summary|compare)\b.*)")
 
 
-def documented_commands():
+def documented_commands(pattern=COMMAND, ends=r"\s#"):
+    """(file:line, command) for each line of README and docs/ that `pattern` matches, continued over backslashed
+    lines and cut at `ends` (a trailing comment); commands with shell variables or elisions are skipped."""
     for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         lines = path.read_text().splitlines()
         i = 0
         while i < len(lines):
-            match, first = COMMAND.match(lines[i]), i
+            match, first = pattern.match(lines[i]), i
             i += 1
             if not match:
                 continue
             command = match.group(1)
             while command.rstrip().endswith("\\") and i < len(lines):  # continued on the next line
                 command, i = command.rstrip()[:-1] + " " + lines[i].strip(), i + 1
-            command = re.split(r"\s#", command)[0].strip()  # a trailing comment
+            command = re.split(ends, command)[0].strip()
             if not re.search(r"[$|…]|\.\.\.", command):
                 yield f"{path.relative_to(ROOT)}:{first + 1}", command
 
@@ -51,27 +53,7 @@ def test_documented_command_parses(where, command):
 
 
 SCRIPT = re.compile(r"^\s*(?:python3? )((?:experiments|benchmarks)/\w+\.py\b.*)")
-
-
-def documented_script_commands():
-    """`python experiments/X.py ...` and `python benchmarks/X.py ...` lines, as `documented_commands` reads them."""
-    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
-        lines = path.read_text().splitlines()
-        i = 0
-        while i < len(lines):
-            match, first = SCRIPT.match(lines[i]), i
-            i += 1
-            if not match:
-                continue
-            command = match.group(1)
-            while command.rstrip().endswith("\\") and i < len(lines):
-                command, i = command.rstrip()[:-1] + " " + lines[i].strip(), i + 1
-            command = re.split(r"\s#|;|&", command)[0].strip()  # a trailing comment, "; wait", a background "&"
-            if not re.search(r"[$|…]|\.\.\.", command):
-                yield f"{path.relative_to(ROOT)}:{first + 1}", command
-
-
-SCRIPT_COMMANDS = list(documented_script_commands())
+SCRIPT_COMMANDS = list(documented_commands(SCRIPT, r"\s#|;|&"))  # also "; wait", a background "&"
 
 
 class _Parsed(Exception):

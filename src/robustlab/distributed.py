@@ -129,4 +129,3 @@ def average_gradients(params):
         if p.grad is not None:
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
             p.grad.div_(w)
-

@@ -144,12 +144,18 @@ def load_finished_state(path, model=None, x=None, y=None) -> tuple[dict[str, tor
     tensors, meta = _load_state(path)
     if meta["stage"] != len(STAGES):
         raise RobustlabError(f"{path} is unfinished (stage {meta['stage']} of {len(STAGES)}); run it to the end")
+    check_state_belongs(path, meta, model, x, y)
+    return tensors, meta
+
+
+def check_state_belongs(path, meta: dict, model=None, x=None, y=None) -> None:
+    """A state's metadata (`meta`) checked to be of `model`'s weights (states written before they were recorded
+    pass) and of the first config["n"] of the images x (in [0, 1]) with labels y."""
     config = meta["config"]
-    if model is not None and config.get("model", checkpoint.weights_digest(model)) != checkpoint.weights_digest(model):
+    if model is not None and config.get("model", digest := checkpoint.weights_digest(model)) != digest:
         raise RobustlabError(f"{path} is the AutoAttack state of another model's weights")
     if x is not None and _fingerprint(x[:config["n"]], y[:config["n"]].long()) != config["data"]:
         raise RobustlabError(f"{path} is the AutoAttack state of other images than the first {config['n']} given")
-    return tensors, meta
 
 
 def _attacks(eps, norm, n_target_classes, steps, queries) -> dict:

@@ -85,7 +85,6 @@ def _record_success(logits, y, targeted, x_adv, best, done):
     done |= new
 
 
-
 def pgd(model, x, y, *, eps: float, norm: str = "linf", steps: int = 10, step_size: float | None = None,
         random_start: bool = True, restarts: int = 1, targeted: bool = False,
         loss_fn: LossFn = cross_entropy, generator: torch.Generator | None = None,

@@ -36,7 +36,8 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torc
     return x_adv.clamp(0, 1)
 
 
-def _l2_unit(t: torch.Tensor) -> torch.Tensor:
+def l2_unit(t: torch.Tensor) -> torch.Tensor:
+    """Each example scaled to L2 norm 1 (a zero one stays zero)."""
     return t / per_example(lp_norm(t, "l2").clamp_min(1e-12), t)
 
 
@@ -64,14 +65,14 @@ class L2Ball:
     def random_start(self, x, generator=None, box=True):
         # Uniform in the ball: a Gaussian direction with radius eps·U^(1/d).
         direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        direction = _l2_unit(direction)
+        direction = l2_unit(direction)
         d = math.prod(x.shape[1:])  # x[0] fails on an empty batch
         radius = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype) ** (1.0 / d)
-        start = x + direction * self.eps * radius.view(-1, *([1] * (x.dim() - 1)))
+        start = x + direction * self.eps * per_example(radius, x)
         return self.project(start, x) if box else start
 
     def step(self, x_adv, grad):
-        return x_adv + self.step_size * _l2_unit(grad)
+        return x_adv + self.step_size * l2_unit(grad)
 
     def project(self, x_adv, x):
         return project(x_adv, x, self.eps, "l2")

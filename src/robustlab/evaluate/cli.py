@@ -93,14 +93,14 @@ def cmd_eval(args) -> int:
     images = getattr(data, args.split)
     images = images.subset(args.n) if args.n else images
 
-    def attack_at(e):  # the attack at radius e, its step scaled with it (the ε sweep)
+    def attack_at(e):  # the attack at radius e, its step scaled with it (the ε sweep; --eps 0 keeps the step)
+        step = step_size * (e / eps if eps else 1) if step_size is not None else None
         if args.attack == "pgd":
-            return partial(pgd, eps=e, norm=norm, steps=steps, step_size=step_size * e / eps, restarts=restarts)
+            return partial(pgd, eps=e, norm=norm, steps=steps, step_size=step, restarts=restarts)
         if args.attack == "apgd-ce":
             return partial(apgd, eps=e, norm=norm, steps=steps, restarts=restarts)
         if args.attack == "pgd-smooth":
-            return partial(pgd_smooth, eps=e, norm=norm, steps=steps, step_size=step_size * e / eps, restarts=restarts,
-                           tau=tau)
+            return partial(pgd_smooth, eps=e, norm=norm, steps=steps, step_size=step, restarts=restarts, tau=tau)
         return lambda m, x, y, generator=None: ATTACKS[args.attack](m, x, y, eps=e)
 
     def measure(images, e, progress=None):
@@ -143,7 +143,7 @@ def cmd_eval(args) -> int:
             plot_adversarial_examples(x, x_adv, y, pred, data.info.class_names, out / "adversarial_examples.png",
                                       f"{label} on the first {len(x)} correctly classified test images")
             plots["Adversarial examples"] = "adversarial_examples.png"
-    return _finish_eval(args, results, plots, measure, images, out, unit="images")
+    return _finish_eval(args, meta, results, plots, measure, images, out, unit="images")
 
 
 def _attack_budget(args, dataset: str, trained_norm: str) -> tuple:
@@ -205,7 +205,7 @@ def _eval_text(args, model, device) -> int:
     results = _results(meta, clean, robust, len(test), label, start,
                        attack={"name": "embedding-pgd", "norm": norm, "eps": eps, "steps": steps,
                                "step_size": step_size, "restarts": 1, "seed": args.seed})
-    return _finish_eval(args, results, {}, measure, test, out, unit="texts")
+    return _finish_eval(args, meta, results, {}, measure, test, out, unit="texts")
 
 
 def _transfer_source(args, target, device):
@@ -336,7 +336,8 @@ def _report_dir(args) -> Path:
     and the report named the folder's run, not the one evaluated."""
     out = Path(args.out) if args.out else _evaluated(args)[0]
     if args.out and args.split == "test":
-        if out.resolve() != _run_dir(args).resolve() and any((out / f).exists() for f in ("config.json", "last.safetensors")):
+        another_run = any((out / f).exists() for f in ("config.json", "last.safetensors"))
+        if another_run and out.resolve() != _run_dir(args).resolve():
             raise RobustlabError(f"--out {out} is another run's folder; give the report a folder of its own")
         source = str(_source(args))
         try:
@@ -360,11 +361,12 @@ def _results(meta, clean, robust, n, label, start, rows=None, extra=None, *, att
             "command": "robustlab eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None}
 
 
-def _finish_eval(args, results, plots, measure, test, out, unit: str) -> int:
+def _finish_eval(args, meta, results, plots, measure, test, out, unit: str) -> int:
     """The end of every evaluation: validation figures are printed only; test figures get the ε sweep, the training
-    curves and report.md / report.json. `measure(subset, eps, progress)` is the run's accuracy under its attack."""
+    curves and report.md / report.json. `meta`: the evaluated checkpoint's metadata; `measure(subset, eps,
+    progress)`: the run's accuracy under its attack."""
     from robustlab import distributed
-    from robustlab.checkpoint import read_metadata, read_metrics
+    from robustlab.checkpoint import read_metrics
     from robustlab.evaluate.report import plot_accuracy_vs_eps, plot_training_curves, write_report
 
     clean, label, n, eps = results["clean"], results["label"], results["n"], results["attack"]["eps"]
@@ -395,7 +397,6 @@ def _finish_eval(args, results, plots, measure, test, out, unit: str) -> int:
         run["train_s"] = metrics[-1].get("elapsed_s")  # so that `robustlab summary` finds it wherever the report goes
         if stop := metrics[-1].get("stopped_early"):  # e.g. Fast-AT's overfitting check: the reader should know
             run["stopped_early"] = f"after epoch {metrics[-1]['epoch'] + 1}: {stop}"
-        meta = read_metadata(run["checkpoint"])
         val_n, val_size = meta.get("config", {}).get("val_n"), meta.get("dataset", {}).get("val_size")
         robust_on = f"robust: PGD-10 on the first {val_n}" if val_n and val_size and val_n < val_size else "robust: PGD-10"
         name = run["method"] or run_dir.name

@@ -17,13 +17,13 @@ import torch
 
 from robustlab import checkpoint
 from robustlab.attacks import apgd_targeted, autoattack_accuracy, dlr_loss, first_success, pgd
+from robustlab.checkpoint import weights_digest
 from robustlab.data import ImageSet, Splits
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.evaluate.accuracy import accuracy
 from robustlab.evaluate.corruptions import ood_accuracy
 from robustlab.models import fast_memory_format
 from robustlab.protocol import threat_defaults
-from robustlab.checkpoint import weights_digest
 from robustlab.rift.finetune import ALPHAS, BN_MODES, AlphaSearch, finetune, module_names, recalibrate_bn
 from robustlab.rift.mrc import MRCConfig, compute_mrc, file_sha256, plot_mrc, ranked, read_json, write_json
 from robustlab.rift.report import plot_alpha, write_report

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustlab.attacks import attack_mode
-from robustlab.attacks.threat import lp_norm, per_example
+from robustlab.attacks.threat import l2_unit, lp_norm, per_example
 from robustlab.errors import RobustlabError, check_choice
 
 # Each method's options and their defaults (sources in the EmbeddingAdversary docstring).
@@ -76,7 +76,7 @@ def input_embeddings(model: nn.Module, embedding: nn.Module | str | None = None)
 
 def ascend(delta, grad, step_size: float, norm: str):
     """One ascent step: along g/‖g‖₂ per example (L2) or sign(g) (L∞)."""
-    direction = grad / per_example(lp_norm(grad, "l2"), grad).clamp_min(1e-12) if norm == "l2" else grad.sign()
+    direction = l2_unit(grad) if norm == "l2" else grad.sign()
     return delta + step_size * direction
 
 

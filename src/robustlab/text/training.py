@@ -162,7 +162,7 @@ def text_trainer_from_args(args, config: TrainConfig) -> TextTrainer:
     ones do not apply (dataset debian-packages, model transformer, method freelb, norm l2)."""
     if args.backend != "torch":
         raise RobustlabError("--task text runs on the torch backend only")
-    from robustlab.cli import METHOD_OPTIONS, flag
+    from robustlab.cli import METHOD_OPTIONS, check_clean_method_flags, flag
     image_only = {"--width": args.width, "--augment": args.augment not in (None, "none"),
                   "--image-size": args.image_size, "--grayscale": args.grayscale, "--download": args.download,
                   **{flag(k): getattr(args, k) is not None  # e.g. --beta
@@ -170,7 +170,6 @@ def text_trainer_from_args(args, config: TrainConfig) -> TextTrainer:
     if any(image_only.values()):  # each was once ignored without a word
         raise RobustlabError(f"{', '.join(k for k, v in image_only.items() if v)}: image options; they do not "
                              "apply to --task text")
-    from robustlab.cli import check_clean_method_flags
     method = args.method or "freelb"
     check_choice("text method", method, TEXT_METHODS)
     check_clean_method_flags(method, method != "standard", args)
