@@ -148,12 +148,17 @@ def step_times(methods, args) -> dict:
     return times
 
 
-def row(method: str, run: Path, result: dict) -> dict:
+def row(method: str, run: Path, cached: dict) -> dict:
+    """A table row from a run's metrics and its cached test figures (compare.json), with the image counts
+    those figures were taken on."""
     rows = read_metrics(run)
     best = max(rows, key=lambda r: r["val_robust"])
+    result = cached["result"]
+    counts = {"pgd_n": cached["key"]["n"], "aa_n": cached["key"]["aa_n"] if "autoattack" in result else 0}
     return {"method": method, "train_s": rows[-1]["elapsed_s"], "epochs": len(rows),
             "best_epoch": best["epoch"] + 1, "last_val_clean": rows[-1]["val_clean"],
-            "last_val_robust": rows[-1]["val_robust"], "stopped_early": rows[-1].get("stopped_early"), **result}
+            "last_val_robust": rows[-1]["val_robust"], "stopped_early": rows[-1].get("stopped_early"),
+            **counts, **result}
 
 
 def quiet_cost(row: dict, steps: dict) -> float:
@@ -162,12 +167,23 @@ def quiet_cost(row: dict, steps: dict) -> float:
     return steps[row["method"]]["s_per_step"] * row["epochs"]
 
 
-def table(rows: list[dict], args, steps: dict) -> str:
-    """`steps`: OUT/step_times.json's times (may be empty): the cost ratios that do not depend on the machine's load."""
+def _images(rows: list[dict], key: str) -> tuple[str, bool]:
+    """The header's image count for a column, and whether each cell must give its own: the cached figures of
+    runs measured with different --n or --aa-n stand side by side."""
+    counts = {r[key] for r in rows if r[key]}
+    return (f"first {counts.pop()}", False) if len(counts) == 1 else ("first N, per row", True)
+
+
+def table(rows: list[dict], steps: dict) -> str:
+    """`steps`: OUT/step_times.json's times (may be empty): the cost ratios that do not depend on the machine's load.
+    The image counts in the header are those the cached figures were taken on, not this call's options."""
     by_name = {r["method"]: r for r in rows}
-    head = ("| method | clean (10,000) | PGD-50×3 (first {n}) | {aa}Δ robust vs | training s (run's clock) | "
+    pgd_head, pgd_each = _images(rows, "pgd_n")
+    with_aa = any(r["aa_n"] for r in rows)
+    aa_head, aa_each = _images(rows, "aa_n") if with_aa else ("", False)
+    head = ("| method | clean (10,000) | PGD-50×3 ({n}) | {aa}Δ robust vs | training s (run's clock) | "
             "× PGD-AT, run's clock | × PGD-AT, step times | best epoch | last epoch val clean / PGD-10 |"
-            ).format(n=args.n, aa=f"AutoAttack (first {args.aa_n}) | " if args.aa_n else "")
+            ).format(n=pgd_head, aa=f"AutoAttack ({aa_head}) | " if with_aa else "")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         base = by_name.get(BASELINE.get(r["method"], ""))
@@ -175,8 +191,11 @@ def table(rows: list[dict], args, steps: dict) -> str:
         quiet = (f"{quiet_cost(r, steps) / quiet_cost(by_name['pgd-at'], steps):.2f}"
                  if r["method"] in steps and "pgd-at" in steps and "pgd-at" in by_name else "–")
         delta = f"{100 * (r['pgd'] - base['pgd']):+.1f} ({base['method']})" if base else "–"
-        aa = (f"{r['autoattack']:.2%} | " if "autoattack" in r else "– | ") if args.aa_n else ""
-        lines.append(f"| {r['method']} | {r['clean']:.2%} | {r['pgd']:.2%} | {aa}{delta} | {r['train_s']:.0f} | {ratio} | "
+        pgd_cell = f"{r['pgd']:.2%}" + (f" ({r['pgd_n']})" if pgd_each else "")
+        aa = ""
+        if with_aa:
+            aa = (f"{r['autoattack']:.2%}" + (f" ({r['aa_n']})" if aa_each else "") if r["aa_n"] else "–") + " | "
+        lines.append(f"| {r['method']} | {r['clean']:.2%} | {pgd_cell} | {aa}{delta} | {r['train_s']:.0f} | {ratio} | "
                      f"{quiet} | {r['best_epoch']}/{r['epochs']} | {r['last_val_clean']:.1%} / {r['last_val_robust']:.1%} |")
     return "\n".join(lines)
 
@@ -268,12 +287,12 @@ def main(argv=None) -> int:
     for method in METHODS:  # the table holds every finished method, whichever worker ran it
         run = out / method
         if finished(run) and (run / "compare.json").exists():
-            rows.append(row(method, run, json.loads((run / "compare.json").read_text())["result"]))
+            rows.append(row(method, run, json.loads((run / "compare.json").read_text())))
     if not rows:
         print("no finished method yet")
         return 0
     steps = json.loads((out / "step_times.json").read_text())["times"] if (out / "step_times.json").exists() else {}
-    text = (table(rows, args, steps) + f"\n\n{machine()}; commit {commit()}; "
+    text = (table(rows, steps) + f"\n\n{machine()}; commit {commit()}; "
             f"command: python experiments/compare_at.py {' '.join(sys.argv[1:] if argv is None else argv)}\n")
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")

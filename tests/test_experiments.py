@@ -61,6 +61,18 @@ def test_compare_at_trains_evaluates_and_tabulates(fmnist, one_thread, tmp_path,
     cost = float(free_row.split("|")[7])
     assert 0 < cost < 1  # 1 epoch × 2 passes against 2 epochs × 11 passes
 
+    # the header gives the image counts the cached figures were taken on, not the options of this call
+    assert compare.main(args + ["--table", "--n", "999"]) == 0
+    table = (tmp_path / "results.md").read_text()
+    assert "PGD-50×3 (first 32)" in table and "AutoAttack (first 4)" in table and "999" not in table.splitlines()[0]
+    cache = tmp_path / "free-at" / "compare.json"
+    cached = json.loads(cache.read_text())
+    cached["key"]["n"] = 64  # as if measured by another worker with --n 64
+    cache.write_text(json.dumps(cached))
+    assert compare.main(args + ["--table"]) == 0
+    table = (tmp_path / "results.md").read_text()
+    assert "PGD-50×3 (first N, per row)" in table and " (64) |" in table and " (32) |" in table
+
 
 def test_compare_at_rejects_malformed_options(tmp_path, capsys):
     compare = load_script("compare_at")
