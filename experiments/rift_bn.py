@@ -24,15 +24,16 @@ import sys
 from functools import partial
 
 import torch
+from torch import nn
 
 from robustlab import load_model
 from robustlab.attacks import pgd
 from robustlab.cli import OneLineParser, nonnegative, positive
-from robustlab.data import load_dataset
-from robustlab.errors import run_script
+from robustlab.errors import RobustlabError, run_script
 from robustlab.evaluate import accuracy
 from robustlab.protocol import threat_defaults
 from robustlab.rift.finetune import interpolate, recalibrate_bn
+from robustlab.training.run import run_dataset
 
 
 def with_bn_statistics_of(model, data, attack=None):
@@ -44,7 +45,6 @@ def with_bn_statistics_of(model, data, attack=None):
 def main():
     p = OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("run")
-    p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--n", type=positive(int), default=10000, help="training images for the statistics")
     p.add_argument("--val-n", type=positive(int), default=5000)
     p.add_argument("--threads", type=positive(int), default=2)
@@ -53,9 +53,13 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.run)
-    data = load_dataset(args.dataset)
-    b = threat_defaults(args.dataset, "linf").train
-    attack = partial(pgd, eps=b.eps, norm="linf", steps=b.steps, step_size=b.step_size)
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise RobustlabError(f"{args.run} has no BatchNorm layer: there are no statistics to re-estimate")
+    meta = model.checkpoint_meta
+    data = run_dataset(meta)  # the run's own data and split, as RiFT reads them
+    norm = meta.get("method", {}).get("norm", "linf")
+    b = threat_defaults(meta["dataset"]["name"], norm).train
+    attack = partial(pgd, eps=b.eps, norm=norm, steps=b.steps, step_size=b.step_size)
     train, val = data.train.subset(args.n), data.val.subset(args.val_n)
     if args.tuned:
         robust, tuned = model.state_dict(), load_model(args.tuned).state_dict()

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -442,3 +443,22 @@ def test_cli_mrc_then_rift_writes_checkpoint_and_report(tiny_run, tmp_path):
     # a training run pointed at the result would overwrite it (it has no last.safetensors to protect it)
     again = robustlab("train", "--data-dir", FMNIST, "--train-n", "64", "--epochs", "1", "--out", str(out))
     assert again.returncode == 2 and "already holds a model" in again.stderr, again.stderr
+
+
+def _rift_bn(*args):
+    script = str(Path(__file__).resolve().parents[1] / "experiments" / "rift_bn.py")
+    return subprocess.run([sys.executable, script, *args, "--threads", "1"], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_rift_bn_script_reads_the_runs_own_data_and_refuses_a_model_without_batchnorm(tiny_run, bn_free_run):
+    done = _rift_bn(str(tiny_run), "--n", "64", "--val-n", "32")
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout.splitlines()[-1])
+    assert set(figures) == {"original", "BN statistics of clean training images",
+                            "BN statistics of PGD-10 training images"}
+    # the statistics are the only change, and they change what the model predicts
+    assert figures["original"] != figures["BN statistics of clean training images"]
+    refused = _rift_bn(str(bn_free_run))
+    assert refused.returncode != 0 and "no BatchNorm layer" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
