@@ -318,3 +318,75 @@ def test_ood_per_severity_prints_every_corruption_and_the_mean(standard_model, t
     lines = capsys.readouterr().out.strip().splitlines()
     from robustlab.evaluate.corruptions import default_corruptions
     assert "OOD mean" in lines[0] and "(20 images" in lines[0] and len(lines) == 1 + len(default_corruptions(1))
+
+
+FAKE_REFERENCE = '''
+import os
+import torch
+from robustlab.attacks import fgsm
+
+
+class AutoAttack:
+    """Stands in for fra31/auto-attack's class: FGSM as its APGD-CE, no other stage breaks anything."""
+    def __init__(self, model, norm, eps, version, seed, device, verbose):
+        assert (norm, version, seed) == ("Linf", "standard", 0)
+        self.model, self.eps, self.attacks_to_run = model, eps, []
+        self.calls = []
+
+    def run_standard_evaluation(self, x, y, bs):
+        (stage,) = self.attacks_to_run
+        with open(os.environ["FAKE_LOG"], "a") as log:
+            log.write(f"{stage} {len(x)}\\n")
+        if os.environ.get("FAKE_OUT_OF_BALL"):
+            return (x + 2 * self.eps).clamp(0, 1)
+        return fgsm(self.model, x, y, eps=self.eps) if stage == "apgd-ce" else x.clone()
+'''
+
+
+def test_aa_reference_compares_stage_by_stage_resumes_and_checks_both_sides(fmnist, tmp_path):
+    from robustlab import load_model
+    from robustlab.attacks import fgsm
+    from robustlab.training import TrainConfig, build_trainer
+
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    build_trainer(dataset="fashion-mnist", model="cnn-small", method="standard", out=run, data_dir="/usr/share/datasets/fashion-mnist",
+                  show_progress=False, config=TrainConfig(epochs=1, train_n=512, val_n=10, threads=1)).fit()
+    reference = tmp_path / "reference"
+    (reference / "autoattack").mkdir(parents=True)
+    (reference / "autoattack" / "__init__.py").write_text("from .autoattack import AutoAttack\n")
+    (reference / "autoattack" / "autoattack.py").write_text(FAKE_REFERENCE)
+    out, log = tmp_path / "out", tmp_path / "calls.log"
+
+    def script(*args, out=out, **more_env):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "FAKE_LOG": str(log), **more_env}
+        return subprocess.run([sys.executable, str(ROOT / "experiments" / "aa_reference.py"), str(run),
+                               "--reference", str(reference), "--n", "16", "--out", str(out), *args],
+                              capture_output=True, text=True, env=env, timeout=600)
+
+    done = script("--only", "reference")
+    assert done.returncode == 0, done.stderr
+    calls = log.read_text().split()
+    assert calls[0::2] == ["apgd-ce", "apgd-t", "fab-t", "square"]  # stage by stage, on fewer images each time
+    model = load_model(run).eval()
+    test = fmnist.test.subset(16)
+    x, y = test.images.float().div(255), test.labels
+    with torch.no_grad():
+        clean = model(x).argmax(1) == y
+        survives = clean & (model(fgsm(model, x, y, eps=0.1)).argmax(1) == y)
+    assert [int(n) for n in calls[1::2]] == [int(clean.sum())] + [int(survives.sum())] * 3
+
+    done = script()  # the reference's stages are not run again; robustlab's AutoAttack runs, then the comparison
+    assert done.returncode == 0, done.stderr
+    assert len(log.read_text().split()) == len(calls)
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["reference"]["apgd-ce"] == pytest.approx(survives.float().mean().item())
+    assert comparison["reference"]["clean"] == comparison["robustlab"]["clean"] == pytest.approx(clean.float().mean().item())
+    robust = comparison["robust_both"] + comparison["robust_only_reference"]
+    assert robust == pytest.approx(16 * comparison["reference"]["square"])
+    assert "robust on both sides" in done.stdout
+
+    # a reference whose points leave the ball is refused, in one line
+    bad = script("--only", "reference", out=tmp_path / "out2", FAKE_OUT_OF_BALL="1")
+    assert bad.returncode != 0 and "outside the linf ball" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
