@@ -56,6 +56,10 @@ def robustlab(*args):
     (["eval", "no/such/run", "--device", "tpu"], ["device", "cpu, cuda"]),
     (["rift", "no/such/run", "--out", "x", "--device", "gpu0"], ["device", "cpu, cuda"]),
     (["mrc", "no/such/run", "--device", "mps"], ["device", "cpu, cuda"]),
+    # a method's own range checks, once named by their keywords (co_ratio) rather than their flags
+    (["train", "--method", "fast-at", "--co-ratio", "2", "--out", "x"], ["--co-ratio", "(0, 1]"]),
+    (["train", "--method", "generalist", "--global-decay", "1", "--out", "x"], ["--global-decay", "(0, 1)"]),
+    (["train", "--method", "pgd-at-awp", "--awp-warmup", "2", "--out", "x"], ["--awp-warmup", "[0, 1]"]),
     (["train", "--model", "cnn-small", "--width", "8", "--train-n", "8", "--out", "x"],  # once a TypeError
      ["model 'cnn-small' has no option width", "none"]),
 ])

@@ -312,11 +312,20 @@ def cmd_train(args) -> int:
     else:
         from robustlab.training.run import build_trainer
         extra = {"data_options": data_options}
-    trainer = build_trainer(dataset=args.dataset, model=args.model, method=args.method, norm=args.norm, out=out,
-                            data_dir=args.data_dir, download=args.download, config=config,
-                            model_kwargs={"width": args.width} if args.width else None,
-                            method_kwargs={k: getattr(args, k) for k in METHOD_OPTIONS}, **extra)
+    try:
+        trainer = build_trainer(dataset=args.dataset, model=args.model, method=args.method, norm=args.norm, out=out,
+                                data_dir=args.data_dir, download=args.download, config=config,
+                                model_kwargs={"width": args.width} if args.width else None,
+                                method_kwargs={k: getattr(args, k) for k in METHOD_OPTIONS}, **extra)
+    except RobustlabError as exc:
+        raise RobustlabError(named_by_flag(str(exc))) from None
     return fit(trainer, out, args.resume)
+
+
+def named_by_flag(message: str) -> str:
+    """A method's own check names its keyword ("co_ratio ... must be in (0, 1]"); the command line's, its flag."""
+    word, _, rest = message.partition(" ")
+    return f"{flag(word)} {rest}" if word in METHOD_OPTIONS else message
 
 
 # Chosen so the demo finishes in under 10 minutes on a 2-core CPU (see docs/results.md).
