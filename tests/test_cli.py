@@ -301,6 +301,7 @@ def test_standard_suite_reports_autoattack_sanity_and_ood(tmp_path):
     assert json.loads((tmp_path / "fgsm" / "report.json").read_text())["sanity"]["verdict"]
     printed = json.loads(fgsm.stdout)  # --json printed clean and FGSM only: no AutoAttack, no verdict
     assert printed["sanity"] and any(row["name"].startswith("AutoAttack") for row in printed["rows"])
+    assert any(row["name"] == "FGSM linf ε=0.1" for row in printed["rows"])  # the one-step rows name their norm too
     # --out over another checkpoint's report, or into another run's folder, replaced it without a word
     (tmp_path / "other-run").mkdir()
     (tmp_path / "other-run" / "config.json").write_text("{}")

@@ -114,7 +114,7 @@ def cmd_eval(args) -> int:
         label = f"PGD-{runs} {norm} ε={eps:g} step {step_size:g}"
         label += f", margin loss, smooth ReLU gradients τ={tau:g}" if args.attack == "pgd-smooth" else ""
     else:
-        label = f"{args.attack.upper()} ε={eps:g}"
+        label = f"{args.attack.upper()} {norm} ε={eps:g}"
     if eps == 0:  # the "robust" row is then clean accuracy itself: no attack ran
         label = "no attack (ε = 0)"
     if args.transfer_from:
