@@ -329,6 +329,17 @@ def test_square_needs_no_gradients(standard_model, test_batch):
         assert accuracy(model, x_adv, y) <= clean - drop, norm
 
 
+def test_square_windows_reach_the_last_row_and_column():
+    """Every position where the window fits, 0 to h − s (the paper); the authors' code never draws h − s."""
+    from robustlab.attacks.square import _linf_candidate
+    x = torch.full((1, 1, 8, 8), 0.5)
+    generator = torch.Generator().manual_seed(0)
+    touched = torch.zeros(8, 8, dtype=torch.bool)
+    for _ in range(200):  # p = 9/64: 3×3 windows, 6 positions per axis
+        touched |= (_linf_candidate(x, x, 0.1, 9 / 64, generator) != x)[0, 0]
+    assert touched.all()
+
+
 # ---- the ensemble ----
 
 def test_ensemble_is_never_weaker_than_a_member(robust_model, fmnist):

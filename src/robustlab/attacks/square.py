@@ -7,6 +7,12 @@ the fraction of pixels changed, of the paper and its reference code: p_init is h
 iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000, as in AutoAttack-standard (whose 5000
 queries use these iteration counts unrescaled). Window positions are drawn once per query for the
 whole batch; each example still sees uniformly random positions, and signs are drawn per example.
+
+A window may sit at every position where it fits, rows and columns 0 to h − s, as the paper has it. The
+authors' code (fra31/auto-attack, `random_int`) never draws the last position, so after the initial stripes
+its windows never reach the last row and column; with the same queries robustlab's Square breaks slightly
+more (1.6 points of AutoAttack on a gradient-masked MNIST model; docs/results.md, "AutoAttack against its
+authors' code").
 """
 from __future__ import annotations
 
