@@ -98,6 +98,17 @@ def stage_accuracy(broken_by: torch.Tensor) -> dict[str, float]:
     return {stage: ((broken_by == ROBUST) | (broken_by > i)).float().mean().item() for i, stage in enumerate(STAGES)}
 
 
+def each_stage_alone(ours: torch.Tensor, theirs: torch.Tensor) -> dict:
+    """Per attack, on the images that both sides left robust before it: how many each side's attack broke. The
+    accuracies after each stage mix a stage's own strength with what the earlier stages left; this does not."""
+    result = {}
+    for i, stage in enumerate(STAGES[1:], 1):
+        reached = ((ours == ROBUST) | (ours >= i)) & ((theirs == ROBUST) | (theirs >= i))
+        result[stage] = {"images": int(reached.sum()), "robustlab": int((reached & (ours == i)).sum()),
+                         "reference": int((reached & (theirs == i)).sum())}
+    return result
+
+
 def robustlab_verdicts(model, x, y, eps: float, norm: str, state: Path | None, out: Path, batch_size: int):
     """Per image, the index in STAGES of the stage of robustlab's AutoAttack that broke it (ROBUST if none), and
     the seconds each stage took. Every image it counts as broken by an attack is checked here to have a stored
@@ -168,15 +179,19 @@ def main():
     only_theirs = int((robust_theirs & ~robust_ours).sum())
     result = {"run": str(args.run), "n": args.n, "eps": eps, "norm": norm,
               "robustlab": stage_accuracy(ours), "reference": stage_accuracy(theirs),
+              "each_stage_alone": each_stage_alone(ours, theirs),
               "robustlab_seconds": our_seconds, "reference_seconds": reference["seconds"],
               "robust_both": int((robust_ours & robust_theirs).sum()),
               "robust_only_robustlab": only_ours, "robust_only_reference": only_theirs,
               "sign_test_p": sign_test(only_ours, only_theirs)}
     write_json(args.out / "comparison.json", result)
     print(f"AutoAttack-standard, {norm} ε={eps}, first {args.n} test images of {args.run}")
-    print(f"{'stage':8s} {'robustlab':>10s} {'reference':>10s}")
+    print(f"{'stage':8s} {'robustlab':>10s} {'reference':>10s}   the stage alone, on the images both sides "
+          "brought to it: broken by robustlab / by the reference")
     for stage in STAGES:
-        print(f"{stage:8s} {result['robustlab'][stage]:10.2%} {result['reference'][stage]:10.2%}")
+        alone = result["each_stage_alone"].get(stage)
+        print(f"{stage:8s} {result['robustlab'][stage]:10.2%} {result['reference'][stage]:10.2%}" +
+              (f"   {alone['robustlab']} / {alone['reference']} of {alone['images']}" if alone else ""))
     print(f"robust on both sides {result['robust_both']}, on robustlab's only {only_ours}, on the reference's "
           f"only {only_theirs} (sign test p = {result['sign_test_p']:.3f})")
 

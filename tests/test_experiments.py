@@ -382,6 +382,8 @@ def test_aa_reference_compares_stage_by_stage_resumes_and_checks_both_sides(fmni
     comparison = json.loads((out / "comparison.json").read_text())
     assert comparison["reference"]["apgd-ce"] == pytest.approx(survives.float().mean().item())
     assert comparison["reference"]["clean"] == comparison["robustlab"]["clean"] == pytest.approx(clean.float().mean().item())
+    alone = comparison["each_stage_alone"]["apgd-ce"]
+    assert alone["images"] == int(clean.sum()) and alone["reference"] == int((clean & ~survives).sum())
     robust = comparison["robust_both"] + comparison["robust_only_reference"]
     assert robust == pytest.approx(16 * comparison["reference"]["square"])
     assert "robust on both sides" in done.stdout
