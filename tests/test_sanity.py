@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustlab.attacks import pgd, within_ball
+from robustlab.errors import RobustlabError
 from robustlab.evaluate.sanity import (Check, check_autoattack_square, check_black_box, check_convergence,
                                        check_deterministic, check_eps_monotonic, check_gradients, check_large_eps,
                                        random_search, sanity_checks, to_markdown, verdict)
@@ -216,6 +217,27 @@ def test_random_search_needs_no_gradients_and_stays_in_the_ball(mlp, eval_set, n
                         generator=torch.Generator().manual_seed(0))
     assert within_ball(adv, x, norm, eps, tol=1e-5)
     assert _acc(mlp, adv, y) < _acc(mlp, x, y) - 0.1
+
+
+def test_random_search_fits_its_window_into_images_taller_than_wide():
+    """The window's side was capped by the height alone: on 40×12 images it outgrew the width (a traceback)."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(40 * 12, 10))
+    x = torch.rand(8, 1, 40, 12, generator=torch.Generator().manual_seed(0))
+    y = model(x).argmax(1)
+    adv = random_search(model, x, y, eps=0.1, norm="linf", queries=200, generator=torch.Generator().manual_seed(0))
+    assert within_ball(adv, x, "linf", 0.1, tol=1e-6)
+
+
+def test_sanity_checks_refuse_what_attacks_refuse_in_one_line(mlp, eval_set):
+    x, y = eval_set[0][:8], eval_set[1][:8]
+    for images, labels, batch_size, words in (((x * 255).to(torch.uint8), y, 8, "divide by 255"),
+                                              (x, y.to(torch.float32), 8, "integer label"),
+                                              (x, y, 0, "batch_size")):
+        with pytest.raises(RobustlabError, match=words):
+            sanity_checks(mlp, images, labels, norm="linf", eps=0.1, batch_size=batch_size, progress=False)
+    int32 = sanity_checks(mlp, x, y.to(torch.int32), norm="linf", eps=0.1, steps=2, long_steps=3, restarts=1,
+                          black_box_queries=5, smooth_tau=None, progress=False)  # int32 labels: once a traceback
+    assert len(int32.checks) == 8
 
 
 def test_the_standard_suite_runs_the_sanity_checks_with_its_attack_scaled_to_each_eps(robust_model, fmnist, tmp_path):

@@ -33,7 +33,7 @@ from robustlab.evaluate.accuracy import accuracy
 
 SEVERITIES = (1, 2, 3, 4, 5)
 CHUNK = 1000  # images corrupted at once: bounds memory (coordinate grids) without losing vectorization
-_CACHE_VERSION = 2  # bump when a corruption changes, so stale cached sets are not reused
+_CACHE_VERSION = 3  # bump when a corruption changes, so stale cached sets are not reused
 
 Corruption = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]
 
@@ -52,17 +52,20 @@ def _px(x: np.ndarray, pixels: float) -> float:
     return pixels * x.shape[-1] / 32
 
 
+_ITU_601 = np.array([0.299, 0.587, 0.114], np.float32)  # the luminance of an RGB colour
+
+
 def _luminance(x: np.ndarray) -> np.ndarray:
     """N×1×H×W brightness (ITU-R 601 weights for colour)."""
     if x.shape[1] == 1:
         return x
-    return np.tensordot(np.array([0.299, 0.587, 0.114], np.float32), x, axes=([0], [1]))[:, None]
+    return np.tensordot(_ITU_601, x, axes=([0], [1]))[:, None]
 
 
 def _colour(x: np.ndarray, rgb) -> np.ndarray:
     """A colour as a 1×C×1×1 array matching x (its luminance for grayscale images)."""
     rgb = np.asarray(rgb, np.float32)
-    value = rgb if x.shape[1] == 3 else np.array([rgb @ np.array([0.299, 0.587, 0.114], np.float32)])
+    value = rgb if x.shape[1] == 3 else np.array([rgb @ _ITU_601])
     return value.reshape(1, -1, 1, 1)
 
 
@@ -373,7 +376,7 @@ def spatter(x, severity, rng):
     if liquid == "water":
         shine = 0.6 * drops
         return x * (1 - shine) + shine * (0.3 * x + 0.7 * _colour(x, (0.93, 0.95, 1.0)))
-    drops[drops < 0.5] = 0
+    drops[drops < 0.8] = 0  # CIFAR-10-C's cut: only the cores of the smoothed blobs stay mud
     return x * (1 - drops) + drops * _colour(x, (63 / 255, 42 / 255, 20 / 255))
 
 
@@ -596,16 +599,26 @@ def _check_request(imageset: ImageSet, names, severities) -> tuple[list[str], tu
     channels = imageset.images.shape[1]
     if channels not in (1, 3):
         raise RobustlabError(f"corruptions need 1- or 3-channel images, got {channels} channels")
+    if isinstance(names, str):
+        raise RobustlabError(f"names is a list of corruptions, got the string {names!r}")
     names = default_corruptions(channels) if names is None else list(names)
+    if not names:
+        raise RobustlabError("no corruption named: give at least one of " + ", ".join(CORRUPTIONS))
     for name in names:
         check_choice("corruption", name, CORRUPTIONS)
         if name in COLOUR_ONLY and channels != 3:
             raise RobustlabError(f"corruption {name!r} needs colour (3-channel) images")
-    severities = tuple(severities)
-    bad = [s for s in severities if s not in SEVERITIES]
+    return names, _check_severities(severities)
+
+
+def _check_severities(severities) -> tuple[int, ...]:
+    """A non-empty list of levels among 1..5, as a tuple."""
+    if not isinstance(severities, (list, tuple, range)):
+        raise RobustlabError(f"severities is a list of levels among 1..5, got {severities!r}")
+    bad = [s for s in severities if not isinstance(s, int) or s not in SEVERITIES]  # 3.0 == 3, but not a level
     if bad or not severities:
         raise RobustlabError(f"severities must be among 1..5, got {list(severities)}")
-    return names, severities
+    return tuple(severities)
 
 
 def _rng(seed: int, name: str, severity: int, chunk: int) -> np.random.Generator:
@@ -614,8 +627,12 @@ def _rng(seed: int, name: str, severity: int, chunk: int) -> np.random.Generator
 
 
 def corrupt(imageset: ImageSet, name: str, severity: int, seed: int = 0) -> ImageSet:
-    """A corrupted copy of `imageset` (same labels); identical for the same seed, name and severity."""
+    """A corrupted copy of `imageset` (same labels): the same images, in the same order, with the same seed, name
+    and severity, give the same copy. The random draws are made per chunk of CHUNK images, so an image's noise
+    depends on its place in the set: a subset or another order gets other noise (other figures, within noise)."""
     (name,), (severity,) = _check_request(imageset, [name], [severity])
+    if not isinstance(seed, int) or seed < 0:
+        raise RobustlabError(f"seed must be an integer >= 0, got {seed!r}")
     fn = CORRUPTIONS[name]
     images = imageset.images.numpy()
     out = np.empty_like(images)
@@ -644,7 +661,7 @@ def _cached(imageset: ImageSet, name: str, severity: int, seed: int, folder: Pat
             images = np.load(path, allow_pickle=False)
             if images.dtype == np.uint8 and images.shape == tuple(imageset.images.shape):
                 return ImageSet(torch.from_numpy(images), imageset.labels.clone())
-        except (OSError, ValueError):
+        except (OSError, ValueError, EOFError):  # an empty file is an EOFError
             pass  # unreadable: generate it again and overwrite
     result = corrupt(imageset, name, severity, seed)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -735,11 +752,9 @@ def ood_accuracy(model, imageset: ImageSet, names=None, severities=SEVERITIES, s
                  device=None) -> OODResult:
     """Accuracy on every corrupted copy of `imageset`, generated from `seed`, or on the published
     CIFAR-10-C / CIFAR-100-C files when `cifar_c_dir` is given (then `names=None` means every file there)."""
-    severities = tuple(severities)
     if cifar_c_dir is not None:
         names = _published_names(cifar_c_dir) if names is None else list(names)
-        if not severities or any(s not in SEVERITIES for s in severities):
-            raise RobustlabError(f"severities must be among 1..5, got {list(severities)}")
+        severities = _check_severities(severities)
         load_cifar_c(cifar_c_dir, corruptions=names, severities=())  # checks files and names, reads no images
         suite = _published_suite(imageset, cifar_c_dir, names, severities)
         source = f"CIFAR-C files in {cifar_c_dir}"

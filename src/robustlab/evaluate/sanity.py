@@ -24,7 +24,7 @@ from robustlab.attacks import attack_mode, fgm, fgsm, pgd
 from robustlab.attacks.autoattack import ROBUST, STAGES
 from robustlab.attacks.smooth import negative_margin, pgd_smooth, relu_count
 from robustlab.attacks.square import margin
-from robustlab.attacks.threat import NORMS, lp_norm, per_example
+from robustlab.attacks.threat import NORMS, check_batch, lp_norm, per_example
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.evaluate.accuracy import correct_mask, fraction
 from robustlab.models import model_device
@@ -146,7 +146,7 @@ def random_search(model, x, y, *, eps: float, norm: str = "linf", queries: int =
             if len(active) == 0:
                 break
             p = p_init * 0.5 ** sum(i > f * queries for f in (0.001, 0.005, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8))
-            side = max(1, min(h - 1, round((p * h * w) ** 0.5)))
+            side = max(1, min(h - 1, w - 1, round((p * h * w) ** 0.5)))  # inside both sides of any image
             m = len(active)
             top = torch.randint(0, h - side + 1, (m, 1), generator=generator, device=x.device)
             left = torch.randint(0, w - side + 1, (m, 1), generator=generator, device=x.device)
@@ -363,6 +363,9 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: fl
         raise RobustlabError(f"eps must be > 0 for the sanity checks, got {eps}")
     if len(x) != len(y) or len(x) == 0:
         raise RobustlabError(f"sanity checks need matching non-empty images and labels, got {len(x)} and {len(y)}")
+    if batch_size < 1:
+        raise RobustlabError(f"batch_size must be >= 1, got {batch_size}")
+    y = check_batch(x, y)  # float images in [0, 1], integer labels (as int64)
     device = device or model_device(model)  # the images go where the model is
     x, y = x.to(device), y.to(device)
     long_steps = long_steps or 10 * steps
@@ -395,7 +398,8 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: fl
         return mask
 
     checks: list[Check] = []
-    bar = tqdm(total=len(TITLES), desc="sanity checks", unit="check", disable=not progress, leave=False)
+    # Every check in TITLES but autoattack_square, which the suite adds from AutoAttack's own stages.
+    bar = tqdm(total=len(TITLES) - 1, desc="sanity checks", unit="check", disable=not progress, leave=False)
 
     def add(check: Check):
         checks.append(check)
