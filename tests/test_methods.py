@@ -505,6 +505,9 @@ def test_free_at_divides_the_epochs_by_its_replays(fmnist, tmp_path):
     assert _trainer(fmnist, FreeAT(replays=8), tmp_path, epochs=10).epochs == 2
     assert _trainer(fmnist, FreeAT(replays=8), tmp_path, epochs=3).epochs == 1
     assert _trainer(fmnist, FastAT(), tmp_path, epochs=3).epochs == 3
+    # reports read the epochs the run trains from its checkpoints: a FreeAT run showed "epoch 1 of 3"
+    _trainer(fmnist, FreeAT(replays=8), tmp_path, n=64, epochs=3).fit()
+    assert json.loads((tmp_path / "best.json").read_text())["epochs_total"] == 1
 
 
 # -- learning -----------------------------------------------------------------------------------

@@ -353,7 +353,7 @@ def _report_dir(args) -> Path:
 def _results(meta, clean, robust, n, label, start, rows=None, extra=None, *, attack) -> dict:
     return {"run": {"model": meta["model"]["name"], "dataset": meta["dataset"]["name"],
                     "method": meta.get("method", {}).get("name"), "epoch": meta.get("epoch"),
-                    "epochs": meta.get("config", {}).get("epochs")},
+                    "epochs": meta.get("epochs_total") or meta.get("config", {}).get("epochs")},
             "attack": attack, "label": label, "clean": clean, "robust": robust, "n": n,
             "wall_s": round(time.perf_counter() - start, 1),
             "rows": rows or [{"name": "clean", "n": n, "accuracy": clean}, {"name": label, "n": n, "accuracy": robust}],

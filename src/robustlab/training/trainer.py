@@ -243,7 +243,9 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def _metadata(self, epoch: int, metrics: dict, kind: str) -> dict:
-        return {**self.run_meta, "kind": kind, "epoch": epoch, "metrics": metrics,
+        # epochs_total: what the run trains in all, which reports show ("epoch 2 of 2"); FreeAT's config.epochs is
+        # the budget it divides by its replays.
+        return {**self.run_meta, "kind": kind, "epoch": epoch, "epochs_total": self.epochs, "metrics": metrics,
                 "method": {"name": self.method.name, **self.method.config()},
                 "config": asdict(self.config), "best": self.best, "elapsed_s": self.elapsed}
 
