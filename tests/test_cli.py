@@ -37,7 +37,7 @@ def robustlab(*args):
     (["eval", "no/such/run", "--step-size", "0"], ["--step-size", "> 0"]),
     (["train", "--schedule", "cos", "--out", "x"], ["schedule", "one-cycle"]),  # once after the first epoch's bar
     (["train", "--augment", "rotate", "--out", "x"], ["augment", "crop-flip"]),
-    (["eval", "no/such/run", "--checkpoint", "bogus"], ["checkpoint", "best, last"]),
+    (["eval", "no/such/run", "--checkpoint", "epoch-003"], ["checkpoint", "best, last", "epoch-NNN.safetensors"]),
     (["rift", "no/such/run", "--out", "x", "--lrs", "0.01,nan"], ["--lrs", "> 0", "nan"]),
     (["eval", "no/such/run", "--sweep-n", "-5"], ["--sweep-n", ">= 0"]),  # ran, and wrote a report, before
     (["rift", "no/such/run", "--out", "x", "--auto", "-1"], ["--auto", ">= 0"]),
@@ -426,3 +426,14 @@ def test_the_protocols_own_step_count_keeps_its_step():
     assert step_for(evaluation, 0.2, 50) == pytest.approx(0.02)  # scaled with ε, as without --steps
     assert step_for(evaluation, None, 20) == pytest.approx(2.5 * 0.1 / 20)  # another count: Madry's rule
     assert step_for(threat_defaults("fashion-mnist", "l2").eval, None, 50) == pytest.approx(0.15)
+
+
+def test_a_run_too_short_for_awp_says_it_trains_without_it(tmp_path):
+    """AWP starts at epoch ⌈0.045·E⌉ (0-based): a one-epoch trades-awp run was plain TRADES, without a word."""
+    done = robustlab("train", "--method", "trades-awp", "--epochs", "1", "--train-n", "64", "--val-n", "16",
+                     "--steps", "1", "--data-dir", FMNIST, "--threads", "1", "--out", str(tmp_path / "short"))
+    assert done.returncode == 0, done.stderr
+    assert "perturbs the weights in none of its 1 epochs, so it trains as trades" in done.stderr
+    done = robustlab("train", "--method", "pgd-at-awp", "--awp-warmup", "0.5", "--epochs", "3", "--train-n", "64",
+                     "--val-n", "16", "--steps", "1", "--data-dir", FMNIST, "--threads", "1", "--out", str(tmp_path / "later"))
+    assert done.returncode == 0 and "perturbs the weights from epoch 3 of 3" in done.stderr, done.stderr

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=nonnegative(int), default=2, help="DataLoader processes decoding folder / npy training data")
     t.add_argument("--download", action="store_true", help="download missing dataset files (sha256-checked)")
     t.add_argument("--model", help=", ".join(MODELS) + " (default cnn-small); text: transformer (default), textcnn")
-    t.add_argument("--width", type=positive(int), help="channel width of the ResNets (default 64)")
+    t.add_argument("--width", type=positive(int), help="channel width of the ResNets (default 64; preact-resnet18-small 16)")
     t.add_argument("--method", help=", ".join(METHODS) + " (default pgd-at); text: freelb (default), fgm, pgd, "
                    "free-at, standard")
     t.add_argument("--norm", help="linf (default) or l2; text: l2 (default) or linf")
@@ -271,6 +271,13 @@ def fit(trainer, out: Path, resume: bool) -> int:
         print(f"--method {trainer.method.name} trains {trainer.epochs} epoch{'s' if trainer.epochs > 1 else ''} for "
               f"--epochs {requested}" + (f": it replays each minibatch {replays} times, so the epochs are divided by "
                                           f"{replays}, rounded up (docs/methods.md)" if replays else ""), file=sys.stderr)
+    if hasattr(trainer.method, "awp_first_epoch") and distributed.is_main():  # else a short run is silently plain
+        first = trainer.method.awp_first_epoch(trainer.epochs)
+        if first is None or first > 0:
+            print(f"--method {trainer.method.name} perturbs the weights " +
+                  (f"from epoch {first + 1} of {trainer.epochs}" if first is not None else
+                   f"in none of its {trainer.epochs} epochs, so it trains as {trainer.method.name.removesuffix('-awp')}") +
+                  f" (--awp-warmup {trainer.method.awp_warmup:g} of the run)", file=sys.stderr)
     metrics = trainer.fit()
     if distributed.is_main():
         summary = json.dumps({"run": str(out), "best": trainer.best, "last": metrics})

@@ -3,6 +3,7 @@ generalization"), on top of PGD-AT and of TRADES."""
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,11 @@ class AdversarialWeightPerturbation:
 
     def awp_active(self, ctx) -> bool:
         return self.awp_gamma > 0 and ctx.epoch >= self.awp_warmup * ctx.epochs
+
+    def awp_first_epoch(self, epochs: int) -> int | None:
+        """The first 0-based epoch of a run of `epochs` that perturbs the weights; None when none does."""
+        first = math.ceil(self.awp_warmup * epochs)
+        return first if self.awp_gamma > 0 and first < epochs else None
 
     def _proxy(self, ctx):
         if "awp_proxy" not in ctx.state:

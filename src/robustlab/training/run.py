@@ -61,8 +61,9 @@ def dataset_meta(data: Splits, data_dir=None, options=None) -> dict:
 def resolve_checkpoint(path, which: str | None = None) -> Path:
     """The checkpoint file of a run directory (`which`: best, the default, or last) or the file `path` itself."""
     path = Path(path)
-    if which is not None:
-        check_choice("checkpoint", which, ("best", "last"))
+    if which not in (None, "best", "last"):
+        raise RobustlabError(f"unknown checkpoint {which!r}; allowed: best, last (a kept epoch: pass its file, "
+                             f"RUN/epoch-NNN.safetensors, as RUN)")
     if path.is_dir():
         if (which or "best") == "best":
             for name in ("best.safetensors", "last.safetensors"):
