@@ -436,6 +436,8 @@ def test_cli_mrc_then_rift_writes_checkpoint_and_report(tiny_run, tmp_path):
     meta = checkpoint.read_metadata(out / "best.safetensors")
     assert meta["rift"]["alpha"] == report["rift"]["alpha"] and meta["model"]["kwargs"] == {"width": 8}
     assert "Test set, before and after" in (out / "rift_report.md").read_text()
+    # the console names AutoAttack's lowered budget too, as the report does (it printed "AutoAttack 15.00%")
+    assert "AutoAttack-standard (30 images, off-protocol: 2 steps, 10 queries)" in result.stdout
     # other AutoAttack settings on the same --out: the run once stopped at its end on the first one's saved state
     again = robustlab("rift", str(tiny_run), "--out", str(out), "--epochs", "1", "--train-n", "128", "--val-n", "50",
                       "--n", "30", "--aa-steps", "3", "--aa-queries", "10", "--no-ood", *common)

@@ -24,12 +24,12 @@ import scipy.fft
 import torch
 from PIL import Image
 from scipy import ndimage
-from tqdm.auto import tqdm
 
 from robustlab import distributed
 from robustlab.data import ImageSet, load_cifar_c
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.evaluate.accuracy import accuracy
+from robustlab.progress import progress as progress_bar
 
 SEVERITIES = (1, 2, 3, 4, 5)
 CHUNK = 1000  # images corrupted at once: bounds memory (coordinate grids) without losing vectorization
@@ -764,9 +764,8 @@ def ood_accuracy(model, imageset: ImageSet, names=None, severities=SEVERITIES, s
         source = f"generated, seed {seed}"
     clean = accuracy(model, imageset, batch_size=batch_size, device=device)
     result: dict[str, dict[int, float]] = {}
-    bar = tqdm(suite, total=len(names) * len(severities), desc="corruptions", unit="set",
-               disable=not progress or not distributed.is_main(),
-               leave=False)
+    bar = progress_bar(suite, total=len(names) * len(severities), desc="corruptions", unit="set",
+                       show=bool(progress) and distributed.is_main(), leave=False)
     for name, severity, data in bar:
         result.setdefault(name, {})[severity] = accuracy(model, data, batch_size=batch_size, device=device)
     return OODResult(result, clean, len(imageset), source)

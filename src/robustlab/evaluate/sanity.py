@@ -18,7 +18,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from robustlab.attacks import attack_mode, fgm, fgsm, pgd
 from robustlab.attacks.autoattack import ROBUST, STAGES
@@ -28,6 +27,7 @@ from robustlab.attacks.threat import NORMS, check_batch, lp_norm, per_example
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.evaluate.accuracy import correct_mask, fraction
 from robustlab.models import model_device
+from robustlab.progress import progress as progress_bar
 
 Attack = Callable[..., torch.Tensor]
 
@@ -399,7 +399,7 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: fl
 
     checks: list[Check] = []
     # Every check in TITLES but autoattack_square, which the suite adds from AutoAttack's own stages.
-    bar = tqdm(total=len(TITLES) - 1, desc="sanity checks", unit="check", disable=not progress, leave=False)
+    bar = progress_bar(total=len(TITLES) - 1, desc="sanity checks", unit="check", show=bool(progress), leave=False)
 
     def add(check: Check):
         checks.append(check)

@@ -191,6 +191,7 @@ def cmd_rift(args) -> int:
     from robustlab.errors import check_choice
     from robustlab.rift.finetune import batch_norms, module_names
     from robustlab.rift.pipeline import RiftSettings, TestSettings, rift
+    from robustlab.rift.report import metric_label
 
     _check_options_in_use(args)
     settings = RiftSettings(module=args.module, auto=args.auto, lr=args.lr, lrs=args.lrs or RiftSettings.lrs,
@@ -223,8 +224,8 @@ def cmd_rift(args) -> int:
           f"{chosen['val_clean']:.2%}, robust {chosen['val_robust']:.2%} "
           f"(original {report['rift']['val']['robust_original']:.2%})")
     for name, row in report["test"].items():
-        print(f"test {name}: " + ", ".join(f"{k} {v:.2%}" for k, v in row.items()
-                                           if isinstance(v, float) and k != "seconds"))
+        print(f"test {name}: " + ", ".join(f"{metric_label(k, row, report['test_settings'])} {v:.2%}"
+                                           for k, v in row.items() if isinstance(v, float) and k != "seconds"))
     print(f"report: {Path(args.out) / 'rift_report.md'}")
     return 0
 

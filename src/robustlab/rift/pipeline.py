@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from robustlab import checkpoint
 from robustlab.attacks import apgd_targeted, autoattack_accuracy, dlr_loss, first_success, pgd
@@ -74,7 +75,8 @@ class RiftSettings:
     seed: int = 0
     train_n: int | None = None      # fine-tune on the first n training images (tests, quick looks)
     val_n: int | None = None        # validation images for the fine-tuned epoch and α (None: all)
-    tolerance: float = 0.001        # robust accuracy may fall this much (0.1 point) below the original's
+    tolerance: float = 0.001        # robust accuracy may fall this much below the original's: a fraction, not
+                                    # points (0.001 = 0.1 point = the command line's --tolerance 0.1)
     mrc: MRCConfig = field(default_factory=MRCConfig)
 
     def validate(self):
@@ -82,8 +84,9 @@ class RiftSettings:
         check_choice("alpha attack", self.alpha_attack, ALPHA_ATTACKS)
         self.mrc.validate()
         if not (self.auto >= 0 and self.recal_n > 0 and self.epochs > 0 and self.lr > 0 and all(lr > 0 for lr in self.lrs)
-                and self.tolerance >= 0):  # written as what must hold, so that nan fails
-            raise RobustlabError("auto must be >= 0, recal_n, epochs and learning rates > 0, tolerance >= 0")
+                and 0 <= self.tolerance <= 1):  # written as what must hold, so that nan fails
+            raise RobustlabError("auto must be >= 0, recal_n, epochs and learning rates > 0, tolerance a fraction in "
+                                 "[0, 1] (0.001 = 0.1 point)")
 
 
 @dataclass
@@ -179,8 +182,10 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
         curve_key.update(recal_key)
     searches, tuned_states = {}, {}
     work = load()  # holds θ(α) while it is measured
-    for module, lr in candidates:
+    for i, (module, lr) in enumerate(candidates, 1):
         cid = candidate_id(module, lr)
+        if show is not False and len(candidates) > 1:  # the fine-tuning bars name epochs only
+            tqdm.write(f"candidate {i}/{len(candidates)}: {module}, lr {lr:g}")
         tuned, record = finetune(model, module, tune_data, out / "finetune" / cid, run_meta, lr=lr,
                                  epochs=settings.epochs, batch_size=settings.batch_size, momentum=settings.momentum,
                                  weight_decay=settings.weight_decay, augment=augment, bn=tune_bn,

@@ -38,6 +38,15 @@ def plot_alpha(entries: dict, path, title: str, tolerance: float):
     fig.savefig(path)
 
 
+def metric_label(metric: str, row: dict, test_settings: dict) -> str:
+    """A test metric's name as reports print it: AutoAttack with its image count and, when lowered, its budget."""
+    if metric != "AutoAttack":
+        return metric
+    off = "" if (test_settings["aa_steps"], test_settings["aa_queries"]) == (100, 5000) else \
+        f", off-protocol: {test_settings['aa_steps']} steps, {test_settings['aa_queries']} queries"
+    return f"AutoAttack-standard ({row['aa_n']} images{off})"
+
+
 def _pct(value) -> str:
     return "—" if value is None else f"{100 * value:.2f}%"
 
@@ -68,12 +77,7 @@ def write_report(out: Path, report: dict):
                   "| | " + " | ".join(names) + " | RiFT − original |", "|---" * (len(names) + 2) + "|"]
         for metric in metrics:
             delta = report["test"]["rift"][metric] - base[metric]
-            label = metric
-            if metric == "AutoAttack":
-                ts = report["test_settings"]
-                off = "" if (ts["aa_steps"], ts["aa_queries"]) == (100, 5000) else \
-                    f", off-protocol: {ts['aa_steps']} steps, {ts['aa_queries']} queries"
-                label = f"AutoAttack-standard ({base['aa_n']} images{off})"
+            label = metric_label(metric, base, report["test_settings"])
             lines.append(f"| {label} | " + " | ".join(_pct(report["test"][n][metric]) for n in names)
                          + f" | {100 * delta:+.2f} points |")
         same = [f"{n} has the same weights as {r['same_weights_as']}" for n, r in report["test"].items()
