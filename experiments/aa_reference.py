@@ -24,6 +24,7 @@ strength shows as many discordant images on one side.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from robustlab import load_model
+from robustlab import checkpoint, load_model
 from robustlab.attacks import attack_mode, within_ball
 from robustlab.attacks.autoattack import ROBUST, STAGES, autoattack, check_state_belongs, load_finished_state
 from robustlab.cli import OneLineParser, positive
@@ -47,25 +48,36 @@ from aa_paired import sign_test  # noqa: E402  (a sibling script, not a package)
 REFERENCE_NORMS = {"linf": "Linf", "l2": "L2"}
 
 
-def reference_verdicts(model, x, y, eps: float, norm: str, reference: Path, path: Path, batch_size: int) -> dict:
-    """Per image, the index in STAGES of the stage of the authors' AutoAttack that broke it (ROBUST if none)."""
+def reference_verdicts(model, x, y, eps: float, norm: str, reference: Path, path: Path, batch_size: int,
+                       windows_everywhere: bool = False) -> dict:
+    """Per image, the index in STAGES of the stage of the authors' AutoAttack that broke it (ROBUST if none).
+
+    windows_everywhere: the authors' Square draws its window positions from 0 to h − s inclusive, as robustlab's
+    does (their `random_int(0, h − s)` never draws h − s); it tests whether that explains a difference.
+    """
     if not (reference / "autoattack" / "autoattack.py").is_file():
         raise RobustlabError(f"--reference {reference} is not a checkout of fra31/auto-attack "
                              f"(no autoattack/autoattack.py in it)")
     sys.path.insert(0, str(reference))
     from autoattack import AutoAttack
+    if windows_everywhere:
+        from autoattack.square import SquareAttack
+        draw = SquareAttack.random_int  # in the standard version it draws window positions only
+        SquareAttack.random_int = lambda self, low=0, high=1, shape=[1]: draw(self, low, high + 1, shape)
 
+    setting = {"n": len(x), "eps": eps, "norm": norm, "model": checkpoint.weights_digest(model),
+               "data": hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()[:16],
+               "windows_everywhere": windows_everywhere}
     done = json.loads(path.read_text()) if path.exists() else None
-    if done is not None and (done["n"], done["eps"], done["norm"]) != (len(x), eps, norm):
-        raise RobustlabError(f"{path} holds the reference's verdicts for another setting "
-                             f"(n, eps, norm = {done['n']}, {done['eps']}, {done['norm']}); use another --out")
+    if done is not None and {k: done.get(k) for k in setting} != setting:
+        raise RobustlabError(f"{path} holds the reference's verdicts for another model, other images or another "
+                             f"setting; use another --out")
     if done is None:
         with attack_mode(model), torch.no_grad():
             correct = torch.cat([model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]
                                  for i in range(0, len(x), batch_size)])
         broken_by = torch.where(correct, ROBUST, STAGES.index("clean"))
-        done = {"n": len(x), "eps": eps, "norm": norm, "stages": ["clean"], "seconds": {},
-                "broken_by": broken_by.tolist()}
+        done = {**setting, "stages": ["clean"], "seconds": {}, "broken_by": broken_by.tolist()}
     broken_by = torch.tensor(done["broken_by"])
     adversary = AutoAttack(model, norm=REFERENCE_NORMS[norm], eps=eps, version="standard", seed=0,
                            device=str(x.device), verbose=False)
@@ -147,6 +159,8 @@ def main():
     p.add_argument("--norm", choices=tuple(REFERENCE_NORMS), help="threat model (default: the run's own), at the "
                    "protocol's evaluation ε for it")
     p.add_argument("--only", choices=("reference", "robustlab"), help="run one side and stop")
+    p.add_argument("--reference-windows-everywhere", action="store_true",
+                   help="let the authors' Square place windows at the last row and column too, as robustlab's does")
     p.add_argument("--batch-size", type=positive(int), default=250)
     p.add_argument("--threads", type=positive(int), default=1)
     args = p.parse_args()
@@ -166,7 +180,7 @@ def main():
 
     if args.only != "robustlab":
         reference = reference_verdicts(model, x, y, eps, norm, args.reference, args.out / "reference.json",
-                                       args.batch_size)
+                                       args.batch_size, args.reference_windows_everywhere)
     if args.only != "reference":
         ours, our_seconds = robustlab_verdicts(model, x, y, eps, norm, args.robustlab_state, args.out,
                                                args.batch_size)

@@ -24,7 +24,6 @@ import sys
 from functools import partial
 
 import torch
-from torch import nn
 
 from robustlab import load_model
 from robustlab.attacks import pgd
@@ -32,7 +31,7 @@ from robustlab.cli import OneLineParser, nonnegative, positive
 from robustlab.errors import RobustlabError, run_script
 from robustlab.evaluate import accuracy
 from robustlab.protocol import threat_defaults
-from robustlab.rift.finetune import interpolate, recalibrate_bn
+from robustlab.rift.finetune import batch_norms, interpolate, recalibrate_bn
 from robustlab.training.run import run_dataset
 
 
@@ -53,7 +52,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.run)
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if not batch_norms(model):
         raise RobustlabError(f"{args.run} has no BatchNorm layer: there are no statistics to re-estimate")
     meta = model.checkpoint_meta
     data = run_dataset(meta)  # the run's own data and split, as RiFT reads them

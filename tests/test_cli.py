@@ -437,3 +437,6 @@ def test_a_run_too_short_for_awp_says_it_trains_without_it(tmp_path):
     done = robustlab("train", "--method", "pgd-at-awp", "--awp-warmup", "0.5", "--epochs", "3", "--train-n", "64",
                      "--val-n", "16", "--steps", "1", "--data-dir", FMNIST, "--threads", "1", "--out", str(tmp_path / "later"))
     assert done.returncode == 0 and "perturbs the weights from epoch 3 of 3" in done.stderr, done.stderr
+    done = robustlab("train", "--method", "pgd-at-awp", "--awp-gamma", "0", "--epochs", "1", "--train-n", "64",
+                     "--val-n", "16", "--steps", "1", "--data-dir", FMNIST, "--threads", "1", "--out", str(tmp_path / "off"))
+    assert done.returncode == 0 and "so it trains as pgd-at (--awp-gamma 0)" in done.stderr, done.stderr

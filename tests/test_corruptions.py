@@ -154,6 +154,14 @@ def test_bad_requests_raise_one_line_errors():
             call()
 
 
+def test_numpy_integers_are_levels_and_seeds():
+    """Refused when the checks were tightened to plain ints: np.int64(3) is as good a level as 3."""
+    gray = synthetic(1, 28, n=2)
+    assert torch.equal(corrupt(gray, "shot_noise", np.int64(3), seed=np.int64(1)).images,
+                       corrupt(gray, "shot_noise", 3, seed=1).images)
+    assert [s for _, s, _ in corruption_suite(gray, ["fog"], np.arange(1, 3))] == [1, 2]
+
+
 def test_colour_spatter_mud_covers_what_cifar_10_cs_does():
     """CIFAR-10-C keeps mud where the smoothed blobs exceed 0.8; at 0.5 it covered four times as much (30% at
     severity 5 on a grey image, against the reference's 7%)."""
@@ -232,6 +240,9 @@ def test_published_cifar_c_files_are_used_as_they_are(tmp_path):
         ood_accuracy(model, shuffled, cifar_c_dir=tmp_path, progress=False)
     with pytest.raises(RobustlabError, match="not found"):
         ood_accuracy(model, clean, names=["snow"], cifar_c_dir=tmp_path, progress=False)
+    for names in ("fog", []):  # once read as the files f, o and g, and as a NaN mean
+        with pytest.raises(RobustlabError, match="non-empty list"):
+            ood_accuracy(model, clean, names=names, cifar_c_dir=tmp_path, progress=False)
 
 
 def test_cifar_100_c_subfolder_is_found_and_negative_labels_refused(tmp_path):

@@ -388,6 +388,17 @@ def test_aa_reference_compares_stage_by_stage_resumes_and_checks_both_sides(fmni
     assert robust == pytest.approx(16 * comparison["reference"]["square"])
     assert "robust on both sides" in done.stdout
 
+    # another model's verdicts in --out are refused, not reused (they were checked on n, ε and the norm only)
+    torch.manual_seed(1)
+    other = tmp_path / "other"
+    build_trainer(dataset="fashion-mnist", model="cnn-small", method="standard", out=other,
+                  data_dir="/usr/share/datasets/fashion-mnist", show_progress=False,
+                  config=TrainConfig(epochs=1, train_n=64, val_n=10, threads=1)).fit()
+    mixed = subprocess.run([sys.executable, str(ROOT / "experiments" / "aa_reference.py"), str(other), "--reference",
+                            str(reference), "--n", "16", "--out", str(out), "--only", "reference"],
+                           capture_output=True, text=True, env={**os.environ, "FAKE_LOG": str(log)}, timeout=600)
+    assert mixed.returncode != 0 and "another model" in mixed.stderr
+
     # a reference whose points leave the ball is refused, in one line
     bad = script("--only", "reference", out=tmp_path / "out2", FAKE_OUT_OF_BALL="1")
     assert bad.returncode != 0 and "outside the linf ball" in bad.stderr

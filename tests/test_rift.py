@@ -257,6 +257,13 @@ def test_each_stricter_alpha_check_finds_at_most_the_robust_accuracy_of_the_last
     assert "(the module given with --module)" in text and "paper's pick" not in text  # --module names the candidate
 
 
+def test_the_tolerance_is_a_fraction_in_python():
+    """The command line's --tolerance is in points, RiftSettings.tolerance a fraction: 10 (points) is refused."""
+    RiftSettings(tolerance=1.0).validate()
+    with pytest.raises(RobustlabError, match="fraction"):
+        RiftSettings(tolerance=10).validate()
+
+
 def test_alpha_rule_takes_the_best_clean_accuracy_within_the_tolerance():
     curve = {f"{a:.2f}": {"clean": c, "robust": r} for a, c, r in
              [(0.0, 0.80, 0.700), (0.1, 0.81, 0.700), (0.2, 0.83, 0.699), (0.3, 0.85, 0.6985), (0.4, 0.86, 0.650),
@@ -435,6 +442,7 @@ def test_cli_mrc_then_rift_writes_checkpoint_and_report(tiny_run, tmp_path):
     assert set(report["test"]["original"]) >= {"clean", "PGD-50×3", "AutoAttack"}
     meta = checkpoint.read_metadata(out / "best.safetensors")
     assert meta["rift"]["alpha"] == report["rift"]["alpha"] and meta["model"]["kwargs"] == {"width": 8}
+    assert meta["epochs_total"] == checkpoint.read_metadata(tiny_run / "best.safetensors")["epochs_total"]
     assert "Test set, before and after" in (out / "rift_report.md").read_text()
     # the console names AutoAttack's lowered budget too, as the report does (it printed "AutoAttack 15.00%")
     assert "AutoAttack-standard (30 images, off-protocol: 2 steps, 10 queries)" in result.stdout

@@ -272,12 +272,13 @@ def fit(trainer, out: Path, resume: bool) -> int:
               f"--epochs {requested}" + (f": it replays each minibatch {replays} times, so the epochs are divided by "
                                           f"{replays}, rounded up (docs/methods.md)" if replays else ""), file=sys.stderr)
     if hasattr(trainer.method, "awp_first_epoch") and distributed.is_main():  # else a short run is silently plain
-        first = trainer.method.awp_first_epoch(trainer.epochs)
+        method, first = trainer.method, trainer.method.awp_first_epoch(trainer.epochs)
+        why = "--awp-gamma 0" if method.awp_gamma == 0 else f"--awp-warmup {method.awp_warmup:g} of the run"
         if first is None or first > 0:
-            print(f"--method {trainer.method.name} perturbs the weights " +
+            print(f"--method {method.name} perturbs the weights " +
                   (f"from epoch {first + 1} of {trainer.epochs}" if first is not None else
-                   f"in none of its {trainer.epochs} epochs, so it trains as {trainer.method.name.removesuffix('-awp')}") +
-                  f" (--awp-warmup {trainer.method.awp_warmup:g} of the run)", file=sys.stderr)
+                   f"in none of its {trainer.epochs} epochs, so it trains as {method.name.removesuffix('-awp')}") +
+                  f" ({why})", file=sys.stderr)
     metrics = trainer.fit()
     if distributed.is_main():
         summary = json.dumps({"run": str(out), "best": trainer.best, "last": metrics})

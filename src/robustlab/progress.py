@@ -11,7 +11,8 @@ def progress(iterable=None, *, show: bool | None = None, **kwargs):
     terminal = sys.stderr.isatty()
     kwargs.setdefault("mininterval", 0.5 if terminal else 30)
     if not terminal:
-        # tqdm's monitor thread redraws a bar idle for `maxinterval` with the count of its last line, which an
-        # iterated bar only updates when it prints: in a log that showed a 20-second-old count beside a fresh clock.
-        kwargs.setdefault("maxinterval", float("inf"))
+        # Every step checks the clock (miniters=1), so a line is due 30 s after the last whatever the pace. With
+        # tqdm's adaptive miniters its monitor thread redraws instead, with the count of the last line (a bar
+        # updates its count only when it prints): logs showed a 20-second-old count beside a fresh clock.
+        kwargs.setdefault("miniters", 1)
     return tqdm(iterable, disable=show is False, dynamic_ncols=terminal, **kwargs)

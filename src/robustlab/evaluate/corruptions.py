@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import numbers
 import os
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -611,14 +613,20 @@ def _check_request(imageset: ImageSet, names, severities) -> tuple[list[str], tu
     return names, _check_severities(severities)
 
 
+def _is_integer(value) -> bool:
+    """An int or a numpy integer, not a bool, nor a float that equals an integer (3.0 == 3 is not a level)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_severities(severities) -> tuple[int, ...]:
-    """A non-empty list of levels among 1..5, as a tuple."""
-    if not isinstance(severities, (list, tuple, range)):
+    """A non-empty collection of levels among 1..5, as a tuple of ints."""
+    if isinstance(severities, (str, numbers.Number)) or not isinstance(severities, Iterable):
         raise RobustlabError(f"severities is a list of levels among 1..5, got {severities!r}")
-    bad = [s for s in severities if not isinstance(s, int) or s not in SEVERITIES]  # 3.0 == 3, but not a level
+    severities = tuple(severities)
+    bad = [s for s in severities if not _is_integer(s) or s not in SEVERITIES]
     if bad or not severities:
         raise RobustlabError(f"severities must be among 1..5, got {list(severities)}")
-    return tuple(severities)
+    return tuple(int(s) for s in severities)
 
 
 def _rng(seed: int, name: str, severity: int, chunk: int) -> np.random.Generator:
@@ -631,8 +639,9 @@ def corrupt(imageset: ImageSet, name: str, severity: int, seed: int = 0) -> Imag
     and severity, give the same copy. The random draws are made per chunk of CHUNK images, so an image's noise
     depends on its place in the set: a subset or another order gets other noise (other figures, within noise)."""
     (name,), (severity,) = _check_request(imageset, [name], [severity])
-    if not isinstance(seed, int) or seed < 0:
+    if not _is_integer(seed) or seed < 0:
         raise RobustlabError(f"seed must be an integer >= 0, got {seed!r}")
+    seed = int(seed)
     fn = CORRUPTIONS[name]
     images = imageset.images.numpy()
     out = np.empty_like(images)
@@ -753,6 +762,8 @@ def ood_accuracy(model, imageset: ImageSet, names=None, severities=SEVERITIES, s
     """Accuracy on every corrupted copy of `imageset`, generated from `seed`, or on the published
     CIFAR-10-C / CIFAR-100-C files when `cifar_c_dir` is given (then `names=None` means every file there)."""
     if cifar_c_dir is not None:
+        if isinstance(names, str) or names is not None and not list(names):  # "fog" read as f, o, g; [] as a NaN mean
+            raise RobustlabError(f"names is a non-empty list of corruptions, got {names!r}")
         names = _published_names(cifar_c_dir) if names is None else list(names)
         severities = _check_severities(severities)
         load_cifar_c(cifar_c_dir, corruptions=names, severities=())  # checks files and names, reads no images

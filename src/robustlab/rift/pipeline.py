@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -185,7 +186,7 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
     for i, (module, lr) in enumerate(candidates, 1):
         cid = candidate_id(module, lr)
         if show is not False and len(candidates) > 1:  # the fine-tuning bars name epochs only
-            tqdm.write(f"candidate {i}/{len(candidates)}: {module}, lr {lr:g}")
+            tqdm.write(f"candidate {i}/{len(candidates)}: {module}, lr {lr:g}", file=sys.stderr)  # beside the bars
         tuned, record = finetune(model, module, tune_data, out / "finetune" / cid, run_meta, lr=lr,
                                  epochs=settings.epochs, batch_size=settings.batch_size, momentum=settings.momentum,
                                  weight_decay=settings.weight_decay, augment=augment, bn=tune_bn,
@@ -233,7 +234,8 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
                          "robust_original": chosen["curve"]["0.00"]["robust"], "images": len(val)}}
     checkpoint.save(out / "best.safetensors", checkpoint.prefixed("model.", final.state_dict()),
                     {**run_meta, "method": meta.get("method", {}), "kind": "model", "epoch": meta.get("epoch"),
-                     **({"config": meta["config"]} if "config" in meta else {}),  # the source's training, for reports
+                     # the source's training, for reports
+                     **{k: meta[k] for k in ("config", "epochs_total") if k in meta},
                      "metrics": {"val_clean": chosen["val_clean"], "val_robust": chosen["val_robust"]},
                      "rift": rift_meta})
 

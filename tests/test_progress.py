@@ -1,0 +1,25 @@
+"""Progress bars in logs (stderr not a terminal): a line every `mininterval`, with the count of that moment."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def test_a_bar_that_slows_down_keeps_printing_fresh_counts():
+    """Fast steps, then slow ones. With tqdm's adaptive miniters the bar either waited as many slow steps as it had
+    seen fast ones before printing again (silent for minutes at the 30 s interval), or its monitor thread redrew
+    it with the count of the previous line."""
+    code = ("import time\nfrom robustlab.progress import progress\n"
+            "for i in progress(range(2020), mininterval=0.3):\n"
+            "    time.sleep(0.0005 if i < 2000 else 0.1)\n")
+    env = {**os.environ, "PYTHONPATH": SRC}
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stderr
+    counts = [int(m) for m in re.findall(r"\| *(\d+)/2020 ", err.replace("\r", "\n"))]
+    slow = [c for c in counts if 2000 < c < 2020]
+    assert len(slow) >= 3, err  # the 2 s of slow steps print about every 0.3 s
+    assert counts == sorted(counts)
