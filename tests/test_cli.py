@@ -60,6 +60,8 @@ def robustlab(*args):
     (["train", "--method", "fast-at", "--co-ratio", "2", "--out", "x"], ["--co-ratio", "(0, 1]"]),
     (["train", "--method", "generalist", "--global-decay", "1", "--out", "x"], ["--global-decay", "(0, 1)"]),
     (["train", "--method", "pgd-at-awp", "--awp-warmup", "2", "--out", "x"], ["--awp-warmup", "[0, 1]"]),
+    (["train", "--method", "generalist", "--nat-schedule", "cos", "--out", "x"], ["unknown --nat-schedule", "one-cycle"]),
+    (["train", "--method", "yopo", "--first-layer-grad", "some", "--out", "x"], ["unknown --first-layer-grad"]),
     (["train", "--model", "cnn-small", "--width", "8", "--train-n", "8", "--out", "x"],  # once a TypeError
      ["model 'cnn-small' has no option width", "none"]),
 ])

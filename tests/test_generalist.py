@@ -95,7 +95,7 @@ def test_mix_into_can_take_batchnorm_statistics_from_the_adversarial_learner_onl
     for name in ("0.weight", "1.weight", "1.bias", "4.bias"):  # BatchNorm's affine weights are parameters: mixed
         expected = decay * before[name] + (1 - decay) * (beta * sa[name] + (1 - beta) * sn[name])
         torch.testing.assert_close(g.state_dict()[name], expected, rtol=1e-6, atol=1e-6)
-    with pytest.raises(RobustlabError, match="global BatchNorm statistics"):
+    with pytest.raises(RobustlabError, match="unknown global_bn .natural."):
         Generalist(global_bn="natural")
 
 

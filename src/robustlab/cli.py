@@ -331,9 +331,11 @@ def cmd_train(args) -> int:
 
 
 def named_by_flag(message: str) -> str:
-    """A method's own check names its keyword ("co_ratio ... must be in (0, 1]"); the command line's, its flag."""
-    word, _, rest = message.partition(" ")
-    return f"{flag(word)} {rest}" if word in METHOD_OPTIONS else message
+    """A method's own check names its keyword ("co_ratio must be in (0, 1]", "unknown nat_schedule 'x'"); the
+    command line's, its flag."""
+    prefix = "unknown " if message.startswith("unknown ") else ""
+    word, _, rest = message.removeprefix(prefix).partition(" ")
+    return f"{prefix}{flag(word)} {rest}" if word in METHOD_OPTIONS else message
 
 
 # Chosen so the demo finishes in under 10 minutes on a 2-core CPU (see docs/results.md).

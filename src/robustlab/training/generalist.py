@@ -144,8 +144,8 @@ class Generalist(Method):
     def __init__(self, eps=0.1, norm="linf", steps=10, step_size=0.025, adv_loss="pgd-at", beta=None,
                  mix_final=0.4, mix_start=2 / 3, global_decay=0.999, redistribute_from=0.625, redistribute_every=None,
                  redistribute_per_step=False, nat_lr=None, nat_weight_decay=5e-4, nat_schedule=None, global_bn="mix"):
-        check_choice("generalist adversarial loss", adv_loss, ("pgd-at", "trades"))
-        check_choice("global BatchNorm statistics", global_bn, GLOBAL_BN)
+        check_choice("adv_loss", adv_loss, ("pgd-at", "trades"))
+        check_choice("global_bn", global_bn, GLOBAL_BN)
         for name, value in (("mix_final", mix_final), ("mix_start", mix_start), ("redistribute_from", redistribute_from)):
             if not 0 <= value <= 1:
                 raise RobustlabError(f"{name} must be in [0, 1] (a mixing ratio or a fraction of the run), got {value}")
@@ -158,7 +158,7 @@ class Generalist(Method):
         if not nat_weight_decay >= 0:
             raise RobustlabError(f"nat_weight_decay must be >= 0, got {nat_weight_decay}")
         if nat_schedule is not None:
-            check_choice("schedule", nat_schedule, SCHEDULES)
+            check_choice("nat_schedule", nat_schedule, SCHEDULES)
         if beta is not None and adv_loss != "trades":
             raise RobustlabError("beta is TRADES's weight: it needs --adv-loss trades (the mixing ratio is --mix-final)")
         self.eps, self.norm, self.steps, self.step_size = eps, norm, steps, step_size
