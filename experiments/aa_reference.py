@@ -37,6 +37,7 @@ from robustlab.attacks import attack_mode, within_ball
 from robustlab.attacks.autoattack import ROBUST, STAGES, autoattack, check_state_belongs, load_finished_state
 from robustlab.cli import OneLineParser, positive
 from robustlab.errors import RobustlabError, run_script
+from robustlab.evaluate.accuracy import correct_mask
 from robustlab.models import fast_memory_format
 from robustlab.protocol import threat_defaults
 from robustlab.rift.mrc import write_json
@@ -73,9 +74,7 @@ def reference_verdicts(model, x, y, eps: float, norm: str, reference: Path, path
         raise RobustlabError(f"{path} holds the reference's verdicts for another model, other images or another "
                              f"setting; use another --out")
     if done is None:
-        with attack_mode(model), torch.no_grad():
-            correct = torch.cat([model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]
-                                 for i in range(0, len(x), batch_size)])
+        correct = correct_mask(model, x, y, batch_size=batch_size)
         broken_by = torch.where(correct, ROBUST, STAGES.index("clean"))
         done = {**setting, "stages": ["clean"], "seconds": {}, "broken_by": broken_by.tolist()}
     broken_by = torch.tensor(done["broken_by"])
@@ -90,12 +89,9 @@ def reference_verdicts(model, x, y, eps: float, norm: str, reference: Path, path
             adversary.attacks_to_run = [stage]  # the standard version's settings, this member only
             with attack_mode(model):
                 x_adv = adversary.run_standard_evaluation(x[idx], y[idx], bs=batch_size)
-                with torch.no_grad():
-                    fooled = torch.cat([model(x_adv[i:i + batch_size]).argmax(1) != y[idx][i:i + batch_size]
-                                        for i in range(0, len(idx), batch_size)])
             if not within_ball(x_adv, x[idx], norm, eps):
                 raise RobustlabError(f"the reference's {stage} returned points outside the {norm} ball of ε={eps}")
-            broken_by[idx[fooled]] = stage_index
+            broken_by[idx[~correct_mask(model, x_adv, y[idx], batch_size=batch_size)]] = stage_index
         done["stages"].append(stage)
         done["seconds"][stage] = time.perf_counter() - start
         done["broken_by"] = broken_by.tolist()
@@ -141,8 +137,7 @@ def robustlab_verdicts(model, x, y, eps: float, norm: str, state: Path | None, o
     x_adv = x.clone()
     x_adv[tensors["adv_index"].long()] = tensors["adv_rows"].to(x.dtype)
     attacked = broken_by > STAGES.index("clean")
-    with attack_mode(model), torch.no_grad():
-        fooled = model(x_adv[attacked]).argmax(1) != y[attacked]
+    fooled = ~correct_mask(model, x_adv[attacked], y[attacked], batch_size=batch_size)
     if not (fooled.all() and within_ball(x_adv[attacked], x[attacked], norm, eps)):
         raise RobustlabError(f"{state}: {int((~fooled).sum())} of the images it counts as broken have no stored "
                              f"adversarial example that fools the model inside the ball")

@@ -601,16 +601,25 @@ def _check_request(imageset: ImageSet, names, severities) -> tuple[list[str], tu
     channels = imageset.images.shape[1]
     if channels not in (1, 3):
         raise RobustlabError(f"corruptions need 1- or 3-channel images, got {channels} channels")
-    if isinstance(names, str):
-        raise RobustlabError(f"names is a list of corruptions, got the string {names!r}")
-    names = default_corruptions(channels) if names is None else list(names)
-    if not names:
-        raise RobustlabError("no corruption named: give at least one of " + ", ".join(CORRUPTIONS))
+    names = _names_given(names)
+    names = default_corruptions(channels) if names is None else names
     for name in names:
         check_choice("corruption", name, CORRUPTIONS)
         if name in COLOUR_ONLY and channels != 3:
             raise RobustlabError(f"corruption {name!r} needs colour (3-channel) images")
     return names, _check_severities(severities)
+
+
+def _names_given(names) -> list[str] | None:
+    """None (every corruption of the source) or a non-empty list of names, read once (a generator too)."""
+    if isinstance(names, str):  # read letter by letter, as the corruptions f, o and g
+        raise RobustlabError(f"names is a non-empty list of corruptions, got the string {names!r}")
+    if names is None:
+        return None
+    if not (names := list(names)):  # an empty suite's mean is NaN
+        raise RobustlabError("no corruption named: names is a non-empty list of corruptions, e.g. "
+                             + ", ".join(CORRUPTIONS))
+    return names
 
 
 def _is_integer(value) -> bool:
@@ -762,9 +771,8 @@ def ood_accuracy(model, imageset: ImageSet, names=None, severities=SEVERITIES, s
     """Accuracy on every corrupted copy of `imageset`, generated from `seed`, or on the published
     CIFAR-10-C / CIFAR-100-C files when `cifar_c_dir` is given (then `names=None` means every file there)."""
     if cifar_c_dir is not None:
-        if isinstance(names, str) or names is not None and not list(names):  # "fog" read as f, o, g; [] as a NaN mean
-            raise RobustlabError(f"names is a non-empty list of corruptions, got {names!r}")
-        names = _published_names(cifar_c_dir) if names is None else list(names)
+        names = _names_given(names)
+        names = _published_names(cifar_c_dir) if names is None else names
         severities = _check_severities(severities)
         load_cifar_c(cifar_c_dir, corruptions=names, severities=())  # checks files and names, reads no images
         suite = _published_suite(imageset, cifar_c_dir, names, severities)

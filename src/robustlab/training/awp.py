@@ -51,7 +51,8 @@ class AdversarialWeightPerturbation:
         self.awp_gamma, self.awp_warmup = awp_gamma, awp_warmup
 
     def awp_active(self, ctx) -> bool:
-        return self.awp_gamma > 0 and ctx.epoch >= self.awp_warmup * ctx.epochs
+        first = self.awp_first_epoch(ctx.epochs)
+        return first is not None and ctx.epoch >= first
 
     def awp_first_epoch(self, epochs: int) -> int | None:
         """The first 0-based epoch of a run of `epochs` that perturbs the weights; None when none does."""
