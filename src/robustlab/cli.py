@@ -11,6 +11,7 @@ from pathlib import Path
 
 from robustlab.allocator import keep_freed_memory
 from robustlab.errors import RobustlabError, check_choice, one_line, output_dir
+from robustlab.protocol import check_linf_eps
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -37,13 +38,6 @@ def nonnegative(kind):
             raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
         return value
     return parse
-
-
-def check_linf_eps(eps, norm: str):
-    """An L∞ radius above 1 is no threat model: inputs live in [0, 1], so at ε = 1 every image is reachable."""
-    if eps is not None and norm == "linf" and eps > 1:
-        raise RobustlabError(f"--eps {eps:g}: an L∞ radius above 1 exceeds the pixel range [0, 1], where ε = 1 already "
-                             "reaches every image; give at most 1 (ε is in pixel scale, e.g. 0.1 or 8/255 = 0.031)")
 
 
 def given(options) -> list[str]:

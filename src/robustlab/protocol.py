@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from robustlab.errors import check_choice
+from robustlab.errors import RobustlabError, check_choice
 
 
 @dataclass(frozen=True)
@@ -57,3 +57,10 @@ def threat_defaults(dataset: str, norm: str) -> ThreatDefaults:
     check_choice("dataset", dataset, PROTOCOL)
     check_choice("norm", norm, ("linf", "l2"))
     return PROTOCOL[dataset][norm]
+
+
+def check_linf_eps(eps, norm: str, flag: str = "--eps"):
+    """An L∞ radius above 1 is no threat model: inputs live in [0, 1], so at ε = 1 every image is reachable."""
+    if eps is not None and norm == "linf" and eps > 1:
+        raise RobustlabError(f"{flag} {eps:g}: an L∞ radius above 1 exceeds the pixel range [0, 1], where ε = 1 already "
+                             "reaches every image; give at most 1 (ε is in pixel scale, e.g. 0.1 or 8/255 = 0.031)")

@@ -9,8 +9,11 @@ import time
 from functools import partial
 from pathlib import Path
 
-from robustlab.cli import check_linf_eps, given
+from robustlab.cli import flag, given
 from robustlab.errors import RobustlabError, check_choice, output_dir
+from robustlab.evaluate.evaluation import (SWEEP_N, add_gallery, attack_at_radius, attack_budget,
+                                           check_attack_options, eps_sweep, measure_all, plot_sweep,
+                                           results_dict)
 
 
 def add_parser(sub):
@@ -64,11 +67,8 @@ def add_parser(sub):
 def cmd_eval(args) -> int:
     import torch
     from robustlab import distributed, load_model
-    from robustlab.attacks import ATTACKS, apgd, pgd, pgd_smooth
     from robustlab.attacks.smooth import relu_count
     from robustlab.evaluate import accuracy
-    from robustlab.evaluate.report import plot_adversarial_examples
-    from robustlab.evaluate.sanity import SMOOTH_GRADIENT_TAU
     from robustlab.models import fast_memory_format
     from robustlab.training.run import run_dataset
 
@@ -84,83 +84,35 @@ def cmd_eval(args) -> int:
     meta = model.checkpoint_meta
     if args.attack == "pgd-smooth" and not relu_count(model):
         raise RobustlabError(f"--attack pgd-smooth: {args.run} has no nn.ReLU modules to smooth; use pgd")
-    norm, eps, steps, step_size, restarts = _attack_budget(args, meta["dataset"]["name"],
-                                                           meta.get("method", {}).get("norm", "linf"))
-    tau = args.tau or SMOOTH_GRADIENT_TAU
+    norm, eps, steps, step_size, restarts = attack_budget(
+        args.attack, meta["dataset"]["name"], args.norm or meta.get("method", {}).get("norm", "linf"), eps=args.eps,
+        steps=args.steps, step_size=args.step_size, restarts=args.restarts, named=flag)
     source = _transfer_source(args, model, device) if args.transfer_from else None  # fails before the data is read
     # A folder or npy test set is decoded as far as it is read: --n 1000 reads 1,000 images.
     data = run_dataset(meta, args.data_dir)
     images = getattr(data, args.split)
     images = images.subset(args.n) if args.n else images
-
-    def attack_at(e):  # the attack at radius e, its step scaled with it (the ε sweep; --eps 0 keeps the step)
-        step = step_size * (e / eps if eps else 1) if step_size is not None else None
-        if args.attack == "pgd":
-            return partial(pgd, eps=e, norm=norm, steps=steps, step_size=step, restarts=restarts)
-        if args.attack == "apgd-ce":
-            return partial(apgd, eps=e, norm=norm, steps=steps, restarts=restarts)
-        if args.attack == "pgd-smooth":
-            return partial(pgd_smooth, eps=e, norm=norm, steps=steps, step_size=step, restarts=restarts, tau=tau)
-        return lambda m, x, y, generator=None: ATTACKS[args.attack](m, x, y, eps=e)
+    attack_at, label = attack_at_radius(args.attack, norm, eps, steps, step_size, restarts, args.tau)
 
     def measure(images, e, progress=None):
         attack = attack_at(e) if e > 0 else None
         return accuracy(model, images, attack=attack, batch_size=args.batch_size, seed=args.seed, progress=progress)
 
-    runs = f"{steps}{'×' + str(restarts) if restarts > 1 else ''}"
-    if args.attack == "apgd-ce":
-        label = f"APGD-CE-{runs} {norm} ε={eps:g}"
-    elif args.attack in ("pgd", "pgd-smooth"):
-        label = f"PGD-{runs} {norm} ε={eps:g} step {step_size:g}"
-        label += f", margin loss, smooth ReLU gradients τ={tau:g}" if args.attack == "pgd-smooth" else ""
-    else:
-        label = f"{args.attack.upper()} {norm} ε={eps:g}"
-    if eps == 0:  # the "robust" row is then clean accuracy itself: no attack ran
-        label = "no attack (ε = 0)"
     if args.transfer_from:
         return _eval_transfer(args, model, source, images, attack_at(eps), label)
     out = _report_dir(args)
     start = time.perf_counter()
-    if args.suite == "standard":
-        from robustlab.evaluate.suite import run_suite
-        budget_options = {"aa_steps": args.aa_steps, "aa_queries": args.aa_queries, "aa_n": args.aa_n,
-                          "sanity_n": args.sanity_n}
-        rows, extra, plots = run_suite(model, images, data.info, norm=norm, eps=eps, attack_at=attack_at,
-                                       pgd_label=label, out_dir=out, ood=args.ood, seed=args.seed,
-                                       batch_size=args.batch_size, **{k: v for k, v in budget_options.items() if v is not None})
-        clean, robust = rows[0]["accuracy"], rows[1]["accuracy"]
-    else:
-        rows, extra, plots = None, {}, {}
-        clean = measure(images, 0, "clean")
-        robust = measure(images, eps, label) if eps > 0 else clean
+    clean, robust, rows, extra, plots = measure_all(
+        model, images, data.info, measure, suite=args.suite, attack_at=attack_at, label=label, norm=norm, eps=eps,
+        out_dir=out, ood=args.ood, seed=args.seed, batch_size=args.batch_size,
+        budget={"aa_n": args.aa_n, "aa_steps": args.aa_steps, "aa_queries": args.aa_queries, "sanity_n": args.sanity_n})
     results = _results(meta, clean, robust, len(images), label, start, rows, extra,
                        attack={"name": args.attack, "norm": norm, "eps": eps, "steps": steps,
                                "step_size": step_size, "restarts": restarts,
                                "seed": args.seed})
     if args.split == "test" and eps > 0 and distributed.is_main():
-        x, x_adv, y, pred = adversarial_examples(model, images, attack_at(eps), seed=args.seed)
-        if len(x):  # none when no image of the first 64 is classified correctly
-            plot_adversarial_examples(x, x_adv, y, pred, data.info.class_names, out / "adversarial_examples.png",
-                                      f"{label} on the first {len(x)} correctly classified test images")
-            plots["Adversarial examples"] = "adversarial_examples.png"
+        add_gallery(model, images, attack_at(eps), label, data.info.class_names, out, plots, args.seed)
     return _finish_eval(args, meta, results, plots, measure, images, out, unit="images")
-
-
-def _attack_budget(args, dataset: str, trained_norm: str) -> tuple:
-    """(norm, ε, steps, step size, restarts) of the attack `robustlab eval` runs: the protocol's evaluation PGD for
-    the run's norm, each part overridable; one step of ε for FGSM and FGM; AutoAttack's 100 steps for apgd-ce, whose
-    step sizes are its own (None)."""
-    from robustlab.protocol import step_for, threat_defaults
-    norm = ONE_STEP_NORMS.get(args.attack) or args.norm or trained_norm
-    budget = threat_defaults(dataset, norm).eval
-    eps = budget.eps if args.eps is None else args.eps
-    check_linf_eps(eps, norm)
-    if args.attack in ONE_STEP_NORMS:
-        return norm, eps, 1, eps, 1
-    if args.attack == "apgd-ce":
-        return norm, eps, args.steps or APGD_STEPS, None, args.restarts or 1
-    step_size = args.step_size if args.step_size is not None else step_for(budget, eps, args.steps)
-    return norm, eps, args.steps or budget.steps, step_size, args.restarts or budget.restarts
 
 
 def _eval_text(args, model, device) -> int:
@@ -264,19 +216,12 @@ def _eval_transfer(args, target, source, test, attack, label) -> int:
     return 0
 
 
-ONE_STEP_NORMS = {"fgsm": "linf", "fgm": "l2"}
-APGD_STEPS = 100  # AutoAttack-standard's iterations
-SWEEP_N = 1000  # test images for the report's accuracy-vs-ε plot
-
-
 def _check_eval_options(args):
     """Options this evaluation would ignore are refused, so that a report never names an attack other than the one
     that ran: FGSM and FGM take one step of size ε in their own norm, only pgd-smooth has a τ, and the AutoAttack,
     sanity and OOD options belong to --suite standard. Validation and transfer figures are printed, not reported."""
-    check_choice("attack", args.attack, ("fgsm", "fgm", "pgd", "apgd-ce", "pgd-smooth"))
-    if args.attack == "apgd-ce" and args.step_size is not None:
-        raise RobustlabError("--attack apgd-ce sets its own step sizes (from 2ε, halved when progress stalls); drop "
-                             "--step-size")
+    check_attack_options(args.attack, norm=args.norm, steps=args.steps, step_size=args.step_size,
+                         restarts=args.restarts, tau=args.tau, named=flag)
     check_choice("suite", args.suite, ("none", "standard"))
     check_choice("split", args.split, ("test", "val"))
     if args.split == "val" and args.suite != "none":
@@ -292,18 +237,6 @@ def _check_eval_options(args):
         raise RobustlabError(f"{', '.join(suite)} apply to --suite standard")
     if args.suite == "standard" and args.eps == 0:  # else AutoAttack fails on it, after the clean and PGD passes
         raise RobustlabError("--suite standard needs --eps > 0: AutoAttack and the sanity checks attack at ε")
-    if args.tau is not None and args.attack != "pgd-smooth":
-        raise RobustlabError(f"--tau is pgd-smooth's temperature; --attack {args.attack} has none")
-    norm = ONE_STEP_NORMS.get(args.attack)
-    if norm is None:
-        return
-    if args.norm not in (None, norm):
-        other = {v: k for k, v in ONE_STEP_NORMS.items()}[check_choice("norm", args.norm, ONE_STEP_NORMS.values())]
-        raise RobustlabError(f"--attack {args.attack} is the {norm} one-step attack; for --norm {args.norm} "
-                             f"use --attack {other}")
-    if ignored := given([("--steps", args.steps), ("--step-size", args.step_size), ("--restarts", args.restarts)]):
-        raise RobustlabError(f"--attack {args.attack} takes one step of size ε; {', '.join(ignored)} "
-                             "apply to pgd and pgd-smooth")
 
 
 def _run_dir(args) -> Path:
@@ -351,14 +284,11 @@ def _report_dir(args) -> Path:
 
 
 def _results(meta, clean, robust, n, label, start, rows=None, extra=None, *, attack) -> dict:
-    return {"run": {"model": meta["model"]["name"], "dataset": meta["dataset"]["name"],
-                    "method": meta.get("method", {}).get("name"), "epoch": meta.get("epoch"),
-                    "epochs": meta.get("epochs_total") or meta.get("config", {}).get("epochs")},
-            "attack": attack, "label": label, "clean": clean, "robust": robust, "n": n,
-            "wall_s": round(time.perf_counter() - start, 1),
-            "rows": rows or [{"name": "clean", "n": n, "accuracy": clean}, {"name": label, "n": n, "accuracy": robust}],
-            **(extra or {}),
-            "command": "robustlab eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None}
+    run = {"model": meta["model"]["name"], "dataset": meta["dataset"]["name"],
+           "method": meta.get("method", {}).get("name"), "epoch": meta.get("epoch"),
+           "epochs": meta.get("epochs_total") or meta.get("config", {}).get("epochs")}
+    command = "robustlab eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None
+    return results_dict(run, clean, robust, n, label, start, rows, extra, attack=attack, command=command)
 
 
 def _finish_eval(args, meta, results, plots, measure, test, out, unit: str) -> int:
@@ -367,7 +297,7 @@ def _finish_eval(args, meta, results, plots, measure, test, out, unit: str) -> i
     progress)`: the run's accuracy under its attack."""
     from robustlab import distributed
     from robustlab.checkpoint import read_metrics
-    from robustlab.evaluate.report import plot_accuracy_vs_eps, plot_training_curves, write_report
+    from robustlab.evaluate.report import plot_training_curves, write_report
 
     clean, label, n, eps = results["clean"], results["label"], results["n"], results["attack"]["eps"]
     results["unit"] = unit
@@ -378,20 +308,15 @@ def _finish_eval(args, meta, results, plots, measure, test, out, unit: str) -> i
         return 0
     sweep_n = SWEEP_N if args.sweep_n is None else args.sweep_n
     if sweep_n > 0 and eps > 0:
-        sweep = test.subset(min(sweep_n, len(test)))
-        points = [(f * eps, measure(sweep, f * eps, f"sweep ε={f * eps:g}" if f else None))
-                  for f in (0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)]
-        results["sweep"] = {"n": len(sweep), "points": points}
+        results["sweep"] = eps_sweep(measure, test, eps, sweep_n)
     if not distributed.is_main():
         return 0
     run = results["run"]
     run_dir = _run_dir(args)
     run["checkpoint"] = str(_source(args))  # which model, wherever the report goes
     if "sweep" in results:
-        legend = label.split(" ")[0] + (" smooth-gradient" if results["attack"]["name"] == "pgd-smooth" else "")
-        plot_accuracy_vs_eps({legend: results["sweep"]["points"]}, out / "accuracy_vs_eps.png",
-                             f"{run['model']} on {run['dataset']} ({results['sweep']['n']} test {unit})",
-                             results["attack"]["norm"], "embedding scale" if unit == "texts" else "pixel scale")
+        plot_sweep(results, out / "accuracy_vs_eps.png", f"{run['model']} on {run['dataset']} "
+                   f"({results['sweep']['n']} test {unit})", "embedding scale" if unit == "texts" else "pixel scale")
         plots = {"Accuracy versus ε": "accuracy_vs_eps.png", **plots}
     if metrics := read_metrics(run_dir):
         run["train_s"] = metrics[-1].get("elapsed_s")  # so that `robustlab summary` finds it wherever the report goes
@@ -418,22 +343,3 @@ def _finish_eval(args, meta, results, plots, measure, test, out, unit: str) -> i
             print(f"sanity checks: {results['sanity'].get('verdict')}")
         print(f"report: {out / 'report.md'}")
     return 0
-
-
-def adversarial_examples(model, test, attack, n: int = 8, seed: int = 0):
-    """For the report's gallery: the first n test images (among the first 8n) that the model classifies correctly,
-    their adversarial versions, the labels and the predictions on the adversarial images."""
-    import torch
-    from robustlab.models import eval_mode, model_device
-
-    device, first = model_device(model), test.subset(8 * n)  # a lazy folder set decodes only these
-    x, y = first.images.to(device), first.labels.to(device)
-    x = x.float().div(255) if x.dtype == torch.uint8 else x
-    with eval_mode(model):
-        with torch.no_grad():
-            right = model(x).argmax(1) == y
-        x, y = x[right][:n], y[right][:n]
-        x_adv = attack(model, x, y, generator=torch.Generator(device).manual_seed(seed))
-        with torch.no_grad():
-            pred = model(x_adv).argmax(1)
-    return x, x_adv, y, pred

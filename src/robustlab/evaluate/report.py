@@ -105,8 +105,8 @@ def write_report(out_dir, results: dict, plots: dict[str, str], run_name: str):
     if meta:
         epoch = "" if meta.get("epoch") is None else f", epoch {meta['epoch'] + 1}"  # files count from 0, people from 1
         epoch += f" of {meta['epochs']}" if epoch and meta.get("epochs") else ""
-        lines.append(f"- model: `{meta.get('model')}`, dataset: `{meta.get('dataset')}`, method: `{meta.get('method')}`"
-                     f"{epoch}")
+        method = f", method: `{meta['method']}`" if meta.get("method") else ""  # none for a model of one's own
+        lines.append(f"- model: `{meta.get('model')}`, dataset: `{meta.get('dataset')}`{method}{epoch}")
         if meta.get("stopped_early"):
             lines.append(f"- training stopped early {meta['stopped_early']}")
         lines.append("")

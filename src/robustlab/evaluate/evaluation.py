@@ -1,0 +1,253 @@
+"""One evaluation for every model: the attack `robustlab eval` runs (its budget, its label, its checks), the ε sweep,
+the gallery of adversarial examples, and `evaluate_model`, the same report for a model of your own."""
+from __future__ import annotations
+
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from robustlab.errors import RobustlabError, check_choice, output_dir
+
+ATTACK_NAMES = ("fgsm", "fgm", "pgd", "apgd-ce", "pgd-smooth")
+ONE_STEP_NORMS = {"fgsm": "linf", "fgm": "l2"}
+APGD_STEPS = 100  # AutoAttack-standard's iterations
+SWEEP_N = 1000  # test images for the report's accuracy-vs-ε plot
+SWEEP_FACTORS = (0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # the sweep's radii, in units of the evaluated ε
+
+
+def keyword(name: str) -> str:
+    return name
+
+
+def check_attack_options(attack, *, norm=None, steps=None, step_size=None, restarts=None, tau=None,
+                         named: Callable[[str], str] = keyword):
+    """Options the attack would ignore are refused, so that a report never names an attack other than the one that
+    ran: FGSM and FGM take one step of size ε in their own norm, APGD sets its own steps, only pgd-smooth has a τ.
+    `named(keyword)` is how the caller spells an option: the keyword itself, or the CLI's flag."""
+    check_choice(named("attack"), attack, ATTACK_NAMES)
+    if attack == "apgd-ce" and step_size is not None:
+        raise RobustlabError(f"{named('attack')} apgd-ce sets its own step sizes (from 2ε, halved when progress "
+                             f"stalls); drop {named('step_size')}")
+    if tau is not None and attack != "pgd-smooth":
+        raise RobustlabError(f"{named('tau')} is pgd-smooth's temperature; {named('attack')} {attack} has none")
+    own = ONE_STEP_NORMS.get(attack)
+    if own is None:
+        return
+    if norm not in (None, own):
+        other = {v: k for k, v in ONE_STEP_NORMS.items()}[check_choice(named("norm"), norm, ONE_STEP_NORMS.values())]
+        raise RobustlabError(f"{named('attack')} {attack} is the {own} one-step attack; for {named('norm')} {norm} "
+                             f"use {named('attack')} {other}")
+    if ignored := [named(k) for k, v in (("steps", steps), ("step_size", step_size), ("restarts", restarts))
+                   if v is not None]:
+        raise RobustlabError(f"{named('attack')} {attack} takes one step of size ε; {', '.join(ignored)} "
+                             "apply to pgd and pgd-smooth")
+
+
+def attack_budget(attack, dataset: str, norm: str, *, eps=None, steps=None, step_size=None, restarts=None,
+                  named: Callable[[str], str] = keyword) -> tuple:
+    """(norm, ε, steps, step size, restarts) of the evaluation: the protocol's evaluation PGD for `dataset` and `norm`,
+    each part overridable; one step of ε for FGSM and FGM, in their own norm; AutoAttack's 100 steps for apgd-ce,
+    whose step sizes are its own (None)."""
+    from robustlab.protocol import check_linf_eps, step_for, threat_defaults
+    norm = ONE_STEP_NORMS.get(attack) or norm
+    budget = threat_defaults(dataset, norm).eval
+    eps = budget.eps if eps is None else eps
+    check_linf_eps(eps, norm, named("eps"))
+    if attack in ONE_STEP_NORMS:
+        return norm, eps, 1, eps, 1
+    if attack == "apgd-ce":
+        return norm, eps, steps or APGD_STEPS, None, restarts or 1
+    step_size = step_size if step_size is not None else step_for(budget, eps, steps)
+    return norm, eps, steps or budget.steps, step_size, restarts or budget.restarts
+
+
+def attack_at_radius(attack, norm, eps, steps, step_size, restarts, tau) -> tuple[Callable, str]:
+    """(`attack_at(e)`, the report's label): the evaluation's attack at radius e with its step scaled with e (the ε
+    sweep and the sanity checks run it at other radii; ε = 0 keeps the step)."""
+    from robustlab.attacks import ATTACKS, apgd, pgd, pgd_smooth
+    from robustlab.evaluate.sanity import SMOOTH_GRADIENT_TAU
+    tau = tau or SMOOTH_GRADIENT_TAU
+
+    def attack_at(e):
+        step = step_size * (e / eps if eps else 1) if step_size is not None else None
+        if attack == "pgd":
+            return partial(pgd, eps=e, norm=norm, steps=steps, step_size=step, restarts=restarts)
+        if attack == "apgd-ce":
+            return partial(apgd, eps=e, norm=norm, steps=steps, restarts=restarts)
+        if attack == "pgd-smooth":
+            return partial(pgd_smooth, eps=e, norm=norm, steps=steps, step_size=step, restarts=restarts, tau=tau)
+        return lambda m, x, y, generator=None: ATTACKS[attack](m, x, y, eps=e)
+
+    runs = f"{steps}{'×' + str(restarts) if restarts > 1 else ''}"
+    if attack == "apgd-ce":
+        label = f"APGD-CE-{runs} {norm} ε={eps:g}"
+    elif attack in ("pgd", "pgd-smooth"):
+        label = f"PGD-{runs} {norm} ε={eps:g} step {step_size:g}"
+        label += f", margin loss, smooth ReLU gradients τ={tau:g}" if attack == "pgd-smooth" else ""
+    else:
+        label = f"{attack.upper()} {norm} ε={eps:g}"
+    if eps == 0:  # the "robust" row is then clean accuracy itself: no attack ran
+        label = "no attack (ε = 0)"
+    return attack_at, label
+
+
+def eps_sweep(measure, test, eps: float, n: int) -> dict:
+    """Accuracy at SWEEP_FACTORS × ε on the first n images; `measure(images, e, progress)` as in `robustlab eval`."""
+    sweep = test.subset(min(n, len(test)))
+    points = [(f * eps, measure(sweep, f * eps, f"sweep ε={f * eps:g}" if f else None)) for f in SWEEP_FACTORS]
+    return {"n": len(sweep), "points": points}
+
+
+def plot_sweep(results: dict, path, title: str, scale: str = "pixel scale"):
+    from robustlab.evaluate.report import plot_accuracy_vs_eps
+    legend = results["label"].split(" ")[0] + (" smooth-gradient" if results["attack"]["name"] == "pgd-smooth" else "")
+    plot_accuracy_vs_eps({legend: results["sweep"]["points"]}, path, title, results["attack"]["norm"], scale)
+
+
+def adversarial_examples(model, test, attack, n: int = 8, seed: int = 0):
+    """For the report's gallery: the first n test images (among the first 8n) that the model classifies correctly,
+    their adversarial versions, the labels and the predictions on the adversarial images."""
+    from robustlab.models import eval_mode, model_device
+
+    device, first = model_device(model), test.subset(8 * n)  # a lazy folder set decodes only these
+    x, y = first.images.to(device), first.labels.to(device)
+    x = x.float().div(255) if x.dtype == torch.uint8 else x
+    with eval_mode(model):
+        with torch.no_grad():
+            right = model(x).argmax(1) == y
+        x, y = x[right][:n], y[right][:n]
+        x_adv = attack(model, x, y, generator=torch.Generator(device).manual_seed(seed))
+        with torch.no_grad():
+            pred = model(x_adv).argmax(1)
+    return x, x_adv, y, pred
+
+
+def add_gallery(model, test, attack, label: str, class_names, out: Path, plots: dict, seed: int = 0):
+    """Eight adversarial examples beside their clean images, into out/adversarial_examples.png and `plots`."""
+    from robustlab.evaluate.report import plot_adversarial_examples
+    x, x_adv, y, pred = adversarial_examples(model, test, attack, seed=seed)
+    if len(x):  # none when no image of the first 64 is classified correctly
+        plot_adversarial_examples(x, x_adv, y, pred, class_names, out / "adversarial_examples.png",
+                                  f"{label} on the first {len(x)} correctly classified test images")
+        plots["Adversarial examples"] = "adversarial_examples.png"
+
+
+def check_model(model, images, info):
+    """One pass on two images, so that a model that does not fit the data fails here, in one line, and not inside
+    the first attack."""
+    from robustlab.models import eval_mode, model_device
+    if not isinstance(model, torch.nn.Module):
+        raise RobustlabError(f"model must be a torch.nn.Module that maps images in [0, 1] to logits, not a "
+                             f"{type(model).__name__}")
+    x = images[:2].to(model_device(model))
+    x = x.float().div(255) if x.dtype == torch.uint8 else x
+    shape = "×".join(map(str, x.shape[1:]))
+    try:
+        with eval_mode(model), torch.no_grad():
+            logits = model(x)
+    except RuntimeError as exc:  # a shape or dtype mismatch deep inside the model
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RobustlabError(f"the model fails on {info.name} images ({shape}, values in [0, 1]): {first}") from None
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (len(x), info.num_classes):
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise RobustlabError(f"the model returns {got} for {len(x)} {info.name} images ({shape}); evaluation needs "
+                             f"logits of shape ({len(x)}, {info.num_classes})")
+
+
+def measure_all(model, images, info, measure, *, suite, attack_at, label, norm, eps, out_dir, ood, seed, batch_size,
+                budget) -> tuple:
+    """(clean, robust, report rows, extra results, plots): clean accuracy and the attack, or with suite="standard"
+    the whole suite (robustlab.evaluate.suite); `budget`: its aa_n, aa_steps, aa_queries and sanity_n where given."""
+    if suite != "standard":
+        clean = measure(images, 0, "clean")
+        return clean, measure(images, eps, label) if eps > 0 else clean, None, {}, {}
+    from robustlab.evaluate.suite import run_suite
+    rows, extra, plots = run_suite(model, images, info, norm=norm, eps=eps, attack_at=attack_at, pgd_label=label,
+                                   out_dir=out_dir, ood=ood, seed=seed, batch_size=batch_size,
+                                   **{k: v for k, v in budget.items() if v is not None})
+    return rows[0]["accuracy"], rows[1]["accuracy"], rows, extra, plots
+
+
+def results_dict(run: dict, clean, robust, n, label, start, rows=None, extra=None, *, attack, command=None) -> dict:
+    """What report.json holds (and `write_report` reads)."""
+    return {"run": run, "attack": attack, "label": label, "clean": clean, "robust": robust, "n": n,
+            "wall_s": round(time.perf_counter() - start, 1),
+            "rows": rows or [{"name": "clean", "n": n, "accuracy": clean}, {"name": label, "n": n, "accuracy": robust}],
+            **(extra or {}), "command": command}
+
+
+def evaluate_model(model, data, *, out=None, name: str | None = None, split: str = "test", n: int | None = None,
+                   attack: str = "pgd", norm: str = "linf", eps: float | None = None, steps: int | None = None,
+                   step_size: float | None = None, restarts: int | None = None, tau: float | None = None,
+                   suite: str = "standard", aa_n: int | None = None, aa_steps: int = APGD_STEPS,
+                   aa_queries: int = 5000, sanity_n: int = 500, ood: bool = True, seed: int = 0,
+                   batch_size: int = 500, sweep_n: int = SWEEP_N, data_dir=None) -> dict:
+    """The evaluation of `robustlab eval --suite standard` for a model of your own, with the same report.
+
+    `model`: any torch.nn.Module that maps N×C×H×W images in [0, 1] to logits (normalization inside it), on the
+    device where the evaluation should run; its mode is left as it was. `data`: a dataset name, read as
+    `load_dataset` reads it (from `data_dir`), or the `Splits` that `load_dataset` returned. ε, steps, step size and
+    restarts default to the protocol's evaluation PGD for the dataset and `norm`; `attack` is fgsm, fgm, pgd,
+    apgd-ce or pgd-smooth. `suite="standard"` adds AutoAttack-standard (on the first `aa_n` images), the
+    gradient-masking checks and, with `ood`, the corruption suite; `suite="none"` measures clean accuracy and the
+    attack only. On the test split, with `out`, it writes report.md, report.json and the plots there (and
+    AutoAttack's resumable state); the validation split, for choices that must not see the test set, writes
+    nothing. Returns what report.json holds.
+    """
+    from robustlab.attacks.smooth import relu_count
+    from robustlab.data import load_dataset
+    from robustlab.evaluate.accuracy import accuracy
+    from robustlab.evaluate.report import write_report
+
+    check_choice("split", split, ("test", "val"))
+    check_choice("suite", suite, ("none", "standard"))
+    check_attack_options(attack, norm=norm, steps=steps, step_size=step_size, restarts=restarts, tau=tau)
+    if suite == "standard" and split == "val":
+        raise RobustlabError("suite='standard' reports on the test split; on split='val' use suite='none'")
+    if split == "val" and out is not None:
+        raise RobustlabError("split='val' writes no report (its figures are for choices, not for quoting); drop out")
+    data = load_dataset(data, data_dir) if isinstance(data, str) else data
+    info = data.info
+    norm, eps, steps, step_size, restarts = attack_budget(attack, info.name, norm, eps=eps, steps=steps,
+                                                          step_size=step_size, restarts=restarts)
+    if suite == "standard" and eps == 0:
+        raise RobustlabError("suite='standard' needs eps > 0: AutoAttack and the sanity checks attack at ε")
+    images = getattr(data, split)
+    images = images.subset(n) if n else images
+    check_model(model, images.images, info)
+    if attack == "pgd-smooth" and not relu_count(model):
+        raise RobustlabError("attack pgd-smooth smooths the gradients of nn.ReLU modules, and the model has none; "
+                             "use pgd")
+    out = output_dir(out, "out") if out is not None else None
+    attack_at, label = attack_at_radius(attack, norm, eps, steps, step_size, restarts, tau)
+
+    def measure(subset, e, progress=None):
+        return accuracy(model, subset, attack=attack_at(e) if e > 0 else None, batch_size=batch_size, seed=seed,
+                        progress=progress)
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:  # without `out`, the suite's plots and state are dropped
+        clean, robust, rows, extra, plots = measure_all(
+            model, images, info, measure, suite=suite, attack_at=attack_at, label=label, norm=norm, eps=eps,
+            out_dir=out or Path(scratch), ood=ood, seed=seed, batch_size=batch_size,
+            budget={"aa_n": aa_n, "aa_steps": aa_steps, "aa_queries": aa_queries, "sanity_n": sanity_n})
+    name = name or type(model).__name__
+    results = results_dict({"model": name, "dataset": info.name}, clean, robust, len(images), label, start, rows,
+                           extra, attack={"name": attack, "norm": norm, "eps": eps, "steps": steps,
+                                          "step_size": step_size, "restarts": restarts, "seed": seed})
+    results["unit"] = "images"
+    if split == "test" and eps > 0 and sweep_n > 0:
+        results["sweep"] = eps_sweep(measure, images, eps, sweep_n)
+    if out is not None:
+        if "sweep" in results:
+            plot_sweep(results, out / "accuracy_vs_eps.png", f"{name} on {info.name} ({results['sweep']['n']} "
+                       "test images)")
+            plots = {"Accuracy versus ε": "accuracy_vs_eps.png", **plots}
+        if eps > 0:
+            add_gallery(model, images, attack_at(eps), label, info.class_names, out, plots, seed)
+        write_report(out, results, plots, run_name=name)
+    return {k: v for k, v in results.items() if k != "sanity_markdown"}

@@ -1,0 +1,88 @@
+"""`evaluate_model`: `robustlab eval`'s evaluation and report for a model that robustlab did not train."""
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import pytest
+from torch import nn
+
+from robustlab.attacks import pgd
+from robustlab.errors import RobustlabError
+from robustlab.evaluate import accuracy, evaluate_model
+
+
+class OwnModel(nn.Module):
+    """A model as a user brings it: its own class, normalization inside, no robustlab metadata."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_a_models_own_figures_are_the_attacks_figures(fmnist, robust_model, one_thread):
+    model = OwnModel(robust_model)
+    result = evaluate_model(model, fmnist, suite="none", n=100, steps=5, restarts=2, seed=3, sweep_n=0)
+    attack = partial(pgd, eps=0.1, steps=5, step_size=0.05, restarts=2)  # 2.5·ε/steps, the protocol's rule
+    assert result["clean"] == accuracy(model, fmnist.test.subset(100))
+    assert result["robust"] == accuracy(model, fmnist.test.subset(100), attack=attack, seed=3)
+    assert result["label"] == "PGD-5×2 linf ε=0.1 step 0.05" and result["n"] == 100
+    assert result["run"] == {"model": "OwnModel", "dataset": "fashion-mnist"}
+    on_val = evaluate_model(model, fmnist, split="val", suite="none", n=50, steps=5, restarts=1, sweep_n=0)
+    assert on_val["clean"] == accuracy(model, fmnist.val.subset(50))
+
+
+def test_the_standard_suite_writes_the_runs_report_for_a_model_of_ones_own(fmnist, robust_model, tmp_path,
+                                                                            one_thread):
+    model = OwnModel(robust_model).train()  # the caller's mode comes back
+    out = tmp_path / "report"
+    result = evaluate_model(model, fmnist, out=out, name="my-net", n=30, steps=3, restarts=1, aa_steps=2,
+                            aa_queries=10, sanity_n=20, sweep_n=20, batch_size=15)
+    assert model.training and model.inner.training
+    names = [row["name"] for row in result["rows"]]
+    assert names[0] == "clean" and any("after square (off-protocol" in n for n in names)
+    assert names[-1] == "OOD mean over 25 corruptions × 5 severities"
+    assert result["sanity"]["verdict"] and result["sweep"]["n"] == 20
+    assert json.loads((out / "report.json").read_text())["rows"] == result["rows"]
+    report = (out / "report.md").read_text()
+    assert report.startswith("# Evaluation of `my-net`") and "- model: `my-net`, dataset: `fashion-mnist`\n" in report
+    for plot in ("accuracy_vs_eps.png", "adversarial_examples.png", "per_class.png", "corruptions.png"):
+        assert f"({plot})" in report and (out / plot).stat().st_size > 1000
+
+
+class Colour(nn.Module):  # a CIFAR-shaped model, given grayscale 28×28 images
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 30 * 30, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("model, options, words", [
+    (Colour(), {}, "the model fails on fashion-mnist images (1×28×28, values in [0, 1])"),
+    (nn.Sequential(nn.Flatten(), nn.Linear(784, 7)), {}, "returns (2, 7) for 2 fashion-mnist images (1×28×28); "
+                                                         "evaluation needs logits of shape (2, 10)"),
+    (lambda x: x, {}, "must be a torch.nn.Module"),
+    (nn.Flatten(), {"split": "val", "suite": "none", "out": "x"}, "split='val' writes no report"),
+    (nn.Flatten(), {"split": "val"}, "on split='val' use suite='none'"),
+    (nn.Flatten(), {"attack": "fgsm", "steps": 5}, "attack fgsm takes one step of size ε; steps apply to pgd"),
+    (nn.Flatten(), {"attack": "fgsm", "norm": "l2"}, "for norm l2 use attack fgm"),
+    (nn.Flatten(), {"attack": "apgd-ce", "step_size": 0.01}, "drop step_size"),
+    (nn.Flatten(), {"attack": "cw"}, "unknown attack 'cw'; allowed: apgd-ce, fgm, fgsm, pgd, pgd-smooth"),
+    (nn.Flatten(), {"eps": 2}, "eps 2: an L∞ radius above 1"),
+    (nn.Flatten(), {"eps": 0}, "suite='standard' needs eps > 0"),
+    (nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), {"attack": "pgd-smooth"}, "the model has none; use pgd"),
+])
+def test_a_model_or_option_that_cannot_work_is_one_line_before_any_attack(fmnist, model, options, words):
+    with pytest.raises(RobustlabError) as error:
+        evaluate_model(model, fmnist, n=10, **options)
+    assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_dataset_name_is_read_like_load_datasets(robust_model, tmp_path):
+    with pytest.raises(RobustlabError, match="fashion-mnist"):
+        evaluate_model(OwnModel(robust_model), "fashion-mnist", data_dir=tmp_path, suite="none", n=10)
