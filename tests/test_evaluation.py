@@ -62,27 +62,69 @@ class Colour(nn.Module):  # a CIFAR-shaped model, given grayscale 28×28 images
         return self.net(x)
 
 
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(784, 10)
+
+    def forward(self, x, mask):
+        return self.linear(x.flatten(1)) * mask
+
+
+class WithFeatures(TwoInputs):
+    def forward(self, x):
+        return self.linear(x.flatten(1)), x
+
+
+LINEAR = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+
+
 @pytest.mark.parametrize("model, options, words", [
     (Colour(), {}, "the model fails on fashion-mnist images (1×28×28, values in [0, 1])"),
     (nn.Sequential(nn.Flatten(), nn.Linear(784, 7)), {}, "returns (2, 7) for 2 fashion-mnist images (1×28×28); "
-                                                         "evaluation needs logits of shape (2, 10)"),
+                                                         "evaluation needs logits alone, of shape (2, 10)"),
     (lambda x: x, {}, "must be a torch.nn.Module"),
     (nn.Flatten(), {"split": "val", "suite": "none", "out": "x"}, "split='val' writes no report"),
     (nn.Flatten(), {"split": "val"}, "on split='val' use suite='none'"),
     (nn.Flatten(), {"attack": "fgsm", "steps": 5}, "attack fgsm takes one step of size ε; steps apply to pgd"),
-    (nn.Flatten(), {"attack": "fgsm", "norm": "l2"}, "for norm l2 use attack fgm"),
+    (nn.Flatten(), {"attack": "fgsm", "norm": "l2"}, "attack fgsm is the linf one-step attack; for norm l2 use attack fgm"),
     (nn.Flatten(), {"attack": "apgd-ce", "step_size": 0.01}, "drop step_size"),
     (nn.Flatten(), {"attack": "cw"}, "unknown attack 'cw'; allowed: apgd-ce, fgm, fgsm, pgd, pgd-smooth"),
     (nn.Flatten(), {"eps": 2}, "eps 2: an L∞ radius above 1"),
     (nn.Flatten(), {"eps": 0}, "suite='standard' needs eps > 0"),
-    (nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), {"attack": "pgd-smooth"}, "the model has none; use pgd"),
+    (LINEAR, {"attack": "pgd-smooth"}, "attack pgd-smooth: the model has no nn.ReLU modules to smooth; use pgd"),
+    (TwoInputs(), {}, "the model fails on fashion-mnist images (1×28×28, values in [0, 1]): TypeError:"),
+    (WithFeatures(), {}, "the model returns a tuple for 2 fashion-mnist images"),
+    (nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).double(), {}, "the model's weights are torch.float64"),
+    # a report must never call clean accuracy robust, nor run another budget than the one it names
+    (LINEAR, {"suite": "none", "eps": -0.1}, "eps must be a finite number >= 0"),
+    (LINEAR, {"suite": "none", "eps": float("nan")}, "eps must be a finite number >= 0"),
+    (LINEAR, {"suite": "none", "restarts": 0}, "restarts must be a whole number >= 1, got 0"),
+    (LINEAR, {"suite": "none", "n": 0}, "n must be a whole number >= 1, got 0"),
+    (LINEAR, {"suite": "none", "n": 2.5}, "n must be a whole number >= 1, got 2.5"),
+    (LINEAR, {"suite": "none", "steps": 0}, "steps must be a whole number >= 1, got 0"),
+    (LINEAR, {"suite": "none", "batch_size": 0}, "batch_size must be a whole number >= 1, got 0"),
+    (LINEAR, {"suite": "none", "sweep_n": -5}, "sweep_n must be a whole number >= 0, got -5"),
+    (LINEAR, {"attack": "pgd-smooth", "tau": 0}, "tau must be a finite number > 0, got 0"),
+    (LINEAR, {"suite": "none", "aa_n": 5, "ood": False}, "aa_n, ood apply to suite='standard'"),
 ])
 def test_a_model_or_option_that_cannot_work_is_one_line_before_any_attack(fmnist, model, options, words):
     with pytest.raises(RobustlabError) as error:
-        evaluate_model(model, fmnist, n=10, **options)
+        evaluate_model(model, fmnist, **{"n": 10, **options})
     assert words in str(error.value) and "\n" not in str(error.value)
 
 
-def test_a_dataset_name_is_read_like_load_datasets(robust_model, tmp_path):
+def test_a_dataset_name_is_read_like_load_datasets(fmnist, robust_model, tmp_path):
     with pytest.raises(RobustlabError, match="fashion-mnist"):
         evaluate_model(OwnModel(robust_model), "fashion-mnist", data_dir=tmp_path, suite="none", n=10)
+    with pytest.raises(RobustlabError, match="data must be a dataset name or the Splits that load_dataset returns, "
+                                             "not a ImageSet"):
+        evaluate_model(OwnModel(robust_model), fmnist.test, suite="none", n=10)
+
+
+def test_fgm_takes_its_own_norm_and_the_report_says_how_to_repeat_it(fmnist, tmp_path, one_thread):
+    result = evaluate_model(LINEAR, fmnist, attack="fgm", suite="none", n=20, sweep_n=0, out=tmp_path)
+    assert result["attack"]["norm"] == "l2" and result["label"] == "FGM l2 ε=1.5"
+    assert result["command"] == f"evaluate_model(Sequential, 'fashion-mnist', out={str(tmp_path)!r}, n=20, " \
+                                "attack='fgm', suite='none', sweep_n=0)"
+    assert result["command"] in (tmp_path / "report.md").read_text()

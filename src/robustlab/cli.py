@@ -11,7 +11,7 @@ from pathlib import Path
 
 from robustlab.allocator import keep_freed_memory
 from robustlab.errors import RobustlabError, check_choice, one_line, output_dir
-from robustlab.protocol import check_linf_eps
+from robustlab.protocol import check_eps
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -298,7 +298,7 @@ def cmd_train(args) -> int:
     # Image defaults (text has its own, so the parser leaves these unset).
     args.dataset, args.model = args.dataset or "fashion-mnist", args.model or "cnn-small"
     args.method, args.norm = args.method or "pgd-at", args.norm or "linf"
-    check_linf_eps(args.eps, args.norm)
+    check_eps(args.eps, args.norm)
     check_method_flags(args.method, args)
     data_options = {"image_size": args.image_size, "grayscale": args.grayscale}
     if check_choice("backend", args.backend, ("torch", "tinygrad")) == "tinygrad":

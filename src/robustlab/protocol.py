@@ -5,6 +5,8 @@ Fashion-MNIST follows the same recipe scaled to ε = 0.1. Evaluation: stronger P
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 from robustlab.errors import RobustlabError, check_choice
@@ -59,8 +61,13 @@ def threat_defaults(dataset: str, norm: str) -> ThreatDefaults:
     return PROTOCOL[dataset][norm]
 
 
-def check_linf_eps(eps, norm: str, flag: str = "--eps"):
-    """An L∞ radius above 1 is no threat model: inputs live in [0, 1], so at ε = 1 every image is reachable."""
-    if eps is not None and norm == "linf" and eps > 1:
-        raise RobustlabError(f"{flag} {eps:g}: an L∞ radius above 1 exceeds the pixel range [0, 1], where ε = 1 already "
+def check_eps(eps, norm: str, name: str = "--eps"):
+    """ε is a finite radius ≥ 0 in pixel scale; in L∞ one above 1 is no threat model: inputs live in [0, 1], so at
+    ε = 1 every image is reachable."""
+    if eps is None:
+        return
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (math.isfinite(eps) and eps >= 0):
+        raise RobustlabError(f"{name} must be a finite number >= 0 (a radius in pixel scale), got {eps!r}")
+    if norm == "linf" and eps > 1:
+        raise RobustlabError(f"{name} {eps:g}: an L∞ radius above 1 exceeds the pixel range [0, 1], where ε = 1 already "
                              "reaches every image; give at most 1 (ε is in pixel scale, e.g. 0.1 or 8/255 = 0.031)")

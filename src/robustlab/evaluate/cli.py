@@ -12,8 +12,8 @@ from pathlib import Path
 from robustlab.cli import flag, given
 from robustlab.errors import RobustlabError, check_choice, output_dir
 from robustlab.evaluate.evaluation import (SWEEP_N, add_gallery, attack_at_radius, attack_budget,
-                                           check_attack_options, eps_sweep, measure_all, plot_sweep,
-                                           results_dict)
+                                           check_attack_options, check_smoothable, eps_sweep, finish_report,
+                                           measure_all, measure_with, results_dict)
 
 
 def add_parser(sub):
@@ -67,8 +67,6 @@ def add_parser(sub):
 def cmd_eval(args) -> int:
     import torch
     from robustlab import distributed, load_model
-    from robustlab.attacks.smooth import relu_count
-    from robustlab.evaluate import accuracy
     from robustlab.models import fast_memory_format
     from robustlab.training.run import run_dataset
 
@@ -82,8 +80,8 @@ def cmd_eval(args) -> int:
     # channels_last halves the cost of model passes on CPUs (measured in the AutoAttack timing).
     model = model.to(device, memory_format=fast_memory_format(model, device))  # attacks follow the model's device
     meta = model.checkpoint_meta
-    if args.attack == "pgd-smooth" and not relu_count(model):
-        raise RobustlabError(f"--attack pgd-smooth: {args.run} has no nn.ReLU modules to smooth; use pgd")
+    if args.attack == "pgd-smooth":
+        check_smoothable(model, args.run, named=flag)
     norm, eps, steps, step_size, restarts = attack_budget(
         args.attack, meta["dataset"]["name"], args.norm or meta.get("method", {}).get("norm", "linf"), eps=args.eps,
         steps=args.steps, step_size=args.step_size, restarts=args.restarts, named=flag)
@@ -94,10 +92,7 @@ def cmd_eval(args) -> int:
     images = images.subset(args.n) if args.n else images
     attack_at, label = attack_at_radius(args.attack, norm, eps, steps, step_size, restarts, args.tau)
 
-    def measure(images, e, progress=None):
-        attack = attack_at(e) if e > 0 else None
-        return accuracy(model, images, attack=attack, batch_size=args.batch_size, seed=args.seed, progress=progress)
-
+    measure = measure_with(model, attack_at, batch_size=args.batch_size, seed=args.seed)
     if args.transfer_from:
         return _eval_transfer(args, model, source, images, attack_at(eps), label)
     out = _report_dir(args)
@@ -297,7 +292,7 @@ def _finish_eval(args, meta, results, plots, measure, test, out, unit: str) -> i
     progress)`: the run's accuracy under its attack."""
     from robustlab import distributed
     from robustlab.checkpoint import read_metrics
-    from robustlab.evaluate.report import plot_training_curves, write_report
+    from robustlab.evaluate.report import plot_training_curves
 
     clean, label, n, eps = results["clean"], results["label"], results["n"], results["attack"]["eps"]
     results["unit"] = unit
@@ -314,10 +309,6 @@ def _finish_eval(args, meta, results, plots, measure, test, out, unit: str) -> i
     run = results["run"]
     run_dir = _run_dir(args)
     run["checkpoint"] = str(_source(args))  # which model, wherever the report goes
-    if "sweep" in results:
-        plot_sweep(results, out / "accuracy_vs_eps.png", f"{run['model']} on {run['dataset']} "
-                   f"({results['sweep']['n']} test {unit})", "embedding scale" if unit == "texts" else "pixel scale")
-        plots = {"Accuracy versus ε": "accuracy_vs_eps.png", **plots}
     if metrics := read_metrics(run_dir):
         run["train_s"] = metrics[-1].get("elapsed_s")  # so that `robustlab summary` finds it wherever the report goes
         if stop := metrics[-1].get("stopped_early"):  # e.g. Fast-AT's overfitting check: the reader should know
@@ -330,7 +321,8 @@ def _finish_eval(args, meta, results, plots, measure, test, out, unit: str) -> i
                              f"{val_size or 'all'} images, {robust_on})",
                              best={name: (meta.get("best") or {}).get("epoch")})
         plots["Training curves"] = "training_curves.png"
-    write_report(out, results, plots, run_name=_evaluated(args)[1])
+    finish_report(out, results, plots, _evaluated(args)[1], f"{run['model']} on {run['dataset']}",
+                  "embedding scale" if unit == "texts" else "pixel scale")
     if args.json:  # with --suite standard, every row (AutoAttack's stages, OOD) and the sanity verdict too
         summary = {k: results[k] for k in ("clean", "robust", "n", "attack", "label", "rows", "wall_s")}
         print(json.dumps({**summary, **({"sanity": results["sanity"].get("verdict")} if "sanity" in results else {})}))

@@ -2,6 +2,10 @@
 the gallery of adversarial examples, and `evaluate_model`, the same report for a model of your own."""
 from __future__ import annotations
 
+import inspect
+import math
+import numbers
+import os
 import tempfile
 import time
 from functools import partial
@@ -19,16 +23,12 @@ SWEEP_N = 1000  # test images for the report's accuracy-vs-ε plot
 SWEEP_FACTORS = (0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # the sweep's radii, in units of the evaluated ε
 
 
-def keyword(name: str) -> str:
-    return name
-
-
 def check_attack_options(attack, *, norm=None, steps=None, step_size=None, restarts=None, tau=None,
-                         named: Callable[[str], str] = keyword):
+                         named: Callable[[str], str] = str):
     """Options the attack would ignore are refused, so that a report never names an attack other than the one that
     ran: FGSM and FGM take one step of size ε in their own norm, APGD sets its own steps, only pgd-smooth has a τ.
     `named(keyword)` is how the caller spells an option: the keyword itself, or the CLI's flag."""
-    check_choice(named("attack"), attack, ATTACK_NAMES)
+    check_choice("attack", attack, ATTACK_NAMES)
     if attack == "apgd-ce" and step_size is not None:
         raise RobustlabError(f"{named('attack')} apgd-ce sets its own step sizes (from 2ε, halved when progress "
                              f"stalls); drop {named('step_size')}")
@@ -38,7 +38,7 @@ def check_attack_options(attack, *, norm=None, steps=None, step_size=None, resta
     if own is None:
         return
     if norm not in (None, own):
-        other = {v: k for k, v in ONE_STEP_NORMS.items()}[check_choice(named("norm"), norm, ONE_STEP_NORMS.values())]
+        other = {v: k for k, v in ONE_STEP_NORMS.items()}[check_choice("norm", norm, ONE_STEP_NORMS.values())]
         raise RobustlabError(f"{named('attack')} {attack} is the {own} one-step attack; for {named('norm')} {norm} "
                              f"use {named('attack')} {other}")
     if ignored := [named(k) for k, v in (("steps", steps), ("step_size", step_size), ("restarts", restarts))
@@ -48,21 +48,22 @@ def check_attack_options(attack, *, norm=None, steps=None, step_size=None, resta
 
 
 def attack_budget(attack, dataset: str, norm: str, *, eps=None, steps=None, step_size=None, restarts=None,
-                  named: Callable[[str], str] = keyword) -> tuple:
+                  named: Callable[[str], str] = str) -> tuple:
     """(norm, ε, steps, step size, restarts) of the evaluation: the protocol's evaluation PGD for `dataset` and `norm`,
     each part overridable; one step of ε for FGSM and FGM, in their own norm; AutoAttack's 100 steps for apgd-ce,
     whose step sizes are its own (None)."""
-    from robustlab.protocol import check_linf_eps, step_for, threat_defaults
+    from robustlab.protocol import check_eps, step_for, threat_defaults
     norm = ONE_STEP_NORMS.get(attack) or norm
     budget = threat_defaults(dataset, norm).eval
     eps = budget.eps if eps is None else eps
-    check_linf_eps(eps, norm, named("eps"))
+    check_eps(eps, norm, named("eps"))
     if attack in ONE_STEP_NORMS:
         return norm, eps, 1, eps, 1
+    restarts = restarts if restarts is not None else 1 if attack == "apgd-ce" else budget.restarts
     if attack == "apgd-ce":
-        return norm, eps, steps or APGD_STEPS, None, restarts or 1
+        return norm, eps, steps if steps is not None else APGD_STEPS, None, restarts
     step_size = step_size if step_size is not None else step_for(budget, eps, steps)
-    return norm, eps, steps or budget.steps, step_size, restarts or budget.restarts
+    return norm, eps, steps if steps is not None else budget.steps, step_size, restarts
 
 
 def attack_at_radius(attack, norm, eps, steps, step_size, restarts, tau) -> tuple[Callable, str]:
@@ -70,7 +71,7 @@ def attack_at_radius(attack, norm, eps, steps, step_size, restarts, tau) -> tupl
     sweep and the sanity checks run it at other radii; ε = 0 keeps the step)."""
     from robustlab.attacks import ATTACKS, apgd, pgd, pgd_smooth
     from robustlab.evaluate.sanity import SMOOTH_GRADIENT_TAU
-    tau = tau or SMOOTH_GRADIENT_TAU
+    tau = SMOOTH_GRADIENT_TAU if tau is None else tau
 
     def attack_at(e):
         step = step_size * (e / eps if eps else 1) if step_size is not None else None
@@ -100,12 +101,6 @@ def eps_sweep(measure, test, eps: float, n: int) -> dict:
     sweep = test.subset(min(n, len(test)))
     points = [(f * eps, measure(sweep, f * eps, f"sweep ε={f * eps:g}" if f else None)) for f in SWEEP_FACTORS]
     return {"n": len(sweep), "points": points}
-
-
-def plot_sweep(results: dict, path, title: str, scale: str = "pixel scale"):
-    from robustlab.evaluate.report import plot_accuracy_vs_eps
-    legend = results["label"].split(" ")[0] + (" smooth-gradient" if results["attack"]["name"] == "pgd-smooth" else "")
-    plot_accuracy_vs_eps({legend: results["sweep"]["points"]}, path, title, results["attack"]["norm"], scale)
 
 
 def adversarial_examples(model, test, attack, n: int = 8, seed: int = 0):
@@ -143,19 +138,60 @@ def check_model(model, images, info):
     if not isinstance(model, torch.nn.Module):
         raise RobustlabError(f"model must be a torch.nn.Module that maps images in [0, 1] to logits, not a "
                              f"{type(model).__name__}")
+    if other := {p.dtype for p in model.parameters() if p.is_floating_point()} - {torch.float32}:
+        raise RobustlabError(f"the model's weights are {', '.join(sorted(map(str, other)))}; the attacks feed "
+                             "float32 images, so call model.float() first")
     x = images[:2].to(model_device(model))
     x = x.float().div(255) if x.dtype == torch.uint8 else x
     shape = "×".join(map(str, x.shape[1:]))
     try:
         with eval_mode(model), torch.no_grad():
             logits = model(x)
-    except RuntimeError as exc:  # a shape or dtype mismatch deep inside the model
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RobustlabError(f"the model fails on {info.name} images ({shape}, values in [0, 1]): {first}") from None
+    except RobustlabError:
+        raise
+    except Exception as exc:  # a shape mismatch deep inside the model, a forward that wants more arguments
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise RobustlabError(f"the model fails on {info.name} images ({shape}, values in [0, 1]): "
+                             f"{type(exc).__name__}{': ' + first if first else ''}") from None
     if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (len(x), info.num_classes):
-        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else f"a {type(logits).__name__}"
         raise RobustlabError(f"the model returns {got} for {len(x)} {info.name} images ({shape}); evaluation needs "
-                             f"logits of shape ({len(x)}, {info.num_classes})")
+                             f"logits alone, of shape ({len(x)}, {info.num_classes}) (wrap a model that returns more)")
+
+
+def check_smoothable(model, what: str, named: Callable[[str], str] = str):
+    """pgd-smooth replaces the gradient of every nn.ReLU module; a model without one would get plain PGD's figure
+    under pgd-smooth's name."""
+    from robustlab.attacks.smooth import relu_count
+    if not relu_count(model):
+        raise RobustlabError(f"{named('attack')} pgd-smooth: {what} has no nn.ReLU modules to smooth; use pgd")
+
+
+def measure_with(model, attack_at, *, batch_size: int, seed: int):
+    """`measure(images, e, progress)`: accuracy under the evaluation's attack at radius e (clean at e = 0)."""
+    from robustlab.evaluate.accuracy import accuracy
+
+    def measure(images, e, progress=None):
+        return accuracy(model, images, attack=attack_at(e) if e > 0 else None, batch_size=batch_size, seed=seed,
+                        progress=progress)
+    return measure
+
+
+def finish_report(out: Path, results: dict, plots: dict, run_name: str, subject: str, scale: str = "pixel scale"):
+    """report.md and report.json in `out`, the ε sweep's plot (if one ran) first among `plots`."""
+    from robustlab.evaluate.report import plot_accuracy_vs_eps, write_report
+    if "sweep" in results:
+        smooth = " smooth-gradient" if results["attack"]["name"] == "pgd-smooth" else ""
+        plot_accuracy_vs_eps({results["label"].split(" ")[0] + smooth: results["sweep"]["points"]},
+                             out / "accuracy_vs_eps.png", f"{subject} ({results['sweep']['n']} test {results['unit']})",
+                             results["attack"]["norm"], scale)
+        plots = {"Accuracy versus ε": "accuracy_vs_eps.png", **plots}
+    write_report(out, results, plots, run_name=run_name)
+
+
+def check_whole(name: str, value, minimum: int = 1):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum):
+        raise RobustlabError(f"{name} must be a whole number >= {minimum}, got {value!r}")
 
 
 def measure_all(model, images, info, measure, *, suite, attack_at, label, norm, eps, out_dir, ood, seed, batch_size,
@@ -181,73 +217,87 @@ def results_dict(run: dict, clean, robust, n, label, start, rows=None, extra=Non
 
 
 def evaluate_model(model, data, *, out=None, name: str | None = None, split: str = "test", n: int | None = None,
-                   attack: str = "pgd", norm: str = "linf", eps: float | None = None, steps: int | None = None,
+                   attack: str = "pgd", norm: str | None = None, eps: float | None = None, steps: int | None = None,
                    step_size: float | None = None, restarts: int | None = None, tau: float | None = None,
-                   suite: str = "standard", aa_n: int | None = None, aa_steps: int = APGD_STEPS,
-                   aa_queries: int = 5000, sanity_n: int = 500, ood: bool = True, seed: int = 0,
-                   batch_size: int = 500, sweep_n: int = SWEEP_N, data_dir=None) -> dict:
-    """The evaluation of `robustlab eval --suite standard` for a model of your own, with the same report.
+                   suite: str = "standard", aa_n: int | None = None, aa_steps: int | None = None,
+                   aa_queries: int | None = None, sanity_n: int | None = None, ood: bool | None = None,
+                   seed: int = 0, batch_size: int = 500, sweep_n: int = SWEEP_N, data_dir=None) -> dict:
+    """The evaluation of `robustlab eval` for a model of your own, with the same report.
 
-    `model`: any torch.nn.Module that maps N×C×H×W images in [0, 1] to logits (normalization inside it), on the
-    device where the evaluation should run; its mode is left as it was. `data`: a dataset name, read as
-    `load_dataset` reads it (from `data_dir`), or the `Splits` that `load_dataset` returned. ε, steps, step size and
-    restarts default to the protocol's evaluation PGD for the dataset and `norm`; `attack` is fgsm, fgm, pgd,
-    apgd-ce or pgd-smooth. `suite="standard"` adds AutoAttack-standard (on the first `aa_n` images), the
-    gradient-masking checks and, with `ood`, the corruption suite; `suite="none"` measures clean accuracy and the
-    attack only. On the test split, with `out`, it writes report.md, report.json and the plots there (and
-    AutoAttack's resumable state); the validation split, for choices that must not see the test set, writes
-    nothing. Returns what report.json holds.
+    `model`: any torch.nn.Module that maps N×C×H×W float32 images in [0, 1] to logits (normalization inside it),
+    on the device where the evaluation should run; its mode, weights and gradients are left as they were. `data`:
+    a dataset name, read as `load_dataset` reads it (from `data_dir`), or the `Splits` that `load_dataset`
+    returned. `norm` is linf unless the attack's own (fgm: l2); ε, steps, step size and restarts default to the
+    protocol's evaluation PGD for the dataset and norm. The keywords are `robustlab eval`'s options:
+    `attack` fgsm, fgm, pgd, apgd-ce or pgd-smooth; `suite="standard"` (the default) adds AutoAttack-standard
+    (`aa_steps` 100, `aa_queries` 5,000, on the first `aa_n` images), the gradient-masking checks (on `sanity_n`,
+    500) and the corruption suite (`ood`, on), `suite="none"` measures clean accuracy and the attack only. On the
+    test split, with `out`, it writes report.md, report.json and the plots there, and AutoAttack's resumable
+    state; the validation split, for choices that must not see the test set, writes nothing. Returns what
+    report.json holds.
     """
-    from robustlab.attacks.smooth import relu_count
-    from robustlab.data import load_dataset
-    from robustlab.evaluate.accuracy import accuracy
-    from robustlab.evaluate.report import write_report
+    given = {k: v for k, v in locals().items() if k not in ("model", "data")}  # the keywords, for the report
+    from robustlab import distributed
+    from robustlab.data import Splits, load_dataset
 
     check_choice("split", split, ("test", "val"))
     check_choice("suite", suite, ("none", "standard"))
     check_attack_options(attack, norm=norm, steps=steps, step_size=step_size, restarts=restarts, tau=tau)
+    for key in ("n", "steps", "restarts", "aa_n", "aa_steps", "aa_queries", "sanity_n", "batch_size"):
+        check_whole(key, given[key])
+    check_whole("sweep_n", sweep_n, 0)
+    check_whole("seed", seed, 0)
+    for key in ("step_size", "tau"):
+        if given[key] is not None and not (isinstance(given[key], numbers.Real) and 0 < given[key] < math.inf):
+            raise RobustlabError(f"{key} must be a finite number > 0, got {given[key]!r}")
+    if suite == "none" and (suite_only := [k for k in ("aa_n", "aa_steps", "aa_queries", "sanity_n", "ood")
+                                           if given[k] is not None]):
+        raise RobustlabError(f"{', '.join(suite_only)} apply to suite='standard'")
     if suite == "standard" and split == "val":
         raise RobustlabError("suite='standard' reports on the test split; on split='val' use suite='none'")
     if split == "val" and out is not None:
-        raise RobustlabError("split='val' writes no report (its figures are for choices, not for quoting); drop out")
-    data = load_dataset(data, data_dir) if isinstance(data, str) else data
+        raise RobustlabError("split='val' writes no report (its figures are for choices, not for quoting); pass "
+                             "out=None")
+    if isinstance(data, str):
+        data = load_dataset(data, data_dir)
+    elif not isinstance(data, Splits):
+        raise RobustlabError(f"data must be a dataset name or the Splits that load_dataset returns, not a "
+                             f"{type(data).__name__}")
     info = data.info
-    norm, eps, steps, step_size, restarts = attack_budget(attack, info.name, norm, eps=eps, steps=steps,
+    norm, eps, steps, step_size, restarts = attack_budget(attack, info.name, norm or "linf", eps=eps, steps=steps,
                                                           step_size=step_size, restarts=restarts)
     if suite == "standard" and eps == 0:
         raise RobustlabError("suite='standard' needs eps > 0: AutoAttack and the sanity checks attack at ε")
     images = getattr(data, split)
     images = images.subset(n) if n else images
     check_model(model, images.images, info)
-    if attack == "pgd-smooth" and not relu_count(model):
-        raise RobustlabError("attack pgd-smooth smooths the gradients of nn.ReLU modules, and the model has none; "
-                             "use pgd")
+    if attack == "pgd-smooth":
+        check_smoothable(model, "the model")
     out = output_dir(out, "out") if out is not None else None
     attack_at, label = attack_at_radius(attack, norm, eps, steps, step_size, restarts, tau)
-
-    def measure(subset, e, progress=None):
-        return accuracy(model, subset, attack=attack_at(e) if e > 0 else None, batch_size=batch_size, seed=seed,
-                        progress=progress)
+    measure = measure_with(model, attack_at, batch_size=batch_size, seed=seed)
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:  # without `out`, the suite's plots and state are dropped
         clean, robust, rows, extra, plots = measure_all(
             model, images, info, measure, suite=suite, attack_at=attack_at, label=label, norm=norm, eps=eps,
-            out_dir=out or Path(scratch), ood=ood, seed=seed, batch_size=batch_size,
+            out_dir=out or Path(scratch), ood=ood is not False, seed=seed, batch_size=batch_size,
             budget={"aa_n": aa_n, "aa_steps": aa_steps, "aa_queries": aa_queries, "sanity_n": sanity_n})
     name = name or type(model).__name__
+    keywords = ", ".join(f"{k}={str(v) if isinstance(v, os.PathLike) else v!r}" for k, v in given.items()
+                         if v != SIGNATURE[k] and k != "name")
     results = results_dict({"model": name, "dataset": info.name}, clean, robust, len(images), label, start, rows,
                            extra, attack={"name": attack, "norm": norm, "eps": eps, "steps": steps,
-                                          "step_size": step_size, "restarts": restarts, "seed": seed})
+                                          "step_size": step_size, "restarts": restarts, "seed": seed},
+                           command=f"evaluate_model({name}, {info.name!r}{', ' + keywords if keywords else ''})")
     results["unit"] = "images"
     if split == "test" and eps > 0 and sweep_n > 0:
         results["sweep"] = eps_sweep(measure, images, eps, sweep_n)
-    if out is not None:
-        if "sweep" in results:
-            plot_sweep(results, out / "accuracy_vs_eps.png", f"{name} on {info.name} ({results['sweep']['n']} "
-                       "test images)")
-            plots = {"Accuracy versus ε": "accuracy_vs_eps.png", **plots}
+    if out is not None and distributed.is_main():
         if eps > 0:
             add_gallery(model, images, attack_at(eps), label, info.class_names, out, plots, seed)
-        write_report(out, results, plots, run_name=name)
+        finish_report(out, results, plots, name, f"{name} on {info.name}")
     return {k: v for k, v in results.items() if k != "sanity_markdown"}
+
+
+SIGNATURE = {k: p.default for k, p in inspect.signature(evaluate_model).parameters.items()}
