@@ -6,6 +6,7 @@ corruptions and severities are read from disk.
 
 from __future__ import annotations
 
+import numbers
 import os
 from pathlib import Path
 
@@ -44,7 +45,10 @@ def load_cifar_c(data_dir: str | os.PathLike, corruptions: list[str] | None = No
     if missing:
         raise RobustlabError(f"corruption {', '.join(missing)} not found in {folder}; "
                              f"available: {', '.join(available) or 'none'}")
-    bad = [s for s in severities if s not in SEVERITIES]
+    if isinstance(severities, (str, numbers.Number)):  # iterating it is a TypeError, or goes letter by letter
+        raise RobustlabError(f"severities is a list of levels among 1..5, got {severities!r}")
+    # 3.0 == 3, but a float is no level: it would key the result as 3.0
+    bad = [s for s in severities if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s not in SEVERITIES]
     if bad:
         raise RobustlabError(f"severities must be among 1..5, got {bad}")
 
