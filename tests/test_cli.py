@@ -144,6 +144,18 @@ def test_train_then_eval_writes_a_report(tmp_path):
     assert "training_curves.png" in report and (run / "training_curves.png").stat().st_size > 1000
     assert "adversarial_examples.png" in report and (run / "adversarial_examples.png").stat().st_size > 1000
     assert json.loads((run / "report.json").read_text())["attack"]["steps"] == 3
+    # the adversarial examples behind the figure, on request: the same seeds, so the same verdict per image
+    saved = robustlab("eval", str(run), "--data-dir", FMNIST, "--n", "100", "--steps", "3", "--restarts", "1",
+                      "--sweep-n", "0", "--json", "--threads", "1", "--out", str(tmp_path / "again"),
+                      "--save-adversarial", str(tmp_path / "adv.safetensors"))
+    assert saved.returncode == 0, saved.stderr
+    from robustlab.evaluate import load_adversarial
+    tensors, meta = load_adversarial(tmp_path / "adv.safetensors")
+    assert (tensors["predictions"] == tensors["labels"]).float().mean().item() == pytest.approx(result["robust"])
+    assert meta["model"] == str((run / "best.safetensors").resolve()) and meta["split"] == "test"
+    for extra, words in ((["--eps", "0"], "needs ε > 0"), (["--transfer-from", str(run)], "--save-adversarial")):
+        refused = robustlab("eval", str(run), "--save-adversarial", str(tmp_path / "x.safetensors"), *extra)
+        assert refused.returncode == 2 and words in refused.stderr, refused.stderr
     bad_attack = robustlab("eval", str(run), "--attack", "cw")
     assert bad_attack.returncode == 2 and "fgsm" in bad_attack.stderr
 

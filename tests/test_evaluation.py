@@ -5,11 +5,12 @@ import json
 from functools import partial
 
 import pytest
+import torch
 from torch import nn
 
 from robustlab.attacks import pgd
 from robustlab.errors import RobustlabError
-from robustlab.evaluate import accuracy, evaluate_model
+from robustlab.evaluate import accuracy, evaluate_model, load_adversarial
 
 
 class OwnModel(nn.Module):
@@ -128,3 +129,30 @@ def test_fgm_takes_its_own_norm_and_the_report_says_how_to_repeat_it(fmnist, tmp
     assert result["command"] == f"evaluate_model(Sequential, 'fashion-mnist', out={str(tmp_path)!r}, n=20, " \
                                 "attack='fgm', suite='none', sweep_n=0)"
     assert result["command"] in (tmp_path / "report.md").read_text()
+
+
+def test_saved_adversarial_examples_are_the_ones_behind_the_figure(fmnist, robust_model, tmp_path, one_thread):
+    path = tmp_path / "adv" / "pgd.safetensors"
+    result = evaluate_model(OwnModel(robust_model), fmnist, suite="none", n=60, steps=5, restarts=2, seed=1,
+                            sweep_n=0, batch_size=25, save_adversarial=path)
+    tensors, meta = load_adversarial(path)
+    x = fmnist.test.subset(60).as_float()
+    adversarial = tensors["adversarial"]
+    assert adversarial.shape == x.shape and adversarial.dtype == x.dtype
+    assert 0 <= adversarial.min() and adversarial.max() <= 1 and (adversarial - x).abs().max() <= 0.1 + 1e-6
+    assert torch.equal(tensors["labels"], fmnist.test.labels[:60])
+    assert (tensors["predictions"] == tensors["labels"]).float().mean().item() == pytest.approx(result["robust"])
+    assert (tensors["clean_predictions"] == tensors["labels"]).float().mean().item() == pytest.approx(result["clean"])
+    assert torch.equal(tensors["predictions"], OwnModel(robust_model)(adversarial).argmax(1))
+    assert meta["label"] == result["label"] and meta["attack"]["seed"] == 1 and meta["n"] == 60
+    for bad, words in ((tmp_path, "is a folder; name a file"), (tmp_path / "x.safetensors", "needs ε > 0")):
+        with pytest.raises(RobustlabError, match=words):
+            evaluate_model(LINEAR, fmnist, suite="none", n=10, eps=0 if "ε" in words else None, save_adversarial=bad)
+    with pytest.raises(RobustlabError, match="holds no adversarial examples"):
+        load_adversarial(_checkpoint(tmp_path))  # a model's checkpoint, not examples
+
+
+def _checkpoint(tmp_path):
+    from robustlab import checkpoint
+    checkpoint.save(tmp_path / "model.safetensors", {"w": torch.zeros(1)}, {"model": {"name": "mlp"}})
+    return tmp_path / "model.safetensors"

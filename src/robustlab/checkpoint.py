@@ -30,7 +30,9 @@ _UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it),
 os.umask(_UMASK)
 
 
-def _atomic_write_bytes(path: Path, write):
+def atomic_write(path: Path, write):
+    """`write(tmp)` writes a file beside `path`, which then replaces `path` in one step: a killed process never
+    leaves half a file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
@@ -47,8 +49,8 @@ def save(path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
     metadata = {"format": FORMAT, "versions": versions(), **metadata}
     text = json.dumps(metadata, indent=1, sort_keys=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic_write_bytes(path, lambda p: save_file(tensors, str(p), metadata={"robustlab": text}))
-    _atomic_write_bytes(path.with_suffix(".json"), lambda p: p.write_text(text + "\n"))
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"robustlab": text}))
+    atomic_write(path.with_suffix(".json"), lambda p: p.write_text(text + "\n"))
 
 
 def read_metadata(path) -> dict:
@@ -131,7 +133,7 @@ def truncate_metrics(run, last_epoch: int, last_row: dict) -> None:
     may have lost or cut short."""
     rows = [r for r in read_metrics(run) if r["epoch"] < last_epoch] + [last_row]
     text = "".join(json.dumps(r) + "\n" for r in rows)
-    _atomic_write_bytes(Path(run) / "metrics.jsonl", lambda p: p.write_text(text))  # a kill here loses no history
+    atomic_write(Path(run) / "metrics.jsonl", lambda p: p.write_text(text))  # a kill here loses no history
 
 
 def weights_digest(model) -> str:

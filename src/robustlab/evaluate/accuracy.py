@@ -19,13 +19,15 @@ def _predict(model, x):
 
 
 def correct_mask(model, images, labels, *, attack: Callable | None = None, batch_size: int = 500,
-                 device=None, seed: int = 0, progress: str | None = None, show: bool | None = None) -> torch.Tensor:
+                 device=None, seed: int = 0, progress: str | None = None, show: bool | None = None,
+                 keep: Callable | None = None) -> torch.Tensor:
     """Boolean per example: classified correctly (on the attacked input when `attack` is given).
 
     `attack(model, x, y, generator=g)` returns adversarial inputs; each batch's generator is seeded from
     (seed, batch index), so a figure is reproducible and the same when the batches are shared out over
     the ranks of a torchrun job (each rank takes every W-th batch; the masks are gathered exactly).
     The model's mode is left as the caller had it. Batches go to `device`, by default the model's.
+    `keep(rows, x)`, if given, receives each batch's attacked inputs and its slice of the images.
     """
     if len(images) != len(labels):
         raise RobustlabError(f"{len(images)} images but {len(labels)} labels")
@@ -44,6 +46,8 @@ def correct_mask(model, images, labels, *, attack: Callable | None = None, batch
             y = labels[rows].to(device)
             if attack is not None:
                 x = attack(model, x, y, generator=torch.Generator(device).manual_seed(seed + b * 1_000_003))
+                if keep is not None:
+                    keep(rows, x)
             mask[rows] = (_predict(model, x) == y).cpu()
     return distributed.all_max(mask).bool()
 

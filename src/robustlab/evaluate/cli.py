@@ -11,7 +11,8 @@ from pathlib import Path
 
 from robustlab.cli import flag, given
 from robustlab.errors import RobustlabError, check_choice, output_dir
-from robustlab.evaluate.evaluation import (SWEEP_N, add_gallery, attack_at_radius, attack_budget,
+from robustlab.evaluate.evaluation import (SWEEP_N, AdversarialExamples, add_gallery, adversarial_file,
+                                           attack_at_radius, attack_budget,
                                            check_attack_options, check_smoothable, eps_sweep, finish_report,
                                            measure_all, measure_with, results_dict)
 
@@ -54,6 +55,9 @@ def add_parser(sub):
     e.add_argument("--transfer-from", metavar="SOURCE", help="black-box transfer: make the attack against SOURCE (a run "
                    "directory or checkpoint file, the same data) and score RUN on its examples, beside the attack "
                    "white-box on RUN and the worst case of the two per image; prints (or --json), writes no report")
+    e.add_argument("--save-adversarial", metavar="FILE", help="write the attack's adversarial examples (the ones behind "
+                   "its figure; with --suite standard, the PGD row's) to FILE, a safetensors file with the labels and the "
+                   "model's predictions (robustlab.evaluate.load_adversarial reads it)")
     e.add_argument("--checkpoint", help="best (default) or last, when RUN is a run directory")
     e.add_argument("--data-dir", help="default: the run's own")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -91,6 +95,8 @@ def cmd_eval(args) -> int:
     images = getattr(data, args.split)
     images = images.subset(args.n) if args.n else images
     attack_at, label = attack_at_radius(args.attack, norm, eps, steps, step_size, restarts, args.tau)
+    save = adversarial_file(args.save_adversarial, eps, "--save-adversarial") if args.save_adversarial else None
+    kept = AdversarialExamples(len(images)) if save else None
 
     measure = measure_with(model, attack_at, batch_size=args.batch_size, seed=args.seed)
     if args.transfer_from:
@@ -100,11 +106,16 @@ def cmd_eval(args) -> int:
     clean, robust, rows, extra, plots = measure_all(
         model, images, data.info, measure, suite=args.suite, attack_at=attack_at, label=label, norm=norm, eps=eps,
         out_dir=out, ood=args.ood, seed=args.seed, batch_size=args.batch_size,
-        budget={"aa_n": args.aa_n, "aa_steps": args.aa_steps, "aa_queries": args.aa_queries, "sanity_n": args.sanity_n})
+        budget={"aa_n": args.aa_n, "aa_steps": args.aa_steps, "aa_queries": args.aa_queries, "sanity_n": args.sanity_n},
+        keep=kept)
     results = _results(meta, clean, robust, len(images), label, start, rows, extra,
                        attack={"name": args.attack, "norm": norm, "eps": eps, "steps": steps,
                                "step_size": step_size, "restarts": restarts,
                                "seed": args.seed})
+    if kept is not None:
+        kept.save(save, model, images, {"label": label, "attack": results["attack"], "model": str(_source(args)),
+                                        "dataset": data.info.name, "split": args.split, "first_image": 0})
+        print(f"{len(images)} adversarial examples: {save}", file=sys.stderr)
     if args.split == "test" and eps > 0 and distributed.is_main():
         add_gallery(model, images, attack_at(eps), label, data.info.class_names, out, plots, args.seed)
     return _finish_eval(args, meta, results, plots, measure, images, out, unit="images")
@@ -117,9 +128,10 @@ def _eval_text(args, model, device) -> int:
     from robustlab.text.data import load_text_dataset
     from robustlab.text.training import EVAL_EPS, EVAL_STEPS, text_accuracy
 
-    if args.attack != "pgd" or args.suite != "none" or (args.restarts or 1) > 1 or args.transfer_from:
+    if args.attack != "pgd" or args.suite != "none" or (args.restarts or 1) > 1 or args.transfer_from \
+            or args.save_adversarial:
         raise RobustlabError(f"{args.run} is a text run, evaluated with embedding-space PGD only: drop --attack, "
-                             "--suite, --restarts and --transfer-from")
+                             "--suite, --restarts, --transfer-from and --save-adversarial")
     meta = model.checkpoint_meta
     info = meta["dataset"]
     data = load_text_dataset(info["name"], args.data_dir or info.get("data_dir"), max_len=info["max_len"],
@@ -223,9 +235,10 @@ def _check_eval_options(args):
         raise RobustlabError("--split val evaluates clean and one attack; run --suite standard on the test split")
     if args.split == "val" and (args.out or args.sweep_n is not None):
         raise RobustlabError("--split val prints its figures and writes neither a report nor a plot; drop --out and --sweep-n")
-    if args.transfer_from and (args.suite != "none" or args.out or args.sweep_n is not None or args.attack == "pgd-smooth"):
+    if args.transfer_from and (args.suite != "none" or args.out or args.sweep_n is not None or args.attack == "pgd-smooth"
+                               or args.save_adversarial):
         raise RobustlabError("--transfer-from prints its figures and writes no report: it takes --attack fgsm, fgm or pgd, "
-                             "without --suite, --out or --sweep-n")
+                             "without --suite, --out, --sweep-n or --save-adversarial")
     suite = given([("--aa-n", args.aa_n), ("--aa-steps", args.aa_steps), ("--aa-queries", args.aa_queries),
                    ("--sanity-n", args.sanity_n), ("--no-ood", not args.ood)])
     if suite and args.suite != "standard":

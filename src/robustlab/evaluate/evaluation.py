@@ -3,6 +3,7 @@ the gallery of adversarial examples, and `evaluate_model`, the same report for a
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import numbers
 import os
@@ -168,12 +169,12 @@ def check_smoothable(model, what: str, named: Callable[[str], str] = str):
 
 
 def measure_with(model, attack_at, *, batch_size: int, seed: int):
-    """`measure(images, e, progress)`: accuracy under the evaluation's attack at radius e (clean at e = 0)."""
+    """`measure(images, e, progress, keep)`: accuracy under the evaluation's attack at radius e (clean at e = 0)."""
     from robustlab.evaluate.accuracy import accuracy
 
-    def measure(images, e, progress=None):
+    def measure(images, e, progress=None, keep=None):
         return accuracy(model, images, attack=attack_at(e) if e > 0 else None, batch_size=batch_size, seed=seed,
-                        progress=progress)
+                        progress=progress, keep=keep)
     return measure
 
 
@@ -189,21 +190,89 @@ def finish_report(out: Path, results: dict, plots: dict, run_name: str, subject:
     write_report(out, results, plots, run_name=run_name)
 
 
+ADVERSARIAL_FORMAT = "robustlab-adversarial/1"
+
+
+class AdversarialExamples:
+    """The evaluation's adversarial inputs, collected batch by batch (pass the object as `keep`), then written with
+    the labels and the model's predictions to one safetensors file: exactly the examples behind the reported
+    figure, whose attack, model and images its metadata names."""
+
+    def __init__(self, n: int):
+        self.n, self.x, self.done = n, None, torch.zeros(n, dtype=torch.bool)
+
+    def __call__(self, rows: slice, x: torch.Tensor):
+        if self.x is None:
+            self.x = torch.empty((self.n, *x.shape[1:]))
+        self.x[rows] = x.detach().float().cpu()
+        self.done[rows] = True
+
+    def save(self, path, model, images, metadata: dict, batch_size: int = 500):
+        from safetensors.torch import save_file
+
+        from robustlab.checkpoint import atomic_write, versions
+        from robustlab.models import eval_mode, model_device
+        if self.x is None or not self.done.all():
+            raise RuntimeError("the attack did not run on every image")  # a bug here, not the user's input
+        device, predicted, clean = model_device(model), [], []
+        with eval_mode(model), torch.no_grad():
+            for start in range(0, self.n, batch_size):
+                rows = slice(start, start + batch_size)
+                predicted.append(model(self.x[rows].to(device)).argmax(1).cpu())
+                clean.append(model(images.images[rows].to(device).float().div(255)).argmax(1).cpu())
+        tensors = {"adversarial": self.x, "labels": images.labels.clone(), "predictions": torch.cat(predicted),
+                   "clean_predictions": torch.cat(clean)}
+        text = json.dumps({"format": ADVERSARIAL_FORMAT, "versions": versions(), "n": self.n, **metadata}, default=str)
+        atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"robustlab": text}))
+
+
+def load_adversarial(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a file that `robustlab eval --save-adversarial` or `evaluate_model(save_adversarial=)`
+    wrote: `adversarial` (N×C×H×W float32 in [0, 1]), `labels`, `predictions` on the adversarial inputs and
+    `clean_predictions`; the metadata names the attack, ε, the model and the images (the first N of a split)."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("robustlab", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise RobustlabError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+    if meta.get("format") != ADVERSARIAL_FORMAT:
+        raise RobustlabError(f"{path} holds no adversarial examples of robustlab's (format {meta.get('format')!r})")
+    return tensors, meta
+
+
+def adversarial_file(path, eps, name: str) -> Path:
+    """Where adversarial examples go, checked before the attack: one process (each rank attacks its own batches),
+    an attack that runs (ε > 0), a file and not a folder, in a folder that can be made."""
+    from robustlab import distributed
+    if distributed.world_size() > 1:
+        raise RobustlabError(f"{name} runs in one process: each torchrun rank attacks only its share of the images")
+    if eps == 0:
+        raise RobustlabError(f"{name} needs ε > 0: at ε = 0 no attack runs")
+    path = Path(path)
+    if path.is_dir():
+        raise RobustlabError(f"{name} {path} is a folder; name a file, e.g. {path / 'adversarial.safetensors'}")
+    output_dir(path.parent, name)
+    return path
+
+
 def check_whole(name: str, value, minimum: int = 1):
     if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum):
         raise RobustlabError(f"{name} must be a whole number >= {minimum}, got {value!r}")
 
 
 def measure_all(model, images, info, measure, *, suite, attack_at, label, norm, eps, out_dir, ood, seed, batch_size,
-                budget) -> tuple:
+                budget, keep=None) -> tuple:
     """(clean, robust, report rows, extra results, plots): clean accuracy and the attack, or with suite="standard"
-    the whole suite (robustlab.evaluate.suite); `budget`: its aa_n, aa_steps, aa_queries and sanity_n where given."""
+    the whole suite (robustlab.evaluate.suite); `budget`: its aa_n, aa_steps, aa_queries and sanity_n where given.
+    `keep(rows, x_adv)` receives the attack's examples at ε, batch by batch."""
     if suite != "standard":
         clean = measure(images, 0, "clean")
-        return clean, measure(images, eps, label) if eps > 0 else clean, None, {}, {}
+        return clean, measure(images, eps, label, keep) if eps > 0 else clean, None, {}, {}
     from robustlab.evaluate.suite import run_suite
     rows, extra, plots = run_suite(model, images, info, norm=norm, eps=eps, attack_at=attack_at, pgd_label=label,
-                                   out_dir=out_dir, ood=ood, seed=seed, batch_size=batch_size,
+                                   out_dir=out_dir, ood=ood, seed=seed, batch_size=batch_size, keep=keep,
                                    **{k: v for k, v in budget.items() if v is not None})
     return rows[0]["accuracy"], rows[1]["accuracy"], rows, extra, plots
 
@@ -221,7 +290,8 @@ def evaluate_model(model, data, *, out=None, name: str | None = None, split: str
                    step_size: float | None = None, restarts: int | None = None, tau: float | None = None,
                    suite: str = "standard", aa_n: int | None = None, aa_steps: int | None = None,
                    aa_queries: int | None = None, sanity_n: int | None = None, ood: bool | None = None,
-                   seed: int = 0, batch_size: int = 500, sweep_n: int = SWEEP_N, data_dir=None) -> dict:
+                   seed: int = 0, batch_size: int = 500, sweep_n: int = SWEEP_N, data_dir=None,
+                   save_adversarial=None) -> dict:
     """The evaluation of `robustlab eval` for a model of your own, with the same report.
 
     `model`: any torch.nn.Module that maps N×C×H×W float32 images in [0, 1] to logits (normalization inside it),
@@ -233,8 +303,9 @@ def evaluate_model(model, data, *, out=None, name: str | None = None, split: str
     (`aa_steps` 100, `aa_queries` 5,000, on the first `aa_n` images), the gradient-masking checks (on `sanity_n`,
     500) and the corruption suite (`ood`, on), `suite="none"` measures clean accuracy and the attack only. On the
     test split, with `out`, it writes report.md, report.json and the plots there, and AutoAttack's resumable
-    state; the validation split, for choices that must not see the test set, writes nothing. Returns what
-    report.json holds.
+    state; the validation split, for choices that must not see the test set, writes nothing. `save_adversarial`:
+    a file for the attack's adversarial examples, the ones behind its figure (`load_adversarial` reads it back).
+    Returns what report.json holds.
     """
     given = {k: v for k, v in locals().items() if k not in ("model", "data")}  # the keywords, for the report
     from robustlab import distributed
@@ -268,6 +339,8 @@ def evaluate_model(model, data, *, out=None, name: str | None = None, split: str
                                                           step_size=step_size, restarts=restarts)
     if suite == "standard" and eps == 0:
         raise RobustlabError("suite='standard' needs eps > 0: AutoAttack and the sanity checks attack at ε")
+    if save_adversarial is not None:
+        save_adversarial = adversarial_file(save_adversarial, eps, "save_adversarial")
     images = getattr(data, split)
     images = images.subset(n) if n else images
     check_model(model, images.images, info)
@@ -277,12 +350,14 @@ def evaluate_model(model, data, *, out=None, name: str | None = None, split: str
     attack_at, label = attack_at_radius(attack, norm, eps, steps, step_size, restarts, tau)
     measure = measure_with(model, attack_at, batch_size=batch_size, seed=seed)
 
+    kept = AdversarialExamples(len(images)) if save_adversarial is not None else None
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:  # without `out`, the suite's plots and state are dropped
         clean, robust, rows, extra, plots = measure_all(
             model, images, info, measure, suite=suite, attack_at=attack_at, label=label, norm=norm, eps=eps,
             out_dir=out or Path(scratch), ood=ood is not False, seed=seed, batch_size=batch_size,
-            budget={"aa_n": aa_n, "aa_steps": aa_steps, "aa_queries": aa_queries, "sanity_n": sanity_n})
+            budget={"aa_n": aa_n, "aa_steps": aa_steps, "aa_queries": aa_queries, "sanity_n": sanity_n},
+            keep=kept)
     name = name or type(model).__name__
     keywords = ", ".join(f"{k}={str(v) if isinstance(v, os.PathLike) else v!r}" for k, v in given.items()
                          if v != SIGNATURE[k] and k != "name")
@@ -293,6 +368,9 @@ def evaluate_model(model, data, *, out=None, name: str | None = None, split: str
     results["unit"] = "images"
     if split == "test" and eps > 0 and sweep_n > 0:
         results["sweep"] = eps_sweep(measure, images, eps, sweep_n)
+    if kept is not None:
+        kept.save(save_adversarial, model, images, {"label": label, "attack": results["attack"], "model": name,
+                                                    "dataset": info.name, "split": split, "first_image": 0})
     if out is not None and distributed.is_main():
         if eps > 0:
             add_gallery(model, images, attack_at(eps), label, info.class_names, out, plots, seed)

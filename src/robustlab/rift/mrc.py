@@ -65,7 +65,7 @@ def file_sha256(path) -> str:
 def write_json(path: Path, data: dict):
     """Atomic, like the checkpoints: a run killed mid-write keeps the previous file."""
     text = json.dumps(data, indent=1, default=float) + "\n"
-    checkpoint._atomic_write_bytes(Path(path), lambda p: p.write_text(text))
+    checkpoint.atomic_write(Path(path), lambda p: p.write_text(text))
 
 
 def read_json(path: Path) -> dict:
