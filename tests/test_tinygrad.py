@@ -311,6 +311,7 @@ def test_training_run_files_and_reload(trained_mlps, batch):
     reloaded = tg.load_model(trainer.out, "last")
     np.testing.assert_allclose(reloaded(Tensor(x)).numpy(), trainer.model(Tensor(x)).numpy(), atol=1e-6)
     assert reloaded.checkpoint_meta["backend"] == "tinygrad"
+    assert reloaded.checkpoint_meta["epochs_total"] == trainer.config.epochs  # what reports read, as PyTorch runs'
     # and as a PyTorch model, so that `robustlab eval` reads a tinygrad MLP run (it once knew no model 'mlp')
     from robustlab import load_model as load_torch_model
     torch_model = load_torch_model(trainer.out, "last")

@@ -56,8 +56,9 @@ def add_parser(sub):
                    "directory or checkpoint file, the same data) and score RUN on its examples, beside the attack "
                    "white-box on RUN and the worst case of the two per image; prints (or --json), writes no report")
     e.add_argument("--save-adversarial", metavar="FILE", help="write the attack's adversarial examples (the ones behind "
-                   "its figure; with --suite standard, the PGD row's) to FILE, a safetensors file with the labels and the "
-                   "model's predictions (robustlab.evaluate.load_adversarial reads it)")
+                   "its figure; with --suite standard, the PGD row's: AutoAttack's are in OUT/autoattack_state.safetensors, as "
+                   "adv_rows for the images adv_index, broken_by per image) to FILE, a safetensors file with the labels and "
+                   "the model's predictions (robustlab.evaluate.load_adversarial reads it)")
     e.add_argument("--checkpoint", help="best (default) or last, when RUN is a run directory")
     e.add_argument("--data-dir", help="default: the run's own")
     e.add_argument("--json", action="store_true", help="print the results as JSON")

@@ -209,7 +209,7 @@ class TinyTrainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _metadata(self, epoch: int, metrics: dict, kind: str) -> dict:
-        return {**self.run_meta, "kind": kind, "epoch": epoch, "metrics": metrics,
+        return {**self.run_meta, "kind": kind, "epoch": epoch, "epochs_total": self.config.epochs, "metrics": metrics,
                 "method": {"name": self.method.name, **self.method.config()},
                 "config": asdict(self.config), "best": self.best, "elapsed_s": self.elapsed}
 
