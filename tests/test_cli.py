@@ -153,8 +153,11 @@ def test_train_then_eval_writes_a_report(tmp_path):
     tensors, meta = load_adversarial(tmp_path / "adv.safetensors")
     assert (tensors["predictions"] == tensors["labels"]).float().mean().item() == pytest.approx(result["robust"])
     assert meta["model"] == str((run / "best.safetensors").resolve()) and meta["split"] == "test"
-    for extra, words in ((["--eps", "0"], "needs ε > 0"), (["--transfer-from", str(run)], "--save-adversarial")):
-        refused = robustlab("eval", str(run), "--save-adversarial", str(tmp_path / "x.safetensors"), *extra)
+    assert meta["command"].startswith("robustlab eval ") and meta["batch_size"] == 500
+    for file, extra, words in ((tmp_path / "x.safetensors", ["--eps", "0"], "needs ε > 0"),
+                               (tmp_path / "x.safetensors", ["--transfer-from", str(run)], "--save-adversarial"),
+                               (run / "best.safetensors", [], "exists and holds no adversarial examples")):
+        refused = robustlab("eval", str(run), "--save-adversarial", str(file), *extra)
         assert refused.returncode == 2 and words in refused.stderr, refused.stderr
     bad_attack = robustlab("eval", str(run), "--attack", "cw")
     assert bad_attack.returncode == 2 and "fgsm" in bad_attack.stderr

@@ -132,27 +132,59 @@ def test_fgm_takes_its_own_norm_and_the_report_says_how_to_repeat_it(fmnist, tmp
 
 
 def test_saved_adversarial_examples_are_the_ones_behind_the_figure(fmnist, robust_model, tmp_path, one_thread):
+    from robustlab.checkpoint import weights_digest
     path = tmp_path / "adv" / "pgd.safetensors"
-    result = evaluate_model(OwnModel(robust_model), fmnist, suite="none", n=60, steps=5, restarts=2, seed=1,
-                            sweep_n=0, batch_size=25, save_adversarial=path)
+    model = OwnModel(robust_model)
+    result = evaluate_model(model, fmnist, suite="none", n=60, steps=5, restarts=2, seed=1, sweep_n=0, batch_size=25,
+                            save_adversarial=path)
     tensors, meta = load_adversarial(path)
-    x = fmnist.test.subset(60).as_float()
-    adversarial = tensors["adversarial"]
-    assert adversarial.shape == x.shape and adversarial.dtype == x.dtype
+    assert torch.equal(tensors["clean"], fmnist.test.images[:60])
+    x, adversarial = tensors["clean"].float() / 255, tensors["adversarial"]
+    assert adversarial.shape == x.shape and adversarial.dtype == torch.float32
     assert 0 <= adversarial.min() and adversarial.max() <= 1 and (adversarial - x).abs().max() <= 0.1 + 1e-6
     assert torch.equal(tensors["labels"], fmnist.test.labels[:60])
     assert (tensors["predictions"] == tensors["labels"]).float().mean().item() == pytest.approx(result["robust"])
     assert (tensors["clean_predictions"] == tensors["labels"]).float().mean().item() == pytest.approx(result["clean"])
-    assert torch.equal(tensors["predictions"], OwnModel(robust_model)(adversarial).argmax(1))
+    with torch.no_grad():
+        assert torch.equal(tensors["predictions"], model(adversarial).argmax(1))
     assert meta["label"] == result["label"] and meta["attack"]["seed"] == 1 and meta["n"] == 60
-    for bad, words in ((tmp_path, "is a folder; name a file"), (tmp_path / "x.safetensors", "needs ε > 0")):
-        with pytest.raises(RobustlabError, match=words):
-            evaluate_model(LINEAR, fmnist, suite="none", n=10, eps=0 if "ε" in words else None, save_adversarial=bad)
-    with pytest.raises(RobustlabError, match="holds no adversarial examples"):
-        load_adversarial(_checkpoint(tmp_path))  # a model's checkpoint, not examples
+    assert meta["batch_size"] == 25 and meta["weights"] == weights_digest(model)  # the seeds depend on the batches
+    assert meta["command"] == result["command"]
+    # an earlier call's examples may be replaced; nothing else
+    evaluate_model(model, fmnist, suite="none", n=10, steps=1, sweep_n=0, save_adversarial=path)
+    assert load_adversarial(path)[1]["n"] == 10
 
 
 def _checkpoint(tmp_path):
     from robustlab import checkpoint
     checkpoint.save(tmp_path / "model.safetensors", {"w": torch.zeros(1)}, {"model": {"name": "mlp"}})
     return tmp_path / "model.safetensors"
+
+
+def test_a_file_for_adversarial_examples_is_checked_before_the_attack(fmnist, tmp_path):
+    model = _checkpoint(tmp_path)
+    for where, words in ((tmp_path, "names no file"), (f"{tmp_path}/new/", "names no file"), ("", "names no file"),
+                         (model, "exists and holds no adversarial examples"),
+                         ("/proc/adv.safetensors", "cannot write in /proc")):
+        with pytest.raises(RobustlabError, match=words):
+            evaluate_model(LINEAR, fmnist, suite="none", n=10, save_adversarial=where)
+    with pytest.raises(RobustlabError, match="needs ε > 0"):
+        evaluate_model(LINEAR, fmnist, suite="none", n=10, eps=0, save_adversarial=tmp_path / "x.safetensors")
+    assert not (tmp_path / "new").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["model.json",
+                                                                                               "model.safetensors"]
+
+
+def test_load_adversarial_says_what_a_file_is_not(tmp_path):
+    from safetensors.torch import save_file
+    (tmp_path / "text.safetensors").write_text("hello")
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "bare.safetensors"))
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "list.safetensors"), metadata={"robustlab": "[1, 2]"})
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "empty.safetensors"),
+              metadata={"robustlab": '{"format": "robustlab-adversarial/1", "n": 2}'})
+    for name, words in (("text", "not a readable safetensors file"), ("bare", "without robustlab's metadata"),
+                        ("list", "without robustlab's metadata"), ("empty", "is damaged: expected clean"),
+                        ("", "is a folder")):
+        with pytest.raises(RobustlabError, match=words):
+            load_adversarial(tmp_path / f"{name}.safetensors" if name else tmp_path)
+    with pytest.raises(RobustlabError, match="holds no adversarial examples"):
+        load_adversarial(_checkpoint(tmp_path))  # a model's checkpoint, not examples

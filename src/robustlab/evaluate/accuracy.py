@@ -27,7 +27,8 @@ def correct_mask(model, images, labels, *, attack: Callable | None = None, batch
     (seed, batch index), so a figure is reproducible and the same when the batches are shared out over
     the ranks of a torchrun job (each rank takes every W-th batch; the masks are gathered exactly).
     The model's mode is left as the caller had it. Batches go to `device`, by default the model's.
-    `keep(rows, x)`, if given, receives each batch's attacked inputs and its slice of the images.
+    `keep(rows, x, predicted)`, if given, receives each batch's rows (a slice), its inputs (attacked, with an
+    attack) and the model's predictions on them: the examples behind the mask.
     """
     if len(images) != len(labels):
         raise RobustlabError(f"{len(images)} images but {len(labels)} labels")
@@ -46,9 +47,10 @@ def correct_mask(model, images, labels, *, attack: Callable | None = None, batch
             y = labels[rows].to(device)
             if attack is not None:
                 x = attack(model, x, y, generator=torch.Generator(device).manual_seed(seed + b * 1_000_003))
-                if keep is not None:
-                    keep(rows, x)
-            mask[rows] = (_predict(model, x) == y).cpu()
+            predicted = _predict(model, x)
+            if keep is not None:
+                keep(rows, x, predicted)
+            mask[rows] = (predicted == y).cpu()
     return distributed.all_max(mask).bool()
 
 

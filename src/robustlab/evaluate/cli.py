@@ -11,8 +11,8 @@ from pathlib import Path
 
 from robustlab.cli import flag, given
 from robustlab.errors import RobustlabError, check_choice, output_dir
-from robustlab.evaluate.evaluation import (SWEEP_N, AdversarialExamples, add_gallery, adversarial_file,
-                                           attack_at_radius, attack_budget,
+from robustlab.evaluate.evaluation import (SWEEP_N, AdversarialExamples, add_gallery, attack_at_radius,
+                                           attack_budget, check_adversarial_file,
                                            check_attack_options, check_smoothable, eps_sweep, finish_report,
                                            measure_all, measure_with, results_dict)
 
@@ -96,9 +96,15 @@ def cmd_eval(args) -> int:
     images = getattr(data, args.split)
     images = images.subset(args.n) if args.n else images
     attack_at, label = attack_at_radius(args.attack, norm, eps, steps, step_size, restarts, args.tau)
-    save = adversarial_file(args.save_adversarial, eps, "--save-adversarial") if args.save_adversarial else None
-    kept = AdversarialExamples(len(images)) if save else None
-
+    attack_record = {"name": args.attack, "norm": norm, "eps": eps, "steps": steps, "step_size": step_size,
+                     "restarts": restarts, "seed": args.seed}
+    kept = None
+    if args.save_adversarial is not None:
+        save = check_adversarial_file(args.save_adversarial, eps, "--save-adversarial")
+        kept = AdversarialExamples(images, model=model, model_name=str(_source(args)), label=label,
+                                   attack=attack_record, dataset=data.info.name, split=args.split,
+                                   batch_size=args.batch_size, data_dir=args.data_dir or meta["dataset"].get("data_dir"),
+                                   command=_command())
     measure = measure_with(model, attack_at, batch_size=args.batch_size, seed=args.seed)
     if args.transfer_from:
         return _eval_transfer(args, model, source, images, attack_at(eps), label)
@@ -109,13 +115,9 @@ def cmd_eval(args) -> int:
         out_dir=out, ood=args.ood, seed=args.seed, batch_size=args.batch_size,
         budget={"aa_n": args.aa_n, "aa_steps": args.aa_steps, "aa_queries": args.aa_queries, "sanity_n": args.sanity_n},
         keep=kept)
-    results = _results(meta, clean, robust, len(images), label, start, rows, extra,
-                       attack={"name": args.attack, "norm": norm, "eps": eps, "steps": steps,
-                               "step_size": step_size, "restarts": restarts,
-                               "seed": args.seed})
+    results = _results(meta, clean, robust, len(images), label, start, rows, extra, attack=attack_record)
     if kept is not None:
-        kept.save(save, model, images, {"label": label, "attack": results["attack"], "model": str(_source(args)),
-                                        "dataset": data.info.name, "split": args.split, "first_image": 0})
+        kept.save(save)
         print(f"{len(images)} adversarial examples: {save}", file=sys.stderr)
     if args.split == "test" and eps > 0 and distributed.is_main():
         add_gallery(model, images, attack_at(eps), label, data.info.class_names, out, plots, args.seed)
@@ -129,10 +131,12 @@ def _eval_text(args, model, device) -> int:
     from robustlab.text.data import load_text_dataset
     from robustlab.text.training import EVAL_EPS, EVAL_STEPS, text_accuracy
 
-    if args.attack != "pgd" or args.suite != "none" or (args.restarts or 1) > 1 or args.transfer_from \
-            or args.save_adversarial:
-        raise RobustlabError(f"{args.run} is a text run, evaluated with embedding-space PGD only: drop --attack, "
-                             "--suite, --restarts, --transfer-from and --save-adversarial")
+    if other := given([("--attack", None if args.attack == "pgd" else args.attack),
+                       ("--suite", None if args.suite == "none" else args.suite),
+                       ("--restarts", None if (args.restarts or 1) == 1 else args.restarts),
+                       ("--transfer-from", args.transfer_from), ("--save-adversarial", args.save_adversarial)]):
+        raise RobustlabError(f"{args.run} is a text run, evaluated with embedding-space PGD only: drop "
+                             f"{', '.join(other)}")
     meta = model.checkpoint_meta
     info = meta["dataset"]
     data = load_text_dataset(info["name"], args.data_dir or info.get("data_dir"), max_len=info["max_len"],
@@ -237,7 +241,7 @@ def _check_eval_options(args):
     if args.split == "val" and (args.out or args.sweep_n is not None):
         raise RobustlabError("--split val prints its figures and writes neither a report nor a plot; drop --out and --sweep-n")
     if args.transfer_from and (args.suite != "none" or args.out or args.sweep_n is not None or args.attack == "pgd-smooth"
-                               or args.save_adversarial):
+                               or args.save_adversarial is not None):
         raise RobustlabError("--transfer-from prints its figures and writes no report: it takes --attack fgsm, fgm or pgd, "
                              "without --suite, --out, --sweep-n or --save-adversarial")
     suite = given([("--aa-n", args.aa_n), ("--aa-steps", args.aa_steps), ("--aa-queries", args.aa_queries),
@@ -296,8 +300,11 @@ def _results(meta, clean, robust, n, label, start, rows=None, extra=None, *, att
     run = {"model": meta["model"]["name"], "dataset": meta["dataset"]["name"],
            "method": meta.get("method", {}).get("name"), "epoch": meta.get("epoch"),
            "epochs": meta.get("epochs_total") or meta.get("config", {}).get("epochs")}
-    command = "robustlab eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None
-    return results_dict(run, clean, robust, n, label, start, rows, extra, attack=attack, command=command)
+    return results_dict(run, clean, robust, n, label, start, rows, extra, attack=attack, command=_command())
+
+
+def _command() -> str | None:
+    return "robustlab eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None
 
 
 def _finish_eval(args, meta, results, plots, measure, test, out, unit: str) -> int:

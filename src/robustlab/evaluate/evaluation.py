@@ -169,7 +169,8 @@ def check_smoothable(model, what: str, named: Callable[[str], str] = str):
 
 
 def measure_with(model, attack_at, *, batch_size: int, seed: int):
-    """`measure(images, e, progress, keep)`: accuracy under the evaluation's attack at radius e (clean at e = 0)."""
+    """`measure(images, e, progress, keep)`: accuracy under the evaluation's attack at radius e (clean at e = 0);
+    `keep` as for `correct_mask`."""
     from robustlab.evaluate.accuracy import accuracy
 
     def measure(images, e, progress=None, keep=None):
@@ -194,66 +195,97 @@ ADVERSARIAL_FORMAT = "robustlab-adversarial/1"
 
 
 class AdversarialExamples:
-    """The evaluation's adversarial inputs, collected batch by batch (pass the object as `keep`), then written with
-    the labels and the model's predictions to one safetensors file: exactly the examples behind the reported
-    figure, whose attack, model and images its metadata names."""
+    """The evaluation's examples, recorded batch by batch from its clean and its attack's passes (`clean` and
+    `adversarial` are `correct_mask`'s `keep`), then written to one safetensors file: the clean images (uint8),
+    the adversarial inputs (float32), the labels and the model's predictions on both, exactly those behind the
+    reported figures, with metadata naming the attack, the model's weights and the images."""
 
-    def __init__(self, n: int):
-        self.n, self.x, self.done = n, None, torch.zeros(n, dtype=torch.bool)
+    def __init__(self, images, *, model, model_name: str, label: str, attack: dict, dataset: str, split: str,
+                 batch_size: int, data_dir=None, command=None):
+        from robustlab.checkpoint import weights_digest
+        n = len(images)
+        self.tensors = {"clean": images.images[:n].clone(), "labels": images.labels[:n].clone(),
+                        "clean_predictions": torch.full((n,), -1), "predictions": torch.full((n,), -1)}
+        self.metadata = {"format": ADVERSARIAL_FORMAT, "n": n, "label": label, "attack": attack, "model": model_name,
+                         "weights": weights_digest(model), "dataset": dataset, "data_dir": data_dir, "split": split,
+                         "first_image": 0, "batch_size": batch_size, "command": command}
 
-    def __call__(self, rows: slice, x: torch.Tensor):
-        if self.x is None:
-            self.x = torch.empty((self.n, *x.shape[1:]))
-        self.x[rows] = x.detach().float().cpu()
-        self.done[rows] = True
+    def clean(self, rows: slice, x, predicted):
+        self.tensors["clean_predictions"][rows] = predicted.cpu()
 
-    def save(self, path, model, images, metadata: dict, batch_size: int = 500):
+    def adversarial(self, rows: slice, x, predicted):
+        if "adversarial" not in self.tensors:
+            self.tensors["adversarial"] = torch.empty((len(self.tensors["labels"]), *x.shape[1:]))
+        self.tensors["adversarial"][rows] = x.detach().float().cpu()
+        self.tensors["predictions"][rows] = predicted.cpu()
+
+    def save(self, path: Path):
         from safetensors.torch import save_file
 
         from robustlab.checkpoint import atomic_write, versions
-        from robustlab.models import eval_mode, model_device
-        if self.x is None or not self.done.all():
+        if "adversarial" not in self.tensors or (self.tensors["predictions"] < 0).any():
             raise RuntimeError("the attack did not run on every image")  # a bug here, not the user's input
-        device, predicted, clean = model_device(model), [], []
-        with eval_mode(model), torch.no_grad():
-            for start in range(0, self.n, batch_size):
-                rows = slice(start, start + batch_size)
-                predicted.append(model(self.x[rows].to(device)).argmax(1).cpu())
-                clean.append(model(images.images[rows].to(device).float().div(255)).argmax(1).cpu())
-        tensors = {"adversarial": self.x, "labels": images.labels.clone(), "predictions": torch.cat(predicted),
-                   "clean_predictions": torch.cat(clean)}
-        text = json.dumps({"format": ADVERSARIAL_FORMAT, "versions": versions(), "n": self.n, **metadata}, default=str)
-        atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"robustlab": text}))
+        text = json.dumps({**self.metadata, "versions": versions()}, default=str)
+        try:
+            atomic_write(path, lambda tmp: save_file(self.tensors, str(tmp), metadata={"robustlab": text}))
+        except OSError as exc:  # the folder was checked before the attack; a full disk, say
+            raise RobustlabError(f"cannot write the adversarial examples to {path}: {exc.strerror or exc}") from None
+
+
+ADVERSARIAL_TENSORS = ("clean", "adversarial", "labels", "clean_predictions", "predictions")
 
 
 def load_adversarial(path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, metadata) of a file that `robustlab eval --save-adversarial` or `evaluate_model(save_adversarial=)`
-    wrote: `adversarial` (N×C×H×W float32 in [0, 1]), `labels`, `predictions` on the adversarial inputs and
-    `clean_predictions`; the metadata names the attack, ε, the model and the images (the first N of a split)."""
+    wrote: `clean` (N×C×H×W uint8), `adversarial` (float32 in [0, 1]), `labels`, `clean_predictions` and
+    `predictions` (on the adversarial inputs); the metadata names the attack, ε, the model, its weights' digest and
+    the images (the first N of a split)."""
     from safetensors import SafetensorError, safe_open
+    path = Path(path)
+    if path.is_dir():
+        raise RobustlabError(f"{path} is a folder; load_adversarial reads the file that --save-adversarial wrote")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("robustlab", "{}"))
+            header = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(header["robustlab"]) if "robustlab" in header else None
     except (SafetensorError, OSError, ValueError) as exc:
         raise RobustlabError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+    if not isinstance(meta, dict):
+        raise RobustlabError(f"{path} is a safetensors file without robustlab's metadata: no adversarial examples")
     if meta.get("format") != ADVERSARIAL_FORMAT:
-        raise RobustlabError(f"{path} holds no adversarial examples of robustlab's (format {meta.get('format')!r})")
+        raise RobustlabError(f"{path} holds no adversarial examples (its format is {meta.get('format')!r}, not "
+                             f"{ADVERSARIAL_FORMAT})")
+    if sorted(tensors) != sorted(ADVERSARIAL_TENSORS) or {len(t) for t in tensors.values()} != {meta.get("n")}:
+        raise RobustlabError(f"{path} is damaged: expected {', '.join(ADVERSARIAL_TENSORS)} of {meta.get('n')} "
+                             f"images, found {', '.join(f'{k} ({len(v)})' for k, v in tensors.items()) or 'none'}")
     return tensors, meta
 
 
-def adversarial_file(path, eps, name: str) -> Path:
+def check_adversarial_file(path, eps, flag: str) -> Path:
     """Where adversarial examples go, checked before the attack: one process (each rank attacks its own batches),
-    an attack that runs (ε > 0), a file and not a folder, in a folder that can be made."""
+    an attack that runs (ε > 0), a new file or one of examples (never a checkpoint), in a folder it can write."""
     from robustlab import distributed
     if distributed.world_size() > 1:
-        raise RobustlabError(f"{name} runs in one process: each torchrun rank attacks only its share of the images")
+        raise RobustlabError(f"{flag} runs in one process: each torchrun rank attacks only its share of the images")
     if eps == 0:
-        raise RobustlabError(f"{name} needs ε > 0: at ε = 0 no attack runs")
-    path = Path(path)
-    if path.is_dir():
-        raise RobustlabError(f"{name} {path} is a folder; name a file, e.g. {path / 'adversarial.safetensors'}")
-    output_dir(path.parent, name)
+        raise RobustlabError(f"{flag} needs ε > 0: at ε = 0 no attack runs")
+    text = os.fspath(path)
+    if not text or text.endswith(("/", os.sep)) or Path(text).is_dir():
+        raise RobustlabError(f"{flag} {text!r} names no file; give one, e.g. runs/x/adversarial.safetensors")
+    path = Path(text)
+    if path.exists():  # only examples of an earlier call may be replaced: a checkpoint, say, never
+        try:
+            load_adversarial(path)
+        except RobustlabError:
+            raise RobustlabError(f"{flag} {path} exists and holds no adversarial examples; choose another file") \
+                from None
+    output_dir(path.parent, flag)
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        raise RobustlabError(f"{flag} {path}: cannot write in {path.parent} ({exc.strerror})") from None
     return path
 
 
@@ -266,10 +298,10 @@ def measure_all(model, images, info, measure, *, suite, attack_at, label, norm, 
                 budget, keep=None) -> tuple:
     """(clean, robust, report rows, extra results, plots): clean accuracy and the attack, or with suite="standard"
     the whole suite (robustlab.evaluate.suite); `budget`: its aa_n, aa_steps, aa_queries and sanity_n where given.
-    `keep(rows, x_adv)` receives the attack's examples at ε, batch by batch."""
+    `keep`: an `AdversarialExamples` that records the clean and the attack's passes."""
     if suite != "standard":
-        clean = measure(images, 0, "clean")
-        return clean, measure(images, eps, label, keep) if eps > 0 else clean, None, {}, {}
+        clean = measure(images, 0, "clean", keep and keep.clean)
+        return clean, measure(images, eps, label, keep and keep.adversarial) if eps > 0 else clean, None, {}, {}
     from robustlab.evaluate.suite import run_suite
     rows, extra, plots = run_suite(model, images, info, norm=norm, eps=eps, attack_at=attack_at, pgd_label=label,
                                    out_dir=out_dir, ood=ood, seed=seed, batch_size=batch_size, keep=keep,
@@ -304,7 +336,9 @@ def evaluate_model(model, data, *, out=None, name: str | None = None, split: str
     500) and the corruption suite (`ood`, on), `suite="none"` measures clean accuracy and the attack only. On the
     test split, with `out`, it writes report.md, report.json and the plots there, and AutoAttack's resumable
     state; the validation split, for choices that must not see the test set, writes nothing. `save_adversarial`:
-    a file for the attack's adversarial examples, the ones behind its figure (`load_adversarial` reads it back).
+    a file for the attack's adversarial examples, the ones behind its figure (with suite="standard", the PGD row's;
+    AutoAttack's are in its state file in `out`), with the clean images and the predictions on both
+    (`load_adversarial` reads it back).
     Returns what report.json holds.
     """
     given = {k: v for k, v in locals().items() if k not in ("model", "data")}  # the keywords, for the report
@@ -340,7 +374,7 @@ def evaluate_model(model, data, *, out=None, name: str | None = None, split: str
     if suite == "standard" and eps == 0:
         raise RobustlabError("suite='standard' needs eps > 0: AutoAttack and the sanity checks attack at ε")
     if save_adversarial is not None:
-        save_adversarial = adversarial_file(save_adversarial, eps, "save_adversarial")
+        save_adversarial = check_adversarial_file(save_adversarial, eps, "save_adversarial")
     images = getattr(data, split)
     images = images.subset(n) if n else images
     check_model(model, images.images, info)
@@ -350,7 +384,15 @@ def evaluate_model(model, data, *, out=None, name: str | None = None, split: str
     attack_at, label = attack_at_radius(attack, norm, eps, steps, step_size, restarts, tau)
     measure = measure_with(model, attack_at, batch_size=batch_size, seed=seed)
 
-    kept = AdversarialExamples(len(images)) if save_adversarial is not None else None
+    name = name or type(model).__name__
+    keywords = ", ".join(f"{k}={str(v) if isinstance(v, os.PathLike) else v!r}" for k, v in given.items()
+                         if v != SIGNATURE[k] and k != "name")
+    command = f"evaluate_model({name}, {info.name!r}{', ' + keywords if keywords else ''})"
+    attack_record = {"name": attack, "norm": norm, "eps": eps, "steps": steps, "step_size": step_size,
+                     "restarts": restarts, "seed": seed}
+    kept = AdversarialExamples(images, model=model, model_name=name, label=label, attack=attack_record,
+                               dataset=info.name, split=split, batch_size=batch_size, data_dir=data_dir,
+                               command=command) if save_adversarial is not None else None
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:  # without `out`, the suite's plots and state are dropped
         clean, robust, rows, extra, plots = measure_all(
@@ -358,19 +400,13 @@ def evaluate_model(model, data, *, out=None, name: str | None = None, split: str
             out_dir=out or Path(scratch), ood=ood is not False, seed=seed, batch_size=batch_size,
             budget={"aa_n": aa_n, "aa_steps": aa_steps, "aa_queries": aa_queries, "sanity_n": sanity_n},
             keep=kept)
-    name = name or type(model).__name__
-    keywords = ", ".join(f"{k}={str(v) if isinstance(v, os.PathLike) else v!r}" for k, v in given.items()
-                         if v != SIGNATURE[k] and k != "name")
     results = results_dict({"model": name, "dataset": info.name}, clean, robust, len(images), label, start, rows,
-                           extra, attack={"name": attack, "norm": norm, "eps": eps, "steps": steps,
-                                          "step_size": step_size, "restarts": restarts, "seed": seed},
-                           command=f"evaluate_model({name}, {info.name!r}{', ' + keywords if keywords else ''})")
+                           extra, attack=attack_record, command=command)
     results["unit"] = "images"
     if split == "test" and eps > 0 and sweep_n > 0:
         results["sweep"] = eps_sweep(measure, images, eps, sweep_n)
     if kept is not None:
-        kept.save(save_adversarial, model, images, {"label": label, "attack": results["attack"], "model": name,
-                                                    "dataset": info.name, "split": split, "first_image": 0})
+        kept.save(save_adversarial)
     if out is not None and distributed.is_main():
         if eps > 0:
             add_gallery(model, images, attack_at(eps), label, info.class_names, out, plots, seed)

@@ -44,14 +44,16 @@ def run_suite(model, test, info, *, norm, eps, attack_at, pgd_label, out_dir, aa
               keep=None) -> tuple[list, dict, dict]:
     """Returns (report rows, extra results, plots) for `write_report`. `attack_at(e)`: the evaluation's attack
     (named `pgd_label`) at ε = e, its step scaled with e; the sanity checks run it at other ε. AutoAttack runs on
-    the first `aa_n` test images (default: all). `keep`: receives the attack's examples (`correct_mask`)."""
+    the first `aa_n` test images (default: all). `keep`: an `AdversarialExamples` for the clean and the attack's
+    passes."""
     pgd_attack = attack_at(eps)
     out_dir = Path(out_dir)
     rows, extra, plots, wall = [], {}, {}, {}
     start = time.perf_counter()
-    clean_mask = correct_mask(model, test.images, test.labels, batch_size=batch_size, progress="clean", show=show)
+    clean_mask = correct_mask(model, test.images, test.labels, batch_size=batch_size, progress="clean", show=show,
+                              keep=keep and keep.clean)
     robust_mask = correct_mask(model, test.images, test.labels, attack=pgd_attack, batch_size=batch_size, seed=seed,
-                               progress=pgd_label, show=show, keep=keep)
+                               progress=pgd_label, show=show, keep=keep and keep.adversarial)
     wall["clean+pgd"] = time.perf_counter() - start
     rows += [{"name": "clean", "n": len(test), "accuracy": fraction(clean_mask)},
              {"name": pgd_label, "n": len(test), "accuracy": fraction(robust_mask)}]
