@@ -104,7 +104,7 @@ def eps_sweep(measure, test, eps: float, n: int) -> dict:
     return {"n": len(sweep), "points": points}
 
 
-def adversarial_examples(model, test, attack, n: int = 8, seed: int = 0):
+def gallery_examples(model, test, attack, n: int = 8, seed: int = 0):
     """For the report's gallery: the first n test images (among the first 8n) that the model classifies correctly,
     their adversarial versions, the labels and the predictions on the adversarial images."""
     from robustlab.models import eval_mode, model_device
@@ -125,7 +125,7 @@ def adversarial_examples(model, test, attack, n: int = 8, seed: int = 0):
 def add_gallery(model, test, attack, label: str, class_names, out: Path, plots: dict, seed: int = 0):
     """Eight adversarial examples beside their clean images, into out/adversarial_examples.png and `plots`."""
     from robustlab.evaluate.report import plot_adversarial_examples
-    x, x_adv, y, pred = adversarial_examples(model, test, attack, seed=seed)
+    x, x_adv, y, pred = gallery_examples(model, test, attack, seed=seed)
     if len(x):  # none when no image of the first 64 is classified correctly
         plot_adversarial_examples(x, x_adv, y, pred, class_names, out / "adversarial_examples.png",
                                   f"{label} on the first {len(x)} correctly classified test images")
