@@ -355,8 +355,10 @@ def test_cifar_c_npy(tmp_path):
     assert np.array_equal(s3.images.numpy(), fog[2 * n: 3 * n].transpose(0, 3, 1, 2))
     assert np.array_equal(s3.labels.numpy(), labels[2 * n: 3 * n])
     assert list(load_cifar_c(tmp_path, ["snow"])) == ["snow"]
-    assert set(load_cifar_c(tmp_path, ["snow"], severities=[np.int64(2)])["snow"]) == {2}
-    for levels in ([3.0], [True], [6], 3, "3"):  # a float, a bool, out of range, not a list
+    levels, = load_cifar_c(tmp_path, ["snow"], severities=[np.int64(2)])["snow"]
+    assert levels == 2 and type(levels) is int  # numpy keys would fail json.dumps
+    assert set(load_cifar_c(tmp_path, ["snow"], severities=iter([2]))["snow"]) == {2}  # read once, not used up
+    for levels in ([3.0], [True], [6], 3, "3", None):  # a float, a bool, out of range, not a list
         with pytest.raises(RobustlabError, match="severities"):
             load_cifar_c(tmp_path, ["snow"], severities=levels)
 

@@ -26,12 +26,12 @@ class OwnModel(nn.Module):
 
 def test_a_models_own_figures_are_the_attacks_figures(fmnist, robust_model, one_thread):
     model = OwnModel(robust_model)
-    result = evaluate_model(model, fmnist, suite="none", n=100, steps=5, restarts=2, seed=3, sweep_n=0)
+    result = evaluate_model(model, fmnist, suite="none", n=100, steps=5, restarts=2, seed=3)  # no out: no sweep
     attack = partial(pgd, eps=0.1, steps=5, step_size=0.05, restarts=2)  # 2.5·ε/steps, the protocol's rule
     assert result["clean"] == accuracy(model, fmnist.test.subset(100))
     assert result["robust"] == accuracy(model, fmnist.test.subset(100), attack=attack, seed=3)
     assert result["label"] == "PGD-5×2 linf ε=0.1 step 0.05" and result["n"] == 100
-    assert result["run"] == {"model": "OwnModel", "dataset": "fashion-mnist"}
+    assert result["run"] == {"model": "OwnModel", "dataset": "fashion-mnist"} and "sweep" not in result
     on_val = evaluate_model(model, fmnist, split="val", suite="none", n=50, steps=5, restarts=1, sweep_n=0)
     assert on_val["clean"] == accuracy(model, fmnist.val.subset(50))
 
@@ -100,13 +100,16 @@ LINEAR = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
     # a report must never call clean accuracy robust, nor run another budget than the one it names
     (LINEAR, {"suite": "none", "eps": -0.1}, "eps must be a finite number >= 0"),
     (LINEAR, {"suite": "none", "eps": float("nan")}, "eps must be a finite number >= 0"),
-    (LINEAR, {"suite": "none", "restarts": 0}, "restarts must be a whole number >= 1, got 0"),
-    (LINEAR, {"suite": "none", "n": 0}, "n must be a whole number >= 1, got 0"),
-    (LINEAR, {"suite": "none", "n": 2.5}, "n must be a whole number >= 1, got 2.5"),
-    (LINEAR, {"suite": "none", "steps": 0}, "steps must be a whole number >= 1, got 0"),
-    (LINEAR, {"suite": "none", "batch_size": 0}, "batch_size must be a whole number >= 1, got 0"),
-    (LINEAR, {"suite": "none", "sweep_n": -5}, "sweep_n must be a whole number >= 0, got -5"),
+    (LINEAR, {"suite": "none", "restarts": 0}, "restarts must be an integer >= 1, got 0"),
+    (LINEAR, {"suite": "none", "n": 0}, "n must be an integer >= 1, got 0"),
+    (LINEAR, {"suite": "none", "n": 2.5}, "n must be an integer >= 1, got 2.5"),
+    (LINEAR, {"suite": "none", "steps": 0}, "steps must be an integer >= 1, got 0"),
+    (LINEAR, {"suite": "none", "batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+    (LINEAR, {"suite": "none", "sweep_n": -5}, "sweep_n must be an integer >= 0, got -5"),
     (LINEAR, {"attack": "pgd-smooth", "tau": 0}, "tau must be a finite number > 0, got 0"),
+    (LINEAR, {"suite": "none", "step_size": True}, "step_size must be a finite number > 0, got True"),
+    (LINEAR, {"suite": "none", "seed": 2 ** 64}, "seed must be an integer from 0 to 9223372036854775807"),
+    (LINEAR, {"suite": "none", "data_dir": "/no/such/dir"}, "these Splits are loaded already: drop data_dir"),
     (LINEAR, {"suite": "none", "aa_n": 5, "ood": False}, "aa_n, ood apply to suite='standard'"),
 ])
 def test_a_model_or_option_that_cannot_work_is_one_line_before_any_attack(fmnist, model, options, words):
@@ -170,6 +173,11 @@ def test_a_file_for_adversarial_examples_is_checked_before_the_attack(fmnist, tm
             evaluate_model(LINEAR, fmnist, suite="none", n=10, save_adversarial=where)
     with pytest.raises(RobustlabError, match="needs ε > 0"):
         evaluate_model(LINEAR, fmnist, suite="none", n=10, eps=0, save_adversarial=tmp_path / "x.safetensors")
+    with pytest.raises(RobustlabError, match="a file of the evaluation's own report"):  # AutoAttack would write it
+        evaluate_model(LINEAR, fmnist, n=10, out=tmp_path / "new", save_adversarial=tmp_path / "new" /
+                       "autoattack_state.safetensors")
+    with pytest.raises(RobustlabError, match="the model fails"):  # and leaves no folder for the examples behind
+        evaluate_model(Colour(), fmnist, suite="none", n=10, save_adversarial=tmp_path / "new" / "x.safetensors")
     assert not (tmp_path / "new").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["model.json",
                                                                                                "model.safetensors"]
 

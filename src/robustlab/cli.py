@@ -298,7 +298,7 @@ def cmd_train(args) -> int:
     # Image defaults (text has its own, so the parser leaves these unset).
     args.dataset, args.model = args.dataset or "fashion-mnist", args.model or "cnn-small"
     args.method, args.norm = args.method or "pgd-at", args.norm or "linf"
-    check_eps(args.eps, args.norm)
+    check_eps(args.eps, args.norm, "--eps")
     check_method_flags(args.method, args)
     data_options = {"image_size": args.image_size, "grayscale": args.grayscale}
     if check_choice("backend", args.backend, ("torch", "tinygrad")) == "tinygrad":

@@ -1,6 +1,7 @@
 """The one exception type that the CLI turns into a one-line message and exit status 2."""
 from __future__ import annotations
 
+import numbers
 import sys
 from pathlib import Path
 
@@ -18,6 +19,18 @@ def check_choice(kind: str, value: str, allowed) -> str:
     if value not in allowed:
         raise RobustlabError(f"unknown {kind} {value!r}; allowed: {', '.join(allowed)}")
     return value
+
+
+def is_integer(value) -> bool:
+    """An int or a numpy integer; not a bool, nor a float that equals an integer (3.0 == 3 is no count, no level)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_integer(name: str, value, minimum: int = 1, below: int | None = None):
+    """`value` is an integer >= minimum (and < below); None passes, meaning "not given"."""
+    if value is not None and not (is_integer(value) and value >= minimum and (below is None or value < below)):
+        bound = f"from {minimum} to {below - 1}" if below is not None else f">= {minimum}"
+        raise RobustlabError(f"{name} must be an integer {bound}, got {value!r}")
 
 
 def output_dir(path, flag: str = "--out") -> Path:

@@ -61,7 +61,7 @@ def threat_defaults(dataset: str, norm: str) -> ThreatDefaults:
     return PROTOCOL[dataset][norm]
 
 
-def check_eps(eps, norm: str, name: str = "--eps"):
+def check_eps(eps, norm: str, name: str):
     """ε is a finite radius ≥ 0 in pixel scale; in L∞ one above 1 is no threat model: inputs live in [0, 1], so at
     ε = 1 every image is reachable."""
     if eps is None:

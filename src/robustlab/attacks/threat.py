@@ -6,11 +6,10 @@ Clipping only in the forward pass would give saturated pixels zero gradient fore
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
-from robustlab.errors import RobustlabError, check_choice
+from robustlab.errors import RobustlabError, check_choice, check_integer
 
 NORMS = ("linf", "l2")
 
@@ -91,8 +90,9 @@ def check_budget(eps: float, steps: int, restarts: int = 1, *, eps_positive: boo
     if eps_positive and eps == 0:
         raise RobustlabError("eps must be > 0, got 0")
     for name, value in (("steps", steps), ("restarts", restarts)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise RobustlabError(f"{name} must be an integer >= 1, got {value!r}")
+        if value is None:
+            raise RobustlabError(f"{name} must be an integer >= 1, got None")
+        check_integer(name, value)
 
 
 def check_batch(x: torch.Tensor, y: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import numbers
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import RobustlabError
+from ..errors import RobustlabError, is_integer
 from .datasets import ImageSet
 
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -27,6 +28,17 @@ def _load_npy(path: Path) -> np.ndarray:
     except (OSError, ValueError) as exc:
         raise RobustlabError(f"cannot read {path}: {exc}; "
                              "delete it and unpack the archive again") from None
+
+
+def check_severities(severities, allow_empty: bool = False) -> tuple[int, ...]:
+    """A collection of levels among 1..5 (read once: a generator too), as a tuple of ints; 3.0 == 3, but a float
+    is no level (it would key a result as 3.0), nor a bool."""
+    if isinstance(severities, (str, numbers.Number)) or not isinstance(severities, Iterable):
+        raise RobustlabError(f"severities is a list of levels among 1..5, got {severities!r}")
+    severities = tuple(severities)
+    if [s for s in severities if not is_integer(s) or s not in SEVERITIES] or not (severities or allow_empty):
+        raise RobustlabError(f"severities must be among 1..5, got {list(severities)}")
+    return tuple(int(s) for s in severities)
 
 
 def load_cifar_c(data_dir: str | os.PathLike, corruptions: list[str] | None = None,
@@ -45,12 +57,7 @@ def load_cifar_c(data_dir: str | os.PathLike, corruptions: list[str] | None = No
     if missing:
         raise RobustlabError(f"corruption {', '.join(missing)} not found in {folder}; "
                              f"available: {', '.join(available) or 'none'}")
-    if isinstance(severities, (str, numbers.Number)):  # iterating it is a TypeError, or goes letter by letter
-        raise RobustlabError(f"severities is a list of levels among 1..5, got {severities!r}")
-    # 3.0 == 3, but a float is no level: it would key the result as 3.0
-    bad = [s for s in severities if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s not in SEVERITIES]
-    if bad:
-        raise RobustlabError(f"severities must be among 1..5, got {bad}")
+    severities = check_severities(severities, allow_empty=True)  # () reads no images: a check of files and names
 
     labels = _load_npy(folder / "labels.npy")
     if not np.issubdtype(labels.dtype, np.integer) or (labels.size and labels.min() < 0):

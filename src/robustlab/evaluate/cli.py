@@ -98,17 +98,17 @@ def cmd_eval(args) -> int:
     attack_at, label = attack_at_radius(args.attack, norm, eps, steps, step_size, restarts, args.tau)
     attack_record = {"name": args.attack, "norm": norm, "eps": eps, "steps": steps, "step_size": step_size,
                      "restarts": restarts, "seed": args.seed}
-    kept = None
-    if args.save_adversarial is not None:
-        save = check_adversarial_file(args.save_adversarial, eps, "--save-adversarial")
-        kept = AdversarialExamples(images, model=model, model_name=str(_source(args)), label=label,
-                                   attack=attack_record, dataset=data.info.name, split=args.split,
-                                   batch_size=args.batch_size, data_dir=args.data_dir or meta["dataset"].get("data_dir"),
-                                   command=_command())
     measure = measure_with(model, attack_at, batch_size=args.batch_size, seed=args.seed)
     if args.transfer_from:
         return _eval_transfer(args, model, source, images, attack_at(eps), label)
     out = _report_dir(args)
+    kept = None
+    if args.save_adversarial is not None:
+        save = check_adversarial_file(args.save_adversarial, eps, out, named=flag)
+        kept = AdversarialExamples(images, model=model, model_name=str(_source(args)), label=label,
+                                   attack=attack_record, dataset=data.info.name, split=args.split,
+                                   batch_size=args.batch_size, data_dir=args.data_dir or meta["dataset"].get("data_dir"),
+                                   command=_command())
     start = time.perf_counter()
     clean, robust, rows, extra, plots = measure_all(
         model, images, data.info, measure, suite=args.suite, attack_at=attack_at, label=label, norm=norm, eps=eps,

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import numbers
 import os
 import zlib
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -29,7 +27,8 @@ from scipy import ndimage
 
 from robustlab import distributed
 from robustlab.data import ImageSet, load_cifar_c
-from robustlab.errors import RobustlabError, check_choice
+from robustlab.data.corruptions_npy import check_severities
+from robustlab.errors import RobustlabError, check_choice, check_integer
 from robustlab.evaluate.accuracy import accuracy
 from robustlab.progress import progress as progress_bar
 
@@ -607,7 +606,7 @@ def _check_request(imageset: ImageSet, names, severities) -> tuple[list[str], tu
         check_choice("corruption", name, CORRUPTIONS)
         if name in COLOUR_ONLY and channels != 3:
             raise RobustlabError(f"corruption {name!r} needs colour (3-channel) images")
-    return names, _check_severities(severities)
+    return names, check_severities(severities)
 
 
 def _names_given(names) -> list[str] | None:
@@ -622,22 +621,6 @@ def _names_given(names) -> list[str] | None:
     return names
 
 
-def _is_integer(value) -> bool:
-    """An int or a numpy integer, not a bool, nor a float that equals an integer (3.0 == 3 is not a level)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _check_severities(severities) -> tuple[int, ...]:
-    """A non-empty collection of levels among 1..5, as a tuple of ints."""
-    if isinstance(severities, (str, numbers.Number)) or not isinstance(severities, Iterable):
-        raise RobustlabError(f"severities is a list of levels among 1..5, got {severities!r}")
-    severities = tuple(severities)
-    bad = [s for s in severities if not _is_integer(s) or s not in SEVERITIES]
-    if bad or not severities:
-        raise RobustlabError(f"severities must be among 1..5, got {list(severities)}")
-    return tuple(int(s) for s in severities)
-
-
 def _rng(seed: int, name: str, severity: int, chunk: int) -> np.random.Generator:
     """A generator of its own for each (seed, corruption, severity, chunk): stable across runs and processes."""
     return np.random.default_rng([seed, zlib.crc32(name.encode()), severity, chunk])
@@ -648,8 +631,7 @@ def corrupt(imageset: ImageSet, name: str, severity: int, seed: int = 0) -> Imag
     and severity, give the same copy. The random draws are made per chunk of CHUNK images, so an image's noise
     depends on its place in the set: a subset or another order gets other noise (other figures, within noise)."""
     (name,), (severity,) = _check_request(imageset, [name], [severity])
-    if not _is_integer(seed) or seed < 0:
-        raise RobustlabError(f"seed must be an integer >= 0, got {seed!r}")
+    check_integer("seed", seed, 0)
     seed = int(seed)
     fn = CORRUPTIONS[name]
     images = imageset.images.numpy()
@@ -773,7 +755,7 @@ def ood_accuracy(model, imageset: ImageSet, names=None, severities=SEVERITIES, s
     if cifar_c_dir is not None:
         names = _names_given(names)
         names = _published_names(cifar_c_dir) if names is None else names
-        severities = _check_severities(severities)
+        severities = check_severities(severities)
         load_cifar_c(cifar_c_dir, corruptions=names, severities=())  # checks files and names, reads no images
         suite = _published_suite(imageset, cifar_c_dir, names, severities)
         source = f"CIFAR-C files in {cifar_c_dir}"

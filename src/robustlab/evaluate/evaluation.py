@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from robustlab.errors import RobustlabError, check_choice, output_dir
+from robustlab.errors import RobustlabError, check_choice, check_integer, output_dir
 
 ATTACK_NAMES = ("fgsm", "fgm", "pgd", "apgd-ce", "pgd-smooth")
 ONE_STEP_NORMS = {"fgsm": "linf", "fgm": "l2"}
@@ -262,10 +262,15 @@ def load_adversarial(path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def check_adversarial_file(path, eps, flag: str) -> Path:
+REPORT_FILES = ("report.md", "report.json", "autoattack_state.safetensors", "autoattack_state.json")
+
+
+def check_adversarial_file(path, eps, out=None, named: Callable[[str], str] = str) -> Path:
     """Where adversarial examples go, checked before the attack: one process (each rank attacks its own batches),
-    an attack that runs (ε > 0), a new file or one of examples (never a checkpoint), in a folder it can write."""
+    an attack that runs (ε > 0), a new file or one of examples (never a checkpoint, nor a file of the report in
+    `out`), in a folder it can write."""
     from robustlab import distributed
+    flag = named("save_adversarial")
     if distributed.world_size() > 1:
         raise RobustlabError(f"{flag} runs in one process: each torchrun rank attacks only its share of the images")
     if eps == 0:
@@ -274,6 +279,8 @@ def check_adversarial_file(path, eps, flag: str) -> Path:
     if not text or text.endswith(("/", os.sep)) or Path(text).is_dir():
         raise RobustlabError(f"{flag} {text!r} names no file; give one, e.g. runs/x/adversarial.safetensors")
     path = Path(text)
+    if out is not None and path.name in REPORT_FILES and path.resolve().parent == Path(out).resolve():
+        raise RobustlabError(f"{flag} {path} is a file of the evaluation's own report; choose another name")
     if path.exists():  # only examples of an earlier call may be replaced: a checkpoint, say, never
         try:
             load_adversarial(path)
@@ -287,11 +294,6 @@ def check_adversarial_file(path, eps, flag: str) -> Path:
     except OSError as exc:
         raise RobustlabError(f"{flag} {path}: cannot write in {path.parent} ({exc.strerror})") from None
     return path
-
-
-def check_whole(name: str, value, minimum: int = 1):
-    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum):
-        raise RobustlabError(f"{name} must be a whole number >= {minimum}, got {value!r}")
 
 
 def measure_all(model, images, info, measure, *, suite, attack_at, label, norm, eps, out_dir, ood, seed, batch_size,
@@ -329,19 +331,24 @@ def evaluate_model(model, data, *, out=None, name: str | None = None, split: str
     `model`: any torch.nn.Module that maps N×C×H×W float32 images in [0, 1] to logits (normalization inside it),
     on the device where the evaluation should run; its mode, weights and gradients are left as they were. `data`:
     a dataset name, read as `load_dataset` reads it (from `data_dir`), or the `Splits` that `load_dataset`
-    returned. `norm` is linf unless the attack's own (fgm: l2); ε, steps, step size and restarts default to the
-    protocol's evaluation PGD for the dataset and norm. The keywords are `robustlab eval`'s options:
-    `attack` fgsm, fgm, pgd, apgd-ce or pgd-smooth; `suite="standard"` (the default) adds AutoAttack-standard
-    (`aa_steps` 100, `aa_queries` 5,000, on the first `aa_n` images), the gradient-masking checks (on `sanity_n`,
-    500) and the corruption suite (`ood`, on), `suite="none"` measures clean accuracy and the attack only. On the
-    test split, with `out`, it writes report.md, report.json and the plots there, and AutoAttack's resumable
-    state; the validation split, for choices that must not see the test set, writes nothing. `save_adversarial`:
-    a file for the attack's adversarial examples, the ones behind its figure (with suite="standard", the PGD row's;
-    AutoAttack's are in its state file in `out`), with the clean images and the predictions on both
-    (`load_adversarial` reads it back).
+    returned. `name` titles the report (default: the model's class). The other keywords are `robustlab eval`'s
+    options:
+    - `attack`: pgd (default), apgd-ce, pgd-smooth (temperature `tau`), fgsm or fgm; `norm`: linf unless the
+      attack's own (fgm: l2). Not given, ε, steps, step size and restarts are the protocol's evaluation PGD for the
+      dataset and norm; apgd-ce takes 100 steps and one restart, fgsm and fgm one step of ε.
+    - `suite="standard"` (the default) adds AutoAttack-standard (`aa_steps` 100, `aa_queries` 5,000, on the first
+      `aa_n` images), the gradient-masking checks (on `sanity_n`, 500) and the corruption suite (`ood`, on);
+      `suite="none"` measures clean accuracy and the attack only.
+    - `n`: the first n images of `split` (test, or val for choices that must not see the test set, which writes
+      nothing); `seed` seeds each batch's attack from its index, so `batch_size` is part of the figure's recipe.
+    - `out`: the folder for report.md, report.json, the plots (the ε sweep on the first `sweep_n` images, the
+      gallery) and AutoAttack's resumable state. Without it nothing is written and no sweep runs.
+    - `save_adversarial`: a file for the attack's adversarial examples, the ones behind its figure (with
+      suite="standard", the PGD row's; AutoAttack's are in its state file in `out`), with the clean images and
+      the predictions on both (`load_adversarial` reads it back).
     Returns what report.json holds.
     """
-    given = {k: v for k, v in locals().items() if k not in ("model", "data")}  # the keywords, for the report
+    call = {k: v for k, v in locals().items() if k not in ("model", "data")}  # the keywords, for the report
     from robustlab import distributed
     from robustlab.data import Splits, load_dataset
 
@@ -349,14 +356,16 @@ def evaluate_model(model, data, *, out=None, name: str | None = None, split: str
     check_choice("suite", suite, ("none", "standard"))
     check_attack_options(attack, norm=norm, steps=steps, step_size=step_size, restarts=restarts, tau=tau)
     for key in ("n", "steps", "restarts", "aa_n", "aa_steps", "aa_queries", "sanity_n", "batch_size"):
-        check_whole(key, given[key])
-    check_whole("sweep_n", sweep_n, 0)
-    check_whole("seed", seed, 0)
+        check_integer(key, call[key])
+    check_integer("sweep_n", sweep_n, 0)
+    check_integer("seed", seed, 0, below=2 ** 63)  # what torch.Generator.manual_seed takes
     for key in ("step_size", "tau"):
-        if given[key] is not None and not (isinstance(given[key], numbers.Real) and 0 < given[key] < math.inf):
-            raise RobustlabError(f"{key} must be a finite number > 0, got {given[key]!r}")
+        value = call[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                  or not 0 < value < math.inf):
+            raise RobustlabError(f"{key} must be a finite number > 0, got {value!r}")
     if suite == "none" and (suite_only := [k for k in ("aa_n", "aa_steps", "aa_queries", "sanity_n", "ood")
-                                           if given[k] is not None]):
+                                           if call[k] is not None]):
         raise RobustlabError(f"{', '.join(suite_only)} apply to suite='standard'")
     if suite == "standard" and split == "val":
         raise RobustlabError("suite='standard' reports on the test split; on split='val' use suite='none'")
@@ -368,24 +377,26 @@ def evaluate_model(model, data, *, out=None, name: str | None = None, split: str
     elif not isinstance(data, Splits):
         raise RobustlabError(f"data must be a dataset name or the Splits that load_dataset returns, not a "
                              f"{type(data).__name__}")
+    elif data_dir is not None:
+        raise RobustlabError("data_dir reads a dataset named by data; these Splits are loaded already: drop data_dir")
     info = data.info
     norm, eps, steps, step_size, restarts = attack_budget(attack, info.name, norm or "linf", eps=eps, steps=steps,
                                                           step_size=step_size, restarts=restarts)
     if suite == "standard" and eps == 0:
         raise RobustlabError("suite='standard' needs eps > 0: AutoAttack and the sanity checks attack at ε")
-    if save_adversarial is not None:
-        save_adversarial = check_adversarial_file(save_adversarial, eps, "save_adversarial")
     images = getattr(data, split)
     images = images.subset(n) if n else images
     check_model(model, images.images, info)
     if attack == "pgd-smooth":
         check_smoothable(model, "the model")
+    if save_adversarial is not None:  # after the model's check: a refused model leaves no folder behind
+        save_adversarial = check_adversarial_file(save_adversarial, eps, out)
     out = output_dir(out, "out") if out is not None else None
     attack_at, label = attack_at_radius(attack, norm, eps, steps, step_size, restarts, tau)
     measure = measure_with(model, attack_at, batch_size=batch_size, seed=seed)
 
     name = name or type(model).__name__
-    keywords = ", ".join(f"{k}={str(v) if isinstance(v, os.PathLike) else v!r}" for k, v in given.items()
+    keywords = ", ".join(f"{k}={str(v) if isinstance(v, os.PathLike) else v!r}" for k, v in call.items()
                          if v != SIGNATURE[k] and k != "name")
     command = f"evaluate_model({name}, {info.name!r}{', ' + keywords if keywords else ''})"
     attack_record = {"name": attack, "norm": norm, "eps": eps, "steps": steps, "step_size": step_size,
@@ -400,13 +411,13 @@ def evaluate_model(model, data, *, out=None, name: str | None = None, split: str
             out_dir=out or Path(scratch), ood=ood is not False, seed=seed, batch_size=batch_size,
             budget={"aa_n": aa_n, "aa_steps": aa_steps, "aa_queries": aa_queries, "sanity_n": sanity_n},
             keep=kept)
+    if kept is not None:  # first: a failure in what follows loses no attack
+        kept.save(save_adversarial)
     results = results_dict({"model": name, "dataset": info.name}, clean, robust, len(images), label, start, rows,
                            extra, attack=attack_record, command=command)
     results["unit"] = "images"
-    if split == "test" and eps > 0 and sweep_n > 0:
+    if out is not None and split == "test" and eps > 0 and sweep_n > 0:
         results["sweep"] = eps_sweep(measure, images, eps, sweep_n)
-    if kept is not None:
-        kept.save(save_adversarial)
     if out is not None and distributed.is_main():
         if eps > 0:
             add_gallery(model, images, attack_at(eps), label, info.class_names, out, plots, seed)
