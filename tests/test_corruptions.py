@@ -148,6 +148,7 @@ def test_bad_requests_raise_one_line_errors():
     # once tracebacks from numpy or the loop: 3.0 passed as level 3 and failed inside the generator's seed
     for call, words in ((lambda: corrupt(gray, "fog", 3.0), "severities"),
                         (lambda: corrupt(gray, "shot_noise", 1, seed=-1), "seed"),
+                        (lambda: corrupt(gray, "shot_noise", 1, seed=None), "seed must be an integer >= 0"),
                         (lambda: list(corruption_suite(gray, ["fog"], 3)), "severities is a list"),
                         (lambda: list(corruption_suite(gray, [], (1,))), "no corruption named")):
         with pytest.raises(RobustlabError, match=words):

@@ -109,6 +109,8 @@ LINEAR = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
     (LINEAR, {"attack": "pgd-smooth", "tau": 0}, "tau must be a finite number > 0, got 0"),
     (LINEAR, {"suite": "none", "step_size": True}, "step_size must be a finite number > 0, got True"),
     (LINEAR, {"suite": "none", "seed": 2 ** 64}, "seed must be an integer from 0 to 9223372036854775807"),
+    (LINEAR, {"suite": "none", "seed": None}, "seed must be an integer from 0 to 9223372036854775807, got None"),
+    (LINEAR, {"suite": "none", "sweep_n": None}, "sweep_n must be an integer >= 0, got None"),
     (LINEAR, {"suite": "none", "data_dir": "/no/such/dir"}, "these Splits are loaded already: drop data_dir"),
     (LINEAR, {"suite": "none", "aa_n": 5, "ood": False}, "aa_n, ood apply to suite='standard'"),
 ])

@@ -27,8 +27,8 @@ def is_integer(value) -> bool:
 
 
 def check_integer(name: str, value, minimum: int = 1, below: int | None = None):
-    """`value` is an integer >= minimum (and < below); None passes, meaning "not given"."""
-    if value is not None and not (is_integer(value) and value >= minimum and (below is None or value < below)):
+    """`value` is an integer >= minimum (and < below)."""
+    if not (is_integer(value) and value >= minimum and (below is None or value < below)):
         bound = f"from {minimum} to {below - 1}" if below is not None else f">= {minimum}"
         raise RobustlabError(f"{name} must be an integer {bound}, got {value!r}")
 

@@ -90,8 +90,6 @@ def check_budget(eps: float, steps: int, restarts: int = 1, *, eps_positive: boo
     if eps_positive and eps == 0:
         raise RobustlabError("eps must be > 0, got 0")
     for name, value in (("steps", steps), ("restarts", restarts)):
-        if value is None:
-            raise RobustlabError(f"{name} must be an integer >= 1, got None")
         check_integer(name, value)
 
 

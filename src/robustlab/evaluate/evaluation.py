@@ -356,7 +356,8 @@ def evaluate_model(model, data, *, out=None, name: str | None = None, split: str
     check_choice("suite", suite, ("none", "standard"))
     check_attack_options(attack, norm=norm, steps=steps, step_size=step_size, restarts=restarts, tau=tau)
     for key in ("n", "steps", "restarts", "aa_n", "aa_steps", "aa_queries", "sanity_n", "batch_size"):
-        check_integer(key, call[key])
+        if call[key] is not None:  # not given: the default
+            check_integer(key, call[key])
     check_integer("sweep_n", sweep_n, 0)
     check_integer("seed", seed, 0, below=2 ** 63)  # what torch.Generator.manual_seed takes
     for key in ("step_size", "tau"):
