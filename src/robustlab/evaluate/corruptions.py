@@ -27,12 +27,11 @@ from scipy import ndimage
 
 from robustlab import distributed
 from robustlab.data import ImageSet, load_cifar_c
-from robustlab.data.corruptions_npy import check_severities
+from robustlab.data.corruptions_npy import SEVERITIES, check_severities
 from robustlab.errors import RobustlabError, check_choice, check_integer
 from robustlab.evaluate.accuracy import accuracy
 from robustlab.progress import progress as progress_bar
 
-SEVERITIES = (1, 2, 3, 4, 5)
 CHUNK = 1000  # images corrupted at once: bounds memory (coordinate grids) without losing vectorization
 _CACHE_VERSION = 3  # bump when a corruption changes, so stale cached sets are not reused
 
