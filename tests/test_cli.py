@@ -389,6 +389,35 @@ def test_checkpoint_choice_and_non_model_files_are_one_line_errors(tmp_path):
     assert result.returncode == 2 and "not a robustlab model checkpoint" in result.stderr, result.stderr
 
 
+def test_damaged_checkpoint_metadata_and_a_failed_write_are_one_line_errors(tmp_path):
+    """Metadata that is no JSON object was a JSONDecodeError or AttributeError traceback (eval, --resume, rift);
+    a full disk while saving was a SafetensorError traceback."""
+    import errno
+
+    from safetensors.torch import save_file
+
+    from robustlab import checkpoint
+    from robustlab.errors import RobustlabError
+    for text in ("{not json", "[1, 2]", '"x"'):
+        save_file({"a": torch.zeros(2)}, str(tmp_path / "bad.safetensors"), metadata={"robustlab": text})
+        with pytest.raises(RobustlabError, match="its robustlab metadata is not a JSON object; the file is damaged"):
+            checkpoint.read_metadata(tmp_path / "bad.safetensors")
+    result = robustlab("eval", str(tmp_path / "bad.safetensors"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "damaged" in result.stderr, result.stderr
+
+    path = tmp_path / "run" / "last.safetensors"
+    checkpoint.save(path, {"w": torch.ones(3)}, {"epoch": 0})
+
+    def full_disk(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(RobustlabError, match=r"cannot write .*last.safetensors \(No space left on device\); the "
+                                             "previous file is kept"):
+        checkpoint.atomic_write(path, full_disk)
+    assert checkpoint.load(path)[1]["epoch"] == 0 and sorted(p.name for p in path.parent.iterdir()) == [
+        "last.json", "last.safetensors"]
+
+
 def test_a_damaged_rift_cache_is_a_one_line_error(tmp_path):
     from robustlab.errors import RobustlabError
     from robustlab.rift.mrc import read_json

@@ -215,6 +215,37 @@ def test_cifar_archive_is_extracted(tmp_path):
     assert len(load_dataset("cifar10", data_dir=archive.parent, val_size=2).test) == 3
 
 
+def test_cifar_archive_extracted_by_another_process_first_or_left_incomplete(tmp_path):
+    """Two torchrun ranks extracting the same archive: the slower one failed (ENOTEMPTY) where the faster one's
+    folder was there to read. A folder left incomplete got the advice to download the archive again."""
+    from robustlab.data.datasets import _extract
+    src = tmp_path / "src"
+    write_cifar10(src)
+    data = tmp_path / "data"
+    data.mkdir()
+    with tarfile.open(data / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    first = _extract(data / "cifar-10-python.tar.gz", "cifar-10-batches-py", data, "data_batch_1")
+    again = _extract(data / "cifar-10-python.tar.gz", "cifar-10-batches-py", data, "data_batch_1")  # the slower rank
+    assert first == again == data / "cifar-10-batches-py"
+    assert [p.name for p in data.iterdir() if p.name.startswith(".")] == []
+    for f in first.iterdir():
+        if f.name != "test_batch":
+            f.unlink()
+    with pytest.raises(RobustlabError, match=r"cifar-10-batches-py is incomplete \(it has no data_batch_1\); delete "
+                                             "that folder and it is extracted again"):
+        load_dataset("cifar10", data_dir=data)
+
+
+def test_a_damaged_cifar_pickle_is_a_one_line_error(tmp_path):
+    """A pickle naming an unknown text encoding was a LookupError traceback."""
+    write_cifar10(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    batch.write_bytes(pickle.dumps({b"data": np.zeros(3, dtype=np.uint8)}, protocol=2).replace(b"latin1", b"latinX"))
+    with pytest.raises(RobustlabError, match="cannot read CIFAR batch .*test_batch"):
+        load_dataset("cifar10", data_dir=tmp_path)
+
+
 def test_cifar_pickle_cannot_run_code(tmp_path):
     write_cifar10(tmp_path)
 
@@ -261,6 +292,8 @@ def test_download_idx_and_checksum_mismatch(tmp_path, mirror, monkeypatch):
     s = load_dataset("fashion-mnist", data_dir=dest, download=True, val_size=5)
     assert sorted(p.name for p in dest.iterdir()) == sorted(digests)
     assert np.array_equal(s.test.images[:, 0].numpy(), test_x)
+    from robustlab.checkpoint import _UMASK  # files were owner-only (mkstemp): a shared folder unreadable for others
+    assert {(dest / f).stat().st_mode & 0o777 for f in digests} == {0o666 & ~_UMASK}
 
     bad = dict(digests, **{"t10k-images-idx3-ubyte.gz": "0" * 64})
     monkeypatch.setitem(download.SHA256, "fashion-mnist", bad)
@@ -280,6 +313,13 @@ def test_download_missing_file_on_server(tmp_path, mirror, monkeypatch):
         load_dataset("mnist", data_dir=tmp_path / "dl", download=True)
     assert "\n" not in str(err.value)
     assert list((tmp_path / "dl").iterdir()) == []
+
+
+def test_a_mirror_that_is_no_url_is_a_one_line_error(tmp_path, monkeypatch):
+    """A mirror without its scheme was a ValueError traceback from urllib."""
+    monkeypatch.setenv(download.MIRROR_ENV, "mirror.example.org/data")
+    with pytest.raises(RobustlabError, match=r"ROBUSTLAB_DATA_MIRROR must be a URL starting with http://"):
+        load_dataset("mnist", data_dir=tmp_path / "dl", download=True)
 
 
 def test_download_cifar_archive(tmp_path, mirror, monkeypatch):

@@ -111,6 +111,21 @@ def test_npy_arrays_refuse_channels_first_images_and_labels_that_are_not_class_i
             NpyArrays(tmp_path / "x.npy", tmp_path / "bad_y.npy")
 
 
+def test_hidden_files_are_no_images_and_float_or_32_bit_pixels_are_refused(tmp_path):
+    """macOS's ._0.png stopped a run with a decode error; a 32-bit or float image decoded all white or all black."""
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(tmp_path / "a" / "0.png")
+    (tmp_path / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    assert [f.name for f, _ in ImageFolder(tmp_path, mode="L").files] == ["0.png"]
+    Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)).save(tmp_path / "a" / "0.tiff")
+    with pytest.raises(RobustlabError, match=r"0.tiff holds floating-point pixels"):
+        ImageFolder(tmp_path, mode="L")[1]
+    (tmp_path / "a" / "0.tiff").unlink()
+    Image.fromarray(np.full((4, 4), 70000, dtype=np.int32)).save(tmp_path / "a" / "1.tiff")
+    with pytest.raises(RobustlabError, match=r"1.tiff holds 32-bit pixels outside 0..65535"):
+        ImageFolder(tmp_path, mode="L")[1]
+
+
 def test_sixteen_bit_grayscale_images_are_scaled_not_clipped(tmp_path):
     """Pillow's convert clipped every 16-bit value above 255: a 16-bit PNG folder trained on white images."""
     (tmp_path / "a").mkdir()
@@ -120,3 +135,6 @@ def test_sixteen_bit_grayscale_images_are_scaled_not_clipped(tmp_path):
         x, _ = ImageFolder(tmp_path, mode=mode)[0]
         assert x.shape == (channels, 8, 8)
         assert torch.equal(x[0], torch.from_numpy(np.round(ramp / 257).astype(np.uint8)))
+    Image.fromarray(ramp.astype(np.int32)).save(tmp_path / "a" / "0.tiff")  # opens in Pillow's mode "I"
+    (tmp_path / "a" / "0.png").unlink()
+    assert torch.equal(ImageFolder(tmp_path, mode="L")[0][0][0], torch.from_numpy(np.round(ramp / 257).astype(np.uint8)))

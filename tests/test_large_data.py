@@ -106,6 +106,11 @@ def test_npy_dataset(tmp_path):
     np.save(root / "test_labels.npy", np.arange(20) % 5)
     with pytest.raises(RobustlabError, match="labels must lie in 0..3"):
         load_dataset("npy", root)
+    np.save(root / "test_labels.npy", np.arange(20) % 4)
+    train_labels = np.load(root / "train_labels.npy")
+    np.save(root / "train_labels.npy", np.where(train_labels == 2, 3, train_labels))  # class 2 never trained
+    with pytest.raises(RobustlabError, match="class 2 of 0..3 has no training images"):
+        load_dataset("npy", root)
     (root / "test_labels.npy").unlink()
     with pytest.raises(RobustlabError, match="test_labels.npy not found"):
         load_dataset("npy", root)

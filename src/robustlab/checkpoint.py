@@ -30,14 +30,26 @@ _UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it),
 os.umask(_UMASK)
 
 
+def shareable(path) -> None:
+    """Give a file written through a temporary file the mode an ordinary new file gets (mkstemp and safetensors
+    make owner-only files)."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 def atomic_write(path: Path, write):
     """`write(tmp)` writes a file beside `path`, which then replaces `path` in one step: a killed process never
-    leaves half a file."""
+    leaves half a file, and a failed write (a full disk) leaves the previous one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors writes owner-only files; a checkpoint is as shareable as its .json
+        shareable(tmp)
+        with open(tmp, "rb") as f:  # on disk before the rename, so that a power cut cannot leave an empty file
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        kept = "; the previous file is kept" if path.exists() else ""
+        raise RobustlabError(f"cannot write {path} ({reason}){kept}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -62,7 +74,12 @@ def read_metadata(path) -> dict:
         raise RobustlabError(f"{path} is not a readable safetensors checkpoint ({str(exc).splitlines()[0]})") from None
     if "robustlab" not in header:
         raise RobustlabError(f"{path} is a safetensors file but not a robustlab checkpoint (no robustlab metadata)")
-    meta = json.loads(header["robustlab"])
+    try:
+        meta = json.loads(header["robustlab"])
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise RobustlabError(f"{path}: its robustlab metadata is not a JSON object; the file is damaged")
     if meta.get("format") != FORMAT:
         raise RobustlabError(f"{path} has checkpoint format {meta.get('format')!r}; this robustlab reads {FORMAT}")
     return meta

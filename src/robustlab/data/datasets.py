@@ -212,7 +212,7 @@ def _read_cifar_file(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarr
         with open(path, "rb") as f:
             batch = _CifarUnpickler(f, encoding="bytes").load()
         data, labels = np.asarray(batch[b"data"]), np.asarray(batch[label_key])
-    except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as exc:
+    except Exception as exc:  # a damaged pickle fails in many ways (LookupError, AttributeError, MemoryError, ...)
         raise RobustlabError(f"cannot read CIFAR batch {path}: {exc!r}; "
                              "delete the folder and extract or download the archive again") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
@@ -235,11 +235,15 @@ def _read_cifar_split(folder: Path, files: tuple, label_key: bytes, num_classes:
     return ImageSet(images, torch.from_numpy(labels))
 
 
-def _extract(archive: Path, member: str, dest: Path) -> Path:
-    """Extract `member` (a top-level folder) of a tar.gz into dest, atomically."""
-    tmp = None
+def _extract(archive: Path, member: str, dest: Path, marker: str) -> Path:
+    """Extract `member` (a top-level folder) of a tar.gz into dest, atomically; `marker` is a file that a
+    complete `member` holds."""
     try:
         tmp = Path(tempfile.mkdtemp(dir=dest, prefix=".extract-"))
+    except OSError as exc:
+        raise RobustlabError(f"cannot extract {archive} in {dest} ({exc.strerror or exc}); extract it by hand "
+                             "into a folder you can write and point --data-dir there") from None
+    try:
         with tarfile.open(archive, "r:gz") as tar:
             # Plain files and folders under `member` only, so no path can escape `dest`.
             members = [m for m in tar.getmembers()
@@ -250,13 +254,20 @@ def _extract(archive: Path, member: str, dest: Path) -> Path:
         if not (tmp / member).is_dir():
             raise RobustlabError(f"archive {archive} has no folder {member}/; "
                                  "delete it and download it again")
-        os.replace(tmp / member, dest / member)
+        try:
+            os.replace(tmp / member, dest / member)
+        except OSError:
+            if (dest / member / marker).is_file():  # another process (a torchrun rank) extracted it first
+                return dest / member
+            if (dest / member).exists():
+                raise RobustlabError(f"{dest / member} is incomplete (it has no {marker}); delete that folder and "
+                                     f"it is extracted again from {archive.name}") from None
+            raise
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise RobustlabError(f"cannot extract {archive}: {exc}; "
                              "delete it and download it again") from None
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return dest / member
 
 
@@ -272,7 +283,7 @@ def _find_cifar(name: str, folder: Path) -> Path | None:
     if (folder / member / train_files[0]).is_file():
         return folder / member
     if archive_path.is_file():
-        return _extract(archive_path, member, folder)
+        return _extract(archive_path, member, folder, train_files[0])
     return None
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..checkpoint import shareable
 from ..errors import RobustlabError
 
 MIRROR_ENV = "ROBUSTLAB_DATA_MIRROR"
@@ -57,6 +58,8 @@ _CHUNK = 1 << 20
 def file_url(name: str, filename: str) -> str:
     """URL of one file of a dataset; $ROBUSTLAB_DATA_MIRROR replaces the publisher's base URL."""
     base = os.environ.get(MIRROR_ENV) or BASE_URLS[name]
+    if not base.startswith(("http://", "https://", "file://")):
+        raise RobustlabError(f"{MIRROR_ENV} must be a URL starting with http://, https:// or file://, got {base!r}")
     return f"{base.rstrip('/')}/{filename}"
 
 
@@ -94,6 +97,7 @@ def download_file(url: str, dest: Path, sha256: str) -> Path:
         os.unlink(tmp)
         raise RobustlabError(f"checksum mismatch for {url}: expected {sha256}, got {got}; "
                              f"the file was discarded, try again or use another mirror ({MIRROR_ENV})")
+    shareable(tmp)  # mkstemp made it owner-only: a shared data folder would be unreadable for everyone else
     os.replace(tmp, dest)
     return dest
 

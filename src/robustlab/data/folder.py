@@ -37,8 +37,9 @@ class ImageFolder(Dataset):
             raise RobustlabError(f"image folder {self.root} does not exist (expected {self.root}/<class>/<image>)")
         # Hidden folders (.ipynb_checkpoints, .git) are no classes: one of them would shift every label.
         self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        self.files = [(f, label) for label, c in enumerate(self.classes)
-                      for f in sorted((self.root / c).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+        # Hidden files too: macOS's ._name.png beside each image is no image.
+        self.files = [(f, label) for label, c in enumerate(self.classes) for f in sorted((self.root / c).iterdir())
+                      if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")]
         if not self.files:
             raise RobustlabError(f"no images under {self.root} (expected {self.root}/<class>/<image> with one of "
                                  f"{', '.join(IMAGE_SUFFIXES)})")
@@ -57,8 +58,13 @@ class ImageFolder(Dataset):
 
         try:
             with Image.open(path) as im:
-                if im.mode.startswith("I;16"):  # Pillow's convert clips 16-bit values to 255: scale them instead
-                    im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().astype(np.uint8))
+                if im.mode == "F":  # floats have no range to scale from; a cast would make them black or white
+                    raise RobustlabError(f"{path} holds floating-point pixels; save the images as 8- or 16-bit")
+                if im.mode == "I" or im.mode.startswith("I;16"):  # convert clips 16-bit values to 255: scale them
+                    wide = np.asarray(im, dtype=np.float64)
+                    if wide.size and (wide.min() < 0 or wide.max() > 65535):
+                        raise RobustlabError(f"{path} holds 32-bit pixels outside 0..65535; save it as 8- or 16-bit")
+                    im = Image.fromarray((wide / 257).round().astype(np.uint8))
                 im = im.convert(self.mode)
                 if self.size is not None and (im.height, im.width) != self.size:
                     if not self.resize:  # a silently resized odd image would hide a mixed-up folder
@@ -199,6 +205,10 @@ def _npy_sets(root: Path):
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise RobustlabError(f"{root}: labels must lie in 0..{num_classes - 1} (the training labels' range), "
                              f"found {labels.min()}..{labels.max()}")
+    if empty := np.flatnonzero(np.bincount(np.asarray(train.labels), minlength=num_classes) == 0).tolist():
+        raise RobustlabError(f"{root}: class{'es' if len(empty) > 1 else ''} {', '.join(map(str, empty))} of "
+                             f"0..{num_classes - 1} {'have' if len(empty) > 1 else 'has'} no training images: an empty "
+                             "class would still get an output (labels counted from 1? subtract 1)")
     return train, test, tuple(str(c) for c in range(num_classes))
 
 
