@@ -248,6 +248,16 @@ def test_train_then_eval_writes_a_report(tmp_path):
     assert gone.wait() in (0, 141) and b"Traceback" not in gone.stderr.read()
     none = robustlab("summary", str(run), str(tmp_path))
     assert none.returncode == 2 and none.stderr.count("\n") == 1 and "no report.json in" in none.stderr
+    # another dataset is said; edited or damaged reports are one line, not an AttributeError or KeyError
+    report = json.loads((run / "fgsm" / "report.json").read_text())
+    other = tmp_path / "other" / "report.json"
+    other.parent.mkdir()
+    other.write_text(json.dumps({**report, "run": {**report["run"], "dataset": "cifar10"}}))
+    assert "the reports are of different datasets" in robustlab("summary", str(run / "fgsm"), str(other)).stdout
+    for damaged in ({**report, "run": None}, {**report, "rows": [{"accuracy": 0.5}]}, {**report, "robust": None}):
+        other.write_text(json.dumps(damaged))
+        refused = robustlab("summary", str(other), "--plot", str(tmp_path / "p.png"))
+        assert refused.returncode == 2 and "is not a robustlab evaluation report" in refused.stderr, refused.stderr
 
 
 def test_eval_transfer_from_another_run(tmp_path):

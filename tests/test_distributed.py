@@ -152,13 +152,13 @@ def _one_process_and_ddp_agree(script, tmp_path):
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-def _train_script(tmp_path, method, extra):
+def _train_script(tmp_path, method, extra, batch_size=64, train_n=384):
     """Training through the Python API: `random_start=False` is not a CLI option."""
     script = tmp_path / f"train_{method}.py"
     script.write_text(textwrap.dedent(f"""
         import sys
         from robustlab.training import TrainConfig, build_trainer
-        config = TrainConfig(epochs=1, batch_size=64, train_n=384, val_n=40, augment="none", threads=1)
+        config = TrainConfig(epochs=1, batch_size={batch_size}, train_n={train_n}, val_n=40, augment="none", threads=1)
         trainer = build_trainer(dataset="fashion-mnist", model="cnn-small", method={method!r}, out=sys.argv[1],
                                 data_dir={FMNIST!r}, config=config, show_progress=False,
                                 method_kwargs=dict(steps=2, random_start=False, **{extra!r}))
@@ -174,6 +174,13 @@ def test_ddp_training_equals_one_process_on_the_full_batch(tmp_path, fmnist):
     _one_process_and_ddp_agree(script, tmp_path)
     metrics = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1  # rank 0 alone writes
+
+
+def test_ddp_training_weights_uneven_shares_of_a_batch_by_their_size(tmp_path, fmnist):
+    """195 images in batches of 64 leave a last batch of 3, shared 1 / 2: DDP's mean of the ranks' means gave the
+    one image twice the weight of each of the two (3.5e-3 from one process in the weights)."""
+    script = _train_script(tmp_path, "pgd-at", {}, batch_size=64, train_n=195)
+    _one_process_and_ddp_agree(script, tmp_path)
 
 
 def test_ddp_text_training_shares_each_batch_out_like_images(tmp_path):
@@ -364,20 +371,30 @@ def test_text_methods_train_under_torchrun(tmp_path, method):
     assert one["n"] > 8 and one["robust"] < one["clean"]
 
 
-def test_rift_fine_tuning_runs_under_torchrun(tmp_path, fmnist):
+def test_rift_and_mrc_refuse_torchrun_once(tmp_path, fmnist):
+    """They never joined the group: every rank ran the whole of RiFT and wrote the same files."""
     run = tmp_path / "robust"
-    done = robustlab("train", "--data-dir", FMNIST, "--model", "preact-resnet18-small", "--width", "8",
-                     "--train-n", "256", "--val-n", "40", "--epochs", "1", "--steps", "2", "--threads", "1",
-                     "--out", str(run))
+    done = robustlab("train", "--data-dir", FMNIST, "--model", "cnn-small", "--train-n", "64", "--val-n", "20",
+                     "--epochs", "1", "--steps", "1", "--threads", "1", "--out", str(run))
     assert done.returncode == 0, failure(done)
-    out = tmp_path / "rift"
-    done = torchrun("-m", "robustlab", "rift", str(run), "--out", str(out), "--epochs", "2", "--train-n", "256",
-                    "--val-n", "40", "--subset", "20", "--mrc-n", "32", "--mrc-epochs", "1", "--aa-steps", "2",
-                    "--aa-queries", "10", "--no-ood", "--threads", "1", "--data-dir", FMNIST)
-    assert done.returncode == 0, failure(done)
-    report = json.loads((out / "rift_report.json").read_text())
-    assert 0.0 <= report["rift"]["alpha"] <= 1.0
-    assert (out / "best.safetensors").exists()
+    for command in ("rift", "mrc"):
+        args = ("--out", str(tmp_path / "rift")) if command == "rift" else ()
+        proc = torchrun("-m", "robustlab", command, str(run), *args, "--threads", "1", timeout=120)
+        said = [line for line in proc.stderr.splitlines() if f"robustlab {command} runs in one process" in line]
+        assert proc.returncode != 0 and len(said) == 1, failure(proc)
+    assert not (tmp_path / "rift").exists()
+
+
+def test_bad_input_met_after_the_options_is_said_once(tmp_path, fmnist):
+    """Every rank joined the group before reading its input, so every rank reported the same missing run, and a
+    batch smaller than the ranks ended in a ZeroDivisionError after an epoch of skipped batches."""
+    proc = torchrun("-m", "robustlab", "eval", str(tmp_path / "missing"), "--subset", "10", timeout=120)
+    said = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode != 0 and len(said) == 1 and "robustlab: error:" in said[0], failure(proc)
+    proc = torchrun("-m", "robustlab", "train", "--data-dir", FMNIST, "--batch-size", "1", "--train-n", "8",
+                    "--epochs", "1", "--out", str(tmp_path / "x"), timeout=120)
+    said = [line for line in proc.stderr.splitlines() if "batch size 1 is smaller than the 2 torchrun processes" in line]
+    assert proc.returncode != 0 and len(said) == 1, failure(proc)
 
 
 def test_an_option_error_under_torchrun_is_said_once(tmp_path):

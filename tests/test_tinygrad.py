@@ -226,6 +226,26 @@ def test_fgsm_agrees_with_pytorch(batch, mlp_pair):
     assert np.mean(np.isclose(got, expected, atol=1e-5)) > 0.999
 
 
+def test_cnn_small_fgsm_agrees_with_pytorch_at_max_pool_ties(batch):
+    """Flat backgrounds tie in the 2×2 max-pool: tinygrad split the gradient among the ties where PyTorch gives
+    it to the first, and 6.6% of FGSM's signs differed on a trained cnn-small."""
+    torch_model, tiny = twins("cnn-small")
+    x, y = batch
+    expected = torch_fgsm(torch_model, torch.from_numpy(x), torch.from_numpy(y), eps=0.1).numpy()
+    assert np.mean(np.isclose(tg.fgsm(tiny, x, y, 0.1), expected, atol=1e-5)) > 0.999
+
+
+def test_a_three_channel_model_transfers(batch):
+    """from_torch built every model with one channel's normalization and refused CIFAR-shaped ones."""
+    torch.manual_seed(0)
+    for name in ("cnn-small", "mlp"):
+        torch_model = tg.build_torch_model(name, (3, 32, 32), 10, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)).eval()
+        x = np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32)
+        with torch.no_grad():
+            expected = torch_model(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(tg.from_torch(torch_model)(Tensor(x)).numpy(), expected, atol=1e-4)
+
+
 def test_pgd_agrees_with_pytorch_on_a_robust_model(robust_model, test_batch):
     """The same trained model and seed: robust accuracy within one point (200 images, PGD-10)."""
     x, y = test_batch[0][:200], test_batch[1][:200]
@@ -399,6 +419,20 @@ def test_a_run_records_the_folder_it_read(fmnist, tmp_path):
     meta = tg.load_model(tmp_path / "run").checkpoint_meta
     assert meta["dataset"]["data_dir"] == str(folder.resolve()) and meta["dataset"]["val_size"] == len(fmnist.val)
     assert torch.equal(run_dataset(meta).test.labels, fmnist.test.labels)
+
+
+def test_cli_resume_divergence_and_device(fmnist, tmp_path, capsys):
+    """--resume crashed (TinyTrainer had no `epochs`), a NaN loss trained on to NaN weights and exit 0, and
+    --device cuda trained on the CPU without a word."""
+    from robustlab.cli import main
+    base = ["train", "--backend", "tinygrad", "--model", "mlp", "--method", "standard", "--data-dir",
+            "/usr/share/datasets/fashion-mnist", "--train-n", "512", "--val-n", "20", "--epochs", "1", "--threads", "1"]
+    assert main(base + ["--out", str(tmp_path / "run")]) == 0
+    assert main(base + ["--out", str(tmp_path / "run"), "--resume"]) == 0
+    assert main(base + ["--out", str(tmp_path / "cuda"), "--device", "cuda"]) == 2
+    assert "runs where tinygrad's DEV variable says" in capsys.readouterr().err
+    assert main(base[:-4] + ["--epochs", "2", "--lr", "1e4", "--schedule", "constant", "--out", str(tmp_path / "nan")]) == 2
+    assert "robustlab: error: training diverged: the loss is nan" in capsys.readouterr().err
 
 
 def test_unsupported_options_are_refused(fmnist, tmp_path):

@@ -114,7 +114,8 @@ def main(argv=None):
     seconds = median_seconds({(loop, m): fn for loop, fns in loops.items() for m, fn in fns.items()}, iters=args.iters)
     results = {loop: {m: args.batch_size / seconds[loop, m] for m in measures} for loop in loops}
     base = results["textbook"]
-    print(f"{args.model}, batch {args.batch_size}, {torch.get_num_threads()} threads (images/s; ratio to textbook)")
+    print(f"{args.model} on {'×'.join(map(str, shape))} inputs (Fashion-MNIST's), 10 classes, batch {args.batch_size}, "
+          f"{torch.get_num_threads()} threads (images/s; ratio to textbook)")
     print(f"{'loop':24s} {'clean step':>18s} {'PGD-10 attack':>18s} {'PGD-10 AT step':>18s}")
     for name, r in results.items():
         cells = [f"{r[k]:8.0f} ({r[k] / base[k]:4.2f}x)" for k in measures]

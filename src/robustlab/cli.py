@@ -310,6 +310,9 @@ def cmd_train(args) -> int:
                                  "(nor --image-size, --grayscale); use --backend torch")
         if distributed.launched_by_torchrun():  # every rank would train the whole run and write the same files
             raise RobustlabError("the tinygrad backend trains in one process; run it without torchrun")
+        if args.device != "cpu" or args.sync_bn:  # tinygrad takes its device from DEV, not from torch
+            raise RobustlabError("the tinygrad backend runs where tinygrad's DEV variable says (e.g. DEV=CUDA); drop "
+                                 "--device and --sync-bn")
         extra = {}
     else:
         from robustlab.training.run import build_trainer

@@ -71,8 +71,15 @@ def world_size() -> int:
     return dist.get_world_size() if active() else 1
 
 
+def planned_world_size() -> int:
+    """The number of processes: the group's, or before `init` joins it, torchrun's WORLD_SIZE."""
+    return world_size() if active() else int(os.environ.get("WORLD_SIZE", 1)) if launched_by_torchrun() else 1
+
+
 def is_main() -> bool:
-    return rank() == 0
+    """Rank 0, or a process outside torchrun; before `init` joins the group, torchrun's RANK says (the checks that
+    run before it then report once)."""
+    return rank() == 0 if active() else os.environ.get("RANK", "0") == "0"
 
 
 def barrier():
@@ -120,12 +127,30 @@ def broadcast_buffers(*modules):
             dist.broadcast(b, src=0)
 
 
-def average_gradients(params):
-    """Mean of .grad over ranks, for gradients DDP does not see (a method's auxiliary model, e.g. AWP's proxy)."""
+class BatchShare:
+    """This rank's weight in the mean gradient of a global batch: n_rank · W / n. Shares differ by an image when
+    W does not divide n, and a plain mean over ranks of per-rank means would count those images unequally."""
+
+    def __init__(self):
+        self.weight = 1.0
+
+    def set(self, n_rank: int, n: int):
+        self.weight = n_rank * world_size() / n
+
+
+def weighted_mean_hook(share: BatchShare, bucket):
+    """A DDP communication hook: every rank's gradients weighted by its share, so that DDP's result is the mean
+    over the global batch's examples (DDP's own hook averages the ranks' means)."""
+    buffer = bucket.buffer().mul_(share.weight / world_size())
+    return dist.all_reduce(buffer, async_op=True).get_future().then(lambda done: done.value()[0])
+
+
+def average_gradients(params, share: BatchShare | None = None):
+    """Mean of .grad over the global batch, for gradients DDP does not see (a method's auxiliary model, e.g. AWP's
+    proxy); `share` weights this rank's as weighted_mean_hook does."""
     if not active():
         return
-    w = world_size()
+    scale = (share.weight if share is not None else 1.0) / world_size()
     for p in params:
         if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad.div_(w)
+            dist.all_reduce(p.grad.mul_(scale), op=dist.ReduceOp.SUM)

@@ -5,9 +5,12 @@ import sys
 
 from tqdm.auto import tqdm
 
+from robustlab import distributed
+
 
 def progress(iterable=None, *, show: bool | None = None, **kwargs):
-    """tqdm over `iterable`; `show=False` hides it, None shows it (throttled when stderr is not a terminal)."""
+    """tqdm over `iterable`; `show=False` hides it, None shows it (throttled when stderr is not a terminal), on
+    rank 0 alone under torchrun."""
     terminal = sys.stderr.isatty()
     kwargs.setdefault("mininterval", 0.5 if terminal else 30)
     if not terminal:
@@ -15,4 +18,4 @@ def progress(iterable=None, *, show: bool | None = None, **kwargs):
         # tqdm's adaptive miniters its monitor thread redraws instead, with the count of the last line (a bar
         # updates its count only when it prints): logs showed a 20-second-old count beside a fresh clock.
         kwargs.setdefault("miniters", 1)
-    return tqdm(iterable, disable=show is False, dynamic_ncols=terminal, **kwargs)
+    return tqdm(iterable, disable=show is False or not distributed.is_main(), dynamic_ncols=terminal, **kwargs)

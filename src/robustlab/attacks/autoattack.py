@@ -15,6 +15,7 @@ same result as an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -107,8 +108,9 @@ class _State:
         if meta["config"] != self.config:
             diff = sorted(k for k in set(meta["config"]) | set(self.config) if meta["config"].get(k) != self.config.get(k))
             if self.replace_other:  # overwritten by this evaluation's first save
-                tqdm.write(f"{self.path} held another evaluation (it differs in {', '.join(diff)}); AutoAttack starts "
-                           "afresh")
+                if distributed.is_main():
+                    tqdm.write(f"{self.path} held another evaluation (it differs in {', '.join(diff)}); "
+                               "AutoAttack starts afresh", file=sys.stderr)
                 return
             raise RobustlabError(f"{self.path} holds the state of a different evaluation (differs in {', '.join(diff)}); "
                                  "delete it or pass another state path")
@@ -237,7 +239,8 @@ def autoattack(model, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str
                 if bi in mine or state.batch == 0:
                     state.save()
                 bar.update(1)
-                bar.set_postfix(robust=f"{_accuracy(state.broken_by[:rows[-1] + 1]):.1%}")
+                if not distributed.active():  # a rank's own copy marks the other ranks' rows robust
+                    bar.set_postfix(robust=f"{_accuracy(state.broken_by[:rows[-1] + 1]):.1%}")
             bar.close()
             if not starts:
                 state.stage_accuracy[stage] = float("nan")

@@ -22,7 +22,10 @@ def read_report(where) -> tuple[str, dict, Path]:
         report = json.loads(file.read_text())
     except ValueError:
         report = None
-    if not isinstance(report, dict) or not {"rows", "label", "clean", "robust", "n"} <= report.keys():
+    if (not isinstance(report, dict) or not {"rows", "label", "clean", "robust", "n"} <= report.keys()
+            or not all(isinstance(report[k], (int, float)) for k in ("clean", "robust", "n"))
+            or not isinstance(report.get("run", {}), dict) or not isinstance(report["rows"], list)
+            or not all(isinstance(r, dict) and {"name", "accuracy"} <= r.keys() for r in report["rows"])):
         raise RobustlabError(f"{file} is not a robustlab evaluation report")
     folder = file.parent
     name = f"{folder.parent.name}/{folder.name}" if folder.name.startswith("eval-") else folder.name
@@ -46,11 +49,11 @@ def summarize(name: str, report: dict, folder: Path) -> dict:
     autoattack = [r for r in rows if r["name"].startswith("AutoAttack after")]
     ood = next((r for r in rows if r["name"].startswith("OOD mean")), None)
     run = report.get("run", {})
-    return {"name": name, "model": run.get("model"), "method": run.get("method"),
+    return {"name": name, "dataset": run.get("dataset"), "model": run.get("model"), "method": run.get("method"),
             "epoch": None if run.get("epoch") is None else f"{run['epoch'] + 1}/{run.get('epochs')}",
             "n": report["n"], "clean": report["clean"], "attack": report["label"], "robust": report["robust"],
             "autoattack": autoattack[-1]["accuracy"] if autoattack else None,
-            "autoattack_n": autoattack[-1]["n"] if autoattack else None,
+            "autoattack_n": autoattack[-1].get("n") if autoattack else None,
             "autoattack_stage": autoattack[-1]["name"] if autoattack else None,
             "ood": ood["accuracy"] if ood else None,
             "train_s": run["train_s"] if "train_s" in run else training_seconds(folder)}
@@ -68,10 +71,13 @@ def table(rows: list[dict]) -> str:
         aa = _percent(r["autoattack"]) + (f" ({r['autoattack_n']})" if r["autoattack_n"] not in (None, r["n"]) else "")
         seconds = r["train_s"]
         train = "–" if seconds is None else f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-        lines.append(f"| {r['name']} | {r['model']} | {r['method']} | {r['epoch'] or '–'} | {r['n']} | "
+        lines.append(f"| {r['name']} | {r['model'] or '–'} | {r['method'] or '–'} | {r['epoch'] or '–'} | {r['n']} | "
                      f"{_percent(r['clean'])} | {_percent(r['robust'])} | {aa} | {_percent(r['ood'])} | {train} |")
     attacks = sorted({r["attack"] for r in rows})
     lines.append("")
+    if len(datasets := {r["dataset"] for r in rows}) > 1:
+        lines.append("the reports are of different datasets, so their figures do not compare: " + "; ".join(
+            f"{r['name']}: {r['dataset']}" for r in rows))
     lines.append(f"attack: {attacks[0]}" if len(attacks) == 1 else
                  "the reports ran different attacks, so that column does not compare: " + "; ".join(
                      f"{r['name']}: {r['attack']}" for r in rows))

@@ -127,9 +127,12 @@ def _setup(args, check=lambda source: None):
     and the device."""
     import torch
     from robustlab.checkpoint import read_metadata
-    from robustlab.distributed import resolve_device
+    from robustlab.distributed import launched_by_torchrun, resolve_device
     from robustlab.training.run import check_model_meta, run_dataset
 
+    if launched_by_torchrun():  # every rank ran the whole of it and wrote the same files
+        raise RobustlabError(f"robustlab {args.command} runs in one process; run it without torchrun (--device cuda "
+                             "for a GPU)")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

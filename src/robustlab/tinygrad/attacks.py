@@ -43,8 +43,8 @@ def as_inputs(x, y) -> tuple[Tensor, Tensor]:
     if (x != x).any().item():  # NaN: tinygrad's min and max pass over it
         raise RobustlabError("x holds NaN values; it must hold images in [0, 1]")
     lo, hi = float(x.min().item()), float(x.max().item())
-    if lo < 0 or hi > 1:
-        raise RobustlabError(f"x must lie in [0, 1] (the model normalizes inside); got values in [{lo:g}, {hi:g}]")
+    if lo < -1e-6 or hi > 1 + 1e-6:  # the PyTorch attacks' tolerance (threat.check_in_box)
+        raise RobustlabError(f"x must lie in [0, 1] (the model normalizes inside); got values in [{lo:.7g}, {hi:.7g}]")
     return x, y
 
 

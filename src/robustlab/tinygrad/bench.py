@@ -44,7 +44,7 @@ def time_tinygrad(model: str, batch_size: int, iters: int, steps: int, threads: 
     x, y = _batch(batch_size)
     rng = np.random.default_rng(0)
     start = time.perf_counter()
-    for _ in range(2):  # the first call runs and compiles, the second is captured
+    for _ in range(2):  # the first call compiles the step and captures it, the second replays it
         step(x, y, rng)
     warmup = time.perf_counter() - start
     times = []
@@ -110,7 +110,8 @@ def main(argv=None) -> int:
         print(json.dumps(run_one(args)))
         return 0
     rows = []
-    print("| model | backend | threads | s / PGD-10 AT step (median) | warm-up s |\n|---|---|---|---|---|", flush=True)
+    print(f"| model | backend | threads | s / PGD-{args.steps} AT step (median) | warm-up s |\n|---|---|---|---|---|",
+          flush=True)
     for model in args.models:
         for threads in args.threads:
             for backend in args.backends:

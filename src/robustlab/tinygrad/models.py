@@ -51,8 +51,13 @@ def conv3x3_nhwc(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 
 
 def maxpool2_nhwc(x: Tensor) -> Tensor:
+    """2×2 max-pooling whose gradient goes to the first maximum of each window, as PyTorch's max_pool2d sends it:
+    tinygrad's max splits it among ties, which flat backgrounds are full of, and FGSM's signs then differed."""
     n, h, w, c = x.shape
-    return x[:, :h // 2 * 2, :w // 2 * 2, :].reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    windows = (x[:, :h // 2 * 2, :w // 2 * 2, :].reshape(n, h // 2, 2, w // 2, 2, c)
+               .permute(0, 1, 3, 5, 2, 4).reshape(n, h // 2, w // 2, c, 4))
+    first = (Tensor.arange(4) == windows.argmax(-1).unsqueeze(-1)).detach()
+    return (windows * first).sum(-1)
 
 
 class TinyModel:
@@ -178,4 +183,5 @@ def from_torch(torch_model) -> TinyModel:
         input_shape = tuple(meta["dataset"]["input_shape"])
     hidden = state["net.fc1.weight"].shape[0]
     kwargs = {"hidden": hidden} if name == "mlp" and hidden != 128 else {}
-    return build_model(name, input_shape, num_classes, **kwargs).load_state_dict(state)
+    mean, std = (state[f"normalize.{k}"].flatten().tolist() for k in ("mean", "std"))  # 3 channels for CIFAR
+    return build_model(name, input_shape, num_classes, mean, std, **kwargs).load_state_dict(state)

@@ -136,7 +136,7 @@ class TinyTrainer:
         self.augment = check_choice("augmentation", config.augment or data.info.augment, AUGMENTATIONS)
         if "dataset" in run_meta:  # the augmentation that ran, as the PyTorch trainer records it
             self.run_meta = {**run_meta, "dataset": {**run_meta["dataset"], "augment": self.augment}}
-        self.start_epoch, self.elapsed = 0, 0.0
+        self.start_epoch, self.elapsed, self.epochs = 0, 0.0, config.epochs
         self.best, self.last_metrics = {"epoch": None, "val_robust": -1.0}, {}
 
     # -- epochs --------------------------------------------------------------------------------
@@ -157,6 +157,11 @@ class TinyTrainer:
             lr = learning_rate(cfg.schedule, cfg.lr, (epoch + i / steps) / cfg.epochs)
             self.step.set_lr(lr)
             loss, correct = self.step(x, y, rng)
+            if not math.isfinite(loss):
+                bar.close()
+                kept = f"{self.out}/last.safetensors holds epoch {epoch}" if epoch else "no epoch was completed"
+                raise RobustlabError(f"training diverged: the loss is {loss:.4g} at epoch {epoch + 1}, step {i + 1} "
+                                     f"(lr {lr:.4g}); {kept}. Train again with a smaller --lr")
             total_loss += loss * len(y)
             total_correct += correct
             seen += len(y)

@@ -74,7 +74,7 @@ class AdversarialWeightPerturbation:
             loss = -self.objective(proxy, x, x_adv, y).loss
         proxy_opt.zero_grad(set_to_none=True)
         loss.backward()
-        distributed.average_gradients(proxy.parameters())  # the proxy is not DDP-wrapped: its step needs every rank's examples
+        distributed.average_gradients(proxy.parameters(), ctx.share)  # the proxy is not DDP-wrapped: its step needs every rank's examples
         proxy_opt.step()
         moved = dict(proxy.named_parameters())
         with torch.no_grad():

@@ -228,7 +228,7 @@ class Generalist(Method):
                 loss = F.cross_entropy(natural(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            distributed.average_gradients(natural.parameters())  # the natural learner is not DDP-wrapped
+            distributed.average_gradients(natural.parameters(), ctx.share)  # the natural learner is not DDP-wrapped
             optimizer.step()
 
         decay = warmed_up(self.global_decay, run["global_updates"])

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robustlab import distributed
 from robustlab.attacks import attack_mode, frozen_params, make_threat, perturb
 
 
@@ -30,6 +31,7 @@ class StepContext:
     progress: float = 0.0                      # fraction of the run done at this step, for a method's own schedules
     run: dict = field(default_factory=dict)    # the method's run-long state (`Method.init_run_state`)
     scaler: torch.amp.GradScaler | None = None  # fp16 only: loss scaling for the base `train_step`
+    share: distributed.BatchShare | None = None   # under DDP: this rank's weight, for `distributed.average_gradients`
 
 
 @dataclass

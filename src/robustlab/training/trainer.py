@@ -72,6 +72,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) <= 0:
                 raise RobustlabError(f"{name.replace('_', ' ')} must be > 0, got {getattr(self, name)}")
+        if self.batch_size < (processes := distributed.planned_world_size()):
+            raise RobustlabError(f"batch size {self.batch_size} is smaller than the {processes} torchrun processes, each "
+                                 "of which trains on a share of every batch")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise RobustlabError(f"learning rate must be a finite number > 0, got {self.lr}")
         if self.workers < 0:
@@ -197,27 +200,9 @@ class Trainer:
         self.device = torch.device(device)
         self.out = Path(out_dir)
         self.run_meta = run_meta
-        self.memory_format = (fast_memory_format(model, self.device) if config.channels_last
-                              else torch.contiguous_format)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
-        if config.sync_bn and distributed.active():
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.model = model.to(self.device, memory_format=self.memory_format)
-        # Under torchrun the training forward goes through DDP (gradients averaged over ranks during backward);
-        # attacks use the plain module, whose input gradients need no communication.
-        self.train_model = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                                    else None) if distributed.active() else self.model)
-        self.optimizer = make_optimizer(config, self.model.parameters())
-        self.autocast = autocast_for(config.precision, self.device)
-        self.scaler = None
-        if config.precision == "fp16":  # fp16 gradients underflow without loss scaling; bf16 needs none
-            if type(method).train_step is not Method.train_step:
-                raise RobustlabError(f"--precision fp16 needs loss scaling, which {method.name} (its own optimizer "
-                                     "steps) does not do; use --precision bf16")
-            self.scaler = torch.amp.GradScaler(self.device.type)
-        self.val_attack = val_attack
-        self.show_progress = show_progress
+        if config.precision == "fp16" and type(method).train_step is not Method.train_step:
+            raise RobustlabError(f"--precision fp16 needs loss scaling, which {method.name} (its own optimizer "
+                                 "steps) does not do; use --precision bf16")
         # A set held in memory (an ImageSet, or token ids) is batched here and each rank slices every global batch;
         # a Dataset (folder, npy) streams through DataLoader workers whose sampler gives each rank its own images.
         self.streamed = not hasattr(data.train, "subset")
@@ -225,6 +210,36 @@ class Trainer:
         if config.train_n:
             self.train_set = (Subset(data.train, range(min(config.train_n, len(data.train)))) if self.streamed
                               else data.train.subset(config.train_n))
+        processes = distributed.planned_world_size()
+        if len(self.train_set) < processes:
+            raise RobustlabError(f"{len(self.train_set)} training images for {processes} torchrun processes, each of "
+                                 "which trains on a share of every batch")
+        if self.streamed and config.batch_size % processes:  # each loads batch_size / processes images per step
+            raise RobustlabError(f"a streamed dataset under torchrun needs a batch size that the {processes} processes "
+                                 f"divide, got {config.batch_size}")
+        distributed.init(config.device)  # once the input is checked (here and by the caller): bad input is said once
+
+        self.memory_format = (fast_memory_format(model, self.device) if config.channels_last
+                              else torch.contiguous_format)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+        if config.sync_bn and distributed.active():
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model.to(self.device, memory_format=self.memory_format)
+        # Under torchrun the training forward goes through DDP (gradients averaged over ranks during backward,
+        # weighted by each rank's share of the batch); attacks use the plain module, whose input gradients need no
+        # communication.
+        self.train_model, self.share = self.model, distributed.BatchShare()
+        if distributed.active():
+            self.train_model = DistributedDataParallel(self.model, device_ids=[self.device.index]
+                                                       if self.device.type == "cuda" else None)
+            self.train_model.register_comm_hook(self.share, distributed.weighted_mean_hook)
+        self.optimizer = make_optimizer(config, self.model.parameters())
+        self.autocast = autocast_for(config.precision, self.device)
+        # fp16 gradients underflow without loss scaling; bf16 needs none
+        self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
+        self.val_attack = val_attack
+        self.show_progress = show_progress
         self.augment = config.augment or data.info.augment
         if "dataset" in run_meta:  # the metadata describes the data this run trained on, not the dataset's default
             self.run_meta = {**run_meta, "dataset": {**run_meta["dataset"], "augment": self.augment}}
@@ -346,7 +361,7 @@ class Trainer:
         return metrics
 
     def rank_batch_size(self) -> int:
-        return max(1, self.config.batch_size // distributed.world_size())
+        return self.config.batch_size // distributed.world_size()
 
     def batches(self, epoch: int):
         cfg = self.config
@@ -358,12 +373,12 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> dict:
         cfg = self.config
-        torch.manual_seed(epoch_seed(cfg.seed, epoch, 1))
+        torch.manual_seed(epoch_seed(cfg.seed, epoch, 1 + 1000 * distributed.rank()))  # dropout: a mask per image
         # Each rank draws its own random starts (rank 0's are a one-process run's): DDP therefore matches one
         # process on the full batch in distribution, and bit for bit only for methods without random starts.
         attack_gen = torch.Generator(self.device).manual_seed(epoch_seed(cfg.seed, epoch, 2 + 1000 * distributed.rank()))
         ctx = StepContext(self.train_model, self.model, self.optimizer, attack_gen, self.autocast, epoch=epoch,
-                          epochs=self.epochs, run=self.run_state, scaler=self.scaler)
+                          epochs=self.epochs, run=self.run_state, scaler=self.scaler, share=self.share)
         steps = (math.ceil(math.ceil(len(self.train_set) / distributed.world_size()) / self.rank_batch_size())
                  if self.streamed else math.ceil(len(self.train_set) / cfg.batch_size))
         self.model.train()
@@ -377,7 +392,9 @@ class Trainer:
         for i, (x, y) in enumerate(bar):
             if not self.streamed and len(y) < distributed.world_size():  # a rank's empty share: NaN loss, NaN weights
                 continue
+            n = len(y) if not self.streamed else int(distributed.all_sum(torch.tensor([len(y)]))[0])
             x, y = x[part(len(y))], y[part(len(y))]
+            self.share.set(len(y), n)
             ctx.progress = (epoch + i / steps) / self.epochs
             lr = learning_rate(cfg.schedule, cfg.lr, ctx.progress)
             for group in self.optimizer.param_groups:

@@ -192,7 +192,7 @@ class YOPO(Method):
                 out.backward(costate)  # ∂H/∂θ₀, through the first layer only
             total += loss.detach()
         if hamiltonian:  # ∂H/∂θ₀ came from the unwrapped module, which DDP does not see
-            distributed.average_gradients(layer_params)
+            distributed.average_gradients(layer_params, ctx.share)
         decays = [group["weight_decay"] for group in ctx.optimizer.param_groups]
         for group in ctx.optimizer.param_groups:
             group["weight_decay"] /= self.outer
