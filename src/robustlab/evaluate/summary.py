@@ -75,9 +75,9 @@ def table(rows: list[dict]) -> str:
                      f"{_percent(r['clean'])} | {_percent(r['robust'])} | {aa} | {_percent(r['ood'])} | {train} |")
     attacks = sorted({r["attack"] for r in rows})
     lines.append("")
-    if len({r["dataset"] for r in rows}) > 1:
+    if len({r.get("dataset") for r in rows}) > 1:
         lines.append("the reports are of different datasets, so their figures do not compare: " + "; ".join(
-            f"{r['name']}: {r['dataset']}" for r in rows))
+            f"{r['name']}: {r.get('dataset')}" for r in rows))
     lines.append(f"attack: {attacks[0]}" if len(attacks) == 1 else
                  "the reports ran different attacks, so that column does not compare: " + "; ".join(
                      f"{r['name']}: {r['attack']}" for r in rows))
