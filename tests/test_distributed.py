@@ -397,6 +397,23 @@ def test_bad_input_met_after_the_options_is_said_once(tmp_path, fmnist):
     assert proc.returncode != 0 and len(said) == 1, failure(proc)
 
 
+def test_an_error_one_rank_alone_meets_names_its_rank(tmp_path, fmnist):
+    """A node without its copy of the data: rank 1 exited 2 and said nothing once ranks read their data before
+    joining the group (other ranks' errors were printed only from inside the group)."""
+    script = tmp_path / "one_rank.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys
+        from robustlab.cli import main
+        data = {FMNIST!r} if os.environ["RANK"] == "0" else {str(tmp_path / "no-data")!r}
+        sys.exit(main(["train", "--data-dir", data, "--train-n", "64", "--epochs", "1", "--threads", "1",
+                       "--out", sys.argv[1]]))
+    """))
+    proc = torchrun(str(script), str(tmp_path / "run"), timeout=180)
+    said = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode != 0 and len(said) == 1 and said[0].startswith("robustlab (rank 1): error: fashion-mnist "
+                                                                          "not found"), failure(proc)
+
+
 def test_an_option_error_under_torchrun_is_said_once(tmp_path):
     """Every rank checks the options and every rank printed the same error."""
     proc = torchrun("-m", "robustlab", "train", "--method", "free-at", "--steps", "3", "--out", str(tmp_path / "x"),

@@ -121,9 +121,11 @@ def test_hidden_files_are_no_images_and_float_or_32_bit_pixels_are_refused(tmp_p
     with pytest.raises(RobustlabError, match=r"0.tiff holds floating-point pixels"):
         ImageFolder(tmp_path, mode="L")[1]
     (tmp_path / "a" / "0.tiff").unlink()
-    Image.fromarray(np.full((4, 4), 70000, dtype=np.int32)).save(tmp_path / "a" / "1.tiff")
-    with pytest.raises(RobustlabError, match=r"1.tiff holds 32-bit pixels outside 0..65535"):
+    Image.fromarray(np.full((4, 4), 300, dtype=np.int32)).save(tmp_path / "a" / "1.tiff")
+    with pytest.raises(RobustlabError, match=r"1.tiff holds 32-bit pixels outside 0..255"):
         ImageFolder(tmp_path, mode="L")[1]
+    Image.fromarray(np.full((4, 4), 252, dtype=np.int32)).save(tmp_path / "a" / "1.tiff")  # 8-bit values: kept
+    assert ImageFolder(tmp_path, mode="L")[1][0].unique().tolist() == [252]
 
 
 def test_sixteen_bit_grayscale_images_are_scaled_not_clipped(tmp_path):
@@ -135,6 +137,6 @@ def test_sixteen_bit_grayscale_images_are_scaled_not_clipped(tmp_path):
         x, _ = ImageFolder(tmp_path, mode=mode)[0]
         assert x.shape == (channels, 8, 8)
         assert torch.equal(x[0], torch.from_numpy(np.round(ramp / 257).astype(np.uint8)))
-    Image.fromarray(ramp.astype(np.int32)).save(tmp_path / "a" / "0.tiff")  # opens in Pillow's mode "I"
+    Image.fromarray(ramp).save(tmp_path / "a" / "0.ppm")  # 16-bit grayscale (P5): opens in Pillow's mode "I"
     (tmp_path / "a" / "0.png").unlink()
     assert torch.equal(ImageFolder(tmp_path, mode="L")[0][0][0], torch.from_numpy(np.round(ramp / 257).astype(np.uint8)))

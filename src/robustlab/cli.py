@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 from robustlab.allocator import keep_freed_memory
@@ -366,6 +367,8 @@ def cmd_bench(args) -> int:
     return 0
 
 
+OTHER_RANKS_ERROR_PAUSE_S = 5  # torchrun looks at its processes every 0.1 s
+
 # What a killed command keeps, told to whoever pressed Ctrl-C.
 INTERRUPTED = {"train": "the last completed epoch is saved; continue with --resume",
                "demo": "the last completed epoch is saved; the same command continues",
@@ -388,12 +391,15 @@ def main(argv=None) -> int:
                     "bench": cmd_bench, **RIFT_COMMANDS}
         return commands[args.command](args)
     except RobustlabError as exc:
-        from robustlab import distributed
-        rank = os.environ.get("RANK", "0")  # under torchrun; the process group may not be up yet
-        if rank == "0":
-            print(f"robustlab: error: {one_line(exc)}", file=sys.stderr)
-        elif distributed.active():  # raised inside the run, maybe on this rank alone; option errors are every rank's
+        rank = os.environ.get("RANK", "0")  # under torchrun
+        if rank != "0":
+            # Most errors are every rank's: rank 0 says it, and torchrun stops this rank as soon as rank 0 exits. One
+            # that this rank alone meets is said after the pause. Without it, a rank other than 0 that failed first
+            # got rank 0 stopped before it had said anything.
+            time.sleep(OTHER_RANKS_ERROR_PAUSE_S)
             print(f"robustlab (rank {rank}): error: {one_line(exc)}", file=sys.stderr)
+        else:
+            print(f"robustlab: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         kept = INTERRUPTED[args.command]

@@ -212,6 +212,8 @@ def _read_cifar_file(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarr
         with open(path, "rb") as f:
             batch = _CifarUnpickler(f, encoding="bytes").load()
         data, labels = np.asarray(batch[b"data"]), np.asarray(batch[label_key])
+    except MemoryError:  # a good file on a full machine, or a damaged length field
+        raise RobustlabError(f"out of memory reading CIFAR batch {path} (or the file is damaged)") from None
     except Exception as exc:  # a damaged pickle fails in many ways (LookupError, AttributeError, MemoryError, ...)
         raise RobustlabError(f"cannot read CIFAR batch {path}: {exc!r}; "
                              "delete the folder and extract or download the archive again") from None

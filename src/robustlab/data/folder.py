@@ -23,6 +23,19 @@ from robustlab.errors import RobustlabError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
+def _stored_bits(im) -> int:
+    """Bits per value of an integer image as its file stores them: Pillow opens 16-bit PGM files in mode "I", as it
+    does 32-bit TIFFs."""
+    if im.mode.startswith("I;16"):
+        return 16
+    try:
+        args = im.tile[0][3]
+        rawmode = args if isinstance(args, str) else args[0]
+    except (IndexError, TypeError):
+        return 32
+    return 16 if str(rawmode).startswith("I;16") else 32
+
+
 class ImageFolder(Dataset):
     """root/<class name>/<image file>: classes sorted by name, label = index. Decoded with Pillow.
 
@@ -60,11 +73,13 @@ class ImageFolder(Dataset):
             with Image.open(path) as im:
                 if im.mode == "F":  # floats have no range to scale from; a cast would make them black or white
                     raise RobustlabError(f"{path} holds floating-point pixels; save the images as 8- or 16-bit")
-                if im.mode == "I" or im.mode.startswith("I;16"):  # convert clips 16-bit values to 255: scale them
+                if im.mode == "I" or im.mode.startswith("I;16"):  # convert clips values above 255
+                    bits = _stored_bits(im)
                     wide = np.asarray(im, dtype=np.float64)
-                    if wide.size and (wide.min() < 0 or wide.max() > 65535):
-                        raise RobustlabError(f"{path} holds 32-bit pixels outside 0..65535; save it as 8- or 16-bit")
-                    im = Image.fromarray((wide / 257).round().astype(np.uint8))
+                    if bits == 16:  # scaled, not clipped
+                        im = Image.fromarray((wide / 257).round().astype(np.uint8))
+                    elif wide.size and (wide.min() < 0 or wide.max() > 255):  # no range to scale from
+                        raise RobustlabError(f"{path} holds 32-bit pixels outside 0..255; save it as 8- or 16-bit")
                 im = im.convert(self.mode)
                 if self.size is not None and (im.height, im.width) != self.size:
                     if not self.resize:  # a silently resized odd image would hide a mixed-up folder
@@ -206,9 +221,10 @@ def _npy_sets(root: Path):
         raise RobustlabError(f"{root}: labels must lie in 0..{num_classes - 1} (the training labels' range), "
                              f"found {labels.min()}..{labels.max()}")
     if empty := np.flatnonzero(np.bincount(np.asarray(train.labels), minlength=num_classes) == 0).tolist():
+        hint = " (labels counted from 1? subtract 1)" if empty == [0] else ""
         raise RobustlabError(f"{root}: class{'es' if len(empty) > 1 else ''} {', '.join(map(str, empty))} of "
                              f"0..{num_classes - 1} {'have' if len(empty) > 1 else 'has'} no training images: an empty "
-                             "class would still get an output (labels counted from 1? subtract 1)")
+                             f"class would still get an output{hint}")
     return train, test, tuple(str(c) for c in range(num_classes))
 
 

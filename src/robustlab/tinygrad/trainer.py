@@ -3,7 +3,8 @@
 Same options (TrainConfig), same run directory (config.json, metrics.jsonl, best/last checkpoints),
 same batches: the data order and augmentation come from the same seeded torch generator as the
 PyTorch Trainer's, and the initial weights are the PyTorch twin's for the same seed, so the two
-backends can be compared run for run. What differs is the engine: the attack (PGD, input
+backends can be compared run for run: the MLP's runs differ by float rounding only, cnn-small's also where its
+max-pool ties (see `models.maxpool2_nhwc`). What differs is the engine: the attack (PGD, input
 gradients only), the forward/backward pass and tinygrad's SGD/Adam step form one TinyJit-captured
 function per batch shape, which removes tinygrad's per-step graph work after the first batch.
 """
