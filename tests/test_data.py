@@ -149,6 +149,13 @@ def test_missing_data_names_searched_dirs(tmp_path, monkeypatch):
     write_idx_dataset(Path(defaults[1]))
     assert len(load_dataset("mnist", val_size=5).train) == 25  # falls through to the 2nd dir
 
+    part = tmp_path / "part"  # a download cut short: the files that are missing are named
+    write_idx_dataset(part)
+    (part / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(RobustlabError, match=r"not found in .*part, .*\(.*part lacks t10k-labels-idx1-ubyte, with or "
+                                             r"without .gz\); "):
+        load_dataset("fashion-mnist", data_dir=part)
+
 
 def test_unknown_dataset_and_bad_val_size(tmp_path):
     with pytest.raises(RobustlabError, match="allowed"):

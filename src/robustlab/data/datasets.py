@@ -163,8 +163,12 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=header).reshape(dims).copy()
 
 
+def _missing_idx(folder: Path) -> list[str]:
+    return [stem for pair in _IDX_FILES.values() for stem in pair if not _idx_path(folder, stem)]
+
+
 def _has_idx(folder: Path) -> bool:
-    return all(_idx_path(folder, stem) for pair in _IDX_FILES.values() for stem in pair)
+    return not _missing_idx(folder)
 
 
 def _read_idx_split(folder: Path, split: str, num_classes: int) -> ImageSet:
@@ -386,7 +390,10 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
         folder = _locate(name, [dest])
     if folder is None:
         where = ", ".join(str(d) for d in dirs)
-        raise RobustlabError(f"{name} not found in {where}; {_HOW_TO_GET[name]}")
+        # A folder with some of the four idx files: name the others (a download cut short, other file names)
+        part = next(((d, m) for d in dirs if name not in _CIFAR and 0 < len(m := _missing_idx(d)) < 4), None)
+        lacks = f" ({part[0]} lacks {', '.join(part[1])}, with or without .gz)" if part else ""
+        raise RobustlabError(f"{name} not found in {where}{lacks}; {_HOW_TO_GET[name]}")
     train, test = _read(name, folder)
     want = tuple(DATASETS[name].input_shape)
     for split, images in (("training", train), ("test", test)):
