@@ -393,6 +393,10 @@ def test_tinygrad_cnn_loads_as_pytorch_cnn_small(tmp_path, batch):
     tg.save_model(trainer.model, tmp_path / "alone.safetensors", dataset="fashion-mnist")
     back = tg.load_model(tmp_path / "alone.safetensors")
     assert back.name == "cnn-small" and back.checkpoint_meta["dataset"]["name"] == "fashion-mnist"
+    plain = tg.build_model("cnn-small")  # mean 0, std 1: the metadata said Fashion-MNIST's
+    tg.save_model(plain, tmp_path / "plain.safetensors", dataset="fashion-mnist")
+    saved = robustlab.checkpoint.read_metadata(tmp_path / "plain.safetensors")["dataset"]
+    assert (saved["name"], saved["mean"], saved["std"]) == ("fashion-mnist", [0.0], [1.0])
 
 
 def test_a_run_records_the_folder_it_read(fmnist, tmp_path):

@@ -30,10 +30,11 @@ def model_tensors(model: TinyModel) -> dict[str, torch.Tensor]:
 
 
 def _dataset_info(model: TinyModel, dataset: str | None) -> dict:
-    """What robustlab.load_model needs to rebuild the model: the dataset's info, or the model's own shapes."""
+    """What robustlab.load_model needs to rebuild the model: the dataset's info, or the model's own shapes; the
+    normalization is always the model's own (the one its buffers hold)."""
     if dataset is not None:
         check_choice("dataset", dataset, DATASETS)
-        return asdict(DATASETS[dataset])
+        return {**asdict(DATASETS[dataset]), "mean": list(model.mean), "std": list(model.std)}
     return {"name": None, "input_shape": list(model.input_shape), "num_classes": model.num_classes,
             "mean": list(model.mean), "std": list(model.std)}
 
