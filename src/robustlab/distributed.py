@@ -77,8 +77,8 @@ def planned_world_size() -> int:
 
 
 def is_main() -> bool:
-    """Rank 0, or a process outside torchrun; before `init` joins the group, torchrun's RANK says (the checks that
-    run before it then report once)."""
+    """Rank 0, or a process outside torchrun; before `init` joins the group, torchrun's RANK says (a download's
+    progress bar shows once)."""
     return rank() == 0 if active() else os.environ.get("RANK", "0") == "0"
 
 

@@ -78,12 +78,9 @@ def cmd_eval(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     _check_eval_options(args)
-    # The group is joined once the input is checked (bad input is then said once, by rank 0); under torchrun every
-    # attack shares the test set out over the ranks.
-    device = distributed.resolve_device(args.device)
+    device = distributed.init(args.device)  # under torchrun every attack below shares the test set out over the ranks
     model = load_model(_source(args))  # a text run's model comes with its vocabulary
     if model.checkpoint_meta.get("task") == "text":
-        distributed.init(args.device)
         return _eval_text(args, model.to(device), device)
     # channels_last halves the cost of model passes on CPUs (measured in the AutoAttack timing).
     model = model.to(device, memory_format=fast_memory_format(model, device))  # attacks follow the model's device
@@ -103,13 +100,11 @@ def cmd_eval(args) -> int:
                      "restarts": restarts, "seed": args.seed}
     measure = measure_with(model, attack_at, batch_size=args.batch_size, seed=args.seed)
     if args.transfer_from:
-        distributed.init(args.device)
         return _eval_transfer(args, model, source, images, attack_at(eps), label)
     out = _report_dir(args)
-    save = None if args.save_adversarial is None else check_adversarial_file(args.save_adversarial, eps, out, named=flag)
-    distributed.init(args.device)
     kept = None
-    if save is not None:
+    if args.save_adversarial is not None:
+        save = check_adversarial_file(args.save_adversarial, eps, out, named=flag)
         kept = AdversarialExamples(images, model=model, model_name=str(_source(args)), label=label,
                                    attack=attack_record, dataset=data.info.name, split=args.split,
                                    batch_size=args.batch_size, data_dir=args.data_dir or meta["dataset"].get("data_dir"),

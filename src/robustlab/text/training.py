@@ -122,7 +122,7 @@ def build_text_trainer(*, out, dataset: str = "debian-packages", model: str = "t
     # Token ids are not images: no channels-last layout, no augmentation.
     config = replace(config or TrainConfig(), channels_last=False, augment="none")
     config.validate()
-    device = distributed.resolve_device(config.device)  # the Trainer joins the torchrun group
+    device = distributed.init(config.device)
     mark_started(out)
     data = load_text_dataset(dataset, data_dir, max_len=max_len)
     if config.threads:

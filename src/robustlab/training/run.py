@@ -183,7 +183,7 @@ def build_trainer(*, dataset: str, model: str, method: str, out, norm: str = "li
     with data_dir so that `robustlab eval RUN` reads the same data without repeating them."""
     config = config or TrainConfig()
     config.validate()
-    device = distributed.resolve_device(config.device)  # the Trainer joins the torchrun group, once the input is checked
+    device = distributed.init(config.device)  # joins the torchrun group, if launched by torchrun
     mark_started(out)
     data_options = {k: v for k, v in (data_options or {}).items() if v}
     data = load_dataset(dataset, data_dir=data_dir, download=download, seed=0, **data_options)

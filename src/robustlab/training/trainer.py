@@ -217,8 +217,6 @@ class Trainer:
         if self.streamed and config.batch_size % processes:  # each loads batch_size / processes images per step
             raise RobustlabError(f"a streamed dataset under torchrun needs a batch size that the {processes} processes "
                                  f"divide, got {config.batch_size}")
-        distributed.init(config.device)  # once the input is checked (here and by the caller): bad input is said once
-
         self.memory_format = (fast_memory_format(model, self.device) if config.channels_last
                               else torch.contiguous_format)
         if self.device.type == "cuda":
