@@ -25,6 +25,7 @@ def robustlab(*args):
     (["train", "--lr", "nan", "--out", "x"], ["--lr", "finite", "nan"]),  # nan <= 0 is False: once let through
     (["train", "--eps", "inf", "--out", "x"], ["--eps", "finite", "inf"]),
     (["train", "--momentum", "-0.9", "--out", "x"], ["--momentum", ">= 0"]),
+    (["train", "--epochs", "ten", "--out", "x"], ["--epochs: must be a whole number > 0, got ten"]),  # "invalid parse value"
     (["train", "--method", "pgd-at", "--clip-start", "--out", "x"], ["pgd-at", "--clip-start", "--attack-train-mode"]),
     (["train", "--method", "trades", "--attack-train-mode", "--out", "x"], ["trades", "--attack-train-mode", "--beta"]),
     (["train", "--method", "pgd-at", "--separate-batches", "--out", "x"], ["takes no --separate-batches", "--steps"]),

@@ -415,8 +415,12 @@ def test_an_error_one_rank_alone_meets_names_its_rank(tmp_path, fmnist):
 
 
 def test_an_option_error_under_torchrun_is_said_once(tmp_path):
-    """Every rank checks the options and every rank printed the same error."""
+    """Every rank checks the options and every rank printed the same error, argparse's own included."""
     proc = torchrun("-m", "robustlab", "train", "--method", "free-at", "--steps", "3", "--out", str(tmp_path / "x"),
                     timeout=120)
     said = [line for line in proc.stderr.splitlines() if "error: --method free-at takes no --steps" in line]
     assert proc.returncode != 0 and len(said) == 1, failure(proc)
+    proc = torchrun("-m", "robustlab", "train", "--epoch", "x", "--out", str(tmp_path / "x"), timeout=120)
+    said = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode != 0 and len(said) == 1 and said[0].startswith("robustlab: error: argument --epochs"), \
+        failure(proc)

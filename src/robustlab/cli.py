@@ -15,30 +15,49 @@ from robustlab.errors import RobustlabError, check_choice, one_line, output_dir
 from robustlab.protocol import check_eps
 
 
+OTHER_RANKS_ERROR_PAUSE_S = 5  # torchrun looks at its processes every 0.1 s
+
+
+def say_error(message: str, name: str = "robustlab") -> None:
+    """One line on stderr, said once under torchrun. Most errors are every rank's: rank 0 says it, and torchrun
+    stops the other ranks as soon as rank 0 exits. One that a rank alone meets is said, with its rank, after a
+    pause; without the pause, a rank other than 0 that failed first got rank 0 stopped before it had said anything."""
+    rank = os.environ.get("RANK", "0")
+    if rank != "0":
+        time.sleep(OTHER_RANKS_ERROR_PAUSE_S)
+        print(f"{name} (rank {rank}): error: {message}", file=sys.stderr)
+    else:
+        print(f"{name}: error: {message}", file=sys.stderr)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse's own errors (an unknown option, a bad value) in one line with status 2, like every other error,
     named by the program: "robustlab" for every subcommand, else argparse's name for it (an experiment script)."""
     def error(self, message):
-        name = "robustlab" if self.prog.split()[0] == "robustlab" else self.prog
-        self.exit(2, f"{name}: error: {message}\n")
+        say_error(message, "robustlab" if self.prog.split()[0] == "robustlab" else self.prog)
+        self.exit(2)
+
+
+def _at_least_zero(kind, zero_allowed: bool):
+    what = f"{'a whole' if kind is int else 'a finite'} number {'>=' if zero_allowed else '>'} 0"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:  # argparse would name this function: "invalid parse value: 'x'"
+            value = math.nan
+        if not (math.isfinite(value) and (value > 0 or (zero_allowed and value == 0))):  # nan and inf parse as floats
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    return parse
 
 
 def positive(kind):
-    def parse(text):
-        value = kind(text)
-        if not (value > 0 and math.isfinite(value)):  # float("nan") and "inf" parse, and nan <= 0 is False
-            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-        return value
-    return parse
+    return _at_least_zero(kind, zero_allowed=False)
 
 
 def nonnegative(kind):
-    def parse(text):
-        value = kind(text)
-        if not (value >= 0 and math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-        return value
-    return parse
+    return _at_least_zero(kind, zero_allowed=True)
 
 
 def given(options) -> list[str]:
@@ -367,8 +386,6 @@ def cmd_bench(args) -> int:
     return 0
 
 
-OTHER_RANKS_ERROR_PAUSE_S = 5  # torchrun looks at its processes every 0.1 s
-
 # What a killed command keeps, told to whoever pressed Ctrl-C.
 INTERRUPTED = {"train": "the last completed epoch is saved; continue with --resume",
                "demo": "the last completed epoch is saved; the same command continues",
@@ -391,15 +408,7 @@ def main(argv=None) -> int:
                     "bench": cmd_bench, **RIFT_COMMANDS}
         return commands[args.command](args)
     except RobustlabError as exc:
-        rank = os.environ.get("RANK", "0")  # under torchrun
-        if rank != "0":
-            # Most errors are every rank's: rank 0 says it, and torchrun stops this rank as soon as rank 0 exits. One
-            # that this rank alone meets is said after the pause. Without it, a rank other than 0 that failed first
-            # got rank 0 stopped before it had said anything.
-            time.sleep(OTHER_RANKS_ERROR_PAUSE_S)
-            print(f"robustlab (rank {rank}): error: {one_line(exc)}", file=sys.stderr)
-        else:
-            print(f"robustlab: error: {one_line(exc)}", file=sys.stderr)
+        say_error(one_line(exc))
         return 2
     except KeyboardInterrupt:
         kept = INTERRUPTED[args.command]
