@@ -1,4 +1,6 @@
 """FGSM, FGM and PGD: budgets, box constraints, side effects, and agreement with a textbook PGD."""
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -197,6 +199,61 @@ def test_labels_of_any_integer_type_are_taken(name, dtype):
     x, y = torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 3])
     x_adv = ATTACKS[name](_four_classes(), x, y.to(dtype), eps=0.1)
     assert within_ball(x_adv, x, "l2" if name == "fgm" else "linf", 0.1)
+
+
+@pytest.mark.parametrize("name", ALL + ["autoattack"])
+@pytest.mark.parametrize("label", [4, -1])
+def test_labels_outside_the_models_classes_are_refused(name, label):
+    """APGD, FAB-T, Square and AutoAttack counted such an image as broken before any attack (a wrong figure without
+    a word); PGD failed in cross-entropy's IndexError."""
+    from robustlab.attacks import ATTACKS, autoattack
+    attack = ATTACKS.get(name) or partial(autoattack, steps=2, queries=2, progress=False)
+    x, y = torch.rand(3, 1, 2, 2), torch.tensor([0, 1, label])
+    with pytest.raises(RobustlabError, match="class indices >= 0, got -1" if label < 0 else "4 outputs .0 to 3., got 4"):
+        attack(_four_classes(), x, y, eps=0.1)
+
+
+@pytest.mark.parametrize("name", ALL + ["autoattack"])
+def test_attacks_take_a_model_with_float64_logits(name):
+    """A float64 buffer added to float32 logits: FAB-T's margin made its next iterate float64, which the model's
+    float32 convolution refused, after AutoAttack's first three stages."""
+    from robustlab.attacks import ATTACKS, autoattack
+    attack = ATTACKS.get(name) or (lambda *a, **k: autoattack(*a, steps=3, queries=3, progress=False, **k).x_adv)
+    net = _four_classes()
+    model = type("Float64Head", (nn.Module,), {"forward": lambda self, x: net(x).double()})()
+    model.net = net
+    x, y = torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 3])
+    x_adv = attack(model, x, y, eps=0.1)
+    assert x_adv.dtype == torch.float32 and within_ball(x_adv, x, "l2" if name == "fgm" else "linf", 0.1)
+
+
+@pytest.mark.parametrize("name", ["fgsm", "fgm", "pgd", "apgd", "apgd-t", "fab-t", "pgd-smooth", "autoattack"])
+def test_gradient_attacks_under_inference_mode_say_so(name):
+    """torch.enable_grad() does not lift inference mode: "element 0 of tensors does not require grad"."""
+    from robustlab.attacks import ATTACKS, autoattack
+    attack = ATTACKS.get(name) or partial(autoattack, steps=2, queries=2, progress=False)
+    with torch.inference_mode(), pytest.raises(RobustlabError, match="inference_mode"):
+        attack(_four_classes(), torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 3]), eps=0.1)
+    with torch.inference_mode():  # Square takes no gradients
+        assert ATTACKS["square"](_four_classes(), torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 3]), eps=0.1).shape[0] == 3
+
+
+def test_square_and_autoattack_refuse_a_fractional_query_count():
+    """20.0 passed the check and failed in range() after APGD-CE, APGD-T and FAB-T had run."""
+    from robustlab.attacks import autoattack, square
+    x, y = torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 3])
+    for call in (lambda: square(_four_classes(), x, y, eps=0.1, queries=20.0),
+                 lambda: autoattack(_four_classes(), x, y, eps=0.1, queries=20.0, progress=False)):
+        with pytest.raises(RobustlabError, match="queries must be an integer"):
+            call()
+
+
+def test_dlr_losses_are_finite_for_float16_logits_whose_top_values_tie():
+    """The 1e-12 in the denominator is 0 in float16: 0 / 0."""
+    from robustlab.attacks.apgd import dlr_loss, dlr_targeted_loss
+    logits = torch.tensor([[1.0, 1.0, 1.0, 1.0]], dtype=torch.float16)
+    y, t = torch.tensor([0]), torch.tensor([1])
+    assert torch.isfinite(dlr_loss(logits, y)).all() and torch.isfinite(dlr_targeted_loss(logits, y, t)).all()
 
 
 @pytest.mark.parametrize("name", ALL)

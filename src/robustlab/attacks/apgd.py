@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from robustlab.attacks.pgd import attack_mode
-from robustlab.attacks.threat import NORMS, check_batch, check_budget, lp_norm, per_example, project
+from robustlab.attacks.threat import NORMS, check_batch, check_budget, check_labels, lp_norm, per_example, project
 from robustlab.errors import RobustlabError, check_choice
 
 LOSSES = ("ce", "dlr", "dlr-targeted")
@@ -59,7 +59,9 @@ def clean_logits(model, x: torch.Tensor, y: torch.Tensor):
     if len(x) == 0:
         return x, y, x.clone(), None
     with torch.no_grad():
-        return x, y, x.clone(), model(x)
+        logits = model(x)
+    check_labels(logits, y)
+    return x, y, x.clone(), logits
 
 
 # ---- losses ----
@@ -72,15 +74,18 @@ def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Difference of logits ratio (Sec. 4): −(z_y − max_{i≠y} z_i) / (z_π1 − z_π3), π sorting the logits.
 
     Invariant to shifting and rescaling the logits, so a saturated softmax cannot hide the gradient.
-    Needs at least 3 classes.
+    Needs at least 3 classes. In float32: the 1e-12 that keeps a tie of the top logits finite is 0 in float16.
     """
+    logits = logits.float()
     top = logits.topk(3, dim=1).values
     z_y = logits.gather(1, y[:, None]).squeeze(1)
     return -(z_y - _other_max(logits, y)) / (top[:, 0] - top[:, 2] + 1e-12)
 
 
 def dlr_targeted_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Targeted DLR (Sec. 4): −(z_y − z_t) / (z_π1 − (z_π3 + z_π4) / 2). Needs at least 4 classes."""
+    """Targeted DLR (Sec. 4): −(z_y − z_t) / (z_π1 − (z_π3 + z_π4) / 2). Needs at least 4 classes; float32 as
+    `dlr_loss`."""
+    logits = logits.float()
     top = logits.topk(4, dim=1).values
     z_y = logits.gather(1, y[:, None]).squeeze(1)
     z_t = logits.gather(1, target[:, None]).squeeze(1)

@@ -29,8 +29,8 @@ from robustlab.attacks.apgd import apgd_attack, check_attack_args, check_targets
 from robustlab.attacks.fab import fab_targeted_attack
 from robustlab.attacks.pgd import attack_mode
 from robustlab.attacks.square import square_attack
-from robustlab.attacks.threat import check_batch, within_ball
-from robustlab.errors import RobustlabError, check_choice
+from robustlab.attacks.threat import check_batch, check_labels, within_ball
+from robustlab.errors import RobustlabError, check_choice, check_integer
 from robustlab.models import model_device
 
 STAGES = ("clean", "apgd-ce", "apgd-t", "fab-t", "square")
@@ -195,12 +195,15 @@ def autoattack(model, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str
     """
     check_choice("version", version, VERSIONS)
     y = _check_inputs(x, y, eps, norm, batch_size)
-    if steps < 1 or queries < 1:
-        raise RobustlabError(f"steps and queries must be >= 1, got {steps} and {queries}")
+    check_integer("steps", steps)
+    check_integer("queries", queries)
     x, y = x.detach(), y.detach().to(x.device)
     n = len(x)
-    with attack_mode(model):
-        num_classes = model(x[:1]).shape[1] if n else 10
+    with attack_mode(model), torch.no_grad():
+        logits = model(x[:1]) if n else None
+    num_classes = logits.shape[1] if n else 10
+    if n:
+        check_labels(logits, y)
     n_targets = check_targets(n_target_classes, num_classes, "AutoAttack")
     if n and num_classes < min_classes("dlr-targeted"):  # refused now, not at APGD-T after two stages' work
         raise RobustlabError(f"AutoAttack's APGD-T uses the targeted DLR loss, which needs at least "

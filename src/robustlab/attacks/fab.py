@@ -108,7 +108,7 @@ def _margin_and_grad(model, x1, y, target, need_grad: bool = True):
         logits = model(x1)
         g = logits.gather(1, target[:, None]).squeeze(1) - logits.gather(1, y[:, None]).squeeze(1)
         (grad,) = torch.autograd.grad(g.sum(), x1)
-    return logits.detach(), g.detach(), grad.detach()
+    return logits.detach(), g.detach().to(x1.dtype), grad.detach()  # float64 logits made the next iterate float64
 
 
 def fab_run(model, x0, y, target, *, norm: str, steps: int, alpha_max: float = 0.1, eta: float = 1.05,

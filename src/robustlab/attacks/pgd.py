@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustlab.attacks.threat import check_batch, check_budget, make_threat
+from robustlab.attacks.threat import check_batch, check_budget, check_labels, make_threat
 from robustlab.models.registry import eval_mode
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> per-example loss
@@ -62,10 +62,12 @@ def perturb(model, x, y, threat, steps: int, *, random_start: bool = True, targe
     best = x_adv.clone() if keep_best else None
     done = torch.zeros(len(x), dtype=torch.bool, device=x.device) if keep_best else None
     sign = -1.0 if targeted else 1.0
-    for _ in range(steps):
+    for step in range(steps):
         with torch.enable_grad():  # a caller may hold torch.no_grad(), as APGD and FAB allow too
             x_adv.requires_grad_(True)
             logits = model(x_adv)
+            if step == 0 and y.dim() == 1:  # hard labels (TRADES ascends towards soft ones)
+                check_labels(logits, y)
             loss = loss_fn(logits, y).sum()
             (grad,) = torch.autograd.grad(sign * loss, x_adv)
         x_adv = x_adv.detach()

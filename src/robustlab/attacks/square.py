@@ -22,8 +22,8 @@ import torch
 
 from robustlab.attacks.apgd import check_attack_args
 from robustlab.attacks.pgd import attack_mode
-from robustlab.attacks.threat import check_batch, lp_norm, per_example
-from robustlab.errors import RobustlabError
+from robustlab.attacks.threat import check_batch, check_labels, lp_norm, per_example
+from robustlab.errors import RobustlabError, check_integer
 
 P_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
@@ -157,8 +157,7 @@ def square_attack(model, x, y, *, eps: float, norm: str = "linf", queries: int =
     Only examples classified correctly are attacked; an example stops querying once it is broken.
     """
     check_attack_args(eps, norm, steps=1)
-    if queries < 0:
-        raise RobustlabError(f"queries must be >= 0, got {queries}")
+    check_integer("queries", queries, minimum=0)
     if not 0 < p_init <= 1:
         raise RobustlabError(f"p_init must be in (0, 1], got {p_init}")
     if x.dim() != 4:
@@ -166,7 +165,12 @@ def square_attack(model, x, y, *, eps: float, norm: str = "linf", queries: int =
     x, y = x.detach(), y.detach()
     x_adv = x.clone()
     with torch.no_grad():
-        fooled = model(x).argmax(1) != y if len(x) else torch.zeros(0, dtype=torch.bool, device=x.device)
+        if len(x):
+            logits = model(x)
+            check_labels(logits, y)
+            fooled = logits.argmax(1) != y
+        else:
+            fooled = torch.zeros(0, dtype=torch.bool, device=x.device)
         idx = (~fooled).nonzero().squeeze(1)
         if len(idx) == 0:
             return x_adv, fooled
@@ -202,7 +206,7 @@ def square(model, x, y, *, eps: float, norm: str = "linf", queries: int = 5000, 
     ε-ball and [0, 1]); examples misclassified from the start are returned unchanged.
     p_init = 0.8 is AutoAttack-standard's value for both L∞ and L2.
     """
-    y = check_batch(x, y)
+    y = check_batch(x, y, gradients=False)
     with attack_mode(model):
         x_adv, _ = square_attack(model, x, y, eps=eps, norm=norm, queries=queries, p_init=p_init, generator=generator)
     return x_adv

@@ -93,11 +93,15 @@ def check_budget(eps: float, steps: int, restarts: int = 1, *, eps_positive: boo
         check_integer(name, value)
 
 
-def check_batch(x: torch.Tensor, y: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
-    """What every attack takes: float images in [0, 1] and one integer label per image; returns the labels as
+def check_batch(x: torch.Tensor, y: torch.Tensor, tol: float = 1e-6, gradients: bool = True) -> torch.Tensor:
+    """What every attack takes: float images in [0, 1] and one integer label >= 0 per image; returns the labels as
     int64, the type the losses and `gather` need (idx files hold uint8). The most common misuse, normalized
     inputs, fails here with its cause instead of giving wrong numbers (`tol` lets through the rounding of images
-    computed in floating point)."""
+    computed in floating point). An attack that takes `gradients` cannot run under torch.inference_mode(), which
+    torch.enable_grad() does not lift."""
+    if gradients and torch.is_inference_mode_enabled():
+        raise RobustlabError("gradient attacks cannot run under torch.inference_mode(); call them outside it "
+                             "(torch.no_grad() is fine)")
     if not x.is_floating_point():
         hint = " (uint8 images: divide by 255)" if x.dtype == torch.uint8 else ""
         raise RobustlabError(f"attack inputs must be float images in [0, 1], got {x.dtype}{hint}")
@@ -105,7 +109,17 @@ def check_batch(x: torch.Tensor, y: torch.Tensor, tol: float = 1e-6) -> torch.Te
         raise RobustlabError(f"attacks take one integer label per image: {len(x)} images, labels {y.dtype} "
                              f"{tuple(y.shape)}")
     check_in_box(x, "attack inputs", tol)
+    if len(y) and int(y.min()) < 0:
+        raise RobustlabError(f"attack labels must be class indices >= 0, got {int(y.min())}")
     return y.long()
+
+
+def check_labels(logits: torch.Tensor, y: torch.Tensor):
+    """Labels that index the model's outputs. One beyond them made APGD, FAB-T, Square and AutoAttack count the
+    image as broken before any attack, and cross-entropy fail in an IndexError."""
+    if len(y) and int(y.max()) >= logits.shape[1]:
+        raise RobustlabError(f"labels must index the model's {logits.shape[1]} outputs (0 to {logits.shape[1] - 1}), "
+                             f"got {int(y.max())}")
 
 
 def check_in_box(x: torch.Tensor, what: str, tol: float = 1e-6):
