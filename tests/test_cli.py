@@ -64,7 +64,9 @@ def robustlab(*args):
     (["train", "--method", "generalist", "--nat-schedule", "cos", "--out", "x"], ["unknown --nat-schedule", "one-cycle"]),
     (["train", "--method", "yopo", "--first-layer-grad", "some", "--out", "x"], ["unknown --first-layer-grad"]),
     (["train", "--model", "cnn-small", "--width", "8", "--train-n", "8", "--out", "x"],  # once a TypeError
-     ["model 'cnn-small' has no option width", "none"]),
+     ["--width applies to preact-resnet18", "not cnn-small"]),
+    (["train", "--model", "wrn-28-10", "--width", "4", "--out", "x"],  # named its builder's depth and widen
+     ["--width applies to", "resnet18", "not wrn-28-10"]),
 ])
 def test_bad_input_is_one_line_and_status_2(args, words, tmp_path):
     if "--out" in args:
@@ -497,3 +499,16 @@ def test_a_run_too_short_for_awp_says_it_trains_without_it(tmp_path):
     done = robustlab("train", "--method", "pgd-at-awp", "--awp-gamma", "0", "--epochs", "1", "--train-n", "64",
                      "--val-n", "16", "--steps", "1", "--data-dir", FMNIST, "--threads", "1", "--out", str(tmp_path / "off"))
     assert done.returncode == 0 and "so it trains as pgd-at (--awp-gamma 0)" in done.stderr, done.stderr
+
+
+def test_bench_takes_the_same_options_from_the_cli_and_the_script():
+    """`robustlab bench --bf16` was refused though the docs offered it, and `python benchmarks/bench.py` exited 1 after
+    a good run, printing its results dict to stderr."""
+    tiny = ["--iters", "1", "--batch-size", "4", "--threads", "1", "--no-bf16", "--json"]
+    cli = robustlab("bench", *tiny)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert set(json.loads(cli.stdout.splitlines()[-1])) == {"textbook", "robustlab-fp32", "robustlab-fp32-cl"}
+    root = os.path.join(os.path.dirname(__file__), "..")
+    script = subprocess.run([sys.executable, "benchmarks/bench.py", *tiny[:-2]], cwd=root, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": os.path.join(root, "src")})
+    assert script.returncode == 0 and "textbook" in script.stdout and "{" not in script.stderr, script.stderr[-2000:]

@@ -403,3 +403,30 @@ def test_aa_reference_compares_stage_by_stage_resumes_and_checks_both_sides(fmni
     bad = script("--only", "reference", out=tmp_path / "out2", FAKE_OUT_OF_BALL="1")
     assert bad.returncode != 0 and "outside the linf ball" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_the_recorded_commit_is_robustlabs_own_and_says_when_it_has_changes(tmp_path):
+    """An installed copy inside another project's repository recorded that project's commit, and a checkout with
+    uncommitted changes recorded the bare commit."""
+    import shutil
+    src = Path(__file__).resolve().parents[1] / "src" / "robustlab"
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    def recorded():
+        code = "from robustlab.provenance import commit; print(commit())"
+        return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}).stdout.strip()
+    git("init", "-q")
+    git("commit", "-q", "--allow-empty", "-m", "another project")
+    shutil.copytree(src, tmp_path / "site" / "robustlab", ignore=shutil.ignore_patterns("__pycache__"))
+    assert recorded() == "unknown"  # untracked: not this repository's source
+    git("add", "site")
+    git("commit", "-q", "-m", "robustlab")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
+                          text=True).stdout.strip()
+    assert recorded() == head
+    (tmp_path / "site" / "robustlab" / "protocol.py").write_text("# changed\n", encoding="utf-8")
+    assert recorded() == f"{head}-dirty"

@@ -307,3 +307,16 @@ def test_training_curves_plot_reads_the_runs_metrics(tmp_path):
     plot_training_curves({"a": lines[:1]}, tmp_path / "one.png", "toy", best={"a": 0})
     plot_training_curves({"a": lines}, tmp_path / "kept.png", "toy", best={"a": 4})
     assert (tmp_path / "one.png").stat().st_size > 1000 and (tmp_path / "kept.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("name,shape,smallest", [("lenet", (3, 8, 8), 12), ("cnn-small", (1, 3, 3), 4),
+                                                 ("cnn-strided", (1, 2, 3), 4)])
+def test_a_model_refuses_images_too_small_for_it_when_built(name, shape, smallest):
+    """They failed in the first training step's traceback, after the data had been read."""
+    from robustlab.models import build_model
+    with pytest.raises(RobustlabError, match=f"model '{name}' cannot take {shape[1]}×{shape[2]} images "
+                                             f"\\(it needs at least {smallest}×{smallest}\\)"):
+        build_model(name, shape, 10, [0.5] * shape[0], [0.5] * shape[0])
+    c = shape[0]
+    model = build_model(name, (c, smallest, smallest), 10, [0.5] * c, [0.5] * c)
+    assert model(torch.rand(2, c, smallest, smallest)).shape == (2, 10)

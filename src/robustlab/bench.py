@@ -48,9 +48,9 @@ def median_seconds(fns: dict, iters: int = 10, warmup: int = 2) -> dict:
     one of them land in a spell and the next not (we saw 1.5× between two blocks of the same step).
     Interleaving spreads the spells over all functions alike, and the median drops the worst calls.
     """
-    from tqdm.auto import tqdm
+    from robustlab.progress import progress
     seconds = {name: [] for name in fns}
-    for round_ in tqdm(range(warmup + iters), desc=f"timing {len(fns)} steps", unit="round", leave=False):
+    for round_ in progress(range(warmup + iters), desc=f"timing {len(fns)} steps", unit="round", leave=False):
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
@@ -59,18 +59,32 @@ def median_seconds(fns: dict, iters: int = 10, warmup: int = 2) -> dict:
     return {name: statistics.median(s) for name, s in seconds.items()}
 
 
-def main(argv=None):
-    from robustlab.cli import OneLineParser, nonnegative, positive
-    p = OneLineParser(prog="python -m robustlab.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="cnn-small")
-    p.add_argument("--batch-size", type=positive(int), default=128)
-    p.add_argument("--iters", type=positive(int), default=10)
-    p.add_argument("--eps", type=nonnegative(float), default=0.1)
-    p.add_argument("--bf16", action="store_true", default=None,
+def add_options(p) -> None:
+    """The options of `robustlab bench` and `python benchmarks/bench.py`, one set for both."""
+    import argparse
+
+    from robustlab.cli import nonnegative, positive
+    p.add_argument("--model", default="cnn-small", help="default cnn-small")
+    p.add_argument("--batch-size", type=positive(int), default=128, help="default 128")
+    p.add_argument("--iters", type=positive(int), default=10,
+                   help="timed rounds of each measured step, after 2 warm-up rounds (default 10)")
+    p.add_argument("--eps", type=nonnegative(float), default=0.1, help="L∞ radius of the PGD-10 steps (default 0.1)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="also time bf16 autocast (default: only where the CPU has bf16 units)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="also print the images/s as JSON")
     p.add_argument("--threads", type=positive(int), help="torch CPU threads (default: torch's)")
-    args = p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from robustlab.cli import OneLineParser
+    p = OneLineParser(description=__doc__.splitlines()[0])
+    add_options(p)
+    run(p.parse_args(argv))
+    return 0
+
+
+def run(args) -> dict:
+    """Times the steps and prints the table; returns images/s per loop and step."""
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -126,4 +140,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

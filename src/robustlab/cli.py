@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=nonnegative(int), default=2, help="DataLoader processes decoding folder / npy training data")
     t.add_argument("--download", action="store_true", help="download missing dataset files (sha256-checked)")
     t.add_argument("--model", help=", ".join(MODELS) + " (default cnn-small); text: transformer (default), textcnn")
-    t.add_argument("--width", type=positive(int), help="channel width of the ResNets (default 64; preact-resnet18-small 16)")
+    t.add_argument("--width", type=positive(int), help="channel width of preact-resnet18 and resnet18 (default 64) and "
+                   "preact-resnet18-small (default 16)")
     t.add_argument("--method", help=", ".join(METHODS) + " (default pgd-at); text: freelb (default), fgm, pgd, "
                    "free-at, standard")
     t.add_argument("--norm", help="linf (default) or l2; text: l2 (default) or linf")
@@ -195,12 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-dir", help="where the Fashion-MNIST files are (default: the usual places)")
     d.add_argument("--threads", type=positive(int), help="torch CPU threads")
 
-    b = sub.add_parser("bench", help="throughput against a textbook PyTorch loop")
-    b.add_argument("--model", default="cnn-small", help="default cnn-small")
-    b.add_argument("--batch-size", type=positive(int), default=128, help="default 128")
-    b.add_argument("--iters", type=positive(int), default=10,
-                   help="timed rounds of each measured step, after 2 warm-up rounds (default 10)")
-    b.add_argument("--threads", type=positive(int), help="torch CPU threads (default: torch's)")
+    from robustlab.bench import add_options as add_bench_options
+    add_bench_options(sub.add_parser("bench", help="throughput against a textbook PyTorch loop"))
 
     from robustlab.rift.cli import add_parsers as add_rift_parsers
     add_rift_parsers(sub)  # robustlab rift, robustlab mrc
@@ -337,6 +334,10 @@ def cmd_train(args) -> int:
     else:
         from robustlab.training.run import build_trainer
         extra = {"data_options": data_options}
+    from robustlab.models.registry import MODELS, model_options
+    if args.width and args.model in MODELS and "width" not in model_options(args.model):
+        with_width = [name for name in MODELS if "width" in model_options(name)]
+        raise RobustlabError(f"--width applies to {', '.join(with_width[:-1])} and {with_width[-1]}, not {args.model}")
     try:
         trainer = build_trainer(dataset=args.dataset, model=args.model, method=args.method, norm=args.norm, out=out,
                                 data_dir=args.data_dir, download=args.download, config=config,
@@ -380,9 +381,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from robustlab.bench import main as bench_main
-    bench_main(["--model", args.model, "--batch-size", str(args.batch_size), "--iters", str(args.iters),
-                *(["--threads", str(args.threads)] if args.threads else [])])
+    from robustlab.bench import run
+    run(args)
     return 0
 
 

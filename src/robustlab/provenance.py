@@ -22,10 +22,18 @@ def machine() -> str:
 
 
 def commit() -> str:
-    """The short git commit of the robustlab source in use, or "unknown" outside a checkout."""
+    """The short git commit of the robustlab source in use, "-dirty" added where the checkout's tracked files have
+    uncommitted changes, or "unknown" where the source is not tracked by git (an installed copy inside another
+    project's repository would otherwise have named that project's commit)."""
+    here = Path(__file__)
+
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=here.parent)
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent)
-    except OSError:
+        if git("ls-files", "--error-unmatch", here.name).returncode != 0:
+            return "unknown"
+        head = git("rev-parse", "--short", "HEAD").stdout.strip()
+        dirty = git("diff", "--quiet", "HEAD", "--").returncode == 1
+    except OSError:  # no git
         return "unknown"
-    return out.stdout.strip() or "unknown"
+    return f"{head}-dirty" if head and dirty else head or "unknown"
