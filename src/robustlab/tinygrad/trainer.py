@@ -197,7 +197,8 @@ class TinyTrainer:
             val_metrics = self.validate()
             metrics = {"epoch": epoch, **train_metrics, **val_metrics, "epoch_s": round(epoch_s, 2),
                        "elapsed_s": round(self.elapsed, 2)}
-            is_best = math.isnan(val_metrics["val_robust"]) or val_metrics["val_robust"] > self.best["val_robust"]
+            key = self.method.selected_by
+            is_best = math.isnan(val_metrics[key]) or val_metrics[key] > self.best.get(key, -1.0)
             if is_best:
                 self.best = {"epoch": epoch, "val_robust": val_metrics["val_robust"], "val_clean": val_metrics["val_clean"]}
             stop = self.method.should_stop(metrics, self.best)

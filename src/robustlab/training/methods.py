@@ -54,6 +54,8 @@ class Method:
     protocol_fields = ("eps", "norm", "steps", "step_size")
     # Options a resumed run may change because they decide when to stop, not what an epoch computes.
     resumable_changes: tuple[str, ...] = ()
+    # The validation figure that picks the best epoch (best.safetensors).
+    selected_by = "val_robust"
 
     def loss(self, ctx: StepContext, x, y) -> StepResult:
         raise NotImplementedError
@@ -106,6 +108,7 @@ class Standard(Method):
     name = "standard"
     adversarial = False
     batchnorm_inputs = "clean"
+    selected_by = "val_clean"  # by robust accuracy, an undefended run kept its first, least trained epoch
 
     def loss(self, ctx, x, y):
         logits = ctx.model(x)

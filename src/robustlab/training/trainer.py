@@ -333,7 +333,8 @@ class Trainer:
             val_metrics = self.validate(epoch)
             metrics = {"epoch": epoch, **train_metrics, **val_metrics, "elapsed_s": round(self.elapsed, 2)}
             # without validation images nothing ranks the epochs: the last is kept as the best
-            is_best = math.isnan(val_metrics["val_robust"]) or val_metrics["val_robust"] > self.best["val_robust"]
+            key = self.method.selected_by
+            is_best = math.isnan(val_metrics[key]) or val_metrics[key] > self.best.get(key, -1.0)
             if is_best:
                 self.best = {"epoch": epoch, "val_robust": val_metrics["val_robust"], "val_clean": val_metrics["val_clean"]}
             stop = self.method.should_stop(metrics, self.best)  # e.g. Fast-AT's catastrophic-overfitting check
