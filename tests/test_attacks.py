@@ -256,6 +256,23 @@ def test_dlr_losses_are_finite_for_float16_logits_whose_top_values_tie():
     assert torch.isfinite(dlr_loss(logits, y)).all() and torch.isfinite(dlr_targeted_loss(logits, y, t)).all()
 
 
+@pytest.mark.parametrize("name", [n for n in ALL if n != "fgm"] + ["autoattack", "pgd-at"])
+def test_an_linf_radius_beyond_the_pixel_range_is_refused(name):
+    """eps=25 meaning 25/255 gave 0% robust accuracy without a word (the CLI and evaluate_model refused it), and
+    trained at ε = 25. An L2 radius has no such bound."""
+    from robustlab.attacks import ATTACKS, autoattack
+    from robustlab.training.run import make_method
+    x, y = torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 3])
+    attack = ATTACKS.get(name) or partial(autoattack, progress=False)
+    with pytest.raises(RobustlabError, match="eps 25: an L∞ radius above 1 exceeds the pixel range"):
+        if name == "pgd-at":
+            make_method(name, "fashion-mnist", "linf", eps=25)
+        else:
+            attack(_four_classes(), x, y, eps=25)
+    if name in ("pgd", "apgd", "square"):
+        assert attack(_four_classes(), x, y, eps=25, norm="l2").shape == x.shape
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_attacks_run_inside_no_grad(name):
     """Evaluation code often holds torch.no_grad(); PGD and its one-step forms raised "does not require grad"."""

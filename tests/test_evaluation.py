@@ -136,6 +136,12 @@ def test_fgm_takes_its_own_norm_and_the_report_says_how_to_repeat_it(fmnist, tmp
     assert result["command"] in (tmp_path / "report.md").read_text()
 
 
+def test_the_sweep_of_a_large_linf_radius_stops_at_the_pixel_range(fmnist, tmp_path, one_thread):
+    """Its 2ε point at ε = 0.6 is a radius the attacks refuse (above 1, where ε = 1 reaches every image)."""
+    result = evaluate_model(LINEAR, fmnist, eps=0.6, steps=2, restarts=1, suite="none", n=10, sweep_n=10, out=tmp_path)
+    assert [e for e, _ in result["sweep"]["points"]] == pytest.approx([0, 0.15, 0.3, 0.45, 0.6, 0.9])
+
+
 def test_saved_adversarial_examples_are_the_ones_behind_the_figure(fmnist, robust_model, tmp_path, one_thread):
     from robustlab.checkpoint import weights_digest
     path = tmp_path / "adv" / "pgd.safetensors"

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from robustlab.attacks.pgd import attack_mode
 from robustlab.attacks.threat import NORMS, check_batch, check_budget, check_labels, lp_norm, per_example, project
 from robustlab.errors import RobustlabError, check_choice
+from robustlab.protocol import check_eps
 
 LOSSES = ("ce", "dlr", "dlr-targeted")
 MOMENTUM = 0.75  # α of the gradient step (Sec. 3.1)
@@ -41,6 +42,7 @@ def random_direction(x: torch.Tensor, norm: str, generator=None) -> torch.Tensor
 def check_attack_args(eps: float, norm: str, steps: int, restarts: int = 1) -> None:
     check_choice("norm", norm, NORMS)
     check_budget(eps, steps, restarts, eps_positive=True)
+    check_eps(eps, norm, "eps")
 
 
 def check_targets(n_target_classes: int, num_classes: int, attack: str) -> int:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustlab.attacks.threat import check_batch, check_budget, check_labels, make_threat
+from robustlab.protocol import check_eps
 from robustlab.models.registry import eval_mode
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> per-example loss
@@ -99,6 +100,7 @@ def pgd(model, x, y, *, eps: float, norm: str = "linf", steps: int = 10, step_si
     is, the highest loss on this model, which is what to transfer to another (`transfer`).
     """
     check_budget(eps, steps, restarts)
+    check_eps(eps, norm, "eps")
     y = check_batch(x, y)
     threat = make_threat(norm, eps, step_size if step_size is not None else 2.5 * eps / steps)
     with attack_mode(model):

@@ -324,7 +324,8 @@ def _finish_eval(args, meta, results, plots, measure, test, out, unit: str) -> i
         return 0
     sweep_n = SWEEP_N if args.sweep_n is None else args.sweep_n
     if sweep_n > 0 and eps > 0:
-        results["sweep"] = eps_sweep(measure, test, eps, sweep_n)
+        image_linf = unit == "images" and results["attack"]["norm"] == "linf"  # embeddings have no [0, 1] range
+        results["sweep"] = eps_sweep(measure, test, eps, sweep_n, max_eps=1.0 if image_linf else None)
     if not distributed.is_main():
         return 0
     run = results["run"]

@@ -97,10 +97,12 @@ def attack_at_radius(attack, norm, eps, steps, step_size, restarts, tau) -> tupl
     return attack_at, label
 
 
-def eps_sweep(measure, test, eps: float, n: int) -> dict:
-    """Accuracy at SWEEP_FACTORS × ε on the first n images; `measure(images, e, progress)` as in `robustlab eval`."""
+def eps_sweep(measure, test, eps: float, n: int, max_eps: float | None = None) -> dict:
+    """Accuracy at SWEEP_FACTORS × ε, up to `max_eps` (1 for images in L∞: the pixel range), on the first n images;
+    `measure(images, e, progress)` as in `robustlab eval`."""
     sweep = test.subset(min(n, len(test)))
-    points = [(f * eps, measure(sweep, f * eps, f"sweep ε={f * eps:g}" if f else None)) for f in SWEEP_FACTORS]
+    radii = [f * eps for f in SWEEP_FACTORS if max_eps is None or f * eps <= max_eps]
+    points = [(e, measure(sweep, e, f"sweep ε={e:g}" if e else None)) for e in radii]
     return {"n": len(sweep), "points": points}
 
 
@@ -416,7 +418,7 @@ def evaluate_model(model, data, *, out=None, name: str | None = None, split: str
                            extra, attack=attack_record, command=command)
     results["unit"] = "images"
     if out is not None and split == "test" and eps > 0 and sweep_n > 0:
-        results["sweep"] = eps_sweep(measure, images, eps, sweep_n)
+        results["sweep"] = eps_sweep(measure, images, eps, sweep_n, max_eps=1.0 if norm == "linf" else None)
     if out is not None and distributed.is_main():
         if eps > 0:
             add_gallery(model, images, attack_at(eps), label, info.class_names, out, plots, seed)

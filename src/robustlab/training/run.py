@@ -15,7 +15,7 @@ from robustlab.attacks import pgd
 from robustlab.data import DatasetInfo, Splits, load_dataset
 from robustlab.errors import RobustlabError, check_choice, output_dir
 from robustlab.models import build_model
-from robustlab.protocol import step_for, threat_defaults
+from robustlab.protocol import check_eps, step_for, threat_defaults
 from robustlab.training.registry import METHODS
 from robustlab.training.trainer import TrainConfig, Trainer
 
@@ -144,6 +144,7 @@ def make_method(name: str, dataset: str, norm: str, **overrides):
                              f"{', '.join(method_options(cls))}")
     if not cls.adversarial:
         return cls(**overrides)
+    check_eps(overrides.get("eps"), overrides.get("norm", norm), "eps")  # 25 meaning 25/255 trained at ε = 25
     budget = threat_defaults(dataset, norm).train
     # A changed ε or step count changes the step too (`step_for`): the protocol's 0.025 is for 10 steps at ε = 0.1.
     protocol = {"eps": budget.eps, "norm": norm, "steps": budget.steps,
