@@ -26,6 +26,10 @@ def robustlab(*args):
     (["train", "--eps", "inf", "--out", "x"], ["--eps", "finite", "inf"]),
     (["train", "--momentum", "-0.9", "--out", "x"], ["--momentum", ">= 0"]),
     (["train", "--epochs", "ten", "--out", "x"], ["--epochs: must be a whole number > 0, got ten"]),  # "invalid parse value"
+    (["train", "--method", "pgd-at", "--init-mag", "0.5", "--out", "x"], ["--method pgd-at takes no --init-mag"]),
+    (["train", "--task", "text", "--norm", "linf", "--out", "x"], ["--norm linf needs --eps", "text run"]),  # as eval
+    (["train", "--task", "text", "--data-dir", "/nonexistent-robustlab", "--out", "x"],  # was made, a corpus built in it
+     ["/nonexistent-robustlab does not exist"]),
     (["train", "--method", "pgd-at", "--clip-start", "--out", "x"], ["pgd-at", "--clip-start", "--attack-train-mode"]),
     (["train", "--method", "trades", "--attack-train-mode", "--out", "x"], ["trades", "--attack-train-mode", "--beta"]),
     (["train", "--method", "pgd-at", "--separate-batches", "--out", "x"], ["takes no --separate-batches", "--steps"]),
@@ -76,6 +80,13 @@ def test_bad_input_is_one_line_and_status_2(args, words, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("robustlab: error:"), result.stderr
     assert all(w in lines[0] for w in words)
+
+
+@pytest.mark.parametrize("option", [["--dataset", "fmnist"], ["--model", "resnet"], ["--method", "pgd"],
+                                    ["--method", "pgd-at", "--eps", "8"]])
+def test_a_mistyped_name_leaves_no_run_folder(option, tmp_path):
+    result = robustlab("train", *option, "--out", str(tmp_path / "run"))
+    assert result.returncode == 2 and not (tmp_path / "run").exists(), result.stderr
 
 
 @pytest.mark.parametrize("method", ["pgd-at", "pgd-at-awp"])

@@ -237,7 +237,7 @@ METHOD_OPTIONS = ("eps", "steps", "step_size", "beta", "replays", "outer", "inne
                   "first_layer_grad", "awp_gamma", "awp_warmup", "co_drop", "co_ratio", "clip_start", "adv_loss",
                   "mix_final", "mix_start", "global_decay", "redistribute_from", "redistribute_every",
                   "redistribute_per_step", "nat_lr", "nat_weight_decay", "nat_schedule", "global_bn", "joint_batch",
-                  "attack_in_eval")
+                  "attack_in_eval", "init_mag")
 
 
 def train_config(args):

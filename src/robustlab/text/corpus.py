@@ -121,9 +121,13 @@ def build_corpus(path=None, top: int = 10, package_lists: str | None = None) -> 
 
 def load_corpus(data_dir=None) -> tuple[dict, tuple]:
     """{split: (texts, labels)} and the class names from the corpus in `data_dir` (or the user cache),
-    building it there first if it is missing."""
+    building it there first if it is missing. A `data_dir` given must exist: a mistyped one was made, and the
+    corpus built in it, without a word."""
     folder = Path(data_dir or DEFAULT_DIR).expanduser()
     path = folder if folder.suffix == ".tsv" else folder / CORPUS_FILE
+    if data_dir is not None and not path.parent.is_dir():
+        raise RobustlabError(f"data folder {path.parent} does not exist; give an existing folder (the corpus is built "
+                             f"in it once) or none for the user cache ({DEFAULT_DIR})")
     if not path.exists():
         print(f"building the Debian package-description corpus at {path} (once)", file=sys.stderr)
         build_corpus(path)

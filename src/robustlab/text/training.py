@@ -178,6 +178,9 @@ def text_trainer_from_args(args, config: TrainConfig) -> TextTrainer:
     if unknown := [flag(k) for k, v in options.items() if v is not None and k not in takes]:
         raise RobustlabError(f"--method {method} takes no {', '.join(unknown)}; its options: "
                              f"{', '.join(flag(k) for k in takes) or 'none'}")
+    if options["norm"] == "linf" and options["eps"] is None:  # as eval: the default would bound every coordinate
+        raise RobustlabError(f"--norm linf needs --eps for a text run: the default ε = {takes['eps']} is an L2 radius "
+                             "per sentence")
     return build_text_trainer(out=Path(args.out), dataset=args.dataset or "debian-packages",
                               model=args.model or "transformer", method=method,
                               data_dir=args.data_dir, config=config, method_kwargs=options)

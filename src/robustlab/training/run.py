@@ -12,9 +12,9 @@ import torch
 from robustlab import checkpoint, distributed
 from robustlab.allocator import keep_freed_memory
 from robustlab.attacks import pgd
-from robustlab.data import DatasetInfo, Splits, load_dataset
+from robustlab.data import DATASETS, LARGE_DATASETS, DatasetInfo, Splits, load_dataset
 from robustlab.errors import RobustlabError, check_choice, output_dir
-from robustlab.models import build_model
+from robustlab.models import MODELS, build_model
 from robustlab.protocol import check_eps, step_for, threat_defaults
 from robustlab.training.registry import METHODS
 from robustlab.training.trainer import TrainConfig, Trainer
@@ -185,6 +185,10 @@ def build_trainer(*, dataset: str, model: str, method: str, out, norm: str = "li
     config = config or TrainConfig()
     config.validate()
     device = distributed.init(config.device)  # joins the torchrun group, if launched by torchrun
+    # names first: a mistyped one left a run folder behind
+    check_choice("dataset", dataset, (*DATASETS, *LARGE_DATASETS))
+    check_choice("model", model, MODELS)
+    m = make_method(method, dataset, norm, **(method_kwargs or {}))
     mark_started(out)
     data_options = {k: v for k, v in (data_options or {}).items() if v}
     data = load_dataset(dataset, data_dir=data_dir, download=download, seed=0, **data_options)
@@ -194,7 +198,6 @@ def build_trainer(*, dataset: str, model: str, method: str, out, norm: str = "li
     torch.manual_seed(config.seed)
     info: DatasetInfo = data.info
     net = build_model(model, info.input_shape, info.num_classes, info.mean, info.std, **(model_kwargs or {}))
-    m = make_method(method, dataset, norm, **(method_kwargs or {}))
     run_meta = {"model": {"name": model, "kwargs": model_kwargs or {}},
                 "dataset": dataset_meta(data, data_dir, data_options)}
     return Trainer(net, m, data, config, out, run_meta, val_attack=validation_attack(m, dataset, norm),
