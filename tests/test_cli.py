@@ -56,7 +56,8 @@ def robustlab(*args):
     (["eval", "no/such/run", "--no-ood", "--sanity-n", "100"], ["--sanity-n, --no-ood", "--suite standard"]),
     (["eval", "no/such/run", "--suite", "standard", "--eps", "0"], ["--suite standard", "--eps > 0"]),
     (["eval", "no/such/run", "--split", "val", "--out", "x"], ["--split val", "drop --out"]),
-    (["eval", "no/such/run", "--split", "val", "--sweep-n", "100"], ["--split val", "--sweep-n"]),
+    (["eval", "no/such/run", "--aa-n", "10"], ["--aa-n applies to --suite standard"]),  # "--aa-n apply"
+    (["eval", "no/such/run", "--split", "val", "--sweep-n", "100"], ["--split val", "drop --sweep-n"]),
     (["train", "--task", "text", "--augment", "crop", "--grayscale", "--out", "x"], ["--augment, --grayscale", "text"]),
     (["eval", "no/such/run", "--device", "tpu"], ["device", "cpu, cuda"]),
     (["rift", "no/such/run", "--out", "x", "--device", "gpu0"], ["device", "cpu, cuda"]),

@@ -87,7 +87,7 @@ LINEAR = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
     (lambda x: x, {}, "must be a torch.nn.Module"),
     (nn.Flatten(), {"split": "val", "suite": "none", "out": "x"}, "split='val' writes no report"),
     (nn.Flatten(), {"split": "val"}, "on split='val' use suite='none'"),
-    (nn.Flatten(), {"attack": "fgsm", "steps": 5}, "attack fgsm takes one step of size ε; steps apply to pgd"),
+    (nn.Flatten(), {"attack": "fgsm", "steps": 5}, "attack fgsm takes one step of size ε; steps applies to pgd"),
     (nn.Flatten(), {"attack": "fgsm", "norm": "l2"}, "attack fgsm is the linf one-step attack; for norm l2 use attack fgm"),
     (nn.Flatten(), {"attack": "apgd-ce", "step_size": 0.01}, "drop step_size"),
     (nn.Flatten(), {"attack": "cw"}, "unknown attack 'cw'; allowed: apgd-ce, fgm, fgsm, pgd, pgd-smooth"),

@@ -23,3 +23,14 @@ def test_a_bar_that_slows_down_keeps_printing_fresh_counts():
     slow = [c for c in counts if 2000 < c < 2020]
     assert len(slow) >= 3, err  # the 2 s of slow steps print about every 0.3 s
     assert counts == sorted(counts)
+
+
+def test_nested_bars_in_a_log_move_no_cursor():
+    """RiFT's α search and AutoAttack's stages run bars inside bars; in a log file each one wrote ESC[A codes."""
+    code = ("from robustlab.progress import progress\n"
+            "for i in progress(range(2), desc='outer', mininterval=0):\n"
+            "    for j in progress(range(3), desc='inner', leave=False, mininterval=0):\n"
+            "        pass\n")
+    env = {**os.environ, "PYTHONPATH": SRC}
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stderr
+    assert "inner:" in err and "outer: 100%" in err and "\x1b" not in err, repr(err)

@@ -67,7 +67,10 @@ def given(options) -> list[str]:
 
 def seed(text):
     """A seed torch.manual_seed takes: 0 to 2⁶³ − 1 (beyond, it overflowed in a traceback)."""
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:  # argparse would say "invalid seed value"
+        value = -1
     if not 0 <= value < 2 ** 63:
         raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**63 - 1, got {text}")
     return value

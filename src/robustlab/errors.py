@@ -33,6 +33,12 @@ def check_integer(name: str, value, minimum: int = 1, below: int | None = None):
         raise RobustlabError(f"{name} must be an integer {bound}, got {value!r}")
 
 
+def they_apply(names) -> str:
+    """"--aa-n applies" or "--aa-n, --no-ood apply": the start of a message about options given where they do not
+    apply."""
+    return f"{', '.join(names)} appl{'ies' if len(names) == 1 else 'y'}"
+
+
 def output_dir(path, flag: str = "--out") -> Path:
     """Make the folder `path` (given with `flag`) now, so that an unusable one fails in one line before the work,
     not after it."""

@@ -18,4 +18,6 @@ def progress(iterable=None, *, show: bool | None = None, **kwargs):
         # tqdm's adaptive miniters its monitor thread redraws instead, with the count of the last line (a bar
         # updates its count only when it prints): logs showed a 20-second-old count beside a fresh clock.
         kwargs.setdefault("miniters", 1)
+        # One line for every bar: a nested bar moves the cursor up and down (ESC[A), which a log file keeps as noise.
+        kwargs.setdefault("position", 0)
     return tqdm(iterable, disable=show is False or not distributed.is_main(), dynamic_ncols=terminal, **kwargs)

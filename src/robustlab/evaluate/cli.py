@@ -10,7 +10,7 @@ from functools import partial
 from pathlib import Path
 
 from robustlab.cli import flag, given
-from robustlab.errors import RobustlabError, check_choice, output_dir
+from robustlab.errors import RobustlabError, check_choice, output_dir, they_apply
 from robustlab.evaluate.evaluation import (SWEEP_N, AdversarialExamples, add_gallery, attack_at_radius,
                                            attack_budget, check_adversarial_file,
                                            check_attack_options, check_smoothable, eps_sweep, finish_report,
@@ -238,8 +238,9 @@ def _check_eval_options(args):
     check_choice("split", args.split, ("test", "val"))
     if args.split == "val" and args.suite != "none":
         raise RobustlabError("--split val evaluates clean and one attack; run --suite standard on the test split")
-    if args.split == "val" and (args.out or args.sweep_n is not None):
-        raise RobustlabError("--split val prints its figures and writes neither a report nor a plot; drop --out and --sweep-n")
+    if args.split == "val" and (report := given([("--out", args.out), ("--sweep-n", args.sweep_n)])):
+        raise RobustlabError(f"--split val prints its figures and writes neither a report nor a plot; drop "
+                             f"{' and '.join(report)}")
     if args.transfer_from and (args.suite != "none" or args.out or args.sweep_n is not None or args.attack == "pgd-smooth"
                                or args.save_adversarial is not None):
         raise RobustlabError("--transfer-from prints its figures and writes no report: it takes --attack fgsm, fgm or pgd, "
@@ -247,7 +248,7 @@ def _check_eval_options(args):
     suite = given([("--aa-n", args.aa_n), ("--aa-steps", args.aa_steps), ("--aa-queries", args.aa_queries),
                    ("--sanity-n", args.sanity_n), ("--no-ood", not args.ood)])
     if suite and args.suite != "standard":
-        raise RobustlabError(f"{', '.join(suite)} apply to --suite standard")
+        raise RobustlabError(f"{they_apply(suite)} to --suite standard")
     if args.suite == "standard" and args.eps == 0:  # else AutoAttack fails on it, after the clean and PGD passes
         raise RobustlabError("--suite standard needs --eps > 0: AutoAttack and the sanity checks attack at ε")
 
@@ -304,7 +305,10 @@ def _results(meta, clean, robust, n, label, start, rows=None, extra=None, *, att
 
 
 def _command() -> str | None:
-    return "robustlab eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None
+    """The command line that repeats the evaluation: `robustlab eval ...`, or the demo that ran it."""
+    if sys.argv[1:2] not in (["eval"], ["demo"]):
+        return None
+    return " ".join(["robustlab", *(shlex.quote(a) for a in sys.argv[1:])])
 
 
 def _finish_eval(args, meta, results, plots, measure, test, out, unit: str) -> int:

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from robustlab.errors import RobustlabError, check_choice, check_integer, output_dir
+from robustlab.errors import RobustlabError, check_choice, check_integer, output_dir, they_apply
 
 ATTACK_NAMES = ("fgsm", "fgm", "pgd", "apgd-ce", "pgd-smooth")
 ONE_STEP_NORMS = {"fgsm": "linf", "fgm": "l2"}
@@ -44,8 +44,8 @@ def check_attack_options(attack, *, norm=None, steps=None, step_size=None, resta
                              f"use {named('attack')} {other}")
     if ignored := [named(k) for k, v in (("steps", steps), ("step_size", step_size), ("restarts", restarts))
                    if v is not None]:
-        raise RobustlabError(f"{named('attack')} {attack} takes one step of size ε; {', '.join(ignored)} "
-                             "apply to pgd and pgd-smooth")
+        raise RobustlabError(f"{named('attack')} {attack} takes one step of size ε; {they_apply(ignored)} to pgd "
+                             "and pgd-smooth")
 
 
 def attack_budget(attack, dataset: str, norm: str, *, eps=None, steps=None, step_size=None, restarts=None,
@@ -367,7 +367,7 @@ def evaluate_model(model, data, *, out=None, name: str | None = None, split: str
             raise RobustlabError(f"{key} must be a finite number > 0, got {value!r}")
     if suite == "none" and (suite_only := [k for k in ("aa_n", "aa_steps", "aa_queries", "sanity_n", "ood")
                                            if call[k] is not None]):
-        raise RobustlabError(f"{', '.join(suite_only)} apply to suite='standard'")
+        raise RobustlabError(f"{they_apply(suite_only)} to suite='standard'")
     if suite == "standard" and split == "val":
         raise RobustlabError("suite='standard' reports on the test split; on split='val' use suite='none'")
     if split == "val" and out is not None:

@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from robustlab.errors import RobustlabError, output_dir
+from robustlab.errors import RobustlabError, output_dir, they_apply
 
 LR_GRID = "0.001,0.01"
 
@@ -179,9 +179,9 @@ def _check_options_in_use(args):
     test = given([("--n", args.n), ("--test-batch-size", args.test_batch_size), ("--no-aa", not args.aa),
                   ("--no-ood", not args.ood)]) + aa
     if not args.test and test:
-        raise RobustlabError(f"{', '.join(test)} apply to the test-set report, which --no-test skips")
+        raise RobustlabError(f"{they_apply(test)} to the test-set report, which --no-test skips")
     if not args.aa and aa:
-        raise RobustlabError(f"{', '.join(aa)} apply to AutoAttack, which --no-aa skips")
+        raise RobustlabError(f"{they_apply(aa)} to AutoAttack, which --no-aa skips")
     if args.recal_n is not None and args.bn != "recalibrate":
         raise RobustlabError(f"--recal-n is for --bn recalibrate, not --bn {args.bn}")
     if args.lrs is not None and not args.auto:

@@ -27,7 +27,7 @@ from robustlab.errors import RobustlabError, check_choice
 from robustlab.progress import progress
 from robustlab.tinygrad.backend import capture_first_call, require, set_threads
 from robustlab.training.schedules import learning_rate
-from robustlab.training.trainer import TrainConfig, check_resumable, epoch_batches, epoch_seed
+from robustlab.training.trainer import TrainConfig, check_resumable, epoch_batches, epoch_line, epoch_seed
 
 require()
 from tinygrad import Context, Tensor, nn  # noqa: E402
@@ -206,9 +206,8 @@ class TinyTrainer:
                 metrics["stopped_early"] = stop
             self.save(epoch, metrics, is_best)
             checkpoint.append_metrics(self.out, metrics)
-            tqdm.write(f"epoch {epoch + 1}/{self.config.epochs}: train loss {train_metrics['train_loss']:.4f} "
-                       f"acc {train_metrics['train_acc']:.2%} | val clean {val_metrics['val_clean']:.2%} "
-                       f"robust {val_metrics['val_robust']:.2%}{' (best)' if is_best else ''} | {self.elapsed:.0f}s")
+            tqdm.write(epoch_line(epoch, self.config.epochs, metrics, is_best, attacked=self.val_attack is not None,
+                                  val_n=self.config.val_n, val_size=len(self.data.val)))
             if stop:
                 tqdm.write(f"early stop after epoch {epoch + 1}: {stop}")
                 break

@@ -186,6 +186,17 @@ def check_resumable(path: Path, meta: dict, backend: str, method: Method, config
                              "resume with the original options, or start a new run with another --out")
 
 
+def epoch_line(epoch: int, epochs: int, metrics: dict, is_best: bool, *, attacked: bool, val_n: int, val_size: int):
+    """The line printed after each epoch, by the PyTorch and the tinygrad Trainer."""
+    # without a validation attack, "robust" is the clean accuracy (it still ranks epochs): say only clean
+    robust = f" robust {metrics['val_robust']:.2%}" if attacked else ""
+    if robust and val_n < val_size:  # clean is on every validation image
+        robust += f" (first {val_n})"
+    val = f"val clean {metrics['val_clean']:.2%}{robust}{' (best)' if is_best else ''}" if val_size else "no validation"
+    return (f"epoch {epoch + 1}/{epochs}: train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.2%} | {val} | "
+            f"{metrics['elapsed_s']:.0f}s")
+
+
 class Trainer:
     """Train `model` with `method` on `data`, writing metrics and checkpoints to `out_dir`.
 
@@ -345,14 +356,8 @@ class Trainer:
                 checkpoint.append_metrics(self.out, metrics)
             distributed.barrier()  # no rank runs ahead of a checkpoint that a resume would start from
             if main:
-                # without a validation attack, "robust" is the clean accuracy (it still ranks epochs): say only clean
-                robust = "" if self.val_attack is None else f" robust {val_metrics['val_robust']:.2%}"
-                if robust and self.config.val_n < len(self.data.val):  # clean is on every validation image
-                    robust += f" (first {self.config.val_n})"
-                val = (f"val clean {val_metrics['val_clean']:.2%}{robust}{' (best)' if is_best else ''}"
-                       if len(self.data.val) else "no validation")
-                tqdm.write(f"epoch {epoch + 1}/{self.epochs}: train loss {train_metrics['train_loss']:.4f} "
-                           f"acc {train_metrics['train_acc']:.2%} | {val} | {self.elapsed:.0f}s")
+                tqdm.write(epoch_line(epoch, self.epochs, metrics, is_best, attacked=self.val_attack is not None,
+                                      val_n=self.config.val_n, val_size=len(self.data.val)))
             if stop:  # every rank computed it and every rank leaves, or the others would wait in a collective
                 if main:
                     tqdm.write(f"early stop after epoch {epoch + 1}: {stop}")
