@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "validation and evaluation attacks always run in fp32")
     t.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="keep the default memory format (channels_last is faster on CPUs)")
-    t.add_argument("--val-n", type=positive(int), default=1000, help="validation images for the per-epoch PGD check (default 1000; clean accuracy uses them all)")
+    t.add_argument("--val-n", type=positive(int), default=1000,
+                   help="validation images for the per-epoch PGD check (default 1000; clean accuracy uses them all)")
     t.add_argument("--train-n", type=positive(int), help="train on the first N training images only")
     t.add_argument("--threads", type=positive(int), help="torch CPU threads")
     t.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: the GPU of each LOCAL_RANK)")

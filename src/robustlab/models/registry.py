@@ -134,8 +134,9 @@ def check_input_size(net: nn.Module, name: str, input_shape, num_classes: int, k
         return
     c, h, w = input_shape
     with _no_empty_layer_warning():
-        smallest = next((s for s in range(max(h, w) + 1, 65)
-                         if _error_on_one_image(MODELS[name]((c, s, s), num_classes, **kwargs), (c, s, s)) is None), None)
+        fits = (s for s in range(max(h, w) + 1, 65)
+                if _error_on_one_image(MODELS[name]((c, s, s), num_classes, **kwargs), (c, s, s)) is None)
+        smallest = next(fits, None)
     need = f" (it needs at least {smallest}×{smallest})" if smallest else ""
     raise RobustlabError(f"model {name!r} cannot take {h}×{w} images{need}: {error}")
 

@@ -193,8 +193,8 @@ def epoch_line(epoch: int, epochs: int, metrics: dict, is_best: bool, *, attacke
     if robust and val_n < val_size:  # clean is on every validation image
         robust += f" (first {val_n})"
     val = f"val clean {metrics['val_clean']:.2%}{robust}{' (best)' if is_best else ''}" if val_size else "no validation"
-    return (f"epoch {epoch + 1}/{epochs}: train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.2%} | {val} | "
-            f"{metrics['elapsed_s']:.0f}s")
+    return (f"epoch {epoch + 1}/{epochs}: train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.2%} | "
+            f"{val} | {metrics['elapsed_s']:.0f}s")
 
 
 class Trainer:
