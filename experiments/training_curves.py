@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from robustlab.checkpoint import read_metrics
+from robustlab.checkpoint import read_metadata, read_metrics
 from robustlab.cli import OneLineParser
 from robustlab.errors import run_script
 from robustlab.evaluate.report import plot_training_curves
@@ -22,13 +22,15 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="the PNG to write")
     p.add_argument("--title", default="validation during training")
     args = p.parse_args(argv)
-    curves = {}
+    curves, kept = {}, {}
     for run in args.runs:
         metrics = read_metrics(run)
         if not metrics:
             p.error(f"{run} has no metrics.jsonl: pass a training run's directory")
         curves[Path(run).name] = metrics
-    plot_training_curves(curves, args.out, args.title)
+        if (Path(run) / "best.safetensors").exists():  # the kept epoch, whatever rule chose it (standard: clean)
+            kept[Path(run).name] = read_metadata(Path(run) / "best.safetensors")["epoch"]
+    plot_training_curves(curves, args.out, args.title, best=kept)
     print(args.out)
 
 

@@ -248,12 +248,32 @@ def test_square_and_autoattack_refuse_a_fractional_query_count():
             call()
 
 
+def test_attacks_take_a_zero_dimensional_tensor_radius():
+    """The L∞ range check read it as no number at all."""
+    from robustlab.attacks import ATTACKS
+    x, y = torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 3])
+    for name in ("fgsm", "pgd", "apgd", "square"):
+        assert within_ball(ATTACKS[name](_four_classes(), x, y, eps=torch.tensor(0.1)), x, "linf", 0.1)
+
+
+def test_perturb_takes_targets_of_its_own_loss_unchecked():
+    """The training loop's building block: checking that labels index the outputs cost a host sync per step; `pgd`
+    checks them."""
+    from robustlab.attacks import LinfBall, perturb
+    x, y = torch.rand(3, 1, 2, 2), torch.tensor([7, 9, 12])  # e.g. pixel indices for a loss of one's own
+    x_adv = perturb(_four_classes(), x, y, LinfBall(0.1, 0.05), 2, loss_fn=lambda logits, t: logits.sum(1) * 0 + t)
+    assert within_ball(x_adv, x, "linf", 0.1)
+
+
 def test_dlr_losses_are_finite_for_float16_logits_whose_top_values_tie():
     """The 1e-12 in the denominator is 0 in float16: 0 / 0."""
     from robustlab.attacks.apgd import dlr_loss, dlr_targeted_loss
     logits = torch.tensor([[1.0, 1.0, 1.0, 1.0]], dtype=torch.float16)
     y, t = torch.tensor([0]), torch.tensor([1])
     assert torch.isfinite(dlr_loss(logits, y)).all() and torch.isfinite(dlr_targeted_loss(logits, y, t)).all()
+    # float64 logits keep their precision: float32 reads 1e8 + 3 and 1e8 + 2 alike
+    logits = torch.tensor([[1e8 + 3, 1e8 + 2, 1e8, 1e8 - 5]], dtype=torch.float64)
+    assert dlr_loss(logits, torch.tensor([1])).item() == pytest.approx(1 / 3)
 
 
 @pytest.mark.parametrize("name", [n for n in ALL if n != "fgm"] + ["autoattack", "pgd-at"])

@@ -83,8 +83,9 @@ def test_bad_input_is_one_line_and_status_2(args, words, tmp_path):
     assert all(w in lines[0] for w in words)
 
 
-@pytest.mark.parametrize("option", [["--dataset", "fmnist"], ["--model", "resnet"], ["--method", "pgd"],
-                                    ["--method", "pgd-at", "--eps", "8"]])
+@pytest.mark.parametrize("option", [["--dataset", "fmnist"], ["--model", "resnet"], ["--task", "text", "--model", "cnn"],
+                                    ["--task", "text", "--dataset", "debian"], ["--backend", "tinygrad", "--model", "resnet"],
+                                    ["--backend", "tinygrad", "--dataset", "fmnist"]])
 def test_a_mistyped_name_leaves_no_run_folder(option, tmp_path):
     result = robustlab("train", *option, "--out", str(tmp_path / "run"))
     assert result.returncode == 2 and not (tmp_path / "run").exists(), result.stderr

@@ -310,16 +310,18 @@ def test_training_curves_plot_reads_the_runs_metrics(tmp_path):
 
 
 @pytest.mark.parametrize("name,shape,smallest", [("lenet", (3, 8, 8), 12), ("cnn-small", (1, 3, 3), 4),
-                                                 ("cnn-strided", (1, 2, 3), 4)])
+                                                 ("cnn-strided", (1, 2, 3), 4), ("cnn-small", (1, 3, 28), 4),
+                                                 ("lenet", (1, 40, 8), 12)])
 def test_a_model_refuses_images_too_small_for_it_when_built(name, shape, smallest):
-    """They failed in the first training step's traceback, after the data had been read."""
+    """They failed in the first training step's traceback, after the data had been read. The hint grows only the
+    sides that are too short (a 3×28 image was said to need 29×29)."""
     from robustlab.models import build_model
-    with pytest.raises(RobustlabError, match=f"model '{name}' cannot take {shape[1]}×{shape[2]} images "
-                                             f"\\(it needs at least {smallest}×{smallest}\\)"):
-        build_model(name, shape, 10, [0.5] * shape[0], [0.5] * shape[0])
-    c = shape[0]
-    model = build_model(name, (c, smallest, smallest), 10, [0.5] * c, [0.5] * c)
-    assert model(torch.rand(2, c, smallest, smallest)).shape == (2, 10)
+    c, h, w = shape
+    with pytest.raises(RobustlabError, match=f"model '{name}' cannot take {h}×{w} images "
+                                             f"\\(it needs at least {smallest} pixels a side\\)"):
+        build_model(name, shape, 10, [0.5] * c, [0.5] * c)
+    h, w = max(h, smallest), max(w, smallest)
+    assert build_model(name, (c, h, w), 10, [0.5] * c, [0.5] * c)(torch.rand(2, c, h, w)).shape == (2, 10)
 
 
 def test_an_undefended_run_keeps_its_cleanest_epoch(tmp_path):

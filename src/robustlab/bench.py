@@ -75,9 +75,9 @@ def add_options(p) -> None:
     p.add_argument("--threads", type=positive(int), help="torch CPU threads (default: torch's)")
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str | None = None) -> int:
     from robustlab.cli import OneLineParser
-    p = OneLineParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(prog=prog, description=__doc__.splitlines()[0])
     add_options(p)
     run(p.parse_args(argv))
     return 0
@@ -140,4 +140,4 @@ def run(args) -> dict:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(prog="python -m robustlab.bench"))

@@ -42,7 +42,7 @@ def random_direction(x: torch.Tensor, norm: str, generator=None) -> torch.Tensor
 def check_attack_args(eps: float, norm: str, steps: int, restarts: int = 1) -> None:
     check_choice("norm", norm, NORMS)
     check_budget(eps, steps, restarts, eps_positive=True)
-    check_eps(eps, norm, "eps")
+    check_eps(float(eps), norm, "eps")  # float: a 0-d tensor
 
 
 def check_targets(n_target_classes: int, num_classes: int, attack: str) -> int:
@@ -76,9 +76,10 @@ def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Difference of logits ratio (Sec. 4): −(z_y − max_{i≠y} z_i) / (z_π1 − z_π3), π sorting the logits.
 
     Invariant to shifting and rescaling the logits, so a saturated softmax cannot hide the gradient.
-    Needs at least 3 classes. In float32: the 1e-12 that keeps a tie of the top logits finite is 0 in float16.
+    Needs at least 3 classes. At least float32: the 1e-12 that keeps a tie of the top logits finite is 0 in
+    float16.
     """
-    logits = logits.float()
+    logits = logits if logits.dtype == torch.float64 else logits.float()
     top = logits.topk(3, dim=1).values
     z_y = logits.gather(1, y[:, None]).squeeze(1)
     return -(z_y - _other_max(logits, y)) / (top[:, 0] - top[:, 2] + 1e-12)
@@ -87,7 +88,7 @@ def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def dlr_targeted_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Targeted DLR (Sec. 4): −(z_y − z_t) / (z_π1 − (z_π3 + z_π4) / 2). Needs at least 4 classes; float32 as
     `dlr_loss`."""
-    logits = logits.float()
+    logits = logits if logits.dtype == torch.float64 else logits.float()
     top = logits.topk(4, dim=1).values
     z_y = logits.gather(1, y[:, None]).squeeze(1)
     z_t = logits.gather(1, target[:, None]).squeeze(1)

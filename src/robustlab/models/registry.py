@@ -133,11 +133,14 @@ def check_input_size(net: nn.Module, name: str, input_shape, num_classes: int, k
     if (error := _error_on_one_image(net, input_shape)) is None:
         return
     c, h, w = input_shape
+
+    def grown(s):  # each side at least s
+        return c, max(h, s), max(w, s)
     with _no_empty_layer_warning():
-        fits = (s for s in range(max(h, w) + 1, 65)
-                if _error_on_one_image(MODELS[name]((c, s, s), num_classes, **kwargs), (c, s, s)) is None)
+        fits = (s for s in range(min(h, w) + 1, 65)
+                if _error_on_one_image(MODELS[name](grown(s), num_classes, **kwargs), grown(s)) is None)
         smallest = next(fits, None)
-    need = f" (it needs at least {smallest}×{smallest})" if smallest else ""
+    need = f" (it needs at least {smallest} pixels a side)" if smallest else ""
     raise RobustlabError(f"model {name!r} cannot take {h}×{w} images{need}: {error}")
 
 

@@ -19,8 +19,8 @@ from robustlab.evaluate.accuracy import fraction
 from robustlab.models import eval_mode
 from robustlab.progress import progress as progress_bar
 from robustlab.text.adversary import DEFAULTS, EmbeddingAdversary, adversary_options, embedding_pgd
-from robustlab.text.data import TextSet, Vocab, load_text_dataset
-from robustlab.text.models import build_text_model
+from robustlab.text.data import TEXT_DATASETS, TextSet, Vocab, load_text_dataset
+from robustlab.text.models import TEXT_MODELS, build_text_model
 from robustlab.training.methods import Method, Standard, StepResult
 from robustlab.training.run import mark_started
 from robustlab.training.trainer import TrainConfig, Trainer, epoch_seed
@@ -123,6 +123,9 @@ def build_text_trainer(*, out, dataset: str = "debian-packages", model: str = "t
     config = replace(config or TrainConfig(), channels_last=False, augment="none")
     config.validate()
     device = distributed.init(config.device)
+    check_choice("text dataset", dataset, TEXT_DATASETS)  # names first: a mistyped one left a run folder behind
+    check_choice("text model", model, TEXT_MODELS)
+    check_choice("text method", method, TEXT_METHODS)
     mark_started(out)
     data = load_text_dataset(dataset, data_dir, max_len=max_len)
     if config.threads:

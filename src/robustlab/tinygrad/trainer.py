@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from robustlab import checkpoint
-from robustlab.data import AUGMENTATIONS, Splits, load_dataset
+from robustlab.data import AUGMENTATIONS, DATASETS, Splits, load_dataset
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.progress import progress
 from robustlab.tinygrad.backend import capture_first_call, require, set_threads
@@ -35,7 +35,7 @@ from tinygrad import Context, Tensor, nn  # noqa: E402
 from robustlab.tinygrad.attacks import pgd, pgd_steps, random_delta  # noqa: E402
 from robustlab.tinygrad.checkpoint import backend_meta, model_tensors  # noqa: E402
 from robustlab.tinygrad.evaluate import accuracy  # noqa: E402
-from robustlab.tinygrad.models import TinyModel, build_model  # noqa: E402
+from robustlab.tinygrad.models import MODELS, TinyModel, build_model  # noqa: E402
 from robustlab.tinygrad.torch_twins import build_torch_model  # noqa: E402
 
 METHODS = ("pgd-at", "standard")
@@ -260,6 +260,8 @@ def build_trainer(*, dataset: str, model: str, method: str, out, norm: str = "li
         raise RobustlabError(f"the tinygrad backend trains methods {', '.join(METHODS)}, not {method!r}")
     config = config or TrainConfig()
     config.validate()
+    check_choice("dataset", dataset, DATASETS)  # names first: a mistyped one left a run folder behind
+    check_choice("tinygrad model", model, MODELS)
     mark_started(out)
     data = load_dataset(dataset, data_dir=data_dir, download=download, seed=0)
     set_threads(config.threads)

@@ -80,8 +80,8 @@ class Method:
         return requested
 
     def should_stop(self, metrics: dict, best: dict) -> str | None:
-        """Called after each epoch with its metrics and the best epoch so far (by validation robust
-        accuracy): a one-line reason to stop training early, or None to go on."""
+        """Called after each epoch with its metrics and the best epoch so far (by `selected_by`): a one-line
+        reason to stop training early, or None to go on."""
         return None
 
     @classmethod
