@@ -430,3 +430,12 @@ def test_the_recorded_commit_is_robustlabs_own_and_says_when_it_has_changes(tmp_
     assert recorded() == head
     (tmp_path / "site" / "robustlab" / "protocol.py").write_text("# changed\n", encoding="utf-8")
     assert recorded() == f"{head}-dirty"
+
+
+def test_the_recorded_machine_names_its_gpus(monkeypatch):
+    """The protocol asks for the GPU, if any; result tables named the CPU alone."""
+    from robustlab import provenance
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA H200")
+    assert ", 2× NVIDIA H200, torch " in provenance.machine()

@@ -10,7 +10,8 @@ import torch
 
 
 def machine() -> str:
-    """CPU model, core count and torch version, e.g. "AMD EPYC 7B13, 2 cores, torch 2.13.0+cpu"."""
+    """CPU model, core count, the GPUs torch sees and torch's version, as the protocol asks, e.g. "AMD EPYC 7B13,
+    2 cores, torch 2.13.0+cpu" or "..., 16 cores, 1× NVIDIA H200, torch ..."."""
     cpu = platform.processor() or platform.machine()
     try:
         names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
@@ -18,7 +19,11 @@ def machine() -> str:
         cpu = names[0] if names else cpu
     except OSError:  # not Linux
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    gpus = ""
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        gpus = "".join(f", {names.count(n)}× {n}" for n in dict.fromkeys(names))
+    return f"{cpu}, {os.cpu_count()} cores{gpus}, torch {torch.__version__}"
 
 
 def commit() -> str:
