@@ -336,3 +336,15 @@ def test_an_undefended_run_keeps_its_cleanest_epoch(tmp_path):
     most_robust = max(range(3), key=lambda e: (metrics[e]["val_robust"], -e))
     assert cleanest != most_robust, metrics  # else this run cannot tell the two rules apart
     assert checkpoint.read_metadata(tmp_path / "best.safetensors")["epoch"] == cleanest
+
+
+def test_wrn_starts_from_the_initialization_of_the_robust_training_code():
+    """TRADES's wideresnet.py (also MART's and AWP's): He normal over each convolution's fan-out, the classifier's
+    bias at 0. PyTorch's default (uniform over the fan-in) gave the 3×3 convolutions two fifths of that spread."""
+    import math
+
+    from robustlab.models import build_model
+    net = build_model("wrn-28-10", (3, 32, 32), 10, [0.5] * 3, [0.5] * 3).net
+    conv = net.layer3[1].conv2  # 640 → 640 channels: 3.7 M weights
+    assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (9 * 640)), rel=0.01)
+    assert not net.linear.bias.any()

@@ -112,4 +112,15 @@ def wide_resnet28_10(input_shape, num_classes, depth=28, widen=10):
     n = (depth - 4) // 6
     widths = [16 * widen, 32 * widen, 64 * widen]
     # The wide block is the pre-activation block (Zagoruyko & Komodakis 2016), without dropout as in robust training.
-    return ResNet(PreActBlock, [n, n, n], 16, widths, input_shape[0], num_classes, preact=True)
+    net = ResNet(PreActBlock, [n, n, n], 16, widths, input_shape[0], num_classes, preact=True)
+    # The initialization of the WRN code that TRADES, MART and AWP train (wideresnet.py): He normal over each
+    # convolution's fan-out, BatchNorm at 1 and 0, the classifier's bias at 0 (its weight keeps PyTorch's default).
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+    return net
