@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustlab.attacks.threat import check_batch, check_budget, check_labels, make_threat
-from robustlab.protocol import check_eps
 from robustlab.models.registry import eval_mode
+from robustlab.protocol import check_eps
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> per-example loss
 
