@@ -37,6 +37,7 @@ def robustlab(*args):
     (["train", "--method", "standard", "--eps", "0.2", "--steps", "5", "--out", "x"],
      ["--method standard trains without attacks", "--eps, --steps"]),
     (["train", "--eps", "2", "--out", "x"], ["--eps 2", "at most 1"]),  # an L∞ radius beyond the pixel range
+    (["bench", "--eps", "8"], ["--eps 8", "at most 1"]),
     (["train", "--step-size", "0", "--out", "x"], ["--step-size", "> 0"]),  # a PGD that never moves
     (["train", "--seed", str(2 ** 64), "--out", "x"], ["--seed", "2**63 - 1"]),  # torch.manual_seed overflowed
     (["eval", "no/such/run", "--step-size", "0"], ["--step-size", "> 0"]),

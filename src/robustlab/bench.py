@@ -85,6 +85,8 @@ def main(argv=None, prog: str | None = None) -> int:
 
 def run(args) -> dict:
     """Times the steps and prints the table; returns images/s per loop and step."""
+    from robustlab.protocol import check_eps
+    check_eps(args.eps, "linf", "--eps")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -59,7 +59,8 @@ def add_parser(sub):
                    "its figure; with --suite standard, the PGD row's: AutoAttack's are in OUT/autoattack_state.safetensors, as "
                    "adv_rows for the images adv_index, broken_by per image) to FILE, a safetensors file with the labels and "
                    "the model's predictions (robustlab.evaluate.load_adversarial reads it)")
-    e.add_argument("--checkpoint", help="best (default) or last, when RUN is a run directory")
+    e.add_argument("--checkpoint", help="best (default) or last, when RUN is a run directory (a kept epoch: give "
+                   "RUN/epoch-NNN.safetensors as RUN)")
     e.add_argument("--data-dir", help="default: the run's own")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     e.add_argument("--out", help="folder for report.md, report.json, the plots and AutoAttack's resumable state "

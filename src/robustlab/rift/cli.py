@@ -42,7 +42,8 @@ def add_parsers(sub):
                        help=f"gradient-ascent epochs ({d.epochs})")
         g.add_argument("--mrc-batch-size", type=positive(int), default=d.batch_size,
                        help=f"images per gradient-ascent step ({d.batch_size})")
-        p.add_argument("--checkpoint", help="best (default) or last, when RUN is a run directory")
+        p.add_argument("--checkpoint", help="best (default) or last, when RUN is a run directory (a kept epoch: "
+                       "give RUN/epoch-NNN.safetensors as RUN)")
         p.add_argument("--seed", type=seed, default=0, help="seeds every random choice: the attacks' random starts, "
                        "the fine-tuning's data order (default 0)")
         p.add_argument("--data-dir", help="default: the run's own")
