@@ -359,3 +359,20 @@ def test_transfer_attacks_the_source_and_never_runs_the_target(robust_model, sta
     white = evaluate_accuracy(robust_model, test, attack=made, batch_size=100)
     moved = evaluate_accuracy(robust_model, test, attack=transfer(standard_model, made), batch_size=100)
     assert white + 0.03 < moved < evaluate_accuracy(robust_model, test), (white, moved)  # 0.52, 0.58, 0.70 here
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_attacks_say_what_they_take_for_arrays_and_models_returning_more(name):
+    """numpy images, list labels and a model returning (logits, features) were AttributeErrors inside."""
+    import numpy as np
+
+    from robustlab.attacks import ATTACKS
+    x, y = torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 3])
+    with pytest.raises(RobustlabError, match="torch tensors, got images as ndarray and labels as list"):
+        ATTACKS[name](_four_classes(), np.asarray(x), [0, 1, 3], eps=0.1)
+    net = _four_classes()
+    pair = type("Pair", (nn.Module,), {"forward": lambda self, x: (net(x), x)})()
+    pair.net = net
+    if name != "square":  # Square's first pass meets it too, through the same check
+        with pytest.raises(RobustlabError, match="returns a tuple; attacks need logits alone"):
+            ATTACKS[name](pair, x, y, eps=0.1)

@@ -204,3 +204,17 @@ def test_load_adversarial_says_what_a_file_is_not(tmp_path):
             load_adversarial(tmp_path / f"{name}.safetensors" if name else tmp_path)
     with pytest.raises(RobustlabError, match="holds no adversarial examples"):
         load_adversarial(_checkpoint(tmp_path))  # a model's checkpoint, not examples
+
+
+def test_accuracy_refuses_labels_it_cannot_score(one_thread):
+    """A label beyond the model's outputs counted as a wrong prediction without a word (pgd refused it), and (N, 1)
+    labels failed in a broadcasting error."""
+    from robustlab.attacks import fgsm
+    from robustlab.evaluate import accuracy
+    x = torch.rand(8, 1, 28, 28)
+    with pytest.raises(RobustlabError, match="10 outputs .0 to 9., got 10"):
+        accuracy(LINEAR, (x, torch.full((8,), 10)))
+    with pytest.raises(RobustlabError, match="one integer per image, got torch.int64 .8, 1."):
+        accuracy(LINEAR, (x, torch.zeros(8, 1, dtype=torch.long)))
+    attack = partial(fgsm, eps=0.1)  # fgsm took no generator
+    assert 0 <= accuracy(LINEAR, (x, torch.zeros(8, dtype=torch.long)), attack=attack) <= 1

@@ -472,3 +472,13 @@ def test_rift_bn_script_reads_the_runs_own_data_and_refuses_a_model_without_batc
     refused = _rift_bn(str(bn_free_run))
     assert refused.returncode != 0 and "no BatchNorm layer" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_criticality_refuses_images_outside_the_box():
+    """x·255 gave an MRC of 191 without a word; uint8 images and list labels failed inside torch."""
+    from robustlab.rift.mrc import module_criticality
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x, y = torch.rand(6, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1, 2])
+    for bad_x, bad_y, words in ((x * 255, y, r"\[0, 1\]"), ((x * 255).byte(), y, "uint8"), (x, [0] * 6, "list")):
+        with pytest.raises(RobustlabError, match=words):
+            module_criticality(net, "1", bad_x, bad_y, MRCConfig(epochs=1, batch_size=3))

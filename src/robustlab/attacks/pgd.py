@@ -141,13 +141,16 @@ def first_success(*attacks):
     return attack
 
 
-def fgsm(model, x, y, *, eps: float, targeted: bool = False, loss_fn: LossFn = cross_entropy) -> torch.Tensor:
-    """Fast gradient sign method (Goodfellow et al. 2015): one L∞ step of size ε from x."""
+def fgsm(model, x, y, *, eps: float, targeted: bool = False, loss_fn: LossFn = cross_entropy,
+         generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fast gradient sign method (Goodfellow et al. 2015): one L∞ step of size ε from x. `generator` is taken, and
+    unused (no random start), so that it can be passed wherever an attack is, e.g. `accuracy(..., attack=fgsm)`."""
     return pgd(model, x, y, eps=eps, norm="linf", steps=1, step_size=eps, random_start=False,
                targeted=targeted, loss_fn=loss_fn)
 
 
-def fgm(model, x, y, *, eps: float, targeted: bool = False, loss_fn: LossFn = cross_entropy) -> torch.Tensor:
-    """Fast gradient method (L2): one step of L2 length ε along the normalized gradient."""
+def fgm(model, x, y, *, eps: float, targeted: bool = False, loss_fn: LossFn = cross_entropy,
+        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fast gradient method (L2): one step of L2 length ε along the normalized gradient (`generator`: as fgsm)."""
     return pgd(model, x, y, eps=eps, norm="l2", steps=1, step_size=eps, random_start=False,
                targeted=targeted, loss_fn=loss_fn)

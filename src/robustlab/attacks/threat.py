@@ -99,6 +99,9 @@ def check_batch(x: torch.Tensor, y: torch.Tensor, tol: float = 1e-6, gradients: 
     inputs, fails here with its cause instead of giving wrong numbers (`tol` lets through the rounding of images
     computed in floating point). An attack that takes `gradients` cannot run under torch.inference_mode(), which
     torch.enable_grad() does not lift."""
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):  # numpy arrays, lists
+        raise RobustlabError(f"attacks take torch tensors, got images as {type(x).__name__} and labels as "
+                             f"{type(y).__name__} (torch.as_tensor converts them)")
     if gradients and torch.is_inference_mode_enabled():
         raise RobustlabError("gradient attacks cannot run under torch.inference_mode(); call them outside it "
                              "(torch.no_grad() is fine)")
@@ -117,6 +120,10 @@ def check_batch(x: torch.Tensor, y: torch.Tensor, tol: float = 1e-6, gradients: 
 def check_labels(logits: torch.Tensor, y: torch.Tensor):
     """Labels that index the model's outputs. One beyond them made APGD, FAB-T, Square and AutoAttack count the
     image as broken before any attack, and cross-entropy fail in an IndexError."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:  # (logits, features), {"logits": ...}
+        got = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else f"a {type(logits).__name__}"
+        raise RobustlabError(f"the model returns {got}; attacks need logits alone, N × classes (wrap a model that "
+                             "returns more)")
     if len(y) and int(y.max()) >= logits.shape[1]:
         raise RobustlabError(f"labels must index the model's {logits.shape[1]} outputs (0 to {logits.shape[1] - 1}), "
                              f"got {int(y.max())}")

@@ -7,15 +7,15 @@ from typing import Callable
 import torch
 
 from robustlab import distributed
-from robustlab.attacks.threat import check_in_box
+from robustlab.attacks.threat import check_in_box, check_labels
 from robustlab.errors import RobustlabError
 from robustlab.models import eval_mode, model_device
 from robustlab.progress import progress as progress_bar
 
 
 @torch.no_grad()
-def _predict(model, x):
-    return model(x).argmax(1)
+def _logits(model, x):
+    return model(x)
 
 
 def correct_mask(model, images, labels, *, attack: Callable | None = None, batch_size: int = 500,
@@ -34,6 +34,9 @@ def correct_mask(model, images, labels, *, attack: Callable | None = None, batch
         raise RobustlabError(f"{len(images)} images but {len(labels)} labels")
     if isinstance(images, torch.Tensor) and images.is_floating_point():  # else a wrong clean accuracy, without a word
         check_in_box(images, "float images")
+    if not isinstance(labels, torch.Tensor) or labels.shape != (len(labels),) or labels.is_floating_point():
+        got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise RobustlabError(f"labels must be a tensor of one integer per image, got {got}")
     device = device or model_device(model)
     n = len(labels)
     mask = torch.zeros(n, dtype=torch.uint8)
@@ -47,7 +50,9 @@ def correct_mask(model, images, labels, *, attack: Callable | None = None, batch
             y = labels[rows].to(device)
             if attack is not None:
                 x = attack(model, x, y, generator=torch.Generator(device).manual_seed(seed + b * 1_000_003))
-            predicted = _predict(model, x)
+            logits = _logits(model, x)
+            check_labels(logits, y)  # a label beyond the outputs counted as a wrong prediction, without a word
+            predicted = logits.argmax(1)
             if keep is not None:
                 keep(rows, x, predicted)
             mask[rows] = (predicted == y).cpu()

@@ -130,8 +130,9 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
     validation plots: the test split is then never read. Every step runs on `device`. Returns the report's
     dictionary.
     """
+    from robustlab.training.run import resolve_checkpoint
     settings.validate()
-    out, source, device = Path(out), Path(source), torch.device(device)
+    out, source, device = Path(out), resolve_checkpoint(source), torch.device(device)  # a run directory: its best
     kept = out / "best.safetensors"
     if kept.exists() and "rift" not in checkpoint.read_metadata(kept):  # e.g. --out RUN: the robust model itself
         raise RobustlabError(f"{kept} is a trained model that RiFT's result would overwrite; choose another --out")
