@@ -348,3 +348,15 @@ def test_wrn_starts_from_the_initialization_of_the_robust_training_code():
     conv = net.layer3[1].conv2  # 640 → 640 channels: 3.7 M weights
     assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (9 * 640)), rel=0.01)
     assert not net.linear.bias.any()
+
+
+def test_fit_from_the_first_epoch_refuses_a_folder_that_holds_a_run(tmp_path):
+    """From Python it replaced the run's checkpoints and appended epoch 0 again to its metrics; the CLI refused it."""
+    small_trainer(tmp_path, epochs=1, train_n=128, val_n=20).fit()
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(RobustlabError, match="already holds a run .last.safetensors.; call resume.. before fit"):
+        small_trainer(tmp_path, epochs=1, train_n=128, val_n=20).fit()
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics
+    trainer = small_trainer(tmp_path, epochs=1, train_n=128, val_n=20)
+    assert trainer.resume() and trainer.fit()["epoch"] == 0  # finished: nothing to train, its last epoch reported
+    assert checkpoint.read_metrics(tmp_path) == [json.loads(line) for line in metrics.splitlines()]

@@ -27,7 +27,8 @@ from robustlab.errors import RobustlabError, check_choice
 from robustlab.progress import progress
 from robustlab.tinygrad.backend import capture_first_call, require, set_threads
 from robustlab.training.schedules import learning_rate
-from robustlab.training.trainer import TrainConfig, check_resumable, epoch_batches, epoch_line, epoch_seed
+from robustlab.training.trainer import (TrainConfig, check_not_over_a_run, check_resumable, epoch_batches,
+                                        epoch_line, epoch_seed)
 
 require()
 from tinygrad import Context, Tensor, nn  # noqa: E402
@@ -184,6 +185,7 @@ class TinyTrainer:
         return {"val_clean": clean, "val_robust": robust}
 
     def fit(self) -> dict:
+        check_not_over_a_run(self.out, self.start_epoch)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(
             {**self.run_meta, "method": {"name": self.method.name, **self.method.config()},

@@ -186,6 +186,14 @@ def check_resumable(path: Path, meta: dict, backend: str, method: Method, config
                              "resume with the original options, or start a new run with another --out")
 
 
+def check_not_over_a_run(out: Path, start_epoch: int):
+    """fit() from the first epoch into a folder that holds a run replaced its checkpoints and appended to its
+    metrics without a word, from Python (the CLI refuses it before): `resume()` first continues it."""
+    if start_epoch == 0 and (Path(out) / "last.safetensors").exists():
+        raise RobustlabError(f"{out} already holds a run (last.safetensors); call resume() before fit() to continue "
+                             "it, or choose another folder")
+
+
 def epoch_line(epoch: int, epochs: int, metrics: dict, is_best: bool, *, attacked: bool, val_n: int, val_size: int):
     """The line printed after each epoch, by the PyTorch and the tinygrad Trainer."""
     # without a validation attack, "robust" is the clean accuracy (it still ranks epochs): say only clean
@@ -323,6 +331,7 @@ class Trainer:
 
     # -- loop ----------------------------------------------------------------------------------
     def fit(self) -> dict:
+        check_not_over_a_run(self.out, self.start_epoch)
         main = distributed.is_main()  # rank 0 alone writes files and prints; every rank computes the same metrics
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
