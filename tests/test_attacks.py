@@ -209,7 +209,8 @@ def test_labels_outside_the_models_classes_are_refused(name, label):
     from robustlab.attacks import ATTACKS, autoattack
     attack = ATTACKS.get(name) or partial(autoattack, steps=2, queries=2, progress=False)
     x, y = torch.rand(3, 1, 2, 2), torch.tensor([0, 1, label])
-    with pytest.raises(RobustlabError, match="class indices >= 0, got -1" if label < 0 else "4 outputs .0 to 3., got 4"):
+    words = "class indices >= 0, got -1" if label < 0 else "4 outputs .0 to 3., got 4"
+    with pytest.raises(RobustlabError, match=words):
         attack(_four_classes(), x, y, eps=0.1)
 
 
@@ -235,7 +236,8 @@ def test_gradient_attacks_under_inference_mode_say_so(name):
     with torch.inference_mode(), pytest.raises(RobustlabError, match="inference_mode"):
         attack(_four_classes(), torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 3]), eps=0.1)
     with torch.inference_mode():  # Square takes no gradients
-        assert ATTACKS["square"](_four_classes(), torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 3]), eps=0.1).shape[0] == 3
+        x_adv = ATTACKS["square"](_four_classes(), torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 3]), eps=0.1)
+    assert x_adv.shape[0] == 3
 
 
 def test_square_and_autoattack_refuse_a_fractional_query_count():

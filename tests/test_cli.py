@@ -25,10 +25,12 @@ def robustlab(*args):
     (["train", "--lr", "nan", "--out", "x"], ["--lr", "finite", "nan"]),  # nan <= 0 is False: once let through
     (["train", "--eps", "inf", "--out", "x"], ["--eps", "finite", "inf"]),
     (["train", "--momentum", "-0.9", "--out", "x"], ["--momentum", ">= 0"]),
-    (["train", "--epochs", "ten", "--out", "x"], ["--epochs: must be a whole number > 0, got ten"]),  # "invalid parse value"
+    # argparse said "invalid parse value", naming the type function
+    (["train", "--epochs", "ten", "--out", "x"], ["--epochs: must be a whole number > 0, got ten"]),
     (["train", "--method", "pgd-at", "--init-mag", "0.5", "--out", "x"], ["--method pgd-at takes no --init-mag"]),
     (["train", "--task", "text", "--norm", "linf", "--out", "x"], ["--norm linf needs --eps", "text run"]),  # as eval
-    (["train", "--task", "text", "--data-dir", "/nonexistent-robustlab", "--out", "x"],  # was made, a corpus built in it
+    # a mistyped text data folder was made, and a corpus built in it
+    (["train", "--task", "text", "--data-dir", "/nonexistent-robustlab", "--out", "x"],
      ["/nonexistent-robustlab does not exist"]),
     (["train", "--method", "pgd-at", "--clip-start", "--out", "x"], ["pgd-at", "--clip-start", "--attack-train-mode"]),
     (["train", "--method", "trades", "--attack-train-mode", "--out", "x"], ["trades", "--attack-train-mode", "--beta"]),
@@ -84,8 +86,9 @@ def test_bad_input_is_one_line_and_status_2(args, words, tmp_path):
     assert all(w in lines[0] for w in words)
 
 
-@pytest.mark.parametrize("option", [["--dataset", "fmnist"], ["--model", "resnet"], ["--task", "text", "--model", "cnn"],
-                                    ["--task", "text", "--dataset", "debian"], ["--backend", "tinygrad", "--model", "resnet"],
+@pytest.mark.parametrize("option", [["--dataset", "fmnist"], ["--model", "resnet"],
+                                    ["--task", "text", "--model", "cnn"], ["--task", "text", "--dataset", "debian"],
+                                    ["--backend", "tinygrad", "--model", "resnet"],
                                     ["--backend", "tinygrad", "--dataset", "fmnist"]])
 def test_a_mistyped_name_leaves_no_run_folder(option, tmp_path):
     result = robustlab("train", *option, "--out", str(tmp_path / "run"))

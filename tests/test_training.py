@@ -328,8 +328,8 @@ def test_an_undefended_run_keeps_its_cleanest_epoch(tmp_path):
     """Ranked by validation robust accuracy, a standard run kept its first, least trained epoch (robust accuracy
     falls as it learns), and eval, summary and rift read that one."""
     cfg = TrainConfig(epochs=3, train_n=2048, val_n=200, threads=1, lr=0.05)
-    trainer = build_trainer(dataset="fashion-mnist", model="cnn-small", method="standard", out=tmp_path, data_dir=FMNIST,
-                            config=cfg, method_kwargs={"steps": 5}, show_progress=False)
+    trainer = build_trainer(dataset="fashion-mnist", model="cnn-small", method="standard", out=tmp_path,
+                            data_dir=FMNIST, config=cfg, method_kwargs={"steps": 5}, show_progress=False)
     trainer.fit()
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     cleanest = max(range(3), key=lambda e: (metrics[e]["val_clean"], -e))

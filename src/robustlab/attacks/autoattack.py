@@ -199,11 +199,12 @@ def autoattack(model, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str
     check_integer("queries", queries)
     x, y = x.detach(), y.detach().to(x.device)
     n = len(x)
-    with attack_mode(model), torch.no_grad():
-        logits = model(x[:1]) if n else None
-    num_classes = logits.shape[1] if n else 10
+    num_classes = 10  # an empty batch: any count lets it through
     if n:
+        with attack_mode(model), torch.no_grad():
+            logits = model(x[:1])
         check_labels(logits, y)
+        num_classes = logits.shape[1]
     n_targets = check_targets(n_target_classes, num_classes, "AutoAttack")
     if n and num_classes < min_classes("dlr-targeted"):  # refused now, not at APGD-T after two stages' work
         raise RobustlabError(f"AutoAttack's APGD-T uses the targeted DLR loss, which needs at least "

@@ -13,11 +13,6 @@ from robustlab.models import eval_mode, model_device
 from robustlab.progress import progress as progress_bar
 
 
-@torch.no_grad()
-def _logits(model, x):
-    return model(x)
-
-
 def correct_mask(model, images, labels, *, attack: Callable | None = None, batch_size: int = 500,
                  device=None, seed: int = 0, progress: str | None = None, show: bool | None = None,
                  keep: Callable | None = None) -> torch.Tensor:
@@ -50,7 +45,8 @@ def correct_mask(model, images, labels, *, attack: Callable | None = None, batch
             y = labels[rows].to(device)
             if attack is not None:
                 x = attack(model, x, y, generator=torch.Generator(device).manual_seed(seed + b * 1_000_003))
-            logits = _logits(model, x)
+            with torch.no_grad():
+                logits = model(x)
             check_labels(logits, y)  # a label beyond the outputs counted as a wrong prediction, without a word
             predicted = logits.argmax(1)
             if keep is not None:

@@ -33,8 +33,8 @@ def plot_accuracy_vs_eps(curves: dict[str, list[tuple[float, float]]], path, tit
 def plot_training_curves(runs: dict[str, list[dict]], path, title: str, best: dict[str, int] | None = None):
     """Validation clean (dashed) and robust (solid) accuracy per epoch, one colour per run, the kept epoch ringed
     (`best`: run name → 0-based epoch, e.g. the checkpoint's own record; else the highest validation robust
-    accuracy, the Trainer's rule for adversarial methods): robust overfitting shows as a robust line that peaks and falls while training
-    goes on."""
+    accuracy, the Trainer's rule for adversarial methods): robust overfitting shows as a robust line that peaks and
+    falls while training goes on."""
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
     last = 1
     for i, (name, metrics) in enumerate(runs.items()):

@@ -28,7 +28,7 @@ from robustlab.progress import progress
 from robustlab.tinygrad.backend import capture_first_call, require, set_threads
 from robustlab.training.schedules import learning_rate
 from robustlab.training.trainer import (TrainConfig, check_not_over_a_run, check_resumable, epoch_batches,
-                                        epoch_line, epoch_seed)
+                                        epoch_line, epoch_seed, improves_on)
 
 require()
 from tinygrad import Context, Tensor, nn  # noqa: E402
@@ -199,8 +199,7 @@ class TinyTrainer:
             val_metrics = self.validate()
             metrics = {"epoch": epoch, **train_metrics, **val_metrics, "epoch_s": round(epoch_s, 2),
                        "elapsed_s": round(self.elapsed, 2)}
-            key = self.method.selected_by
-            is_best = math.isnan(val_metrics[key]) or val_metrics[key] > self.best.get(key, -1.0)
+            is_best = improves_on(self.best, val_metrics, self.method)
             if is_best:
                 self.best = {"epoch": epoch, "val_robust": val_metrics["val_robust"], "val_clean": val_metrics["val_clean"]}
             stop = self.method.should_stop(metrics, self.best)

@@ -194,6 +194,13 @@ def check_not_over_a_run(out: Path, start_epoch: int):
                              "it, or choose another folder")
 
 
+def improves_on(best: dict, val_metrics: dict, method: Method) -> bool:
+    """Whether an epoch becomes best.safetensors: its `method.selected_by` figure beats the best so far. Without
+    validation images (NaN) nothing ranks the epochs, so the last is kept."""
+    key = method.selected_by
+    return math.isnan(val_metrics[key]) or val_metrics[key] > best.get(key, -1.0)
+
+
 def epoch_line(epoch: int, epochs: int, metrics: dict, is_best: bool, *, attacked: bool, val_n: int, val_size: int):
     """The line printed after each epoch, by the PyTorch and the tinygrad Trainer."""
     # without a validation attack, "robust" is the clean accuracy (it still ranks epochs): say only clean
@@ -352,9 +359,7 @@ class Trainer:
                                           *(v for v in self.run_state.values() if isinstance(v, nn.Module)))
             val_metrics = self.validate(epoch)
             metrics = {"epoch": epoch, **train_metrics, **val_metrics, "elapsed_s": round(self.elapsed, 2)}
-            # without validation images nothing ranks the epochs: the last is kept as the best
-            key = self.method.selected_by
-            is_best = math.isnan(val_metrics[key]) or val_metrics[key] > self.best.get(key, -1.0)
+            is_best = improves_on(self.best, val_metrics, self.method)
             if is_best:
                 self.best = {"epoch": epoch, "val_robust": val_metrics["val_robust"], "val_clean": val_metrics["val_clean"]}
             stop = self.method.should_stop(metrics, self.best)  # e.g. Fast-AT's catastrophic-overfitting check
