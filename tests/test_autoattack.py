@@ -368,6 +368,17 @@ def test_ensemble_is_never_weaker_than_a_member(robust_model, fmnist):
         assert result.robust_accuracy <= accuracy(robust_model, x_adv, y), name
 
 
+def test_autoattack_accuracy_takes_a_pair_of_tensors_as_accuracy_does(robust_model, fmnist):
+    data = fmnist.test.subset(12)
+    budget = dict(eps=0.1, steps=2, queries=5, n_target_classes=2, progress=False)
+    from_set = autoattack_accuracy(robust_model, data, **budget)
+    for pair in [(data.images, data.labels), (data.as_float(), data.labels)]:
+        assert torch.equal(autoattack_accuracy(robust_model, pair, **budget).robust, from_set.robust)
+    assert len(autoattack_accuracy(robust_model, (data.as_float(), data.labels), n=5, **budget).robust) == 5
+    with pytest.raises(RobustlabError, match="takes an ImageSet .* or an \\(images, labels\\) pair, not a Tensor"):
+        autoattack_accuracy(robust_model, data.as_float(), **budget)
+
+
 class Interrupt(Exception):
     pass
 

@@ -95,6 +95,16 @@ def test_imageset_subset_and_float():
     assert f.dtype == torch.float32 and torch.allclose(f * 255, s.images.float())
 
 
+@pytest.mark.parametrize("images, labels, said", [
+    (np.zeros((2, 1, 2, 2), np.uint8), torch.zeros(2, dtype=torch.long), "images must be a torch tensor, got ndarray"),
+    (torch.zeros(2, 1, 2, 2, dtype=torch.uint8), [0, 1], "labels must be a torch tensor, got list"),
+    (torch.zeros(2, 1, 2, 2, dtype=torch.uint8), torch.tensor([0.0, 1.0]), "labels must be integers"),
+])
+def test_imageset_refuses_what_it_cannot_hold(images, labels, said):
+    with pytest.raises(RobustlabError, match=said):
+        ImageSet(images, labels)
+
+
 # ---- idx readers ----
 
 @pytest.mark.parametrize("gz", [True, False])

@@ -218,6 +218,47 @@ def test_bad_options_are_one_line_errors(bad, match):
         EmbeddingAdversary(nn.Linear(2, 2), "fgm")
 
 
+class WithLogits:
+    """What a Hugging Face model returns: an output object holding `.logits`."""
+
+    def __init__(self, logits):
+        self.logits = logits
+
+
+@pytest.mark.parametrize("method, options", METHODS)
+def test_a_forward_returning_an_output_object_trains_as_its_logits(method, options):
+    ids, y = batch()
+    grads = []
+    for wrap in (lambda out: out, WithLogits):
+        torch.manual_seed(0)
+        model = Tiny(dropout=0.0)
+        adversary = EmbeddingAdversary(model, method, generator=torch.Generator().manual_seed(1), **options)
+        loss, _ = adversary.step(lambda: wrap(model(ids)), y, torch.optim.SGD(model.parameters(), lr=0.1))
+        grads.append((loss, param_grads(model)))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert all(torch.equal(grads[0][1][k], grads[1][1][k]) for k in grads[0][1])
+    model = Tiny()
+    robust = embedding_pgd(model, lambda: WithLogits(model(ids)), y, eps=0.1, steps=2)
+    assert robust.shape == y.shape
+
+
+@pytest.mark.parametrize("forward, labels, said", [
+    (lambda m, ids: (m(ids), None), None, "the model returns a tuple; attacks need logits alone"),
+    (lambda m, ids: m(ids), lambda y: y.float(), "labels must be a tensor of one integer per example, got torch.float32"),
+    (lambda m, ids: m(ids), lambda y: y.tolist(), "labels must be a tensor of one integer per example, got list"),
+    (lambda m, ids: m(ids), lambda y: y[:-1], "logits for 6 examples but there are 5 labels"),
+    (lambda m, ids: m(ids), lambda y: y + 3, "labels must index the model's 3 outputs"),
+])
+def test_what_a_text_forward_or_its_labels_cannot_be_is_said_in_one_line(forward, labels, said):
+    model = Tiny()
+    ids, y = batch()
+    y = labels(y) if labels else y
+    with pytest.raises(RobustlabError, match=said):
+        EmbeddingAdversary(model, "pgd").backward(lambda: forward(model, ids), y)
+    with pytest.raises(RobustlabError, match=said):
+        embedding_pgd(model, lambda: forward(model, ids), y, eps=0.1, steps=2)
+
+
 def test_embedding_pgd_is_an_honest_evaluation_attack():
     torch.manual_seed(0)
     model = TextCNN(30, 3, dim=16, channels=8)

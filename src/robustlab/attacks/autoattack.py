@@ -30,6 +30,7 @@ from robustlab.attacks.fab import fab_targeted_attack
 from robustlab.attacks.pgd import attack_mode
 from robustlab.attacks.square import square_attack
 from robustlab.attacks.threat import check_batch, check_labels, within_ball
+from robustlab.data.datasets import images_and_labels
 from robustlab.errors import RobustlabError, check_choice, check_integer
 from robustlab.models import model_device
 
@@ -296,15 +297,18 @@ def _attack_batch(model, x, y, rows, state, si, attack, seed, eps, norm):
 def autoattack_accuracy(model, data, eps: float, norm: str = "linf", n: int | None = None, *, batch_size: int = 250,
                         seed: int = 0, device=None, progress: bool | None = True, state_path=None,
                         **kwargs) -> AutoAttackResult:
-    """AutoAttack-standard on an ImageSet (uint8 images, scaled to [0, 1]); the first `n` examples if given.
+    """AutoAttack-standard on an ImageSet, or on an (images, labels) pair of tensors (uint8, or float in
+    [0, 1]), as `accuracy` takes them; the first `n` examples if given.
 
     Returns the AutoAttackResult; its `robust_accuracy` is the figure to report. The images go to `device`,
     by default the model's.
     """
-    device = device or model_device(model)
+    images, labels = images_and_labels(data, "autoattack_accuracy")
     if n is not None:
-        data = data.subset(n)
-    x = data.images.to(device).float().div_(255)
-    y = data.labels.to(device)
+        check_integer("n", n, minimum=0)
+        images, labels = images[:n], labels[:n]
+    device = device or model_device(model)
+    x, y = images.to(device), labels.to(device)
+    x = x.float().div_(255) if x.dtype == torch.uint8 else x
     return autoattack(model, x, y, eps=eps, norm=norm, seed=seed, batch_size=batch_size, progress=progress,
                       state_path=state_path, **kwargs)

@@ -44,12 +44,18 @@ class ImageSet:
     labels: torch.Tensor  # int64, N
 
     def __post_init__(self):
+        for name, value in (("images", self.images), ("labels", self.labels)):
+            if not isinstance(value, torch.Tensor):
+                raise RobustlabError(f"ImageSet {name} must be a torch tensor, got {type(value).__name__} "
+                                     f"(torch.as_tensor converts it)")
         if self.images.dim() != 4 or self.images.dtype != torch.uint8:
             raise RobustlabError(f"ImageSet images must be uint8 N×C×H×W, got {self.images.dtype} "
                                  f"{tuple(self.images.shape)}")
         if self.labels.shape != (len(self.images),):
             raise RobustlabError(f"ImageSet has {len(self.images)} images but labels of shape "
                                  f"{tuple(self.labels.shape)}")
+        if self.labels.is_floating_point():
+            raise RobustlabError(f"ImageSet labels must be integers, got {self.labels.dtype}")
         self.images = self.images.contiguous()
         self.labels = self.labels.long()
 
@@ -65,6 +71,16 @@ class ImageSet:
     def as_float(self) -> torch.Tensor:
         """Images as float32 in [0, 1]."""
         return self.images.float().div_(255)
+
+
+def images_and_labels(data, taker: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`data` as (images, labels): an ImageSet, or a pair of tensors given as they are."""
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return data[0], data[1]
+    if hasattr(data, "images") and hasattr(data, "labels"):
+        return data.images, data.labels
+    raise RobustlabError(f"{taker} takes an ImageSet (e.g. load_dataset(...).test) or an (images, labels) pair, "
+                         f"not a {type(data).__name__}")
 
 
 @dataclass

@@ -8,6 +8,7 @@ import torch
 
 from robustlab import distributed
 from robustlab.attacks.threat import check_in_box, check_labels
+from robustlab.data.datasets import images_and_labels
 from robustlab.errors import RobustlabError
 from robustlab.models import eval_mode, model_device
 from robustlab.progress import progress as progress_bar
@@ -63,11 +64,5 @@ def fraction(mask) -> float:
 def accuracy(model, data, **kwargs) -> float:
     """Accuracy on an ImageSet (uint8 images), or on an (images, labels) pair of tensors (uint8, or float in
     [0, 1]), under an optional attack; see `correct_mask`."""
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        images, labels = data
-    elif hasattr(data, "images") and hasattr(data, "labels"):
-        images, labels = data.images, data.labels
-    else:
-        raise RobustlabError(f"accuracy takes an ImageSet (e.g. load_dataset(...).test) or an (images, labels) pair, "
-                             f"not a {type(data).__name__}")
+    images, labels = images_and_labels(data, "accuracy")
     return fraction(correct_mask(model, images, labels, **kwargs))

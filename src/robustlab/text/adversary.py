@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustlab.attacks import attack_mode
-from robustlab.attacks.threat import l2_unit, lp_norm, per_example
+from robustlab.attacks.threat import check_labels, l2_unit, lp_norm, per_example
 from robustlab.errors import RobustlabError, check_choice
 
 # Each method's options and their defaults (sources in the EmbeddingAdversary docstring).
@@ -121,6 +121,22 @@ class _Hook:
         return output + self.delta * self.mask
 
 
+def logits_of(output, y: torch.Tensor, *, check_range: bool = True) -> torch.Tensor:
+    """A forward pass's logits: the tensor itself, or a Hugging Face ModelOutput's `.logits`; checked against the
+    labels, one integer per example (`check_range` reads the largest label, a host sync)."""
+    logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", output)
+    if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.dim() != 1:
+        got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise RobustlabError(f"labels must be a tensor of one integer per example, got {got}")
+    if isinstance(logits, torch.Tensor) and logits.dim() == 2 and len(logits) != len(y):
+        raise RobustlabError(f"the forward pass gave logits for {len(logits)} examples but there are {len(y)} labels")
+    if check_range:
+        check_labels(logits, y)
+    elif not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        check_labels(logits, y[:0])  # its message for what is not N × classes logits, without the sync
+    return logits
+
+
 def _rng_state(device: torch.device):
     return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
@@ -135,7 +151,7 @@ class EmbeddingAdversary:
     """Embedding-space adversarial training for one model; `method` is fgm, pgd, free-at or freelb.
 
     Call `step(forward, y, optimizer)` once per minibatch, where `forward()` runs the model on the batch
-    and returns logits: it zeroes the gradients, runs the method and steps the optimizer (FreeAT steps it
+    and returns logits (or an output with `.logits`, as Hugging Face models return): it zeroes the gradients, runs the method and steps the optimizer (FreeAT steps it
     m times). `backward(forward, y)` only accumulates the gradients, for loops that clip or accumulate
     them before their own `optimizer.step()` (every method but FreeAT, which must step between replays).
     Both return, detached, the mean of the losses whose gradients the parameters got (fgm and pgd: clean
@@ -175,6 +191,7 @@ class EmbeddingAdversary:
         # A private generator: random starts must not draw from the global RNG, whose state FreeLB replays
         # for its dropout masks (and which plain training would otherwise see shifted).
         self.generator = generator if generator is not None else torch.Generator().manual_seed(torch.initial_seed())
+        self._labels_checked = False
 
     def __getattr__(self, name):  # adversary.eps, adversary.steps, ...
         options = self.__dict__.get("options", {})
@@ -215,7 +232,8 @@ class EmbeddingAdversary:
         return project(ascend(delta, grad, step_size, self.norm), self.eps, self.norm)
 
     def _pass(self, forward, y):
-        logits = forward()
+        logits = logits_of(forward(), y, check_range=not self._labels_checked)
+        self._labels_checked = True  # the first batch shows a wrong label space; every batch would cost a sync per step
         return self.loss_fn(logits, y), logits
 
     # -- the methods -------------------------------------------------------------------------
@@ -307,11 +325,12 @@ def embedding_pgd(model: nn.Module, forward: Callable[[], torch.Tensor], y: torc
     hook = _Hook(module, mask, EmbeddingAdversary._zeros)
     handle = module.register_forward_hook(hook)
     try:
-        robust = torch.ones_like(y, dtype=torch.bool)
+        robust = None  # made from the first pass's logits, once the labels are checked against them
         with attack_mode(model):
             for k in range(steps + 1):
-                logits = forward()
-                robust &= logits.argmax(1) == y
+                logits = logits_of(forward(), y, check_range=k == 0)
+                correct = logits.argmax(1) == y
+                robust = correct if robust is None else robust & correct
                 if k == steps:
                     break
                 # Summed per-example losses: each example's δ gets its own loss's gradient.
