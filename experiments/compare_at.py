@@ -200,6 +200,10 @@ def table(rows: list[dict], steps: dict) -> str:
     return "\n".join(lines)
 
 
+def duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -215,10 +219,11 @@ def plot(rows: list[dict], path: Path) -> None:
         dots = ax.scatter(100 * r["clean"], 100 * r["pgd"], s=40 + 900 * r["train_s"] / biggest, alpha=0.5)
         ax.scatter(100 * r["clean"], 100 * r["pgd"], s=6, color="black")
         handles.append(Line2D([], [], marker="o", ls="", color=dots.get_facecolor()[0], markersize=8,
-                              label=f"{r['method']} ({r['train_s'] / 60:.0f} min)"))
+                              label=f"{r['method']} ({duration(r['train_s'])})"))
     ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
     ax.set_xlabel("clean test accuracy (%)")
-    ax.set_ylabel("PGD-50×3 test accuracy (%)")
+    images, each = _images(rows, "pgd_n")
+    ax.set_ylabel(f"PGD-50×3 test accuracy (%), {'images as in the table' if each else images}")
     ax.set_title("Fashion-MNIST cnn-small, L∞ ε = 0.1 (marker area ∝ training time)")
     ax.grid(alpha=0.3)
     ax.margins(0.2)  # room for the largest markers and their labels

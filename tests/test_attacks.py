@@ -228,6 +228,22 @@ def test_attacks_take_a_model_with_float64_logits(name):
     assert x_adv.dtype == torch.float32 and within_ball(x_adv, x, "l2" if name == "fgm" else "linf", 0.1)
 
 
+@pytest.mark.parametrize("name", ALL + ["autoattack", "accuracy"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_a_model_of_another_float_type_than_the_images_is_one_line(name, dtype):
+    """It failed in torch's "Input type (float) and bias type (c10::Half) should be the same"."""
+    from robustlab.attacks import ATTACKS, autoattack
+    from robustlab.evaluate import accuracy
+    attack = ATTACKS.get(name) or (lambda *a, **k: autoattack(*a, steps=2, queries=2, progress=False, **k).x_adv)
+    x, y = torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 3])
+    model = _four_classes().to(dtype)
+    with pytest.raises(RobustlabError, match=f"weights are {str(dtype)[6:]} but the images float32: call model.float"):
+        accuracy(model, (x, y)) if name == "accuracy" else attack(model, x, y, eps=0.1)
+    if dtype == torch.float64:  # images of the weights' type are taken
+        x_adv = accuracy(model, (x.double(), y)) if name == "accuracy" else attack(model, x.double(), y, eps=0.1)
+        assert name == "accuracy" or x_adv.dtype == torch.float64
+
+
 @pytest.mark.parametrize("name", ["fgsm", "fgm", "pgd", "apgd", "apgd-t", "fab-t", "pgd-smooth", "autoattack"])
 def test_gradient_attacks_under_inference_mode_say_so(name):
     """torch.enable_grad() does not lift inference mode: "element 0 of tensors does not require grad"."""

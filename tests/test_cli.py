@@ -86,6 +86,12 @@ def test_bad_input_is_one_line_and_status_2(args, words, tmp_path):
     assert all(w in lines[0] for w in words)
 
 
+def test_python_m_robustlab_cli_runs_the_cli_too():  # it ran nothing and exited 0
+    result = subprocess.run([sys.executable, "-m", "robustlab.cli", "train", "--epochs", "x"], capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and "--epochs: must be a whole number > 0, got x" in result.stderr
+
+
 @pytest.mark.parametrize("option", [["--dataset", "fmnist"], ["--model", "resnet"],
                                     ["--task", "text", "--model", "cnn"], ["--task", "text", "--dataset", "debian"],
                                     ["--backend", "tinygrad", "--model", "resnet"],
@@ -389,10 +395,16 @@ def test_summary_table_names_what_differs_and_prints_no_nan(tmp_path):
     from robustlab.evaluate.summary import plot, table
     row = {"name": "a", "model": "cnn-small", "method": "pgd-at", "epoch": "10/10", "n": 1000, "clean": 0.85,
            "attack": "PGD", "robust": 0.75, "autoattack": 0.74, "autoattack_n": 1000, "autoattack_stage": "x",
-           "ood": float("nan"), "train_s": 100.0}
+           "ood": float("nan"), "train_s": 100.0, "sanity": None}
     rows = [row, {**row, "name": "b", "autoattack_n": 500}]
     text = table(rows)
     assert "nan" not in text and "different numbers of images" in text
+    # a report whose masking checks failed stood in the table as the most robust run, without a word
+    masked = {**row, "name": "c", "robust": 0.9, "sanity": "suspicious: gradients, large_eps"}
+    text = table([{**row, "sanity": "trustworthy"}, masked])
+    assert "| 85.00 | 75.00 | 74.00 | – | pass | 100 s |" in text and "| 90.00 | 74.00 | – | **suspicious** |" in text
+    assert "gradient masking suspected, so their robust figures may overstate robustness: c (suspicious: " \
+           "gradients, large_eps)" in text
     assert "AutoAttack on fewer images than clean" == plot(rows, tmp_path / "p.png")
     assert "AutoAttack on the first 500 images" == plot([rows[1]], tmp_path / "q.png")
 

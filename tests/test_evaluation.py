@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from robustlab import provenance
 from robustlab.attacks import pgd
 from robustlab.errors import RobustlabError
 from robustlab.evaluate import accuracy, evaluate_model, load_adversarial
@@ -50,8 +51,16 @@ def test_the_standard_suite_writes_the_runs_report_for_a_model_of_ones_own(fmnis
     assert json.loads((out / "report.json").read_text())["rows"] == result["rows"]
     report = (out / "report.md").read_text()
     assert report.startswith("# Evaluation of `my-net`") and "- model: `my-net`, dataset: `fashion-mnist`\n" in report
+    # where it was measured, as the protocol asks every result to record
+    assert result["machine"] == provenance.machine() and result["commit"] == provenance.commit()
+    assert f"Measured on {provenance.machine()}, robustlab commit {provenance.commit()}, in " in report
     for plot in ("accuracy_vs_eps.png", "adversarial_examples.png", "per_class.png", "corruptions.png"):
         assert f"({plot})" in report and (out / plot).stat().st_size > 1000
+    # again into the same folder: AutoAttack's finished state is taken, and its time with it (it said 0.0)
+    again = evaluate_model(model, fmnist, out=out, name="my-net", n=30, steps=3, restarts=1, aa_steps=2,
+                           aa_queries=10, sanity_n=20, sweep_n=0, batch_size=15, ood=False)
+    assert again["rows"][:len(names) - 1] == result["rows"][:-1]
+    assert again["wall_s_by_step"]["autoattack"] >= round(sum(result["autoattack"]["seconds"].values()), 1) > 0
 
 
 class Colour(nn.Module):  # a CIFAR-shaped model, given grayscale 28×28 images

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustlab import checkpoint, load_model
+from robustlab import checkpoint, load_model, provenance
 from robustlab.attacks import dlr_loss, first_success, pgd
 from robustlab.cli import main
 from robustlab.data import Splits
@@ -444,6 +444,7 @@ def test_cli_mrc_then_rift_writes_checkpoint_and_report(tiny_run, tmp_path):
     assert meta["rift"]["alpha"] == report["rift"]["alpha"] and meta["model"]["kwargs"] == {"width": 8}
     assert meta["epochs_total"] == checkpoint.read_metadata(tiny_run / "best.safetensors")["epochs_total"]
     assert "Test set, before and after" in (out / "rift_report.md").read_text()
+    assert report["machine"] == meta["machine"] == provenance.machine() and report["commit"] == provenance.commit()
     # the console names AutoAttack's lowered budget too, as the report does (it printed "AutoAttack 15.00%")
     assert "AutoAttack-standard (30 images, off-protocol: 2 steps, 10 queries)" in result.stdout
     # other AutoAttack settings on the same --out: the run once stopped at its end on the first one's saved state
@@ -482,3 +483,13 @@ def test_criticality_refuses_images_outside_the_box():
     for bad_x, bad_y, words in ((x * 255, y, r"\[0, 1\]"), ((x * 255).byte(), y, "uint8"), (x, [0] * 6, "list")):
         with pytest.raises(RobustlabError, match=words):
             module_criticality(net, "1", bad_x, bad_y, MRCConfig(epochs=1, batch_size=3))
+
+
+def test_an_evaluated_rift_result_says_it_is_one():
+    """Its report and `robustlab summary` named it by its source's method and epoch alone: a plain PGD-AT run."""
+    import time
+    from robustlab.evaluate.cli import _results
+    meta = {"model": {"name": "cnn-small"}, "dataset": {"name": "fashion-mnist"}, "method": {"name": "pgd-at"},
+            "epoch": 9, "epochs_total": 10, "rift": {"module": "net.fc1", "alpha": 0.3}}
+    run = _results(meta, 0.8, 0.7, 10, "PGD", time.perf_counter(), attack={})["run"]
+    assert run["method"] == "pgd-at + RiFT (net.fc1, α 0.3)" and run["epoch"] == 9

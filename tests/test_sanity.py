@@ -16,7 +16,7 @@ from robustlab.attacks import pgd, within_ball
 from robustlab.errors import RobustlabError
 from robustlab.evaluate.sanity import (Check, check_autoattack_square, check_black_box, check_convergence,
                                        check_deterministic, check_eps_monotonic, check_gradients, check_large_eps,
-                                       random_search, sanity_checks, to_markdown, verdict)
+                                       random_search, sanity_checks, skipped, to_markdown, verdict)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -190,10 +190,51 @@ def test_autoattack_square_check_counts_what_only_square_broke():
     assert check_autoattack_square(broken_by).passed
 
 
+class NoisyConfident(nn.Module):
+    """Logits × 10, inputs noised by `sigma`: many input gradients of 1e-20 and less, random when sigma > 0."""
+
+    def __init__(self, model, sigma):
+        super().__init__()
+        self.model, self.sigma = model, sigma
+
+    def forward(self, x):
+        return 10 * self.model(x + self.sigma * torch.randn_like(x))
+
+
+def test_tiny_gradients_give_true_cosines(mlp, eval_set):
+    """float32 cosines of gradients of 1e-20 came out at 1e14: their mean passed a randomized model."""
+    torch.manual_seed(0)
+    same = check_gradients(NoisyConfident(mlp, 0.0), *eval_set, norm="linf", eps=EPS)
+    assert same.passed and same.values["repeat_cosine"] == pytest.approx(1.0, abs=1e-6)
+    noisy = check_gradients(NoisyConfident(mlp, 0.05), *eval_set, norm="linf", eps=EPS)
+    assert not noisy.passed and "repeated calls give different gradients" in noisy.detail
+    assert 0 < noisy.values["repeat_cosine"] < 0.99
+
+
+class FunctionalReLU(nn.Module):
+    """The MLP with its ReLU called as a function: nothing for the smooth-gradient check to replace."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.hidden, self.out = mlp[1], mlp[3]
+
+    def forward(self, x):
+        return self.out(torch.relu(self.hidden(x.flatten(1))))
+
+
+def test_a_check_that_cannot_run_is_said_skipped_not_passed(mlp, eval_set):
+    report = sanity_checks(FunctionalReLU(mlp), *eval_set, norm="linf", eps=EPS, **BUDGET)
+    assert not report["smooth_gradients"].ran and "no nn.ReLU modules" in report["smooth_gradients"].detail
+    assert report.verdict == "trustworthy (smooth_gradients not run)"
+    assert "| skipped | not run: the model has no nn.ReLU modules" in report.to_markdown()
+    assert all(c.ran for c in report.checks if c.name != "smooth_gradients")
+
+
 def test_verdict_and_markdown():
     checks = [Check("gradients", False, "all zero", {}), Check("deterministic", True, "same logits", {})]
     assert verdict(checks) == "suspicious: gradients"
     assert verdict(checks[1:]) == "trustworthy"
+    assert verdict([*checks, skipped("smooth_gradients", "disabled")]) == "suspicious: gradients (smooth_gradients not run)"
     table = to_markdown(checks)
     assert table.startswith("| check | result | detail |") and "**FAIL**" in table and "suspicious" in table
 

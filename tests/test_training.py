@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from robustlab import checkpoint, load_model
+from robustlab import checkpoint, load_model, provenance
 from robustlab.errors import RobustlabError
 from robustlab.training import TrainConfig, build_trainer, learning_rate
 
@@ -44,6 +44,7 @@ def test_metrics_checkpoints_and_best_epoch(fmnist, tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # atomic writes leave nothing behind
     meta = json.loads((tmp_path / "last.json").read_text())
     assert meta["dataset"]["name"] == "fashion-mnist" and meta["versions"]["torch"] == torch.__version__
+    assert meta["machine"] == provenance.machine() and meta["commit"] == provenance.commit()
     assert meta["config"]["augment"] is None and meta["dataset"]["augment"] == "crop"  # the default, as it ran
     no_crops = small_trainer(tmp_path / "no-crops", augment="none")
     assert no_crops.run_meta["dataset"]["augment"] == "none"  # not the dataset's default beside config "none"

@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from robustlab import provenance
 from robustlab.errors import RobustlabError
 
 FORMAT = "robustlab-checkpoint/1"
@@ -58,7 +59,7 @@ def atomic_write(path: Path, write):
 def save(path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": FORMAT, "versions": versions(), **metadata}
+    metadata = {"format": FORMAT, "versions": versions(), **provenance.record(), **metadata}
     text = json.dumps(metadata, indent=1, sort_keys=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"robustlab": text}))

@@ -426,3 +426,21 @@ def main(argv=None) -> int:
     finally:
         from robustlab import distributed
         distributed.shutdown()
+
+
+def run_as_module():
+    """`python -m robustlab` (or `-m robustlab.cli`, which otherwise ran nothing and exited 0): main()'s exit code."""
+    from robustlab.distributed import launched_by_torchrun
+    code = main()
+    if launched_by_torchrun():
+        # DDP keeps gloo's process group and its threads alive past destroy_process_group, until the interpreter
+        # finalizes, and a rank whose work was done has died there ("terminate called without an active
+        # exception"), failing the whole job. Everything is written by now: leave without finalizing.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    run_as_module()

@@ -1,6 +1,8 @@
-"""Where a result was measured: the machine and the robustlab commit, for the result tables of scripts."""
+"""Where a result was measured: the machine and the robustlab commit, as the protocol asks every result to record
+(checkpoints, evaluation reports, the result tables of scripts)."""
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -42,3 +44,9 @@ def commit() -> str:
     except OSError:  # no git
         return "unknown"
     return f"{head}-dirty" if head and dirty else head or "unknown"
+
+
+@functools.cache
+def record() -> dict:
+    """{"machine": ..., "commit": ...}, read once per process (a checkpoint is written every epoch)."""
+    return {"machine": machine(), "commit": commit()}

@@ -291,7 +291,7 @@ def apgd(model, x, y, *, eps: float, norm: str = "linf", steps: int = 100, loss:
         raise RobustlabError("target_class_rank applies only to loss='dlr-targeted'")
     else:
         rank = None
-    y = check_batch(x, y)
+    y = check_batch(x, y, model=model)
     with attack_mode(model):
         x_adv, _ = apgd_attack(model, x, y, eps=eps, norm=norm, steps=steps, loss=loss, target_class_rank=rank,
                                restarts=restarts, rho=rho, generator=generator)
@@ -305,7 +305,7 @@ def apgd_targeted(model, x, y, *, eps: float, norm: str = "linf", steps: int = 1
     Each target rank runs only on the examples that the previous ranks did not break;
     n_target_classes is capped at num_classes − 1.
     """
-    y = check_batch(x, y)
+    y = check_batch(x, y, model=model)
     with attack_mode(model):
         x_adv, _ = apgd_attack(model, x, y, eps=eps, norm=norm, steps=steps, loss="dlr-targeted",
                                n_target_classes=n_target_classes, restarts=restarts, rho=rho, generator=generator)

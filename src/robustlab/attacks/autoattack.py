@@ -172,13 +172,13 @@ def _attacks(eps, norm, n_target_classes, steps, queries) -> dict:
     }
 
 
-def _check_inputs(x, y, eps, norm, batch_size):
+def _check_inputs(model, x, y, eps, norm, batch_size):
     check_attack_args(eps, norm, steps=1)
     if batch_size < 1:
         raise RobustlabError(f"batch_size must be >= 1, got {batch_size}")
     if x.dim() != 4:
         raise RobustlabError(f"AutoAttack needs images N×C×H×W, got shape {tuple(x.shape)}")
-    return check_batch(x, y)
+    return check_batch(x, y, model=model)
 
 
 def autoattack(model, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf", version: str = "standard",
@@ -195,7 +195,7 @@ def autoattack(model, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str
     and meant for quick checks. n_target_classes is capped at num_classes − 1.
     """
     check_choice("version", version, VERSIONS)
-    y = _check_inputs(x, y, eps, norm, batch_size)
+    y = _check_inputs(model, x, y, eps, norm, batch_size)
     check_integer("steps", steps)
     check_integer("queries", queries)
     x, y = x.detach(), y.detach().to(x.device)

@@ -199,7 +199,7 @@ def fab_targeted(model, x, y, *, eps: float, norm: str = "linf", steps: int = 10
     beyond the first start at random points at distance ε/2 drawn with `generator`.
     n_target_classes is capped at num_classes − 1.
     """
-    y = check_batch(x, y)
+    y = check_batch(x, y, model=model)
     with attack_mode(model):
         x_adv, _ = fab_targeted_attack(model, x, y, eps=eps, norm=norm, steps=steps, n_target_classes=n_target_classes,
                                        restarts=restarts, alpha_max=alpha_max, eta=eta, beta=beta, generator=generator)

@@ -103,7 +103,7 @@ def pgd(model, x, y, *, eps: float, norm: str = "linf", steps: int = 10, step_si
     """
     check_budget(eps, steps, restarts)
     check_eps(float(eps), norm, "eps")  # float: a 0-d tensor
-    y = check_batch(x, y)
+    y = check_batch(x, y, model=model)
     threat = make_threat(norm, eps, step_size if step_size is not None else 2.5 * eps / steps)
     with attack_mode(model):
         x_adv = x.clone()

@@ -206,7 +206,7 @@ def square(model, x, y, *, eps: float, norm: str = "linf", queries: int = 5000, 
     ε-ball and [0, 1]); examples misclassified from the start are returned unchanged.
     p_init = 0.8 is AutoAttack-standard's value for both L∞ and L2.
     """
-    y = check_batch(x, y, gradients=False)
+    y = check_batch(x, y, gradients=False, model=model)
     with attack_mode(model):
         x_adv, _ = square_attack(model, x, y, eps=eps, norm=norm, queries=queries, p_init=p_init, generator=generator)
     return x_adv

@@ -93,7 +93,8 @@ def check_budget(eps: float, steps: int, restarts: int = 1, *, eps_positive: boo
         check_integer(name, value)
 
 
-def check_batch(x: torch.Tensor, y: torch.Tensor, tol: float = 1e-6, gradients: bool = True) -> torch.Tensor:
+def check_batch(x: torch.Tensor, y: torch.Tensor, tol: float = 1e-6, gradients: bool = True,
+                model: torch.nn.Module | None = None) -> torch.Tensor:
     """What every attack takes: float images in [0, 1] and one integer label >= 0 per image; returns the labels as
     int64, the type the losses and `gather` need (idx files hold uint8). The most common misuse, normalized
     inputs, fails here with its cause instead of giving wrong numbers (`tol` lets through the rounding of images
@@ -114,7 +115,20 @@ def check_batch(x: torch.Tensor, y: torch.Tensor, tol: float = 1e-6, gradients: 
     check_in_box(x, "attack inputs", tol)
     if len(y) and int(y.min()) < 0:
         raise RobustlabError(f"attack labels must be class indices >= 0, got {int(y.min())}")
+    if model is not None:
+        check_model_takes(model, x)
     return y.long()
+
+
+def check_model_takes(model: torch.nn.Module, x: torch.Tensor):
+    """A model whose weights are all of another float type than the images failed in torch's "Input type (float)
+    and bias type (c10::Half) should be the same"."""
+    weights = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if weights and x.dtype not in weights:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in weights))
+        raise RobustlabError(f"the model's weights are {names} but the images {str(x.dtype).removeprefix('torch.')}: "
+                             f"call model.float() (for bf16 speed, run under torch.autocast, which keeps float32 "
+                             f"weights) or pass images of the weights' type")
 
 
 def check_labels(logits: torch.Tensor, y: torch.Tensor):

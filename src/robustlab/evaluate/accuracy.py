@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from robustlab import distributed
-from robustlab.attacks.threat import check_in_box, check_labels
+from robustlab.attacks.threat import check_in_box, check_labels, check_model_takes
 from robustlab.data.datasets import images_and_labels
 from robustlab.errors import RobustlabError
 from robustlab.models import eval_mode, model_device
@@ -43,6 +43,7 @@ def correct_mask(model, images, labels, *, attack: Callable | None = None, batch
             rows = slice(b * batch_size, (b + 1) * batch_size)
             x = images[rows].to(device)
             x = x.float().div(255) if x.dtype == torch.uint8 else x
+            check_model_takes(model, x)
             y = labels[rows].to(device)
             if attack is not None:
                 x = attack(model, x, y, generator=torch.Generator(device).manual_seed(seed + b * 1_000_003))

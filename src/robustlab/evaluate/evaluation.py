@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from robustlab import provenance
 from robustlab.errors import RobustlabError, check_choice, check_integer, output_dir, they_apply
 
 ATTACK_NAMES = ("fgsm", "fgm", "pgd", "apgd-ce", "pgd-smooth")
@@ -227,7 +228,7 @@ class AdversarialExamples:
         from robustlab.checkpoint import atomic_write, versions
         if "adversarial" not in self.tensors or (self.tensors["predictions"] < 0).any():
             raise RuntimeError("the attack did not run on every image")  # a bug here, not the user's input
-        text = json.dumps({**self.metadata, "versions": versions()}, default=str)
+        text = json.dumps({**self.metadata, "versions": versions(), **provenance.record()}, default=str)
         # the folder was checked before the attack; a full disk now is one line from atomic_write
         atomic_write(path, lambda tmp: save_file(self.tensors, str(tmp), metadata={"robustlab": text}))
 
@@ -316,7 +317,7 @@ def results_dict(run: dict, clean, robust, n, label, start, rows=None, extra=Non
     return {"run": run, "attack": attack, "label": label, "clean": clean, "robust": robust, "n": n,
             "wall_s": round(time.perf_counter() - start, 1),
             "rows": rows or [{"name": "clean", "n": n, "accuracy": clean}, {"name": label, "n": n, "accuracy": robust}],
-            **(extra or {}), "command": command}
+            **(extra or {}), "command": command, **provenance.record()}
 
 
 def evaluate_model(model, data, *, out=None, name: str | None = None, split: str = "test", n: int | None = None,

@@ -94,6 +94,12 @@ def plot_adversarial_examples(x, x_adv, y, pred, class_names, path, title: str):
     plt.close(fig)
 
 
+def measured_on(report: dict, seconds: float) -> str:
+    """The report line that says where and at which commit it was measured, and how long it took."""
+    return (f"Measured on {report.get('machine', 'an unrecorded machine')}, robustlab commit "
+            f"{report.get('commit', 'unknown')}, in {seconds:.0f} s.")
+
+
 def write_report(out_dir, results: dict, plots: dict[str, str], run_name: str):
     """Write OUT/report.json (everything) and OUT/report.md (a readable summary with the plots, which lie
     in OUT); OUT is the run's directory unless `robustlab eval --out` names another."""
@@ -121,6 +127,7 @@ def write_report(out_dir, results: dict, plots: dict[str, str], run_name: str):
                   results["sanity_markdown"], ""]
     if results.get("wall_s_by_step"):
         lines += ["Wall time (s): " + ", ".join(f"{k} {v}" for k, v in results["wall_s_by_step"].items()), ""]
+    lines += [measured_on(results, results["wall_s"]), ""]
     if results.get("command"):
         lines += ["Command:", "", f"    {results['command']}", ""]
     for title, file in plots.items():

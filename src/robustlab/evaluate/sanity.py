@@ -68,20 +68,28 @@ class Check:
     passed: bool
     detail: str  # one line a person can read
     values: dict = field(default_factory=dict)
+    ran: bool = True  # False: not applicable to this model, or disabled (it then neither passes nor fails)
+
+
+def skipped(name: str, why: str) -> Check:
+    return Check(name, True, f"not run: {why}", ran=False)
 
 
 def verdict(checks: list[Check]) -> str:
-    """'trustworthy' when every check passed, else 'suspicious: <failed checks>'."""
+    """'trustworthy' when every check that ran passed, else 'suspicious: <failed checks>'; the checks that did
+    not run are named after it, since a verdict without them says less."""
     failed = [c.name for c in checks if not c.passed]
-    return "trustworthy" if not failed else "suspicious: " + ", ".join(failed)
+    not_run = [c.name for c in checks if not c.ran]
+    return ("trustworthy" if not failed else "suspicious: " + ", ".join(failed)) + \
+        (f" ({', '.join(not_run)} not run)" if not_run else "")
 
 
 def to_markdown(checks: list[Check]) -> str:
     """A table of the checks with the verdict under it, for report.md."""
     lines = ["| check | result | detail |", "|---|---|---|"]
     for c in checks:
-        lines.append(f"| {TITLES.get(c.name, c.name)} (`{c.name}`) | {'pass' if c.passed else '**FAIL**'} "
-                     f"| {c.detail.replace('|', '/')} |")
+        result = "skipped" if not c.ran else "pass" if c.passed else "**FAIL**"
+        lines.append(f"| {TITLES.get(c.name, c.name)} (`{c.name}`) | {result} | {c.detail.replace('|', '/')} |")
     lines += ["", f"Verdict: **{verdict(checks)}**"]
     return "\n".join(lines)
 
@@ -186,7 +194,12 @@ def _nearby(x, norm: str, radius: float, generator) -> torch.Tensor:
 
 
 def _cosine(a, b) -> torch.Tensor:
-    return F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1, eps=1e-30)
+    """Per-row cosine of two gradients, each row scaled by its largest entry first: the gradients of a confident
+    model, 1e-20 and smaller in float32, gave cosines of 1e14 or 0 (their squares underflow), and a mean of them
+    passed a randomized model's repeat test."""
+    a, b = (v.flatten(1).double() for v in (a, b))
+    a, b = (v / v.abs().amax(1, keepdim=True).clamp_min(1e-300) for v in (a, b))
+    return F.cosine_similarity(a, b, dim=1)
 
 
 def check_deterministic(model, x, *, batch_size: int = 500) -> Check:
@@ -287,17 +300,18 @@ def check_convergence(base: float, longer: float, restarted: float, *, steps: in
 
 
 def check_black_box(white_mask: torch.Tensor, combined_mask: torch.Tensor, *, tolerance: float,
-                    name: str = "black_box", attack: str = "the black-box attack") -> Check:
+                    name: str = "black_box", attack: str = "the black-box attack", white: str = "white-box") -> Check:
     """A gradient-free attack should not break images that the white-box attacks could not.
 
     white_mask: robust to the white-box attacks; combined_mask: robust to those and the black-box ones.
     """
     only_black = fraction(white_mask & ~combined_mask)
-    white, combined = fraction(white_mask), fraction(combined_mask)
+    white_acc, combined = fraction(white_mask), fraction(combined_mask)
     passed = only_black <= tolerance
-    detail = (f"white-box {_pct(white)}; {attack} broke a further {_pct(only_black)} of images"
+    detail = (f"{white} {_pct(white_acc)}; {attack} broke a further {_pct(only_black)} of images"
               + ("" if passed else ": the white-box gradients are masked"))
-    return Check(name, passed, detail, {"white_box": white, "with_black_box": combined, "only_black_box": only_black})
+    return Check(name, passed, detail, {"white_box": white_acc, "with_black_box": combined,
+                                        "only_black_box": only_black})
 
 
 def check_autoattack_square(broken_by: torch.Tensor, *, tolerance: float = AUTOATTACK_SQUARE_TOLERANCE) -> Check:
@@ -322,7 +336,8 @@ def check_smooth_gradients(exact_mask: torch.Tensor, smooth_mask: torch.Tensor, 
     same PGD with smooth ReLU gradients.
     """
     return check_black_box(exact_mask, smooth_mask, tolerance=tolerance, name="smooth_gradients",
-                           attack=f"PGD-{steps} with smooth ReLU gradients (τ = {tau:g})")
+                           attack=f"PGD-{steps} with smooth ReLU gradients (τ = {tau:g})",
+                           white="white-box with margin PGD")
 
 
 # ---------------------------------------------------------------------------------------------- all together
@@ -365,7 +380,7 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: fl
         raise RobustlabError(f"sanity checks need matching non-empty images and labels, got {len(x)} and {len(y)}")
     if batch_size < 1:
         raise RobustlabError(f"batch_size must be >= 1, got {batch_size}")
-    y = check_batch(x, y)  # float images in [0, 1], integer labels (as int64)
+    y = check_batch(x, y, model=model)  # float images in [0, 1], integer labels (as int64)
     device = device or model_device(model)  # the images go where the model is
     x, y = x.to(device), y.to(device)
     long_steps = long_steps or 10 * steps
@@ -430,8 +445,8 @@ def sanity_checks(model, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: fl
         add(check_smooth_gradients(exact, ensemble({"smooth": smooth}, eps, among=exact),
                                    steps=SMOOTH_GRADIENT_STEPS, tau=smooth_tau))
     else:
-        add(Check("smooth_gradients", True, "not run: " + ("disabled" if smooth_tau is None
-                                                           else "the model has no nn.ReLU modules")))
+        add(skipped("smooth_gradients", "disabled" if smooth_tau is None else
+                    "the model has no nn.ReLU modules (a ReLU called as a function cannot be smoothed)"))
     bar.close()
     return SanityReport(checks)
 

@@ -56,7 +56,13 @@ def summarize(name: str, report: dict, folder: Path) -> dict:
             "autoattack_n": autoattack[-1].get("n") if autoattack else None,
             "autoattack_stage": autoattack[-1]["name"] if autoattack else None,
             "ood": ood["accuracy"] if ood else None,
-            "train_s": run["train_s"] if "train_s" in run else training_seconds(folder)}
+            "train_s": run["train_s"] if "train_s" in run else training_seconds(folder),
+            "sanity": report.get("sanity", {}).get("verdict")}
+
+
+def suspicious(row: dict) -> bool:
+    """Whether the report's gradient-masking checks failed (reports of `--suite none` ran none)."""
+    return bool(row["sanity"]) and row["sanity"].startswith("suspicious")
 
 
 def _percent(value) -> str:
@@ -65,16 +71,21 @@ def _percent(value) -> str:
 
 def table(rows: list[dict]) -> str:
     """A markdown table, then a line for each way in which the reports are not alike."""
-    lines = ["| run | model | method | epoch | images | clean | attack | AutoAttack | OOD mean | training |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | model | method | epoch | images | clean | attack | AutoAttack | OOD mean | masking checks | training |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         aa = _percent(r["autoattack"]) + (f" ({r['autoattack_n']})" if r["autoattack_n"] not in (None, r["n"]) else "")
         seconds = r["train_s"]
         train = "–" if seconds is None else f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+        checks = "–" if not r["sanity"] else "**suspicious**" if suspicious(r) else "pass"
         lines.append(f"| {r['name']} | {r['model'] or '–'} | {r['method'] or '–'} | {r['epoch'] or '–'} | {r['n']} | "
-                     f"{_percent(r['clean'])} | {_percent(r['robust'])} | {aa} | {_percent(r['ood'])} | {train} |")
+                     f"{_percent(r['clean'])} | {_percent(r['robust'])} | {aa} | {_percent(r['ood'])} | {checks} | "
+                     f"{train} |")
     attacks = sorted({r["attack"] for r in rows})
     lines.append("")
+    if flagged := [r for r in rows if suspicious(r)]:
+        lines.append("gradient masking suspected, so their robust figures may overstate robustness: " + "; ".join(
+            f"{r['name']} ({r['sanity']})" for r in flagged))
     if len({r.get("dataset") for r in rows}) > 1:
         lines.append("the reports are of different datasets, so their figures do not compare: " + "; ".join(
             f"{r['name']}: {r.get('dataset')}" for r in rows))
@@ -105,7 +116,9 @@ def plot(rows: list[dict], path) -> str:
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     # A legend rather than labels beside the points: runs often land within a few tenths of a point.
     for r in rows:
-        ax.scatter(100 * r["clean"], 100 * r[key], s=50, label=r["name"])
+        flagged = suspicious(r)
+        ax.scatter(100 * r["clean"], 100 * r[key], s=50, marker="x" if flagged else "o",
+                   label=r["name"] + (" (masking suspected)" if flagged else ""))
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
     ax.set_xlabel("clean accuracy (%)")
     ax.set_ylabel(f"robust accuracy (%), {measure}")

@@ -115,7 +115,7 @@ def module_criticality(model: nn.Module, name: str, x: torch.Tensor, y: torch.Te
     """
     modules = dict(classifier_modules(model))
     check_choice("module", name, modules)
-    y = check_batch(x, y)  # images in [0, 1] (x·255 gave an MRC of 191 without a word), integer labels
+    y = check_batch(x, y, model=model)  # images in [0, 1] (x·255 gave an MRC of 191 without a word), integer labels
     start = time.perf_counter()
     weight = modules[name].weight
     saved = weight.detach().clone()

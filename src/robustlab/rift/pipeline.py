@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from robustlab import checkpoint
+from robustlab import checkpoint, provenance
 from robustlab.attacks import apgd_targeted, autoattack_accuracy, dlr_loss, first_success, pgd
 from robustlab.checkpoint import weights_digest
 from robustlab.data import ImageSet, Splits
@@ -255,7 +255,7 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
     report = {"source": state.data["source"], "dataset": dataset, "norm": norm, "settings": settings_dict(settings),
               "test_settings": asdict(test) if test else None, "mrc": mrc, "mrc_ranking": order, "paper_pick": paper,
               "chosen": best, "rift": rift_meta, "candidates": entries, "test": results, "wall_s": wall,
-              "command": command, "alpha_check": ALPHA_CHECKS[settings.alpha_attack]}
+              "command": command, "alpha_check": ALPHA_CHECKS[settings.alpha_attack], **provenance.record()}
     write_report(out, report)
     return report
 

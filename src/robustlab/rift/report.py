@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from robustlab.evaluate.report import measured_on
 from robustlab.rift.finetune import ALPHAS
 
 
@@ -19,8 +20,12 @@ def plot_alpha(entries: dict, path, title: str, tolerance: float):
             points = [(a, entry["curve"][f"{a:.2f}"][what]) for a in ALPHAS
                       if what in entry["curve"].get(f"{a:.2f}", {})]
             if points:
-                ax.plot([a for a, _ in points], [100 * v for _, v in points], marker=".", color=colour,
-                        label=f"{cid} (α = {entry['alpha']:.1f})")
+                # The automatic mode measures robust accuracy only where it can change the choice: a line through
+                # two points would pass for a measured curve.
+                whole = len(points) == len(ALPHAS)
+                ax.plot([a for a, _ in points], [100 * v for _, v in points], marker="." if whole else "o",
+                        ls="-" if whole else "", color=colour,
+                        label=f"{cid} (α = {entry['alpha']:.1f})" + ("" if whole else ", measured at the points"))
             chosen = entry["curve"][f"{entry['alpha']:.2f}"]
             if what in chosen:
                 ax.scatter([entry["alpha"]], [100 * chosen[what]], s=90, facecolors="none", edgecolors=colour)
@@ -116,6 +121,7 @@ def write_report(out: Path, report: dict):
     lines += ["", "![MRC per module](mrc.png)", "", "## Validation accuracy versus α", "",
               "![α curves](alpha.png)", "", "## Wall time", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {step} | {seconds:.1f} |" for step, seconds in report["wall_s"].items()]
+    lines += ["", measured_on(report, sum(report["wall_s"].values()))]
     if report.get("command"):
         lines += ["", "Command:", "", f"    {report['command']}"]
     (out / "rift_report.md").write_text("\n".join(lines) + "\n")
