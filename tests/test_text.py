@@ -1,6 +1,7 @@
 """Embedding-space adversarial training for text: the methods' exact mechanics, models, loaders, CLI."""
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -14,7 +15,7 @@ from robustlab.text import (EmbeddingAdversary, TextCNN, TransformerClassifier, 
                             hf_encode, load_text_dataset, read_agnews, read_folders, read_sst2, tokenize)
 from robustlab.text.adversary import ascend, project
 from robustlab.text.corpus import build_corpus, corpus_rows, load_corpus, split_of
-from robustlab.text.training import load_text_model, text_accuracy
+from robustlab.text.training import load_text_model, make_text_method, text_accuracy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -209,7 +210,10 @@ def test_free_at_takes_one_optimizer_step_per_replay():
                                         ({"method": "fgm", "steps": 3}, "takes no option steps"),
                                         ({"method": "pgd", "eps": 0}, "eps must be > 0"),
                                         ({"method": "freelb", "norm": "l1"}, "unknown norm"),
-                                        ({"method": "freelb", "steps": 0}, "positive integer")])
+                                        ({"method": "freelb", "steps": 0}, "positive integer"),
+                                        ({"method": "freelb", "steps": 2.0}, "positive integer, got 2.0"),
+                                        ({"method": "free-at", "replays": 2.0}, "positive integer, got 2.0"),
+                                        ({"method": "fgm", "eps": float("inf")}, "finite number >= 0, got inf")])
 def test_bad_options_are_one_line_errors(bad, match):
     with pytest.raises(RobustlabError, match=match) as info:
         EmbeddingAdversary(Tiny(), **bad)
@@ -257,6 +261,39 @@ def test_what_a_text_forward_or_its_labels_cannot_be_is_said_in_one_line(forward
         EmbeddingAdversary(model, "pgd").backward(lambda: forward(model, ids), y)
     with pytest.raises(RobustlabError, match=said):
         embedding_pgd(model, lambda: forward(model, ids), y, eps=0.1, steps=2)
+
+
+def test_embedding_pgd_runs_under_no_grad_and_says_what_inference_mode_is():
+    """It failed in "element 0 of tensors does not require grad", where the image attacks run."""
+    torch.manual_seed(0)
+    model = TextCNN(30, 3, dim=16, channels=8)
+    ids, y = batch(n=8)
+    plain = embedding_pgd(model, lambda: model(ids), y, eps=1.0, steps=3)
+    with torch.no_grad():
+        assert torch.equal(embedding_pgd(model, lambda: model(ids), y, eps=1.0, steps=3), plain)
+    with torch.inference_mode(), pytest.raises(RobustlabError, match="inference_mode"):
+        embedding_pgd(model, lambda: model(ids), y, eps=1.0, steps=3)
+    with pytest.raises(RobustlabError, match="integer steps >= 1, got eps=1.0, steps=2.0"):
+        embedding_pgd(model, lambda: model(ids), y, eps=1.0, steps=2.0)
+
+
+def test_training_checks_the_labels_once_not_every_step(monkeypatch):
+    """The Trainer built an adversary per step, so the first-batch check (a host sync) ran on every step."""
+    from robustlab.text import adversary as module
+    from robustlab.training.methods import StepContext
+    calls = []
+    monkeypatch.setattr(module, "check_labels", lambda logits, y: calls.append(len(y)))
+    model = Tiny()
+    method = make_text_method("freelb")
+    ids, y = batch()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctx = StepContext(model, model, optimizer, torch.Generator().manual_seed(0), contextlib.nullcontext)
+    for _ in range(3):
+        method.train_step(ctx, ids, y)
+    adversary = EmbeddingAdversary(model, "pgd")
+    for _ in range(3):
+        adversary.backward(lambda: model(ids), y)
+    assert calls == [len(y)]  # the adversary of one's own loop, once; the Trainer's, never (its loader made them)
 
 
 def test_embedding_pgd_is_an_honest_evaluation_attack():
@@ -462,6 +499,8 @@ def test_cli_trains_a_text_model_and_rejects_bad_options(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["attack"]["norm"] == "l2"
     assert main(["eval", str(tmp_path / "linf"), "--n", "10", "--norm", "linf"]) == 2
     assert "--norm linf needs --eps" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "linf"), "--n", "10", "--norm", "l1"]) == 2
+    assert capsys.readouterr().err.startswith("robustlab: error: unknown norm 'l1'")  # before the clean pass, not after
 
     bad = [(["--method", "fgm", "--steps", "3"], "--method fgm takes no --steps; its options: --eps, --norm"),
            (["--method", "fgm", "--init-mag", "1"], "--method fgm takes no --init-mag"),  # was init_mag
@@ -473,11 +512,13 @@ def test_cli_trains_a_text_model_and_rejects_bad_options(tmp_path, capsys):
            (["--dataset", "mnist"], "unknown text dataset 'mnist'"),
            (["--method", "fgm", "--beta", "6", "--separate-batches"],  # both were once ignored without a word
             "--beta, --separate-batches: image options"),
-           (["--width", "8"], "--width: image options")]
+           (["--width", "8"], "--width: image options"),
+           (["--method", "pgd", "--eps", "0"], "eps must be > 0 for pgd")]  # it left a run folder behind
     for extra, message in bad:
         code = main(["train", "--task", "text", "--data-dir", str(tmp_path), "--out", str(tmp_path / "bad"), *extra])
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1, (extra, err)
+        assert not (tmp_path / "bad").exists(), extra
     with pytest.raises(SystemExit) as info:
         main(["train", "--task", "video", "--out", str(tmp_path / "bad")])
     assert info.value.code == 2

@@ -150,6 +150,7 @@ def _eval_text(args, model, device) -> int:
     # The text threat model is L2 at ε = 0.5 whatever the run trained with, as its validation was: ε = 0.5 per
     # coordinate of every token would be another, far larger ball.
     norm = args.norm or "l2"
+    check_choice("norm", norm, ("l2", "linf"))  # before the clean pass, not in the attack after it
     if norm == "linf" and args.eps is None:
         raise RobustlabError(f"--norm linf needs --eps for a text run: the default ε = {EVAL_EPS} is an L2 radius per "
                              "sentence")

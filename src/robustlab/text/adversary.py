@@ -17,6 +17,8 @@ closure, so any forward signature works:
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from typing import Callable
 
 import torch
@@ -25,7 +27,7 @@ from torch import nn
 
 from robustlab.attacks import attack_mode
 from robustlab.attacks.threat import check_labels, l2_unit, lp_norm, per_example
-from robustlab.errors import RobustlabError, check_choice
+from robustlab.errors import RobustlabError, check_choice, is_integer
 
 # Each method's options and their defaults (sources in the EmbeddingAdversary docstring).
 DEFAULTS = {
@@ -48,11 +50,11 @@ def adversary_options(method: str, **options) -> dict:
     opts = {**DEFAULTS[method], **given}
     check_choice("norm", opts["norm"], NORMS)
     for name in ("steps", "replays"):
-        if name in opts and (int(opts[name]) != opts[name] or opts[name] < 1):
-            raise RobustlabError(f"{name} must be a positive integer, got {opts[name]}")
+        if name in opts and not (is_integer(opts[name]) and opts[name] >= 1):  # 2.0 passed, then failed in range()
+            raise RobustlabError(f"{name} must be a positive integer, got {opts[name]!r}")
     for name in ("eps", "step_size", "init_mag"):
-        if name in opts and not opts[name] >= 0:
-            raise RobustlabError(f"{name.replace('_', ' ')} must be >= 0, got {opts[name]}")
+        if name in opts and not (isinstance(opts[name], numbers.Real) and 0 <= opts[name] < math.inf):
+            raise RobustlabError(f"{name.replace('_', ' ')} must be a finite number >= 0, got {opts[name]!r}")
     if method in ("fgm", "pgd") and opts["eps"] <= 0:  # FreeLB and FreeAT read ε = 0 as "no bound"
         raise RobustlabError(f"eps must be > 0 for {method}, got {opts['eps']}")
     return opts
@@ -151,8 +153,8 @@ class EmbeddingAdversary:
     """Embedding-space adversarial training for one model; `method` is fgm, pgd, free-at or freelb.
 
     Call `step(forward, y, optimizer)` once per minibatch, where `forward()` runs the model on the batch
-    and returns logits (or an output with `.logits`, as Hugging Face models return): it zeroes the gradients, runs the method and steps the optimizer (FreeAT steps it
-    m times). `backward(forward, y)` only accumulates the gradients, for loops that clip or accumulate
+    and returns logits (or an output with `.logits`, as Hugging Face models return): it zeroes the
+    gradients, runs the method and steps the optimizer (FreeAT steps it m times). `backward(forward, y)` only accumulates the gradients, for loops that clip or accumulate
     them before their own `optimizer.step()` (every method but FreeAT, which must step between replays).
     Both return, detached, the mean of the losses whose gradients the parameters got (fgm and pgd: clean
     and adversarial; free-at and freelb: every pass) and the last pass's logits, so the train loss and
@@ -160,6 +162,8 @@ class EmbeddingAdversary:
 
     `mask` (batch × tokens, 1 for real tokens) marks what may be perturbed; without it the embedding's
     `padding_idx` decides, else every position is perturbed. `generator` draws the random starts.
+    The labels of the first minibatch are checked against the model's outputs (`check_labels=False`: not
+    at all, for a loop whose loader made them).
 
     Methods and defaults (ε and step sizes are per-example norms over the sequence's embeddings):
     - fgm (Miyato et al., ICLR 2017): r = ε·g/‖g‖₂ at the clean point; the clean and adversarial
@@ -174,6 +178,8 @@ class EmbeddingAdversary:
     - free-at (Shafahi et al., NeurIPS 2019, for text as in the FreeLB paper's baseline): the minibatch
       is replayed m times, one forward/backward and one optimizer step per replay, δ carried over between
       replays. m = 2, α = 0.1, init 1.0, ε = 0.6 (FreeLB's fairseq launch script for FreeAT on SST-2).
+      Each replay's loss is taken whole, as in Shafahi et al.; the fairseq code divides it by
+      1 + adv-steps (3 there), which under SGD is a learning rate a third as large.
     - freelb (Zhu et al., ICLR 2020): random start of magnitude init_mag/√(tokens·dim) per element
       (uniform, padding zero), K ascent steps, the parameters' gradients averaged over all K passes
       (each loss divided by K), per-example projection onto max_norm = ε (0: none), and the same dropout
@@ -183,7 +189,8 @@ class EmbeddingAdversary:
     """
 
     def __init__(self, model: nn.Module, method: str = "freelb", *, embedding: nn.Module | str | None = None,
-                 loss_fn: Callable | None = None, generator: torch.Generator | None = None, **options):
+                 loss_fn: Callable | None = None, generator: torch.Generator | None = None, check_labels: bool = True,
+                 **options):
         self.method = method
         self.options = adversary_options(method, **options)
         self.model, self.embedding = model, input_embeddings(model, embedding)
@@ -191,7 +198,7 @@ class EmbeddingAdversary:
         # A private generator: random starts must not draw from the global RNG, whose state FreeLB replays
         # for its dropout masks (and which plain training would otherwise see shifted).
         self.generator = generator if generator is not None else torch.Generator().manual_seed(torch.initial_seed())
-        self._labels_checked = False
+        self._labels_checked = not check_labels
 
     def __getattr__(self, name):  # adversary.eps, adversary.steps, ...
         options = self.__dict__.get("options", {})
@@ -318,15 +325,19 @@ def embedding_pgd(model: nn.Module, forward: Callable[[], torch.Tensor], y: torc
     caller's mode. Step size default 2.5·ε/steps (Madry et al.'s rule).
     """
     check_choice("norm", norm, NORMS)
-    if eps <= 0 or steps < 1:
-        raise RobustlabError(f"embedding PGD needs eps > 0 and steps >= 1, got eps={eps}, steps={steps}")
+    if not (isinstance(eps, numbers.Real) and 0 < eps < math.inf and is_integer(steps) and steps >= 1):
+        raise RobustlabError(f"embedding PGD needs a finite eps > 0 and an integer steps >= 1, got eps={eps!r}, "
+                             f"steps={steps!r}")
+    if torch.is_inference_mode_enabled():  # torch.enable_grad() does not lift it
+        raise RobustlabError("embedding_pgd cannot run under torch.inference_mode(); call it outside it "
+                             "(torch.no_grad() is fine)")
     step_size = 2.5 * eps / steps if step_size is None else step_size
     module = input_embeddings(model, embedding)
     hook = _Hook(module, mask, EmbeddingAdversary._zeros)
     handle = module.register_forward_hook(hook)
     try:
         robust = None  # made from the first pass's logits, once the labels are checked against them
-        with attack_mode(model):
+        with attack_mode(model), torch.enable_grad():  # a caller may hold torch.no_grad(), as for image attacks
             for k in range(steps + 1):
                 logits = logits_of(forward(), y, check_range=k == 0)
                 correct = logits.argmax(1) == y

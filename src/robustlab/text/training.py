@@ -39,7 +39,8 @@ class EmbeddingAT(Method):
         self.options = adversary_options(method, **options)
 
     def train_step(self, ctx, x, y):
-        adversary = EmbeddingAdversary(ctx.module, self.name, generator=ctx.generator, **self.options)
+        adversary = EmbeddingAdversary(ctx.module, self.name, generator=ctx.generator, check_labels=False,
+                                       **self.options)  # the loader's labels index the classes: no sync per step
 
         def forward():
             with ctx.autocast():
@@ -126,6 +127,7 @@ def build_text_trainer(*, out, dataset: str = "debian-packages", model: str = "t
     check_choice("text dataset", dataset, TEXT_DATASETS)  # names first: a mistyped one left a run folder behind
     check_choice("text model", model, TEXT_MODELS)
     check_choice("text method", method, TEXT_METHODS)
+    m = make_text_method(method, **(method_kwargs or {}))  # its options too: a refused one left a run folder behind
     mark_started(out)
     data = load_text_dataset(dataset, data_dir, max_len=max_len)
     if config.threads:
@@ -133,7 +135,6 @@ def build_text_trainer(*, out, dataset: str = "debian-packages", model: str = "t
     torch.manual_seed(config.seed)
     model_kwargs = dict(model_kwargs or {})
     net = build_text_model(model, len(data.vocab), data.info.num_classes, pad_id=data.vocab.pad_id, **model_kwargs)
-    m = make_text_method(method, **(method_kwargs or {}))
     run_meta = {"task": "text", "model": {"name": model, "kwargs": model_kwargs},
                 "dataset": {**asdict(data.info), "val_size": len(data.val),
                             "data_dir": str(Path(data_dir).expanduser().resolve()) if data_dir else None},
