@@ -237,11 +237,19 @@ def test_a_model_of_another_float_type_than_the_images_is_one_line(name, dtype):
     attack = ATTACKS.get(name) or (lambda *a, **k: autoattack(*a, steps=2, queries=2, progress=False, **k).x_adv)
     x, y = torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 3])
     model = _four_classes().to(dtype)
-    with pytest.raises(RobustlabError, match=f"weights are {str(dtype)[6:]} but the images float32: call model.float"):
-        accuracy(model, (x, y)) if name == "accuracy" else attack(model, x, y, eps=0.1)
+    run = (lambda m, images: accuracy(m, (images, y))) if name == "accuracy" else \
+        (lambda m, images: attack(m, images, y, eps=0.1))
+    with pytest.raises(RobustlabError, match=f"weights are {str(dtype)[6:]} and it fails on float32 images .*: call "
+                                             "model.float"):
+        run(model, x)
     if dtype == torch.float64:  # images of the weights' type are taken
-        x_adv = accuracy(model, (x.double(), y)) if name == "accuracy" else attack(model, x.double(), y, eps=0.1)
-        assert name == "accuracy" or x_adv.dtype == torch.float64
+        assert name == "accuracy" or run(model, x.double()).dtype == torch.float64
+    else:  # and a model that casts the images itself, or runs under autocast, as before the check
+        casting = type("Casting", (nn.Module,), {"forward": lambda self, x: self.net(x.to(dtype)).float()})()
+        casting.net = model
+        run(casting, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            run(model, x)
 
 
 @pytest.mark.parametrize("name", ["fgsm", "fgm", "pgd", "apgd", "apgd-t", "fab-t", "pgd-smooth", "autoattack"])

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from robustlab import distributed, load_model
+from robustlab.attacks import autoattack_accuracy
 from robustlab.data import ImageSet, load_dataset
 from robustlab.data.folder import LazyImageSet
 from robustlab.errors import RobustlabError
@@ -80,6 +81,11 @@ def test_test_set_is_decoded_only_as_far_as_it_is_read(folder):
     assert data.test.images.shape == (30, 3, 12, 12)
     assert torch.equal(data.test.subset(5).images, first.images)
     assert data.test.labels.tolist() == [0] * 10 + [1] * 10 + [2] * 10
+    # AutoAttack on the first n decodes n (it decoded the whole folder once it took an (images, labels) pair too)
+    again = load_dataset("folder", folder).test
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 12 * 12, 4))
+    result = autoattack_accuracy(model, again, eps=0.1, n=3, steps=1, queries=1, n_target_classes=1, progress=False)
+    assert len(result.robust) == 3 and "images" not in vars(again)
 
 
 def test_imagenet_layout_and_bad_folders(tmp_path):

@@ -263,6 +263,19 @@ def test_what_a_text_forward_or_its_labels_cannot_be_is_said_in_one_line(forward
         embedding_pgd(model, lambda: forward(model, ids), y, eps=0.1, steps=2)
 
 
+def test_a_loss_of_ones_own_takes_its_own_targets_and_a_tensor_eps_is_a_number():
+    """The label checks are cross-entropy's: soft or multi-label targets under a loss of one's own were refused."""
+    model = Tiny()
+    ids, y = batch()
+    soft = F.one_hot(y, 3).float()
+    for method, options in METHODS:
+        adversary = EmbeddingAdversary(model, method, loss_fn=F.binary_cross_entropy_with_logits, **options)
+        loss, _ = adversary.step(lambda: model(ids), soft, torch.optim.SGD(model.parameters(), lr=0.01))
+        assert torch.isfinite(loss)
+    assert EmbeddingAdversary(model, "fgm", eps=torch.tensor(0.5)).eps == 0.5
+    assert embedding_pgd(model, lambda: model(ids), y, eps=torch.tensor(0.5), steps=2).shape == y.shape
+
+
 def test_embedding_pgd_runs_under_no_grad_and_says_what_inference_mode_is():
     """It failed in "element 0 of tensors does not require grad", where the image attacks run."""
     torch.manual_seed(0)

@@ -160,5 +160,5 @@ def weights_digest(model) -> str:
     h = hashlib.sha256()
     for k, v in model.state_dict().items():
         h.update(k.encode())
-        h.update(v.detach().contiguous().cpu().numpy().tobytes())
+        h.update(v.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes: numpy has no bf16
     return h.hexdigest()[:16]

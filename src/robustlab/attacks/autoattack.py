@@ -303,9 +303,12 @@ def autoattack_accuracy(model, data, eps: float, norm: str = "linf", n: int | No
     Returns the AutoAttackResult; its `robust_accuracy` is the figure to report. The images go to `device`,
     by default the model's.
     """
-    images, labels = images_and_labels(data, "autoattack_accuracy")
     if n is not None:
         check_integer("n", n, minimum=0)
+        if hasattr(data, "subset"):  # a LazyImageSet (an image folder) then decodes n images, not the whole folder
+            data = data.subset(n)
+    images, labels = images_and_labels(data, "autoattack_accuracy")
+    if n is not None:  # a pair of tensors
         images, labels = images[:n], labels[:n]
     device = device or model_device(model)
     x, y = images.to(device), labels.to(device)

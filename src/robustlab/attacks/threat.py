@@ -10,6 +10,7 @@ import math
 import torch
 
 from robustlab.errors import RobustlabError, check_choice, check_integer
+from robustlab.models import eval_mode
 
 NORMS = ("linf", "l2")
 
@@ -121,14 +122,20 @@ def check_batch(x: torch.Tensor, y: torch.Tensor, tol: float = 1e-6, gradients: 
 
 
 def check_model_takes(model: torch.nn.Module, x: torch.Tensor):
-    """A model whose weights are all of another float type than the images failed in torch's "Input type (float)
-    and bias type (c10::Half) should be the same"."""
+    """A model whose weights are all of another float type than the images failed deep inside the attack, in
+    torch's "Input type (float) and bias type (c10::Half) should be the same". Such a model may still take the
+    images (it casts them itself, or runs under autocast): one image through it decides."""
     weights = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    if weights and x.dtype not in weights:
+    if not weights or x.dtype in weights or not len(x) or torch.is_autocast_enabled(x.device.type):
+        return
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(x[:1])
+    except RuntimeError as exc:
         names = ", ".join(sorted(str(d).removeprefix("torch.") for d in weights))
-        raise RobustlabError(f"the model's weights are {names} but the images {str(x.dtype).removeprefix('torch.')}: "
-                             f"call model.float() (for bf16 speed, run under torch.autocast, which keeps float32 "
-                             f"weights) or pass images of the weights' type")
+        raise RobustlabError(f"the model's weights are {names} and it fails on {str(x.dtype).removeprefix('torch.')} "
+                             f"images ({str(exc).splitlines()[0]}): call model.float() (for bf16 speed, torch.autocast "
+                             f"with float32 weights) or pass images of the weights' type") from None
 
 
 def check_labels(logits: torch.Tensor, y: torch.Tensor):

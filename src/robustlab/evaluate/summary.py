@@ -57,7 +57,8 @@ def summarize(name: str, report: dict, folder: Path) -> dict:
             "autoattack_stage": autoattack[-1]["name"] if autoattack else None,
             "ood": ood["accuracy"] if ood else None,
             "train_s": run["train_s"] if "train_s" in run else training_seconds(folder),
-            "sanity": report.get("sanity", {}).get("verdict")}
+            "sanity": report.get("sanity", {}).get("verdict"),
+            "sanity_not_run": sum(c.get("ran") is False for c in report.get("sanity", {}).get("checks", []))}
 
 
 def suspicious(row: dict) -> bool:
@@ -78,6 +79,7 @@ def table(rows: list[dict]) -> str:
         seconds = r["train_s"]
         train = "–" if seconds is None else f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
         checks = "–" if not r["sanity"] else "**suspicious**" if suspicious(r) else "pass"
+        checks += f", {r['sanity_not_run']} not run" if r["sanity"] and r.get("sanity_not_run") else ""
         lines.append(f"| {r['name']} | {r['model'] or '–'} | {r['method'] or '–'} | {r['epoch'] or '–'} | {r['n']} | "
                      f"{_percent(r['clean'])} | {_percent(r['robust'])} | {aa} | {_percent(r['ood'])} | {checks} | "
                      f"{train} |")

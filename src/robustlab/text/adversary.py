@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 from typing import Callable
 
 import torch
@@ -39,6 +38,14 @@ DEFAULTS = {
 NORMS = ("l2", "linf")
 
 
+def finite_at_least_zero(value) -> bool:
+    """A number (a 0-d tensor too, as the image attacks take) in [0, ∞)."""
+    try:
+        return not isinstance(value, (bool, str)) and 0 <= float(value) < math.inf
+    except (TypeError, ValueError, RuntimeError):  # float() of a list, or of a tensor of several numbers
+        return False
+
+
 def adversary_options(method: str, **options) -> dict:
     """The method's full options: its defaults overridden by `options` (None = default), validated."""
     check_choice("text adversarial method", method, DEFAULTS)
@@ -53,7 +60,7 @@ def adversary_options(method: str, **options) -> dict:
         if name in opts and not (is_integer(opts[name]) and opts[name] >= 1):  # 2.0 passed, then failed in range()
             raise RobustlabError(f"{name} must be a positive integer, got {opts[name]!r}")
     for name in ("eps", "step_size", "init_mag"):
-        if name in opts and not (isinstance(opts[name], numbers.Real) and 0 <= opts[name] < math.inf):
+        if name in opts and not finite_at_least_zero(opts[name]):
             raise RobustlabError(f"{name.replace('_', ' ')} must be a finite number >= 0, got {opts[name]!r}")
     if method in ("fgm", "pgd") and opts["eps"] <= 0:  # FreeLB and FreeAT read ε = 0 as "no bound"
         raise RobustlabError(f"eps must be > 0 for {method}, got {opts['eps']}")
@@ -123,20 +130,20 @@ class _Hook:
         return output + self.delta * self.mask
 
 
-def logits_of(output, y: torch.Tensor, *, check_range: bool = True) -> torch.Tensor:
-    """A forward pass's logits: the tensor itself, or a Hugging Face ModelOutput's `.logits`; checked against the
-    labels, one integer per example (`check_range` reads the largest label, a host sync)."""
-    logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", output)
+def logits_of(output):
+    """A forward pass's logits: the tensor itself, or a Hugging Face ModelOutput's `.logits`."""
+    return output if isinstance(output, torch.Tensor) else getattr(output, "logits", output)
+
+
+def check_class_labels(logits, y):
+    """What cross-entropy needs, said in one line instead of torch's IndexError (a CUDA assert on a GPU): N × classes
+    logits and one class index per example (reading the largest is a host sync)."""
     if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.dim() != 1:
         got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
         raise RobustlabError(f"labels must be a tensor of one integer per example, got {got}")
     if isinstance(logits, torch.Tensor) and logits.dim() == 2 and len(logits) != len(y):
         raise RobustlabError(f"the forward pass gave logits for {len(logits)} examples but there are {len(y)} labels")
-    if check_range:
-        check_labels(logits, y)
-    elif not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        check_labels(logits, y[:0])  # its message for what is not N × classes logits, without the sync
-    return logits
+    check_labels(logits, y)
 
 
 def _rng_state(device: torch.device):
@@ -162,8 +169,9 @@ class EmbeddingAdversary:
 
     `mask` (batch × tokens, 1 for real tokens) marks what may be perturbed; without it the embedding's
     `padding_idx` decides, else every position is perturbed. `generator` draws the random starts.
-    The labels of the first minibatch are checked against the model's outputs (`check_labels=False`: not
-    at all, for a loop whose loader made them).
+    With the default loss, cross-entropy, the first minibatch's labels are checked against the model's
+    outputs (`check_labels=False`: not at all, for a loop whose loader made them); a `loss_fn` of one's own
+    takes whatever targets it takes.
 
     Methods and defaults (ε and step sizes are per-example norms over the sequence's embeddings):
     - fgm (Miyato et al., ICLR 2017): r = ε·g/‖g‖₂ at the clean point; the clean and adversarial
@@ -198,7 +206,7 @@ class EmbeddingAdversary:
         # A private generator: random starts must not draw from the global RNG, whose state FreeLB replays
         # for its dropout masks (and which plain training would otherwise see shifted).
         self.generator = generator if generator is not None else torch.Generator().manual_seed(torch.initial_seed())
-        self._labels_checked = not check_labels
+        self._labels_checked = not check_labels or loss_fn is not None
 
     def __getattr__(self, name):  # adversary.eps, adversary.steps, ...
         options = self.__dict__.get("options", {})
@@ -239,8 +247,10 @@ class EmbeddingAdversary:
         return project(ascend(delta, grad, step_size, self.norm), self.eps, self.norm)
 
     def _pass(self, forward, y):
-        logits = logits_of(forward(), y, check_range=not self._labels_checked)
-        self._labels_checked = True  # the first batch shows a wrong label space; every batch would cost a sync per step
+        logits = logits_of(forward())
+        if not self._labels_checked:  # the first batch shows a wrong label space; every batch would cost a sync
+            check_class_labels(logits, y)
+            self._labels_checked = True
         return self.loss_fn(logits, y), logits
 
     # -- the methods -------------------------------------------------------------------------
@@ -325,7 +335,7 @@ def embedding_pgd(model: nn.Module, forward: Callable[[], torch.Tensor], y: torc
     caller's mode. Step size default 2.5·ε/steps (Madry et al.'s rule).
     """
     check_choice("norm", norm, NORMS)
-    if not (isinstance(eps, numbers.Real) and 0 < eps < math.inf and is_integer(steps) and steps >= 1):
+    if not (finite_at_least_zero(eps) and eps > 0 and is_integer(steps) and steps >= 1):
         raise RobustlabError(f"embedding PGD needs a finite eps > 0 and an integer steps >= 1, got eps={eps!r}, "
                              f"steps={steps!r}")
     if torch.is_inference_mode_enabled():  # torch.enable_grad() does not lift it
@@ -339,7 +349,9 @@ def embedding_pgd(model: nn.Module, forward: Callable[[], torch.Tensor], y: torc
         robust = None  # made from the first pass's logits, once the labels are checked against them
         with attack_mode(model), torch.enable_grad():  # a caller may hold torch.no_grad(), as for image attacks
             for k in range(steps + 1):
-                logits = logits_of(forward(), y, check_range=k == 0)
+                logits = logits_of(forward())
+                if k == 0:
+                    check_class_labels(logits, y)
                 correct = logits.argmax(1) == y
                 robust = correct if robust is None else robust & correct
                 if k == steps:
