@@ -234,7 +234,8 @@ def test_verdict_and_markdown():
     checks = [Check("gradients", False, "all zero", {}), Check("deterministic", True, "same logits", {})]
     assert verdict(checks) == "suspicious: gradients"
     assert verdict(checks[1:]) == "trustworthy"
-    assert verdict([*checks, skipped("smooth_gradients", "disabled")]) == "suspicious: gradients (smooth_gradients not run)"
+    with_skipped = [*checks, skipped("smooth_gradients", "disabled")]
+    assert verdict(with_skipped) == "suspicious: gradients (smooth_gradients not run)"
     table = to_markdown(checks)
     assert table.startswith("| check | result | detail |") and "**FAIL**" in table and "suspicious" in table
 

@@ -248,7 +248,8 @@ def test_a_forward_returning_an_output_object_trains_as_its_logits(method, optio
 
 @pytest.mark.parametrize("forward, labels, said", [
     (lambda m, ids: (m(ids), None), None, "the model returns a tuple; attacks need logits alone"),
-    (lambda m, ids: m(ids), lambda y: y.float(), "labels must be a tensor of one integer per example, got torch.float32"),
+    (lambda m, ids: m(ids), lambda y: y.float(),
+     "labels must be a tensor of one integer per example, got torch.float32"),
     (lambda m, ids: m(ids), lambda y: y.tolist(), "labels must be a tensor of one integer per example, got list"),
     (lambda m, ids: m(ids), lambda y: y[:-1], "logits for 6 examples but there are 5 labels"),
     (lambda m, ids: m(ids), lambda y: y + 3, "labels must index the model's 3 outputs"),

@@ -303,8 +303,8 @@ def _results(meta, clean, robust, n, label, start, rows=None, extra=None, *, att
     method = meta.get("method", {}).get("name")
     if rift := meta.get("rift"):  # a RiFT result holds its source's method and epoch, and reads as that run without it
         method = f"{method} + RiFT ({rift['module']}, α {rift['alpha']:g})"
-    run = {"model": meta["model"]["name"], "dataset": meta["dataset"]["name"], "method": method, "epoch": meta.get("epoch"),
-           "epochs": meta.get("epochs_total") or meta.get("config", {}).get("epochs")}
+    run = {"model": meta["model"]["name"], "dataset": meta["dataset"]["name"], "method": method,
+           "epoch": meta.get("epoch"), "epochs": meta.get("epochs_total") or meta.get("config", {}).get("epochs")}
     return results_dict(run, clean, robust, n, label, start, rows, extra, attack=attack, command=_command())
 
 

@@ -72,8 +72,8 @@ def _percent(value) -> str:
 
 def table(rows: list[dict]) -> str:
     """A markdown table, then a line for each way in which the reports are not alike."""
-    lines = ["| run | model | method | epoch | images | clean | attack | AutoAttack | OOD mean | masking checks | training |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | model | method | epoch | images | clean | attack | AutoAttack | OOD mean | masking checks "
+             "| training |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         aa = _percent(r["autoattack"]) + (f" ({r['autoattack_n']})" if r["autoattack_n"] not in (None, r["n"]) else "")
         seconds = r["train_s"]

@@ -161,8 +161,9 @@ class EmbeddingAdversary:
 
     Call `step(forward, y, optimizer)` once per minibatch, where `forward()` runs the model on the batch
     and returns logits (or an output with `.logits`, as Hugging Face models return): it zeroes the
-    gradients, runs the method and steps the optimizer (FreeAT steps it m times). `backward(forward, y)` only accumulates the gradients, for loops that clip or accumulate
-    them before their own `optimizer.step()` (every method but FreeAT, which must step between replays).
+    gradients, runs the method and steps the optimizer (FreeAT steps it m times). `backward(forward, y)`
+    only accumulates the gradients, for loops that clip or accumulate them before their own
+    `optimizer.step()` (every method but FreeAT, which must step between replays).
     Both return, detached, the mean of the losses whose gradients the parameters got (fgm and pgd: clean
     and adversarial; free-at and freelb: every pass) and the last pass's logits, so the train loss and
     accuracy logged mean the same for every method. The model runs in the mode the caller left it in.
