@@ -117,7 +117,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=[m for _, m, _ in RUNS], choices=[m for _, m, _ in RUNS],
                    help="a subset of: " + ", ".join(m for _, m, _ in RUNS))
     p.add_argument("--eps", type=nonnegative(float), help="one training budget ε for every method instead of their defaults "
-                   "(PGD's step then ε/3); choose it on validation accuracy, never on the test set")
+                   "(PGD's step then ε/3). This script measures the test set only: do not compare ε values with "
+                   "it; choose ε with `robustlab eval RUN --split val` on the runs it trains")
     args = p.parse_args(argv)
     if args.data_dir and not Path(args.data_dir).expanduser().is_dir():  # a mistyped path once got a new corpus
         raise RobustlabError(f"--data-dir {args.data_dir}: no such folder (leave it out to use the user cache)")
