@@ -138,6 +138,14 @@ def check_model_takes(model: torch.nn.Module, x: torch.Tensor):
                              f"with float32 weights) or pass images of the weights' type") from None
 
 
+def check_label_vector(y, unit: str = "image"):
+    """One integer label per `unit`, as a 1-D tensor: (N, 1) labels broadcast against the predictions, and float or
+    list labels failed inside torch."""
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.is_floating_point():
+        got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise RobustlabError(f"labels must be a tensor of one integer per {unit}, got {got}")
+
+
 def check_labels(logits: torch.Tensor, y: torch.Tensor):
     """Labels that index the model's outputs. One beyond them made APGD, FAB-T, Square and AutoAttack count the
     image as broken before any attack, and cross-entropy fail in an IndexError."""

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from robustlab import distributed
-from robustlab.attacks.threat import check_in_box, check_labels, check_model_takes
+from robustlab.attacks.threat import check_in_box, check_label_vector, check_labels, check_model_takes
 from robustlab.data.datasets import images_and_labels
 from robustlab.errors import RobustlabError
 from robustlab.models import eval_mode, model_device
@@ -30,20 +30,19 @@ def correct_mask(model, images, labels, *, attack: Callable | None = None, batch
         raise RobustlabError(f"{len(images)} images but {len(labels)} labels")
     if isinstance(images, torch.Tensor) and images.is_floating_point():  # else a wrong clean accuracy, without a word
         check_in_box(images, "float images")
-    if not isinstance(labels, torch.Tensor) or labels.shape != (len(labels),) or labels.is_floating_point():
-        got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise RobustlabError(f"labels must be a tensor of one integer per image, got {got}")
+    check_label_vector(labels)
     device = device or model_device(model)
     n = len(labels)
     mask = torch.zeros(n, dtype=torch.uint8)
     batches = distributed.my_batches(math.ceil(n / batch_size))
     show = False if progress is None or not distributed.is_main() else show
     with eval_mode(model):
-        for b in progress_bar(batches, desc=progress, unit="batch", show=show, leave=False):
+        for i, b in enumerate(progress_bar(batches, desc=progress, unit="batch", show=show, leave=False)):
             rows = slice(b * batch_size, (b + 1) * batch_size)
             x = images[rows].to(device)
             x = x.float().div(255) if x.dtype == torch.uint8 else x
-            check_model_takes(model, x)
+            if i == 0:  # every batch has the images' type: one check (its probe pass, where it needs one) is enough
+                check_model_takes(model, x)
             y = labels[rows].to(device)
             if attack is not None:
                 x = attack(model, x, y, generator=torch.Generator(device).manual_seed(seed + b * 1_000_003))

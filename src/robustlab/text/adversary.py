@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustlab.attacks import attack_mode
-from robustlab.attacks.threat import check_labels, l2_unit, lp_norm, per_example
+from robustlab.attacks.threat import check_label_vector, check_labels, l2_unit, lp_norm, per_example
 from robustlab.errors import RobustlabError, check_choice, is_integer
 
 # Each method's options and their defaults (sources in the EmbeddingAdversary docstring).
@@ -138,9 +138,7 @@ def logits_of(output):
 def check_class_labels(logits, y):
     """What cross-entropy needs, said in one line instead of torch's IndexError (a CUDA assert on a GPU): N × classes
     logits and one class index per example (reading the largest is a host sync)."""
-    if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.dim() != 1:
-        got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
-        raise RobustlabError(f"labels must be a tensor of one integer per example, got {got}")
+    check_label_vector(y, "example")
     if isinstance(logits, torch.Tensor) and logits.dim() == 2 and len(logits) != len(y):
         raise RobustlabError(f"the forward pass gave logits for {len(logits)} examples but there are {len(y)} labels")
     check_labels(logits, y)
