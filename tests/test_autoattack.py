@@ -440,3 +440,20 @@ def test_fab_l2_projection_leaves_near_zero_weights_alone_when_the_plane_is_out_
     t, w, b = torch.tensor([[0.5, 0.5]]), torch.tensor([[1.0, 1e-10]]), torch.tensor([-10.0])
     d = project_on_hyperplane_box(t, w, b, "l2")
     assert d[0, 0] == pytest.approx(-0.5) and d[0, 1] == 0
+
+
+def test_a_resumed_evaluation_removes_the_temporaries_of_a_killed_save(tmp_path):
+    """A SIGKILL during a state save left .autoattack_state.safetensors.tmpPID (as large as the state) behind for
+    good: the training command removes its own on --resume, the evaluation never did."""
+    from robustlab.models import build_model
+    torch.manual_seed(0)
+    model = build_model("cnn-small", (1, 28, 28), 10, (0.5,), (0.25,)).eval()
+    x, y = torch.rand(6, 1, 28, 28), torch.arange(6)
+    state = tmp_path / "aa.safetensors"
+    stale = [tmp_path / ".aa.safetensors.tmp99999999", tmp_path / ".aa.json.tmp99999999"]
+    for path in stale:
+        path.write_bytes(b"cut short")
+    autoattack(model, x, y, eps=0.1, steps=2, queries=5, n_target_classes=3, batch_size=3, progress=False,
+               state_path=state)
+    assert state.exists() and not any(path.exists() for path in stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["aa.json", "aa.safetensors"]

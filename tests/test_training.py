@@ -229,6 +229,43 @@ def test_resume_restores_the_metrics_line_a_kill_lost(fmnist, tmp_path, damage):
     assert checkpoint.read_metrics(tmp_path) == [json.loads(l) for l in lines]
 
 
+@pytest.mark.parametrize("killed_after", ["last.safetensors", "last.json"])
+def test_a_kill_between_a_checkpoint_and_its_json_twin_leaves_them_agreeing_after_resume(fmnist, tmp_path, monkeypatch,
+                                                                                         killed_after):
+    """last.safetensors was replaced before last.json: a kill between the two in the last epoch left last.json one
+    epoch behind, and the resumed run, with nothing left to train, never wrote it again."""
+    real_write = checkpoint.atomic_write
+
+    def atomic_write(path, write):
+        real_write(path, write)
+        if path.name == killed_after and (json.loads(path.read_text()) if path.suffix == ".json"
+                                          else checkpoint.read_metadata(path))["epoch"] == 1:
+            raise KeyboardInterrupt  # the kill, right after this file of the last epoch
+    monkeypatch.setattr(checkpoint, "atomic_write", atomic_write)
+    with pytest.raises(KeyboardInterrupt):
+        small_trainer(tmp_path, epochs=2).fit()
+    monkeypatch.setattr(checkpoint, "atomic_write", real_write)
+    resumed = small_trainer(tmp_path, epochs=2)
+    assert resumed.resume()
+    resumed.fit()
+    for name in ("last", "best"):
+        twin = json.loads((tmp_path / f"{name}.json").read_text())
+        assert twin == checkpoint.read_metadata(tmp_path / f"{name}.safetensors"), name
+    assert checkpoint.read_metadata(tmp_path / "last.safetensors")["epoch"] == 1
+
+
+def test_resume_afresh_removes_the_temporaries_of_a_kill_during_the_first_checkpoint(fmnist, tmp_path):
+    """A SIGKILL while the first epoch's best.safetensors was being written left its temporary file (as large as a
+    checkpoint); --resume started the run afresh and removed temporaries only when it found a last.safetensors."""
+    from robustlab.cli import main
+    (tmp_path / "config.json").write_text("{}\n")
+    stale = tmp_path / ".best.safetensors.tmp99999999"
+    stale.write_bytes(b"cut short")
+    assert main(["train", "--data-dir", FMNIST, "--train-n", "64", "--val-n", "10", "--epochs", "1", "--steps", "1",
+                 "--threads", "1", "--precision", "fp32", "--out", str(tmp_path), "--resume"]) == 0
+    assert not stale.exists() and (tmp_path / "last.safetensors").exists()
+
+
 def test_learning_rate_schedules():
     assert learning_rate("one-cycle", 0.1, 0.0) == 0.0
     assert learning_rate("one-cycle", 0.1, 0.4) == pytest.approx(0.1)

@@ -2,10 +2,11 @@
 
 The metadata lives inside the safetensors header (so one file is self-contained) and beside it as a
 `.json` file for people to read. Both are written to a temporary file and renamed, so a run killed
-mid-write leaves the previous checkpoint intact.
+mid-write leaves the previous checkpoint intact; the twin is written first, so that the checkpoint is the commit.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -56,14 +57,27 @@ def atomic_write(path: Path, write):
             tmp.unlink()
 
 
+def remove_stale_temporaries(path) -> None:
+    """The temporary files of `atomic_write` for `path` and its .json twin that a killed process left behind (a
+    SIGKILL skips its cleanup), each as large as the file it was to replace."""
+    path = Path(path)
+    for name in (path.name, path.with_suffix(".json").name):
+        for stale in path.parent.glob(f".{glob.escape(name)}.tmp[0-9]*"):
+            if stale.name != f".{name}.tmp{os.getpid()}":
+                stale.unlink(missing_ok=True)
+
+
 def save(path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": FORMAT, "versions": versions(), **provenance.record(), **metadata}
     text = json.dumps(metadata, indent=1, sort_keys=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"robustlab": text}))
+    # The .json twin first, the checkpoint itself last: a kill between them leaves the previous checkpoint, whose
+    # work a resume repeats, writing both again; the other way round a kill after a run's last epoch left a twin
+    # one epoch behind its checkpoint for good (the resumed run had nothing left to write)
     atomic_write(path.with_suffix(".json"), lambda p: p.write_text(text + "\n"))
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"robustlab": text}))
 
 
 def read_metadata(path) -> dict:

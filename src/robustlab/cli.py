@@ -267,8 +267,6 @@ def _say_resumed(trainer, out: Path):
         print(f"{out} has trained all its {trainer.epochs} epochs; nothing to train", file=sys.stderr)
     else:
         print(f"resuming {out} after epoch {trainer.start_epoch}", file=sys.stderr)
-    for stale in out.glob(".*.tmp[0-9]*"):  # writes a SIGKILL cut short (checkpoint.save's temporaries)
-        stale.unlink(missing_ok=True)
 
 
 def fit(trainer, out: Path, resume: bool) -> int:
@@ -279,6 +277,9 @@ def fit(trainer, out: Path, resume: bool) -> int:
             _say_resumed(trainer, out)
     elif resume and distributed.is_main():  # stopped in its first epoch or while reading its data (cmd_train checked)
         print(f"{out} holds no finished epoch; starting it afresh", file=sys.stderr)
+    if resume and distributed.is_main():  # also a run started afresh: killed while writing its first checkpoints
+        for stale in out.glob(".*.tmp[0-9]*"):  # writes a SIGKILL cut short (checkpoint.save's temporaries)
+            stale.unlink(missing_ok=True)
     output_dir(out)
     requested = trainer.config.epochs
     if getattr(trainer, "epochs", requested) != requested and distributed.is_main():  # FreeAT: say so, not only in docs

@@ -101,8 +101,10 @@ class _State:
         self.stage, self.batch = 0, 0
         self.stage_accuracy: dict[str, float] = {}
         self.seconds = {s: 0.0 for s in STAGES}
-        if self.path is not None and self.path.exists():
-            self._load()
+        if self.path is not None:
+            checkpoint.remove_stale_temporaries(self.path)  # of an evaluation killed while saving
+            if self.path.exists():
+                self._load()
 
     def _load(self):
         tensors, meta = _load_state(self.path)
