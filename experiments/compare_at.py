@@ -32,7 +32,7 @@ from robustlab.checkpoint import read_metrics
 from robustlab.attacks import pgd
 from robustlab.cli import OneLineParser, nonnegative, positive
 from robustlab.data import load_dataset
-from robustlab.errors import run_script
+from robustlab.errors import RobustlabError, output_dir, run_script
 from robustlab.evaluate import accuracy
 from robustlab.models import fast_memory_format
 from robustlab.protocol import threat_defaults
@@ -272,11 +272,17 @@ def main(argv=None) -> int:
                    help="training precision: fp32 (the earlier tables), bf16, or auto (bf16 where the CPU has bf16 units)")
     args = p.parse_args(argv)
     args.options = parse_options(args.option, p)
+    for method, options in args.options.items():  # a value of the wrong type failed deep inside, after other methods ran
+        try:
+            make_method(method, DATASET, "linf", **options)
+        except RobustlabError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise RobustlabError(f"--option for {method}: {exc}") from None
     args.precision = resolve_precision(args.precision, "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out)
     if args.step_times:
         (out / "step_times.json").write_text(json.dumps(
             {"times": step_times(args.methods, args), "machine": machine(), "commit": commit(),

@@ -24,7 +24,7 @@ def robustlab(*args):
     (["train", "--norm", "l7", "--out", "x"], ["norm", "linf"]),
     (["train", "--lr", "nan", "--out", "x"], ["--lr", "finite", "nan"]),  # nan <= 0 is False: once let through
     (["train", "--eps", "inf", "--out", "x"], ["--eps", "finite", "inf"]),
-    (["train", "--momentum", "-0.9", "--out", "x"], ["--momentum", ">= 0"]),
+    (["train", "--momentum", "-0.9", "--out", "x"], ["--momentum", "from 0 to below 1"]),
     # argparse said "invalid parse value", naming the type function
     (["train", "--epochs", "ten", "--out", "x"], ["--epochs: must be a whole number > 0, got ten"]),
     (["train", "--method", "pgd-at", "--init-mag", "0.5", "--out", "x"], ["--method pgd-at takes no --init-mag"]),
@@ -75,9 +75,17 @@ def robustlab(*args):
      ["--width applies to preact-resnet18", "not cnn-small"]),
     (["train", "--model", "wrn-28-10", "--width", "4", "--out", "x"],  # named its builder's depth and widen
      ["--width applies to", "resnet18", "not wrn-28-10"]),
+    # an empty value meant the default (--method '' trained PGD-AT) or the current folder (--out '' wrote there)
+    (["train", "--method", "", "--out", "x"], ["--method is empty"]),
+    (["train", "--out", ""], ["--out is empty"]),
+    (["eval", ""], ["RUN is empty"]),
+    (["train", "--method", "yopo", "--first-layer", "", "--out", "x"], ["--first-layer is empty"]),
+    # momentum 5 trained until the loss diverged, then advised a smaller --lr
+    (["train", "--momentum", "1", "--out", "x"], ["--momentum", "from 0 to below 1", "got 1"]),
+    (["rift", "no/such/run", "--out", "x", "--momentum", "5"], ["--momentum", "below 1"]),
 ])
 def test_bad_input_is_one_line_and_status_2(args, words, tmp_path):
-    if "--out" in args:
+    if "--out" in args and args[args.index("--out") + 1] == "x":
         args[args.index("--out") + 1] = str(tmp_path / "run")
     result = robustlab(*args)
     assert result.returncode == 2
@@ -544,3 +552,64 @@ def test_bench_takes_the_same_options_from_the_cli_and_the_script():
     script = subprocess.run([sys.executable, "benchmarks/bench.py", *tiny[:-2]], cwd=root, capture_output=True,
                             text=True, env={**os.environ, "PYTHONPATH": os.path.join(root, "src")})
     assert script.returncode == 0 and "textbook" in script.stdout and "{" not in script.stderr, script.stderr[-2000:]
+
+
+def test_summary_plot_without_a_format_is_refused(tmp_path):
+    """matplotlib wrote FILE.png (`--plot /etc` wrote /etc.png) while the command said "plot: FILE"."""
+    from types import SimpleNamespace
+
+    from robustlab.errors import RobustlabError
+    from robustlab.evaluate import summary
+    for plot in (str(tmp_path / "summary"), str(tmp_path), ""):
+        with pytest.raises(RobustlabError, match="names no file with a format"):
+            summary.cmd_summary(SimpleNamespace(runs=[], plot=plot, json=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("field,value", [("num_classes", "ten"), ("mean", "x"), ("input_shape", "1x28x28")])
+def test_checkpoint_metadata_of_the_wrong_type_is_a_one_line_error(field, value, tmp_path):
+    """Hand-edited metadata whose fields exist but have the wrong type was a TypeError traceback from torch."""
+    from robustlab.errors import RobustlabError
+    from robustlab.training.run import model_from_meta
+    meta = {"model": {"name": "cnn-small", "kwargs": {}},
+            "dataset": {"input_shape": [1, 28, 28], "num_classes": 10, "mean": [0.5], "std": [0.5]}}
+    meta["dataset"][field] = value
+    with pytest.raises(RobustlabError, match="its metadata describes no model that can be built.*damaged"):
+        model_from_meta(meta, "x.safetensors")
+
+
+@pytest.mark.parametrize("steps", [0, "abc", -3])
+def test_make_method_checks_steps_before_dividing_by_it(steps):
+    """ZeroDivisionError or TypeError in protocol.step_for (Python API, compare_at.py --option pgd-at.steps=0)."""
+    from robustlab.errors import RobustlabError
+    from robustlab.training.run import make_method
+    with pytest.raises(RobustlabError, match="steps must be an integer >= 1"):
+        make_method("pgd-at", "fashion-mnist", "linf", steps=steps)
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_before_any_attack(tmp_path):
+    """NaN weights gave logits of NaN, read as class 0: `eval` reported 6.25% clean and robust and exited 0."""
+    from robustlab import checkpoint
+    from robustlab.errors import RobustlabError
+    from robustlab.models import build_model
+    from robustlab.training.run import load_model
+    model = build_model("cnn-small", (1, 28, 28), 10, (0.5,), (0.25,))
+    tensors = checkpoint.prefixed("model.", model.state_dict())
+    tensors["model.net.conv1.weight"][0, 0, 0, 0] = float("nan")
+    meta = {"model": {"name": "cnn-small", "kwargs": {}},
+            "dataset": {"name": "fashion-mnist", "input_shape": [1, 28, 28], "num_classes": 10, "mean": [0.5], "std": [0.25]}}
+    checkpoint.save(tmp_path / "best.safetensors", tensors, meta)
+    with pytest.raises(RobustlabError, match=r"best.safetensors: model.net.conv1.weight hold NaN or infinite values"):
+        load_model(tmp_path)
+    tensors["model.net.conv1.weight"][0, 0, 0, 0] = 0.0
+    checkpoint.save(tmp_path / "best.safetensors", tensors, meta)
+    assert load_model(tmp_path).training is False
+
+
+def test_momentum_of_one_or_more_is_refused_from_python_too():
+    from robustlab.errors import RobustlabError
+    from robustlab.training import TrainConfig
+    for value in (1.0, 5.0, -0.1):
+        with pytest.raises(RobustlabError, match="momentum must be from 0 to below 1"):
+            TrainConfig(momentum=value).validate()
+    TrainConfig(momentum=0.0).validate()

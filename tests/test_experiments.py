@@ -439,3 +439,26 @@ def test_the_recorded_machine_names_its_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA H200")
     assert ", 2× NVIDIA H200, torch " in provenance.machine()
+
+
+@pytest.mark.parametrize("option,words", [("pgd-at.steps=0", "steps must be an integer >= 1"),
+                                          ("free-at.replays=abc", "--option for free-at"),
+                                          ("trades.beta=abc", "--option for trades")])
+def test_compare_at_option_values_are_checked_before_training(option, words, tmp_path, capsys, monkeypatch):
+    """A value of the wrong type was a traceback from deep inside build_trainer, after other methods had trained."""
+    compare = load_script("compare_at")
+    monkeypatch.setattr(sys, "argv", ["compare_at.py"])
+    method = option.split(".")[0]
+    code = compare.run_script(lambda: compare.main(["--out", str(tmp_path / "c"), "--methods", method, "--option", option,
+                                                    "--train-n", "8", "--val-n", "8", "--n", "8", "--epochs", "1"]))
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and words in err, err
+    assert not (tmp_path / "c").exists()
+
+
+def test_compare_at_out_on_a_file_is_one_line(tmp_path, capsys, monkeypatch):
+    compare = load_script("compare_at")
+    (tmp_path / "f").write_text("x")
+    monkeypatch.setattr(sys, "argv", ["compare_at.py"])
+    code = compare.run_script(lambda: compare.main(["--out", str(tmp_path / "f"), "--methods", "pgd-at"]))
+    assert code == 2 and "cannot make a folder there" in capsys.readouterr().err

@@ -140,3 +140,41 @@ def test_sixteen_bit_grayscale_images_are_scaled_not_clipped(tmp_path):
     Image.fromarray(ramp).save(tmp_path / "a" / "0.ppm")  # 16-bit grayscale (P5): opens in Pillow's mode "I"
     (tmp_path / "a" / "0.png").unlink()
     assert torch.equal(ImageFolder(tmp_path, mode="L")[0][0][0], torch.from_numpy(np.round(ramp / 257).astype(np.uint8)))
+
+
+def _npy_dataset(root, train_labels, test_labels=None):
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    train_labels = np.asarray(train_labels, dtype=np.int64)
+    test_labels = train_labels[:4] if test_labels is None else np.asarray(test_labels, dtype=np.int64)
+    np.save(root / "train_images.npy", rng.integers(0, 256, (len(train_labels), 4, 4, 3), dtype=np.uint8))
+    np.save(root / "train_labels.npy", train_labels)
+    np.save(root / "test_images.npy", rng.integers(0, 256, (len(test_labels), 4, 4, 3), dtype=np.uint8))
+    np.save(root / "test_labels.npy", test_labels)
+    return root
+
+
+@pytest.mark.parametrize("labels,message", [
+    # np.bincount up to the largest label: 7.5 GiB for a label of 10**9, killed by the kernel
+    ([0] * 9 + [10 ** 9], r"classes 1, 2, .*, 10 and 999999989 more of 0\.\.1000000000 have no training images"),
+    ([0] * 9 + [100_000], r"classes 1, .*, 10 and 99989 more of"),  # a 690,000-character line listed every one
+    ([-1] * 10, r"labels are class indices from 0, found -1"),  # said "labels must lie in 0..-1"
+    ([3] * 10, r"every training label is 3; a classifier needs at least two classes"),
+    ([0] * 10, r"every training label is 0"),  # trained to 100% clean and robust accuracy without a word
+])
+def test_npy_labels_are_checked_without_allocating_per_class_and_in_one_short_line(labels, message, tmp_path):
+    from robustlab.data.folder import _npy_sets
+    with pytest.raises(RobustlabError, match=message) as info:
+        _npy_sets(_npy_dataset(tmp_path / "d", labels))
+    assert len(str(info.value)) < 300
+
+
+def test_an_image_folder_of_one_class_is_refused(tmp_path):
+    from robustlab.data.folder import _folder_sets
+    for split in ("train", "test"):
+        _folder(tmp_path / split)
+        for f in (tmp_path / split / "dog").iterdir():
+            f.unlink()
+        (tmp_path / split / "dog").rmdir()
+    with pytest.raises(RobustlabError, match=r"1 class folder \(cat\); a classifier needs at least two classes"):
+        _folder_sets(tmp_path, None, False)

@@ -409,7 +409,7 @@ def robustlab(*args):
     (["rift", "BNFREE", "--out", "OUT", "--bn", "keep"], ["--bn keep", "no BatchNorm"]),
     (["mrc", "RUN", "--out", "FILE"], ["--out", "cannot make a folder"]),
     (["rift", "RUN", "--out", "OUT", "--mrc-dir", "FILE"], ["--mrc-dir", "cannot make a folder"]),  # a traceback
-    (["rift", "RUN", "--module", "", "--out", "OUT"], ["unknown module ''"]),  # took the lowest MRC silently
+    (["rift", "RUN", "--module", "", "--out", "OUT"], ["--module is empty"]),  # took the lowest MRC silently
 ])
 def test_bad_input_is_one_line_and_status_2(tiny_run, bn_free_run, tmp_path, capsys, args, words):
     (tmp_path / "file").write_text("")

@@ -37,6 +37,12 @@ class OneLineParser(argparse.ArgumentParser):
         say_error(message, "robustlab" if self.prog.split()[0] == "robustlab" else self.prog)
         self.exit(2)
 
+    def _get_value(self, action, arg_string):
+        # An empty value silently meant the default (`--method ''` trained PGD-AT) or the current folder (`--out ''`).
+        if arg_string == "" and action.nargs not in (argparse.PARSER, argparse.REMAINDER):  # (the subcommand's own)
+            self.error(f"{'/'.join(action.option_strings) or action.metavar or action.dest.upper()} is empty; give a value")
+        return super()._get_value(action, arg_string)
+
 
 def _at_least_zero(kind, zero_allowed: bool):
     what = f"{'a whole' if kind is int else 'a finite'} number {'>=' if zero_allowed else '>'} 0"
@@ -63,6 +69,18 @@ def nonnegative(kind):
 def given(options) -> list[str]:
     """The names among (name, value) pairs whose value says the option was given (not None, not False)."""
     return [name for name, value in options if value is not None and value is not False]  # 0 is a value
+
+
+def momentum(text):
+    """SGD's momentum: 0 to just below 1 (at 1 or more the step grows without bound, which the run then reports as a
+    divergence to be cured by a smaller --lr)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to below 1, got {text}")
+    return value
 
 
 def seed(text):
@@ -164,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=positive(int), default=128, help="default 128")
     t.add_argument("--optimizer", default="sgd", help="sgd (default) or adam")
     t.add_argument("--lr", type=positive(float), default=0.05, help="learning rate, the peak of one-cycle (default 0.05)")
-    t.add_argument("--momentum", type=nonnegative(float), default=0.9, help="SGD momentum (default 0.9)")
+    t.add_argument("--momentum", type=momentum, default=0.9, help="SGD momentum (default 0.9)")
     t.add_argument("--weight-decay", type=nonnegative(float), default=5e-4, help="default 5e-4")
     t.add_argument("--schedule", default="one-cycle", help=", ".join(SCHEDULES) + " (default one-cycle)")
     t.add_argument("--augment", help="none, crop, crop-flip (default: the dataset's)")

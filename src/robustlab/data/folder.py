@@ -201,6 +201,9 @@ def _folder_sets(root: Path, image_size, grayscale: bool):
     if test.classes != train.classes:
         raise RobustlabError(f"{test_dir} has classes {test.classes[:5]}... but {root / 'train'} has "
                              f"{train.classes[:5]}...; both splits need the same class folders")
+    if len(train.classes) < 2:  # trained to 100% clean and "robust" accuracy without a word
+        raise RobustlabError(f"{root / 'train'} has {len(train.classes)} class folder ({', '.join(train.classes)}); a "
+                             "classifier needs at least two classes")
     return train, test, tuple(train.classes)
 
 
@@ -216,15 +219,24 @@ def _npy_sets(root: Path):
         raise RobustlabError(f"{root}: training images are {train.images.shape[1:]} but test images "
                              f"{test.images.shape[1:]} (H×W×C)")
     labels = np.concatenate([np.asarray(train.labels), np.asarray(test.labels)])
+    if labels.size and labels.min() < 0:  # "labels must lie in 0..-1" once, where every training label was negative
+        raise RobustlabError(f"{root}: labels are class indices from 0, found {labels.min()}")
     num_classes = int(np.asarray(train.labels).max()) + 1
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    if labels.size and labels.max() >= num_classes:
         raise RobustlabError(f"{root}: labels must lie in 0..{num_classes - 1} (the training labels' range), "
                              f"found {labels.min()}..{labels.max()}")
-    if empty := np.flatnonzero(np.bincount(np.asarray(train.labels), minlength=num_classes) == 0).tolist():
-        hint = " (labels counted from 1? subtract 1)" if empty == [0] else ""
-        raise RobustlabError(f"{root}: class{'es' if len(empty) > 1 else ''} {', '.join(map(str, empty))} of "
-                             f"0..{num_classes - 1} {'have' if len(empty) > 1 else 'has'} no training images: an empty "
-                             f"class would still get an output{hint}")
+    # np.unique, not np.bincount up to the largest label: a label of 10**9 allocated 7.5 GiB and was killed
+    present = np.unique(np.asarray(train.labels))
+    if len(present) < 2:
+        raise RobustlabError(f"{root}: every training label is {present[0]}; a classifier needs at least two classes")
+    if len(present) < num_classes:
+        empty = np.setdiff1d(np.arange(min(num_classes, len(present) + 10)), present)[:10].tolist()  # the first ten
+        missing = num_classes - len(present)
+        hint = " (labels counted from 1? subtract 1)" if missing == 1 and empty == [0] else ""
+        listed = ", ".join(map(str, empty)) + (f" and {missing - len(empty)} more" if missing > len(empty) else "")
+        raise RobustlabError(f"{root}: class{'es' if missing > 1 else ''} {listed} of 0..{num_classes - 1} "
+                             f"{'have' if missing > 1 else 'has'} no training images: an empty class would still get "
+                             f"an output{hint}")
     return train, test, tuple(str(c) for c in range(num_classes))
 
 

@@ -150,6 +150,9 @@ def cmd_summary(args) -> int:
     reports = [read_report(where) for where in args.runs]
     rows = distinct_names([summarize(*r) for r in reports], [folder for _, _, folder in reports])
     measure = None
+    if args.plot is not None and not Path(args.plot).suffix:  # matplotlib wrote FILE.png; "plot: FILE" was said
+        raise RobustlabError(f"--plot {args.plot!r} names no file with a format; give one such as summary.png, .pdf or "
+                             ".svg")
     if args.plot:
         try:
             Path(args.plot).parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ def _learning_rates(text) -> tuple[float, ...]:
 
 
 def add_parsers(sub):
-    from robustlab.cli import nonnegative, positive, seed
+    from robustlab.cli import momentum, nonnegative, positive, seed
     from robustlab.rift.mrc import MRCConfig
 
     def points(text):  # accuracy points: a tolerance above 100 tolerates anything
@@ -72,7 +72,7 @@ def add_parsers(sub):
     r.add_argument("--epochs", type=positive(int), default=10, help="fine-tuning epochs; the learning rate drops "
                    "10× after half of them (reference: 10)")
     r.add_argument("--batch-size", type=positive(int), default=128, help="fine-tuning batch size (128)")
-    r.add_argument("--momentum", type=nonnegative(float), default=0.9, help="SGD momentum (reference: 0.9)")
+    r.add_argument("--momentum", type=momentum, default=0.9, help="SGD momentum (reference: 0.9)")
     r.add_argument("--weight-decay", type=nonnegative(float), default=5e-4, help="weight decay (reference: 5e-4)")
     r.add_argument("--augment", help="none, crop, crop-flip (default: the source run's, else the dataset's)")
     r.add_argument("--bn", default="update",

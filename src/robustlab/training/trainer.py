@@ -77,6 +77,8 @@ class TrainConfig:
                                  "of which trains on a share of every batch")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise RobustlabError(f"learning rate must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:  # at 1 or more the step grows without bound
+            raise RobustlabError(f"momentum must be from 0 to below 1, got {self.momentum}")
         if self.workers < 0:
             raise RobustlabError(f"workers must be >= 0, got {self.workers}")
         if self.keep_every is not None and self.keep_every <= 0:
