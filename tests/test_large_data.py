@@ -159,6 +159,15 @@ def test_train_on_a_folder_then_eval_from_the_run_alone(folder, tmp_path):
     assert result["n"] == 20 and 0 <= result["robust"] <= result["clean"] <= 1
     model = load_model(run)
     assert model(torch.rand(2, 3, 10, 10)).shape == (2, 3)
+    # other data in the same format: other classes were measured without a word
+    import shutil
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    for split in ("train", "test"):
+        (other / split / "red").rename(other / split / "yellow")
+    refused = robustlab("eval", str(run), "--data-dir", str(other), "--n", "20", "--threads", "1")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "class names (blue, green, yellow) but the run was trained on (blue, green, red)" in refused.stderr
 
 
 @pytest.mark.parametrize("dataset,data_dir,words", [

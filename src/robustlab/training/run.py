@@ -116,8 +116,17 @@ def run_dataset(meta: dict, data_dir=None) -> Splits:
     (with its folder options: image size, grayscale), else the dataset's usual places."""
     info = meta["dataset"]
     refuse_text_run(meta)
-    return load_dataset(info["name"], data_dir=data_dir or info.get("data_dir"), val_size=info.get("val_size"),
+    data = load_dataset(info["name"], data_dir=data_dir or info.get("data_dir"), val_size=info.get("val_size"),
                         seed=info.get("split_seed", 0), **info.get("options", {}))
+    # Other data in the run's format: a folder of other classes was measured without a word, one of more classes
+    # failed in the attack's label check, after the clean pass.
+    for what in ("class_names", "input_shape"):
+        found, trained = list(getattr(data.info, what)), info.get(what)
+        if trained is not None and found != list(trained):
+            shown = [", ".join(map(str, v[:5])) + (", …" if len(v) > 5 else "") for v in (found, trained)]
+            raise RobustlabError(f"the data read has {what.replace('_', ' ')} ({shown[0]}) but the run was trained on "
+                                 f"({shown[1]}); point --data-dir at the run's own data")
+    return data
 
 
 THREAT_KEYS = ("eps", "norm", "steps", "step_size")
