@@ -80,6 +80,9 @@ def robustlab(*args):
     (["train", "--out", ""], ["--out is empty"]),
     (["eval", ""], ["RUN is empty"]),
     (["train", "--method", "yopo", "--first-layer", "", "--out", "x"], ["--first-layer is empty"]),
+    # failed at the first training step, naming the keyword (first_layer) and no layer the model has
+    (["train", "--method", "yopo", "--model", "mlp", "--train-n", "64", "--out", "x"],
+     ["--first-layer 'net.conv1' is no layer of the model", "'net.fc1'"]),
     # momentum 5 trained until the loss diverged, then advised a smaller --lr
     (["train", "--momentum", "1", "--out", "x"], ["--momentum", "from 0 to below 1", "got 1"]),
     (["rift", "no/such/run", "--out", "x", "--momentum", "5"], ["--momentum", "below 1"]),
@@ -457,6 +460,10 @@ def test_damaged_checkpoint_metadata_and_a_failed_write_are_one_line_errors(tmp_
             checkpoint.read_metadata(tmp_path / "bad.safetensors")
     result = robustlab("eval", str(tmp_path / "bad.safetensors"))
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "damaged" in result.stderr, result.stderr
+    checkpoint.save(tmp_path / "bad.safetensors", {"a": torch.zeros(2)}, {"config": "x"})  # failed after the attacks
+    from robustlab import load_model
+    with pytest.raises(RobustlabError, match="its metadata field config is not a JSON object; the file is damaged"):
+        load_model(tmp_path / "bad.safetensors")
 
     path = tmp_path / "run" / "last.safetensors"
     checkpoint.save(path, {"w": torch.ones(3)}, {"epoch": 0})
@@ -491,9 +498,16 @@ def test_training_step_follows_changed_eps_and_steps(overrides, step):
 def test_demo_of_another_length_and_ctrl_c_in_the_first_epoch_say_what_is_true(tmp_path, monkeypatch, capsys):
     from robustlab import checkpoint, cli
     out = tmp_path / "demo"
-    checkpoint.save(out / "last.safetensors", {"w": torch.zeros(1)}, {"kind": "last", "config": {"epochs": 1}})
+    demo = {"method": {"name": "pgd-at"}, "model": {"name": "cnn-small"}, "dataset": {"name": "fashion-mnist"}}
+    checkpoint.save(out / "last.safetensors", {"w": torch.zeros(1)}, {"kind": "last", "config": {"epochs": 1}, **demo})
     assert cli.main(["demo", "--out", str(out), "--epochs", "2"]) == 2
     assert "holds a demo run of 1 epochs: `robustlab demo --epochs 1` continues it" in capsys.readouterr().err
+    # another command's run: train's "--resume: ... other settings" named options the user never gave
+    checkpoint.save(out / "last.safetensors", {"w": torch.zeros(1)},
+                    {"kind": "last", "config": {"epochs": 2}, **demo, "method": {"name": "trades"}})
+    assert cli.main(["demo", "--out", str(out), "--epochs", "2"]) == 2
+    assert "holds a run the demo did not train (trades, cnn-small, fashion-mnist); choose another --out" in \
+        capsys.readouterr().err
 
     def interrupted(args):
         raise KeyboardInterrupt

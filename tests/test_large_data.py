@@ -168,6 +168,12 @@ def test_train_on_a_folder_then_eval_from_the_run_alone(folder, tmp_path):
     refused = robustlab("eval", str(run), "--data-dir", str(other), "--n", "20", "--threads", "1")
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
     assert "class names (blue, green, yellow) but the run was trained on (blue, green, red)" in refused.stderr
+    shutil.move(folder, tmp_path / "moved")  # said "--dataset folder: no folders train/ …", flags never typed
+    try:
+        gone = robustlab("eval", str(run), "--n", "20", "--threads", "1")
+    finally:
+        shutil.move(tmp_path / "moved", folder)
+    assert gone.returncode == 2 and f"the run's data folder {folder} is gone; point --data-dir at its data" in gone.stderr
 
 
 @pytest.mark.parametrize("dataset,data_dir,words", [

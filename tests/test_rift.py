@@ -143,8 +143,10 @@ def test_finetuning_changes_only_the_module_and_batchnorm_statistics(tiny_run, s
     other = load_model(tiny_run / "last.safetensors")
     with torch.no_grad():
         next(other.parameters()).add_(0.01)
-    with pytest.raises(RobustlabError, match="other settings"):
+    with pytest.raises(RobustlabError, match=r"other settings \(weights started from '\w+' → '\w+'\)"):  # said no more
         finetune(other, "layer3.1.conv2", small, tmp_path, meta, lr=0.05, epochs=1, train_n=128, bn=bn, show=False)
+    with pytest.raises(RobustlabError, match=r"other settings \(epochs 1 → 2\)"):
+        finetune(model, "layer3.1.conv2", small, tmp_path, meta, lr=0.05, epochs=2, train_n=128, bn=bn, show=False)
 
 
 def test_several_modules_fine_tuned_together_are_the_only_ones_changed(tiny_run, small, tmp_path, one_thread):

@@ -17,6 +17,7 @@ from robustlab.text.adversary import ascend, project
 from robustlab.text.corpus import build_corpus, corpus_rows, load_corpus, split_of
 from robustlab.text.training import load_text_model, make_text_method, text_accuracy
 
+FMNIST = "/usr/share/datasets/fashion-mnist"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -483,6 +484,9 @@ def test_cli_trains_a_text_model_and_rejects_bad_options(tmp_path, capsys):
     assert text_accuracy(model, data.test) > 0.5
     assert main(args + ["--resume"]) == 0  # nothing left to train; resumes cleanly
     capsys.readouterr()
+    # an image training pointed at it named the method ("'freelb', not 'pgd-at'"), not the task
+    assert main(["train", "--data-dir", FMNIST, "--train-n", "64", "--out", str(out), "--resume"]) == 2
+    assert "is a text run; resume it with --task text" in capsys.readouterr().err
 
     # `robustlab eval` reads a text run (the data folder from its metadata) and writes the usual report
     assert main(["eval", str(out), "--steps", "3", "--sweep-n", "20", "--json", "--threads", "1"]) == 0

@@ -392,9 +392,15 @@ def cmd_demo(args) -> int:
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     data += ["--threads", str(args.threads)] if args.threads else []
     resume = ["--resume"] if (out / "last.safetensors").exists() else []
-    if resume and (was := checkpoint.read_metadata(out / "last.safetensors").get("config", {}).get("epochs")) != args.epochs:
-        raise RobustlabError(f"{out} holds a demo run of {was} epochs: `robustlab demo --epochs {was}` continues it; "
-                             "for another length choose another --out")
+    if resume:
+        meta = checkpoint.read_metadata(out / "last.safetensors")
+        found = (meta.get("method", {}).get("name"), meta.get("model", {}).get("name"), meta.get("dataset", {}).get("name"))
+        if found != ("pgd-at", "cnn-small", "fashion-mnist"):  # else train's "--resume: other settings", unasked for
+            raise RobustlabError(f"{out} holds a run the demo did not train ({', '.join(map(str, found))}); choose "
+                                 "another --out")
+        if (was := meta.get("config", {}).get("epochs")) != args.epochs:
+            raise RobustlabError(f"{out} holds a demo run of {was} epochs: `robustlab demo --epochs {was}` continues "
+                                 "it; for another length choose another --out")
     print(f"[1/2] PGD adversarial training of cnn-small on Fashion-MNIST ({args.epochs} epochs) -> {out}")
     code = main(["train", "--epochs", str(args.epochs), *DEMO_TRAIN, *data, *resume, "--out", str(out)])
     if code:

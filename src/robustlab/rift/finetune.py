@@ -19,6 +19,7 @@ kind of input the robust model's own statistics were measured on.
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -110,8 +111,14 @@ def finetune(model: nn.Module, module: str, data: Splits, out_dir, run_meta: dic
                       show_progress=show)
     if (out / "last.safetensors").exists():
         meta = checkpoint.read_metadata(out / "last.safetensors")
-        if meta.get("config") != asdict(config) or meta.get("method") != {"name": method.name, **method.config()}:
-            raise RobustlabError(f"{out} holds a fine-tuning run with other settings; "
+        def settings(config: dict, method: dict) -> dict:  # one level, so that a difference is named by its key
+            return {**{k: v for k, v in config.items() if k != "extra"}, **config.get("extra", {}),
+                    **{f"method.{k}": v for k, v in method.items()}}
+        saved = settings(meta.get("config") or {}, meta.get("method") or {})
+        now = json.loads(json.dumps(settings(asdict(config), {"name": method.name, **method.config()})))
+        if changed := [f"{'weights started from' if k == 'start' else k} {saved.get(k)!r} → {now.get(k)!r}"
+                       for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]:
+            raise RobustlabError(f"{out} holds a fine-tuning run with other settings ({'; '.join(changed)}); "
                                  "remove it or choose another --out")
         trainer.resume()
     start = time.perf_counter()

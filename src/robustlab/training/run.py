@@ -91,6 +91,10 @@ def load_model(path, which: str | None = None) -> torch.nn.Module:
     that `robustlab eval` attacks it in (channels_last where that is safe: 1.6× faster PGD on cnn-small here)."""
     file = resolve_checkpoint(path, which)
     tensors, meta = checkpoint.load(file)
+    if fields := [k for k in ("model", "dataset", "method", "config", "metrics") if not isinstance(meta.get(k, {}), dict)]:
+        # else an AttributeError wherever the field is first read, for `eval` after its attacks had run
+        raise RobustlabError(f"{file}: its metadata field{'s' if len(fields) > 1 else ''} {', '.join(fields)} "
+                             f"{'are' if len(fields) > 1 else 'is'} not a JSON object; the file is damaged")
     damaged = [k for k, v in tensors.items() if k.startswith("model.") and v.is_floating_point() and not v.isfinite().all()]
     if damaged:  # else every attack "measures" such a model: NaN logits read as class 0, a plausible 6% accuracy
         raise RobustlabError(f"{file}: {', '.join(damaged[:3])}{f' and {len(damaged) - 3} more' if len(damaged) > 3 else ''}"
@@ -116,6 +120,8 @@ def run_dataset(meta: dict, data_dir=None) -> Splits:
     (with its folder options: image size, grayscale), else the dataset's usual places."""
     info = meta["dataset"]
     refuse_text_run(meta)
+    if data_dir is None and info.get("data_dir") and not Path(info["data_dir"]).exists():  # else "--dataset folder: …"
+        raise RobustlabError(f"the run's data folder {info['data_dir']} is gone; point --data-dir at its data")
     data = load_dataset(info["name"], data_dir=data_dir or info.get("data_dir"), val_size=info.get("val_size"),
                         seed=info.get("split_seed", 0), **info.get("options", {}))
     # Other data in the run's format: a folder of other classes was measured without a word, one of more classes

@@ -170,6 +170,9 @@ def check_resumable(path: Path, meta: dict, backend: str, method: Method, config
     if saved_backend != backend:
         raise RobustlabError(f"{path} was trained with the {saved_backend} backend; resume it with --backend "
                              f"{saved_backend}")
+    if run_meta is not None and (was := meta.get("task") or "image") != (now := run_meta.get("task") or "image"):
+        raise RobustlabError(f"{path} is a{'n' if was == 'image' else ''} {was} run; resume it with --task {was}, or "
+                             f"start the {now} run with another --out")
     if meta.get("method", {}).get("name") != method.name:
         raise RobustlabError(f"{path} was trained with method {meta['method']['name']!r}, not {method.name!r}")
     saved = {**{f"method.{k}": v for k, v in meta["method"].items() if k not in method.resumable_changes},

@@ -26,8 +26,9 @@ def named_layer(model: nn.Module, path: str) -> nn.Module:
     try:
         layer = model.get_submodule(path)
     except AttributeError:
-        raise RobustlabError(f"the model has no layer {path!r}; name its first layer (first_layer), "
-                             f"e.g. 'net.conv1' for robustlab's models") from None
+        layers = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))][:3]
+        raise RobustlabError(f"first_layer {path!r} is no layer of the model; name its first layer, e.g. "
+                             f"{' or '.join(map(repr, layers)) or repr('net.conv1')}") from None
     if not any(p.requires_grad for p in layer.parameters()):
         raise RobustlabError(f"layer {path!r} has no trainable parameters; YOPO needs the first layer with weights")
     return layer
@@ -144,6 +145,10 @@ class YOPO(Method):
         self.outer, self.inner, self.first_layer = int(outer), int(inner), first_layer
         self.first_layer_grad = first_layer_grad
         self._threat = make_threat(norm, eps, step_size)
+
+    def init_run_state(self, model, config):
+        named_layer(model, self.first_layer)  # a wrong name fails before training, not at its first step
+        return {}
 
     # H(η) = ⟨p, f₀(x + η)⟩ is never formed: its gradients are vector-Jacobian products of f₀ with p
     # (`grad_outputs=p`), which skips a product and a sum over the first layer's whole output per step.
