@@ -19,7 +19,6 @@ kind of input the robust model's own statistics were measured on.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -35,7 +34,7 @@ from robustlab.evaluate.accuracy import accuracy
 from robustlab.models import classifier_modules, model_device
 from robustlab.progress import progress
 from robustlab.training.methods import Method, StepResult
-from robustlab.training.trainer import TrainConfig, Trainer
+from robustlab.training.trainer import TrainConfig, Trainer, changed_settings
 
 ALPHAS = tuple(i / 10 for i in range(11))
 BN_MODES = ("update", "keep", "recalibrate")
@@ -114,10 +113,9 @@ def finetune(model: nn.Module, module: str, data: Splits, out_dir, run_meta: dic
         def settings(config: dict, method: dict) -> dict:  # one level, so that a difference is named by its key
             return {**{k: v for k, v in config.items() if k != "extra"}, **config.get("extra", {}),
                     **{f"method.{k}": v for k, v in method.items()}}
-        saved = settings(meta.get("config") or {}, meta.get("method") or {})
-        now = json.loads(json.dumps(settings(asdict(config), {"name": method.name, **method.config()})))
-        if changed := [f"{'weights started from' if k == 'start' else k} {saved.get(k)!r} → {now.get(k)!r}"
-                       for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]:
+        if changed := changed_settings(settings(meta.get("config") or {}, meta.get("method") or {}),
+                                       settings(asdict(config), {"name": method.name, **method.config()}),
+                                       names={"start": "weights started from"}):
             raise RobustlabError(f"{out} holds a fine-tuning run with other settings ({'; '.join(changed)}); "
                                  "remove it or choose another --out")
         trainer.resume()

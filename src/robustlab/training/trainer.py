@@ -159,6 +159,13 @@ def _data_and_model(run_meta: dict) -> dict:
             if run_meta.get("vocab") else None}
 
 
+def changed_settings(saved: dict, now: dict, names: dict | None = None) -> list[str]:
+    """"key old → new" for each setting that differs (tuples and lists compare alike); `names` renames keys."""
+    saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(now))
+    return [f"{(names or {}).get(k, k)} {saved.get(k)!r} → {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)]
+
+
 def check_resumable(path: Path, meta: dict, backend: str, method: Method, config: TrainConfig, run_meta=None):
     """A resumed run must be the run it continues: the same backend, method, settings, model and data (`run_meta`,
     when given). Changed options would silently mix two recipes (a new learning rate or epoch count also reshapes
@@ -183,10 +190,7 @@ def check_resumable(path: Path, meta: dict, backend: str, method: Method, config
     if run_meta is not None:
         saved.update(_data_and_model(meta))
         now.update(_data_and_model(run_meta))
-    now, saved = json.loads(json.dumps(now)), json.loads(json.dumps(saved))  # tuples and lists compare alike
-    changed = [f"{k} {saved.get(k)!r} → {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-               if saved.get(k) != now.get(k)]
-    if changed:
+    if changed := changed_settings(saved, now):
         raise RobustlabError(f"--resume: {path} was trained with other settings ({'; '.join(changed)}); "
                              "resume with the original options, or start a new run with another --out")
 
