@@ -57,13 +57,15 @@ def atomic_write(path: Path, write):
             tmp.unlink()
 
 
-def remove_stale_temporaries(path) -> None:
-    """The temporary files of `atomic_write` for `path` and its .json twin that a killed process left behind (a
-    SIGKILL skips its cleanup), each as large as the file it was to replace."""
-    path = Path(path)
-    for name in (path.name, path.with_suffix(".json").name):
-        for stale in path.parent.glob(f".{glob.escape(name)}.tmp[0-9]*"):
-            if stale.name != f".{name}.tmp{os.getpid()}":
+def remove_stale_temporaries(folder, names=None) -> None:
+    """The temporary files of `atomic_write` that a killed process left in `folder` (a SIGKILL skips its cleanup),
+    each as large as the file it was to replace: those for the files `names`, else for any file; never this
+    process's own."""
+    patterns = [f".{glob.escape(name)}.tmp[0-9]*" for name in names] if names else [".*.tmp[0-9]*"]
+    own = f".tmp{os.getpid()}"
+    for pattern in patterns:
+        for stale in Path(folder).glob(pattern):
+            if not stale.name.endswith(own):
                 stale.unlink(missing_ok=True)
 
 

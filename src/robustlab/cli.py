@@ -296,8 +296,8 @@ def fit(trainer, out: Path, resume: bool) -> int:
     elif resume and distributed.is_main():  # stopped in its first epoch or while reading its data (cmd_train checked)
         print(f"{out} holds no finished epoch; starting it afresh", file=sys.stderr)
     if resume and distributed.is_main():  # also a run started afresh: killed while writing its first checkpoints
-        for stale in out.glob(".*.tmp[0-9]*"):  # writes a SIGKILL cut short (checkpoint.save's temporaries)
-            stale.unlink(missing_ok=True)
+        from robustlab import checkpoint
+        checkpoint.remove_stale_temporaries(out)
     output_dir(out)
     requested = trainer.config.epochs
     if getattr(trainer, "epochs", requested) != requested and distributed.is_main():  # FreeAT: say so, not only in docs

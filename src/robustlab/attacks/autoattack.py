@@ -102,7 +102,8 @@ class _State:
         self.stage_accuracy: dict[str, float] = {}
         self.seconds = {s: 0.0 for s in STAGES}
         if self.path is not None:
-            checkpoint.remove_stale_temporaries(self.path)  # of an evaluation killed while saving
+            # of an evaluation killed while saving
+            checkpoint.remove_stale_temporaries(self.path.parent, [self.path.name, self.path.with_suffix(".json").name])
             if self.path.exists():
                 self._load()
 
