@@ -227,3 +227,23 @@ def test_accuracy_refuses_labels_it_cannot_score(one_thread):
         accuracy(LINEAR, (x, torch.zeros(8, 1, dtype=torch.long)))
     attack = partial(fgsm, eps=0.1)  # fgsm took no generator
     assert 0 <= accuracy(LINEAR, (x, torch.zeros(8, dtype=torch.long)), attack=attack) <= 1
+
+
+def test_importing_and_plotting_leave_a_users_matplotlib_backend_alone(tmp_path):
+    """robustlab.rift imported pyplot and called matplotlib.use("Agg"): in a notebook, plots stopped showing. And
+    every command paid half a second for matplotlib and scipy before doing anything."""
+    import subprocess
+    import sys
+    code = f"""
+import sys
+import robustlab.cli, robustlab.evaluate.suite, robustlab.rift, robustlab.training
+assert not [m for m in ("matplotlib", "scipy") if m in sys.modules], "imported at import"
+import matplotlib
+matplotlib.use("svg")
+from robustlab.evaluate.report import plot_accuracy_vs_eps
+plot_accuracy_vs_eps({{"pgd": [(0.0, 0.9), (0.1, 0.6)]}}, r"{tmp_path / 'plot.png'}", "t", "linf")
+assert matplotlib.get_backend() == "svg" and "matplotlib.pyplot" not in sys.modules
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"

@@ -20,10 +20,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-import scipy.fft
 import torch
 from PIL import Image
-from scipy import ndimage
 
 from robustlab import distributed
 from robustlab.data import ImageSet, load_cifar_c
@@ -31,6 +29,9 @@ from robustlab.data.corruptions_npy import SEVERITIES, check_severities
 from robustlab.errors import RobustlabError, check_choice, check_integer
 from robustlab.evaluate.accuracy import accuracy
 from robustlab.progress import progress as progress_bar
+
+# scipy is imported in the functions that use it: importing it costs a quarter of a second, which every command
+# (robustlab.training imports this module) paid.
 
 CHUNK = 1000  # images corrupted at once: bounds memory (coordinate grids) without losing vectorization
 _CACHE_VERSION = 3  # bump when a corruption changes, so stale cached sets are not reused
@@ -140,6 +141,7 @@ def _zoom_about_centre(x: np.ndarray, factor: float) -> np.ndarray:
 
 def _convolve_each(x: np.ndarray, kernels: np.ndarray) -> np.ndarray:
     """Convolve image i with kernels[i] (N×K×K, K odd) via FFT, reflecting at the borders."""
+    import scipy.fft
     n, c, h, w = x.shape
     r = kernels.shape[-1] // 2
     padded = np.pad(x, ((0, 0), (0, 0), (r, r), (r, r)), mode="reflect")
@@ -179,6 +181,7 @@ def _fractal_noise(rng: np.random.Generator, n: int, h: int, w: int, slope: floa
 
     Drawn at twice the size and cropped, so the FFT's wrap-around does not show.
     """
+    import scipy.fft
     H, W = 2 * h, 2 * w
     fy, fx = scipy.fft.fftfreq(H)[:, None], scipy.fft.rfftfreq(W)[None, :]
     f = np.sqrt(fy ** 2 + fx ** 2)
@@ -253,6 +256,7 @@ _GLASS_BLUR = ((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2
 
 def gaussian_blur(x, severity, rng):
     """An out-of-focus lens approximated by a Gaussian point-spread function."""
+    from scipy import ndimage
     sigma = _px(x, _param(_GAUSSIAN_BLUR, x, severity))
     return ndimage.gaussian_filter(x, sigma=(0, 0, sigma, sigma), mode="nearest")
 
@@ -265,6 +269,7 @@ def defocus_blur(x, severity, rng):
     are raised here so that blur grows with every severity. A radius of 0.5 at severity 1 (before session
     37) fell inside the centre pixel, which made it gaussian_blur's severity 1 exactly.
     """
+    from scipy import ndimage
     radius, alias = (_px(x, v) for v in _param(_DEFOCUS_BLUR, x, severity))
     r = int(np.ceil(radius)) + 1
     sub = (np.arange(8) + 0.5) / 8 - 0.5
@@ -295,6 +300,7 @@ def zoom_blur(x, severity, rng):
 
 def glass_blur(x, severity, rng):
     """Frosted glass: blur, shuffle pixels locally (each takes a random neighbour's value), blur again."""
+    from scipy import ndimage
     sigma, shift, rounds = _param(_GLASS_BLUR, x, severity)
     sigma = _px(x, sigma)
     n, _, h, w = x.shape
@@ -365,6 +371,7 @@ def snow(x, severity, rng):
 def spatter(x, severity, rng):
     """Drops on the lens: bright glossy water blobs (low severities) or opaque mud (high ones); on grayscale
     images water at every severity, more of it each time (see `_SPATTER`)."""
+    from scipy import ndimage
     mean, spread, sigma, threshold, edge, liquid = _param(_SPATTER, x, severity)
     n, _, h, w = x.shape
     layer = ndimage.gaussian_filter(rng.normal(0, spread, size=(n, h, w)).astype(np.float32),
@@ -406,6 +413,7 @@ def contrast(x, severity, rng):
 
 def elastic_transform(x, severity, rng):
     """A smooth random displacement field (Simard et al. 2003): the object looks locally stretched."""
+    from scipy import ndimage
     rms, sigma = (_px(x, v) for v in _param(_ELASTIC, x, severity))
     n, _, h, w = x.shape
     fields = []

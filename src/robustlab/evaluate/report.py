@@ -5,17 +5,18 @@ import json
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+# Figures are drawn with matplotlib.figure.Figure, imported where they are drawn, not pyplot: no global backend or
+# figure state, so that robustlab leaves a notebook's own plotting alone (pyplot with matplotlib.use("Agg") at
+# import switched it off), and commands pay for matplotlib only where they draw.
 
 
 def plot_accuracy_vs_eps(curves: dict[str, list[tuple[float, float]]], path, title: str, norm: str,
                          scale: str = "pixel scale"):
     """One line per attack: accuracy (%) against ε (in `scale`: text attacks measure it in the embedding's)."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.8), dpi=120)
+    ax = fig.subplots()
     for name, points in curves.items():
         eps, acc = zip(*sorted(points))
         ax.plot(eps, [100 * a for a in acc], marker="o", label=name)
@@ -27,7 +28,6 @@ def plot_accuracy_vs_eps(curves: dict[str, list[tuple[float, float]]], path, tit
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def plot_training_curves(runs: dict[str, list[dict]], path, title: str, best: dict[str, int] | None = None):
@@ -35,7 +35,11 @@ def plot_training_curves(runs: dict[str, list[dict]], path, title: str, best: di
     (`best`: run name → 0-based epoch, e.g. the checkpoint's own record; else the highest validation robust
     accuracy, the Trainer's rule for adversarial methods): robust overfitting shows as a robust line that peaks and
     falls while training goes on."""
-    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(6.5, 4), dpi=120)
+    ax = fig.subplots()
     last = 1
     for i, (name, metrics) in enumerate(runs.items()):
         rows = [m for m in metrics if math.isfinite(m.get("val_robust", math.nan))]  # NaN: no validation split
@@ -62,7 +66,6 @@ def plot_training_curves(runs: dict[str, list[dict]], path, title: str, best: di
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def plot_adversarial_examples(x, x_adv, y, pred, class_names, path, title: str):
@@ -70,7 +73,10 @@ def plot_adversarial_examples(x, x_adv, y, pred, class_names, path, title: str):
     red where it is wrong, and the perturbation (bottom), mid-grey at zero and scaled so the largest |δ| of each
     image reaches black or white. x, x_adv: N×C×H×W in [0, 1]; y, pred: N labels."""
     n = len(x)
-    fig, axes = plt.subplots(3, n, figsize=(1.25 * n, 4.4), dpi=120, squeeze=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(1.25 * n, 4.4), dpi=120)
+    axes = fig.subplots(3, n, squeeze=False)
     delta = x_adv - x
     scale = delta.flatten(1).abs().amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
     for i in range(n):
@@ -91,7 +97,6 @@ def plot_adversarial_examples(x, x_adv, y, pred, class_names, path, title: str):
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def measured_on(report: dict, seconds: float) -> str:

@@ -6,24 +6,23 @@ import time
 from functools import partial
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from robustlab import distributed  # noqa: E402
-from robustlab.attacks import autoattack_accuracy, square  # noqa: E402
-from robustlab.evaluate.accuracy import correct_mask, fraction  # noqa: E402
-from robustlab.evaluate.corruptions import ood_accuracy, plot_corruptions  # noqa: E402
-from robustlab.evaluate.sanity import check_autoattack_square, sanity_checks  # noqa: E402
+from robustlab import distributed
+from robustlab.attacks import autoattack_accuracy, square
+from robustlab.evaluate.accuracy import correct_mask, fraction
+from robustlab.evaluate.corruptions import ood_accuracy, plot_corruptions
+from robustlab.evaluate.sanity import check_autoattack_square, sanity_checks
 
 
 def plot_per_class(class_names, clean_mask, robust_mask, labels, path, robust_label):
     n = len(class_names)
     clean = [fraction(clean_mask[labels == c]) * 100 for c in range(n)]
     robust = [fraction(robust_mask[labels == c]) * 100 for c in range(n)]
-    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=120)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 3.8), dpi=120)
+    ax = fig.subplots()
     idx = torch.arange(n).numpy()
     ax.bar(idx - 0.2, clean, 0.4, label="clean")
     ax.bar(idx + 0.2, robust, 0.4, label=robust_label)
@@ -36,7 +35,6 @@ def plot_per_class(class_names, clean_mask, robust_mask, labels, path, robust_la
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def run_suite(model, test, info, *, norm, eps, attack_at, pgd_label, out_dir, aa_steps=100, aa_queries=5000,
