@@ -54,3 +54,36 @@ def standard_model(fmnist, tmp_path_factory):
 def test_batch(fmnist):
     """The first 256 test images as floats in [0, 1], with labels."""
     return fmnist.test.subset(256).as_float(), fmnist.test.labels[:256]
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """`robustlab ARGS` run in this process, returned as subprocess.run would return `python -m robustlab ARGS`,
+    without an interpreter's start (2 s, most of a short command's time). The RNG and thread count are restored
+    afterwards; warnings a user would see are added to stderr, where they would print."""
+    import subprocess
+    import sys
+    import warnings
+
+    from robustlab import cli
+
+    def run(*args):
+        capsys.readouterr()
+        args = [str(a) for a in args]
+        threads, argv = torch.get_num_threads(), sys.argv
+        sys.argv = ["robustlab", *args]  # reports record the command from it
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            try:
+                code = cli.main(args)
+            except SystemExit as exc:  # argparse's errors
+                code = exc.code
+            finally:
+                sys.argv = argv
+        torch.set_num_threads(threads)
+        out, err = capsys.readouterr()
+        shown = [w for w in caught if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
+        err += "".join(f"{w.category.__name__}: {w.message}\n" for w in shown)
+        return subprocess.CompletedProcess(["robustlab", *args], code, out, err)
+
+    return run

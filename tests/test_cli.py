@@ -87,10 +87,10 @@ def robustlab(*args):
     (["train", "--momentum", "1", "--out", "x"], ["--momentum", "from 0 to below 1", "got 1"]),
     (["rift", "no/such/run", "--out", "x", "--momentum", "5"], ["--momentum", "below 1"]),
 ])
-def test_bad_input_is_one_line_and_status_2(args, words, tmp_path):
+def test_bad_input_is_one_line_and_status_2(args, words, tmp_path, run_cli):
     if "--out" in args and args[args.index("--out") + 1] == "x":
         args[args.index("--out") + 1] = str(tmp_path / "run")
-    result = robustlab(*args)
+    result = run_cli(*args)  # in this process; test_python_m_robustlab_cli_runs_the_cli_too runs a subprocess
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("robustlab: error:"), result.stderr
@@ -107,8 +107,8 @@ def test_python_m_robustlab_cli_runs_the_cli_too():  # it ran nothing and exited
                                     ["--task", "text", "--model", "cnn"], ["--task", "text", "--dataset", "debian"],
                                     ["--backend", "tinygrad", "--model", "resnet"],
                                     ["--backend", "tinygrad", "--dataset", "fmnist"]])
-def test_a_mistyped_name_leaves_no_run_folder(option, tmp_path):
-    result = robustlab("train", *option, "--out", str(tmp_path / "run"))
+def test_a_mistyped_name_leaves_no_run_folder(option, tmp_path, run_cli):
+    result = run_cli("train", *option, "--out", str(tmp_path / "run"))
     assert result.returncode == 2 and not (tmp_path / "run").exists(), result.stderr
 
 
@@ -126,17 +126,17 @@ def test_attack_train_mode_reaches_the_method(method):
 
 
 @pytest.mark.parametrize("task", ["image", "text"])
-def test_train_out_on_a_file_is_one_line(task, tmp_path):
+def test_train_out_on_a_file_is_one_line(task, tmp_path, run_cli):
     (tmp_path / "file").write_text("")
-    result = robustlab("train", "--task", task, "--data-dir", FMNIST if task == "image" else str(tmp_path),
+    result = run_cli("train", "--task", task, "--data-dir", FMNIST if task == "image" else str(tmp_path),
                        "--train-n", "40", "--out", str(tmp_path / "file" / "run"))
     last = result.stderr.strip().splitlines()[-1]  # after the text corpus's "building ... (once)"
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert last.startswith("robustlab: error: --out") and "cannot make a folder" in last
 
 
-def test_missing_data_is_one_line(tmp_path):
-    result = robustlab("train", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"))
+def test_missing_data_is_one_line(tmp_path, run_cli):
+    result = run_cli("train", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert str(tmp_path) in result.stderr
 
@@ -153,7 +153,8 @@ def test_ctrl_c_says_what_the_command_keeps(monkeypatch, capsys):
     assert "AutoAttack's finished batches are saved" in capsys.readouterr().err
 
 
-def test_train_then_eval_writes_a_report(tmp_path):
+def test_train_then_eval_writes_a_report(tmp_path, run_cli):
+    """The first training and evaluation run as a user runs them; the commands after them in this process."""
     run = tmp_path / "run"
     trained = robustlab("train", "--data-dir", FMNIST, "--train-n", "256", "--val-n", "50", "--epochs", "1",
                         "--steps", "2", "--threads", "1", "--out", str(run))
@@ -182,7 +183,7 @@ def test_train_then_eval_writes_a_report(tmp_path):
     assert "adversarial_examples.png" in report and (run / "adversarial_examples.png").stat().st_size > 1000
     assert json.loads((run / "report.json").read_text())["attack"]["steps"] == 3
     # the adversarial examples behind the figure, on request: the same seeds, so the same verdict per image
-    saved = robustlab("eval", str(run), "--data-dir", FMNIST, "--n", "100", "--steps", "3", "--restarts", "1",
+    saved = run_cli("eval", str(run), "--data-dir", FMNIST, "--n", "100", "--steps", "3", "--restarts", "1",
                       "--sweep-n", "0", "--json", "--threads", "1", "--out", str(tmp_path / "again"),
                       "--save-adversarial", str(tmp_path / "adv.safetensors"))
     assert saved.returncode == 0, saved.stderr
@@ -194,24 +195,24 @@ def test_train_then_eval_writes_a_report(tmp_path):
     for file, extra, words in ((tmp_path / "x.safetensors", ["--eps", "0"], "needs ε > 0"),
                                (tmp_path / "x.safetensors", ["--transfer-from", str(run)], "--save-adversarial"),
                                (run / "best.safetensors", [], "exists and holds no adversarial examples")):
-        refused = robustlab("eval", str(run), "--save-adversarial", str(file), *extra)
+        refused = run_cli("eval", str(run), "--save-adversarial", str(file), *extra)
         assert refused.returncode == 2 and words in refused.stderr, refused.stderr
-    bad_attack = robustlab("eval", str(run), "--attack", "cw")
+    bad_attack = run_cli("eval", str(run), "--attack", "cw")
     assert bad_attack.returncode == 2 and "fgsm" in bad_attack.stderr
 
     # the validation split, for choices that must not see the test set: figures only, the test report untouched
     report_json = (run / "report.json").read_text()
-    on_val = robustlab("eval", str(run), "--split", "val", "--data-dir", FMNIST, "--n", "60", "--steps", "3",
+    on_val = run_cli("eval", str(run), "--split", "val", "--data-dir", FMNIST, "--n", "60", "--steps", "3",
                        "--restarts", "1", "--json", "--threads", "1")
     assert on_val.returncode == 0, on_val.stderr
     val = json.loads(on_val.stdout)
     assert val["split"] == "val" and val["n"] == 60 and 0 <= val["robust"] <= val["clean"] <= 1
     assert (run / "report.json").read_text() == report_json
-    bad_split = robustlab("eval", str(run), "--split", "train")
+    bad_split = run_cli("eval", str(run), "--split", "train")
     assert bad_split.returncode == 2 and "test, val" in bad_split.stderr
 
     # a second evaluation written elsewhere keeps the first report
-    second = robustlab("eval", str(run), "--attack", "fgsm", "--data-dir", FMNIST, "--n", "60", "--sweep-n", "0",
+    second = run_cli("eval", str(run), "--attack", "fgsm", "--data-dir", FMNIST, "--n", "60", "--sweep-n", "0",
                        "--threads", "1", "--out", str(run / "fgsm"))
     assert second.returncode == 0, second.stderr
     assert (run / "report.json").read_text() == report_json
@@ -220,18 +221,18 @@ def test_train_then_eval_writes_a_report(tmp_path):
     assert (run / "fgsm" / "report.md").read_text().startswith("# Evaluation of `run`")
     assert (run / "fgsm" / "training_curves.png").exists()
     # another checkpoint's report goes beside the run's by default, not over it
-    last = robustlab("eval", str(run), "--checkpoint", "last", "--attack", "fgsm", "--data-dir", FMNIST, "--n", "60",
+    last = run_cli("eval", str(run), "--checkpoint", "last", "--attack", "fgsm", "--data-dir", FMNIST, "--n", "60",
                      "--sweep-n", "0", "--threads", "1")
     assert last.returncode == 0, last.stderr
     assert (run / "report.json").read_text() == report_json
     assert (run / "eval-last" / "report.md").read_text().startswith("# Evaluation of `run/last.safetensors`")
-    smooth = robustlab("eval", str(run), "--attack", "pgd-smooth", "--tau", "0.5", "--data-dir", FMNIST, "--n", "60",
+    smooth = run_cli("eval", str(run), "--attack", "pgd-smooth", "--tau", "0.5", "--data-dir", FMNIST, "--n", "60",
                        "--steps", "3", "--restarts", "1", "--sweep-n", "0", "--threads", "1", "--json",
                        "--out", str(run / "smooth"))
     assert smooth.returncode == 0, smooth.stderr
     assert 0 <= json.loads(smooth.stdout)["robust"] <= json.loads(smooth.stdout)["clean"]
     assert "smooth ReLU gradients τ=0.5" in (run / "smooth" / "report.md").read_text()
-    apgd = robustlab("eval", str(run), "--attack", "apgd-ce", "--steps", "5", "--split", "val", "--data-dir", FMNIST,
+    apgd = run_cli("eval", str(run), "--attack", "apgd-ce", "--steps", "5", "--split", "val", "--data-dir", FMNIST,
                      "--n", "40", "--threads", "1", "--json")
     assert apgd.returncode == 0, apgd.stderr
     apgd = json.loads(apgd.stdout)
@@ -243,26 +244,26 @@ def test_train_then_eval_writes_a_report(tmp_path):
     last = json.loads(kept.splitlines()[-1])
     stopped_last = json.dumps({**last, "stopped_early": "catastrophic overfitting"})
     metrics_file.write_text(kept.replace(json.dumps(last), stopped_last))
-    stopped = robustlab("eval", str(run), "--attack", "fgsm", "--data-dir", FMNIST, "--n", "20", "--sweep-n", "0",
+    stopped = run_cli("eval", str(run), "--attack", "fgsm", "--data-dir", FMNIST, "--n", "20", "--sweep-n", "0",
                         "--threads", "1", "--out", str(tmp_path / "stopped"))
     metrics_file.write_text(kept)
     assert stopped.returncode == 0, stopped.stderr
     report_md = (tmp_path / "stopped" / "report.md").read_text()
     assert "- training stopped early after epoch 1: catastrophic overfitting\n" in report_md
     # a larger ε gets a step scaled with it (the protocol's 0.01 is for ε = 0.1), as the report's ε sweep does
-    wider = robustlab("eval", str(run), "--eps", "0.2", "--data-dir", FMNIST, "--n", "20", "--restarts", "1",
+    wider = run_cli("eval", str(run), "--eps", "0.2", "--data-dir", FMNIST, "--n", "20", "--restarts", "1",
                       "--sweep-n", "0", "--threads", "1", "--json", "--out", str(tmp_path / "wider"))
     assert wider.returncode == 0 and json.loads(wider.stdout)["attack"]["step_size"] == pytest.approx(0.02)
     for args, words in ([str(run / "best.safetensors"), "--checkpoint", "last"], "is a checkpoint file"), \
                        ([str(run / "report.json")], "not a readable safetensors"):
-        refused = robustlab("eval", *args)
+        refused = run_cli("eval", *args)
         assert refused.returncode == 2 and words in refused.stderr and len(refused.stderr.splitlines()) == 1
-    on_a_file = robustlab("eval", str(run), "--out", str(run / "report.json"))
+    on_a_file = run_cli("eval", str(run), "--out", str(run / "report.json"))
     assert on_a_file.returncode == 2 and len(on_a_file.stderr.strip().splitlines()) == 1
     assert "--out" in on_a_file.stderr
 
     # the reports side by side
-    summary = robustlab("summary", str(run), str(run / "eval-last"), str(run / "fgsm" / "report.json"),
+    summary = run_cli("summary", str(run), str(run / "eval-last"), str(run / "fgsm" / "report.json"),
                         "--plot", str(tmp_path / "plots" / "runs.png"))
     assert summary.returncode == 0, summary.stderr
     lines = summary.stdout.splitlines()
@@ -271,71 +272,71 @@ def test_train_then_eval_writes_a_report(tmp_path):
     assert lines[3].startswith("| run/eval-last | cnn-small | pgd-at | 1/1 | 60 |") and lines[4].startswith("| fgsm |")
     assert "different attacks" in summary.stdout and "different numbers of images" in summary.stdout
     assert (tmp_path / "plots" / "runs.png").stat().st_size > 1000
-    rows = json.loads(robustlab("summary", str(run), "--json").stdout)
+    rows = json.loads(run_cli("summary", str(run), "--json").stdout)
     assert (rows[0]["clean"], rows[0]["robust"], rows[0]["n"]) == (result["clean"], result["robust"], 100)
     trained_s = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["elapsed_s"]
     assert rows[0]["train_s"] == trained_s
     away = tmp_path / "away" / "report.json"  # a report moved away from its run still knows the training time
     away.parent.mkdir()
     away.write_text((run / "fgsm" / "report.json").read_text())
-    assert json.loads(robustlab("summary", str(away), "--json").stdout)[0]["train_s"] == trained_s
+    assert json.loads(run_cli("summary", str(away), "--json").stdout)[0]["train_s"] == trained_s
     gone = subprocess.Popen([sys.executable, "-m", "robustlab", "summary", str(run)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     gone.stdout.close()  # `| head` that has read enough
     assert gone.wait() in (0, 141) and b"Traceback" not in gone.stderr.read()
-    none = robustlab("summary", str(run), str(tmp_path))
+    none = run_cli("summary", str(run), str(tmp_path))
     assert none.returncode == 2 and none.stderr.count("\n") == 1 and "no report.json in" in none.stderr
     # another dataset is said; edited or damaged reports are one line, not an AttributeError or KeyError
     report = json.loads((run / "fgsm" / "report.json").read_text())
     other = tmp_path / "other" / "report.json"
     other.parent.mkdir()
     other.write_text(json.dumps({**report, "run": {**report["run"], "dataset": "cifar10"}}))
-    assert "the reports are of different datasets" in robustlab("summary", str(run / "fgsm"), str(other)).stdout
+    assert "the reports are of different datasets" in run_cli("summary", str(run / "fgsm"), str(other)).stdout
     for damaged in ({**report, "run": None}, {**report, "rows": [{"accuracy": 0.5}]}, {**report, "robust": None}):
         other.write_text(json.dumps(damaged))
-        refused = robustlab("summary", str(other), "--plot", str(tmp_path / "p.png"))
+        refused = run_cli("summary", str(other), "--plot", str(tmp_path / "p.png"))
         assert refused.returncode == 2 and "is not a robustlab evaluation report" in refused.stderr, refused.stderr
 
 
-def test_eval_transfer_from_another_run(tmp_path):
+def test_eval_transfer_from_another_run(tmp_path, run_cli):
     runs = [tmp_path / "a", tmp_path / "b"]
     for seed, run in enumerate(runs):
-        assert robustlab("train", "--data-dir", FMNIST, "--train-n", "256", "--val-n", "50", "--epochs", "1", "--steps",
+        assert run_cli("train", "--data-dir", FMNIST, "--train-n", "256", "--val-n", "50", "--epochs", "1", "--steps",
                          "2", "--seed", str(seed), "--threads", "1", "--out", str(run)).returncode == 0
     common = ["--data-dir", FMNIST, "--n", "100", "--steps", "3", "--restarts", "1", "--threads", "1", "--json"]
     # From the model itself, with the same seed, the transferred last iterate is the white-box attack's own last
     # iterate, so it breaks nothing the white-box attack left.
-    itself = robustlab("eval", str(runs[0]), "--transfer-from", str(runs[0]), *common)
+    itself = run_cli("eval", str(runs[0]), "--transfer-from", str(runs[0]), *common)
     assert itself.returncode == 0, itself.stderr
     itself = json.loads(itself.stdout)
     assert itself["transfer_only"] == 0 and itself["worst_case"] == itself["white_box"] <= itself["transfer"]
-    other = robustlab("eval", str(runs[1]), "--transfer-from", str(runs[0]), *common)
+    other = run_cli("eval", str(runs[1]), "--transfer-from", str(runs[0]), *common)
     assert other.returncode == 0, other.stderr
     other = json.loads(other.stdout)
     assert other["n"] == 100 and other["transfer"] < other["clean"] and other["source"] == str(runs[0])
     assert not (runs[1] / "report.json").exists()  # figures only
-    at_zero = robustlab("eval", str(runs[1]), "--transfer-from", str(runs[0]), *common, "--eps", "0")
+    at_zero = run_cli("eval", str(runs[1]), "--transfer-from", str(runs[0]), *common, "--eps", "0")
     assert at_zero.returncode == 0, at_zero.stderr  # the step scaled by e/ε once divided by zero
 
-    refused = robustlab("eval", str(runs[1]), "--transfer-from", str(runs[0]), "--suite", "standard")
+    refused = run_cli("eval", str(runs[1]), "--transfer-from", str(runs[0]), "--suite", "standard")
     assert refused.returncode == 2 and "--transfer-from" in refused.stderr, refused.stderr
     from robustlab import checkpoint
     tensors, meta = checkpoint.load(runs[0] / "best.safetensors")
     meta["dataset"]["name"] = "mnist"
     checkpoint.save(tmp_path / "mnist.safetensors", tensors, meta)
-    refused = robustlab("eval", str(runs[1]), "--transfer-from", str(tmp_path / "mnist.safetensors"), *common)
+    refused = run_cli("eval", str(runs[1]), "--transfer-from", str(tmp_path / "mnist.safetensors"), *common)
     assert refused.returncode == 2 and "same data" in refused.stderr and len(refused.stderr.splitlines()) == 1
-    missing = robustlab("eval", str(runs[1]), "--transfer-from", str(tmp_path / "nope"), *common)
+    missing = run_cli("eval", str(runs[1]), "--transfer-from", str(tmp_path / "nope"), *common)
     assert missing.returncode == 2 and missing.stderr.startswith("robustlab: error: --transfer-from: no run directory")
-    early = robustlab("eval", str(runs[1]), "--transfer-from", str(tmp_path / "nope"), "--data-dir", str(tmp_path / "x"))
+    early = run_cli("eval", str(runs[1]), "--transfer-from", str(tmp_path / "nope"), "--data-dir", str(tmp_path / "x"))
     assert "--transfer-from: no run directory" in early.stderr  # before the test data is looked for
 
 
-def test_standard_suite_reports_autoattack_sanity_and_ood(tmp_path):
+def test_standard_suite_reports_autoattack_sanity_and_ood(tmp_path, run_cli):
     run = tmp_path / "run"
-    assert robustlab("train", "--data-dir", FMNIST, "--train-n", "256", "--val-n", "50", "--epochs", "1",
+    assert run_cli("train", "--data-dir", FMNIST, "--train-n", "256", "--val-n", "50", "--epochs", "1",
                      "--steps", "2", "--threads", "1", "--out", str(run)).returncode == 0
-    result = robustlab("eval", str(run), "--suite", "standard", "--data-dir", FMNIST, "--n", "40", "--aa-n", "24",
+    result = run_cli("eval", str(run), "--suite", "standard", "--data-dir", FMNIST, "--n", "40", "--aa-n", "24",
                        "--steps", "3", "--restarts", "1", "--aa-steps", "5", "--aa-queries", "50", "--sanity-n", "40",
                        "--sweep-n", "0", "--threads", "1")
     assert result.returncode == 0, result.stderr
@@ -355,10 +356,10 @@ def test_standard_suite_reports_autoattack_sanity_and_ood(tmp_path):
     assert report["sanity"]["checks"][-1]["name"] == "autoattack_square"  # read off AutoAttack's own stages
     assert "Gradient-masking sanity checks" in (run / "report.md").read_text()
     assert report["sanity"]["n"] == 40 and "On the first 40 of the evaluated images" in (run / "report.md").read_text()
-    row, = json.loads(robustlab("summary", str(run), "--json").stdout)
+    row, = json.loads(run_cli("summary", str(run), "--json").stdout)
     assert row["autoattack"] == accs[-1] and row["autoattack_n"] == 24 and row["ood"] is not None
     # with a one-step attack too: its sanity checks called it at other ε, which it did not take (a traceback)
-    fgsm = robustlab("eval", str(run), "--suite", "standard", "--attack", "fgsm", "--data-dir", FMNIST, "--n", "20",
+    fgsm = run_cli("eval", str(run), "--suite", "standard", "--attack", "fgsm", "--data-dir", FMNIST, "--n", "20",
                      "--aa-steps", "2", "--aa-queries", "10", "--sanity-n", "20", "--no-ood", "--sweep-n", "0",
                      "--threads", "1", "--out", str(tmp_path / "fgsm"), "--json")
     assert fgsm.returncode == 0, fgsm.stderr
@@ -370,7 +371,7 @@ def test_standard_suite_reports_autoattack_sanity_and_ood(tmp_path):
     (tmp_path / "other-run").mkdir()
     (tmp_path / "other-run" / "config.json").write_text("{}")
     for out, words in ((run, "holds the report of"), (tmp_path / "other-run", "another run's folder")):
-        refused = robustlab("eval", str(run), "--checkpoint", "last", "--out", str(out), "--data-dir", FMNIST)
+        refused = run_cli("eval", str(run), "--checkpoint", "last", "--out", str(out), "--data-dir", FMNIST)
         assert refused.returncode == 2 and words in refused.stderr, refused.stderr
 
 
@@ -423,7 +424,7 @@ def test_summary_table_names_what_differs_and_prints_no_nan(tmp_path):
     assert "AutoAttack on the first 500 images" == plot([rows[1]], tmp_path / "q.png")
 
 
-def test_checkpoint_choice_and_non_model_files_are_one_line_errors(tmp_path):
+def test_checkpoint_choice_and_non_model_files_are_one_line_errors(tmp_path, run_cli):
     """--checkpoint with a file was ignored, a RiFT folder's missing last.safetensors was reported as no checkpoint at
     all, and a robustlab file that holds no model (an AutoAttack state) failed with KeyError: 'dataset'."""
     from robustlab import checkpoint, load_model
@@ -441,11 +442,11 @@ def test_checkpoint_choice_and_non_model_files_are_one_line_errors(tmp_path):
     with pytest.raises(RobustlabError, match="not a robustlab model checkpoint .it holds 'autoattack-state'.: its "
                                              "metadata lacks model.name, dataset.input_shape"):
         load_model(state)
-    result = robustlab("mrc", str(state))
+    result = run_cli("mrc", str(state))
     assert result.returncode == 2 and "not a robustlab model checkpoint" in result.stderr, result.stderr
 
 
-def test_damaged_checkpoint_metadata_and_a_failed_write_are_one_line_errors(tmp_path):
+def test_damaged_checkpoint_metadata_and_a_failed_write_are_one_line_errors(tmp_path, run_cli):
     """Metadata that is no JSON object was a JSONDecodeError or AttributeError traceback (eval, --resume, rift);
     a full disk while saving was a SafetensorError traceback."""
     import errno
@@ -458,7 +459,7 @@ def test_damaged_checkpoint_metadata_and_a_failed_write_are_one_line_errors(tmp_
         save_file({"a": torch.zeros(2)}, str(tmp_path / "bad.safetensors"), metadata={"robustlab": text})
         with pytest.raises(RobustlabError, match="its robustlab metadata is not a JSON object; the file is damaged"):
             checkpoint.read_metadata(tmp_path / "bad.safetensors")
-    result = robustlab("eval", str(tmp_path / "bad.safetensors"))
+    result = run_cli("eval", str(tmp_path / "bad.safetensors"))
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "damaged" in result.stderr, result.stderr
     checkpoint.save(tmp_path / "bad.safetensors", {"a": torch.zeros(2)}, {"config": "x"})  # failed after the attacks
     from robustlab import load_model
@@ -516,8 +517,8 @@ def test_demo_of_another_length_and_ctrl_c_in_the_first_epoch_say_what_is_true(t
     assert "no epoch had finished, so nothing is saved" in capsys.readouterr().err
 
 
-def test_free_at_says_that_it_divides_the_epochs(tmp_path):
-    result = robustlab("train", "--method", "free-at", "--replays", "2", "--epochs", "2", "--data-dir", FMNIST,
+def test_free_at_says_that_it_divides_the_epochs(tmp_path, run_cli):
+    result = run_cli("train", "--method", "free-at", "--replays", "2", "--epochs", "2", "--data-dir", FMNIST,
                        "--train-n", "64", "--val-n", "20", "--threads", "1", "--out", str(tmp_path / "free"))
     assert result.returncode == 0, result.stderr
     assert "--method free-at trains 1 epoch for --epochs 2: it replays each minibatch 2 times" in result.stderr
@@ -541,16 +542,16 @@ def test_the_protocols_own_step_count_keeps_its_step():
     assert step_for(threat_defaults("fashion-mnist", "l2").eval, None, 50) == pytest.approx(0.15)
 
 
-def test_a_run_too_short_for_awp_says_it_trains_without_it(tmp_path):
+def test_a_run_too_short_for_awp_says_it_trains_without_it(tmp_path, run_cli):
     """AWP starts at epoch ⌈0.045·E⌉ (0-based): a one-epoch trades-awp run was plain TRADES, without a word."""
-    done = robustlab("train", "--method", "trades-awp", "--epochs", "1", "--train-n", "64", "--val-n", "16",
+    done = run_cli("train", "--method", "trades-awp", "--epochs", "1", "--train-n", "64", "--val-n", "16",
                      "--steps", "1", "--data-dir", FMNIST, "--threads", "1", "--out", str(tmp_path / "short"))
     assert done.returncode == 0, done.stderr
     assert "perturbs the weights in none of its 1 epochs, so it trains as trades" in done.stderr
-    done = robustlab("train", "--method", "pgd-at-awp", "--awp-warmup", "0.5", "--epochs", "3", "--train-n", "64",
+    done = run_cli("train", "--method", "pgd-at-awp", "--awp-warmup", "0.5", "--epochs", "3", "--train-n", "64",
                      "--val-n", "16", "--steps", "1", "--data-dir", FMNIST, "--threads", "1", "--out", str(tmp_path / "later"))
     assert done.returncode == 0 and "perturbs the weights from epoch 3 of 3" in done.stderr, done.stderr
-    done = robustlab("train", "--method", "pgd-at-awp", "--awp-gamma", "0", "--epochs", "1", "--train-n", "64",
+    done = run_cli("train", "--method", "pgd-at-awp", "--awp-gamma", "0", "--epochs", "1", "--train-n", "64",
                      "--val-n", "16", "--steps", "1", "--data-dir", FMNIST, "--threads", "1", "--out", str(tmp_path / "off"))
     assert done.returncode == 0 and "so it trains as pgd-at (--awp-gamma 0)" in done.stderr, done.stderr
 

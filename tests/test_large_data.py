@@ -3,8 +3,6 @@ training in the Trainer, and the train → eval command line."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -138,13 +136,9 @@ def test_streamed_batches_are_sharded_over_ranks_and_augmented(tmp_path, monkeyp
     assert plain.shape == cropped.shape and not torch.equal(plain, cropped)
 
 
-def robustlab(*args):
-    return subprocess.run([sys.executable, "-m", "robustlab", *args], capture_output=True, text=True)
-
-
-def test_train_on_a_folder_then_eval_from_the_run_alone(folder, tmp_path):
+def test_train_on_a_folder_then_eval_from_the_run_alone(folder, tmp_path, run_cli):
     run = tmp_path / "run"
-    trained = robustlab("train", "--dataset", "folder", "--data-dir", str(folder), "--image-size", "10",
+    trained = run_cli("train", "--dataset", "folder", "--data-dir", str(folder), "--image-size", "10",
                         "--model", "cnn-small", "--method", "pgd-at", "--epochs", "1", "--steps", "2",
                         "--batch-size", "16", "--workers", "1", "--threads", "1", "--out", str(run))
     assert trained.returncode == 0, trained.stderr
@@ -152,7 +146,7 @@ def test_train_on_a_folder_then_eval_from_the_run_alone(folder, tmp_path):
     assert meta["data_dir"] == str(folder) and meta["options"] == {"image_size": [10, 10]}
     assert meta["input_shape"] == [3, 10, 10] and meta["val_size"] == 9
     # Neither --data-dir nor --image-size: both come from the run (12×12 files would not fit the model).
-    evaluated = robustlab("eval", str(run), "--n", "20", "--steps", "2", "--restarts", "1", "--sweep-n", "0",
+    evaluated = run_cli("eval", str(run), "--n", "20", "--steps", "2", "--restarts", "1", "--sweep-n", "0",
                           "--json", "--threads", "1")
     assert evaluated.returncode == 0, evaluated.stderr
     result = json.loads(evaluated.stdout)
@@ -165,12 +159,12 @@ def test_train_on_a_folder_then_eval_from_the_run_alone(folder, tmp_path):
     shutil.copytree(folder, other)
     for split in ("train", "test"):
         (other / split / "red").rename(other / split / "yellow")
-    refused = robustlab("eval", str(run), "--data-dir", str(other), "--n", "20", "--threads", "1")
+    refused = run_cli("eval", str(run), "--data-dir", str(other), "--n", "20", "--threads", "1")
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
     assert "class names (blue, green, yellow) but the run was trained on (blue, green, red)" in refused.stderr
     shutil.move(folder, tmp_path / "moved")  # said "--dataset folder: no folders train/ …", flags never typed
     try:
-        gone = robustlab("eval", str(run), "--n", "20", "--threads", "1")
+        gone = run_cli("eval", str(run), "--n", "20", "--threads", "1")
     finally:
         shutil.move(tmp_path / "moved", folder)
     assert gone.returncode == 2 and f"the run's data folder {folder} is gone; point --data-dir at its data" in gone.stderr
@@ -181,9 +175,9 @@ def test_train_on_a_folder_then_eval_from_the_run_alone(folder, tmp_path):
     ("npy", "missing", ["train_images.npy", "--data-dir"]),
     ("folder", None, ["needs --data-dir"]),
 ])
-def test_bad_data_dir_is_one_line_and_status_2(dataset, data_dir, words, tmp_path):
+def test_bad_data_dir_is_one_line_and_status_2(dataset, data_dir, words, tmp_path, run_cli):
     args = ["--data-dir", str(tmp_path / data_dir)] if data_dir else []
-    result = robustlab("train", "--dataset", dataset, *args, "--out", str(tmp_path / "run"))
+    result = run_cli("train", "--dataset", dataset, *args, "--out", str(tmp_path / "run"))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("robustlab: error:"), result.stderr

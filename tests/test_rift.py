@@ -13,7 +13,6 @@ import torch
 
 from robustlab import checkpoint, load_model, provenance
 from robustlab.attacks import dlr_loss, first_success, pgd
-from robustlab.cli import main
 from robustlab.data import Splits
 from robustlab.errors import RobustlabError
 from robustlab.evaluate import accuracy
@@ -387,11 +386,6 @@ def test_an_out_folder_never_holds_two_checkpoints_results(tiny_run, small, tmp_
         rift(tiny_run / "last.safetensors", small, tmp_path, settings, test=None, show=False)
 
 
-def robustlab(*args):
-    return subprocess.run([sys.executable, "-m", "robustlab", *args], capture_output=True, text=True,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
-
-
 @pytest.mark.parametrize("args,words", [
     (["rift", "no/such/run", "--out", "OUT"], ["no/such/run"]),
     (["mrc", "no/such/run"], ["no/such/run"]),
@@ -413,30 +407,26 @@ def robustlab(*args):
     (["rift", "RUN", "--out", "OUT", "--mrc-dir", "FILE"], ["--mrc-dir", "cannot make a folder"]),  # a traceback
     (["rift", "RUN", "--module", "", "--out", "OUT"], ["--module is empty"]),  # took the lowest MRC silently
 ])
-def test_bad_input_is_one_line_and_status_2(tiny_run, bn_free_run, tmp_path, capsys, args, words):
+def test_bad_input_is_one_line_and_status_2(tiny_run, bn_free_run, tmp_path, run_cli, args, words):
     (tmp_path / "file").write_text("")
     stand_ins = {"RUN": tiny_run, "BNFREE": bn_free_run, "OUT": tmp_path / "out", "FILE": tmp_path / "file"}
-    args = [str(stand_ins.get(a, a)) for a in args]
-    try:  # in-process: the same main() as the installed command, without a second torch start-up per case
-        code = main([*args, "--data-dir", FMNIST])
-    except SystemExit as exc:  # argparse's own errors
-        code = exc.code
-    assert code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
+    result = run_cli(*(stand_ins.get(a, a) for a in args), "--data-dir", FMNIST)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("robustlab: error:"), lines
     assert all(w in lines[0] for w in words), lines[0]
     assert not (tmp_path / "out").exists()  # nothing was started
     assert "rift" not in checkpoint.read_metadata(tiny_run / "best.safetensors")
 
 
-def test_cli_mrc_then_rift_writes_checkpoint_and_report(tiny_run, tmp_path):
+def test_cli_mrc_then_rift_writes_checkpoint_and_report(tiny_run, tmp_path, run_cli):
     common = ["--mrc-n", "48", "--mrc-epochs", "1", "--threads", "1", "--data-dir", FMNIST]
-    result = robustlab("mrc", str(tiny_run), "--json", *common)
+    result = run_cli("mrc", str(tiny_run), "--json", *common)
     assert result.returncode == 0, result.stderr
     ranking = json.loads(result.stdout)["ranking"]
     assert len(ranking) == 21 and (tiny_run / "mrc" / "mrc.png").exists()
     out = tmp_path / "rift"
-    result = robustlab("rift", str(tiny_run), "--out", str(out), "--epochs", "1", "--train-n", "128", "--val-n", "50",
+    result = run_cli("rift", str(tiny_run), "--out", str(out), "--epochs", "1", "--train-n", "128", "--val-n", "50",
                        "--n", "30", "--aa-steps", "2", "--aa-queries", "10", "--no-ood", *common)
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "rift_report.json").read_text())
@@ -450,11 +440,11 @@ def test_cli_mrc_then_rift_writes_checkpoint_and_report(tiny_run, tmp_path):
     # the console names AutoAttack's lowered budget too, as the report does (it printed "AutoAttack 15.00%")
     assert "AutoAttack-standard (30 images, off-protocol: 2 steps, 10 queries)" in result.stdout
     # other AutoAttack settings on the same --out: the run once stopped at its end on the first one's saved state
-    again = robustlab("rift", str(tiny_run), "--out", str(out), "--epochs", "1", "--train-n", "128", "--val-n", "50",
+    again = run_cli("rift", str(tiny_run), "--out", str(out), "--epochs", "1", "--train-n", "128", "--val-n", "50",
                       "--n", "30", "--aa-steps", "3", "--aa-queries", "10", "--no-ood", *common)
     assert again.returncode == 0, again.stderr
     # a training run pointed at the result would overwrite it (it has no last.safetensors to protect it)
-    again = robustlab("train", "--data-dir", FMNIST, "--train-n", "64", "--epochs", "1", "--out", str(out))
+    again = run_cli("train", "--data-dir", FMNIST, "--train-n", "64", "--epochs", "1", "--out", str(out))
     assert again.returncode == 2 and "already holds a model" in again.stderr, again.stderr
 
 

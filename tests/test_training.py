@@ -86,14 +86,14 @@ def test_foreign_and_corrupted_checkpoints_are_clear_errors(fmnist, tmp_path):
         load_model(tmp_path / "missing")
 
 
-def test_resume_after_a_kill_matches_an_uninterrupted_run(fmnist, tmp_path):
-    common = ["-m", "robustlab", "train", "--data-dir", FMNIST, "--train-n", "768", "--val-n", "50", "--epochs", "3",
+def test_resume_after_a_kill_matches_an_uninterrupted_run(fmnist, tmp_path, run_cli):
+    common = ["train", "--data-dir", FMNIST, "--train-n", "768", "--val-n", "50", "--epochs", "3",
               "--steps", "3", "--step-size", "0.04", "--threads", "1", "--ema", "0.99"]
-    subprocess.run([sys.executable, *common, "--out", str(tmp_path / "whole")], check=True, capture_output=True)
+    assert run_cli(*common, "--out", str(tmp_path / "whole")).returncode == 0
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, *common, "--out", str(killed)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "robustlab", *common, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not ((killed / "metrics.jsonl").exists()
                                           and (killed / "metrics.jsonl").read_text().count("\n") >= 1):
@@ -102,7 +102,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(fmnist, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert checkpoint.read_metadata(killed / "last.safetensors")["epoch"] < 2
-    subprocess.run([sys.executable, *common, "--out", str(killed), "--resume"], check=True, capture_output=True)
+    assert run_cli(*common, "--out", str(killed), "--resume").returncode == 0
 
     whole, _ = checkpoint.load(tmp_path / "whole" / "last.safetensors")
     resumed, _ = checkpoint.load(killed / "last.safetensors")
@@ -113,12 +113,10 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(fmnist, tmp_path):
     assert epochs == [0, 1, 2]
 
     # Resuming with another recipe would mix two runs: refused in one line, the run left as it was.
-    changed = subprocess.run([sys.executable, *common, "--out", str(killed), "--resume", "--lr", "0.1", "--ema", "0.9"],
-                             capture_output=True, text=True)
+    changed = run_cli(*common, "--out", str(killed), "--resume", "--lr", "0.1", "--ema", "0.9")
     assert changed.returncode == 2 and changed.stderr.count("\n") == 1, changed.stderr
     assert "other settings" in changed.stderr and "lr 0.05 → 0.1" in changed.stderr and "ema 0.99 → 0.9" in changed.stderr
-    changed = subprocess.run([sys.executable, *common, "--out", str(killed), "--resume", "--steps", "4"],
-                             capture_output=True, text=True)
+    changed = run_cli(*common, "--out", str(killed), "--resume", "--steps", "4")
     assert changed.returncode == 2 and "method.steps 3 → 4" in changed.stderr, changed.stderr
     # another model was a traceback from load_state_dict; other data of the same shape trained on silently
     mnist = tmp_path / "mnist"  # idx files of MNIST's mean pixel: --dataset mnist on Fashion-MNIST's is refused first
@@ -132,8 +130,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(fmnist, tmp_path):
             bytes((0, 0, 8, 1)) + count.to_bytes(4, "big") + bytes(i % 10 for i in range(count)))
     for option, words in ((["--model", "lenet"], "model.name 'cnn-small' → 'lenet'"),
                           (["--dataset", "mnist", "--data-dir", str(mnist)], "dataset.name 'fashion-mnist' → 'mnist'")):
-        changed = subprocess.run([sys.executable, *common, "--out", str(killed), "--resume", *option],
-                                 capture_output=True, text=True)
+        changed = run_cli(*common, "--out", str(killed), "--resume", *option)
         assert changed.returncode == 2 and changed.stderr.count("\n") == 1 and words in changed.stderr, changed.stderr
     resumed_again, _ = checkpoint.load(killed / "last.safetensors")
     assert all(torch.equal(resumed[k], resumed_again[k]) for k in resumed)
@@ -153,14 +150,14 @@ def test_resume_restores_the_loss_scale(tmp_path):
     assert again.scaler.state_dict()["scale"] == 1024.0 and again.scaler.state_dict()["_growth_tracker"] == 7
 
 
-def test_resume_of_a_run_killed_in_its_first_epoch_starts_it_afresh(tmp_path):
+def test_resume_of_a_run_killed_in_its_first_epoch_starts_it_afresh(tmp_path, run_cli):
     """A requeued job repeats its command with --resume; a kill before the first checkpoint must not make it fail."""
-    common = ["-m", "robustlab", "train", "--data-dir", FMNIST, "--train-n", "256", "--val-n", "50", "--epochs", "1",
+    common = ["train", "--data-dir", FMNIST, "--train-n", "256", "--val-n", "50", "--epochs", "1",
               "--steps", "2", "--threads", "1"]
-    subprocess.run([sys.executable, *common, "--out", str(tmp_path / "whole")], check=True, capture_output=True)
+    assert run_cli(*common, "--out", str(tmp_path / "whole")).returncode == 0
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, *common, "--out", str(killed)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "robustlab", *common, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not (killed / "config.json").exists():
         time.sleep(0.02)
@@ -168,7 +165,7 @@ def test_resume_of_a_run_killed_in_its_first_epoch_starts_it_afresh(tmp_path):
     proc.wait()
     assert (killed / "config.json").exists() and not (killed / "last.safetensors").exists()
 
-    resumed = subprocess.run([sys.executable, *common, "--out", str(killed), "--resume"], capture_output=True, text=True)
+    resumed = run_cli(*common, "--out", str(killed), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "holds no finished epoch; starting it afresh" in resumed.stderr
     whole, _ = checkpoint.load(tmp_path / "whole" / "last.safetensors")
@@ -179,8 +176,7 @@ def test_resume_of_a_run_killed_in_its_first_epoch_starts_it_afresh(tmp_path):
     for place in ("empty", "missing"):
         if place == "empty":
             (tmp_path / place).mkdir()
-        refused = subprocess.run([sys.executable, *common, "--out", str(tmp_path / place), "--resume"],
-                                 capture_output=True, text=True)
+        refused = run_cli(*common, "--out", str(tmp_path / place), "--resume")
         assert refused.returncode == 2 and "holds no run to continue" in refused.stderr, refused.stderr
     assert not (tmp_path / "empty" / "config.json").exists() and not (tmp_path / "missing").exists()
 
@@ -188,10 +184,9 @@ def test_resume_of_a_run_killed_in_its_first_epoch_starts_it_afresh(tmp_path):
     # fails stands in for the kill. The placeholder config.json written first lets --resume start it afresh.
     starting = tmp_path / "starting"
     broken = [*common[:common.index("--data-dir") + 1], str(tmp_path / "no-data"), *common[common.index(FMNIST) + 1:]]
-    failed = subprocess.run([sys.executable, *broken, "--out", str(starting)], capture_output=True, text=True)
+    failed = run_cli(*broken, "--out", str(starting))
     assert failed.returncode == 2 and json.loads((starting / "config.json").read_text()) == {"status": "starting"}
-    resumed = subprocess.run([sys.executable, *common, "--out", str(starting), "--resume"], capture_output=True,
-                             text=True)
+    resumed = run_cli(*common, "--out", str(starting), "--resume")
     assert resumed.returncode == 0 and "starting it afresh" in resumed.stderr, resumed.stderr
 
 
