@@ -83,11 +83,11 @@ def plot_adversarial_examples(x, x_adv, y, pred, class_names, path, title: str):
         shown = (x[i], x_adv[i], 0.5 + delta[i] / (2 * scale[i]))
         for row, image in enumerate(shown):
             ax = axes[row, i]
-            image = image.float().cpu()
+            image = image.float().cpu()  # as numpy: matplotlib's conversion of a tensor is deprecated under numpy 2
             if image.shape[0] == 1:
-                ax.imshow(image[0], cmap="gray", vmin=0, vmax=1)
+                ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=1)
             else:
-                ax.imshow(image.permute(1, 2, 0).clamp(0, 1))
+                ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
             ax.set_xticks([]), ax.set_yticks([])
         axes[0, i].set_title(class_names[int(y[i])], fontsize=7)
         wrong = int(pred[i]) != int(y[i])
