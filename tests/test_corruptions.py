@@ -198,6 +198,20 @@ def test_cache_round_trip(tmp_path, monkeypatch):
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
 
 
+def test_a_failed_cache_write_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    """The cache wrote its own temporary file and kept it when np.save failed (a full disk): as large as the set."""
+    clean = synthetic(1, 28, n=6)
+
+    def full_disk(f, array, allow_pickle):
+        f.write(b"\x93NUMPY half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(C.np, "save", full_disk)
+    with pytest.raises(RobustlabError, match=r"cannot write .*No space left on device"):
+        list(corruption_suite(clean, ["shot_noise"], (1,), cache_dir=tmp_path))
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
 def test_ood_accuracy_below_clean_and_falls_with_severity(standard_model, fmnist, tmp_path):
     test = fmnist.test.subset(200)
     names = ["gaussian_noise", "motion_blur", "fog", "contrast", "rotate"]

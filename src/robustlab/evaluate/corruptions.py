@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from robustlab import distributed
+from robustlab import checkpoint, distributed
 from robustlab.data import ImageSet, load_cifar_c
 from robustlab.data.corruptions_npy import SEVERITIES, check_severities
 from robustlab.errors import RobustlabError, check_choice, check_integer
@@ -671,14 +670,16 @@ def _cached(imageset: ImageSet, name: str, severity: int, seed: int, folder: Pat
         except (OSError, ValueError, EOFError):  # an empty file is an EOFError
             pass  # unreadable: generate it again and overwrite
     result = corrupt(imageset, name, severity, seed)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            np.save(f, result.images.numpy(), allow_pickle=False)
-        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
     except OSError as exc:
         raise RobustlabError(f"cannot write the corruption cache {folder}: {exc.strerror or exc}") from None
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, result.images.numpy(), allow_pickle=False)
+
+    checkpoint.atomic_write(path, write)  # a concurrent reader (another rank, another evaluation) sees whole files
     return result
 
 
