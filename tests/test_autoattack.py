@@ -3,6 +3,7 @@ the papers fix (step-size checkpoints, exact projections, minimal perturbations,
 from __future__ import annotations
 
 import copy
+import importlib
 
 import numpy as np
 import pytest
@@ -342,12 +343,33 @@ def test_square_windows_reach_the_last_row_and_column():
 
 # ---- the ensemble ----
 
-def test_ensemble_is_never_weaker_than_a_member(robust_model, fmnist):
+def test_ensemble_is_never_weaker_than_a_member(robust_model, fmnist, monkeypatch):
+    aa = importlib.import_module("robustlab.attacks.autoattack")  # the package re-exports a function by that name
     data = fmnist.test.subset(48)
     x, y = data.as_float(), data.labels
     budget = dict(eps=0.1, norm="linf", n_target_classes=3)
+    calls = []  # per member call: (stage, images attacked, images its returned points break)
+
+    def spy(member, stage_of):
+        def run(model, xs, ys, **kwargs):
+            adv, fooled = member(model, xs, ys, **kwargs)
+            with torch.no_grad():
+                calls.append((stage_of(kwargs), len(xs), int((model(adv).argmax(1) != ys).sum())))
+            return adv, fooled
+        return run
+    monkeypatch.setattr(aa, "apgd_attack", spy(aa.apgd_attack, lambda k: "apgd-t" if k["loss"] == "dlr-targeted"
+                                                else "apgd-ce"))
+    monkeypatch.setattr(aa, "fab_targeted_attack", spy(aa.fab_targeted_attack, lambda k: "fab-t"))
+    monkeypatch.setattr(aa, "square_attack", spy(aa.square_attack, lambda k: "square"))
     result = autoattack_accuracy(robust_model, data, steps=8, queries=100, batch_size=24, progress=False, **budget)
     acc = list(result.stage_accuracy.values())
+    # every member ran, on exactly the images the earlier stages left, and each image it broke is counted
+    left = [round(a * len(y)) for a in acc]
+    for i, stage in enumerate(STAGES[1:], 1):
+        ran = [(n, broken) for s, n, broken in calls if s == stage]
+        assert sum(n for n, _ in ran) == left[i - 1], (stage, ran, left)
+        assert sum(broken for _, broken in ran) == left[i - 1] - left[i], (stage, ran, left)
+    assert left[3] > 0  # FAB-T and Square had images to attack: the check above saw them run
     assert list(result.stage_accuracy) == list(STAGES)
     assert all(a >= b for a, b in zip(acc, acc[1:])) and acc[0] == pytest.approx(accuracy(robust_model, x, y))
     # The report is what the model does on the returned points.

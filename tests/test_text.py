@@ -90,6 +90,9 @@ def test_perturbation_respects_norm_bound_and_padding(method, options, norm):
         size = delta.flatten(1).norm(dim=1) if norm == "l2" else delta.flatten(1).abs().amax(1)
         assert torch.all(size <= eps * (1 + 1e-5))
     assert deltas[-1].abs().sum() > 0
+    # each pass after the first sees a δ moved by the last gradient (FreeAT's and FreeLB's random start alone is
+    # nonzero: the check above passed with δ never ascending; the optimizer steps move the embeddings by rounding)
+    assert all((a - b).abs().amax() > 1e-3 for a, b in zip(deltas, deltas[1:])), "δ must move between passes"
     if method == "fgm":  # r = ε·g/‖g‖: exactly on the sphere (or the cube's surface)
         size = deltas[1].flatten(1).norm(dim=1) if norm == "l2" else deltas[1].flatten(1).abs().amax(1)
         assert torch.allclose(size, torch.full_like(size, eps), rtol=1e-4)
@@ -321,6 +324,18 @@ def test_embedding_pgd_is_an_honest_evaluation_attack():
     large = embedding_pgd(model, lambda: model(ids), y, eps=20.0, steps=10)
     assert model.training and all(p.grad is None for p in model.parameters())
     assert small.sum() >= large.sum() and large.float().mean() < 0.5
+    # every iterate the model is scored on lies in the ε-ball (per example, over the sequence), zero on padding;
+    # steps of size ε would leave it after the second one without the projection
+    tiny = Tiny()
+    ids, y = batch()
+    deltas = record_deltas(tiny)
+    for norm in ("l2", "linf"):
+        deltas.clear()
+        embedding_pgd(tiny, lambda: tiny(ids), y, eps=0.05, steps=4, step_size=0.05, norm=norm)
+        assert len(deltas) == 5
+        sizes = torch.stack([d.flatten(1).norm(dim=1) if norm == "l2" else d.flatten(1).abs().amax(1) for d in deltas])
+        assert torch.all(sizes <= 0.05 * (1 + 1e-5)) and sizes[-1].max() > 0.99 * 0.05, (norm, sizes)
+        assert all(torch.all(d[ids == 0] == 0) for d in deltas)
 
 
 @pytest.mark.parametrize("make", [lambda: TextCNN(30, 3, dim=16, channels=8),
