@@ -551,3 +551,109 @@ def test_method_learns_robustness(name, fmnist, normally_trained, standard_robus
     assert all(math.isfinite(l) for l in losses) and losses[-1] < losses[0], losses
     robust = accuracy(model, fmnist.test.subset(TEST_N), attack=ROBUST)
     assert robust > standard_robust + 0.05, (robust, standard_robust)
+
+
+# -- the objectives' formulas, on a model small enough to compute them by hand ----------------------
+
+def _linear_and_inputs(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 10))
+    x = torch.rand(32, 1, 4, 4)
+    x_adv = (x + 0.1 * torch.randn_like(x).sign()).clamp(0, 1)
+    return model, x, x_adv, torch.randint(0, 10, (32,))
+
+
+@pytest.mark.parametrize("beta", [1.0, 6.0])
+def test_trades_objective_is_clean_cross_entropy_plus_beta_times_the_kl(beta):
+    model, x, x_adv, y = _linear_and_inputs()
+    loss = TRADES(beta=beta).objective(model, x, x_adv, y).loss
+    logits, logits_adv = model(x), model(x_adv)
+    p, p_adv = F.softmax(logits, 1), F.softmax(logits_adv, 1)
+    kl = (p * (p.log() - p_adv.log())).sum(1).mean()  # KL(p(x) ‖ p(x')), batch mean
+    assert kl > 1e-3
+    torch.testing.assert_close(loss, F.cross_entropy(logits, y) + beta * kl, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [1.0, 6.0])
+def test_mart_objective_is_the_reference_mart_loss(beta):
+    """MART (Wang et al. 2020) computed here independently: boosted CE on x' plus β·KL(p(x) ‖ p(x'))·(1 − p_y(x))."""
+    model, x, x_adv, y = _linear_and_inputs(1)
+    loss = make_method("mart", "fashion-mnist", "linf", beta=beta).objective(model, x, x_adv, y).loss
+    logits, logits_adv = model(x), model(x_adv)
+    adv_probs, nat_probs = F.softmax(logits_adv, 1), F.softmax(logits, 1)
+    top2 = torch.argsort(adv_probs, dim=1)[:, -2:]
+    new_y = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
+    loss_adv = F.cross_entropy(logits_adv, y) + F.nll_loss(torch.log(1.0001 - adv_probs + 1e-12), new_y)
+    true_probs = nat_probs.gather(1, y[:, None]).squeeze(1)
+    kl = torch.nn.KLDivLoss(reduction="none")(torch.log(adv_probs + 1e-12), nat_probs).sum(1)
+    loss_robust = (kl * (1.0000001 - true_probs)).sum() / len(x)
+    torch.testing.assert_close(loss, loss_adv + beta * loss_robust, rtol=1e-5, atol=1e-6)
+
+
+def test_trades_inner_maximization_starts_from_x_plus_a_thousandth_of_a_gaussian(batch, monkeypatch):
+    import robustlab.training.trades as trades
+    x, y = batch
+    starts = []
+    real = trades.perturb
+    monkeypatch.setattr(trades, "perturb", lambda *a, x_init=None, **k: (starts.append(x_init), real(*a, x_init=x_init, **k))[1])
+    x_adv = TRADES(steps=3).adversarial_examples(context(lenet()), x, y)
+    noise = starts[0] - x
+    assert noise.std().item() == pytest.approx(0.001, rel=0.05) and abs(noise.mean().item()) < 1e-4
+    assert (x_adv - x).abs().amax() > 0.05  # and the KL-PGD climbed away from it
+
+
+def test_fast_at_steps_one_and_a_quarter_eps_from_its_random_start():
+    """δ = clip(δ₀ + 1.25ε·sign(g), −ε, ε) with δ₀ ∈ [−ε, ε]: every coordinate ends at least ε/4 away from x.
+    (A linear model, whose input gradient has no zeros; x inside the box, so the box clips nothing.)"""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    x, y, eps = 0.3 + 0.4 * torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,)), 0.1
+    for clip_start in (False, True):
+        delta = FastAT(eps=eps, clip_start=clip_start).adversarial_examples(context(model), x, y) - x
+        assert delta.abs().amax() <= eps + 1e-6
+        assert delta.abs().amin() >= 0.25 * eps - 1e-6, clip_start
+        assert 0.55 < (delta.abs() > eps - 1e-6).float().mean() < 0.7  # P(δ₀·sign(g) > −ε/4) = 5/8 at the corner
+
+
+@pytest.mark.parametrize("cls", [PGDATAWP, TRADESAWP])
+def test_awp_perturbation_is_one_ascent_step_on_the_objective(cls, batch):
+    """The proxy's one SGD step on −objective points each layer's v along +∇_w objective(w): v raises the loss."""
+    x, y = batch
+    method, model = cls(awp_warmup=0.0), lenet()
+    ctx = context(model, seed=3)
+    x_adv = method.adversarial_examples(ctx, x, y)
+    v = method.weight_perturbation(ctx, x, x_adv, y)
+    weights = dict(model.named_parameters())
+    loss = method.objective(model, x, x_adv, y).loss
+    grads = dict(zip(weights, torch.autograd.grad(loss, list(weights.values()))))
+    for name, delta in v.items():
+        assert F.cosine_similarity(delta.flatten(), grads[name].flatten(), dim=0) > 0.9999, name
+    with torch.no_grad():
+        for name, delta in v.items():
+            weights[name].add_(delta)
+        assert method.objective(model, x, x_adv, y).loss > loss
+
+
+class _CollapsesAndStopsInSecondEpoch(Standard):
+    """Epoch 2 wrecks the weights (as catastrophic overfitting wrecks robustness) and asks to stop."""
+    def train_step(self, ctx, x, y):
+        result = super().train_step(ctx, x, y)
+        if ctx.epoch == 1:
+            with torch.no_grad():
+                for p in ctx.module.parameters():
+                    p.zero_()
+        return result
+
+    def should_stop(self, metrics, best):
+        return "overfitted" if metrics["epoch"] == 1 else None
+
+
+def test_an_early_stop_keeps_the_last_good_epoch_as_the_best_checkpoint(fmnist, tmp_path):
+    from robustlab import load_model
+    trainer = _trainer(fmnist, _CollapsesAndStopsInSecondEpoch(), tmp_path, n=1024, epochs=4,
+                       optimizer="adam", lr=0.003, schedule="constant")
+    assert trainer.fit()["stopped_early"] == "overfitted"
+    assert json.loads((tmp_path / "best.json").read_text())["epoch"] == 0
+    assert json.loads((tmp_path / "last.json").read_text())["epoch"] == 1
+    best = load_model(tmp_path / "best.safetensors")
+    assert all(p.abs().sum() > 0 for p in best.parameters())  # not the wrecked weights of the stopped epoch

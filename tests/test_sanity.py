@@ -297,3 +297,12 @@ def test_the_standard_suite_runs_the_sanity_checks_with_its_attack_scaled_to_eac
     run_suite(robust_model, fmnist.test.subset(20), fmnist.info, norm="linf", eps=0.1, attack_at=attack_at,
               pgd_label="PGD-3", out_dir=tmp_path, aa_steps=2, aa_queries=10, sanity_n=20, ood=False, show=False)
     assert {round(default_large_eps("linf", 0.1), 6), 0.05, 0.2} <= set(asked)
+
+
+def test_single_step_check_fails_when_one_step_beats_the_iterative_attack():
+    from robustlab.evaluate.sanity import check_single_step
+    lost = check_single_step(0.30, 0.45, tolerance=0.03)  # FGSM leaves 30%, PGD 45%: PGD got lost
+    assert not lost.passed and "gets lost" in lost.detail
+    assert check_single_step(0.60, 0.45, tolerance=0.03).passed
+    assert check_single_step(0.43, 0.45, tolerance=0.03).passed  # within the noise
+    assert check_large_eps(1.0, 0.04, max_accuracy=0.05).passed

@@ -395,3 +395,46 @@ def test_fit_from_the_first_epoch_refuses_a_folder_that_holds_a_run(tmp_path):
     trainer = small_trainer(tmp_path, epochs=1, train_n=128, val_n=20)
     assert trainer.resume() and trainer.fit()["epoch"] == 0  # finished: nothing to train, its last epoch reported
     assert checkpoint.read_metrics(tmp_path) == [json.loads(line) for line in metrics.splitlines()]
+
+
+def test_learning_rate_schedules_between_their_end_points():
+    import math
+    assert learning_rate("cosine", 0.1, 0.25) == pytest.approx(0.05 * (1 + math.cos(math.pi / 4)))
+    assert learning_rate("cosine", 0.1, 1.0) == pytest.approx(0.0)
+    assert learning_rate("piecewise", 0.1, 0.49) == pytest.approx(0.1)
+    assert learning_rate("piecewise", 0.1, 0.8) == pytest.approx(0.001)  # both milestones passed
+    assert learning_rate("one-cycle", 0.1, 0.2) == pytest.approx(0.05)
+    assert learning_rate("one-cycle", 0.1, 0.7) == pytest.approx(0.05)
+    assert learning_rate("constant", 0.1, 0.9) == 0.1
+
+
+def test_weight_ema_averages_with_its_warmed_up_decay():
+    from robustlab.training.trainer import WeightEMA
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = WeightEMA(model, 0.5)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    for t in (1, 2, 3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(8, 3))  # train mode: moves the running statistics and counts the batch
+        ema.update(model)
+        d = min(0.5, (1 + t) / (10 + t))  # 2/11, 3/12, then the decay itself
+        for k, v in model.state_dict().items():
+            expected[k] = d * expected[k] + (1 - d) * v if v.is_floating_point() else v.clone()
+    for k, v in ema.model.state_dict().items():
+        torch.testing.assert_close(v, expected[k], rtol=1e-6, atol=1e-6)
+    assert not torch.equal(ema.model[0].weight, model[0].weight)
+
+
+def test_an_ema_run_validates_and_exports_the_average(fmnist, tmp_path):
+    cfg = TrainConfig(epochs=1, train_n=128, val_n=20, threads=1, batch_size=32, ema=0.9)
+    trainer = build_trainer(dataset="fashion-mnist", model="cnn-small", method="standard", out=tmp_path,
+                            data_dir=FMNIST, config=cfg, show_progress=False)
+    trainer.fit()
+    assert trainer.eval_model is trainer.ema.model
+    best = load_model(tmp_path / "best.safetensors")
+    for name, p in best.state_dict().items():
+        assert torch.equal(p, trainer.ema.model.state_dict()[name]), name
+    assert any(not torch.equal(a, b) for a, b in zip(best.parameters(), trainer.model.parameters()))
