@@ -72,9 +72,9 @@ def plot_adversarial_examples(x, x_adv, y, pred, class_names, path, title: str):
     """Clean test images (top row), their adversarial versions (middle) captioned with the model's prediction,
     red where it is wrong, and the perturbation (bottom), mid-grey at zero and scaled so the largest |δ| of each
     image reaches black or white. x, x_adv: N×C×H×W in [0, 1]; y, pred: N labels."""
-    n = len(x)
     from matplotlib.figure import Figure
 
+    n = len(x)
     fig = Figure(figsize=(1.25 * n, 4.4), dpi=120)
     axes = fig.subplots(3, n, squeeze=False)
     delta = x_adv - x

@@ -16,11 +16,11 @@ from robustlab.evaluate.sanity import check_autoattack_square, sanity_checks
 
 
 def plot_per_class(class_names, clean_mask, robust_mask, labels, path, robust_label):
+    from matplotlib.figure import Figure
+
     n = len(class_names)
     clean = [fraction(clean_mask[labels == c]) * 100 for c in range(n)]
     robust = [fraction(robust_mask[labels == c]) * 100 for c in range(n)]
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(7, 3.8), dpi=120)
     ax = fig.subplots()
     idx = torch.arange(n).numpy()
