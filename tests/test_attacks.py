@@ -418,3 +418,43 @@ def test_attacks_say_what_they_take_for_arrays_and_models_returning_more(name):
     if name != "square":  # Square's first pass meets it too, through the same check
         with pytest.raises(RobustlabError, match="returns a tuple; attacks need logits alone"):
             ATTACKS[name](pair, x, y, eps=0.1)
+
+
+def test_l2_step_is_the_normalized_gradient_and_projection_keeps_points_inside_the_ball():
+    """One L2 step has length step_size along the gradient (not the raw gradient); a point already inside the
+    L2 ball is left where it is, one outside goes radially back onto its sphere."""
+    from robustlab.attacks.threat import project
+    torch.manual_seed(0)
+    d = 28 * 28
+    w = torch.randn(d)
+
+    class Linear(nn.Module):
+        def forward(self, x):
+            return (x.flatten(1) @ w).unsqueeze(1)
+
+    x = torch.full((1, 1, 28, 28), 0.5)
+    y = torch.zeros(1, dtype=torch.long)
+    lower_score = lambda logits, y: -logits[:, 0]
+    for eps in (1.0, 0.05):  # the step of 0.1 lies inside the first ball and crosses the second
+        x_adv = pgd(Linear(), x, y, eps=eps, norm="l2", steps=1, step_size=0.1, random_start=False,
+                    loss_fn=lower_score)
+        delta = (x_adv - x).flatten()
+        torch.testing.assert_close(delta, -w / w.norm() * min(eps, 0.1), rtol=1e-4, atol=1e-6)
+    inside = x + 0.2 * (torch.rand(x.shape) - 0.5) / 28
+    assert torch.equal(project(inside, x, 1.0, "l2"), inside)
+    outside = x + 0.3 * torch.ones_like(x) / 28  # L2 norm 0.3
+    torch.testing.assert_close(project(outside, x, 0.1, "l2"), x + 0.1 * torch.ones_like(x) / 28)
+
+
+@pytest.mark.parametrize("shape", [(4096, 1, 28, 28), (4096, 2)])
+def test_l2_random_start_is_uniform_in_the_ball(shape):
+    """Uniform in the d-ball: P(‖δ‖ ≤ rε) = r^d. A radius drawn as U (not U^(1/d)) crowds the centre: in 784
+    dimensions the median ‖δ‖/ε is then 0.5, not 0.9991."""
+    from robustlab.attacks.threat import make_threat
+    x = torch.full(shape, 0.5)
+    delta = make_threat("l2", 0.1, 0.01).random_start(x, torch.Generator().manual_seed(0), box=False) - x
+    radius = delta.flatten(1).norm(dim=1) / 0.1
+    d = shape[1] * (shape[2] * shape[3] if len(shape) == 4 else 1)
+    assert radius.max() <= 1 + 1e-5
+    for r in (0.5, 0.9, 0.99, 0.999):  # the empirical CDF against r^d, within sampling noise of 4096 draws
+        assert abs((radius <= r).float().mean().item() - r ** d) < 0.03, (r, d)

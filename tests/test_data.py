@@ -134,6 +134,8 @@ def test_truncated_and_foreign_idx_files_fail_clearly(tmp_path):
         "truncated gzip": good[: len(good) // 2],
         "short data": gzip.compress(gzip.decompress(good)[:-5]),
         "wrong magic": gzip.compress(b"\x00\x00\x08\x01" + gzip.decompress(good)[4:]),
+        "not unsigned bytes": gzip.compress(b"\x00\x00\x0d\x03" + gzip.decompress(good)[4:]),  # float32 type code
+        "nonzero magic prefix": gzip.compress(b"\x01\x00\x08\x03" + gzip.decompress(good)[4:]),
         "not gzip, not idx": b"<html>not found</html>",
     }
     for case, data in cases.items():

@@ -247,3 +247,19 @@ assert matplotlib.get_backend() == "svg" and "matplotlib.pyplot" not in sys.modu
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_per_class_bars_are_each_class_s_clean_and_robust_accuracy(tmp_path, monkeypatch):
+    """The per-class plot's bars: per class, the share of its images clean-correct and robust."""
+    from matplotlib.figure import Figure
+    from robustlab.evaluate.suite import plot_per_class
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, path, **kw: saved.append(self))
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 2, 2, 2])
+    clean = torch.tensor([1, 1, 1, 0, 1, 0, 1, 1, 1, 1, 1], dtype=torch.bool)
+    robust = torch.tensor([1, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0], dtype=torch.bool)
+    plot_per_class(["a", "b", "c"], clean, robust, labels, tmp_path / "p.png", "PGD")
+    bars = [p.get_height() for p in saved[0].axes[0].patches]
+    assert bars == pytest.approx([75, 50, 100, 25, 0, 60])  # clean a, b, c, then robust a, b, c
+    ticks = [t.get_text() for t in saved[0].axes[0].get_xticklabels()]
+    assert ticks == ["a (4)", "b (2)", "c (5)"]
