@@ -88,9 +88,10 @@ def test_restarts_keep_the_worst_case(robust_model, test_batch):
     assert not (broken_one & ~broken_three).any()
     # restarts 2 and 3 really run (5 steps each), on the images the earlier ones left; `three <= one` held with
     # equality when the restarts were skipped
+    # (the first pass looks at the clean images: one the model already gets wrong is returned as it is)
     sizes, left = [len(seen) for seen in rec.seen], int((~broken_one).sum())
-    assert sizes[:6] == [len(x)] * 6 and sizes[6:12] == [left] * 6, sizes  # 5 steps, then which survived
-    assert len(sizes) == 17 and len(set(sizes[12:])) == 1 and 0 < sizes[12] <= left, sizes
+    assert sizes[:7] == [len(x)] * 7 and sizes[7:13] == [left] * 6, sizes  # 5 steps, then which survived
+    assert len(sizes) == 18 and len(set(sizes[13:])) == 1 and 0 < sizes[13] <= left, sizes
 
 
 def test_targeted_pgd_reaches_the_target(standard_model, test_batch):
@@ -458,3 +459,35 @@ def test_l2_random_start_is_uniform_in_the_ball(shape):
     assert radius.max() <= 1 + 1e-5
     for r in (0.5, 0.9, 0.99, 0.999):  # the empirical CDF against r^d, within sampling noise of 4096 draws
         assert abs((radius <= r).float().mean().item() - r ** d) < 0.03, (r, d)
+
+
+class WrongOnlyAtTheCentre(nn.Module):
+    """Right (class 1 of 4) everywhere but exactly at the first `wrong` clean images, where it says class 0; flat,
+    so an attack gets no gradient. PGD's random start never evaluates x itself: the attack came back with an input
+    the model classifies right, and the image counted as robust though the model gets it wrong."""
+
+    def __init__(self, x, wrong):
+        super().__init__()
+        self.register_buffer("centres", x[:wrong].clone())
+
+    def forward(self, x):
+        at = ((x[:, None] - self.centres[None]).flatten(2).abs().amax(2) < 1e-7).any(1).float()
+        zero = torch.zeros_like(at)
+        return 5 * torch.stack([at, 1 - at, zero, zero], 1) + 0 * x.flatten(1).sum(1, keepdim=True)
+
+
+def test_an_image_the_model_gets_wrong_is_never_counted_robust():
+    from robustlab.evaluate import correct_mask
+    x, y = torch.rand(4, 1, 6, 6) * 0.5 + 0.25, torch.ones(4, dtype=torch.long)
+    model = WrongOnlyAtTheCentre(x, wrong=2)
+    for kwargs in [{}, {"restarts": 3}, {"norm": "l2", "eps": 0.5}]:
+        x_adv = pgd(model, x, y, **{"eps": 0.1, **kwargs})
+        assert torch.equal(x_adv[:2], x[:2])  # the clean input is the first "iterate" that breaks it
+        assert model(x_adv).argmax(1).tolist() == [0, 0, 1, 1]
+    target = torch.zeros(4, dtype=torch.long)  # targeted: already classified as the target counts as done
+    assert torch.equal(pgd(model, x, target, eps=0.1, targeted=True)[:2], x[:2])
+    assert correct_mask(model, x, y, attack=partial(pgd, eps=0.1)).tolist() == [False, False, True, True]
+    # Any attack: robust accuracy asks for the clean image too (one returning an input the model gets right).
+    step_off = lambda m, x, y, generator=None: (x + 0.05).clamp(0, 1)
+    assert correct_mask(model, x, y, attack=step_off).tolist() == [False, False, True, True]
+    assert correct_mask(model, x, y).tolist() == [False, False, True, True]

@@ -131,7 +131,7 @@ def test_every_iterate_stays_in_the_ball(norm, eps, step, batch, mlp_pair):
     _, tiny = mlp_pair
     recorder = Recorder(tiny)
     tg.pgd(recorder, x, y, eps=eps, norm=norm, steps=4, step_size=step, seed=3, jit=False)
-    assert len(recorder.seen) == 5  # four gradient steps and the check of the last iterate
+    assert len(recorder.seen) == 6  # the clean images, four gradient steps and the check of the last iterate
     for iterate in recorder.seen:
         assert within_ball(torch.from_numpy(iterate), torch.from_numpy(x), norm, eps, tol=1e-5)
     eager = tg.pgd(tiny, x, y, eps=eps, norm=norm, steps=4, step_size=step, restarts=2, seed=3, jit=False)
@@ -437,3 +437,27 @@ def test_unsupported_options_are_refused(fmnist, tmp_path):
         tiny_trainer(fmnist, tmp_path, "standard", precision="bf16")
     with pytest.raises(RobustlabError, match="no option"):
         tg.build_model("cnn-small", width=2)
+
+
+def test_an_image_the_model_gets_wrong_is_never_counted_robust():
+    """As for PyTorch's pgd: a model wrong exactly at the clean image and right everywhere around it (flat: no
+    gradient) came back from the random start classified right."""
+    x = np.random.default_rng(0).uniform(0.25, 0.75, (4, 1, 6, 6)).astype(np.float32)
+    y = np.ones(4, dtype=np.int32)
+
+    class WrongOnlyAtTheCentre:
+        def __init__(self):
+            self.centres = Tensor(x[:2])
+
+        def __call__(self, inputs):
+            at = ((inputs.unsqueeze(1) - self.centres.unsqueeze(0)).abs().flatten(2).max(2) < 1e-7).any(1).float()
+            zero = at.zeros_like()
+            return 5 * Tensor.stack(at, 1 - at, zero, zero, dim=1) + 0 * inputs.flatten(1).sum(1, keepdim=True)
+
+    model = WrongOnlyAtTheCentre()
+    for restarts in (1, 2):
+        x_adv = tg.pgd(model, x, y, eps=0.1, steps=2, restarts=restarts, jit=False)
+        np.testing.assert_array_equal(x_adv[:2], x[:2])
+        assert predict(model, x_adv).tolist() == [0, 0, 1, 1]
+    shift = lambda m, x, y, seed=0: np.clip(x + 0.05, 0, 1)
+    assert tg.correct_mask(model, x, y, attack=shift).tolist() == [False, False, True, True]

@@ -82,10 +82,14 @@ def perturb(model, x, y, threat, steps: int, *, random_start: bool = True, targe
     return x_adv.detach()
 
 
-def _record_success(logits, y, targeted, x_adv, best, done):
+def _fooled(logits, y, targeted):
+    """Per example: the attack's goal is met (the target class, or any class but y)."""
     pred = logits.argmax(1)
-    success = (pred == y) if targeted else (pred != y)
-    new = success & ~done
+    return (pred == y) if targeted else (pred != y)
+
+
+def _record_success(logits, y, targeted, x_adv, best, done):
+    new = _fooled(logits, y, targeted) & ~done
     best[new] = x_adv[new]
     done |= new
 
@@ -98,30 +102,40 @@ def pgd(model, x, y, *, eps: float, norm: str = "linf", steps: int = 10, step_si
 
     step_size defaults to 2.5·ε/steps (Madry et al.), so the iterate can cross the ball.
     A restart only runs on examples that earlier restarts did not break.
-    Per example the first iterate that breaks the model is kept (`keep_best`); with keep_best=False the last one
-    is, the highest loss on this model, which is what to transfer to another (`transfer`).
+    Per example the first iterate that breaks the model is kept (`keep_best`), the clean input counting as the
+    first: an example the model already gets wrong is returned as it is (the random start never evaluates x, so
+    without this it could come back classified right). With keep_best=False the last iterate is returned, the
+    highest loss on this model, which is what to transfer to another (`transfer`).
     """
     check_budget(eps, steps, restarts)
     check_eps(float(eps), norm, "eps")  # float: a 0-d tensor
     y = check_batch(x, y, model=model)
     threat = make_threat(norm, eps, step_size if step_size is not None else 2.5 * eps / steps)
     with attack_mode(model):
+        fooled_at_x = None
+        if keep_best:
+            with torch.no_grad():
+                logits = model(x)
+            check_labels(logits, y)
+            fooled_at_x = _fooled(logits, y, targeted)
         x_adv = x.clone()
+        # The restarts run as if x had not been looked at (wrong-at-x examples included, overwritten at the end):
+        # every other example gets the random draws, and so the result, it got before this check existed.
         remaining = torch.arange(len(x), device=x.device)
         for r in range(restarts):
             xr, yr = x[remaining], y[remaining]
             adv = perturb(model, xr, yr, threat, steps, random_start=random_start or r > 0,
                           targeted=targeted, loss_fn=loss_fn, keep_best=keep_best, generator=generator,
-                          check_labels_fit=r == 0)
+                          check_labels_fit=r == 0 and not keep_best)
             x_adv[remaining] = adv
             if r == restarts - 1:  # which examples survived matters only to a next restart (a pass saved: 2.4%)
                 break
             with torch.no_grad():
-                pred = model(adv).argmax(1)
-            robust = (pred != yr) if targeted else (pred == yr)
-            remaining = remaining[robust]
+                remaining = remaining[~_fooled(model(adv), yr, targeted)]
             if len(remaining) == 0:
                 break
+        if fooled_at_x is not None:
+            x_adv[fooled_at_x] = x[fooled_at_x]
     return x_adv
 
 

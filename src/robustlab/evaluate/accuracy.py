@@ -17,7 +17,9 @@ from robustlab.progress import progress as progress_bar
 def correct_mask(model, images, labels, *, attack: Callable | None = None, batch_size: int = 500,
                  device=None, seed: int = 0, progress: str | None = None, show: bool | None = None,
                  keep: Callable | None = None) -> torch.Tensor:
-    """Boolean per example: classified correctly (on the attacked input when `attack` is given).
+    """Boolean per example: classified correctly; with an `attack`, classified correctly both on the clean input
+    and on the attacked one (robust accuracy's definition, and AutoAttack's: an attack that returned an input the
+    model gets right, for an image it gets wrong, must not make that image count as robust).
 
     `attack(model, x, y, generator=g)` returns adversarial inputs; each batch's generator is seeded from
     (seed, batch index), so a figure is reproducible and the same when the batches are shared out over
@@ -44,7 +46,10 @@ def correct_mask(model, images, labels, *, attack: Callable | None = None, batch
             if i == 0:  # every batch has the images' type: one check (its probe pass, where it needs one) is enough
                 check_model_takes(model, x)
             y = labels[rows].to(device)
+            right = torch.ones_like(y, dtype=torch.bool)
             if attack is not None:
+                with torch.no_grad():
+                    right = model(x).argmax(1) == y
                 x = attack(model, x, y, generator=torch.Generator(device).manual_seed(seed + b * 1_000_003))
             with torch.no_grad():
                 logits = model(x)
@@ -52,7 +57,7 @@ def correct_mask(model, images, labels, *, attack: Callable | None = None, batch
             predicted = logits.argmax(1)
             if keep is not None:
                 keep(rows, x, predicted)
-            mask[rows] = (predicted == y).cpu()
+            mask[rows] = (right & (predicted == y)).cpu()
     return distributed.all_max(mask).bool()
 
 

@@ -32,7 +32,8 @@ def predict(model, x) -> np.ndarray:
 
 def correct_mask(model, images, labels, *, attack: Callable | None = None, batch_size: int = 500, seed: int = 0,
                  progress: str | None = None, show: bool | None = None) -> np.ndarray:
-    """Boolean per example: classified correctly (on the attacked input when `attack` is given).
+    """Boolean per example: classified correctly; with an `attack`, both on the clean input and on the attacked one
+    (as robustlab.evaluate.correct_mask).
 
     `attack(model, x, y, seed=s)` returns adversarial inputs; batch i is attacked with seed
     `seed + i`, so a figure is reproducible for a given batch size.
@@ -43,9 +44,11 @@ def correct_mask(model, images, labels, *, attack: Callable | None = None, batch
     bar = progress_bar(starts, desc=progress, unit="batch", show=False if progress is None else show, leave=False)
     for i, s in enumerate(bar):
         x, y = as_pixels(images[s:s + batch_size]), labels[s:s + batch_size]
+        right = np.ones(len(y), dtype=bool)
         if attack is not None:
+            right = predict(model, x) == y
             x = to_numpy(attack(model, x, y, seed=seed + i))
-        out.append(predict(model, x) == y)
+        out.append(right & (predict(model, x) == y))
     return np.concatenate(out) if out else np.zeros(0, dtype=bool)
 
 
