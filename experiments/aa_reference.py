@@ -40,7 +40,6 @@ from robustlab.errors import RobustlabError, run_script
 from robustlab.evaluate.accuracy import correct_mask
 from robustlab.models import fast_memory_format
 from robustlab.protocol import threat_defaults
-from robustlab.rift.mrc import write_json
 from robustlab.training.run import run_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -95,7 +94,7 @@ def reference_verdicts(model, x, y, eps: float, norm: str, reference: Path, path
         done["stages"].append(stage)
         done["seconds"][stage] = time.perf_counter() - start
         done["broken_by"] = broken_by.tolist()
-        write_json(path, done)
+        checkpoint.write_json(path, done, default=float)
         print(f"reference {stage}: {stage_accuracy(broken_by)[stage]:.2%} "
               f"({done['seconds'][stage]:.0f} s)", flush=True)
     return done
@@ -193,7 +192,7 @@ def main():
               "robust_both": int((robust_ours & robust_theirs).sum()),
               "robust_only_robustlab": only_ours, "robust_only_reference": only_theirs,
               "sign_test_p": sign_test(only_ours, only_theirs)}
-    write_json(args.out / "comparison.json", result)
+    checkpoint.write_json(args.out / "comparison.json", result, default=float)
     print(f"AutoAttack-standard, {norm} ε={eps}, first {args.n} test images of {args.run}")
     print(f"{'stage':8s} {'robustlab':>10s} {'reference':>10s}   the stage alone, on the images both sides "
           "brought to it: broken by robustlab / by the reference")

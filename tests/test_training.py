@@ -251,6 +251,30 @@ def test_a_kill_between_a_checkpoint_and_its_json_twin_leaves_them_agreeing_afte
     assert checkpoint.read_metadata(tmp_path / "last.safetensors")["epoch"] == 1
 
 
+def test_a_full_disk_while_rewriting_config_json_keeps_the_previous_one(fmnist, tmp_path, monkeypatch):
+    """config.json (and every JSON file robustlab writes) was written in place: a resumed run that met a full disk
+    left half a file where the run's configuration had been, and a raw OSError."""
+    import errno
+    from pathlib import Path
+    small_trainer(tmp_path, epochs=1).fit()
+    before = (tmp_path / "config.json").read_text()
+    real_write_text = Path.write_text
+
+    def full_disk(path, text, *args, **kwargs):
+        if "config.json" in path.name:
+            real_write_text(path, text[:20], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_text(path, text, *args, **kwargs)
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    resumed = small_trainer(tmp_path, epochs=1)  # nothing left to train: fit() rewrites config.json all the same
+    assert resumed.resume()
+    with pytest.raises(RobustlabError, match=r"cannot write .*config.json \(No space left on device\); the previous "
+                                             "file is kept"):
+        resumed.fit()
+    assert (tmp_path / "config.json").read_text() == before
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
 def test_resume_afresh_removes_the_temporaries_of_a_kill_during_the_first_checkpoint(fmnist, tmp_path):
     """A SIGKILL while the first epoch's best.safetensors was being written left its temporary file (as large as a
     checkpoint); --resume started the run afresh and removed temporaries only when it found a last.safetensors."""

@@ -57,6 +57,13 @@ def atomic_write(path: Path, write):
             tmp.unlink()
 
 
+def write_json(path, obj, **dumps_options) -> None:
+    """`obj` as indented JSON in `path`, through `atomic_write`: a run killed (or a disk full) while writing leaves
+    the previous file, not half of one."""
+    text = json.dumps(obj, indent=1, **dumps_options) + "\n"
+    atomic_write(Path(path), lambda p: p.write_text(text))
+
+
 def remove_stale_temporaries(folder, names=None) -> None:
     """The temporary files of `atomic_write` that a killed process left in `folder` (a SIGKILL skips its cleanup),
     each as large as the file it was to replace: those for the files `names`, else for any file; never this

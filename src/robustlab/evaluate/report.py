@@ -1,9 +1,10 @@
 """report.md / report.json for a run, with plots people would rather look at than read."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
+
+from robustlab import checkpoint
 
 # Figures are drawn with matplotlib.figure.Figure, imported where they are drawn, not pyplot: no global backend or
 # figure state, so that robustlab leaves a notebook's own plotting alone (pyplot with matplotlib.use("Agg") at
@@ -109,8 +110,8 @@ def write_report(out_dir, results: dict, plots: dict[str, str], run_name: str):
     """Write OUT/report.json (everything) and OUT/report.md (a readable summary with the plots, which lie
     in OUT); OUT is the run's directory unless `robustlab eval --out` names another."""
     out_dir = Path(out_dir)
-    (out_dir / "report.json").write_text(json.dumps({k: v for k, v in results.items() if k != "sanity_markdown"},
-                                                    indent=1, default=str) + "\n")
+    checkpoint.write_json(out_dir / "report.json", {k: v for k, v in results.items() if k != "sanity_markdown"},
+                          default=str)
     lines = [f"# Evaluation of `{run_name}`", ""]
     meta = results.get("run", {})
     if meta:

@@ -63,12 +63,6 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
-def write_json(path: Path, data: dict):
-    """Atomic, like the checkpoints: a run killed mid-write keeps the previous file."""
-    text = json.dumps(data, indent=1, default=float) + "\n"
-    checkpoint.atomic_write(Path(path), lambda p: p.write_text(text))
-
-
 def read_json(path: Path) -> dict:
     """A cache file's contents ({} when there is none yet); a damaged one is a one-line error, not a traceback."""
     path = Path(path)
@@ -197,10 +191,10 @@ def compute_mrc(model: nn.Module, val: ImageSet, cache_dir, *, source_sha256: st
     for name in bar:
         bar.set_postfix_str(name, refresh=False)
         result["modules"][name] = module_criticality(model, name, x, y, config, original)
-        write_json(path, result)
+        checkpoint.write_json(path, result, default=float)
     bar.close()
     result["modules"] = {n: result["modules"][n] for n in names}  # network order
-    write_json(path, result)
+    checkpoint.write_json(path, result, default=float)
     return result
 
 

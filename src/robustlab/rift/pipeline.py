@@ -27,7 +27,7 @@ from robustlab.evaluate.corruptions import ood_accuracy
 from robustlab.models import fast_memory_format
 from robustlab.protocol import threat_defaults
 from robustlab.rift.finetune import ALPHAS, BN_MODES, AlphaSearch, finetune, module_names, recalibrate_bn
-from robustlab.rift.mrc import MRCConfig, compute_mrc, file_sha256, plot_mrc, ranked, read_json, write_json
+from robustlab.rift.mrc import MRCConfig, compute_mrc, file_sha256, plot_mrc, ranked, read_json
 from robustlab.rift.report import plot_alpha, write_report
 from robustlab.training.registry import METHODS
 from robustlab.training.run import load_model
@@ -115,7 +115,7 @@ class State:
         self.save()  # at once: a killed first run's --out is then refused to another checkpoint from the start
 
     def save(self):
-        write_json(self.path, self.data)
+        checkpoint.write_json(self.path, self.data, default=float)
 
 
 def candidate_id(module: str, lr: float) -> str:

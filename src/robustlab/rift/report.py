@@ -1,9 +1,9 @@
 """RiFT's plots and its before/after report (rift_report.md and rift_report.json, beside `robustlab eval`'s own)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from robustlab import checkpoint
 from robustlab.evaluate.report import measured_on
 from robustlab.rift.finetune import ALPHAS
 
@@ -57,7 +57,7 @@ def _pct(value) -> str:
 
 
 def write_report(out: Path, report: dict):
-    (out / "rift_report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    checkpoint.write_json(out / "rift_report.json", report, default=str)
     src, rift, cands = report["source"], report["rift"], report["candidates"]
     chosen, paper = report["chosen"], report["paper_pick"]
     given = report["settings"].get("module")

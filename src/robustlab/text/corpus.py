@@ -23,7 +23,6 @@ builds it on first use.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -31,6 +30,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from robustlab import checkpoint
 from robustlab.errors import RobustlabError
 
 CORPUS_FILE = "debian-packages.tsv"
@@ -115,7 +115,7 @@ def build_corpus(path=None, top: int = 10, package_lists: str | None = None) -> 
     stats = {"examples": len(rows), "top": top,
              "splits": dict(Counter(r[0] for r in rows)), "sections": dict(sorted(Counter(r[1] for r in rows).items())),
              "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "source": "apt-cache dumpavail"}
-    path.with_suffix(".json").write_text(json.dumps(stats, indent=1) + "\n")
+    checkpoint.write_json(path.with_suffix(".json"), stats)
     return path
 
 

@@ -12,7 +12,6 @@ only evaluated, a stopped one resumes from its last epoch.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from functools import partial
@@ -101,9 +100,9 @@ def main(argv=None) -> int:
                 (train_tinygrad if backend == "tinygrad" else train_torch)(model, TrainConfig(**config), run)
             row = {"model": model, "backend": backend, **_epochs(run), **evaluate(backend, run, args.n)}
             rows.append(row)
-            (out / "results.json").write_text(json.dumps(
-                {"rows": rows, "config": config, "machine": machine(), "commit": commit(),
-                 "command": "python -m robustlab.tinygrad.results " + " ".join(sys.argv[1:])}, indent=1) + "\n")
+            checkpoint.write_json(out / "results.json", {
+                "rows": rows, "config": config, "machine": machine(), "commit": commit(),
+                "command": "python -m robustlab.tinygrad.results " + " ".join(sys.argv[1:])})
     lines = ["| model | backend | clean | " + (rows[0]["attack"] if rows else "PGD") +
              " | s / epoch (train; later epochs) | first epoch s (with tinygrad's kernel compile) | epochs |",
              "|---|---|---|---|---|---|---|"]

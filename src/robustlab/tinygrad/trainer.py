@@ -10,7 +10,6 @@ function per batch shape, which removes tinygrad's per-step graph work after the
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict
@@ -187,9 +186,9 @@ class TinyTrainer:
     def fit(self) -> dict:
         check_not_over_a_run(self.out, self.start_epoch)
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(
-            {**self.run_meta, "method": {"name": self.method.name, **self.method.config()},
-             "config": asdict(self.config)}, indent=1) + "\n")
+        checkpoint.write_json(self.out / "config.json", {
+            **self.run_meta, "method": {"name": self.method.name, **self.method.config()},
+            "config": asdict(self.config)})
         metrics = self.last_metrics  # a resumed run with nothing left to train reports its last epoch
         for epoch in range(self.start_epoch, self.config.epochs):
             start = time.perf_counter()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -199,7 +198,7 @@ def mark_started(out):
     out = Path(out)
     if distributed.is_main() and not (out / "config.json").exists():
         output_dir(out)
-        (out / "config.json").write_text(json.dumps({"status": "starting"}) + "\n")
+        checkpoint.write_json(out / "config.json", {"status": "starting"})
 
 
 def build_trainer(*, dataset: str, model: str, method: str, out, norm: str = "linf", data_dir=None,

@@ -351,9 +351,9 @@ class Trainer:
         main = distributed.is_main()  # rank 0 alone writes files and prints; every rank computes the same metrics
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(
-                {**self.run_meta, "method": {"name": self.method.name, **self.method.config()},
-                 "config": asdict(self.config), "world_size": distributed.world_size()}, indent=1) + "\n")
+            checkpoint.write_json(self.out / "config.json", {
+                **self.run_meta, "method": {"name": self.method.name, **self.method.config()},
+                "config": asdict(self.config), "world_size": distributed.world_size()})
         if main and len(self.data.val) == 0 and self.start_epoch < self.epochs:
             tqdm.write("no validation images: nothing ranks the epochs, so best.safetensors is the last epoch's "
                        "(the protocol holds out none from a training set under 10)")
