@@ -212,6 +212,30 @@ def test_a_failed_cache_write_is_one_line_and_leaves_no_partial_file(tmp_path, m
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
+def test_the_temporaries_of_a_killed_writer_are_removed_and_a_live_writer_s_kept(tmp_path):
+    """An evaluation killed while writing a cached set left its temporary (as large as the set) for good; the cache
+    is shared, so one is removed only when its process is gone and it is over an hour old."""
+    import os
+    import subprocess
+    import sys
+    import time
+    clean = synthetic(1, 28, n=6)
+    list(corruption_suite(clean, ["shot_noise"], (1,), cache_dir=tmp_path))
+    folder = next(p for p in tmp_path.iterdir() if p.is_dir())
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a process that has ended
+    hour_ago = time.time() - 3700
+    stale = folder / f".shot_noise-s2-seed0.npy.tmp{gone}"
+    live = folder / f".shot_noise-s3-seed0.npy.tmp{os.getppid()}"  # a writer that still runs (here: our parent)
+    fresh = folder / f".shot_noise-s4-seed0.npy.tmp{gone}"  # perhaps a writer on another machine: too young
+    for path in (stale, live, fresh):
+        path.write_bytes(b"part of a set")
+    for path in (stale, live):
+        os.utime(path, (hour_ago, hour_ago))
+    list(corruption_suite(clean, ["shot_noise"], (1,), cache_dir=tmp_path))
+    assert not stale.exists() and live.exists() and fresh.exists()
+
+
 def test_ood_accuracy_below_clean_and_falls_with_severity(standard_model, fmnist, tmp_path):
     test = fmnist.test.subset(200)
     names = ["gaussian_noise", "motion_blur", "fog", "contrast", "rotate"]

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -64,16 +65,40 @@ def write_json(path, obj, **dumps_options) -> None:
     atomic_write(Path(path), lambda p: p.write_text(text))
 
 
-def remove_stale_temporaries(folder, names=None) -> None:
+def remove_stale_temporaries(folder, names=None, *, shared: bool = False) -> None:
     """The temporary files of `atomic_write` that a killed process left in `folder` (a SIGKILL skips its cleanup),
     each as large as the file it was to replace: those for the files `names`, else for any file; never this
-    process's own."""
+    process's own.
+    shared: other processes may be writing in `folder` now (a cache): a temporary goes only when the process it
+    names runs no more on this machine and it is over an hour old (the folder may be on a disk that other
+    machines, with their own process ids, write to)."""
     patterns = [f".{glob.escape(name)}.tmp[0-9]*" for name in names] if names else [".*.tmp[0-9]*"]
     own = f".tmp{os.getpid()}"
     for pattern in patterns:
         for stale in Path(folder).glob(pattern):
-            if not stale.name.endswith(own):
-                stale.unlink(missing_ok=True)
+            if stale.name.endswith(own):
+                continue
+            if shared:
+                try:
+                    pid = int(stale.name.rsplit(".tmp", 1)[1])
+                    old = time.time() - stale.stat().st_mtime > 3600
+                except (ValueError, FileNotFoundError):  # not atomic_write's name; or its writer renamed it meanwhile
+                    continue
+                if not old or _process_runs(pid):
+                    continue
+            stale.unlink(missing_ok=True)
+
+
+def _process_runs(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would end the process on Windows: keep the file
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def save(path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:

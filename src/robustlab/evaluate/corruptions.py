@@ -692,6 +692,8 @@ def corruption_suite(imageset: ImageSet, names=None, severities=SEVERITIES, seed
     """
     names, severities = _check_request(imageset, names, severities)
     folder = Path(cache_dir).expanduser() / _fingerprint(imageset) if cache_dir is not None else None
+    if folder is not None and folder.is_dir():  # a set as large as the test set, per evaluation killed mid-write
+        checkpoint.remove_stale_temporaries(folder, shared=True)
     for name in names:
         for severity in severities:
             yield name, severity, _cached(imageset, name, severity, seed, folder)
