@@ -227,6 +227,9 @@ def test_accuracy_refuses_labels_it_cannot_score(one_thread):
         accuracy(LINEAR, (x, torch.zeros(8, 1, dtype=torch.long)))
     attack = partial(fgsm, eps=0.1)  # fgsm took no generator
     assert 0 <= accuracy(LINEAR, (x, torch.zeros(8, dtype=torch.long)), attack=attack) <= 1
+    pair = type("Pair", (torch.nn.Module,), {"forward": lambda self, x: (LINEAR(x), x)})()
+    with pytest.raises(RobustlabError, match="returns a tuple; attacks need logits alone"):  # at the clean pass
+        accuracy(pair, (x, torch.zeros(8, dtype=torch.long)), attack=attack)
 
 
 def test_importing_and_plotting_leave_a_users_matplotlib_backend_alone(tmp_path):

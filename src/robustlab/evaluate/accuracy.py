@@ -46,14 +46,14 @@ def correct_mask(model, images, labels, *, attack: Callable | None = None, batch
             if i == 0:  # every batch has the images' type: one check (its probe pass, where it needs one) is enough
                 check_model_takes(model, x)
             y = labels[rows].to(device)
-            right = torch.ones_like(y, dtype=torch.bool)
-            if attack is not None:
-                with torch.no_grad():
-                    right = model(x).argmax(1) == y
-                x = attack(model, x, y, generator=torch.Generator(device).manual_seed(seed + b * 1_000_003))
             with torch.no_grad():
                 logits = model(x)
             check_labels(logits, y)  # a label beyond the outputs counted as a wrong prediction, without a word
+            right = logits.argmax(1) == y
+            if attack is not None:  # then right on the clean input and on the attacked one
+                x = attack(model, x, y, generator=torch.Generator(device).manual_seed(seed + b * 1_000_003))
+                with torch.no_grad():
+                    logits = model(x)
             predicted = logits.argmax(1)
             if keep is not None:
                 keep(rows, x, predicted)
