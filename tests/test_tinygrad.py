@@ -461,3 +461,13 @@ def test_an_image_the_model_gets_wrong_is_never_counted_robust():
         assert predict(model, x_adv).tolist() == [0, 0, 1, 1]
     shift = lambda m, x, y, seed=0: np.clip(x + 0.05, 0, 1)
     assert tg.correct_mask(model, x, y, attack=shift).tolist() == [False, False, True, True]
+
+
+def test_a_model_returning_more_than_logits_is_one_clear_error(batch, mlp_pair):
+    x, y = batch
+    _, tiny = mlp_pair
+    pair = lambda inputs: (tiny(inputs), inputs)
+    for run in (lambda: tg.pgd(pair, x[:4], y[:4], eps=0.1, steps=1, jit=False),
+                lambda: tg.correct_mask(pair, x[:4], y[:4])):
+        with pytest.raises(RobustlabError, match="returns a tuple; attacks need logits alone"):
+            run()

@@ -146,13 +146,18 @@ def check_label_vector(y, unit: str = "image"):
         raise RobustlabError(f"labels must be a tensor of one integer per {unit}, got {got}")
 
 
+def not_logits(output) -> RobustlabError:
+    """The error for a model whose output is not an N × classes tensor (of any framework)."""
+    got = f"shape {tuple(output.shape)}" if hasattr(output, "shape") else f"a {type(output).__name__}"
+    return RobustlabError(f"the model returns {got}; attacks need logits alone, N × classes (wrap a model that "
+                          "returns more)")
+
+
 def check_labels(logits: torch.Tensor, y: torch.Tensor):
     """Labels that index the model's outputs. One beyond them made APGD, FAB-T, Square and AutoAttack count the
     image as broken before any attack, and cross-entropy fail in an IndexError."""
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:  # (logits, features), {"logits": ...}
-        got = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else f"a {type(logits).__name__}"
-        raise RobustlabError(f"the model returns {got}; attacks need logits alone, N × classes (wrap a model that "
-                             "returns more)")
+        raise not_logits(logits)
     if len(y) and int(y.max()) >= logits.shape[1]:
         raise RobustlabError(f"labels must index the model's {logits.shape[1]} outputs (0 to {logits.shape[1] - 1}), "
                              f"got {int(y.max())}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from robustlab.attacks.threat import NORMS, check_budget, check_size
+from robustlab.attacks.threat import NORMS, check_budget, check_size, not_logits
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.tinygrad.backend import capture_first_call, require
 
@@ -50,8 +50,15 @@ def as_inputs(x, y) -> tuple[Tensor, Tensor]:
 
 def check_labels(logits: Tensor, y: Tensor):
     """Labels beyond the model's classes: tinygrad's one-hot cross-entropy would score them as 0, silently."""
+    check_logits(logits)
     if y.shape[0] and int(y.max().item()) >= logits.shape[1]:
         raise RobustlabError(f"y holds class {int(y.max().item())} but the model has {logits.shape[1]} outputs")
+
+
+def check_logits(logits) -> Tensor:
+    if not isinstance(logits, Tensor) or len(logits.shape) != 2:  # (logits, features), {"logits": ...}
+        raise not_logits(logits)
+    return logits
 
 
 def _like(result: Tensor, original):

@@ -10,6 +10,8 @@ from robustlab.tinygrad.backend import require
 require()
 from tinygrad import Context, Tensor  # noqa: E402
 
+from robustlab.tinygrad.attacks import check_logits  # noqa: E402
+
 
 def to_numpy(t) -> np.ndarray:
     """A torch tensor, tinygrad Tensor or array as a numpy array."""
@@ -27,7 +29,8 @@ def as_pixels(images) -> np.ndarray:
 def predict(model, x) -> np.ndarray:
     """Predicted classes, with the model in eval mode (TRAINING=0)."""
     with Context(TRAINING=0):
-        return model(x if isinstance(x, Tensor) else Tensor(np.ascontiguousarray(x, np.float32))).argmax(1).numpy()
+        logits = model(x if isinstance(x, Tensor) else Tensor(np.ascontiguousarray(x, np.float32)))
+        return check_logits(logits).argmax(1).numpy()
 
 
 def correct_mask(model, images, labels, *, attack: Callable | None = None, batch_size: int = 500, seed: int = 0,
