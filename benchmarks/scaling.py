@@ -20,10 +20,10 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from robustlab import checkpoint
 from robustlab.cli import OneLineParser, nonnegative, positive
 
 
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
             line += f" {r['aa_images_per_s']:.3f} | {r['aa_images_per_s'] / base['aa_images_per_s']:.2f} |"
         print(line)
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=1) + "\n")
+        checkpoint.write_json(args.json, {"rows": rows, "args": vars(args)})
     return 0
 
 

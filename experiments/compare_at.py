@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from robustlab import load_model
+from robustlab import checkpoint, load_model
 from robustlab.checkpoint import read_metrics
 from robustlab.attacks import pgd
 from robustlab.cli import OneLineParser, nonnegative, positive
@@ -105,7 +105,7 @@ def evaluate(run: Path, args) -> dict:
                                                    state_path=run / "autoattack-state.safetensors").robust_accuracy
     result["eval_s"] = round(result.get("eval_s", 0) + time.perf_counter() - start, 1)
     key = {"n": args.n, "aa_n": aa_n, "epochs": epochs}
-    cache.write_text(json.dumps({"key": key, "result": result}, indent=1) + "\n")
+    checkpoint.write_json(cache, {"key": key, "result": result})
     return result
 
 
@@ -284,9 +284,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     out = output_dir(args.out)
     if args.step_times:
-        (out / "step_times.json").write_text(json.dumps(
-            {"times": step_times(args.methods, args), "machine": machine(), "commit": commit(),
-             "threads": torch.get_num_threads(), "precision": args.precision}, indent=1) + "\n")
+        checkpoint.write_json(out / "step_times.json", {
+            "times": step_times(args.methods, args), "machine": machine(), "commit": commit(),
+            "threads": torch.get_num_threads(), "precision": args.precision})
         return 0
     if not args.table:
         for method in args.methods:
@@ -306,7 +306,7 @@ def main(argv=None) -> int:
     text = (table(rows, steps) + f"\n\n{machine()}; commit {commit()}; "
             f"command: python experiments/compare_at.py {' '.join(sys.argv[1:] if argv is None else argv)}\n")
     (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    checkpoint.write_json(out / "results.json", rows)
     plot(rows, out / "clean_vs_robust.png")
     print(text)
     return 0

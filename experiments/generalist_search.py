@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from robustlab import load_model
+from robustlab import checkpoint, load_model
 from robustlab.attacks import pgd
 from robustlab.cli import OneLineParser, nonnegative, positive
 from robustlab.data import load_dataset
@@ -214,7 +214,7 @@ def main(argv=None):
     val = load_dataset("fashion-mnist", data_dir=args.data_dir).val
     stage_dir = root / args.stage
     stage_dir.mkdir(parents=True, exist_ok=True)
-    (stage_dir / f"args-{int(time.time())}.json").write_text(json.dumps(vars(args), indent=1) + "\n")
+    checkpoint.write_json(stage_dir / f"args-{int(time.time())}.json", vars(args))
     cache = load_results(stage_dir)
     shard, shards = args.shard
     if shard == 0:

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from generalist_search import evaluate, shard_arg, train  # noqa: E402
 
-from robustlab import load_model  # noqa: E402
+from robustlab import checkpoint, load_model  # noqa: E402
 from robustlab.cli import OneLineParser, nonnegative, positive  # noqa: E402
 from robustlab.data import load_dataset  # noqa: E402
 from robustlab.errors import run_script  # noqa: E402
@@ -145,7 +145,7 @@ def main(argv=None):
                 + (f", AutoAttack on {min(args.autoattack_n, len(data))}" if args.autoattack_n else ""))
     summary = {"split": args.split, "eval": measured, "args": vars(args), "rows": rows,
                "dominance": dominance(gen, trades, key) if gen and trades else []}
-    (root / "tradeoff.json").write_text(json.dumps(summary, indent=1) + "\n")
+    checkpoint.write_json(root / "tradeoff.json", summary)
     title = f"{args.model}, Fashion-MNIST, {args.epochs} epochs\n{args.split}: {summary['eval']}"
     plot(rows, root / "tradeoff.png", title)
     for r in rows:

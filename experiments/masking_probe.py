@@ -20,7 +20,6 @@ Test images only, and only to judge an evaluation: nothing here chooses a model 
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from functools import partial
@@ -28,7 +27,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from robustlab import load_model
+from robustlab import checkpoint, load_model
 from robustlab.attacks import attack_mode, negative_margin, pgd, pgd_smooth, within_ball
 from robustlab.attacks.autoattack import ROBUST, STAGES, check_state_belongs, load_finished_state
 from robustlab.attacks.square import margin
@@ -112,8 +111,7 @@ def main():
             print(f"PGD-{args.steps} margin ×{args.restarts}, {label}: breaks {int(broken[:k].sum())}/{k} square-only, "
                   f"{int(broken[k:].sum())}/{len(robust)} robust ({time.perf_counter() - start:.0f} s)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        checkpoint.write_json(args.json, results)
 
 
 if __name__ == "__main__":

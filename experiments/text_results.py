@@ -17,13 +17,13 @@ to `--jobs` worker processes of one thread each, so wall times are comparable be
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from robustlab import checkpoint
 from robustlab.cli import OneLineParser, nonnegative, positive
 from robustlab.errors import RobustlabError, run_script
 from robustlab.provenance import commit, machine
@@ -65,9 +65,7 @@ def run_one(label, method, options, seed, args) -> dict:
               "test_n": len(test), "pgd": robust, "pgd_n": len(attacked), "pgd_eps": EVAL_EPS, "pgd_steps": EVAL_STEPS,
               "train_s": trainer.elapsed, "s_per_epoch": trainer.elapsed / trainer.epochs,
               "eval_s": time.perf_counter() - start}
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, done)
+    checkpoint.write_json(done, result)
     print(f"{label} seed {seed}: clean {clean:.2%}, PGD {robust:.2%}, {result['s_per_epoch']:.0f} s/epoch", flush=True)
     return result
 

@@ -12,14 +12,13 @@ the examples (lower is a stronger attack). PGD-10 on the cross-entropy (PGD-AT's
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from robustlab import load_model
+from robustlab import checkpoint, load_model
 from robustlab.attacks import make_threat, perturb
 from robustlab.cli import OneLineParser, positive
 from robustlab.data import load_dataset
@@ -85,7 +84,7 @@ def main(argv=None):
             f"{k} KL {r[k]['kl']:.4f} acc {r[k]['acc']:.1%}" for k in ("fp32", "bf16", "robustlab") if k in r)
         print(line)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"checkpoint": str(run), "n": args.n, "rows": rows}, indent=1) + "\n")
+    checkpoint.write_json(out / "results.json", {"checkpoint": str(run), "n": args.n, "rows": rows})
 
 
 if __name__ == "__main__":

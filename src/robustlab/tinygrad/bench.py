@@ -127,8 +127,8 @@ def main(argv=None) -> int:
                 print(f"| {model} | {backend} ({row['device']}) | {row['threads']} | {row['median_s']:.3f} | {row['warmup_s']} |",
                       flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        from robustlab import checkpoint  # here: each timed process imports only its own framework
+        checkpoint.write_json(args.json, rows)
     return 0
 
 
