@@ -63,6 +63,39 @@ def test_corruption_changes_images_more_with_severity(name, kind):
     assert change[1] > change[0], f"{name}: severity 5 changes less than severity 1 ({change})"
 
 
+# Severity pairs that give byte-identical images from the same random draws, both from CIFAR-10-C's own tables
+# (make_cifar_c.py, which robustlab's follow): glass_blur's σ of 0.05 and 0.25 px both blur nothing at uint8, so its
+# severities 1 and 2 differ only in their random shuffles; motion_blur's severities 3 and 4, (radius 6, σ 2) and
+# (8, 2), are one blur, since σ sets the streak (ImageMagick's taps beyond the 13th weigh under 1e-9): on 28-pixel
+# images byte for byte, on 32-pixel ones within one grey level. Kept as the benchmark defines them; listed so that a
+# new duplicate (a table entry copied or shifted) fails the test.
+SAME_STRENGTH = {"gray": {("glass_blur", 1, 2), ("motion_blur", 3, 4)}, "colour": {("glass_blur", 1, 2)}}
+# Where the mean pixel change does not grow with every severity: those two, and, as in CIFAR-10-C's tables, frost
+# dims the image as the frost thickens, snow's flakes are sparser at severity 3, colour spatter turns from water to
+# mud, saturate first desaturates and then oversaturates.
+NOT_MONOTONE = {"gray": {"glass_blur", "motion_blur", "frost", "snow"},
+                "colour": {"glass_blur", "motion_blur", "frost", "spatter", "saturate"}}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_severity_has_its_own_strength(kind, monkeypatch):
+    """With the random draws made the same for every severity, only the severity's parameters tell the sets apart:
+    two severities with one parameter (a table entry copied or shifted) give the same images."""
+    monkeypatch.setattr(C, "_rng", lambda seed, name, severity, chunk: np.random.default_rng([seed, chunk]))
+    channels, size = KINDS[kind]
+    clean = synthetic(channels, size)
+    same, flat = set(), []
+    for name in default_corruptions(channels):
+        outs = [corrupt(clean, name, s).images for s in SEVERITIES]
+        same |= {(name, a, b) for a in SEVERITIES for b in SEVERITIES
+                 if a < b and torch.equal(outs[a - 1], outs[b - 1])}
+        change = [(out.float() - clean.images.float()).abs().mean().item() for out in outs]
+        if name not in NOT_MONOTONE[kind] and not all(b > 1.005 * a for a, b in zip(change, change[1:])):
+            flat.append((name, [round(c, 2) for c in change]))
+    assert same == SAME_STRENGTH[kind]
+    assert not flat, flat
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_no_two_corruptions_give_the_same_images(kind):
     """defocus_blur's severity 1 once had a disk inside the centre pixel: gaussian_blur's severity 1, byte for byte."""
@@ -251,6 +284,23 @@ def test_ood_accuracy_below_clean_and_falls_with_severity(standard_model, fmnist
     assert (tmp_path / "ood.png").stat().st_size > 10_000
 
 
+def test_ood_accuracy_uses_its_seed_and_the_cache_keeps_seeds_apart(tmp_path):
+    """Each seed's sets are generated from it, and a cache shared by two seeds gives each its own sets."""
+    clean = synthetic(1, 28, n=64)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)).eval()
+    names, severities = ["gaussian_noise", "impulse_noise", "zigzag"], (3, 5)
+    results = {seed: ood_accuracy(model, clean, names=names, severities=severities, seed=seed, progress=False,
+                                  cache_dir=tmp_path).accuracy for seed in (0, 1)}
+    for seed in (0, 1):
+        direct = {name: {s: accuracy(model, corrupt(clean, name, s, seed=seed)) for s in severities} for name in names}
+        assert results[seed] == direct, seed
+    assert results[0] != results[1]
+    for seed in (0, 1):
+        _, _, cached = next(corruption_suite(clean, ["zigzag"], (5,), seed=seed, cache_dir=tmp_path))
+        assert torch.equal(cached.images, corrupt(clean, "zigzag", 5, seed=seed).images)
+
+
 def _write_cifar_c(folder, clean: ImageSet, names):
     """Published layout: (5·N)×H×W×3 uint8 per corruption, severity s in rows (s-1)·N : s·N, and labels.npy."""
     folder.mkdir()
@@ -282,6 +332,19 @@ def test_published_cifar_c_files_are_used_as_they_are(tmp_path):
     for names in ("fog", []):  # once read as the files f, o and g, and as a NaN mean
         with pytest.raises(RobustlabError, match="non-empty list"):
             ood_accuracy(model, clean, names=names, cifar_c_dir=tmp_path, progress=False)
+
+
+def test_published_files_give_each_severity_its_own_rows(tmp_path):
+    """Severity s is rows (s-1)·N : s·N of each file, for every s (a reversed order keeps severity 3 in place)."""
+    from robustlab.data import load_cifar_c
+    clean = synthetic(3, 32, n=6)
+    stacked = _write_cifar_c(tmp_path / "CIFAR-10-C", clean, ["contrast"])
+    sets = load_cifar_c(tmp_path, ["contrast"])["contrast"]
+    assert sorted(sets) == list(SEVERITIES)
+    for s in SEVERITIES:
+        rows = torch.from_numpy(stacked["contrast"][(s - 1) * 6: s * 6].transpose(0, 3, 1, 2).copy())
+        assert torch.equal(sets[s].images, rows) and torch.equal(sets[s].labels, clean.labels)
+        assert torch.equal(sets[s].images, corrupt(clean, "contrast", s).images)
 
 
 def test_cifar_100_c_subfolder_is_found_and_negative_labels_refused(tmp_path):

@@ -178,3 +178,39 @@ def test_an_image_folder_of_one_class_is_refused(tmp_path):
         (tmp_path / split / "dog").rmdir()
     with pytest.raises(RobustlabError, match=r"1 class folder \(cat\); a classifier needs at least two classes"):
         _folder_sets(tmp_path, None, False)
+
+
+def test_grayscale_and_resized_images_are_what_pillow_gives(tmp_path):
+    """Grayscale is ITU-R 601 luminance (Pillow's "L"), not one channel; resizing is bilinear, not nearest."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    colours = np.array([[200, 30, 60], [20, 180, 240]], np.uint8)[np.indices((8, 8)).sum(0) % 2]  # a checkerboard
+    Image.fromarray(colours).save(tmp_path / "a" / "0.png")
+    Image.fromarray(colours[::-1]).save(tmp_path / "b" / "0.png")
+    gray, label = ImageFolder(tmp_path, mode="L")[0]
+    luminance = np.floor(colours.astype(np.float64) @ [0.299, 0.587, 0.114] + 0.5)
+    assert label == 0 and gray.shape == (1, 8, 8)
+    assert np.abs(gray[0].numpy() - luminance).max() <= 1
+    small, _ = ImageFolder(tmp_path, size=(4, 6))[0]
+    expected = np.asarray(Image.fromarray(colours).resize((6, 4), Image.BILINEAR)).transpose(2, 0, 1)
+    assert small.shape == (3, 4, 6) and torch.equal(small, torch.from_numpy(expected.copy()))
+
+
+def test_npy_arrays_read_channels_first_rows_as_they_are(tmp_path):
+    images = np.arange(5 * 3 * 4 * 6, dtype=np.uint8).reshape(5, 3, 4, 6)
+    np.save(tmp_path / "x.npy", images)
+    np.save(tmp_path / "y.npy", np.arange(5)[::-1].copy())
+    data = NpyArrays(tmp_path / "x.npy", tmp_path / "y.npy", channels_first=True)
+    x, y = data[1]
+    assert torch.equal(x, torch.from_numpy(images[1].copy())) and y == 3
+
+
+def test_test_classes_must_have_the_training_classes_names(tmp_path):
+    """As many class folders but other names: label 1 would mean dog in training and eel in the test set."""
+    from robustlab.data.folder import _folder_sets
+    _folder(tmp_path / "train")
+    _folder(tmp_path / "test")
+    assert _folder_sets(tmp_path, None, False)[2] == ("cat", "dog")
+    (tmp_path / "test" / "dog").rename(tmp_path / "test" / "eel")
+    with pytest.raises(RobustlabError, match="both splits need the same class folders"):
+        _folder_sets(tmp_path, None, False)

@@ -179,6 +179,43 @@ def test_the_last_epoch_mixes_at_the_final_ratio_from_its_first_step():
     torch.testing.assert_close(mixed["0.weight"], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_the_natural_learner_has_its_own_learning_rate_schedule_and_weight_decay():
+    """--nat-lr, --nat-schedule and --nat-weight-decay reach the natural learner's optimizer, not the adversarial's."""
+    method = make_method("generalist", "fashion-mnist", "linf", steps=2, mix_start=0.0, redistribute_every=0,
+                         nat_lr=0.02, nat_schedule="cosine", nat_weight_decay=1e-3)
+    model = toy()
+    run = method.init_run_state(model, TrainConfig(lr=0.05, weight_decay=5e-4, schedule="one-cycle"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    ctx = StepContext(model, model, optimizer, torch.Generator().manual_seed(0), contextlib.nullcontext,
+                      epoch=0, epochs=4, progress=0.1, run=run)
+    model.train()
+    method.train_step(ctx, torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,)))
+    group = run["natural_optimizer"].param_groups[0]
+    assert group["lr"] == pytest.approx(learning_rate("cosine", 0.02, 0.1))
+    assert group["lr"] != pytest.approx(learning_rate("one-cycle", 0.02, 0.1))
+    assert group["weight_decay"] == 1e-3 and group["momentum"] == 0.9
+    assert {id(p) for p in group["params"]} == {id(p) for p in run["natural"].parameters()}
+    assert optimizer.param_groups[0]["weight_decay"] == 5e-4  # the adversarial learner's stays its own
+
+
+@pytest.mark.parametrize("mix_start,trains", [(0.0, True), (2 / 3, False)])
+def test_the_natural_learner_trains_before_the_first_redistribution_if_beta_already_mixes_it_in(mix_start, trains):
+    """It idles only while β is 1 until the first redistribution (which overwrites it); when β moves earlier, its
+    weights reach the global learner from the start and must train."""
+    method = make_method("generalist", "fashion-mnist", "linf", steps=2, mix_start=mix_start, mix_final=0.3,
+                         redistribute_from=0.5, redistribute_every=1)
+    model = toy()
+    run = method.init_run_state(model, TrainConfig(lr=0.05))
+    assert method.redistribution_epochs(4) == [1, 2, 3]
+    init = {k: v.clone() for k, v in run["natural"].state_dict().items()}
+    ctx = StepContext(model, model, torch.optim.SGD(model.parameters(), lr=0.05), torch.Generator().manual_seed(0),
+                      contextlib.nullcontext, epoch=0, epochs=4, progress=0.1, run=run)  # before the first one
+    model.train()
+    method.train_step(ctx, torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,)))
+    moved = not torch.equal(run["natural"].state_dict()["0.weight"], init["0.weight"])
+    assert moved == trains
+
+
 def test_recalibration_inputs_follow_the_global_learners_statistics():
     """`rift --bn recalibrate` re-estimates a Generalist model's statistics on what they were measured on."""
     assert Generalist.batchnorm_inputs_of({"global_bn": "mix"}) == "clean+adversarial"

@@ -58,6 +58,16 @@ def test_folder_splits_follow_the_protocol_and_are_deterministic(folder):
     assert data.train[0][0].dtype == torch.uint8
 
 
+def test_the_split_follows_its_seed(tmp_path):
+    root = _npy(tmp_path / "c10c", n_train=40)
+    for seed in (0, 1):
+        data = load_dataset("npy", root, seed=seed)
+        perm = torch.randperm(40, generator=torch.Generator().manual_seed(seed)).tolist()
+        assert data.train.indices == perm[:36] and data.val.dataset.indices == perm[36:]
+        labels = np.load(root / "train_labels.npy")
+        assert data.val.labels.tolist() == labels[perm[36:]].tolist()  # images and labels read together
+
+
 def test_folder_info_is_estimated_from_the_training_images(folder):
     info = load_dataset("folder", folder).info
     assert (info.name, info.num_classes, info.input_shape) == ("folder", 3, (3, 12, 12))
