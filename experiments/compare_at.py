@@ -305,7 +305,7 @@ def main(argv=None) -> int:
     steps = json.loads((out / "step_times.json").read_text())["times"] if (out / "step_times.json").exists() else {}
     text = (table(rows, steps) + f"\n\n{machine()}; commit {commit()}; "
             f"command: python experiments/compare_at.py {' '.join(sys.argv[1:] if argv is None else argv)}\n")
-    (out / "results.md").write_text(text)
+    checkpoint.write_text(out / "results.md", text)
     checkpoint.write_json(out / "results.json", rows)
     plot(rows, out / "clean_vs_robust.png")
     print(text)

@@ -133,7 +133,7 @@ def main(argv=None) -> int:
             f"total wall time {time.perf_counter() - start:.0f} s.\nCommand: python experiments/text_results.py "
             + " ".join(sys.argv[1:]) + "\n")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "results.md").write_text(text)
+    checkpoint.write_text(Path(args.out) / "results.md", text)
     print(text)
     return 0
 

@@ -58,11 +58,15 @@ def atomic_write(path: Path, write):
             tmp.unlink()
 
 
-def write_json(path, obj, **dumps_options) -> None:
-    """`obj` as indented JSON in `path`, through `atomic_write`: a run killed (or a disk full) while writing leaves
-    the previous file, not half of one."""
-    text = json.dumps(obj, indent=1, **dumps_options) + "\n"
+def write_text(path, text: str) -> None:
+    """`text` in `path`, through `atomic_write`: a run killed (or a disk full) while writing leaves the previous
+    file, not half of one."""
     atomic_write(Path(path), lambda p: p.write_text(text))
+
+
+def write_json(path, obj, **dumps_options) -> None:
+    """`obj` as indented JSON in `path`, written as `write_text` does."""
+    write_text(path, json.dumps(obj, indent=1, **dumps_options) + "\n")
 
 
 def remove_stale_temporaries(folder, names=None, *, shared: bool = False) -> None:
@@ -110,7 +114,7 @@ def save(path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
     # The .json twin first, the checkpoint itself last: a kill between them leaves the previous checkpoint, whose
     # work a resume repeats, writing both again; the other way round a kill after a run's last epoch left a twin
     # one epoch behind its checkpoint for good (the resumed run had nothing left to write)
-    atomic_write(path.with_suffix(".json"), lambda p: p.write_text(text + "\n"))
+    write_text(path.with_suffix(".json"), text + "\n")
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"robustlab": text}))
 
 
@@ -199,7 +203,7 @@ def truncate_metrics(run, last_epoch: int, last_row: dict) -> None:
     may have lost or cut short."""
     rows = [r for r in read_metrics(run) if r["epoch"] < last_epoch] + [last_row]
     text = "".join(json.dumps(r) + "\n" for r in rows)
-    atomic_write(Path(run) / "metrics.jsonl", lambda p: p.write_text(text))  # a kill here loses no history
+    write_text(Path(run) / "metrics.jsonl", text)  # a kill here loses no history
 
 
 def weights_digest(model) -> str:

@@ -138,4 +138,4 @@ def write_report(out_dir, results: dict, plots: dict[str, str], run_name: str):
         lines += ["Command:", "", f"    {results['command']}", ""]
     for title, file in plots.items():
         lines += [f"## {title}", "", f"![{title}]({file})", ""]
-    (out_dir / "report.md").write_text("\n".join(lines))
+    checkpoint.write_text(out_dir / "report.md", "\n".join(lines))

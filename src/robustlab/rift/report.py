@@ -124,4 +124,4 @@ def write_report(out: Path, report: dict):
     lines += ["", measured_on(report, sum(report["wall_s"].values()))]
     if report.get("command"):
         lines += ["", "Command:", "", f"    {report['command']}"]
-    (out / "rift_report.md").write_text("\n".join(lines) + "\n")
+    checkpoint.write_text(out / "rift_report.md", "\n".join(lines) + "\n")

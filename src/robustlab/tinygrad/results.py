@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         lines.append(f"| {r['model']} | {r['backend']} | {r['clean']:.2%} | {r['robust']:.2%} | "
                      f"{sum(later) / len(later):.0f} | {r['epoch_s'][0]:.0f} | {r['epochs']} |")
     text = "\n".join(lines) + f"\n\n{rows[0]['n'] if rows else 0} test images; {machine()}\n"
-    (out / "results.md").write_text(text)
+    checkpoint.write_text(out / "results.md", text)
     print(text)
     return 0
 
