@@ -36,6 +36,27 @@ def failure(proc) -> str:
     return "\n".join(causes[-40:]) + "\n--- end of stderr ---\n" + "\n".join(lines)[-3000:]
 
 
+@pytest.mark.parametrize("n, ranks", [(10, 3), (7, 2), (11, 4), (64, 4)])
+def test_ranks_shares_of_a_batch_cover_it_once_and_their_weights_give_the_batch_mean(n, ranks, monkeypatch):
+    """Without processes: each rank's slice and weight as rank r of `ranks` computes them."""
+    from robustlab import distributed
+    monkeypatch.setattr(distributed, "world_size", lambda: ranks)
+    slices = []
+    for r in range(ranks):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        slices.append(distributed.my_slice(n))
+    assert [i for part in slices for i in range(n)[part]] == list(range(n))  # every example once, in order
+    assert max(len(range(n)[p]) for p in slices) - min(len(range(n)[p]) for p in slices) <= 1
+    # DDP sums weight·(rank's mean)/W over ranks: that must be the mean over the batch's examples, which a plain
+    # mean of the ranks' means is not when W does not divide n
+    values = torch.arange(n, dtype=torch.float64) ** 2
+    share, total = distributed.BatchShare(), 0.0
+    for part in slices:
+        share.set(len(values[part]), n)
+        total += share.weight * values[part].mean().item() / ranks
+    assert total == pytest.approx(values.mean().item(), rel=1e-12)
+
+
 def test_a_script_that_never_calls_shutdown_leaves_no_process_group_at_exit(tmp_path):
     """The Python API under torchrun: `distributed.init()` registers the group's teardown with atexit, so a script
     that ends without `shutdown()` does not exit with gloo running (a rank once aborted there under load). The

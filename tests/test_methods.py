@@ -18,12 +18,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from robustlab import load_model
 from robustlab.attacks import perturb, pgd, within_ball
 from robustlab.data.datasets import Splits
 from robustlab.errors import RobustlabError
 from robustlab.evaluate.accuracy import accuracy
 from robustlab.models import build_model
-from robustlab.training import METHODS, Standard, StepContext, TrainConfig, Trainer, make_method
+from robustlab.training import METHODS, Standard, StepContext, StepResult, TrainConfig, Trainer, make_method
 from robustlab.training.awp import PGDATAWP, TRADESAWP, perturbed_weights
 from robustlab.training.fast_at import FastAT
 from robustlab.training.free_at import FreeAT
@@ -185,6 +186,21 @@ def test_free_at_resets_delta_when_the_batch_size_changes(batch):
     assert torch.equal(seen[0], x[:16])  # a fresh, zero δ
 
 
+def test_free_at_carries_the_last_replays_delta_on_to_the_next_minibatch(batch):
+    x, y = batch
+    model, method = lenet(), FreeAT(replays=2)
+    ctx = context(model)
+    method.train_step(ctx, x[:32], y[:32])
+    carried = ctx.state["free_at_delta"].clone()
+    assert carried.abs().amax() > 0.05
+    seen = []
+    model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach().clone()))
+    method.train_step(ctx, x[32:], y[32:])
+    # "free" means the ascent goes on across minibatches: the next batch starts from the whole δ the last
+    # replay reached (clipped only to keep x + δ an image), not from zero or a shrunken copy
+    torch.testing.assert_close(seen[0], (x[32:] + carried).clamp(0, 1), atol=1e-6, rtol=0)
+
+
 # -- pass counts --------------------------------------------------------------------------------
 
 def test_free_at_does_one_backward_per_replay(batch):
@@ -238,6 +254,58 @@ def test_yopo_inner_steps_reuse_the_gradient_exactly_when_the_first_layer_is_aff
     reused, recomputed = method._inner_steps(*args, affine=True), method._inner_steps(*args, affine=False)
     assert torch.equal(reused, recomputed)
     assert (reused - eta).abs().max() > 0.05  # the steps moved η
+
+
+def test_yopo_parameter_gradient_is_the_mean_over_its_outer_steps(batch):
+    x, y = batch
+    m = 3
+    model, method = lenet(), YOPO(outer=m, inner=2)
+    ctx = context(model)
+    ctx.optimizer.step = lambda *a, **k: None  # θ stays where the m passes saw it, to redo their gradients by hand
+    seen = []
+    hook = model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach().clone()))
+    method.train_step(ctx, x, y)
+    hook.remove()
+    assert len(seen) == m and not torch.equal(seen[0], seen[-1])
+    params = list(model.parameters())
+    by_hand = [torch.zeros_like(p) for p in params]
+    for x_adv in seen:
+        for total, g in zip(by_hand, torch.autograd.grad(F.cross_entropy(model(x_adv), y), params)):
+            total += g / m
+    # one step on the mean of the m full gradients: neither their sum (an m-fold learning rate) nor the last one alone
+    for p, g in zip(params, by_hand):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+
+
+def test_yopo_hamiltonian_first_layer_gradient_is_the_co_state_times_the_first_layers_jacobian(batch):
+    x, y = batch
+    m = 2
+    model, method = lenet(), YOPO(outer=m, inner=3, first_layer_grad="hamiltonian")
+    conv1 = model.net.conv1
+    ctx = context(model)
+    ctx.optimizer.step = lambda *a, **k: None
+    inputs, conv1_inputs = [], []
+    hooks = [model.register_forward_pre_hook(lambda module, i: inputs.append(i[0].detach().clone())),
+             conv1.register_forward_pre_hook(lambda module, i: conv1_inputs.append(i[0].detach().clone()))]
+    method.train_step(ctx, x, y)
+    for h in hooks:
+        h.remove()
+    # per outer step: the full pass, then f0 alone at the η the inner steps reached
+    assert len(inputs) == len(conv1_inputs) == 2 * m
+    # that η is where the next outer step starts
+    assert all(torch.equal(conv1_inputs[2 * j + 1], conv1_inputs[2 * j + 2]) for j in range(m - 1))
+    params = list(conv1.parameters())
+    by_hand = [torch.zeros_like(p) for p in params]
+    for j in range(m):
+        with recorded_output(conv1) as record:
+            loss = F.cross_entropy(model(inputs[2 * j]), y) / m
+        (costate,) = torch.autograd.grad(loss, record["output"])
+        # Algorithm 1: ∂H/∂θ0 with H = <p, f0(x + η)>, p fixed from the full pass, η after the inner ascent
+        grads = torch.autograd.grad(conv1(conv1_inputs[2 * j + 1]), params, grad_outputs=costate)
+        for total, g in zip(by_hand, grads):
+            total += g
+    for p, g in zip(params, by_hand):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
 
 
 def test_yopo_decays_the_weights_as_the_reference_code(batch):
@@ -392,6 +460,53 @@ def test_trainer_stops_when_the_method_says_so(fmnist, tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and last["stopped_early"] == "enough"
     assert (tmp_path / "best.safetensors").exists()
+
+
+class _RankedByRobustness(Standard):
+    selected_by = "val_robust"  # as every adversarial method (Method's default)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_the_best_epoch_is_ranked_by_the_methods_figure_across_a_resume(fmnist, tmp_path, monkeypatch):
+    assert METHODS["pgd-at"].selected_by == "val_robust"
+    figures = [(0.9, 0.1), (0.5, 0.4), (0.6, 0.3)]  # (clean, robust) by epoch: the two figures rank them differently
+    monkeypatch.setattr(Trainer, "validate", lambda self, epoch: dict(zip(("val_clean", "val_robust"), figures[epoch])))
+    train_epoch = Trainer.train_epoch
+
+    def killed_in_the_third_epoch(self, epoch):
+        if epoch == 2:
+            raise _Killed
+        return train_epoch(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", killed_in_the_third_epoch)
+    with pytest.raises(_Killed):
+        _trainer(fmnist, _RankedByRobustness(), tmp_path, n=64, epochs=3).fit()
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    resumed = _trainer(fmnist, _RankedByRobustness(), tmp_path, n=64, epochs=3)
+    assert resumed.resume()
+    resumed.fit()
+    # epoch 1 stays the best: the resumed run must know what it has to beat, or epoch 2 (robust 0.3) replaces it
+    assert json.loads((tmp_path / "best.json").read_text())["epoch"] == 1
+    assert json.loads((tmp_path / "last.json").read_text())["best"]["epoch"] == 1
+    assert load_model(tmp_path).checkpoint_meta["epoch"] == 1  # a run folder stands for its best epoch (eval, rift)
+
+
+class _LossIsTheBatchSize(Standard):
+    def train_step(self, ctx, x, y):
+        logits = torch.zeros(len(y), 10)
+        logits[:, 0] = 1.0  # every image called class 0
+        return StepResult(torch.tensor(float(len(y))), logits)
+
+
+def test_train_loss_and_accuracy_are_means_over_images_not_over_batches(fmnist, tmp_path):
+    trainer = _trainer(fmnist, _LossIsTheBatchSize(), tmp_path, n=100, epochs=1, val_n=10)  # batches of 64, 36
+    metrics = trainer.fit()
+    assert metrics["train_loss"] == pytest.approx((64 * 64 + 36 * 36) / 100)
+    labels = fmnist.train.subset(100).labels
+    assert metrics["train_acc"] == pytest.approx((labels == 0).float().mean().item())
 
 
 def test_resuming_a_stopped_run_says_so_and_reports_its_last_epoch(fmnist, tmp_path, capsys):

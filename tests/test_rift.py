@@ -1,5 +1,7 @@
 """RiFT (issue 6): MRC leaves the model as it was and respects its constraint, fine-tuning touches only the chosen
 module (and BatchNorm statistics), interpolation reproduces its endpoints, and α is chosen without the test set."""
+import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -16,15 +18,17 @@ from robustlab.attacks import dlr_loss, first_success, pgd
 from robustlab.data import Splits
 from robustlab.errors import RobustlabError
 from robustlab.evaluate import accuracy
-from robustlab.models import classifier_modules, fast_memory_format
+from robustlab.models import build_model, classifier_modules, fast_memory_format
 from robustlab.rift import (AlphaSearch, MRCConfig, RiftSettings, compute_mrc, finetune, interpolate,
                             module_criticality, recalibrate_bn, rift)
 from robustlab.rift import TestSettings as ReportSettings  # not a test class
 from robustlab.rift import mrc as mrc_module
 from robustlab.rift import pipeline as pipeline_module
+from robustlab.rift.finetune import CriticalFinetune
 from robustlab.rift.mrc import adversarial_set
 from robustlab.rift.pipeline import ALPHA_ATTACKS, alpha_check
-from robustlab.training import TrainConfig, build_trainer
+from robustlab.training import StepContext, TrainConfig, build_trainer
+from robustlab.training.trainer import Trainer
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 THREAT = {"norm": "linf", "eps": 0.1, "steps": 3, "step_size": 0.04}
@@ -99,6 +103,49 @@ def test_mrc_restores_the_model_and_keeps_the_constraint(tiny_run, small, one_th
     assert result["worst_accuracy"] <= result["accuracy"]
 
 
+def _lenet(seed=0):
+    torch.manual_seed(seed)
+    return build_model("lenet", (1, 28, 28), 10, [0.286], [0.353])
+
+
+def test_mrc_is_the_worst_loss_of_all_epochs_not_the_last(monkeypatch):
+    model = _lenet()
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    # (loss, accuracy) of the set: before the ascent, then after each of the 3 epochs; the ascent peaks in epoch 2
+    evaluations = iter([(1.0, 0.5), (1.2, 0.4), (1.9, 0.25), (1.4, 0.3)])
+    monkeypatch.setattr(mrc_module, "_loss_and_accuracy", lambda *a, **k: next(evaluations))
+    result = module_criticality(model, "net.conv2", x, y, MRCConfig(epochs=3, batch_size=8))
+    assert next(evaluations, None) is None  # one evaluation per epoch, every epoch run
+    assert result["worst_loss"] == 1.9 and result["worst_accuracy"] == 0.25
+    assert result["mrc"] == pytest.approx(0.9) and result["loss"] == 1.0 and result["accuracy"] == 0.5
+
+
+def test_an_mrc_ascent_inside_the_ball_is_not_pushed_out_to_its_boundary():
+    model = _lenet()
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    weight = model.net.fc2.weight
+    w0 = weight.detach().clone()
+    loss = torch.nn.functional.cross_entropy(model.eval()(x), y)
+    (grad,) = torch.autograd.grad(loss, weight)
+    seen = []
+    model.net.fc2.register_forward_pre_hook(
+        lambda m, _: None if torch.is_grad_enabled() else seen.append(m.weight.detach().clone()))
+    config = MRCConfig(epochs=1, batch_size=16, lr=1e-3, eps=0.5)  # one full-batch step of lr·g, far inside the ball
+    module_criticality(model, "net.fc2", x, y, config)
+    after = seen[-1]  # the epoch's evaluation pass
+    assert (after - w0).norm() < 0.1 * config.eps * w0.norm()
+    # a projection, not a rescaling onto the sphere: the step is kept exactly as the ascent made it
+    torch.testing.assert_close(after, w0 + config.lr * grad, atol=1e-7, rtol=1e-5)
+    assert torch.equal(weight, w0)
+
+
+def test_the_least_critical_module_ranks_first_and_ties_keep_the_network_order():
+    values = [("net.conv1", 0.5), ("net.conv2", 0.1), ("net.fc1", 0.9), ("net.fc2", 0.1), ("net.fc3", 0.0)]
+    mrc = {"modules": {name: {"mrc": value} for name, value in values}}
+    # RiFT fine-tunes the module whose weights matter least to robustness
+    assert mrc_module.ranked(mrc) == ["net.fc3", "net.conv2", "net.fc2", "net.conv1", "net.fc1"]
+
+
 def test_mrc_is_cached_and_resumes_after_a_kill(tiny_run, small, tmp_path, one_thread, monkeypatch):
     model = load_model(tiny_run)
     config = MRCConfig(n=48, epochs=1)
@@ -146,6 +193,34 @@ def test_finetuning_changes_only_the_module_and_batchnorm_statistics(tiny_run, s
         finetune(other, "layer3.1.conv2", small, tmp_path, meta, lr=0.05, epochs=1, train_n=128, bn=bn, show=False)
     with pytest.raises(RobustlabError, match=r"other settings \(epochs 1 → 2\)"):
         finetune(model, "layer3.1.conv2", small, tmp_path, meta, lr=0.05, epochs=2, train_n=128, bn=bn, show=False)
+
+
+def test_the_fine_tuned_endpoint_is_the_best_validation_epoch_not_the_last(tiny_run, small, tmp_path, one_thread,
+                                                                           monkeypatch):
+    # epoch 0 validates best: a fine-tuning that overfits the clean data must not hand its last epoch to α's search
+    monkeypatch.setattr(Trainer, "validate", lambda self, epoch: {"val_clean": 0.9 - 0.3 * epoch,
+                                                                  "val_robust": 0.9 - 0.3 * epoch})
+    model = load_model(tiny_run)
+    meta = {k: model.checkpoint_meta[k] for k in ("model", "dataset")}
+    tuned, record = finetune(model, "linear", small, tmp_path, meta, lr=0.05, epochs=2, train_n=64, show=False)
+    assert record["best_epoch"] == 0 and record["val_clean"] == pytest.approx(0.9)
+    best, last = (checkpoint.unprefixed("model.", checkpoint.load(tmp_path / f"{name}.safetensors")[0])
+                  for name in ("best", "last"))
+    assert not _same(best, last)
+    assert _same({k: v.contiguous() for k, v in tuned.state_dict().items()}, best)
+
+
+def test_fine_tuning_divides_its_learning_rate_by_ten_from_half_its_epochs():
+    model = torch.nn.Linear(3, 2)
+    method = CriticalFinetune("x", lr=0.01)
+    rates = []
+    for epoch in range(10):
+        ctx = StepContext(model, model, torch.optim.SGD(model.parameters(), lr=1.0), None, contextlib.nullcontext,
+                          epoch=epoch, epochs=10)
+        method.train_step(ctx, torch.rand(4, 3), torch.tensor([0, 1, 0, 1]))
+        rates.append(ctx.optimizer.param_groups[0]["lr"])
+    # the reference's MultiStepLR([epochs // 2], gamma 0.1): epochs 0-4 at lr, 5-9 at lr / 10
+    assert rates == pytest.approx([0.01] * 5 + [0.001] * 5)
 
 
 def test_several_modules_fine_tuned_together_are_the_only_ones_changed(tiny_run, small, tmp_path, one_thread):
@@ -279,6 +354,15 @@ def test_alpha_rule_takes_the_best_clean_accuracy_within_the_tolerance():
     assert search.choose(alphas, tolerance=0.0) == 0.1
 
 
+def test_alpha_ties_in_clean_accuracy_go_to_the_smaller_alpha():
+    curve = {f"{a:.2f}": {"clean": c, "robust": r} for a, c, r in
+             [(0.0, 0.80, 0.700), (0.1, 0.84, 0.700), (0.2, 0.84, 0.700), (0.3, 0.84, 0.6995), (0.4, 0.90, 0.600)]}
+    search = AlphaSearch(None, None, None, None, range(2000), None, curve=curve)
+    # the least fine-tuned model that is as good: nearer to the robust weights
+    assert search.choose((0.0, 0.1, 0.2, 0.3, 0.4), tolerance=0.001) == 0.1
+    assert search.choose((0.0, 0.2, 0.1, 0.3, 0.4), tolerance=0.001, full=False) == 0.1
+
+
 def test_an_alpha_that_costs_exactly_the_tolerance_qualifies_despite_float32_rounding():
     """The width-64 TRADES run's curve (5,000 validation images): 3,977 robust at α = 0, 3,972 (0.1 point less)
     at α = 0.3, stored as float32 accuracies, which put 0.7944 a hair below 0.7954 − 0.001."""
@@ -323,6 +407,49 @@ def test_alpha_is_chosen_without_reading_the_test_split(tiny_run, small, tmp_pat
     # fine-tuning kept the source run's augmentation (none), not the dataset's default (crops)
     for run in (tmp_path / "finetune").iterdir():
         assert json.loads((run / "last.json").read_text())["config"]["augment"] == "none"
+
+
+def test_the_automatic_mode_keeps_the_candidate_with_the_best_validation_clean_accuracy(tiny_run, small, tmp_path,
+                                                                                        one_thread, monkeypatch):
+    """The pipeline's last choice, between candidates, with MRC, fine-tuning and α's search stood in for."""
+    names = [n for n, _ in classifier_modules(load_model(tiny_run))]
+    mrc = {"modules": {n: {"mrc": 1.0 + i, "seconds": 0.0} for i, n in enumerate(names)}, "adv_set_seconds": 0.0}
+    monkeypatch.setattr(pipeline_module, "compute_mrc", lambda *a, **k: copy.deepcopy(mrc))
+    for writer in ("plot_mrc", "plot_alpha", "write_report"):
+        monkeypatch.setattr(pipeline_module, writer, lambda *a, **k: None)
+    tuning = {}
+
+    def fine_tuned(model, module, data, out, run_meta, *, lr, **options):
+        tuning.update(module=module, lr=lr)
+        tuned = copy.deepcopy(model)
+        with torch.no_grad():
+            tuned.net.linear.bias += lr  # endpoints of their own, as fine-tuning makes
+        return tuned.eval(), {"best_epoch": 0, "val_clean": 0.5, "train_seconds": 0.0, "fit_seconds_this_process": 0.0}
+
+    # each candidate's clean accuracy at its own α; robust accuracy is the same everywhere, so every α qualifies
+    clean = {(names[0], 0.01): 0.60, (names[0], 0.1): 0.70, (names[1], 0.01): 0.80, (names[1], 0.1): 0.75}
+
+    class Search:
+        def __init__(self, model, robust, tuned, *args, curve, **kwargs):
+            self.robust, self.curve, self.score = robust, curve, clean[tuning["module"], tuning["lr"]]
+
+        def choose(self, alphas, tolerance, full=True):
+            self.curve.update({f"{a:.2f}": {"clean": self.score if a else 0.5, "robust": 0.3} for a in alphas})
+            return 0.5
+
+        def state(self, alpha):
+            return self.robust
+
+    monkeypatch.setattr(pipeline_module, "finetune", fine_tuned)
+    monkeypatch.setattr(pipeline_module, "AlphaSearch", Search)
+    settings = RiftSettings(auto=2, lrs=(0.01, 0.1), lr=0.01, epochs=1)
+    report = rift(tiny_run / "best.safetensors", small, tmp_path, settings, test=None, show=False)
+    assert report["paper_pick"] == pipeline_module.candidate_id(names[0], 0.01)  # the lowest MRC
+    assert len(report["candidates"]) == 4
+    # the paper's pick loses to the candidate that validates cleanest: that one is what best.safetensors holds
+    assert report["chosen"] == pipeline_module.candidate_id(names[1], 0.01)
+    rift_meta = load_model(tmp_path).checkpoint_meta["rift"]
+    assert (rift_meta["module"], rift_meta["lr"], rift_meta["val"]["clean"]) == (names[1], 0.01, 0.80)
 
 
 def test_recalibrate_mode_measures_and_saves_theta_alpha_with_statistics_of_its_own(tiny_run, small, tmp_path,

@@ -186,9 +186,13 @@ def test_freelb_and_pgd_gradients_match_a_hand_computation():
     delta1 = project(ascend(zero, d0, 0.1, "l2"), 0.05, "l2")
     g1, d1 = _by_hand(model, ids, y, delta1)
     model.zero_grad(set_to_none=True)
-    EmbeddingAdversary(model, "freelb", steps=2, init_mag=0.0, step_size=0.1, eps=0.05).backward(lambda: model(ids), y)
+    loss, _ = EmbeddingAdversary(model, "freelb", steps=2, init_mag=0.0, step_size=0.1, eps=0.05).backward(
+        lambda: model(ids), y)
     for k, v in param_grads(model).items():
         assert torch.allclose(v, (g0[k] + g1[k]) / 2, atol=1e-6), k
+    with torch.no_grad():  # the logged loss is the mean of the losses the gradient averaged, not the last pass's
+        mean = (F.cross_entropy(model(ids, zero), y) + F.cross_entropy(model(ids, delta1), y)) / 2
+    assert torch.allclose(loss, mean, atol=1e-6)
     # PGD, K = 2: clean gradient + gradient at the last iterate δ2.
     delta2 = project(ascend(delta1, d1, 0.1, "l2"), 0.05, "l2")
     g2, _ = _by_hand(model, ids, y, delta2)
@@ -208,6 +212,48 @@ def test_free_at_takes_one_optimizer_step_per_replay():
     assert len(steps) == 4
     with pytest.raises(RobustlabError, match="replays"):
         EmbeddingAdversary(model, "free-at").backward(lambda: model(ids), y)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_free_at_starts_at_random_and_ascends_from_where_the_last_replay_left_delta(norm):
+    torch.manual_seed(0)
+    model = Tiny().eval()  # no dropout, so that the replays' gradients can be redone by hand
+    ids, y = batch()
+    deltas = record_deltas(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay as the replays saw them
+    eps, alpha = 0.5, 0.1
+    EmbeddingAdversary(model, "free-at", replays=3, eps=eps, step_size=alpha, init_mag=1.0, norm=norm).step(
+        lambda: model(ids), y, opt)
+    assert len(deltas) == 3
+    assert deltas[0].abs().amax() > 0.01  # FreeLB's baseline starts FreeAT at init_mag, not at zero
+    for before, after in zip(deltas, deltas[1:]):
+        _, grad = _by_hand(model, ids, y, before)
+        # one ascent step from the previous replay's δ: the perturbation accumulates over the replays
+        assert torch.allclose(after, project(ascend(before, grad, alpha, norm), eps, norm), atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+@pytest.mark.parametrize("method", ["freelb", "free-at"])
+def test_a_random_start_larger_than_the_budget_is_projected_into_the_ball(method, norm):
+    model = Tiny(dropout=0.0)
+    ids, y = batch()
+    deltas = record_deltas(model)
+    options = {"steps": 1} if method == "freelb" else {"replays": 1}
+    adversary = EmbeddingAdversary(model, method, eps=0.02, init_mag=5.0, norm=norm, **options)
+    adversary.step(lambda: model(ids), y, torch.optim.SGD(model.parameters(), lr=0.0))
+    size = deltas[0].flatten(1).norm(dim=1) if norm == "l2" else deltas[0].flatten(1).abs().amax(1)
+    # the first pass is trained on too: it must be within the budget like every later one
+    assert torch.all(size <= 0.02 * (1 + 1e-5)) and size.max() > 0.019
+
+
+def test_projection_is_per_example():
+    delta = torch.zeros(3, 4, 2)
+    delta[0, 0, 0], delta[1, 1, 1], delta[2, 2, 0] = 3.0, 0.5, -2.0
+    projected = project(delta, 1.0, "l2")
+    # each sentence has its own budget: one long δ must not shrink another's that is already inside the ball
+    assert torch.equal(projected[1], delta[1])
+    assert torch.allclose(projected.flatten(1).norm(dim=1), torch.tensor([1.0, 0.5, 1.0]))
+    assert torch.equal(project(delta, 1.0, "linf")[1], delta[1])
 
 
 @pytest.mark.parametrize("bad, match", [({"method": "vat"}, "unknown text adversarial method"),
