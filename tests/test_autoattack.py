@@ -13,11 +13,11 @@ from scipy.optimize import linprog, minimize
 from torch import nn
 
 from robustlab.attacks import pgd, within_ball
-from robustlab.attacks.apgd import apgd, apgd_run, apgd_targeted, dlr_targeted_loss, step_size_checkpoints
+from robustlab.attacks.apgd import apgd, apgd_run, apgd_targeted, dlr_loss, dlr_targeted_loss, step_size_checkpoints
 from robustlab.attacks.autoattack import STAGES, autoattack, autoattack_accuracy, load_finished_state
-from robustlab.attacks.fab import fab_targeted, project_on_hyperplane_box
+from robustlab.attacks.fab import fab_run, fab_targeted, project_on_hyperplane_box
 from robustlab.attacks.pgd import attack_mode, perturb
-from robustlab.attacks.square import square
+from robustlab.attacks.square import margin, p_schedule, square
 from robustlab.attacks.threat import make_threat
 from robustlab.errors import RobustlabError
 
@@ -41,6 +41,29 @@ def _small_attacks(norm):
                                                  generator=g),
         "square": lambda m, x, y, g: square(m, x, y, eps=eps, norm=norm, queries=40, generator=g),
     }
+
+
+def _tiny_net(classes=6, seed=0):
+    """A small smooth classifier of 1×3×4 images: fast enough to run whole attacks in a test."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, classes)).eval()
+
+
+def _interior_images(n, seed=0, shape=(1, 3, 4)):
+    """Pixels in [0.2, 0.8]: small perturbations never meet the box, so distances come out exact."""
+    return 0.2 + 0.6 * torch.rand(n, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+class Recorder(nn.Module):
+    """Keeps every input the model is queried on."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seen = model, []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return self.model(x)
 
 
 class QueryGuard(nn.Module):
@@ -216,6 +239,54 @@ def test_apgd_matches_independent_rederivation(norm, loss):
     assert outcomes == {"fooled", "robust"}  # both paths exercised
 
 
+class ScriptedLoss(nn.Module):
+    """Two classes, class 0 always winning, with the cross-entropy of its k-th call set by a script: forward values
+    are the script's, the input gradient at call k a fixed random direction. Records every query."""
+
+    def __init__(self, losses, d):
+        super().__init__()
+        self.logit = [-np.log(np.expm1(loss)) for loss in losses]  # log(1 + e^{-a}) = loss
+        self.directions = torch.randn(len(losses), d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        self.seen = []
+
+    def forward(self, x):
+        k = len(self.seen)
+        self.seen.append(x.detach().clone())
+        a = self.logit[k] + ((x - x.detach()).flatten(1) * self.directions[k]).sum(1)
+        return torch.stack([a, torch.zeros_like(a)], 1)
+
+
+def _checkpoint_script():
+    """Losses (1 + v)·10⁻³ of x^(0) .. x^(100), windows ending at the checkpoints 22, 41, 57, 70 of a 100-step run."""
+    script = [10.0] + [0.0] * 22  # w1: no rise → halve (Condition 1), restart from x^(0)
+    script += [1 + 0.1 * j for j in range(19)]  # w2: 18 rises of 19, all below f_max; halved at w1, so keep η
+    script += [20.0] + [20.1 + 0.1 * j for j in range(11)] + [19.0, 18.0, 17.0, 16.0]  # w3: 12 of 16 = ρ·k: keep η
+    script += [30.0] + [30.0] * 12  # w4: one rise, then ties that are no rise → halve
+    return [(1 + v) * 1e-3 for v in script + [0.0] * (101 - len(script))]
+
+
+def test_apgd_step_size_rule_follows_the_paper_on_a_scripted_loss():
+    """Croce & Hein's Conditions at each checkpoint: halve if the loss rose in fewer than ρ·k of the k steps (strictly:
+    ties are no rise, and exactly ρ·k rises keep η), or if η was not halved at the last checkpoint and f_max has not
+    improved since. A scripted loss makes each branch decide; smooth models almost never reach them."""
+    x = _interior_images(1).double()
+    x0 = (x + 0.05).clamp(0, 1)
+    runs = []
+    for apgd_side in (True, False):
+        model = ScriptedLoss(_checkpoint_script(), x[0].numel())
+        y = torch.zeros(1, dtype=torch.long)
+        if apgd_side:
+            run = apgd_run(model, x, y, y, loss="ce", eps=0.3, norm="l2", steps=100, x_init=x0)
+            assert not run.fooled.any()
+        else:
+            def ce(lg, yy, tt):
+                return F.cross_entropy(lg, yy, reduction="none")
+            _reference_apgd(model, ce, x0[0], x[0], y[0], y[0], 0.3, "l2", steps=100)
+        runs.append(torch.cat(model.seen))
+    assert len(runs[0]) == len(runs[1]) == 101
+    torch.testing.assert_close(runs[0], runs[1], atol=1e-9, rtol=0)
+
+
 def test_apgd_ce_climbs_higher_than_pgd20_and_with_dlr_breaks_all_it_breaks(robust_model, test_batch):
     """APGD's claim (Croce & Hein 2020, Fig. 2) is a higher loss than PGD's on the same loss. A higher cross-entropy
     need not flip the argmax, which is why AutoAttack adds the DLR loss: on the fixture model as an AMD Zen 5 CPU
@@ -238,6 +309,75 @@ def test_apgd_ce_climbs_higher_than_pgd20_and_with_dlr_breaks_all_it_breaks(robu
     assert ce.loss[both_correct].mean() > F.cross_entropy(last_logits, y, reduction="none")[both_correct].mean()
     assert not (pgd_broken & ~ce.fooled & ~dlr.fooled).any()
     assert clean_errors < pgd_broken.sum() < len(x)
+
+
+def test_dlr_losses_use_the_published_denominators():
+    """Sec. 4: DLR divides by z_π1 − z_π3 and targeted DLR by z_π1 − (z_π3 + z_π4)/2; other order statistics give
+    another loss, and the rederivation above takes the targeted one from robustlab itself."""
+    logits = torch.tensor([[5.0, 3.0, 2.0, 0.0, -1.0]])
+    assert dlr_loss(logits, torch.tensor([0])).item() == pytest.approx(-(5 - 3) / (5 - 2))
+    assert dlr_loss(logits, torch.tensor([2])).item() == pytest.approx(-(2 - 5) / (5 - 2))
+    assert dlr_targeted_loss(logits, torch.tensor([0]), torch.tensor([3])).item() == pytest.approx(-(5 - 0) / (5 - 1))
+    assert dlr_targeted_loss(logits, torch.tensor([1]), torch.tensor([0])).item() == pytest.approx(-(3 - 5) / (5 - 1))
+
+
+def _spy_on(monkeypatch, module_name, function_name):
+    """Replace module.function with a pass-through that keeps each call's arguments and result."""
+    module = importlib.import_module(module_name)
+    real, calls = getattr(module, function_name), []
+
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append((args, kwargs, result))
+        return result
+    monkeypatch.setattr(module, function_name, spy)
+    return calls
+
+
+def test_apgd_t_attacks_the_second_most_likely_class_first_then_the_next_ones(monkeypatch):
+    """APGD-T's targets are the classes of the 2nd, 3rd, ... largest clean logits, n_target_classes of them capped at
+    num_classes − 1; a wrong rank attacks classes that are harder to reach and reports a higher robust accuracy."""
+    calls = _spy_on(monkeypatch, "robustlab.attacks.apgd", "apgd_run")
+    model, x = _tiny_net(), _interior_images(5)
+    with torch.no_grad():
+        logits = model(x)
+    y, ranked = logits.argmax(1), logits.argsort(1, descending=True)
+    apgd_targeted(model, x, y, eps=1e-4, steps=2, n_target_classes=9)  # too small a ball to break anything
+    assert [args[3].tolist() for args, _, _ in calls] == [ranked[:, k].tolist() for k in range(1, 6)]
+    calls.clear()
+    apgd(model, x, y, eps=1e-4, steps=2, loss="dlr-targeted", target_class_rank=4)
+    assert [args[3].tolist() for args, _, _ in calls] == [ranked[:, 3].tolist()]
+
+
+def test_apgd_restarts_keep_the_highest_loss_point_of_all_runs(monkeypatch):
+    """Among examples no run breaks, the point returned is the best of every restart, not that of the last one."""
+    calls = _spy_on(monkeypatch, "robustlab.attacks.apgd", "apgd_run")
+    model, x = _tiny_net(), _interior_images(8)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    x_adv = apgd(model, x, y, eps=0.01, steps=3, restarts=3, generator=torch.Generator().manual_seed(0))
+    runs = [result for _, _, result in calls]
+    assert len(runs) == 3 and not any(run.fooled.any() for run in runs)
+    losses = torch.stack([run.loss for run in runs])
+    best = losses.argmax(0)
+    assert (best != 2).any()  # some example's best run is not the last one
+    for i in range(len(x)):
+        assert torch.equal(x_adv[i], runs[best[i]].x_adv[i]), i
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.05), ("l2", 0.1)])
+def test_apgd_starts_from_a_random_point_on_the_sphere(norm, eps):
+    """Algorithm 1 starts at a random x^(0) with ||x^(0) − x|| = ε (the authors' code rescales uniform noise to norm ε),
+    a point of its own per example; starting at x itself takes the first gradient at the clean image."""
+    model, x = Recorder(_tiny_net()), _interior_images(4)
+    with torch.no_grad():
+        y = model.model(x).argmax(1)
+    apgd(model, x, y, eps=eps, norm=norm, steps=1, generator=torch.Generator().manual_seed(0))
+    start = model.seen[1]  # after the clean pass
+    dist = (start - x).flatten(1).abs().amax(1) if norm == "linf" else (start - x).flatten(1).norm(dim=1)
+    torch.testing.assert_close(dist, torch.full((4,), eps))
+    delta = (start - x).flatten(1)
+    assert not torch.allclose(delta[0], delta[1])
 
 
 # ---- FAB-T ----
@@ -297,6 +437,78 @@ def test_fab_l2_finds_the_analytic_minimal_perturbation_of_a_linear_model():
     assert torch.equal(x_small, x)
 
 
+def _reference_fab(model, x0, y, t, norm, steps, x_start=None, alpha_max=0.1, eta=1.05, beta=0.9):
+    """The FAB paper's iteration for one example and the single y-vs-t hyperplane, in float64.
+
+    Returns the closest misclassified iterate (before its backward step) and its distance, or (x0, inf).
+    """
+    def size(v):
+        return v.abs().max() if norm == "linf" else v.norm()
+
+    x1, best, best_dist = (x0 if x_start is None else x_start).clone(), x0.clone(), float("inf")
+    for _ in range(steps):
+        v = x1.detach().requires_grad_(True)
+        logits = model(v[None])[0]
+        g = logits[t] - logits[y]
+        (grad,) = torch.autograd.grad(g, v)
+        w = grad.flatten()
+        b = w @ x1.flatten() - g.detach()
+        d1 = project_on_hyperplane_box(x1.flatten()[None], w[None], b[None], norm)[0].view_as(x1)
+        d2 = project_on_hyperplane_box(x0.flatten()[None], w[None], b[None], norm)[0].view_as(x0)
+        n1, n2 = max(size(d1), 1e-8), max(size(d2), 1e-8)
+        a = min(n1 / (n1 + n2), alpha_max)
+        x1 = ((1 - a) * (x1 + eta * d1) + a * (x0 + eta * d2)).clamp(0, 1)
+        with torch.no_grad():
+            wrong = model(x1[None]).argmax(1).item() != y
+        if wrong:
+            if size(x1 - x0) < best_dist:
+                best, best_dist = x1.clone(), size(x1 - x0).item()
+            x1 = x0 + beta * (x1 - x0)
+    return best, best_dist
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("start", ["x", "random"])
+def test_fab_matches_an_independent_rederivation(norm, start):
+    """α = min(||δ|| / (||δ|| + ||δ_orig||), α_max), the η extrapolation and the β backward step together set how close
+    FAB-T gets; the linear-model test above reaches its hyperplane whatever they are. α_max binds mostly where the
+    iterate is far from x, as after a restart's random start."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 6)).double().eval()
+    x = torch.rand(12, 1, 3, 4, dtype=torch.float64)
+    x_start = None if start == "x" else (x + 0.15 * (2 * torch.rand_like(x) - 1)).clamp(0, 1)
+    with torch.no_grad():
+        logits = model(x)
+    y, t = logits.argmax(1), logits.argsort(1, descending=True)[:, 1]
+    with attack_mode(model):
+        best, dist = fab_run(model, x, y, t, norm=norm, steps=15, x_start=x_start)
+    found = 0
+    for i in range(len(x)):
+        ref_best, ref_dist = _reference_fab(model, x[i], y[i].item(), t[i].item(), norm, steps=15,
+                                            x_start=None if x_start is None else x_start[i])
+        assert dist[i].item() == pytest.approx(ref_dist, rel=1e-6), i
+        torch.testing.assert_close(best[i], ref_best, atol=1e-7, rtol=0)
+        found += ref_dist < float("inf")
+    assert found >= len(x) // 2
+
+
+def test_fab_t_targets_the_next_most_likely_classes_and_restarts_at_half_the_radius(monkeypatch):
+    """FAB-T, as APGD-T, takes the 2nd, 3rd, ... most likely classes; its first run per target starts at x and later
+    ones at a random point at distance ε/2 (AutoAttack's FAB)."""
+    calls = _spy_on(monkeypatch, "robustlab.attacks.fab", "fab_run")
+    model, x, eps = _tiny_net(), _interior_images(5), 1e-3
+    with torch.no_grad():
+        logits = model(x)
+    y, ranked = logits.argmax(1), logits.argsort(1, descending=True)
+    g = torch.Generator().manual_seed(0)
+    fab_targeted(model, x, y, eps=eps, steps=2, n_target_classes=2, restarts=2, generator=g)
+    assert [args[3].tolist() for args, _, _ in calls] == [ranked[:, k].tolist() for k in (1, 1, 2, 2)]
+    starts = [kwargs["x_start"] for _, kwargs, _ in calls]
+    assert starts[0] is None and starts[2] is None
+    for start in (starts[1], starts[3]):
+        torch.testing.assert_close((start - x).flatten(1).abs().amax(1), torch.full((5,), eps / 2))
+
+
 # ---- Square ----
 
 class _NoBackward(torch.autograd.Function):
@@ -339,6 +551,61 @@ def test_square_windows_reach_the_last_row_and_column():
     for _ in range(200):  # p = 9/64: 3×3 windows, 6 positions per axis
         touched |= (_linf_candidate(x, x, 0.1, 9 / 64, generator) != x)[0, 0]
     assert touched.all()
+
+
+def test_square_p_schedule_halves_after_the_published_iterations():
+    """The reference's p_selection: p_init up to iteration 10, p_init/2 for 10 < i <= 50, ... p_init/512 after 8000."""
+    boundaries = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+    for halvings, t in enumerate(boundaries):
+        assert p_schedule(t, 0.8) == pytest.approx(0.8 / 2 ** halvings), t
+        assert p_schedule(t + 1, 0.8) == pytest.approx(0.8 / 2 ** (halvings + 1)), t
+    assert p_schedule(0, 0.8) == 0.8 and p_schedule(10 ** 6, 0.8) == pytest.approx(0.8 / 512)
+
+
+def test_square_linf_window_holds_the_fraction_p_of_the_pixels():
+    """Side s = round(sqrt(p·h·w)): p = 0.4 of 28×28 pixels is 18×18 (truncating would give 17×17)."""
+    from robustlab.attacks.square import _linf_candidate
+    x = torch.full((1, 1, 28, 28), 0.5)
+    changed = _linf_candidate(x, x, 0.1, 0.4, torch.Generator().manual_seed(0)) != x
+    assert changed.sum() == 18 * 18
+
+
+def test_square_linf_starts_from_vertical_stripes_and_signs_each_window_per_channel():
+    """The paper's L∞ initialization: ±ε, one sign per column and channel, the same down each column; each window
+    then gets a sign of its own per channel."""
+    from robustlab.attacks.square import _linf_candidate
+    model, x = Recorder(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))), _interior_images(2, shape=(3, 8, 8))
+    with torch.no_grad():
+        y = model.model(x).argmax(1)
+    square(model, x, y, eps=0.01, queries=0, generator=torch.Generator().manual_seed(0))
+    delta = model.seen[1] - x  # after the clean pass
+    torch.testing.assert_close(delta.abs(), torch.full_like(delta, 0.01))
+    assert torch.equal(delta.sign(), delta[:, :, :1].sign().expand_as(delta))  # constant down each column
+    assert len({tuple(column) for column in delta[:, :, 0].sign().flatten(0, 1).tolist()}) > 1
+    generator, mixed = torch.Generator().manual_seed(0), 0
+    for _ in range(10):
+        window = (_linf_candidate(x, x, 0.01, 0.1, generator) - x)[0].flatten(1)
+        corner = window[:, window.abs().sum(0).argmax()]  # a pixel of the window, across the 3 channels
+        mixed += len(set(corner.sign().tolist())) > 1
+    assert mixed > 0
+
+
+def test_square_keeps_only_improving_queries_and_makes_one_query_per_step():
+    """Random search: a candidate replaces the current point only when the margin z_y − max_{j≠y} z_j goes down, so
+    the point returned is the lowest-margin one queried; `queries` steps are queries + 2 forward passes with the
+    clean check and the initialization."""
+    torch.manual_seed(0)
+    model, x = Recorder(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))), _interior_images(1, shape=(3, 8, 8))
+    with torch.no_grad():
+        y = model.model(x).argmax(1)
+    x_adv = square(model, x, y, eps=0.005, queries=60, generator=torch.Generator().manual_seed(0))
+    assert len(model.seen) == 62
+    with torch.no_grad():
+        margins = torch.cat([margin(model.model(q), y) for q in model.seen[1:]])
+        returned = margin(model.model(x_adv), y)
+    assert returned.item() > 0  # unbroken: the whole run counts
+    assert returned.item() == margins.min().item()
+    assert margins[-1] > margins.min()  # the last candidate was not an improvement
 
 
 # ---- the ensemble ----
@@ -388,6 +655,32 @@ def test_ensemble_is_never_weaker_than_a_member(robust_model, fmnist, monkeypatc
     }
     for name, x_adv in members.items():
         assert result.robust_accuracy <= accuracy(robust_model, x_adv, y), name
+
+
+def test_autoattack_runs_the_standard_members_in_the_published_order(monkeypatch):
+    """APGD-CE, APGD-T (targeted DLR, 9 targets capped at num_classes − 1), FAB-T, then Square with p_init = 0.8:
+    AutoAttack-standard's figures are comparable only when it runs exactly these."""
+    aa = importlib.import_module("robustlab.attacks.autoattack")
+    calls = []
+
+    def spy(name, member):
+        def run(model, xs, ys, **kwargs):
+            calls.append((name, len(xs), kwargs))
+            return member(model, xs, ys, **kwargs)
+        return run
+    for name in ("apgd_attack", "fab_targeted_attack", "square_attack"):
+        monkeypatch.setattr(aa, name, spy(name, getattr(aa, name)))
+    model, x = _tiny_net(), _interior_images(4)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    result = autoattack(model, x, y, eps=1e-4, steps=2, queries=3, progress=False)  # nothing breaks: all stages run
+    assert result.robust.all() and list(result.stage_accuracy) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"]
+    assert [(name, n, kwargs.get("loss")) for name, n, kwargs in calls] == [
+        ("apgd_attack", 4, "ce"), ("apgd_attack", 4, "dlr-targeted"), ("fab_targeted_attack", 4, None),
+        ("square_attack", 4, None)]
+    assert calls[1][2]["n_target_classes"] == 5 and calls[2][2]["n_target_classes"] == 5
+    assert calls[3][2]["p_init"] == 0.8 and calls[3][2]["queries"] == 3
+    assert all(kwargs.get("steps", 2) == 2 and kwargs["eps"] == 1e-4 for _, _, kwargs in calls)
 
 
 def test_autoattack_accuracy_takes_a_pair_of_tensors_as_accuracy_does(robust_model, fmnist):

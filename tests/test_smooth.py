@@ -116,3 +116,27 @@ def test_sanity_check_flags_the_trap_and_passes_without_it():
     assert linear["smooth_gradients"].passed and "no nn.ReLU" in linear["smooth_gradients"].detail
     assert sanity_checks(Trap(k=400).eval(), x, y, smooth_tau=None, **budget)["smooth_gradients"].detail == \
         "not run: disabled"
+
+
+def test_the_swapped_relu_passes_back_sigmoid_of_z_over_tau():
+    """Small τ is close to the exact step and large τ smooths more; z·τ would turn that around."""
+    from robustlab.attacks.smooth import SmoothGradReLU
+    z = torch.tensor([-1.0, -0.05, 0.0, 0.05, 1.0], requires_grad=True)
+    out = SmoothGradReLU(0.1)(z)
+    (grad,) = torch.autograd.grad(out.sum(), z)
+    assert torch.equal(out, z.detach().clamp_min(0))
+    assert torch.allclose(grad, torch.sigmoid(z.detach() / 0.1))
+
+
+def test_pgd_smooth_defaults_are_the_probes_budget(monkeypatch):
+    """100 steps of ε/10 on the margin loss: the budget docs/results.md reports the masking probe with."""
+    import robustlab.attacks.smooth as smooth
+    seen = {}
+
+    def spy(model, x, y, **kwargs):
+        seen.update(kwargs)
+        return x
+    monkeypatch.setattr(smooth, "pgd", spy)
+    pgd_smooth(Trap(k=1), *_images(2), eps=EPS)
+    assert (seen["steps"], seen["step_size"], seen["restarts"]) == (100, EPS / 10, 1)
+    assert seen["loss_fn"] is negative_margin

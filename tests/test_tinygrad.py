@@ -471,3 +471,56 @@ def test_a_model_returning_more_than_logits_is_one_clear_error(batch, mlp_pair):
                 lambda: tg.correct_mask(pair, x[:4], y[:4])):
         with pytest.raises(RobustlabError, match="returns a tuple; attacks need logits alone"):
             run()
+
+
+class HalfSpace:
+    """Two classes of 1×6×6 images; class 1 wins beyond the boundary <w, x − centre> = threshold. Small shapes that
+    tinygrad lowers in a moment, shared by the tests below."""
+
+    def __init__(self, threshold=None, seed=0):
+        rng = np.random.default_rng(seed)
+        self.w = rng.standard_normal(36).astype(np.float32)
+        self.centre = rng.uniform(0.3, 0.7, (1, 1, 6, 6)).astype(np.float32)  # steps below 0.3 stay in the box
+        self.threshold = 1.0 if threshold is None else threshold
+
+    def __call__(self, inputs):
+        score = (inputs.flatten(1) - Tensor(self.centre.reshape(1, -1))).dot(Tensor(self.w)) - self.threshold
+        return Tensor.stack(score.zeros_like(), score, dim=1)
+
+    def batch(self, n=16):
+        return np.repeat(self.centre, n, 0), np.zeros(n, dtype=np.int32)
+
+
+def test_pgd_default_step_is_madrys():
+    """step_size defaults to 2.5·ε/steps (Madry et al.), as in robustlab.attacks.pgd."""
+    model = HalfSpace()
+    x, y = model.batch()
+    recorder = Recorder(model)
+    tg.pgd(recorder, x, y, eps=0.1, steps=4, random_start=False, jit=False)
+    np.testing.assert_array_equal(recorder.seen[1], x)  # after the clean check: x, then x after one step
+    np.testing.assert_allclose(np.abs(recorder.seen[2] - recorder.seen[1]), 2.5 * 0.1 / 4, rtol=1e-5)
+
+
+def test_restarts_after_the_first_start_at_random():
+    """With random_start=False only the first run starts at x; a later one starting there too would repeat it."""
+    model = HalfSpace(threshold=100.0)  # out of reach: nothing breaks
+    x, y = model.batch()
+    recorder = Recorder(model)
+    tg.pgd(recorder, x, y, eps=0.01, steps=1, random_start=False, restarts=2, jit=False)
+    assert len(recorder.seen) == 5  # the clean check; per run, its start and the check of its last iterate
+    np.testing.assert_array_equal(recorder.seen[1], x)
+    assert 0.005 < np.abs(recorder.seen[3] - x).max() <= 0.01 + 1e-6
+
+
+def test_a_restart_keeps_what_the_last_iterate_of_an_earlier_run_broke():
+    """A run's final iterate is checked too: an example only it breaks must not go to the next restart, whose last
+    iterate need not break it. Here the first run's single step of ε/2 from x just crosses the boundary, and a run
+    from a random start mostly ends short of it."""
+    eps = 0.1
+    model = HalfSpace()
+    model.threshold = 0.999 * eps / 2 * float(np.abs(model.w).sum())
+    x, y = model.batch()
+    x_adv = tg.pgd(model, x, y, eps=eps, steps=1, step_size=eps / 2, random_start=False, restarts=2, jit=False)
+    assert (predict(model, x_adv) == 1).all()
+    later = tg.pgd(model, x, y, eps=eps, steps=1, step_size=eps / 2, seed=1, jit=False)  # a random start alone
+    assert (predict(model, later) == 0).any()
