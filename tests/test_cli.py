@@ -628,3 +628,76 @@ def test_momentum_of_one_or_more_is_refused_from_python_too():
         with pytest.raises(RobustlabError, match="momentum must be from 0 to below 1"):
             TrainConfig(momentum=value).validate()
     TrainConfig(momentum=0.0).validate()
+
+
+class _ByPixel(torch.nn.Module):
+    """Two classes read off pixel (0, 0): decisions a test can script exactly."""
+
+    def forward(self, x):
+        p = x[:, 0, 0, 0]
+        return 10 * torch.stack([1 - p, p], 1)
+
+
+def test_transfer_quotes_the_worst_of_the_two_attacks_per_image(capsys):
+    """The white-box attack breaks images 0-2, the examples made on the source 2 and 3: the worst case leaves 6 of 10,
+    and image 3 is the one that only the transferred examples broke."""
+    from types import SimpleNamespace
+
+    from robustlab.data import ImageSet
+    from robustlab.evaluate.cli import _eval_transfer
+    target, source = _ByPixel(), _ByPixel()
+    labels = torch.tensor([0, 1] * 5)
+    images = torch.zeros(10, 1, 2, 2, dtype=torch.uint8)
+    images[:, 0, 0, 0] = 255 * labels
+    images[[0, 1, 2], 0, 0, 1] = 255  # what an attack on the target breaks
+    images[[2, 3], 0, 1, 0] = 255  # what an attack on the source breaks
+
+    def breaks_the_marked(model, x, y, generator=None):
+        marked = (x[:, 0, 0, 1] if model is target else x[:, 0, 1, 0]) > 0.5
+        out = x.clone()
+        out[marked, 0, 0, 0] = 1 - y[marked].float()
+        return out
+    args = SimpleNamespace(attack="fgsm", batch_size=4, seed=0, split="test", transfer_from="source-run", json=True)
+    assert _eval_transfer(args, target, source, ImageSet(images, labels), breaks_the_marked, "stand-in") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["clean"], result["white_box"], result["transfer"]) == (1.0, 0.7, 0.8)
+    assert result["worst_case"] == 0.6 and result["transfer_only"] == 1
+
+
+def test_summary_row_takes_autoattacks_last_stage_the_checks_not_run_and_the_runs_training_time(tmp_path):
+    """A report that records no training time (evaluate_model's, older ones) takes the run's from its metrics' last
+    line, the whole run's; AutoAttack's figure is its last stage's."""
+    from robustlab.evaluate.summary import read_report, summarize, table
+    run = tmp_path / "run"
+    (run / "eval-last").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "elapsed_s": 10.0 * (e + 1)}) + "\n"
+                                               for e in range(3)))
+    stages = (("apgd-ce", 0.45), ("apgd-t", 0.43), ("fab-t", 0.43), ("square", 0.42))
+    rows = [{"name": "clean", "n": 50, "accuracy": 0.8}, {"name": "PGD", "n": 50, "accuracy": 0.5},
+            *({"name": f"AutoAttack after {stage}", "n": 40, "accuracy": acc} for stage, acc in stages)]
+    checks = [{"name": "gradients", "passed": True, "ran": True},
+              {"name": "black_box", "passed": True, "ran": True},
+              {"name": "smooth_gradients", "passed": True, "ran": False}]
+    report = {"run": {"model": "cnn-small", "dataset": "fashion-mnist"}, "label": "PGD", "clean": 0.8, "robust": 0.5,
+              "n": 50, "rows": rows, "sanity": {"verdict": "trustworthy (smooth_gradients not run)", "checks": checks}}
+    (run / "eval-last" / "report.json").write_text(json.dumps(report))
+    row = summarize(*read_report(run / "eval-last"))
+    assert row["name"] == "run/eval-last" and row["train_s"] == 30.0
+    assert (row["autoattack"], row["autoattack_n"], row["autoattack_stage"]) == (0.42, 40, "AutoAttack after square")
+    assert row["sanity_not_run"] == 1
+    assert "| 80.00 | 50.00 | 42.00 (40) | – | pass, 1 not run | 30 s |" in table([row])
+
+
+def test_summary_plot_marks_the_runs_whose_masking_checks_failed(tmp_path, monkeypatch):
+    """A masked run's point sits highest on the plot: its legend must say that its figure may overstate robustness."""
+    from matplotlib.figure import Figure
+
+    from robustlab.evaluate.summary import plot
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, path, **kw: drawn.append(self))
+    row = {"name": "a", "n": 100, "clean": 0.85, "attack": "PGD", "robust": 0.75, "autoattack": 0.74,
+           "autoattack_n": 100, "sanity": "trustworthy"}
+    masked = {**row, "name": "b", "robust": 0.9, "autoattack": 0.88, "sanity": "suspicious: gradients"}
+    assert plot([row, masked], tmp_path / "p.png") == "AutoAttack"
+    legend = [text.get_text() for text in drawn[0].axes[0].get_legend().get_texts()]
+    assert legend == ["a", "b (masking suspected)"]

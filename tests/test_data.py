@@ -395,6 +395,18 @@ def test_flip_only_for_crop_flip():
     assert 0 < sum(flipped) < len(x)
 
 
+@pytest.mark.parametrize("size, padding", [(28, 2), (32, 4)])
+def test_crop_shifts_reach_every_offset_up_to_the_padding_both_ways(size, padding):
+    """MNIST's customary 2 pixels and CIFAR's 4, in every direction: a shift that never reaches +p, or CIFAR's images
+    cropped as MNIST's, trains on other data than the recipe says."""
+    y = augment_batch(torch.ones(600, 1, size, size), "crop", torch.Generator().manual_seed(0))[:, 0]
+    zero_rows, zero_cols = y.sum(2) == 0, y.sum(1) == 0  # the zero padding that a shift brings in
+    half = size // 2
+    dy = zero_rows[:, half:].sum(1) - zero_rows[:, :half].sum(1)
+    dx = zero_cols[:, half:].sum(1) - zero_cols[:, :half].sum(1)
+    assert set(dy.tolist()) == set(dx.tolist()) == set(range(-padding, padding + 1))
+
+
 # ---- CIFAR-10-C ----
 
 def test_cifar_c_npy(tmp_path):
@@ -478,6 +490,16 @@ def test_cifar_pickles_of_other_dtypes_are_refused(tmp_path):
     batch = {b"data": np.zeros((4, 3072), np.uint8), b"labels": [1.0, 2.5, 3.0, 4.0]}
     (folder / "data_batch_2").write_bytes(pickle.dumps(batch, protocol=2))
     with pytest.raises(RobustlabError, match="uint8 data and float64 labels"):
+        load_dataset("cifar10", data_dir=tmp_path, val_size=2)
+
+
+def test_a_cifar_label_beyond_the_classes_is_refused(tmp_path):
+    """Label 10 in a CIFAR-10 batch names no class: read as it is, it fails in the first loss or is scored as a
+    wrong prediction."""
+    write_cifar10(tmp_path)
+    batch = {b"data": np.zeros((4, 3072), np.uint8), b"labels": [1, 2, 10, 4]}
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(RobustlabError, match=r"CIFAR labels in .* fall outside 0\.\.9"):
         load_dataset("cifar10", data_dir=tmp_path, val_size=2)
 
 

@@ -266,3 +266,105 @@ def test_per_class_bars_are_each_class_s_clean_and_robust_accuracy(tmp_path, mon
     assert bars == pytest.approx([75, 50, 100, 25, 0, 60])  # clean a, b, c, then robust a, b, c
     ticks = [t.get_text() for t in saved[0].axes[0].get_xticklabels()]
     assert ticks == ["a (4)", "b (2)", "c (5)"]
+
+
+def test_each_sweep_point_is_measured_at_its_own_radius_on_the_first_n_images():
+    from robustlab.data import ImageSet
+    from robustlab.evaluate.evaluation import eps_sweep
+    test = ImageSet(torch.zeros(30, 1, 2, 2, dtype=torch.uint8), torch.zeros(30, dtype=torch.long))
+    asked = []
+
+    def measure(images, e, progress=None):  # a figure that falls with the radius it is measured at
+        asked.append(len(images))
+        return 1 - e
+    sweep = eps_sweep(measure, test, 0.2, 12, max_eps=1.0)
+    radii = [0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4]
+    assert sweep["n"] == 12 and set(asked) == {12}
+    assert [e for e, _ in sweep["points"]] == pytest.approx(radii)
+    assert [a for _, a in sweep["points"]] == pytest.approx([1 - e for e in radii])
+
+
+@pytest.mark.parametrize("attack", ["pgd", "pgd-smooth"])
+def test_the_attack_at_another_radius_scales_its_step_with_it(attack):
+    """The sweep and the sanity checks run the evaluation's attack at other radii: 50 steps of 0.01 cannot reach the
+    edge of a ball of 0.8, and such a point would overstate the accuracy there."""
+    from robustlab.evaluate.evaluation import attack_at_radius
+    attack_at, label = attack_at_radius(attack, "linf", 0.1, 50, 0.01, 3, None)
+    assert label.startswith("PGD-50×3 linf ε=0.1 step 0.01")
+    for e in (0.025, 0.2, 0.8):
+        options = attack_at(e).keywords
+        assert options["eps"] == e and options["step_size"] == pytest.approx(e / 10)
+        assert (options["steps"], options["restarts"]) == (50, 3)
+
+
+@pytest.mark.parametrize("dataset, norm, budget", [
+    ("fashion-mnist", "linf", (0.1, 50, 0.01, 3)), ("fashion-mnist", "l2", (1.5, 50, 0.15, 3)),
+    ("mnist", "linf", (0.3, 100, 0.01, 1)), ("cifar10", "linf", (8 / 255, 20, 2 / 255, 1)),
+    ("cifar100", "l2", (0.5, 20, 0.0625, 1)),
+])
+def test_the_default_attack_is_the_protocols_evaluation_pgd(dataset, norm, budget):
+    """ε, steps, step and restarts of the protocol's table (Fashion-MNIST's PGD-50×3: worst case of three starts)."""
+    from robustlab.evaluate.evaluation import attack_budget
+    got_norm, eps, steps, step_size, restarts = attack_budget("pgd", dataset, norm)
+    assert got_norm == norm and (eps, steps, step_size, restarts) == pytest.approx(budget)
+    assert attack_budget("apgd-ce", dataset, norm) == (norm, pytest.approx(budget[0]), 100, None, 1)
+
+
+def test_the_suite_draws_its_attacks_own_mask_per_class_and_marks_lowered_queries_off_protocol(tmp_path, monkeypatch,
+                                                                                                one_thread):
+    from robustlab.data import ImageSet
+    from robustlab.data.datasets import DatasetInfo
+    from robustlab.evaluate import suite
+    from robustlab.evaluate.accuracy import fraction
+    drawn = {}
+    monkeypatch.setattr(suite, "plot_per_class",
+                        lambda names, clean, robust, labels, path, label: drawn.update(clean=clean, robust=robust))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 10)).eval()
+    x = torch.randint(0, 256, (12, 1, 4, 4), dtype=torch.uint8)
+    with torch.no_grad():
+        y = model(x.float() / 255).argmax(1)  # every image starts correct
+    info = DatasetInfo("toy", 10, (1, 4, 4), (0.5,), (0.25,), tuple("abcdefghij"), "none")
+    rows, _, _ = suite.run_suite(model, ImageSet(x, y), info, norm="linf", eps=0.2,
+                                 attack_at=lambda e: partial(pgd, eps=e, norm="linf", steps=2, step_size=e),
+                                 pgd_label="PGD-2", out_dir=tmp_path, aa_steps=100, aa_queries=10, sanity_n=4,
+                                 ood=False, show=False)
+    assert fraction(drawn["clean"]) == rows[0]["accuracy"] == 1.0
+    assert fraction(drawn["robust"]) == rows[1]["accuracy"] < 1.0
+    stages = [row["name"] for row in rows if row["name"].startswith("AutoAttack")]
+    assert stages and all(name.endswith("(off-protocol: 100 steps, 10 queries)") for name in stages)
+
+
+def test_a_model_left_in_training_mode_is_scored_in_eval_mode_and_left_unchanged(one_thread):
+    """BatchNorm in training mode normalizes each batch by its own statistics and moves its running ones: the figure
+    would depend on the batch size, and measuring it would change the model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    with torch.no_grad():
+        model(torch.rand(64, 1, 4, 4) * 3)  # running statistics unlike any batch's below
+    x = torch.rand(32, 1, 4, 4)
+    with torch.no_grad():
+        y = model.eval()(x).argmax(1)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert accuracy(model, (x, y), batch_size=8) == 1.0
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_the_gallery_shows_the_first_correctly_classified_images(one_thread):
+    """Its title says "on the first N correctly classified test images": a misclassified one would show an
+    'adversarial example' that the attack never had to make."""
+    from robustlab.attacks import fgsm
+    from robustlab.data import ImageSet
+    from robustlab.evaluate.evaluation import gallery_examples
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
+    images = torch.randint(0, 256, (40, 1, 4, 4), dtype=torch.uint8)
+    with torch.no_grad():
+        predicted = model(images.float() / 255).argmax(1)
+    labels = torch.where(torch.arange(40) % 3 == 0, (predicted + 1) % 3, predicted)  # every third image is wrong
+    x, x_adv, y, pred = gallery_examples(model, ImageSet(images, labels), partial(fgsm, eps=0.1), n=5)
+    right = (labels == predicted).nonzero().squeeze(1)[:5]
+    assert torch.equal(x, images[right].float() / 255) and torch.equal(y, labels[right])
+    with torch.no_grad():
+        assert torch.equal(pred, model(x_adv).argmax(1))

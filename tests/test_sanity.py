@@ -306,3 +306,85 @@ def test_single_step_check_fails_when_one_step_beats_the_iterative_attack():
     assert check_single_step(0.60, 0.45, tolerance=0.03).passed
     assert check_single_step(0.43, 0.45, tolerance=0.03).passed  # within the noise
     assert check_large_eps(1.0, 0.04, max_accuracy=0.05).passed
+
+
+def test_large_eps_fails_when_a_fifth_survives_the_unbounded_attack():
+    """At 8ε, and never below half the pixel range in L∞, every image can be made another class: an attack that still
+    leaves a fifth of them correct there cannot use the model's gradients. At ε = 0.02, 8ε = 0.16 would be a radius
+    at which an honest model may keep accuracy, so the check must attack at 0.5."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2)).eval()
+    with torch.no_grad():  # class 1 where pixel (0, 0) is above 0.5
+        model[1].weight.zero_()
+        model[1].weight[:, 0] = torch.tensor([-1.0, 1.0])
+        model[1].bias.copy_(torch.tensor([0.5, -0.5]))
+    x = torch.rand(40, 1, 4, 4)
+    x[:, 0, 3, 3] = (torch.arange(40) < 8).float()  # the 8 images the stand-in attack leaves alone
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    other = {c: x[(y != c).nonzero()[0, 0]] for c in (0, 1)}  # an image the model calls another class
+    radii = []
+
+    def spares_the_marked(model_, xb, yb, eps, generator=None):
+        radii.append(eps)
+        out = xb.clone()
+        for i in (xb[:, 0, 3, 3] < 0.5).nonzero().squeeze(1).tolist():
+            out[i] = other[int(yb[i])]
+        return out
+    report = sanity_checks(model, x, y, norm="linf", eps=0.02, attacks={"stand-in": spares_the_marked},
+                           black_box={"stand-in": spares_the_marked}, steps=2, long_steps=3, restarts=1,
+                           smooth_tau=None, progress=False)
+    check = report["large_eps"]
+    assert max(radii) == check.values["eps"] == 0.5
+    assert check.values["accuracy"] == pytest.approx(0.2) and not check.passed
+    assert "large_eps" in report.verdict
+
+
+class PartlyConstant(nn.Module):
+    """A linear model whose output ignores the input wherever pixel (0, 0) is bright: there its gradients are exactly
+    zero, as behind a non-differentiable step or a saturated softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(16, 3)
+
+    def forward(self, x):
+        logits = self.linear(x.flatten(1))
+        return torch.where((x[:, 0, 0, 0] > 0.5)[:, None], logits.detach(), logits)
+
+
+def test_gradient_check_fails_when_a_quarter_of_the_gradients_are_zero():
+    """An attack gets no signal on a quarter of the images: their robustness is the masking's, not the model's."""
+    torch.manual_seed(0)
+    x = torch.rand(40, 1, 4, 4)
+    x[:, 0, 0, 0] = (torch.arange(40) < 10).float()
+    y = torch.randint(0, 3, (40,))
+    check = check_gradients(PartlyConstant().eval(), x, y, norm="linf", eps=0.1)
+    assert check.values["zero_fraction"] == pytest.approx(0.25) and check.values["nan_fraction"] == 0
+    assert not check.passed and "25.0% of gradients are exactly zero" in check.detail
+
+
+def test_single_step_beating_iterative_by_more_than_the_tolerance_fails():
+    """Five points below the iterative attack is beyond a 3-point tolerance: the iterative attack lost its way."""
+    from robustlab.evaluate.sanity import check_single_step
+    assert not check_single_step(0.40, 0.45, tolerance=0.03).passed
+
+
+class Shattered(nn.Module):
+    """sin(50π·x) before a linear layer: the same gradient at every call, but one a quarter period away, unrelated,
+    at a point ε/10 = 0.01 off (Athalye et al.'s shattered gradients)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.linear(torch.sin(50 * math.pi * x).flatten(1))
+
+
+def test_gradient_check_fails_on_shattered_gradients():
+    torch.manual_seed(0)
+    x, y = torch.rand(40, 1, 8, 8), torch.randint(0, 3, (40,))
+    check = check_gradients(Shattered().eval(), x, y, norm="linf", eps=0.1)
+    assert check.values["repeat_cosine"] == pytest.approx(1.0) and check.values["nearby_cosine"] < 0.2
+    assert not check.passed and "gradients at points ε/10 apart are unrelated" in check.detail

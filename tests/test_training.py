@@ -46,6 +46,11 @@ def test_metrics_checkpoints_and_best_epoch(fmnist, tmp_path):
     assert meta["dataset"]["name"] == "fashion-mnist" and meta["versions"]["torch"] == torch.__version__
     assert meta["machine"] == provenance.machine() and meta["commit"] == provenance.commit()
     assert meta["config"]["augment"] is None and meta["dataset"]["augment"] == "crop"  # the default, as it ran
+    best = checkpoint.read_metadata(tmp_path / "best.safetensors")
+    assert best["metrics"] == rows[best_epoch]  # the figures of the weights it holds, not of the last epoch
+    from robustlab.data import DATASETS
+    info = DATASETS["fashion-mnist"]
+    assert (best["dataset"]["mean"], best["dataset"]["std"]) == (list(info.mean), list(info.std))
     no_crops = small_trainer(tmp_path / "no-crops", augment="none")
     assert no_crops.run_meta["dataset"]["augment"] == "none"  # not the dataset's default beside config "none"
 
@@ -462,3 +467,41 @@ def test_an_ema_run_validates_and_exports_the_average(fmnist, tmp_path):
     for name, p in best.state_dict().items():
         assert torch.equal(p, trainer.ema.model.state_dict()[name]), name
     assert any(not torch.equal(a, b) for a, b in zip(best.parameters(), trainer.model.parameters()))
+
+
+def test_the_model_normalizes_each_channel_with_its_datasets_mean_and_std():
+    """Attacks and users see pixels in [0, 1]; the model's first layer maps the dataset's mean to 0 and one standard
+    deviation above it to 1, channel by channel."""
+    from robustlab.data import DATASETS
+    from robustlab.models import build_model
+    info = DATASETS["cifar10"]
+    model = build_model("cnn-small", info.input_shape, info.num_classes, info.mean, info.std)
+    mean, std = torch.tensor(info.mean).view(3, 1, 1), torch.tensor(info.std).view(3, 1, 1)
+    x = torch.stack([mean.expand(3, 32, 32), (mean + std).expand(3, 32, 32)])
+    z = model.normalize(x)
+    assert torch.allclose(z[0], torch.zeros(3, 32, 32), atol=1e-6)
+    assert torch.allclose(z[1], torch.ones(3, 32, 32), atol=1e-5)
+
+
+def test_training_batches_are_augmented_and_plain_ones_are_not():
+    from robustlab.data import ImageSet
+    from robustlab.training.trainer import epoch_batches
+    train = ImageSet(torch.full((64, 1, 28, 28), 255, dtype=torch.uint8), torch.zeros(64, dtype=torch.long))
+    plain = torch.cat([x for x, _ in epoch_batches(train, 32, 0, 0, "none")])
+    cropped = torch.cat([x for x, _ in epoch_batches(train, 32, 0, 0, "crop")])
+    assert torch.equal(plain, torch.ones(64, 1, 28, 28))
+    assert (cropped == 0).flatten(1).any(1).float().mean() > 0.8  # shifted, zeros padded in (1 in 25 is not)
+
+
+def test_a_checkpoint_keeps_its_tensors_and_metadata_and_another_format_is_refused(tmp_path):
+    weights = {"model.w": torch.arange(6, dtype=torch.float32).view(2, 3), "model.n": torch.tensor([3])}
+    checkpoint.save(tmp_path / "a.safetensors", weights, {"epoch": 4, "metrics": {"val_robust": 0.5}})
+    tensors, meta = checkpoint.load(tmp_path / "a.safetensors")
+    assert tensors.keys() == weights.keys() and all(torch.equal(tensors[k], weights[k]) for k in weights)
+    assert (meta["epoch"], meta["metrics"], meta["versions"]) == (4, {"val_robust": 0.5}, checkpoint.versions())
+    assert json.loads((tmp_path / "a.json").read_text()) == meta
+    # a later layout read as this one would be misread without a word
+    checkpoint.save(tmp_path / "b.safetensors", weights, {"format": "robustlab-checkpoint/2"})
+    with pytest.raises(RobustlabError, match="has checkpoint format 'robustlab-checkpoint/2'; this robustlab reads "
+                                             "robustlab-checkpoint/1"):
+        checkpoint.load(tmp_path / "b.safetensors")
