@@ -20,6 +20,7 @@ from robustlab.attacks.pgd import attack_mode, perturb
 from robustlab.attacks.square import margin, p_schedule, square
 from robustlab.attacks.threat import make_threat
 from robustlab.errors import RobustlabError
+from test_attacks import Recorder  # a model that keeps every input it is queried on
 
 EPS = {"linf": 0.1, "l2": 1.5}
 
@@ -52,18 +53,6 @@ def _tiny_net(classes=6, seed=0):
 def _interior_images(n, seed=0, shape=(1, 3, 4)):
     """Pixels in [0.2, 0.8]: small perturbations never meet the box, so distances come out exact."""
     return 0.2 + 0.6 * torch.rand(n, *shape, generator=torch.Generator().manual_seed(seed))
-
-
-class Recorder(nn.Module):
-    """Keeps every input the model is queried on."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.seen = model, []
-
-    def forward(self, x):
-        self.seen.append(x.detach().clone())
-        return self.model(x)
 
 
 class QueryGuard(nn.Module):
