@@ -462,8 +462,7 @@ def test_fab_matches_an_independent_rederivation(norm, start):
     """α = min(||δ|| / (||δ|| + ||δ_orig||), α_max), the η extrapolation and the β backward step together set how close
     FAB-T gets; the linear-model test above reaches its hyperplane whatever they are. α_max binds mostly where the
     iterate is far from x, as after a restart's random start."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 6)).double().eval()
+    model = _tiny_net().double()
     x = torch.rand(12, 1, 3, 4, dtype=torch.float64)
     x_start = None if start == "x" else (x + 0.15 * (2 * torch.rand_like(x) - 1)).clamp(0, 1)
     with torch.no_grad():

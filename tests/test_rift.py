@@ -18,7 +18,7 @@ from robustlab.attacks import dlr_loss, first_success, pgd
 from robustlab.data import Splits
 from robustlab.errors import RobustlabError
 from robustlab.evaluate import accuracy
-from robustlab.models import build_model, classifier_modules, fast_memory_format
+from robustlab.models import classifier_modules, fast_memory_format
 from robustlab.rift import (AlphaSearch, MRCConfig, RiftSettings, compute_mrc, finetune, interpolate,
                             module_criticality, recalibrate_bn, rift)
 from robustlab.rift import TestSettings as ReportSettings  # not a test class
@@ -29,6 +29,7 @@ from robustlab.rift.mrc import adversarial_set
 from robustlab.rift.pipeline import ALPHA_ATTACKS, alpha_check
 from robustlab.training import StepContext, TrainConfig, build_trainer
 from robustlab.training.trainer import Trainer
+from test_methods import lenet
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 THREAT = {"norm": "linf", "eps": 0.1, "steps": 3, "step_size": 0.04}
@@ -103,13 +104,8 @@ def test_mrc_restores_the_model_and_keeps_the_constraint(tiny_run, small, one_th
     assert result["worst_accuracy"] <= result["accuracy"]
 
 
-def _lenet(seed=0):
-    torch.manual_seed(seed)
-    return build_model("lenet", (1, 28, 28), 10, [0.286], [0.353])
-
-
 def test_mrc_is_the_worst_loss_of_all_epochs_not_the_last(monkeypatch):
-    model = _lenet()
+    model = lenet()
     x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
     # (loss, accuracy) of the set: before the ascent, then after each of the 3 epochs; the ascent peaks in epoch 2
     evaluations = iter([(1.0, 0.5), (1.2, 0.4), (1.9, 0.25), (1.4, 0.3)])
@@ -121,7 +117,7 @@ def test_mrc_is_the_worst_loss_of_all_epochs_not_the_last(monkeypatch):
 
 
 def test_an_mrc_ascent_inside_the_ball_is_not_pushed_out_to_its_boundary():
-    model = _lenet()
+    model = lenet()
     x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
     weight = model.net.fc2.weight
     w0 = weight.detach().clone()

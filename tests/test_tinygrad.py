@@ -477,11 +477,11 @@ class HalfSpace:
     """Two classes of 1×6×6 images; class 1 wins beyond the boundary <w, x − centre> = threshold. Small shapes that
     tinygrad lowers in a moment, shared by the tests below."""
 
-    def __init__(self, threshold=None, seed=0):
+    def __init__(self, threshold=1.0, seed=0):
         rng = np.random.default_rng(seed)
         self.w = rng.standard_normal(36).astype(np.float32)
         self.centre = rng.uniform(0.3, 0.7, (1, 1, 6, 6)).astype(np.float32)  # steps below 0.3 stay in the box
-        self.threshold = 1.0 if threshold is None else threshold
+        self.threshold = threshold
 
     def __call__(self, inputs):
         score = (inputs.flatten(1) - Tensor(self.centre.reshape(1, -1))).dot(Tensor(self.w)) - self.threshold
