@@ -30,8 +30,9 @@ from robustlab.attacks import pgd
 from robustlab.cli import OneLineParser, nonnegative, positive
 from robustlab.errors import RobustlabError, run_script
 from robustlab.evaluate import accuracy
+from robustlab.models import batch_norms
 from robustlab.protocol import threat_defaults
-from robustlab.rift.finetune import batch_norms, interpolate, recalibrate_bn
+from robustlab.rift.finetune import interpolate, recalibrate_bn
 from robustlab.training.run import run_dataset
 
 

@@ -86,6 +86,24 @@ def robustlab(*args):
     # momentum 5 trained until the loss diverged, then advised a smaller --lr
     (["train", "--momentum", "1", "--out", "x"], ["--momentum", "from 0 to below 1", "got 1"]),
     (["rift", "no/such/run", "--out", "x", "--momentum", "5"], ["--momentum", "below 1"]),
+    # counts beyond the data were cut down to it without a word (60,000 trained on the 55,000 training images)
+    (["train", "--data-dir", FMNIST, "--train-n", "60000", "--epochs", "1", "--steps", "1", "--val-n", "16",
+      "--out", "x"],
+     ["--train-n 60000 is more than the 55000 training images (the 5000 validation images are not among them); "
+      "give at most 55000, or leave out --train-n for all of them"]),
+    (["train", "--data-dir", FMNIST, "--val-n", "5001", "--train-n", "64", "--epochs", "1", "--out", "x"],
+     ["--val-n 5001 is more than the 5000 validation images; give at most 5000"]),
+    (["train", "--data-dir", FMNIST, "--train-n", "64", "--keep-every", "3", "--epochs", "2", "--out", "x"],
+     ["--keep-every 3 keeps no epoch of a run of 2 epochs; give at most 2"]),  # it kept none
+    # an L2 radius beyond the distance between a black and a white image reaches every image, as ε > 1 in L∞
+    (["train", "--data-dir", FMNIST, "--norm", "l2", "--eps", "28.5", "--train-n", "64", "--epochs", "1", "--val-n",
+      "16", "--out", "x"],
+     ["--eps 28.5: an L2 radius above 28 exceeds", "1×28×28", "give at most 28"]),
+    (["train", "--ema", "1.5", "--out", "x"], ["--ema: must be a number above 0 and below 1", "got 1.5"]),  # "ema decay"
+    # the global learner's BatchNorm statistics, on cnn-small, which has none: ignored without a word
+    (["train", "--data-dir", FMNIST, "--method", "generalist", "--global-bn", "own", "--train-n", "64", "--epochs", "1",
+      "--steps", "1", "--val-n", "16", "--out", "x"],
+     ["--global-bn own", "no BatchNorm layers", "leave it out"]),
 ])
 def test_bad_input_is_one_line_and_status_2(args, words, tmp_path, run_cli):
     if "--out" in args and args[args.index("--out") + 1] == "x":
@@ -701,3 +719,48 @@ def test_summary_plot_marks_the_runs_whose_masking_checks_failed(tmp_path, monke
     assert plot([row, masked], tmp_path / "p.png") == "AutoAttack"
     legend = [text.get_text() for text in drawn[0].axes[0].get_legend().get_texts()]
     assert legend == ["a", "b (masking suspected)"]
+
+
+def test_eval_counts_beyond_the_data_and_an_l2_radius_beyond_the_images_are_refused(tmp_path, run_cli):
+    """--n 100000 evaluated the 10,000 test images, --aa-n, --sanity-n and --sweep-n beyond --n took the --n images,
+    and an L2 ε beyond the distance between an all-black and an all-white image (28 for 1×28×28) ran, each
+    without a word; the ε sweep went beyond that distance too."""
+    run = tmp_path / "run"
+    trained = run_cli("train", "--data-dir", FMNIST, "--train-n", "64", "--val-n", "16", "--epochs", "1", "--steps",
+                      "1", "--threads", "1", "--out", run)
+    assert trained.returncode == 0, trained.stderr
+    for extra, message in [
+        (["--n", "10001"], "--n 10001 is more than the 10000 test images; give at most 10000, or leave out --n for "
+                           "all of them"),
+        (["--split", "val", "--n", "5001"], "--n 5001 is more than the 5000 validation images"),
+        (["--n", "20", "--sweep-n", "21"], "--sweep-n 21 is more than the 20 test images evaluated (--n 20); give at "
+                                           "most 20"),
+        (["--sweep-n", "10001"], "--sweep-n 10001 is more than the 10000 test images evaluated; give at most 10000"),
+        (["--n", "20", "--suite", "standard", "--aa-n", "21"], "--aa-n 21 is more than the 20 test images evaluated "
+                                                               "(--n 20); give at most 20, or leave out --aa-n"),
+        (["--n", "20", "--suite", "standard", "--sanity-n", "21"], "--sanity-n 21 is more than the 20 test images"),
+        (["--norm", "l2", "--eps", "28.5"], "--eps 28.5: an L2 radius above 28 exceeds the distance between an "
+                                            "all-black and an all-white 1×28×28 image"),
+        (["--attack", "fgm", "--eps", "29"], "--eps 29: an L2 radius above 28"),
+    ]:
+        result = run_cli("eval", run, "--data-dir", FMNIST, "--threads", "1", *extra)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], (extra, result.stderr)
+    assert not (run / "report.json").exists()
+    # at 28 itself it runs, and its sweep stops there (20 × 1.5 and 20 × 2 reach every image), as at 1 in L∞
+    result = run_cli("eval", run, "--data-dir", FMNIST, "--threads", "1", "--norm", "l2", "--eps", "20", "--n", "8",
+                     "--sweep-n", "8", "--steps", "1", "--restarts", "1")
+    assert result.returncode == 0, result.stderr
+    assert [e for e, _ in json.loads((run / "report.json").read_text())["sweep"]["points"]] == [0, 5, 10, 15, 20]
+    assert run_cli("eval", run, "--data-dir", FMNIST, "--threads", "1", "--norm", "l2", "--eps", "28", "--n", "8",
+                   "--sweep-n", "0", "--steps", "1", "--restarts", "1", "--out", tmp_path / "at28").returncode == 0
+
+
+def test_summary_plot_under_a_file_says_it_cannot_make_the_folder(tmp_path, run_cli):
+    """It said only "--plot .../file/p.png: File exists"."""
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "report.json").write_text('{"rows": [], "label": "PGD", "clean": 0.5, "robust": 0.3, "n": 10}')
+    (tmp_path / "file").write_text("")
+    result = run_cli("summary", tmp_path / "r", "--plot", tmp_path / "file" / "p.png")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"--plot {tmp_path / 'file'}: cannot make a folder there" in result.stderr

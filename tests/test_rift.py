@@ -532,6 +532,17 @@ def test_an_out_folder_never_holds_two_checkpoints_results(tiny_run, small, tmp_
     (["mrc", "RUN", "--out", "FILE"], ["--out", "cannot make a folder"]),
     (["rift", "RUN", "--out", "OUT", "--mrc-dir", "FILE"], ["--mrc-dir", "cannot make a folder"]),  # a traceback
     (["rift", "RUN", "--module", "", "--out", "OUT"], ["--module is empty"]),  # took the lowest MRC silently
+    # beyond the modules or the data: cut down to them without a word
+    (["rift", "RUN", "--out", "OUT", "--auto", "22"], ["--auto 22 is more than the 21 modules", "give at most 21"]),
+    (["mrc", "RUN", "--mrc-n", "5001"], ["--mrc-n 5001 is more than the 5000 validation images; give at most 5000"]),
+    (["rift", "RUN", "--out", "OUT", "--mrc-n", "5001"], ["--mrc-n 5001 is more than the 5000 validation images"]),
+    (["rift", "RUN", "--out", "OUT", "--train-n", "55001"], ["--train-n 55001 is more than the 55000 training images"]),
+    (["rift", "RUN", "--out", "OUT", "--val-n", "5001"], ["--val-n 5001 is more than the 5000 validation images"]),
+    (["rift", "RUN", "--out", "OUT", "--bn", "recalibrate", "--recal-n", "55001"],
+     ["--recal-n 55001 is more than the 55000 training images; give at most 55000"]),
+    (["rift", "RUN", "--out", "OUT", "--n", "10001"], ["--n 10001 is more than the 10000 test images"]),
+    (["rift", "RUN", "--out", "OUT", "--n", "30", "--aa-n", "31"],
+     ["--aa-n 31 is more than the 30 test images of the report (--n 30); give at most 30"]),
 ])
 def test_bad_input_is_one_line_and_status_2(tiny_run, bn_free_run, tmp_path, run_cli, args, words):
     (tmp_path / "file").write_text("")

@@ -534,7 +534,7 @@ def test_cli_trains_a_text_model_and_rejects_bad_options(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--task", "text", "--data-dir", str(tmp_path), "--method", "freelb", "--steps", "2",
             "--epochs", "3", "--batch-size", "32", "--optimizer", "adam", "--lr", "0.01", "--weight-decay", "0",
-            "--val-n", "16", "--threads", "1", "--out", str(out)]
+            "--val-n", "13", "--threads", "1", "--out", str(out)]
     assert main(args) == 0
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[-1])["val_clean"] > 0.5
@@ -569,6 +569,14 @@ def test_cli_trains_a_text_model_and_rejects_bad_options(tmp_path, capsys):
     # --train-n takes the first texts (it once crashed: token ids were treated as a streamed image Dataset)
     assert main([*args[:-1], str(tmp_path / "few"), "--train-n", "40", "--epochs", "1"]) == 0
     assert json.loads((tmp_path / "few" / "metrics.jsonl").read_text())["train_images_per_s"] > 0
+    # counts beyond the corpus were cut down to it without a word
+    for extra, message in ((["--train-n", "1000"], "--train-n 1000 is more than the 141 training texts (the 13 "
+                                                   "validation texts are not among them); give at most 141"),
+                           (["--val-n", "16"], "--val-n 16 is more than the 13 validation texts; give at most 13")):
+        capsys.readouterr()
+        assert main([*args[:-1], str(tmp_path / "many"), "--epochs", "1", *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
     # an L∞ run is evaluated in the L2 ball its validation used (it was L∞ at the L2 radius ε = 0.5: 0% robust)
     linf = [*args[:-1], str(tmp_path / "linf"), "--train-n", "40", "--epochs", "1", "--method", "pgd", "--norm",
             "linf", "--eps", "0.01", "--step-size", "0.004"]

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from robustlab.allocator import keep_freed_memory
-from robustlab.errors import RobustlabError, check_choice, one_line, output_dir
+from robustlab.errors import RobustlabError, check_at_most, check_choice, one_line, output_dir
 from robustlab.protocol import check_eps
 
 
@@ -80,6 +80,17 @@ def momentum(text):
         value = math.nan
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be a number from 0 to below 1, got {text}")
+    return value
+
+
+def decay(text):
+    """An EMA decay: above 0 and below 1 (TrainConfig's own check named no flag)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number above 0 and below 1 (e.g. 0.999), got {text}")
     return value
 
 
@@ -194,13 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "validation and evaluation attacks always run in fp32")
     t.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="keep the default memory format (channels_last is faster on CPUs)")
-    t.add_argument("--val-n", type=positive(int), default=1000,
+    t.add_argument("--val-n", type=positive(int),  # None: 1000, or all of a smaller validation split
                    help="validation images for the per-epoch PGD check (default 1000; clean accuracy uses them all)")
     t.add_argument("--train-n", type=positive(int), help="train on the first N training images only")
     t.add_argument("--threads", type=positive(int), help="torch CPU threads")
     t.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: the GPU of each LOCAL_RANK)")
     t.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun ranks (CUDA only)")
-    t.add_argument("--ema", type=float, help="weight-EMA decay, e.g. 0.999 (validated and exported weights)")
+    t.add_argument("--ema", type=decay, help="weight-EMA decay, e.g. 0.999 (validated and exported weights)")
     t.add_argument("--keep-every", type=positive(int), help="also keep every N-th epoch's weights as "
                    "RUN/epoch-NNN.safetensors (`robustlab eval RUN/epoch-NNN.safetensors` reports in RUN/eval-epoch-NNN)")
     t.add_argument("--backend", default="torch", help="torch, or tinygrad (models mlp, cnn-small; methods pgd-at, standard)")
@@ -271,8 +282,8 @@ def train_config(args):
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                        momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
                        seed=args.seed, precision=precision, channels_last=args.channels_last,
-                       augment=args.augment, val_n=args.val_n, train_n=args.train_n, threads=args.threads,
-                       ema=args.ema, device=args.device, sync_bn=args.sync_bn, workers=args.workers,
+                       augment=args.augment, val_n=args.val_n or TrainConfig.val_n, train_n=args.train_n,
+                       threads=args.threads, ema=args.ema, device=args.device, sync_bn=args.sync_bn, workers=args.workers,
                        keep_every=args.keep_every)
 
 
@@ -287,10 +298,13 @@ def _say_resumed(trainer, out: Path):
         print(f"resuming {out} after epoch {trainer.start_epoch}", file=sys.stderr)
 
 
-def fit(trainer, out: Path, resume: bool) -> int:
-    """Resume if asked, train, print the summary (rank 0 only under torchrun)."""
+def fit(trainer, out: Path, resume: bool, check=lambda: None) -> int:
+    """Resume if asked, train, print the summary (rank 0 only under torchrun). `check()`: the command line's checks
+    against the data, after --resume's own (another run's settings say more than a count beyond its data)."""
     from robustlab import distributed
-    if resume and trainer.resume():
+    resumed = resume and trainer.resume()
+    check()
+    if resumed:
         if distributed.is_main():
             _say_resumed(trainer, out)
     elif resume and distributed.is_main():  # stopped in its first epoch or while reading its data (cmd_train checked)
@@ -334,7 +348,8 @@ def cmd_train(args) -> int:
     config = train_config(args)
     if args.task == "text":
         from robustlab.text.training import text_trainer_from_args
-        return fit(text_trainer_from_args(args, config), out, args.resume)
+        trainer = text_trainer_from_args(args, config)
+        return fit(trainer, out, args.resume, lambda: check_data_counts(args, trainer, "texts"))
     # Image defaults (text has its own, so the parser leaves these unset).
     args.dataset, args.model = args.dataset or "fashion-mnist", args.model or "cnn-small"
     args.method, args.norm = args.method or "pgd-at", args.norm or "linf"
@@ -368,7 +383,23 @@ def cmd_train(args) -> int:
                                 method_kwargs={k: getattr(args, k) for k in METHOD_OPTIONS}, **extra)
     except RobustlabError as exc:
         raise RobustlabError(named_by_flag(str(exc))) from None
-    return fit(trainer, out, args.resume)
+
+    def check():
+        check_data_counts(args, trainer, "images")
+        check_eps(args.eps, args.norm, "--eps", trainer.data.info.input_shape)
+    return fit(trainer, out, args.resume, check)
+
+
+def check_data_counts(args, trainer, unit: str):
+    """--train-n and --val-n beyond the data were cut down to it without a word (--train-n 60000 of Fashion-MNIST
+    trained on its 55,000 images: the other 5,000 are the validation split), and --keep-every beyond the run's
+    epochs kept none."""
+    train, val = len(trainer.data.train), len(trainer.data.val)
+    check_at_most("--train-n", args.train_n, train, f"training {unit} (the {val} validation {unit} are not among them)")
+    check_at_most("--val-n", args.val_n, val, f"validation {unit}", all_by_default=False)
+    if args.keep_every and args.keep_every > (epochs := getattr(trainer, "epochs", args.epochs)):
+        raise RobustlabError(f"--keep-every {args.keep_every} keeps no epoch of a run of {epochs} epoch"
+                             f"{'s' if epochs > 1 else ''}; give at most {epochs}")
 
 
 def named_by_flag(message: str) -> str:

@@ -33,6 +33,17 @@ def check_integer(name: str, value, minimum: int = 1, below: int | None = None):
         raise RobustlabError(f"{name} must be an integer {bound}, got {value!r}")
 
 
+def check_at_most(flag: str, value, available: int, what: str, all_by_default: bool = True):
+    """A count given with `flag` that is more than there is ("--n 100000" of 10,000 test images) is refused, not cut
+    down to what there is without a word; `what` names what is counted. `all_by_default`: leaving the option out
+    takes all of them (else its default is a number of its own)."""
+    if value is not None and value > available == 0:  # "give at most 0" to an option that takes 1 or more
+        raise RobustlabError(f"{flag} {value}: there are no {what.split(' (')[0]}; leave out {flag}")
+    if value is not None and value > available:
+        raise RobustlabError(f"{flag} {value} is more than the {available} {what}; give at most {available}"
+                             + (f", or leave out {flag} for all of them" if all_by_default else ""))
+
+
 def they_apply(names) -> str:
     """"--aa-n applies" or "--aa-n, --no-ood apply": the start of a message about options given where they do not
     apply."""

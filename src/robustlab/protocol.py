@@ -61,9 +61,15 @@ def threat_defaults(dataset: str, norm: str) -> ThreatDefaults:
     return PROTOCOL[dataset][norm]
 
 
-def check_eps(eps, norm: str, name: str):
+def l2_diameter(input_shape) -> float:
+    """The L2 distance between an all-black and an all-white image of `input_shape` (C, H, W): √(C·H·W), the
+    largest between any two images with pixels in [0, 1] (28 for 1×28×28, 55.4 for 3×32×32)."""
+    return math.sqrt(math.prod(input_shape))
+
+
+def check_eps(eps, norm: str, name: str, input_shape=None):
     """ε is a finite radius ≥ 0 in pixel scale; in L∞ one above 1 is no threat model: inputs live in [0, 1], so at
-    ε = 1 every image is reachable."""
+    ε = 1 every image is reachable. With `input_shape` (C, H, W), the same holds in L2 beyond `l2_diameter`."""
     if eps is None:
         return
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (math.isfinite(eps) and eps >= 0):
@@ -71,3 +77,8 @@ def check_eps(eps, norm: str, name: str):
     if norm == "linf" and eps > 1:
         raise RobustlabError(f"{name} {eps:g}: an L∞ radius above 1 exceeds the pixel range [0, 1], where ε = 1 already "
                              "reaches every image; give at most 1 (ε is in pixel scale, e.g. 0.1 or 8/255 = 0.031)")
+    if norm == "l2" and input_shape and eps > (diameter := l2_diameter(input_shape)):
+        shape = "×".join(map(str, input_shape))
+        raise RobustlabError(f"{name} {eps:g}: an L2 radius above {diameter:.4g} exceeds the distance between an "
+                             f"all-black and an all-white {shape} image, where every image is already reachable; give at "
+                             f"most {diameter:.4g} (ε is in pixel scale, e.g. 1.5 for 1×28×28 or 0.5 for 3×32×32)")

@@ -10,10 +10,11 @@ from functools import partial
 from pathlib import Path
 
 from robustlab.cli import flag, given
-from robustlab.errors import RobustlabError, check_choice, output_dir, they_apply
+from robustlab.errors import RobustlabError, check_at_most, check_choice, output_dir, they_apply
 from robustlab.evaluate.evaluation import (SWEEP_N, AdversarialExamples, add_gallery, attack_at_radius,
                                            attack_budget, check_adversarial_file,
                                            check_attack_options, check_smoothable, eps_sweep, finish_report,
+                                           largest_radius,
                                            measure_all, measure_with, results_dict)
 
 
@@ -90,11 +91,13 @@ def cmd_eval(args) -> int:
         check_smoothable(model, args.run, named=flag)
     norm, eps, steps, step_size, restarts = attack_budget(
         args.attack, meta["dataset"]["name"], args.norm or meta.get("method", {}).get("norm", "linf"), eps=args.eps,
-        steps=args.steps, step_size=args.step_size, restarts=args.restarts, named=flag)
+        steps=args.steps, step_size=args.step_size, restarts=args.restarts, named=flag,
+        input_shape=meta["dataset"].get("input_shape"))
     source = _transfer_source(args, model, device) if args.transfer_from else None  # fails before the data is read
     # A folder or npy test set is decoded as far as it is read: --n 1000 reads 1,000 images.
     data = run_dataset(meta, args.data_dir)
     images = getattr(data, args.split)
+    _check_counts(args, images, "images")
     images = images.subset(args.n) if args.n else images
     attack_at, label = attack_at_radius(args.attack, norm, eps, steps, step_size, restarts, args.tau)
     attack_record = {"name": args.attack, "norm": norm, "eps": eps, "steps": steps, "step_size": step_size,
@@ -146,6 +149,7 @@ def _eval_text(args, model, device) -> int:
         raise RobustlabError(f"the {info['name']} data found has classes {list(data.info.class_names)}, but "
                              f"{args.run} was trained on {list(info['class_names'])}; pass the run's --data-dir")
     test = getattr(data, args.split)
+    _check_counts(args, test, "texts")
     test = test.subset(args.n) if args.n else test
     # The text threat model is L2 at ε = 0.5 whatever the run trained with, as its validation was: ε = 0.5 per
     # coordinate of every token would be another, far larger ball.
@@ -255,6 +259,18 @@ def _check_eval_options(args):
         raise RobustlabError("--suite standard needs --eps > 0: AutoAttack and the sanity checks attack at ε")
 
 
+def _check_counts(args, split, unit: str):
+    """--n beyond the split, and the suite's and the sweep's counts beyond the images evaluated, were cut down to
+    them without a word (--n 100000 evaluated the 10,000 test images)."""
+    which = {"test": "test", "val": "validation"}[args.split]
+    check_at_most("--n", args.n, len(split), f"{which} {unit}")
+    n = min(args.n or len(split), len(split))
+    evaluated = f"{which} {unit} evaluated" + (f" (--n {args.n})" if args.n else "")
+    check_at_most("--aa-n", args.aa_n, n, evaluated)
+    for name, value in (("--sanity-n", args.sanity_n), ("--sweep-n", args.sweep_n)):
+        check_at_most(name, value, n, evaluated, all_by_default=False)
+
+
 def _run_dir(args) -> Path:
     """The run's directory: RUN itself, or the folder of the checkpoint file RUN names."""
     return Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
@@ -332,8 +348,9 @@ def _finish_eval(args, meta, results, plots, measure, test, out, unit: str) -> i
         return 0
     sweep_n = SWEEP_N if args.sweep_n is None else args.sweep_n
     if sweep_n > 0 and eps > 0:
-        image_linf = unit == "images" and results["attack"]["norm"] == "linf"  # embeddings have no [0, 1] range
-        results["sweep"] = eps_sweep(measure, test, eps, sweep_n, max_eps=1.0 if image_linf else None)
+        shape = meta.get("dataset", {}).get("input_shape") if unit == "images" else None  # embeddings: no bound
+        results["sweep"] = eps_sweep(measure, test, eps, sweep_n, max_eps=None if unit == "texts" else
+                                     largest_radius(results["attack"]["norm"], shape))
     if not distributed.is_main():
         return 0
     run = results["run"]

@@ -50,15 +50,15 @@ def check_attack_options(attack, *, norm=None, steps=None, step_size=None, resta
 
 
 def attack_budget(attack, dataset: str, norm: str, *, eps=None, steps=None, step_size=None, restarts=None,
-                  named: Callable[[str], str] = str) -> tuple:
+                  named: Callable[[str], str] = str, input_shape=None) -> tuple:
     """(norm, ε, steps, step size, restarts) of the evaluation: the protocol's evaluation PGD for `dataset` and `norm`,
     each part overridable; one step of ε for FGSM and FGM, in their own norm; AutoAttack's 100 steps for apgd-ce,
-    whose step sizes are its own (None)."""
+    whose step sizes are its own (None). `input_shape`: the images' (C, H, W), which bounds an L2 ε."""
     from robustlab.protocol import check_eps, step_for, threat_defaults
     norm = ONE_STEP_NORMS.get(attack) or norm
     budget = threat_defaults(dataset, norm).eval
     eps = budget.eps if eps is None else eps
-    check_eps(eps, norm, named("eps"))
+    check_eps(eps, norm, named("eps"), input_shape)
     if attack in ONE_STEP_NORMS:
         return norm, eps, 1, eps, 1
     restarts = restarts if restarts is not None else 1 if attack == "apgd-ce" else budget.restarts
@@ -98,9 +98,16 @@ def attack_at_radius(attack, norm, eps, steps, step_size, restarts, tau) -> tupl
     return attack_at, label
 
 
+def largest_radius(norm: str, input_shape=None) -> float | None:
+    """The radius beyond which every image is reachable: 1 in L∞ (the pixel range), the distance between an
+    all-black and an all-white image in L2 (None without `input_shape`: embeddings have no such bound)."""
+    from robustlab.protocol import l2_diameter
+    return 1.0 if norm == "linf" else l2_diameter(input_shape) if input_shape else None
+
+
 def eps_sweep(measure, test, eps: float, n: int, max_eps: float | None = None) -> dict:
-    """Accuracy at SWEEP_FACTORS × ε, up to `max_eps` (1 for images in L∞: the pixel range), on the first n images;
-    `measure(images, e, progress)` as in `robustlab eval`."""
+    """Accuracy at SWEEP_FACTORS × ε, up to `max_eps` (`largest_radius`: beyond it every image is reachable), on the
+    first n images; `measure(images, e, progress)` as in `robustlab eval`."""
     sweep = test.subset(min(n, len(test)))
     radii = [f * eps for f in SWEEP_FACTORS if max_eps is None or f * eps <= max_eps]
     points = [(e, measure(sweep, e, f"sweep ε={e:g}" if e else None)) for e in radii]
@@ -383,7 +390,8 @@ def evaluate_model(model, data, *, out=None, name: str | None = None, split: str
         raise RobustlabError("data_dir reads a dataset named by data; these Splits are loaded already: drop data_dir")
     info = data.info
     norm, eps, steps, step_size, restarts = attack_budget(attack, info.name, norm or "linf", eps=eps, steps=steps,
-                                                          step_size=step_size, restarts=restarts)
+                                                          step_size=step_size, restarts=restarts,
+                                                          input_shape=info.input_shape)
     if suite == "standard" and eps == 0:
         raise RobustlabError("suite='standard' needs eps > 0: AutoAttack and the sanity checks attack at ε")
     images = getattr(data, split)
@@ -419,7 +427,7 @@ def evaluate_model(model, data, *, out=None, name: str | None = None, split: str
                            extra, attack=attack_record, command=command)
     results["unit"] = "images"
     if out is not None and split == "test" and eps > 0 and sweep_n > 0:
-        results["sweep"] = eps_sweep(measure, images, eps, sweep_n, max_eps=1.0 if norm == "linf" else None)
+        results["sweep"] = eps_sweep(measure, images, eps, sweep_n, max_eps=largest_radius(norm, info.input_shape))
     if out is not None and distributed.is_main():
         if eps > 0:
             add_gallery(model, images, attack_at(eps), label, info.class_names, out, plots, seed)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from robustlab.errors import RobustlabError
+from robustlab.errors import RobustlabError, output_dir
 
 
 def read_report(where) -> tuple[str, dict, Path]:
@@ -152,8 +152,8 @@ def cmd_summary(args) -> int:
         raise RobustlabError(f"--plot {args.plot!r} names no file with a format; give one such as summary.png, .pdf or "
                              ".svg")
     if args.plot:
+        output_dir(Path(args.plot).parent, "--plot")  # a file on the path said only "--plot a/b.png: File exists"
         try:
-            Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
             measure = plot(rows, args.plot)
         except (OSError, ValueError) as exc:  # no folder can be made there; a format matplotlib does not write
             raise RobustlabError(f"--plot {args.plot}: {getattr(exc, 'strerror', None) or exc}") from None

@@ -149,6 +149,11 @@ def classifier_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
+def batch_norms(model: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm layer of `model` (1d, 2d, 3d, SyncBatchNorm)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 @contextmanager
 def eval_mode(model: nn.Module):
     """Eval mode inside; afterwards every module's own mode as the caller left it (`model.train(was_training)`

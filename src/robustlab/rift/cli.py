@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from robustlab.errors import RobustlabError, output_dir, they_apply
+from robustlab.errors import RobustlabError, check_at_most, output_dir, they_apply
 
 LR_GRID = "0.001,0.01"
 
@@ -34,7 +34,7 @@ def add_parsers(sub):
     def mrc_options(p):
         g = p.add_argument_group("module robust criticality (defaults: the RiFT reference code)")
         d = MRCConfig()  # one set of defaults for the CLI and the Python API
-        g.add_argument("--mrc-n", type=positive(int), default=d.n,
+        g.add_argument("--mrc-n", type=positive(int),  # None: d.n, or all of a smaller validation split
                        help=f"validation images in the fixed adversarial set (default {d.n}; the split has 5000)")
         g.add_argument("--mrc-eps", type=positive(float), default=d.eps,
                        help=f"weight perturbation ‖Δ‖ ≤ ε‖θ‖ ({d.eps:g})")
@@ -119,8 +119,8 @@ def _mrc_dir(source: Path, out=None) -> Path:
 
 def _mrc_config(args):
     from robustlab.rift.mrc import MRCConfig
-    return MRCConfig(n=args.mrc_n, eps=args.mrc_eps, epochs=args.mrc_epochs, batch_size=args.mrc_batch_size,
-                     seed=args.seed)
+    return MRCConfig(n=args.mrc_n or MRCConfig.n, eps=args.mrc_eps, epochs=args.mrc_epochs,
+                     batch_size=args.mrc_batch_size, seed=args.seed)
 
 
 def _setup(args, check=lambda source: None):
@@ -150,6 +150,7 @@ def cmd_mrc(args) -> int:
     from robustlab.rift.mrc import compute_mrc, file_sha256, plot_mrc, ranked
 
     source, meta, data, device = _setup(args)
+    check_at_most("--mrc-n", args.mrc_n, len(data.val), "validation images", all_by_default=False)
     model = load_model(source)
     model = model.to(device, memory_format=fast_memory_format(model, device))
     norm = meta.get("method", {}).get("norm", "linf")
@@ -189,11 +190,27 @@ def _check_options_in_use(args):
         raise RobustlabError("--lrs is the grid of --auto K; without it RiFT fine-tunes with --lr")
 
 
+def _check_counts(args, data):
+    """Counts beyond the data were cut down to it without a word (--val-n 100000 chose α on the 5,000 validation
+    images, --n 100000 reported on the 10,000 test images)."""
+    train, val = len(data.train), len(data.val)
+    check_at_most("--train-n", args.train_n, train, f"training images (the {val} validation images are not among them)")
+    check_at_most("--recal-n", args.recal_n, train, "training images", all_by_default=False)
+    check_at_most("--val-n", args.val_n, val, "validation images")
+    check_at_most("--mrc-n", args.mrc_n, val, "validation images", all_by_default=False)
+    if args.test:
+        test = len(data.test)
+        check_at_most("--n", args.n, test, "test images")
+        check_at_most("--aa-n", args.aa_n, min(args.n or test, test),
+                      "test images of the report" + (f" (--n {args.n})" if args.n else ""))
+
+
 def cmd_rift(args) -> int:
     from robustlab import load_model
     from robustlab.data import AUGMENTATIONS
     from robustlab.errors import check_choice
-    from robustlab.rift.finetune import batch_norms, module_names
+    from robustlab.models import batch_norms, classifier_modules
+    from robustlab.rift.finetune import module_names
     from robustlab.rift.pipeline import RiftSettings, TestSettings, rift
     from robustlab.rift.report import metric_label
 
@@ -211,9 +228,13 @@ def cmd_rift(args) -> int:
         model = load_model(source)
         if args.module is not None:  # '' too: it once fell back to the lowest-MRC module without a word
             module_names(model, args.module)
+        if args.auto > (n := len(modules := classifier_modules(model))):  # it tried them all without a word
+            raise RobustlabError(f"--auto {args.auto} is more than the {n} modules of {source} that RiFT can fine-tune "
+                                 f"({', '.join(name for name, _ in modules)}); give at most {n}")
         if args.bn != "update" and not batch_norms(model):
             raise RobustlabError(f"--bn {args.bn}: {source} has no BatchNorm layers to keep or recalibrate; drop --bn")
     source, _, data, device = _setup(args, check_model)
+    _check_counts(args, data)
     mrc_dir = output_dir(_mrc_dir(source, args.mrc_dir), "--mrc-dir")  # beside the run by default: writable?
     output_dir(args.out)
     test_options = {"n": args.n, "aa_n": args.aa_n, "aa_steps": args.aa_steps, "aa_queries": args.aa_queries,

@@ -31,18 +31,13 @@ from robustlab import checkpoint
 from robustlab.data import ImageSet, Splits
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.evaluate.accuracy import accuracy
-from robustlab.models import classifier_modules, model_device
+from robustlab.models import batch_norms, classifier_modules, model_device
 from robustlab.progress import progress
 from robustlab.training.methods import Method, StepResult
 from robustlab.training.trainer import TrainConfig, Trainer, changed_settings
 
 ALPHAS = tuple(i / 10 for i in range(11))
 BN_MODES = ("update", "keep", "recalibrate")
-
-
-def batch_norms(model: nn.Module) -> list[nn.Module]:
-    """Every BatchNorm layer of `model` (1d, 2d, 3d, SyncBatchNorm)."""
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 class CriticalFinetune(Method):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from robustlab import distributed
 from robustlab.errors import RobustlabError, check_choice
+from robustlab.models import batch_norms
 from robustlab.training.methods import PGDAT, Method
 from robustlab.training.schedules import SCHEDULES, learning_rate
 from robustlab.training.trades import TRADES
@@ -193,6 +194,9 @@ class Generalist(Method):
     def init_run_state(self, model, config):
         if config.ema:
             raise RobustlabError("generalist exports its global learner, already a weight average: leave out --ema")
+        if self.global_bn != "mix" and not batch_norms(model):
+            raise RobustlabError(f"global_bn {self.global_bn} chooses the global learner's BatchNorm statistics, but the "
+                                 "model has no BatchNorm layers, so it would change nothing; leave it out")
         natural = copy.deepcopy(model)
         nat_config = replace(config, lr=self.nat_lr or config.lr, weight_decay=self.nat_weight_decay)
         global_model = copy.deepcopy(model).eval()
