@@ -517,10 +517,17 @@ def test_training_step_follows_changed_eps_and_steps(overrides, step):
 def test_demo_of_another_length_and_ctrl_c_in_the_first_epoch_say_what_is_true(tmp_path, monkeypatch, capsys):
     from robustlab import checkpoint, cli
     out = tmp_path / "demo"
-    demo = {"method": {"name": "pgd-at"}, "model": {"name": "cnn-small"}, "dataset": {"name": "fashion-mnist"}}
-    checkpoint.save(out / "last.safetensors", {"w": torch.zeros(1)}, {"kind": "last", "config": {"epochs": 1}, **demo})
+    demo = {"method": {"name": "pgd-at", "steps": 5, "step_size": 0.05}, "model": {"name": "cnn-small"},
+            "dataset": {"name": "fashion-mnist"}}
+    config = {"epochs": 1, "ema": 0.999, "val_n": 500, "train_n": None}
+    checkpoint.save(out / "last.safetensors", {"w": torch.zeros(1)}, {"kind": "last", "config": config, **demo})
     assert cli.main(["demo", "--out", str(out), "--epochs", "2"]) == 2
-    assert "holds a demo run of 1 epochs: `robustlab demo --epochs 1` continues it" in capsys.readouterr().err
+    assert "holds a demo run of 1 epoch: `robustlab demo --epochs 1` continues it" in capsys.readouterr().err
+    # a PGD-AT run of the demo's model and data but not the demo's: "continues it" was not true
+    checkpoint.save(out / "last.safetensors", {"w": torch.zeros(1)},
+                    {"kind": "last", "config": {**config, "ema": None}, **demo})
+    assert cli.main(["demo", "--out", str(out), "--epochs", "1"]) == 2
+    assert "holds a PGD-AT run of cnn-small on Fashion-MNIST that the demo did not train" in capsys.readouterr().err
     # another command's run: train's "--resume: ... other settings" named options the user never gave
     checkpoint.save(out / "last.safetensors", {"w": torch.zeros(1)},
                     {"kind": "last", "config": {"epochs": 2}, **demo, "method": {"name": "trades"}})

@@ -425,13 +425,19 @@ def cmd_demo(args) -> int:
     resume = ["--resume"] if (out / "last.safetensors").exists() else []
     if resume:
         meta = checkpoint.read_metadata(out / "last.safetensors")
-        found = (meta.get("method", {}).get("name"), meta.get("model", {}).get("name"), meta.get("dataset", {}).get("name"))
-        if found != ("pgd-at", "cnn-small", "fashion-mnist"):  # else train's "--resume: other settings", unasked for
+        config, method = meta.get("config", {}), meta.get("method", {})
+        found = (method.get("name"), meta.get("model", {}).get("name"), meta.get("dataset", {}).get("name"))
+        # else train's "--resume: other settings", unasked for
+        if found != ("pgd-at", "cnn-small", "fashion-mnist"):
             raise RobustlabError(f"{out} holds a run the demo did not train ({', '.join(map(str, found))}); choose "
                                  "another --out")
-        if (was := meta.get("config", {}).get("epochs")) != args.epochs:
-            raise RobustlabError(f"{out} holds a demo run of {was} epochs: `robustlab demo --epochs {was}` continues "
-                                 "it; for another length choose another --out")
+        if ((method.get("steps"), method.get("step_size"), config.get("ema"), config.get("val_n"), config.get("train_n"))
+                != (5, 0.05, 0.999, 500, None)):  # DEMO_TRAIN's
+            raise RobustlabError(f"{out} holds a PGD-AT run of cnn-small on Fashion-MNIST that the demo did not train "
+                                 "(other steps, EMA, validation or training images); choose another --out")
+        if (was := config.get("epochs")) != args.epochs:
+            raise RobustlabError(f"{out} holds a demo run of {was} epoch{'s' if was != 1 else ''}: `robustlab demo "
+                                 f"--epochs {was}` continues it; for another length choose another --out")
     print(f"[1/2] PGD adversarial training of cnn-small on Fashion-MNIST ({args.epochs} epochs) -> {out}")
     code = main(["train", "--epochs", str(args.epochs), *DEMO_TRAIN, *data, *resume, "--out", str(out)])
     if code:
