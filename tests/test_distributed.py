@@ -57,6 +57,93 @@ def test_ranks_shares_of_a_batch_cover_it_once_and_their_weights_give_the_batch_
     assert total == pytest.approx(values.mean().item(), rel=1e-12)
 
 
+class SimulatedRanks:
+    """Ranks run one after another in this process: `active`, `rank` and `world_size` as rank r of W sees them, and
+    torch.distributed's all_reduce replaced by one that keeps what each rank sends (a real SUM all-reduce returns the
+    sum of the ranks' tensors) and reduces it with `others`, the other ranks' tensor, as SUM or MAX would."""
+
+    def __init__(self, monkeypatch, world, others=None):
+        import torch.distributed as dist
+        from robustlab import distributed
+        self.sent, self.rank, self.others = [], 0, others
+        monkeypatch.setattr(distributed, "active", lambda: True)
+        monkeypatch.setattr(distributed, "world_size", lambda: world)
+        monkeypatch.setattr(distributed, "rank", lambda: self.rank)
+        monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+        monkeypatch.setattr(dist, "all_reduce", self.all_reduce)
+
+    def all_reduce(self, tensor, op=None, group=None, async_op=False):
+        import torch.distributed as dist
+        op = dist.ReduceOp.SUM if op is None else op
+        self.sent.append((self.rank, tensor.clone(), op))
+        if self.others is not None:
+            tensor.copy_(tensor + self.others if op == dist.ReduceOp.SUM else torch.maximum(tensor, self.others))
+        done = torch.futures.Future()
+        done.set_result([tensor])
+
+        class Work:
+            def get_future(self):
+                return done
+        return Work() if async_op else None
+
+
+class Bucket:
+    """What DDP hands a communication hook: its flat gradient buffer."""
+
+    def __init__(self, grad):
+        self.grad = grad
+
+    def buffer(self):
+        return self.grad
+
+
+@pytest.mark.parametrize("sizes", [(2, 2), (1, 2), (3, 3, 4)])
+def test_ranks_gradients_reduce_to_the_mean_over_the_global_batch(sizes, monkeypatch):
+    """Each rank holds the mean gradient of its share; DDP's hook and `average_gradients` (the models DDP does not
+    see) scale it so that the SUM all-reduce gives the mean over all the batch's examples, however it was shared."""
+    from robustlab import distributed
+    n = sum(sizes)
+    examples = torch.arange(1.0, n + 1, dtype=torch.float64) ** 2  # each example's gradient (one coordinate)
+    parts = examples.split(list(sizes))
+    ranks = SimulatedRanks(monkeypatch, len(sizes))
+    share = distributed.BatchShare()
+    for r, part in enumerate(parts):
+        ranks.rank = r
+        share.set(len(part), n)
+        hooked = distributed.weighted_mean_hook(share, Bucket(part.mean().reshape(1))).wait()
+        assert torch.equal(hooked, ranks.sent[-1][1])  # the hook's future gives DDP the reduced buffer
+        param = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+        param.grad = part.mean().reshape(1)
+        distributed.average_gradients([param, torch.nn.Parameter(torch.zeros(1))], share)  # a parameter without .grad
+    assert [rank for rank, _, _ in ranks.sent] == [r for r in range(len(sizes)) for _ in range(2)]
+    assert all(op == torch.distributed.ReduceOp.SUM for _, _, op in ranks.sent)
+    for kind in (0, 1):  # the hook's, then average_gradients'
+        total = sum(t for i, (_, t, _) in enumerate(ranks.sent) if i % 2 == kind)
+        assert total.item() == pytest.approx(examples.mean().item(), rel=1e-12)
+
+
+def test_all_sum_and_all_max_reduce_in_place_with_their_operation(monkeypatch):
+    from robustlab import distributed
+    SimulatedRanks(monkeypatch, 2, others=torch.tensor([5.0, 1.0, 0.0]))
+    t = torch.tensor([1.0, 2.0, 3.0])
+    assert distributed.all_sum(t) is t and t.tolist() == [6.0, 3.0, 3.0]
+    t = torch.tensor([1.0, 2.0, 3.0])
+    assert distributed.all_max(t) is t and t.tolist() == [5.0, 2.0, 3.0]
+
+
+def test_before_the_group_is_joined_torchruns_variables_give_the_rank_and_the_processes(monkeypatch):
+    """A Trainer made before `init` (the Python API) checks its data against the processes to come, and a download
+    shows its progress bar on rank 0 alone."""
+    from robustlab import distributed
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert not distributed.active() and distributed.planned_world_size() == 2 and not distributed.is_main()
+    monkeypatch.setenv("RANK", "0")
+    assert distributed.is_main()
+    monkeypatch.delenv("RANK")  # not started by torchrun: one process
+    assert distributed.planned_world_size() == 1 and distributed.is_main()
+
+
 def test_a_script_that_never_calls_shutdown_leaves_no_process_group_at_exit(tmp_path):
     """The Python API under torchrun: `distributed.init()` registers the group's teardown with atexit, so a script
     that ends without `shutdown()` does not exit with gloo running (a rank once aborted there under load). The

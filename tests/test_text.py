@@ -11,7 +11,7 @@ from torch import nn
 
 from robustlab.cli import main
 from robustlab.errors import RobustlabError
-from robustlab.text import (EmbeddingAdversary, TextCNN, TransformerClassifier, Vocab, embedding_pgd,
+from robustlab.text import (EmbeddingAdversary, TextCNN, TextSet, TransformerClassifier, Vocab, embedding_pgd,
                             hf_encode, load_text_dataset, read_agnews, read_folders, read_sst2, tokenize)
 from robustlab.text.adversary import ascend, project
 from robustlab.text.corpus import build_corpus, corpus_rows, load_corpus, split_of
@@ -360,6 +360,98 @@ def test_training_checks_the_labels_once_not_every_step(monkeypatch):
     assert calls == [len(y)]  # the adversary of one's own loop, once; the Trainer's, never (its loader made them)
 
 
+class FirstToken(nn.Module):
+    """Predicts class (first token + offset) mod 3, and the next class in train mode, so that a pass in the wrong mode
+    or with other weights shows in the predictions."""
+
+    def __init__(self, offset=0.0):
+        super().__init__()
+        self.offset = nn.Parameter(torch.tensor(float(offset)))
+
+    def forward(self, ids):
+        return F.one_hot((ids[:, 0] + int(self.offset.round()) + int(self.training)) % 3, 3).float() + 0 * self.offset
+
+
+def first_token_set(n=7):
+    """n texts whose first token is 1..n, of lengths 1, 2, 3, 1, 2, ... (right-padded), labelled so that FirstToken
+    is right on every example but those at indices 1 and 4."""
+    ids = torch.zeros(n, 3, dtype=torch.long)
+    for i in range(n):
+        ids[i, :i % 3 + 1] = torch.arange(i + 1, i + 2 + i % 3)
+    labels = (ids[:, 0] % 3 + torch.isin(torch.arange(n), torch.tensor([1, 4]))) % 3
+    return TextSet(ids, labels)
+
+
+def test_text_accuracy_scores_every_example_once_in_eval_mode_through_the_given_forward():
+    from robustlab.text.training import text_correct_mask
+    data, model = first_token_set(), FirstToken().train()
+    expected = [i not in (1, 4) for i in range(7)]
+    assert text_correct_mask(model, data, batch_size=3).tolist() == expected  # batches of 3, 3 and 1
+    assert text_accuracy(model, data, batch_size=2) == pytest.approx(5 / 7)
+    assert model.training  # scored in eval mode, the caller's mode restored
+    # an attack gets the caller's forward: here one that reads the classes in reverse
+    reverse = lambda m, ids: m(ids).flip(1)  # noqa: E731
+    by_itself = lambda m, forward, y: forward().argmax(1) == y  # noqa: E731
+    assert torch.equal(text_correct_mask(model, data, forward=reverse, attack=by_itself, batch_size=3),
+                       text_correct_mask(model, data, forward=reverse, batch_size=3))
+
+
+def text_trainer(tmp_path, train, val, attack=None, **config):
+    from robustlab.text.data import TextInfo, TextSplits
+    from robustlab.text.training import TextTrainer
+    from robustlab.training import Standard, TrainConfig
+    info = TextInfo("first-token", 3, ("a", "b", "c"), 3)
+    return TextTrainer(FirstToken(), Standard(), TextSplits(train, val, val, info, Vocab(["<pad>", "<unk>"])),
+                       TrainConfig(**{"batch_size": 4, "augment": "none", "channels_last": False, **config}),
+                       tmp_path / "run", {}, val_attack=attack, show_progress=False)
+
+
+def test_text_training_batches_reshuffle_every_example_once_per_epoch_trimmed_to_their_longest_text(tmp_path):
+    data = first_token_set(10)
+    trainer = text_trainer(tmp_path, data, data)
+    orders = []
+    for epoch in (0, 1, 0):
+        batches = list(trainer.batches(epoch))
+        assert [len(y) for _, y in batches] == [4, 4, 2]
+        for ids, y in batches:
+            lengths = (ids != 0).sum(1)
+            assert ids.shape[1] == lengths.max() and torch.equal(y, data.labels[ids[:, 0] - 1])
+        orders.append(torch.cat([ids[:, 0] for ids, _ in batches]).tolist())
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(1, 11))  # every example once
+    assert orders[0] != list(range(1, 11)) and orders[0] != orders[1] and orders[0] == orders[2]  # seeded by epoch
+
+
+def test_text_validation_is_clean_on_all_and_attacked_on_val_n_of_the_eval_models_weights(tmp_path):
+    seen = []
+
+    def attack(model, forward, y):
+        seen.append(len(y))
+        return torch.zeros_like(y, dtype=torch.bool)  # breaks everything
+
+    data = first_token_set(7)
+    trainer = text_trainer(tmp_path, data, data, attack=attack, val_n=5, ema=0.5)
+    with torch.no_grad():
+        trainer.model.offset.fill_(1.0)  # the trained weights: right on 2 of 7; the EMA's (validated): on 5
+    assert trainer.validate(0) == {"val_clean": pytest.approx(5 / 7), "val_robust": 0.0}
+    assert sum(seen) == 5
+
+
+def test_text_trainer_options_reach_the_data_the_validation_and_the_saved_model(tmp_path):
+    from robustlab.text.training import build_text_trainer
+    from robustlab.training import TrainConfig
+    folder = sst2_folder(tmp_path / "sst2", "sentence\tlabel\n" + "a fine and good film\t1\na dull and bad film\t0\n" * 10)
+    trainer = build_text_trainer(out=tmp_path / "run", dataset="sst2", data_dir=folder, model="textcnn",
+                                 method="standard", model_kwargs={"dim": 8, "channels": 4, "widths": [2]},
+                                 config=TrainConfig(epochs=1, batch_size=8, val_n=2, threads=1), max_len=3,
+                                 val_eps=0.2, show_progress=False)
+    assert trainer.data.train.ids.shape[1] == 3 and trainer.val_attack.keywords["eps"] == 0.2
+    trainer.fit()
+    model = load_text_model(tmp_path / "run")
+    assert not model.training and model.embed.weight.shape[1] == 8  # eval mode, the run's own model options
+    ids = trainer.data.test.ids
+    assert torch.equal(model(ids), trainer.model.eval()(ids))
+
+
 def test_embedding_pgd_is_an_honest_evaluation_attack():
     torch.manual_seed(0)
     model = TextCNN(30, 3, dim=16, channels=8)
@@ -489,6 +581,71 @@ def test_text_data_a_classifier_cannot_learn_is_refused_in_one_line(tmp_path):
         (imdb / split / "pos" / "0_1.txt").write_text("wonderful")
     with pytest.raises(RobustlabError, match=r"one class \(pos\)"):
         load_text_dataset("imdb", imdb)
+
+
+def sst2_folder(folder, train, test="sentence\tlabel\nfine\t1\ndull\t0\n"):
+    """An SST-2 style folder: train.tsv and dev.tsv (the test split here) holding these TSV texts."""
+    folder.mkdir()
+    (folder / "train.tsv").write_text(train)
+    (folder / "dev.tsv").write_text(test)
+    return folder
+
+
+def test_vocab_ties_go_alphabetically_and_max_size_counts_pad_and_unk():
+    vocab = Vocab.build(["z y x", "y"], min_freq=1)
+    assert vocab.tokens == ["<pad>", "<unk>", "y", "x", "z"]  # x and z once each: x first, though z came first
+    assert Vocab.build(["z y x", "y"], min_freq=1, max_size=4).tokens == ["<pad>", "<unk>", "y", "x"]
+
+
+def test_select_drops_only_columns_that_are_padding_in_every_row_and_subset_takes_the_first():
+    data = TextSet(torch.tensor([[3, 4, 5, 0], [6, 0, 0, 0], [7, 8, 0, 0]]), torch.tensor([0, 1, 2]))
+    assert data.select(torch.tensor([0, 1])).ids.tolist() == [[3, 4, 5], [6, 0, 0]]  # the longest row kept whole
+    assert data.select(torch.tensor([1])).ids.tolist() == [[6]]
+    assert data.subset(2).labels.tolist() == [0, 1] and data.subset(10).labels.tolist() == [0, 1, 2]
+
+
+def test_readers_take_the_header_column_order_escaped_line_breaks_and_refuse_empty_folders(tmp_path):
+    (tmp_path / "swapped.tsv").write_text("label\tsentence\n1\tfine film\n0\tdull\n")
+    assert read_sst2(tmp_path / "swapped.tsv") == (["fine film", "dull"], [1, 0])
+    (tmp_path / "ag.csv").write_text('"1","Title","one\\ntwo"\n')  # AG News writes a line break as backslash-n
+    assert read_agnews(tmp_path / "ag.csv") == (["Title one two"], [0])
+    for name in ("neg", "pos"):
+        (tmp_path / "imdb" / name).mkdir(parents=True)
+    with pytest.raises(RobustlabError, match="no .txt files in neg, pos"):
+        read_folders(tmp_path / "imdb")
+
+
+@pytest.mark.parametrize("label, message", [(2, "test split has label 2, but sst2 has 2 classes"),
+                                            (-1, "negative label")])
+def test_a_test_label_outside_the_classes_is_refused(tmp_path, label, message):
+    """A test label of num_classes (one past the last class) or below 0 is never predicted: scored as always wrong."""
+    folder = sst2_folder(tmp_path / "sst2", "sentence\tlabel\n" + "good\t1\nbad\t0\n" * 5,
+                         f"sentence\tlabel\nfine\t1\nodd\t{label}\n")
+    with pytest.raises(RobustlabError, match=message):
+        load_text_dataset("sst2", folder)
+
+
+def test_validation_is_a_seeded_tenth_of_the_training_texts_and_the_vocabulary_sees_training_only(tmp_path):
+    texts = [f"w{i} common" for i in range(30)]
+    folder = sst2_folder(tmp_path / "sst2", "sentence\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(texts)),
+                         "sentence\tlabel\nzebra zebra common\t1\nzebra\t0\n")
+    data = load_text_dataset("sst2", folder, min_freq=1)
+    words = lambda split: [" ".join(data.vocab.tokens[t] for t in row if t) for row in split.ids.tolist()]  # noqa: E731
+    order = torch.randperm(30, generator=torch.Generator().manual_seed(0)).tolist()  # the protocol's split: seed 0
+    assert words(data.train) == [texts[i] for i in order[3:]] and data.val.labels.tolist() == [i % 2 for i in order[:3]]
+    # the vocabulary is the training split's: the validation texts' own words are unknown, as are the test split's
+    assert {f"w{i}" for i in order[3:]} == set(data.vocab.index) - {"<pad>", "<unk>", "common"}
+    assert words(data.val) == ["<unk> common"] * 3
+    assert data.test.ids[0].tolist() == [1, 1, data.vocab.index["common"]]
+
+
+def test_load_text_dataset_passes_on_its_vocabulary_length_and_size_options(tmp_path):
+    folder = sst2_folder(tmp_path / "sst2", "sentence\tlabel\n" + "a b c d e f\t1\nb c d e f\t0\n" * 10)
+    data = load_text_dataset("sst2", folder, max_len=3, max_vocab=4)
+    assert data.vocab.tokens == ["<pad>", "<unk>", "b", "c"] and data.train.ids.shape[1] == 3
+    given = Vocab(["<pad>", "<unk>", "fine"])
+    data = load_text_dataset("sst2", folder, vocab=given)
+    assert data.vocab is given and data.test.ids.tolist() == [[2], [1]]  # "fine", then "dull" unknown
 
 
 def fake_package_lists(n_per_section=40):

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import asdict
+import math
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,31 @@ def test_state_dict_names_match_robustlab():
     reference = robustlab.models.build_model("cnn-small", INFO.input_shape, INFO.num_classes, INFO.mean, INFO.std)
     assert list(tiny.state_dict()) == list(reference.state_dict()) == list(torch_model.state_dict())
     assert len(tiny.parameters()) == 8  # normalization buffers are not trained
+
+
+def test_an_mlp_of_another_width_transfers_both_ways_with_its_normalization(batch):
+    x = batch[0][:4]
+    torch.manual_seed(0)
+    torch_model = tg.build_torch_model("mlp", INFO.input_shape, INFO.num_classes, INFO.mean, INFO.std, hidden=32).eval()
+    with torch.no_grad():
+        expected = torch_model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(tg.from_torch(torch_model)(Tensor(x)).numpy(), expected, atol=1e-5)
+    native = tg.build_model("mlp", hidden=32)  # mean 0 and std 1 until a state dict brings Fashion-MNIST's
+    native.load_state_dict(torch_model.state_dict())
+    assert native.mean == pytest.approx(INFO.mean) and native.std == pytest.approx(INFO.std)  # what its metadata says
+    with torch.no_grad():
+        np.testing.assert_allclose(native.to_torch()(torch.from_numpy(x)).numpy(), expected, atol=1e-5)
+
+
+def test_a_cnn_for_images_that_are_not_square_transfers_by_its_metadata():
+    """The state dict alone gives a square shape; a checkpoint's metadata says the real one (here 28 high, 20 wide)."""
+    torch.manual_seed(0)
+    torch_model = tg.build_torch_model("cnn-small", (1, 28, 20), 10, INFO.mean, INFO.std).eval()
+    torch_model.checkpoint_meta = {"dataset": {"input_shape": [1, 28, 20]}}
+    x = np.random.default_rng(0).random((2, 1, 28, 20), dtype=np.float32)
+    with torch.no_grad():
+        expected = torch_model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(tg.from_torch(torch_model)(Tensor(x)).numpy(), expected, atol=1e-4)
 
 
 def test_mlp_takes_flat_inputs(batch, mlp_pair):
@@ -288,6 +314,85 @@ def test_training_steps_match_pytorch(optimizer, batch):
         step(x, y, np.random.default_rng(0))
     for key, value in tiny.state_dict().items():  # Adam divides by √v: float noise where v ≈ 0 grows to ~2e-5
         np.testing.assert_allclose(value, torch_model.state_dict()[key].numpy(), atol=1e-4, err_msg=key)
+
+
+def test_a_pgd_at_step_starts_its_attack_at_a_random_point_of_the_ball(batch, monkeypatch):
+    """The attack starts at clip(x + δ), δ the step generator's first draw: with the PGD steps themselves taken out,
+    one step trains on that start, as the PyTorch twin trained on it does (not on x)."""
+    from robustlab.tinygrad import trainer as module
+    from robustlab.tinygrad.attacks import random_delta
+    from robustlab.training.methods import Standard, StepContext
+    from robustlab.training.trainer import make_optimizer
+
+    monkeypatch.setattr(module, "pgd_steps", lambda model, x, y, start, **kwargs: start)
+    x, y = batch
+    config = TrainConfig(lr=0.05, weight_decay=0.0)
+    torch_model, tiny = twins("mlp")
+    method = make_method("pgd-at", "fashion-mnist", "linf")
+    module.TrainStep(tiny, method, config)(x, y, np.random.default_rng(0))
+    start = np.clip(x + random_delta(x.shape, "linf", method.eps, np.random.default_rng(0)), 0, 1).astype(np.float32)
+    ctx = StepContext(torch_model.train(), torch_model, make_optimizer(config, torch_model.parameters()), None,
+                      contextlib.nullcontext)
+    Standard().train_step(ctx, torch.from_numpy(start), torch.from_numpy(y))
+    for key, value in tiny.state_dict().items():
+        np.testing.assert_allclose(value, torch_model.state_dict()[key].numpy(), atol=1e-5, err_msg=key)
+
+
+class StepRecorder:
+    """Stands in for a TrainStep in `train_epoch`: keeps each batch's size, the learning rates set and the first random
+    draw of each step; its loss is the batch's size and half the batch is right."""
+
+    def __init__(self):
+        self.sizes, self.lrs, self.draws = [], [], []
+
+    def set_lr(self, lr):
+        self.lrs.append(lr)
+
+    def __call__(self, x, y, rng):
+        self.sizes.append(len(y))
+        self.draws.append(rng.random())
+        return float(len(y)), len(y) // 2
+
+
+def test_an_epoch_averages_per_image_over_train_n_and_moves_the_lr_every_step(fmnist, tmp_path):
+    trainer = tiny_trainer(fmnist, tmp_path, "standard", epochs=2, train_n=200, schedule="cosine")
+    trainer.step = steps = StepRecorder()
+    metrics = trainer.train_epoch(0)
+    assert steps.sizes == [128, 72]  # train_n's 200 images in batches of 128
+    assert metrics["train_loss"] == pytest.approx((128 * 128 + 72 * 72) / 200)  # per image, not per batch
+    assert metrics["train_acc"] == pytest.approx((64 + 36) / 200)
+    trainer.train_epoch(1)
+    # cosine from lr 0.1 over 2 epochs of 2 steps: progress 0, 1/4, 1/2, 3/4
+    assert steps.lrs == pytest.approx([0.05 * (1 + math.cos(math.pi * k / 4)) for k in range(4)])
+    assert steps.draws[0] != steps.draws[2]  # each epoch draws its own random starts
+
+
+def test_validation_is_clean_on_every_image_and_attacked_on_val_n(fmnist, tmp_path, monkeypatch):
+    from robustlab.tinygrad import trainer as module
+    trainer = tiny_trainer(fmnist, tmp_path, "pgd-at")
+    trainer.config = replace(trainer.config, val_n=32)
+    calls = []
+
+    def accuracy(model, data, attack=None, **kwargs):
+        calls.append((len(data), attack.keywords if attack else None))
+        return 0.25 if attack else 0.75
+    monkeypatch.setattr(module, "accuracy", accuracy)
+    assert trainer.validate() == {"val_clean": 0.75, "val_robust": 0.25}
+    assert calls == [(128, None), (32, trainer.val_attack)]
+
+
+def test_every_kth_epoch_is_named_from_one_and_a_resume_keeps_the_best_epoch(fmnist, tmp_path):
+    from robustlab import checkpoint
+    trainer = tiny_trainer(fmnist, tmp_path, "standard", epochs=3, keep_every=2)
+    trainer.best = {"epoch": 0, "val_robust": 0.4, "val_clean": 0.5}
+    for epoch, robust in enumerate([0.4, 0.2]):  # the second epoch is worse: not the best
+        metrics = {"epoch": epoch, "val_robust": robust, "val_clean": 0.5}
+        trainer.save(epoch, metrics, is_best=epoch == 0)
+        checkpoint.append_metrics(trainer.out, metrics)
+    assert [p.name for p in trainer.out.glob("epoch-*.safetensors")] == ["epoch-002.safetensors"]
+    again = tiny_trainer(fmnist, tmp_path, "standard", epochs=3, keep_every=2)
+    assert again.resume() and again.start_epoch == 2
+    assert again.best == trainer.best  # a worse third epoch must not replace best.safetensors
 
 
 @pytest.fixture(scope="module")
