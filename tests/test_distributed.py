@@ -466,7 +466,7 @@ def test_text_methods_train_under_torchrun(tmp_path, method):
     run = tmp_path / "run"
     done = torchrun("-m", "robustlab", "train", "--task", "text", "--data-dir", str(tmp_path), "--method", method,
                     "--steps", "2", "--epochs", "3", "--batch-size", "32", "--optimizer", "adam", "--lr", "0.01",
-                    "--weight-decay", "0", "--val-n", "16", "--threads", "1", "--out", str(run))
+                    "--weight-decay", "0", "--val-n", "13", "--threads", "1", "--out", str(run))
     assert done.returncode == 0, failure(done)
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 3 and metrics[-1]["val_clean"] > 0.5, metrics
