@@ -1,4 +1,5 @@
 """FGSM, FGM and PGD: budgets, box constraints, side effects, and agreement with a textbook PGD."""
+import warnings
 from functools import partial
 
 import pytest
@@ -344,6 +345,18 @@ def test_attacks_run_inside_no_grad(name):
     with torch.no_grad():
         x_adv = ATTACKS[name](_four_classes(), x, y, eps=0.1)
     assert x_adv.shape == x.shape
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_images_that_require_grad_give_a_constant_without_a_warning(name):
+    """Images from a generator network require grad: the input check warned on every call ("Converting a tensor with
+    requires_grad=True to a scalar"), and PGD and its one-step forms returned a tensor still in the images' graph."""
+    from robustlab.attacks import ATTACKS
+    x, y = torch.rand(3, 1, 2, 2).requires_grad_(), torch.tensor([0, 1, 3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x_adv = ATTACKS[name](_four_classes(), x, y, eps=0.1)
+    assert not x_adv.requires_grad and x.grad is None
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])

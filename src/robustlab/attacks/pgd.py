@@ -110,6 +110,7 @@ def pgd(model, x, y, *, eps: float, norm: str = "linf", steps: int = 10, step_si
     check_budget(eps, steps, restarts)
     check_eps(float(eps), norm, "eps")  # float: a 0-d tensor
     y = check_batch(x, y, model=model)
+    x = x.detach()  # images that require grad (a generator's output): the result is a constant, as APGD's and FAB's
     threat = make_threat(norm, eps, step_size if step_size is not None else 2.5 * eps / steps)
     with attack_mode(model):
         fooled_at_x = None

@@ -167,7 +167,7 @@ def check_in_box(x: torch.Tensor, what: str, tol: float = 1e-6):
     """Float images in [0, 1], up to `tol`: normalized ones are refused with the cause, not scored wrongly."""
     if not x.numel():
         return
-    low, high = (float(v) for v in x.aminmax())
+    low, high = (float(v) for v in x.detach().aminmax())  # images that require grad: no warning per call
     if math.isnan(low) or math.isnan(high):  # NaN compares False with both bounds
         raise RobustlabError(f"{what} hold NaN values; they must be images in [0, 1]")
     if low < -tol or high > 1 + tol:
