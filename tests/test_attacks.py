@@ -392,6 +392,8 @@ def test_accuracy_takes_an_image_set_or_a_pair_of_tensors(robust_model, fmnist):
         evaluate_accuracy(robust_model, ((test.as_float() - 0.286) / 0.353, test.labels))
     with pytest.raises(RobustlabError, match="300 images but 299 labels"):
         evaluate_accuracy(robust_model, (test.images, test.labels[:-1]))
+    with pytest.raises(RobustlabError, match="batch_size must be an integer >= 1, got 0"):  # a ZeroDivisionError
+        evaluate_accuracy(robust_model, test, batch_size=0)
 
 
 def test_transfer_attacks_the_source_and_never_runs_the_target(robust_model, standard_model, fmnist):

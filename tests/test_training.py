@@ -388,6 +388,19 @@ def test_a_model_refuses_images_too_small_for_it_when_built(name, shape, smalles
     assert build_model(name, (c, h, w), 10, [0.5] * c, [0.5] * c)(torch.rand(2, c, h, w)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("mean, std", [((0.5,), (0.0,)), ((0.5,), (float("nan"),)), ((0.5,) * 3, (0.3,)),
+                                       ((float("inf"),), (0.3,))])
+def test_a_model_refuses_a_normalization_that_cannot_work(mean, std):
+    """A std of 0 built a model of inf and NaN logits; three means for one channel broadcast the images to three
+    channels, and the first layer failed in the first step."""
+    from robustlab.models import build_model
+    with pytest.raises(RobustlabError, match=r"normalization takes a finite mean and a finite std > 0 per channel "
+                                             r"\(1 here\), or one of each for all; got mean \["):
+        build_model("cnn-small", (1, 28, 28), 10, mean, std)
+    one_for_all = build_model("cnn-small", (3, 8, 8), 10, 0.5, 0.25)  # a scalar, as Normalize always took
+    assert one_for_all(torch.rand(2, 3, 8, 8)).isfinite().all()
+
+
 def test_an_undefended_run_keeps_its_cleanest_epoch(tmp_path):
     """Ranked by validation robust accuracy, a standard run kept its first, least trained epoch (robust accuracy
     falls as it learns), and eval, summary and rift read that one."""

@@ -9,7 +9,7 @@ import torch
 from robustlab import distributed
 from robustlab.attacks.threat import check_in_box, check_label_vector, check_labels, check_model_takes
 from robustlab.data.datasets import images_and_labels
-from robustlab.errors import RobustlabError
+from robustlab.errors import RobustlabError, check_integer
 from robustlab.models import eval_mode, model_device
 from robustlab.progress import progress as progress_bar
 
@@ -30,6 +30,7 @@ def correct_mask(model, images, labels, *, attack: Callable | None = None, batch
     """
     if len(images) != len(labels):
         raise RobustlabError(f"{len(images)} images but {len(labels)} labels")
+    check_integer("batch_size", batch_size)  # 0 divided by zero in the batch count
     if isinstance(images, torch.Tensor) and images.is_floating_point():  # else a wrong clean accuracy, without a word
         check_in_box(images, "float images")
     check_label_vector(labels)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -101,10 +102,21 @@ def build_model(name: str, input_shape, num_classes: int, mean, std, **kwargs) -
     takes = model_options(name)
     if unknown := sorted(set(kwargs) - set(takes)):  # e.g. --width on cnn-small: a TypeError from the builder
         raise RobustlabError(f"model {name!r} has no option {', '.join(unknown)}; it takes: {', '.join(takes) or 'none'}")
+    check_normalization(mean, std, input_shape[0])
     with _no_empty_layer_warning():  # a network too small for its images has one; it is refused just below
         net = MODELS[name](tuple(input_shape), num_classes, **kwargs)
     check_input_size(net, name, tuple(input_shape), num_classes, kwargs)
     return nn.Sequential(OrderedDict(normalize=Normalize(mean, std), net=net))
+
+
+def check_normalization(mean, std, channels: int):
+    """A mean and a std > 0 per channel, or one of each for all: a std of 0 gave a model of inf and NaN logits, and
+    three means for one channel broadcast the images to three channels, failing in the first layer."""
+    mean, std = (torch.as_tensor(v, dtype=torch.float64).flatten().tolist() for v in (mean, std))
+    if ({len(mean), len(std)} - {1, channels} or not all(math.isfinite(v) for v in mean)
+            or not all(math.isfinite(v) and v > 0 for v in std)):
+        raise RobustlabError(f"normalization takes a finite mean and a finite std > 0 per channel ({channels} here), or "
+                             f"one of each for all; got mean {mean} and std {std}")
 
 
 @contextmanager
