@@ -44,26 +44,25 @@ class OneLineParser(argparse.ArgumentParser):
         return super()._get_value(action, arg_string)
 
 
-def _at_least_zero(kind, zero_allowed: bool):
-    what = f"{'a whole' if kind is int else 'a finite'} number {'>=' if zero_allowed else '>'} 0"
-
+def _number(kind, accepts, what: str):
+    """An argparse type: a number of `kind` for which `accepts(value)` holds, else "must be {what}, got TEXT"."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:  # argparse would name this function: "invalid parse value: 'x'"
             value = math.nan
-        if not (math.isfinite(value) and (value > 0 or (zero_allowed and value == 0))):  # nan and inf parse as floats
+        if not (math.isfinite(value) and accepts(value)):  # nan and inf parse as floats
             raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return value
     return parse
 
 
 def positive(kind):
-    return _at_least_zero(kind, zero_allowed=False)
+    return _number(kind, lambda v: v > 0, f"{'a whole' if kind is int else 'a finite'} number > 0")
 
 
 def nonnegative(kind):
-    return _at_least_zero(kind, zero_allowed=True)
+    return _number(kind, lambda v: v >= 0, f"{'a whole' if kind is int else 'a finite'} number >= 0")
 
 
 def given(options) -> list[str]:
@@ -71,27 +70,11 @@ def given(options) -> list[str]:
     return [name for name, value in options if value is not None and value is not False]  # 0 is a value
 
 
-def momentum(text):
-    """SGD's momentum: 0 to just below 1 (at 1 or more the step grows without bound, which the run then reports as a
-    divergence to be cured by a smaller --lr)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be a number from 0 to below 1, got {text}")
-    return value
-
-
-def decay(text):
-    """An EMA decay: above 0 and below 1 (TrainConfig's own check named no flag)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be a number above 0 and below 1 (e.g. 0.999), got {text}")
-    return value
+# SGD's momentum: 0 to just below 1 (at 1 or more the step grows without bound, which the run then reports as a
+# divergence to be cured by a smaller --lr).
+momentum = _number(float, lambda v: 0 <= v < 1, "a number from 0 to below 1")
+# An EMA decay: above 0 and below 1 (TrainConfig's own check named no flag).
+decay = _number(float, lambda v: 0 < v < 1, "a number above 0 and below 1 (e.g. 0.999)")
 
 
 def seed(text):
