@@ -520,12 +520,18 @@ def test_tokenizer_and_vocab():
     assert vocab.encode_all(["b", "c b c"], 8).tolist() == [[2, 0, 0], [3, 2, 3]]
 
 
+def sst2_folder(folder, train, test="sentence\tlabel\nfine\t1\ndull\t0\n"):
+    """An SST-2 style folder: train.tsv and dev.tsv (the test split here) holding these TSV texts (`train` may be
+    bytes, for files that are not UTF-8)."""
+    folder.mkdir()
+    (folder / "train.tsv").write_bytes(train if isinstance(train, bytes) else train.encode())
+    (folder / "dev.tsv").write_text(test)
+    return folder
+
+
 def test_loaders_parse_the_standard_formats(tmp_path):
-    sst = tmp_path / "sst2"
-    sst.mkdir()
-    (sst / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"a fine film {i} \"yes\"\t1\nawful , dull film {i}\t0\n"
-                                                                for i in range(20)))
-    (sst / "dev.tsv").write_text("sentence\tlabel\nfine film\t1\ndull film\t0\n")
+    rows = "".join(f"a fine film {i} \"yes\"\t1\nawful , dull film {i}\t0\n" for i in range(20))
+    sst = sst2_folder(tmp_path / "sst2", "sentence\tlabel\n" + rows, "sentence\tlabel\nfine film\t1\ndull film\t0\n")
     assert read_sst2(sst / "dev.tsv") == (["fine film", "dull film"], [1, 0])
     data = load_text_dataset("sst2", sst)
     assert (len(data.train), len(data.val), len(data.test)) == (36, 4, 2)  # 10% of training data is validation
@@ -562,11 +568,8 @@ def test_loaders_parse_the_standard_formats(tmp_path):
 def test_text_data_a_classifier_cannot_learn_is_refused_in_one_line(tmp_path):
     """Each was a traceback (ZeroDivisionError, IndexError in the loss, UnicodeDecodeError) or trained silently."""
     def sst(train_rows, dev_rows="fine\t1\ndull\t0\n", raw=None):
-        folder = tmp_path / f"sst{len(list(tmp_path.iterdir()))}"
-        folder.mkdir()
-        (folder / "train.tsv").write_bytes(raw if raw is not None else ("sentence\tlabel\n" + train_rows).encode())
-        (folder / "dev.tsv").write_text("sentence\tlabel\n" + dev_rows)
-        return folder
+        return sst2_folder(tmp_path / f"sst{len(list(tmp_path.iterdir()))}",
+                           raw if raw is not None else "sentence\tlabel\n" + train_rows, "sentence\tlabel\n" + dev_rows)
     cases = [(sst(""), "training split holds no examples"),
              (sst("good\t1\nbad\t-1\n" * 5), "negative label"),
              (sst("good\t1\nbad\t0\n" * 5, "odd\t7\n"), "test split has label 7, but sst2 has 2 classes"),
@@ -581,14 +584,6 @@ def test_text_data_a_classifier_cannot_learn_is_refused_in_one_line(tmp_path):
         (imdb / split / "pos" / "0_1.txt").write_text("wonderful")
     with pytest.raises(RobustlabError, match=r"one class \(pos\)"):
         load_text_dataset("imdb", imdb)
-
-
-def sst2_folder(folder, train, test="sentence\tlabel\nfine\t1\ndull\t0\n"):
-    """An SST-2 style folder: train.tsv and dev.tsv (the test split here) holding these TSV texts."""
-    folder.mkdir()
-    (folder / "train.tsv").write_text(train)
-    (folder / "dev.tsv").write_text(test)
-    return folder
 
 
 def test_vocab_ties_go_alphabetically_and_max_size_counts_pad_and_unk():
