@@ -61,15 +61,18 @@ def threat_defaults(dataset: str, norm: str) -> ThreatDefaults:
     return PROTOCOL[dataset][norm]
 
 
-def l2_diameter(input_shape) -> float:
-    """The L2 distance between an all-black and an all-white image of `input_shape` (C, H, W): √(C·H·W), the
-    largest between any two images with pixels in [0, 1] (28 for 1×28×28, 55.4 for 3×32×32)."""
-    return math.sqrt(math.prod(input_shape))
+def largest_radius(norm: str, input_shape=None) -> float | None:
+    """The radius at which every image is reachable: 1 in L∞ (the pixel range); in L2 the distance between an
+    all-black and an all-white image of `input_shape` (C, H, W), √(C·H·W), the largest between any two images with
+    pixels in [0, 1] (28 for 1×28×28, 55.4 for 3×32×32); None in L2 without a shape (embeddings have no bound)."""
+    if norm == "linf":
+        return 1.0
+    return math.sqrt(math.prod(input_shape)) if input_shape else None
 
 
 def check_eps(eps, norm: str, name: str, input_shape=None):
     """ε is a finite radius ≥ 0 in pixel scale; in L∞ one above 1 is no threat model: inputs live in [0, 1], so at
-    ε = 1 every image is reachable. With `input_shape` (C, H, W), the same holds in L2 beyond `l2_diameter`."""
+    ε = 1 every image is reachable. With `input_shape` (C, H, W), the same holds in L2 beyond `largest_radius`."""
     if eps is None:
         return
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (math.isfinite(eps) and eps >= 0):
@@ -77,7 +80,7 @@ def check_eps(eps, norm: str, name: str, input_shape=None):
     if norm == "linf" and eps > 1:
         raise RobustlabError(f"{name} {eps:g}: an L∞ radius above 1 exceeds the pixel range [0, 1], where ε = 1 already "
                              "reaches every image; give at most 1 (ε is in pixel scale, e.g. 0.1 or 8/255 = 0.031)")
-    if norm == "l2" and input_shape and eps > (diameter := l2_diameter(input_shape)):
+    if norm == "l2" and input_shape and eps > (diameter := largest_radius(norm, input_shape)):
         shape = "×".join(map(str, input_shape))
         raise RobustlabError(f"{name} {eps:g}: an L2 radius above {diameter:.4g} exceeds the distance between an "
                              f"all-black and an all-white {shape} image, where every image is already reachable; give at "

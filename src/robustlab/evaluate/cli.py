@@ -14,8 +14,8 @@ from robustlab.errors import RobustlabError, check_at_most, check_choice, output
 from robustlab.evaluate.evaluation import (SWEEP_N, AdversarialExamples, add_gallery, attack_at_radius,
                                            attack_budget, check_adversarial_file,
                                            check_attack_options, check_smoothable, eps_sweep, finish_report,
-                                           largest_radius,
                                            measure_all, measure_with, results_dict)
+from robustlab.protocol import largest_radius
 
 
 def add_parser(sub):
@@ -264,7 +264,7 @@ def _check_counts(args, split, unit: str):
     them without a word (--n 100000 evaluated the 10,000 test images)."""
     which = {"test": "test", "val": "validation"}[args.split]
     check_at_most("--n", args.n, len(split), f"{which} {unit}")
-    n = min(args.n or len(split), len(split))
+    n = args.n or len(split)
     evaluated = f"{which} {unit} evaluated" + (f" (--n {args.n})" if args.n else "")
     check_at_most("--aa-n", args.aa_n, n, evaluated)
     for name, value in (("--sanity-n", args.sanity_n), ("--sweep-n", args.sweep_n)):
@@ -348,9 +348,9 @@ def _finish_eval(args, meta, results, plots, measure, test, out, unit: str) -> i
         return 0
     sweep_n = SWEEP_N if args.sweep_n is None else args.sweep_n
     if sweep_n > 0 and eps > 0:
-        shape = meta.get("dataset", {}).get("input_shape") if unit == "images" else None  # embeddings: no bound
-        results["sweep"] = eps_sweep(measure, test, eps, sweep_n, max_eps=None if unit == "texts" else
-                                     largest_radius(results["attack"]["norm"], shape))
+        max_eps = None if unit == "texts" else largest_radius(results["attack"]["norm"],  # embeddings: no bound
+                                                              meta.get("dataset", {}).get("input_shape"))
+        results["sweep"] = eps_sweep(measure, test, eps, sweep_n, max_eps=max_eps)
     if not distributed.is_main():
         return 0
     run = results["run"]

@@ -17,6 +17,7 @@ import torch
 
 from robustlab import provenance
 from robustlab.errors import RobustlabError, check_choice, check_integer, output_dir, they_apply
+from robustlab.protocol import largest_radius
 
 ATTACK_NAMES = ("fgsm", "fgm", "pgd", "apgd-ce", "pgd-smooth")
 ONE_STEP_NORMS = {"fgsm": "linf", "fgm": "l2"}
@@ -96,13 +97,6 @@ def attack_at_radius(attack, norm, eps, steps, step_size, restarts, tau) -> tupl
     if eps == 0:  # the "robust" row is then clean accuracy itself: no attack ran
         label = "no attack (ε = 0)"
     return attack_at, label
-
-
-def largest_radius(norm: str, input_shape=None) -> float | None:
-    """The radius beyond which every image is reachable: 1 in L∞ (the pixel range), the distance between an
-    all-black and an all-white image in L2 (None without `input_shape`: embeddings have no such bound)."""
-    from robustlab.protocol import l2_diameter
-    return 1.0 if norm == "linf" else l2_diameter(input_shape) if input_shape else None
 
 
 def eps_sweep(measure, test, eps: float, n: int, max_eps: float | None = None) -> dict:

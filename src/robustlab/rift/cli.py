@@ -201,7 +201,7 @@ def _check_counts(args, data):
     if args.test:
         test = len(data.test)
         check_at_most("--n", args.n, test, "test images")
-        check_at_most("--aa-n", args.aa_n, min(args.n or test, test),
+        check_at_most("--aa-n", args.aa_n, args.n or test,
                       "test images of the report" + (f" (--n {args.n})" if args.n else ""))
 
 
