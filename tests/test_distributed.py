@@ -36,27 +36,6 @@ def failure(proc) -> str:
     return "\n".join(causes[-40:]) + "\n--- end of stderr ---\n" + "\n".join(lines)[-3000:]
 
 
-@pytest.mark.parametrize("n, ranks", [(10, 3), (7, 2), (11, 4), (64, 4)])
-def test_ranks_shares_of_a_batch_cover_it_once_and_their_weights_give_the_batch_mean(n, ranks, monkeypatch):
-    """Without processes: each rank's slice and weight as rank r of `ranks` computes them."""
-    from robustlab import distributed
-    monkeypatch.setattr(distributed, "world_size", lambda: ranks)
-    slices = []
-    for r in range(ranks):
-        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
-        slices.append(distributed.my_slice(n))
-    assert [i for part in slices for i in range(n)[part]] == list(range(n))  # every example once, in order
-    assert max(len(range(n)[p]) for p in slices) - min(len(range(n)[p]) for p in slices) <= 1
-    # DDP sums weight·(rank's mean)/W over ranks: that must be the mean over the batch's examples, which a plain
-    # mean of the ranks' means is not when W does not divide n
-    values = torch.arange(n, dtype=torch.float64) ** 2
-    share, total = distributed.BatchShare(), 0.0
-    for part in slices:
-        share.set(len(values[part]), n)
-        total += share.weight * values[part].mean().item() / ranks
-    assert total == pytest.approx(values.mean().item(), rel=1e-12)
-
-
 class SimulatedRanks:
     """Ranks run one after another in this process: `active`, `rank` and `world_size` as rank r of W sees them, and
     torch.distributed's all_reduce replaced by one that keeps what each rank sends (a real SUM all-reduce returns the
@@ -95,6 +74,26 @@ class Bucket:
 
     def buffer(self):
         return self.grad
+
+
+@pytest.mark.parametrize("n, ranks", [(10, 3), (7, 2), (11, 4), (64, 4)])
+def test_ranks_shares_of_a_batch_cover_it_once_and_their_weights_give_the_batch_mean(n, ranks, monkeypatch):
+    """Without processes: each rank's slice and weight as rank r of `ranks` computes them."""
+    from robustlab import distributed
+    simulated, slices = SimulatedRanks(monkeypatch, ranks), []
+    for r in range(ranks):
+        simulated.rank = r
+        slices.append(distributed.my_slice(n))
+    assert [i for part in slices for i in range(n)[part]] == list(range(n))  # every example once, in order
+    assert max(len(range(n)[p]) for p in slices) - min(len(range(n)[p]) for p in slices) <= 1
+    # DDP sums weight·(rank's mean)/W over ranks: that must be the mean over the batch's examples, which a plain
+    # mean of the ranks' means is not when W does not divide n
+    values = torch.arange(n, dtype=torch.float64) ** 2
+    share, total = distributed.BatchShare(), 0.0
+    for part in slices:
+        share.set(len(values[part]), n)
+        total += share.weight * values[part].mean().item() / ranks
+    assert total == pytest.approx(values.mean().item(), rel=1e-12)
 
 
 @pytest.mark.parametrize("sizes", [(2, 2), (1, 2), (3, 3, 4)])
