@@ -132,10 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--step-size", type=positive(float), help="attack step size in pixel scale (default: the "
                    "protocol's, scaled with --eps; 2.5·ε/steps with another --steps)")
     m = t.add_argument_group("method options (defaults: each method's paper; see docs/methods.md)")
-    m.add_argument("--beta", type=nonnegative(float), help="TRADES / MART regularization weight")
+    m.add_argument("--beta", type=nonnegative(float), help="TRADES / MART / TRADES-AWP regularization weight "
+                   "(Generalist: with --adv-loss trades)")
     m.add_argument("--separate-batches", dest="joint_batch", action="store_false", default=None,
-                   help="TRADES / MART: pass the clean and the adversarial batch through the model separately, as "
-                        "the reference code does, so that BatchNorm normalizes each with its own statistics "
+                   help="TRADES / MART / TRADES-AWP: pass the clean and the adversarial batch through the model "
+                        "separately, as the reference code does, so that BatchNorm normalizes each with its own statistics "
                         "(default: one pass over both; docs/methods.md)")
     m.add_argument("--attack-train-mode", dest="attack_in_eval", action="store_false", default=None,
                    help="PGD-AT / PGD-AT-AWP: generate the training examples in train mode, as Madry's and the AWP "

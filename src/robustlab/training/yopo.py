@@ -115,7 +115,8 @@ class YOPO(Method):
       first-layer gradient and add ∂H/∂θ₀).
 
     `first_layer` is the module path of the first layer with weights (everything before it, such as
-    robustlab's input `Normalize`, must be parameter-free); "net.conv1" for every robustlab model.
+    robustlab's input `Normalize`, must be parameter-free); "net.conv1" for every robustlab model
+    but `mlp`, whose first layer is "net.fc1".
     Examples are generated in **train mode** (the full passes are the training passes).
 
     Defaults and their sources (a1600012888/YOPO-You-Only-Propagate-Once):
