@@ -60,6 +60,8 @@ def robustlab(*args):
     (["eval", "no/such/run", "--suite", "standard", "--eps", "0"], ["--suite standard", "--eps > 0"]),
     (["eval", "no/such/run", "--split", "val", "--out", "x"], ["--split val", "drop --out"]),
     (["eval", "no/such/run", "--aa-n", "10"], ["--aa-n applies to --suite standard"]),  # "--aa-n apply"
+    (["eval", "no/such/run", "--cifar-c-dir", "x"], ["--cifar-c-dir applies to --suite standard"]),
+    (["eval", "no/such/run", "--suite", "standard", "--no-ood", "--cifar-c-dir", "x"], ["--cifar-c-dir", "--no-ood skips"]),
     (["eval", "no/such/run", "--split", "val", "--sweep-n", "100"], ["--split val", "drop --sweep-n"]),
     (["train", "--task", "text", "--augment", "crop", "--grayscale", "--out", "x"], ["--augment, --grayscale", "text"]),
     (["eval", "no/such/run", "--device", "tpu"], ["device", "cpu, cuda"]),
@@ -348,6 +350,51 @@ def test_eval_transfer_from_another_run(tmp_path, run_cli):
     assert missing.returncode == 2 and missing.stderr.startswith("robustlab: error: --transfer-from: no run directory")
     early = run_cli("eval", str(runs[1]), "--transfer-from", str(tmp_path / "nope"), "--data-dir", str(tmp_path / "x"))
     assert "--transfer-from: no run directory" in early.stderr  # before the test data is looked for
+
+
+def _published_corruptions(folder, n):
+    """A CIFAR-10-C-style folder for the first n Fashion-MNIST test images: `identity.npy` holds the images
+    themselves at every severity, `inverted.npy` their negatives."""
+    import numpy as np
+    from robustlab.data import load_dataset
+    test = load_dataset("fashion-mnist", FMNIST).test.subset(n)
+    folder.mkdir()
+    images = test.images.numpy().transpose(0, 2, 3, 1)
+    np.save(folder / "labels.npy", np.tile(test.labels.numpy(), 5))
+    np.save(folder / "identity.npy", np.concatenate([images] * 5))
+    np.save(folder / "inverted.npy", np.concatenate([255 - images] * 5))
+    return test
+
+
+def test_standard_suite_reads_published_corruption_files_when_named(tmp_path, run_cli):
+    """--cifar-c-dir: the OOD rows come from the files as they are (a file of the clean images scores the clean
+    accuracy), and a folder that does not fit the test images is refused before any attack."""
+    run = tmp_path / "run"
+    assert run_cli("train", "--data-dir", FMNIST, "--train-n", "128", "--val-n", "20", "--epochs", "1",
+                     "--steps", "1", "--threads", "1", "--out", str(run)).returncode == 0
+    _published_corruptions(tmp_path / "c", 20)
+    common = ["--suite", "standard", "--attack", "fgsm", "--data-dir", FMNIST, "--aa-steps", "2", "--aa-queries",
+              "10", "--sanity-n", "20", "--sweep-n", "0", "--threads", "1"]
+    result = run_cli("eval", str(run), "--n", "20", "--cifar-c-dir", str(tmp_path / "c"), *common)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((run / "report.json").read_text())
+    rows = {row["name"]: row["accuracy"] for row in report["rows"]}
+    ood = report["ood"]
+    assert "OOD mean over 2 corruptions × 5 severities (the published CIFAR-C files)" in rows
+    assert set(ood["accuracy"]) == {"identity", "inverted"} and "CIFAR-C files in" in ood["source"]
+    assert all(a == rows["clean"] for a in ood["accuracy"]["identity"].values())
+    # more test images than the files hold, or other labels: refused before the clean pass, and nothing written
+    before = (run / "report.json").read_text()
+    for n, words in (("21", "holds 20 images of shape (1, 28, 28) per severity; the test set has 21"),
+                     ("20", "labels in")):
+        if words == "labels in":
+            import numpy as np
+            labels = np.load(tmp_path / "c" / "labels.npy")
+            np.save(tmp_path / "c" / "labels.npy", (labels + 1) % 10)
+        refused = run_cli("eval", str(run), "--n", n, "--cifar-c-dir", str(tmp_path / "c"), *common)
+        assert refused.returncode == 2 and words in refused.stderr and len(refused.stderr.splitlines()) == 1, \
+            refused.stderr
+    assert (run / "report.json").read_text() == before
 
 
 def test_standard_suite_reports_autoattack_sanity_and_ood(tmp_path, run_cli):

@@ -334,6 +334,30 @@ def test_published_cifar_c_files_are_used_as_they_are(tmp_path):
             ood_accuracy(model, clean, names=names, cifar_c_dir=tmp_path, progress=False)
 
 
+def test_a_published_folder_that_does_not_fit_the_test_set_is_refused_from_headers_and_labels(tmp_path):
+    """check_cifar_c runs before an evaluation's attacks, so it must catch what _published_suite would meet hours
+    later: another image shape, fewer images per severity, or labels that differ at any one severity."""
+    from robustlab.data import check_cifar_c
+    clean = synthetic(3, 32, n=12)
+    folder = tmp_path / "CIFAR-10-C"
+    _write_cifar_c(folder, clean, ["fog", "pixelate"])
+    assert check_cifar_c(tmp_path, (3, 32, 32), clean.labels) == ["fog", "pixelate"]
+    assert check_cifar_c(tmp_path, (3, 32, 32), clean.labels[:5], ["fog"]) == ["fog"]  # the first images of the set
+    assert check_cifar_c(tmp_path, (3, 32, 32)) == ["fog", "pixelate"]  # files only: before the test set is read
+    with pytest.raises(RobustlabError, match=r"holds 12 images of shape \(3, 32, 32\) per severity; the test set "
+                                             r"has 13 images of shape \(3, 32, 32\)"):
+        check_cifar_c(tmp_path, (3, 32, 32), torch.cat([clean.labels, clean.labels[:1]]))
+    with pytest.raises(RobustlabError, match=r"shape \(3, 32, 32\) per severity; the dataset's are of shape "
+                                             r"\(1, 28, 28\): is it the corruption set of another dataset"):
+        check_cifar_c(tmp_path, (1, 28, 28))
+    labels = np.tile(clean.labels.numpy(), 5)
+    labels[3 * 12 + 4] = (labels[3 * 12 + 4] + 1) % 10  # severity 4 alone
+    np.save(folder / "labels.npy", labels)
+    check_cifar_c(tmp_path, (3, 32, 32), clean.labels[:4])  # the first four still match everywhere
+    with pytest.raises(RobustlabError, match="labels in .* do not match the test set's"):
+        check_cifar_c(tmp_path, (3, 32, 32), clean.labels[:5])
+
+
 def test_published_files_give_each_severity_its_own_rows(tmp_path):
     """Severity s is rows (s-1)·N : s·N of each file, for every s (a reversed order keeps severity 3 in place)."""
     from robustlab.data import load_cifar_c

@@ -122,6 +122,9 @@ LINEAR = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
     (LINEAR, {"suite": "none", "sweep_n": None}, "sweep_n must be an integer >= 0, got None"),
     (LINEAR, {"suite": "none", "data_dir": "/no/such/dir"}, "these Splits are loaded already: drop data_dir"),
     (LINEAR, {"suite": "none", "aa_n": 5, "ood": False}, "aa_n, ood apply to suite='standard'"),
+    (LINEAR, {"suite": "none", "cifar_c_dir": "/no/such/dir"}, "cifar_c_dir applies to suite='standard'"),
+    (LINEAR, {"ood": False, "cifar_c_dir": "/no/such/dir"}, "cifar_c_dir names the corruption files of the OOD suite"),
+    (LINEAR, {"cifar_c_dir": "/no/such/dir"}, "labels.npy not found in /no/such/dir"),  # before the clean pass
 ])
 def test_a_model_or_option_that_cannot_work_is_one_line_before_any_attack(fmnist, model, options, words):
     with pytest.raises(RobustlabError) as error:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -379,6 +380,22 @@ class NoTestSet:
         raise AssertionError("the test split was read (len)")
 
 
+def test_the_test_report_takes_ood_from_published_files_when_named(tiny_run, small, tmp_path, one_thread):
+    """ReportSettings.cifar_c_dir: the OOD mean of the files as they are (one holding the clean test images scores
+    the clean accuracy), cached under its own name beside the generated suite's."""
+    from robustlab.protocol import threat_defaults
+    folder = tmp_path / "cifar-c"
+    folder.mkdir()
+    np.save(folder / "labels.npy", np.tile(small.test.labels.numpy(), 5))
+    np.save(folder / "identity.npy", np.concatenate([small.test.images.numpy().transpose(0, 2, 3, 1)] * 5))
+    state = pipeline_module.State(tmp_path / "state.json", {"path": "x", "sha256": "0"})
+    threat = dataclasses.replace(threat_defaults("fashion-mnist", "linf").eval, steps=1, restarts=1)
+    row = pipeline_module.evaluate_test(load_model(tiny_run), small, threat_eval=threat, norm="linf",
+                                        settings=ReportSettings(aa=False, cifar_c_dir=str(folder)), state=state,
+                                        out=tmp_path, show=False)
+    assert row["OOD mean (the published CIFAR-C files)"] == row["clean"] and "OOD mean" not in row
+
+
 def test_alpha_is_chosen_without_reading_the_test_split(tiny_run, small, tmp_path, one_thread):
     data = Splits(small.train, small.val, NoTestSet(), small.info)
     settings = RiftSettings(auto=2, lrs=(0.01, 0.1), lr=0.01, epochs=1, val_n=60,
@@ -527,6 +544,11 @@ def test_an_out_folder_never_holds_two_checkpoints_results(tiny_run, small, tmp_
     (["rift", "RUN", "--out", "OUT", "--no-test", "--n", "50", "--no-aa"], ["--n, --no-aa", "--no-test"]),
     (["rift", "RUN", "--out", "OUT", "--no-aa", "--aa-steps", "10"], ["--aa-steps", "--no-aa"]),
     (["rift", "RUN", "--out", "OUT", "--recal-n", "100"], ["--recal-n", "--bn recalibrate"]),
+    (["rift", "RUN", "--out", "OUT", "--no-test", "--cifar-c-dir", "CIFARC"], ["--cifar-c-dir applies", "--no-test"]),
+    (["rift", "RUN", "--out", "OUT", "--no-ood", "--cifar-c-dir", "CIFARC"], ["--cifar-c-dir", "--no-ood skips"]),
+    # corruption files of other images: refused before the fine-tuning, not at the report after it
+    (["rift", "RUN", "--out", "OUT", "--cifar-c-dir", "CIFARC"],
+     ["fog in", "holds 4 images of shape (3, 32, 32) per severity; the dataset's are of shape (1, 28, 28)"]),
     (["rift", "RUN", "--out", "OUT", "--lrs", "0.01,0.1"], ["--lrs", "--auto"]),
     (["rift", "BNFREE", "--out", "OUT", "--bn", "keep"], ["--bn keep", "no BatchNorm"]),
     (["mrc", "RUN", "--out", "FILE"], ["--out", "cannot make a folder"]),
@@ -546,7 +568,11 @@ def test_an_out_folder_never_holds_two_checkpoints_results(tiny_run, small, tmp_
 ])
 def test_bad_input_is_one_line_and_status_2(tiny_run, bn_free_run, tmp_path, run_cli, args, words):
     (tmp_path / "file").write_text("")
-    stand_ins = {"RUN": tiny_run, "BNFREE": bn_free_run, "OUT": tmp_path / "out", "FILE": tmp_path / "file"}
+    (cifar_c := tmp_path / "cifar-c").mkdir()  # 4 colour images per severity
+    np.save(cifar_c / "labels.npy", np.zeros(20, dtype=np.int64))
+    np.save(cifar_c / "fog.npy", np.zeros((20, 32, 32, 3), dtype=np.uint8))
+    stand_ins = {"RUN": tiny_run, "BNFREE": bn_free_run, "OUT": tmp_path / "out", "FILE": tmp_path / "file",
+                 "CIFARC": cifar_c}
     result = run_cli(*(stand_ins.get(a, a) for a in args), "--data-dir", FMNIST)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

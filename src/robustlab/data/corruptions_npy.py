@@ -41,13 +41,20 @@ def check_severities(severities, allow_empty: bool = False) -> tuple[int, ...]:
     return tuple(int(s) for s in severities)
 
 
+def cifar_c_folder(data_dir: str | os.PathLike) -> Path:
+    """The folder that holds labels.npy: `data_dir` itself or its CIFAR-10-C / CIFAR-100-C subfolder (the
+    archives' own folders)."""
+    folder = Path(data_dir).expanduser()
+    for sub in ("CIFAR-10-C", "CIFAR-100-C"):
+        if not (folder / "labels.npy").is_file() and (folder / sub / "labels.npy").is_file():
+            return folder / sub
+    return folder
+
+
 def load_cifar_c(data_dir: str | os.PathLike, corruptions: list[str] | None = None,
                  severities=SEVERITIES) -> dict[str, dict[int, ImageSet]]:
     """Return {corruption: {severity: ImageSet}}; all corruptions in the folder if none named."""
-    folder = Path(data_dir).expanduser()
-    for sub in ("CIFAR-10-C", "CIFAR-100-C"):  # the archives' own folders
-        if not (folder / "labels.npy").is_file() and (folder / sub / "labels.npy").is_file():
-            folder = folder / sub
+    folder = cifar_c_folder(data_dir)
     if not (folder / "labels.npy").is_file():
         raise RobustlabError(f"labels.npy not found in {folder}; {_HOW_TO_GET}")
     available = sorted(p.stem for p in folder.glob("*.npy") if p.stem != "labels")
@@ -83,3 +90,28 @@ def load_cifar_c(data_dir: str | os.PathLike, corruptions: list[str] | None = No
             for s in severities
         }
     return result
+
+
+def check_cifar_c(data_dir: str | os.PathLike, shape, labels: torch.Tensor | None = None,
+                  corruptions: list[str] | None = None) -> list[str]:
+    """The corruptions (all in the folder if none named) whose files hold images of `shape` (C, H, W) and, given
+    the test set's `labels` (its first images, in its order), at least as many images per severity, with those
+    labels at every severity. Reads the files' headers and labels.npy only, so a folder that does not fit fails
+    before an evaluation's hours of attacks, not after them."""
+    folder = cifar_c_folder(data_dir)
+    corruptions = list(load_cifar_c(folder, corruptions, severities=()))  # checks files and names, reads no images
+    n, shape = (0 if labels is None else len(labels)), tuple(shape)
+    for name in corruptions:
+        rows, h, w, c = _load_npy(folder / f"{name}.npy").shape
+        if (c, h, w) != shape or rows // 5 < n:
+            wanted = f"the test set has {n} images of shape {shape}" if n else f"the dataset's are of shape {shape}"
+            raise RobustlabError(f"{name} in {folder} holds {rows // 5} images of shape {(c, h, w)} per severity; "
+                                 f"{wanted}: is it the corruption set of another dataset?")
+    if labels is not None:
+        published = _load_npy(folder / "labels.npy")
+        per_severity = len(published) // 5
+        if any(not np.array_equal(published[s * per_severity: s * per_severity + n], labels.numpy())
+               for s in range(5)):
+            raise RobustlabError(f"labels in {folder} do not match the test set's; is it the corruption set of "
+                                 "another dataset?")
+    return corruptions

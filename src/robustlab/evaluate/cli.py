@@ -53,6 +53,9 @@ def add_parser(sub):
     e.add_argument("--aa-queries", type=positive(int), help="Square queries (protocol: 5000)")
     e.add_argument("--sanity-n", type=positive(int), help="test images for the sanity checks (default 500)")
     e.add_argument("--no-ood", dest="ood", action="store_false", help="skip the corruption suite")
+    e.add_argument("--cifar-c-dir", metavar="DIR", help="--suite standard: the OOD accuracy on the published "
+                   "CIFAR-10-C or CIFAR-100-C files in DIR (each corruption's .npy and labels.npy), as they are, "
+                   "instead of generated corruptions")
     e.add_argument("--transfer-from", metavar="SOURCE", help="black-box transfer: make the attack against SOURCE (a run "
                    "directory or checkpoint file, the same data) and score RUN on its examples, beside the attack "
                    "white-box on RUN and the worst case of the two per image; prints (or --json), writes no report")
@@ -74,6 +77,7 @@ def add_parser(sub):
 def cmd_eval(args) -> int:
     import torch
     from robustlab import distributed, load_model
+    from robustlab.data import check_cifar_c
     from robustlab.models import fast_memory_format
     from robustlab.training.run import run_dataset
 
@@ -99,6 +103,8 @@ def cmd_eval(args) -> int:
     images = getattr(data, args.split)
     _check_counts(args, images, "images")
     images = images.subset(args.n) if args.n else images
+    if args.cifar_c_dir is not None:  # before the attacks: a folder of another dataset fails now, not hours later
+        check_cifar_c(args.cifar_c_dir, images.images.shape[1:], images.labels)
     attack_at, label = attack_at_radius(args.attack, norm, eps, steps, step_size, restarts, args.tau)
     attack_record = {"name": args.attack, "norm": norm, "eps": eps, "steps": steps, "step_size": step_size,
                      "restarts": restarts, "seed": args.seed}
@@ -117,8 +123,8 @@ def cmd_eval(args) -> int:
     clean, robust, rows, extra, plots = measure_all(
         model, images, data.info, measure, suite=args.suite, attack_at=attack_at, label=label, norm=norm, eps=eps,
         out_dir=out, ood=args.ood, seed=args.seed, batch_size=args.batch_size,
-        budget={"aa_n": args.aa_n, "aa_steps": args.aa_steps, "aa_queries": args.aa_queries, "sanity_n": args.sanity_n},
-        keep=kept)
+        budget={"aa_n": args.aa_n, "aa_steps": args.aa_steps, "aa_queries": args.aa_queries, "sanity_n": args.sanity_n,
+                "cifar_c_dir": args.cifar_c_dir}, keep=kept)
     results = _results(meta, clean, robust, len(images), label, start, rows, extra, attack=attack_record)
     if kept is not None:
         kept.save(save)
@@ -252,9 +258,11 @@ def _check_eval_options(args):
         raise RobustlabError("--transfer-from prints its figures and writes no report: it takes --attack fgsm, fgm or pgd, "
                              "without --suite, --out, --sweep-n or --save-adversarial")
     suite = given([("--aa-n", args.aa_n), ("--aa-steps", args.aa_steps), ("--aa-queries", args.aa_queries),
-                   ("--sanity-n", args.sanity_n), ("--no-ood", not args.ood)])
+                   ("--sanity-n", args.sanity_n), ("--no-ood", not args.ood), ("--cifar-c-dir", args.cifar_c_dir)])
     if suite and args.suite != "standard":
         raise RobustlabError(f"{they_apply(suite)} to --suite standard")
+    if not args.ood and args.cifar_c_dir is not None:
+        raise RobustlabError("--cifar-c-dir names the corruption files of the OOD suite, which --no-ood skips")
     if args.suite == "standard" and args.eps == 0:  # else AutoAttack fails on it, after the clean and PGD passes
         raise RobustlabError("--suite standard needs --eps > 0: AutoAttack and the sanity checks attack at ε")
 

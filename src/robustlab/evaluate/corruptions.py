@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from robustlab import checkpoint, distributed
-from robustlab.data import ImageSet, load_cifar_c
+from robustlab.data import ImageSet, check_cifar_c, load_cifar_c
 from robustlab.data.corruptions_npy import SEVERITIES, check_severities
 from robustlab.errors import RobustlabError, check_choice, check_integer
 from robustlab.evaluate.accuracy import accuracy
@@ -731,30 +731,13 @@ class OODResult:
                 "accuracy": {name: {str(s): a for s, a in by_sev.items()} for name, by_sev in self.accuracy.items()}}
 
 
-def _published_names(cifar_c_dir) -> list[str]:
-    """Corruption files in a CIFAR-C folder (or its CIFAR-10-C / CIFAR-100-C subfolder), as load_cifar_c finds them."""
-    folder = Path(cifar_c_dir).expanduser()
-    for sub in ("CIFAR-10-C", "CIFAR-100-C"):
-        if not (folder / "labels.npy").is_file() and (folder / sub / "labels.npy").is_file():
-            folder = folder / sub
-    return sorted(p.stem for p in folder.glob("*.npy") if p.stem != "labels")
-
-
 def _published_suite(imageset: ImageSet, cifar_c_dir, names, severities):
     """The published CIFAR-10/100-C sets, one (corruption, severity) at a time so that only one is in memory,
-    cut to the first len(imageset) images (the files follow the test set's order)."""
-    n = len(imageset)
+    cut to the first len(imageset) images (the files follow the test set's order; `check_cifar_c` has checked
+    that they fit)."""
     for name in names:
         for severity in severities:
-            data = load_cifar_c(cifar_c_dir, corruptions=[name], severities=[severity])[name][severity]
-            if data.images.shape[1:] != imageset.images.shape[1:] or len(data) < n:
-                raise RobustlabError(f"{name} in {cifar_c_dir} holds {len(data)} images of shape "
-                                     f"{tuple(data.images.shape[1:])} per severity; the test set has {n} of shape "
-                                     f"{tuple(imageset.images.shape[1:])}")
-            if not torch.equal(data.labels[:n], imageset.labels):
-                raise RobustlabError(f"labels in {cifar_c_dir} do not match the test set's; "
-                                     "is it the corruption set of another dataset?")
-            yield name, severity, data.subset(n)
+            yield name, severity, load_cifar_c(cifar_c_dir, [name], [severity])[name][severity].subset(len(imageset))
 
 
 def ood_accuracy(model, imageset: ImageSet, names=None, severities=SEVERITIES, seed: int = 0,
@@ -763,10 +746,8 @@ def ood_accuracy(model, imageset: ImageSet, names=None, severities=SEVERITIES, s
     """Accuracy on every corrupted copy of `imageset`, generated from `seed`, or on the published
     CIFAR-10-C / CIFAR-100-C files when `cifar_c_dir` is given (then `names=None` means every file there)."""
     if cifar_c_dir is not None:
-        names = _names_given(names)
-        names = _published_names(cifar_c_dir) if names is None else names
+        names = check_cifar_c(cifar_c_dir, imageset.images.shape[1:], imageset.labels, _names_given(names))
         severities = check_severities(severities)
-        load_cifar_c(cifar_c_dir, corruptions=names, severities=())  # checks files and names, reads no images
         suite = _published_suite(imageset, cifar_c_dir, names, severities)
         source = f"CIFAR-C files in {cifar_c_dir}"
     else:

@@ -301,8 +301,8 @@ def check_adversarial_file(path, eps, out=None, named: Callable[[str], str] = st
 def measure_all(model, images, info, measure, *, suite, attack_at, label, norm, eps, out_dir, ood, seed, batch_size,
                 budget, keep=None) -> tuple:
     """(clean, robust, report rows, extra results, plots): clean accuracy and the attack, or with suite="standard"
-    the whole suite (robustlab.evaluate.suite); `budget`: its aa_n, aa_steps, aa_queries and sanity_n where given.
-    `keep`: an `AdversarialExamples` that records the clean and the attack's passes."""
+    the whole suite (robustlab.evaluate.suite); `budget`: its aa_n, aa_steps, aa_queries, sanity_n and cifar_c_dir
+    where given. `keep`: an `AdversarialExamples` that records the clean and the attack's passes."""
     if suite != "standard":
         clean = measure(images, 0, "clean", keep and keep.clean)
         return clean, measure(images, eps, label, keep and keep.adversarial) if eps > 0 else clean, None, {}, {}
@@ -326,7 +326,7 @@ def evaluate_model(model, data, *, out=None, name: str | None = None, split: str
                    step_size: float | None = None, restarts: int | None = None, tau: float | None = None,
                    suite: str = "standard", aa_n: int | None = None, aa_steps: int | None = None,
                    aa_queries: int | None = None, sanity_n: int | None = None, ood: bool | None = None,
-                   seed: int = 0, batch_size: int = 500, sweep_n: int = SWEEP_N, data_dir=None,
+                   cifar_c_dir=None, seed: int = 0, batch_size: int = 500, sweep_n: int = SWEEP_N, data_dir=None,
                    save_adversarial=None) -> dict:
     """The evaluation of `robustlab eval` for a model of your own, with the same report.
 
@@ -339,8 +339,9 @@ def evaluate_model(model, data, *, out=None, name: str | None = None, split: str
       attack's own (fgm: l2). Not given, ε, steps, step size and restarts are the protocol's evaluation PGD for the
       dataset and norm; apgd-ce takes 100 steps and one restart, fgsm and fgm one step of ε.
     - `suite="standard"` (the default) adds AutoAttack-standard (`aa_steps` 100, `aa_queries` 5,000, on the first
-      `aa_n` images), the gradient-masking checks (on `sanity_n`, 500) and the corruption suite (`ood`, on);
-      `suite="none"` measures clean accuracy and the attack only.
+      `aa_n` images), the gradient-masking checks (on `sanity_n`, 500) and the corruption suite (`ood`, on;
+      generated, or the published CIFAR-10/100-C files of the folder `cifar_c_dir`); `suite="none"` measures clean
+      accuracy and the attack only.
     - `n`: the first n images of `split` (test, or val for choices that must not see the test set, which writes
       nothing); `seed` seeds each batch's attack from its index, so `batch_size` is part of the figure's recipe.
     - `out`: the folder for report.md, report.json, the plots (the ε sweep on the first `sweep_n` images, the
@@ -352,7 +353,7 @@ def evaluate_model(model, data, *, out=None, name: str | None = None, split: str
     """
     call = {k: v for k, v in locals().items() if k not in ("model", "data")}  # the keywords, for the report
     from robustlab import distributed
-    from robustlab.data import Splits, load_dataset
+    from robustlab.data import Splits, check_cifar_c, load_dataset
 
     check_choice("split", split, ("test", "val"))
     check_choice("suite", suite, ("none", "standard"))
@@ -367,9 +368,11 @@ def evaluate_model(model, data, *, out=None, name: str | None = None, split: str
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
                                   or not 0 < value < math.inf):
             raise RobustlabError(f"{key} must be a finite number > 0, got {value!r}")
-    if suite == "none" and (suite_only := [k for k in ("aa_n", "aa_steps", "aa_queries", "sanity_n", "ood")
-                                           if call[k] is not None]):
+    if suite == "none" and (suite_only := [k for k in ("aa_n", "aa_steps", "aa_queries", "sanity_n", "ood",
+                                                       "cifar_c_dir") if call[k] is not None]):
         raise RobustlabError(f"{they_apply(suite_only)} to suite='standard'")
+    if ood is False and cifar_c_dir is not None:
+        raise RobustlabError("cifar_c_dir names the corruption files of the OOD suite, which ood=False skips")
     if suite == "standard" and split == "val":
         raise RobustlabError("suite='standard' reports on the test split; on split='val' use suite='none'")
     if split == "val" and out is not None:
@@ -391,6 +394,8 @@ def evaluate_model(model, data, *, out=None, name: str | None = None, split: str
     images = getattr(data, split)
     images = images.subset(n) if n else images
     check_model(model, images.images, info)
+    if cifar_c_dir is not None:  # before the attacks: a folder of another dataset fails now, not hours later
+        check_cifar_c(cifar_c_dir, images.images.shape[1:], images.labels)
     if attack == "pgd-smooth":
         check_smoothable(model, "the model")
     if save_adversarial is not None:  # after the model's check: a refused model leaves no folder behind
@@ -413,8 +418,8 @@ def evaluate_model(model, data, *, out=None, name: str | None = None, split: str
         clean, robust, rows, extra, plots = measure_all(
             model, images, info, measure, suite=suite, attack_at=attack_at, label=label, norm=norm, eps=eps,
             out_dir=out or Path(scratch), ood=ood is not False, seed=seed, batch_size=batch_size,
-            budget={"aa_n": aa_n, "aa_steps": aa_steps, "aa_queries": aa_queries, "sanity_n": sanity_n},
-            keep=kept)
+            budget={"aa_n": aa_n, "aa_steps": aa_steps, "aa_queries": aa_queries, "sanity_n": sanity_n,
+                    "cifar_c_dir": cifar_c_dir}, keep=kept)
     if kept is not None:  # first: a failure in what follows loses no attack
         kept.save(save_adversarial)
     results = results_dict({"model": name, "dataset": info.name}, clean, robust, len(images), label, start, rows,

@@ -38,11 +38,12 @@ def plot_per_class(class_names, clean_mask, robust_mask, labels, path, robust_la
 
 
 def run_suite(model, test, info, *, norm, eps, attack_at, pgd_label, out_dir, aa_steps=100, aa_queries=5000,
-              aa_n=None, sanity_n=500, ood=True, seed=0, batch_size=500, show=None,
+              aa_n=None, sanity_n=500, ood=True, cifar_c_dir=None, seed=0, batch_size=500, show=None,
               keep=None) -> tuple[list, dict, dict]:
     """Returns (report rows, extra results, plots) for `write_report`. `attack_at(e)`: the evaluation's attack
     (named `pgd_label`) at ε = e, its step scaled with e; the sanity checks run it at other ε. AutoAttack runs on
-    the first `aa_n` test images (default: all). `keep`: an `AdversarialExamples` for the clean and the attack's
+    the first `aa_n` test images (default: all). The corruptions are generated, or read from the published
+    CIFAR-10/100-C files in `cifar_c_dir`. `keep`: an `AdversarialExamples` for the clean and the attack's
     passes."""
     pgd_attack = attack_at(eps)
     out_dir = Path(out_dir)
@@ -88,11 +89,12 @@ def run_suite(model, test, info, *, norm, eps, attack_at, pgd_label, out_dir, aa
 
     if ood:
         start = time.perf_counter()
-        result = ood_accuracy(model, test, progress=show is not False, batch_size=batch_size,
+        result = ood_accuracy(model, test, progress=show is not False, batch_size=batch_size, cifar_c_dir=cifar_c_dir,
                               cache_dir=Path.home() / ".cache" / "robustlab" / "corruptions")
         wall["ood"] = time.perf_counter() - start
-        rows.append({"name": f"OOD mean over {len(result.accuracy)} corruptions × 5 severities", "n": len(test),
-                     "accuracy": result.mean})
+        published = " (the published CIFAR-C files)" if cifar_c_dir is not None else ""
+        rows.append({"name": f"OOD mean over {len(result.accuracy)} corruptions × 5 severities{published}",
+                     "n": len(test), "accuracy": result.mean})
         extra["ood"] = result.to_dict()
         if distributed.is_main():
             plot_corruptions(result, out_dir / "corruptions.png")

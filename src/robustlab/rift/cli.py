@@ -100,6 +100,8 @@ def add_parsers(sub):
                         "faster on GPUs")
     t.add_argument("--no-aa", dest="aa", action="store_false", help="skip AutoAttack")
     t.add_argument("--no-ood", dest="ood", action="store_false", help="skip the corruption suite")
+    t.add_argument("--cifar-c-dir", metavar="DIR", help="the OOD accuracy on the published CIFAR-10-C or CIFAR-100-C "
+                   "files in DIR, as they are, instead of generated corruptions")
     t.add_argument("--no-test", dest="test", action="store_false", help="stop before reading the test set")
     mrc_options(r)
 
@@ -179,11 +181,13 @@ def _check_options_in_use(args):
     from robustlab.cli import given
     aa = given([("--aa-n", args.aa_n), ("--aa-steps", args.aa_steps), ("--aa-queries", args.aa_queries)])
     test = given([("--n", args.n), ("--test-batch-size", args.test_batch_size), ("--no-aa", not args.aa),
-                  ("--no-ood", not args.ood)]) + aa
+                  ("--no-ood", not args.ood), ("--cifar-c-dir", args.cifar_c_dir)]) + aa
     if not args.test and test:
         raise RobustlabError(f"{they_apply(test)} to the test-set report, which --no-test skips")
     if not args.aa and aa:
         raise RobustlabError(f"{they_apply(aa)} to AutoAttack, which --no-aa skips")
+    if not args.ood and args.cifar_c_dir is not None:
+        raise RobustlabError("--cifar-c-dir names the corruption files of the OOD suite, which --no-ood skips")
     if args.recal_n is not None and args.bn != "recalibrate":
         raise RobustlabError(f"--recal-n is for --bn recalibrate, not --bn {args.bn}")
     if args.lrs is not None and not args.auto:
@@ -207,7 +211,7 @@ def _check_counts(args, data):
 
 def cmd_rift(args) -> int:
     from robustlab import load_model
-    from robustlab.data import AUGMENTATIONS
+    from robustlab.data import AUGMENTATIONS, check_cifar_c
     from robustlab.errors import check_choice
     from robustlab.models import batch_norms, classifier_modules
     from robustlab.rift.finetune import module_names
@@ -233,12 +237,14 @@ def cmd_rift(args) -> int:
                                  f"({', '.join(name for name, _ in modules)}); give at most {n}")
         if args.bn != "update" and not batch_norms(model):
             raise RobustlabError(f"--bn {args.bn}: {source} has no BatchNorm layers to keep or recalibrate; drop --bn")
+        if args.cifar_c_dir is not None:  # the files fit the model's images? (their labels: after the fine-tuning)
+            check_cifar_c(args.cifar_c_dir, model.checkpoint_meta["dataset"]["input_shape"])
     source, _, data, device = _setup(args, check_model)
     _check_counts(args, data)
     mrc_dir = output_dir(_mrc_dir(source, args.mrc_dir), "--mrc-dir")  # beside the run by default: writable?
     output_dir(args.out)
     test_options = {"n": args.n, "aa_n": args.aa_n, "aa_steps": args.aa_steps, "aa_queries": args.aa_queries,
-                    "batch_size": args.test_batch_size}
+                    "batch_size": args.test_batch_size, "cifar_c_dir": args.cifar_c_dir}
     test = (TestSettings(aa=args.aa, ood=args.ood, **{k: v for k, v in test_options.items() if v is not None})
             if args.test else None)
     command = "robustlab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["rift"] else None

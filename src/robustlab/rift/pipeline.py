@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from robustlab import checkpoint, provenance
 from robustlab.attacks import apgd_targeted, autoattack_accuracy, dlr_loss, first_success, pgd
 from robustlab.checkpoint import weights_digest
-from robustlab.data import ImageSet, Splits
+from robustlab.data import ImageSet, Splits, check_cifar_c
 from robustlab.errors import RobustlabError, check_choice
 from robustlab.evaluate.accuracy import accuracy
 from robustlab.evaluate.corruptions import ood_accuracy
@@ -98,6 +98,7 @@ class TestSettings:
     aa_steps: int = 100             # protocol
     aa_queries: int = 5000          # protocol
     ood: bool = True
+    cifar_c_dir: str | None = None  # OOD on the published CIFAR-10/100-C files there (None: generated corruptions)
     batch_size: int = 500
 
 
@@ -136,6 +137,8 @@ def rift(source, data: Splits, out, settings: RiftSettings = RiftSettings(), tes
     kept = out / "best.safetensors"
     if kept.exists() and "rift" not in checkpoint.read_metadata(kept):  # e.g. --out RUN: the robust model itself
         raise RobustlabError(f"{kept} is a trained model that RiFT's result would overwrite; choose another --out")
+    if test is not None and test.ood and test.cifar_c_dir is not None:  # the files now, the test labels at the end
+        check_cifar_c(test.cifar_c_dir, checkpoint.read_metadata(source)["dataset"]["input_shape"])
 
     def load():  # channels_last: ~2× faster convolutions on CPUs
         fresh = load_model(source)
@@ -319,8 +322,10 @@ def evaluate_test(model, data: Splits, *, threat_eval, norm, settings: TestSetti
             pgd_label: lambda: accuracy(model, test, attack=attack, batch_size=settings.batch_size, seed=0,
                                         progress=f"test {pgd_label}", show=show)}
     if settings.ood:
-        jobs["OOD mean"] = lambda: ood_accuracy(model, test, progress=show is not False, batch_size=settings.batch_size,
-                                                cache_dir=Path.home() / ".cache" / "robustlab" / "corruptions").mean
+        published = settings.cifar_c_dir is not None  # its own name: cached apart from the generated suite's
+        jobs["OOD mean (the published CIFAR-C files)" if published else "OOD mean"] = lambda: ood_accuracy(
+            model, test, progress=show is not False, batch_size=settings.batch_size, cifar_c_dir=settings.cifar_c_dir,
+            cache_dir=Path.home() / ".cache" / "robustlab" / "corruptions").mean
     if settings.aa:
         aa_dir = out / "eval"
         aa_dir.mkdir(exist_ok=True)
