@@ -487,6 +487,14 @@ def test_summary_table_names_what_differs_and_prints_no_nan(tmp_path):
            "gradients, large_eps)" in text
     assert "AutoAttack on fewer images than clean" == plot(rows, tmp_path / "p.png")
     assert "AutoAttack on the first 500 images" == plot([rows[1]], tmp_path / "q.png")
+    # OOD means over generated corruptions and over the published files, side by side without a word
+    generated = {**row, "ood": 0.7, "ood_set": "OOD mean over 25 corruptions × 5 severities"}
+    published = {**generated, "name": "e", "ood_set": "OOD mean over 19 corruptions × 5 severities (the published "
+                                                      "CIFAR-C files)"}
+    assert "corruption sets" not in table([generated, {**generated, "name": "f"}, row])
+    assert ("the reports' OOD means are over different corruption sets, so that column does not compare: a: OOD "
+            "mean over 25 corruptions × 5 severities; e: OOD mean over 19 corruptions × 5 severities (the published "
+            "CIFAR-C files)") in table([generated, published, row])
 
 
 def test_checkpoint_choice_and_non_model_files_are_one_line_errors(tmp_path, run_cli):

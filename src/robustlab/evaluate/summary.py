@@ -55,7 +55,7 @@ def summarize(name: str, report: dict, folder: Path) -> dict:
             "autoattack": autoattack[-1]["accuracy"] if autoattack else None,
             "autoattack_n": autoattack[-1].get("n") if autoattack else None,
             "autoattack_stage": autoattack[-1]["name"] if autoattack else None,
-            "ood": ood["accuracy"] if ood else None,
+            "ood": ood["accuracy"] if ood else None, "ood_set": ood["name"] if ood else None,
             "train_s": run["train_s"] if "train_s" in run else training_seconds(folder),
             "sanity": report.get("sanity", {}).get("verdict"),
             "sanity_not_run": sum(c.get("ran") is False for c in report.get("sanity", {}).get("checks", []))}
@@ -94,6 +94,9 @@ def table(rows: list[dict]) -> str:
     lines.append(f"attack: {attacks[0]}" if len(attacks) == 1 else
                  "the reports ran different attacks, so that column does not compare: " + "; ".join(
                      f"{r['name']}: {r['attack']}" for r in rows))
+    if len({r["ood_set"] for r in rows if r.get("ood_set")}) > 1:  # generated against published, say
+        lines.append("the reports' OOD means are over different corruption sets, so that column does not compare: "
+                     + "; ".join(f"{r['name']}: {r['ood_set']}" for r in rows if r.get("ood_set")))
     if len({r["n"] for r in rows}) > 1 or len({r["autoattack_n"] for r in rows if r["autoattack_n"]}) > 1:
         lines.append("the reports measured different numbers of images: compare with their sampling error in mind")
     stages = {r["autoattack_stage"] for r in rows if r["autoattack_stage"]}
