@@ -497,6 +497,18 @@ def test_summary_table_names_what_differs_and_prints_no_nan(tmp_path):
             "CIFAR-C files)") in table([generated, published, row])
 
 
+def test_summary_table_gives_long_trainings_in_minutes_and_names_only_what_differs():
+    from robustlab.evaluate.summary import table
+    row = {"name": "a", "dataset": "fashion-mnist", "model": "cnn-small", "method": "pgd-at", "epoch": "10/10",
+           "n": 100, "clean": 0.85, "attack": "PGD", "robust": 0.75, "autoattack": 0.74, "autoattack_n": 100,
+           "autoattack_stage": "AutoAttack after square", "ood": None, "train_s": 600.0, "sanity": None}
+    text = table([row, {**row, "name": "b", "train_s": 90.0}])
+    assert "| – | 10.0 min |" in text and "| – | 90 s |" in text
+    assert text.endswith("\nattack: PGD")  # alike in all else: nothing more to say
+    lowered = {**row, "name": "c", "autoattack_stage": "AutoAttack after square (off-protocol: 5 steps, 50 queries)"}
+    assert "AutoAttack ran with a lowered budget (off-protocol) in some reports" in table([row, lowered])
+
+
 def test_checkpoint_choice_and_non_model_files_are_one_line_errors(tmp_path, run_cli):
     """--checkpoint with a file was ignored, a RiFT folder's missing last.safetensors was reported as no checkpoint at
     all, and a robustlab file that holds no model (an AutoAttack state) failed with KeyError: 'dataset'."""
@@ -620,6 +632,27 @@ def test_the_protocols_own_step_count_keeps_its_step():
     assert step_for(evaluation, 0.2, 50) == pytest.approx(0.02)  # scaled with ε, as without --steps
     assert step_for(evaluation, None, 20) == pytest.approx(2.5 * 0.1 / 20)  # another count: Madry's rule
     assert step_for(threat_defaults("fashion-mnist", "l2").eval, None, 50) == pytest.approx(0.15)
+
+
+def test_a_count_where_there_is_nothing_to_count_says_so():
+    """"give at most 0" to an option that takes 1 or more is no advice."""
+    from robustlab.errors import RobustlabError, check_at_most
+    with pytest.raises(RobustlabError, match="^--val-n 10: there are no validation images; leave out --val-n$"):
+        check_at_most("--val-n", 10, 0, "validation images (the split is empty)")
+    check_at_most("--val-n", None, 0, "validation images")
+
+
+def test_a_radius_runs_from_0_to_the_one_that_reaches_every_image_and_is_a_number():
+    """ε = 0 (the clean point of a sweep) and ε = 1 in L∞ (the whole pixel range) are radii; True, which Python
+    counts as 1, is none."""
+    from robustlab.errors import RobustlabError
+    from robustlab.protocol import check_eps
+    for eps in (0, 0.0, 8 / 255, 1, 1.0):
+        check_eps(eps, "linf", "--eps")
+    check_eps(0.0, "l2", "--eps", (1, 28, 28))
+    for eps in (True, False, -0.01, float("nan"), "0.1", 1.001):
+        with pytest.raises(RobustlabError, match="^--eps "):
+            check_eps(eps, "linf", "--eps")
 
 
 def test_a_run_too_short_for_awp_says_it_trains_without_it(tmp_path, run_cli):

@@ -304,6 +304,8 @@ def test_the_attack_at_another_radius_scales_its_step_with_it(attack):
     ("fashion-mnist", "linf", (0.1, 50, 0.01, 3)), ("fashion-mnist", "l2", (1.5, 50, 0.15, 3)),
     ("mnist", "linf", (0.3, 100, 0.01, 1)), ("cifar10", "linf", (8 / 255, 20, 2 / 255, 1)),
     ("cifar100", "l2", (0.5, 20, 0.0625, 1)),
+    # image folders and .npy arrays hold natural images of unknown origin: CIFAR's budget
+    ("folder", "linf", (8 / 255, 20, 2 / 255, 1)), ("npy", "l2", (0.5, 20, 0.0625, 1)),
 ])
 def test_the_default_attack_is_the_protocols_evaluation_pgd(dataset, norm, budget):
     """ε, steps, step and restarts of the protocol's table (Fashion-MNIST's PGD-50×3: worst case of three starts)."""

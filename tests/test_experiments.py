@@ -441,6 +441,17 @@ def test_the_recorded_machine_names_its_gpus(monkeypatch):
     assert ", 2× NVIDIA H200, torch " in provenance.machine()
 
 
+def test_the_recorded_machine_names_the_cpu_model_where_linux_says_it():
+    """"AMD EPYC 7B13, 2 cores, ...": the model name from /proc/cpuinfo, not platform's architecture ("x86_64")."""
+    from robustlab import provenance
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [l.split(":", 1)[1].strip() for l in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+             if l.startswith("model name")]
+    if not names:
+        pytest.skip("no model name in /proc/cpuinfo")
+    assert provenance.machine().startswith(f"{names[0]}, {os.cpu_count()} cores")
+
+
 @pytest.mark.parametrize("option,words", [("pgd-at.steps=0", "steps must be an integer >= 1"),
                                           ("free-at.replays=abc", "--option for free-at"),
                                           ("trades.beta=abc", "--option for trades")])

@@ -34,3 +34,19 @@ def test_nested_bars_in_a_log_move_no_cursor():
     env = {**os.environ, "PYTHONPATH": SRC}
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stderr
     assert "inner:" in err and "outer: 100%" in err and "\x1b" not in err, repr(err)
+
+
+def test_a_bar_in_a_log_is_due_every_30_seconds_and_hidden_only_when_asked_or_off_rank_0(monkeypatch):
+    """The docstring's contract: shown by default (show=None), throttled to a line every 30 s when stderr is no
+    terminal, hidden by show=False and on the ranks other than 0 under torchrun."""
+    import io
+
+    from robustlab import distributed
+    from robustlab.progress import progress
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file
+    bar = progress(range(3))
+    assert (bar.mininterval, bar.disable) == (30, False)
+    bar.close()
+    assert progress(range(3), show=False).disable
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    assert progress(range(3)).disable

@@ -648,3 +648,140 @@ def test_an_evaluated_rift_result_says_it_is_one():
             "epoch": 9, "epochs_total": 10, "rift": {"module": "net.fc1", "alpha": 0.3}}
     run = _results(meta, 0.8, 0.7, 10, "PGD", time.perf_counter(), attack={})["run"]
     assert run["method"] == "pgd-at + RiFT (net.fc1, α 0.3)" and run["epoch"] == 9
+
+
+def test_the_result_checkpoint_records_the_choice_it_was_made_from(tiny_run, small, tmp_path, one_thread, monkeypatch):
+    """best.safetensors' metadata, which `robustlab eval` and `summary` read: the chosen α's validation figures
+    (clean and robust under their own names), the original's robust figure at α = 0, the validation images they
+    were measured on (--val-n), the source's epoch, and that no automatic mode ran. Modules fine-tuned together
+    show the largest of their MRCs; α's curve is measured afresh on other validation images."""
+    names = [n for n, _ in classifier_modules(load_model(tiny_run))]
+    mrc = {"modules": {n: {"mrc": 1.0 + i, "seconds": 0.0} for i, n in enumerate(names)}, "adv_set_seconds": 0.0}
+    monkeypatch.setattr(pipeline_module, "compute_mrc", lambda *a, **k: copy.deepcopy(mrc))
+    for writer in ("plot_mrc", "plot_alpha", "write_report"):
+        monkeypatch.setattr(pipeline_module, writer, lambda *a, **k: None)
+    monkeypatch.setattr(pipeline_module, "finetune", lambda model, *a, **k: (
+        copy.deepcopy(model).eval(), {"best_epoch": 0, "val_clean": 0.5, "train_seconds": 0.0}))
+    # clean accuracy rises with α, robust accuracy falls from 0.40 at α = 0: the search stand-in picks α = 0.3
+    figures = {a: {"clean": 0.70 + a / 10, "robust": 0.40 - a / 10} for a in pipeline_module.ALPHAS}
+
+    curves = []
+
+    class Search:
+        def __init__(self, model, robust, tuned, *args, curve, **kwargs):
+            self.robust, self.curve = robust, curve
+            curves.append(dict(curve))  # what the cache held
+
+        def choose(self, alphas, tolerance, full=True):
+            self.curve.update({f"{a:.2f}": figures[a] for a in alphas})
+            return 0.3
+
+        def state(self, alpha):
+            return self.robust
+    monkeypatch.setattr(pipeline_module, "AlphaSearch", Search)
+    settings = RiftSettings(module=f"{names[2]},{names[0]}", epochs=1, val_n=30)
+    report = rift(tiny_run / "best.safetensors", small, tmp_path, settings, test=None, show=False)
+    meta = checkpoint.read_metadata(tmp_path / "best.safetensors")
+    assert meta["rift"]["val"] == {"clean": pytest.approx(0.73), "robust": pytest.approx(0.37),
+                                   "robust_original": pytest.approx(0.40), "images": 30}
+    assert meta["metrics"] == {"val_clean": pytest.approx(0.73), "val_robust": pytest.approx(0.37)}
+    assert meta["rift"]["automatic"] is False and report["rift"] == meta["rift"]
+    assert meta["rift"]["module"] == f"{names[2]},{names[0]}" and report["candidates"][report["chosen"]]["mrc"] == 3.0
+    assert meta["rift"]["mrc"] == {n: r["mrc"] for n, r in mrc["modules"].items()}
+    assert meta["epoch"] == checkpoint.read_metadata(tiny_run / "best.safetensors")["epoch"]
+    rift(tiny_run / "best.safetensors", small, tmp_path, dataclasses.replace(settings, val_n=60), test=None,
+         show=False)
+    assert curves[-1] == {} and checkpoint.read_metadata(tmp_path / "best.safetensors")["rift"]["val"]["images"] == 60
+
+
+def test_test_set_figures_are_cached_per_weights_and_settings_and_the_same_weights_measured_once(tmp_path,
+                                                                                                  monkeypatch):
+    """A resumed RiFT run measures nothing twice; other test settings (--n, AutoAttack's budget) measure afresh, with
+    an AutoAttack state of their own; a model with the weights of another is reported as such."""
+    from robustlab.data import ImageSet
+    from robustlab.protocol import threat_defaults
+    calls = []
+    monkeypatch.setattr(pipeline_module, "accuracy", lambda model, data, attack=None, **k: calls.append(
+        ("pgd" if attack else "clean", len(data))) or 0.5)
+
+    class Result:
+        robust_accuracy = 0.25
+
+    def autoattack_accuracy(model, data, eps, norm, *, n, steps, state_path, **k):
+        calls.append(("AutoAttack", n, steps, state_path.name))
+        return Result
+    monkeypatch.setattr(pipeline_module, "autoattack_accuracy", autoattack_accuracy)
+    state = pipeline_module.State(tmp_path / "rift_state.json", {"path": "x.safetensors", "sha256": "0"})
+    test = ImageSet(torch.zeros(12, 1, 2, 2, dtype=torch.uint8), torch.zeros(12, dtype=torch.long))
+    data = Splits(None, None, test, None)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    budget = threat_defaults("fashion-mnist", "linf")  # its evaluation PGD-50×3
+
+    def measure(models=None, **settings):
+        return pipeline_module._test_report(models or {"original": model}, data, budget, "linf",
+                                            ReportSettings(ood=False, **settings), state, tmp_path, False, {})
+    first = measure(n=8, aa_n=20, aa_steps=2)["original"]
+    aa_call = calls[-1]
+    assert [c[:2] for c in calls] == [("clean", 8), ("pgd", 8), ("AutoAttack", 20)]
+    assert (first["clean"], first["PGD-50×3"], first["AutoAttack"], first["aa_n"]) == (0.5, 0.5, 0.25, 8)
+    calls.clear()
+    assert measure(n=8, aa_n=20, aa_steps=2)["original"] == first and calls == []  # resumed: all from the cache
+    measure(n=8, aa_n=20, aa_steps=3)
+    assert [c[0] for c in calls] == ["clean", "pgd", "AutoAttack"]  # another budget: measured afresh...
+    assert calls[-1][2] == 3 and calls[-1][3] != aa_call[3]  # ...with an AutoAttack state of its own
+    calls.clear()
+    twin = copy.deepcopy(model)
+    results = measure({"original": model, "rift": twin}, n=8, aa_n=20, aa_steps=3)
+    assert calls == [] and results["rift"]["same_weights_as"] == "original"
+    assert "same_weights_as" not in results["original"]
+
+
+def test_the_command_line_hands_rift_its_options_in_rifts_units(tiny_run, tmp_path, run_cli, monkeypatch):
+    """--tolerance is in points, RiftSettings.tolerance a fraction; --auto may name every module RiFT can fine-tune
+    (21 here); the MRC cache is RUN/mrc, which `robustlab mrc RUN` shares."""
+    seen = {}
+
+    class Started(Exception):
+        pass
+
+    def rift_stand_in(source, data, out, settings, test, **kwargs):
+        seen.update(settings=settings, test=test, **kwargs)
+        raise Started
+    monkeypatch.setattr(pipeline_module, "rift", rift_stand_in)
+    with pytest.raises(Started):
+        run_cli("rift", tiny_run, "--out", tmp_path / "out", "--auto", "21", "--tolerance", "0.5", "--momentum", "0.5",
+                "--seed", "3", "--test-batch-size", "64", "--data-dir", FMNIST)
+    settings = seen["settings"]
+    assert settings.tolerance == pytest.approx(0.005) and settings.auto == 21 and settings.momentum == 0.5
+    assert settings.seed == settings.mrc.seed == 3
+    assert seen["test"].batch_size == 64 and seen["mrc_dir"] == tiny_run / "mrc"
+
+
+def test_the_report_states_the_change_the_budget_the_epoch_and_the_tolerance_as_people_read_them(tmp_path):
+    """rift_report.md from a report's dictionary: RiFT minus the original in points, AutoAttack at the protocol's
+    budget named without "off-protocol", the fine-tuned epoch counted from 1, the tolerance in points."""
+    from robustlab.rift.report import write_report
+    cid = "layer1.0.conv1-lr0.001"
+    candidate = {"module": "net.layer1.0.conv1", "lr": 0.001, "mrc": 0.1, "alpha": 0.3, "val_clean": 0.82,
+                 "val_robust": 0.4, "finetune": {"best_epoch": 2, "val_clean": 0.81}}
+    row = {"weights": "0", "n": 40, "aa_n": 20, "seconds": {}}
+    report = {"source": {"path": "run/best.safetensors", "model": {"name": "cnn-small"}, "method": "pgd-at"},
+              "dataset": "fashion-mnist", "norm": "linf", "settings": {"module": None, "tolerance": 0.001},
+              "test_settings": {"aa_steps": 100, "aa_queries": 5000}, "paper_pick": cid, "chosen": cid,
+              "rift": {"module": candidate["module"], "alpha": 0.3, "lr": 0.001, "bn": "update", "automatic": False,
+                       "val": {"images": 50, "robust_original": 0.405}},
+              "mrc": {"key": {"n": 48, "attack": {"steps": 10}, "mrc": {"eps": 0.1}},
+                      "original": {"loss": 1.0, "accuracy": 0.4},
+                      "modules": {"net.layer1.0.conv1": {"mrc": 0.1, "worst_accuracy": 0.3, "weights": 72}}},
+              "mrc_ranking": ["net.layer1.0.conv1"], "candidates": {cid: candidate}, "alpha_check": "",
+              "test": {"original": {**row, "clean": 0.8, "AutoAttack": 0.4},
+                       "rift": {**row, "clean": 0.82, "AutoAttack": 0.385}},
+              "wall_s": {"MRC": 1.0}}
+    write_report(tmp_path, report)
+    text = (tmp_path / "rift_report.md").read_text()
+    assert "| clean | 80.00% | 82.00% | +2.00 points |" in text
+    assert "| AutoAttack-standard (20 images) | 40.00% | 38.50% | -1.50 points |" in text
+    assert "≥ the original's − 0.1 point (50 images" in text
+    assert f"| `{cid}` (chosen) (the paper's pick) | 0.1000 | 3 (81.00%) | 0.3 | 82.00% | 40.00% |" in text
+    assert json.loads((tmp_path / "rift_report.json").read_text())["chosen"] == cid

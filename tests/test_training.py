@@ -373,6 +373,19 @@ def test_training_curves_plot_reads_the_runs_metrics(tmp_path):
     assert (tmp_path / "one.png").stat().st_size > 1000 and (tmp_path / "kept.png").stat().st_size > 1000
 
 
+def test_training_curves_ring_the_most_robust_epoch_unless_told_the_kept_one(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from robustlab.evaluate.report import plot_training_curves
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, path, **kw: drawn.append(self))
+    lines = [{"epoch": e, "val_clean": 0.8, "val_robust": r} for e, r in enumerate((0.40, 0.45, 0.43, 0.45))]
+    for best, ringed in ((None, 2), ({"a": 2}, 3)):  # the first maximum, as the Trainer keeps; else the given epoch
+        plot_training_curves({"a": lines}, tmp_path / "curves.png", "toy", best=best)
+        kept, = [l for l in drawn[-1].axes[0].get_lines() if l.get_label() == "kept checkpoint (best.safetensors)"]
+        assert list(kept.get_xdata()) == [ringed], best
+
+
 @pytest.mark.parametrize("name,shape,smallest", [("lenet", (3, 8, 8), 12), ("cnn-small", (1, 3, 3), 4),
                                                  ("cnn-strided", (1, 2, 3), 4), ("cnn-small", (1, 3, 28), 4),
                                                  ("lenet", (1, 40, 8), 12)])
@@ -399,6 +412,15 @@ def test_a_model_refuses_a_normalization_that_cannot_work(mean, std):
         build_model("cnn-small", (1, 28, 28), 10, mean, std)
     one_for_all = build_model("cnn-small", (3, 8, 8), 10, 0.5, 0.25)  # a scalar, as Normalize always took
     assert one_for_all(torch.rand(2, 3, 8, 8)).isfinite().all()
+
+
+def test_a_model_refuses_an_option_its_builder_does_not_take():
+    """From Python (the CLI checks --width itself), a TypeError from the builder's call."""
+    from robustlab.models import build_model
+    with pytest.raises(RobustlabError, match="^model 'cnn-small' has no option width; it takes: none$"):
+        build_model("cnn-small", (1, 28, 28), 10, [0.5], [0.25], width=8)
+    with pytest.raises(RobustlabError, match="^model 'wrn-28-10' has no option width; it takes: depth, widen$"):
+        build_model("wrn-28-10", (3, 32, 32), 10, [0.5] * 3, [0.25] * 3, width=8)
 
 
 def test_an_undefended_run_keeps_its_cleanest_epoch(tmp_path):
@@ -518,3 +540,161 @@ def test_a_checkpoint_keeps_its_tensors_and_metadata_and_another_format_is_refus
     with pytest.raises(RobustlabError, match="has checkpoint format 'robustlab-checkpoint/2'; this robustlab reads "
                                              "robustlab-checkpoint/1"):
         checkpoint.load(tmp_path / "b.safetensors")
+
+
+@pytest.mark.parametrize("name,shape,layers", [
+    # the protocol's CNN: 3×3 convs of 32 and 64 channels, 128 hidden units
+    ("cnn-small", (1, 28, 28), {"conv1": (32, 1, 3, 3), "conv2": (64, 32, 3, 3), "fc1": (128, 64 * 7 * 7),
+                                "fc2": (10, 128)}),
+    # Wong et al.'s MNIST network, whose published weights experiments/fast_at_mnist.py imports
+    ("cnn-strided", (1, 28, 28), {"conv1": (16, 1, 4, 4), "conv2": (32, 16, 4, 4), "fc1": (100, 32 * 7 * 7),
+                                  "fc2": (10, 100)}),
+    ("lenet", (1, 28, 28), {"conv1": (6, 1, 5, 5), "conv2": (16, 6, 5, 5), "fc1": (120, 16 * 5 * 5), "fc2": (84, 120),
+                            "fc3": (10, 84)}),
+    ("mlp", (1, 28, 28), {"fc1": (128, 784), "fc2": (10, 128)}),  # TinyBobNet's 784-128-10
+])
+def test_the_small_networks_have_their_published_layers(name, shape, layers):
+    from robustlab.models import build_model
+    net = build_model(name, shape, 10, [0.5], [0.5]).net
+    assert {n.removesuffix(".weight"): tuple(p.shape) for n, p in net.named_parameters() if n.endswith("weight")} \
+        == layers
+
+
+def _stage_sizes(model, shape):
+    """(channels, side) after the stem and after each stage, read off forward hooks."""
+    net, seen = model.net, []
+    stages = [net.conv1, net.layer1, net.layer2, net.layer3] + ([net.layer4] if net.layer4 is not None else [])
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append((o.shape[1], o.shape[2]))) for m in stages]
+    with torch.no_grad():
+        model.eval()(torch.rand(1, *shape))
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("name,shape,kwargs,sizes", [
+    # CIFAR layout: a stride-1 stem, then stages of 1, 2, 4, 8 × width channels, halving the side from the second on
+    ("preact-resnet18", (3, 32, 32), {"width": 8}, [(8, 32), (8, 32), (16, 16), (32, 8), (64, 4)]),
+    ("resnet18", (3, 32, 32), {"width": 8}, [(8, 32), (8, 32), (16, 16), (32, 8), (64, 4)]),
+    # the small variant's stride-2 stem: 28×28 → 14×14
+    ("preact-resnet18-small", (1, 28, 28), {"width": 16}, [(16, 14), (16, 14), (32, 7), (64, 4), (128, 2)]),
+    # WRN-28-k: a 16-channel stem, stages of 16k, 32k, 64k
+    ("wrn-28-10", (3, 32, 32), {"widen": 2}, [(16, 32), (32, 32), (64, 16), (128, 8)]),
+])
+def test_residual_networks_have_their_published_stages(name, shape, kwargs, sizes):
+    from robustlab.models import build_model
+    from robustlab.models.resnet import PreActBlock
+    model = build_model(name, shape, 10, [0.5] * shape[0], [0.5] * shape[0], **kwargs)
+    assert _stage_sizes(model, shape) == sizes
+    blocks = [s for s in (model.net.layer1, model.net.layer2, model.net.layer3, model.net.layer4) if s is not None]
+    assert [len(stage) for stage in blocks] == ([4, 4, 4] if name == "wrn-28-10" else [2, 2, 2, 2])  # 6n + 4 = 28
+    preact = name != "resnet18"
+    assert all(isinstance(b, PreActBlock) == preact for stage in blocks for b in stage)
+    # post-activation nets normalize the stem, pre-activation nets the last stage's output
+    assert (model.net.bn1 is None, model.net.bn_final is not None) == (preact, preact)
+
+
+def test_residual_blocks_order_their_batchnorm_relu_and_convolutions_as_published():
+    """Pre-activation (He et al. 2016): BN-ReLU before each convolution, and a projection shortcut takes the
+    pre-activated input; post-activation: conv-BN-ReLU, conv-BN, the shortcut added, then ReLU. The classifier reads
+    the average over positions."""
+    from torch.nn import functional as F
+
+    from robustlab.models.resnet import BasicBlock, PreActBlock, ResNet
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, 6)
+
+    def randomized(block):  # BatchNorm statistics and affine parameters away from the identity
+        for m in block.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2)
+                m.weight.data.normal_()
+                m.bias.data.normal_()
+        return block.eval()
+    with torch.no_grad():
+        b = randomized(PreActBlock(4, 8, 2))
+        a = F.relu(b.bn1(x))
+        torch.testing.assert_close(b(x), b.conv2(F.relu(b.bn2(b.conv1(a)))) + b.shortcut(a))
+        b = randomized(BasicBlock(4, 8, 2))
+        out = b.bn2(b.conv2(F.relu(b.bn1(b.conv1(x)))))
+        torch.testing.assert_close(b(x), F.relu(out + b.shortcut(x)))
+        net = randomized(ResNet(PreActBlock, [1, 1, 1], 4, [4, 8, 8], 3, 5, preact=True))
+        images = torch.randn(2, 3, 8, 8)
+        features = F.relu(net.bn_final(net.layer3(net.layer2(net.layer1(net.conv1(images))))))
+        torch.testing.assert_close(net(images), net.linear(features.mean((2, 3))))
+
+
+def test_wrn_draws_its_convolutions_over_their_fan_out():
+    """A convolution that doubles its channels tells fan-out (He et al.'s "fan_out" mode, TRADES's wideresnet.py)
+    from fan-in: std √(2 / (9 · out channels))."""
+    import math
+
+    from robustlab.models import build_model
+    torch.manual_seed(0)
+    net = build_model("wrn-28-10", (3, 32, 32), 10, [0.5] * 3, [0.5] * 3, widen=4).net
+    conv = net.layer2[0].conv1  # 64 → 128 channels
+    assert (conv.in_channels, conv.out_channels) == (64, 128)
+    assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (9 * 128)), rel=0.02)
+
+
+def test_channels_last_is_kept_from_narrow_resnets_on_cpus_alone():
+    from robustlab.models import build_model, channels_last_safe, fast_memory_format
+    narrow = build_model("preact-resnet18-small", (1, 28, 28), 10, [0.5], [0.25], width=4)
+    assert not channels_last_safe(narrow) and fast_memory_format(narrow) == torch.contiguous_format
+    assert channels_last_safe(narrow, torch.device("cuda")) and fast_memory_format(narrow, "cuda") == torch.channels_last
+
+
+def test_a_failed_safetensors_write_is_one_line_and_keeps_the_previous_file(tmp_path):
+    """safetensors reports a full disk as a SafetensorError (no OSError), whose message runs over several lines."""
+    from safetensors import SafetensorError
+    path = tmp_path / "last.safetensors"
+    checkpoint.save(path, {"w": torch.ones(3)}, {"epoch": 0})
+
+    def full_disk(tmp):
+        tmp.write_bytes(b"half")
+        raise SafetensorError("Error while serializing: No space left on device (os error 28)\nat save_file")
+    with pytest.raises(RobustlabError, match=r"^cannot write .*last.safetensors \(Error while serializing: No space "
+                                             r"left on device \(os error 28\)\); the previous file is kept$"):
+        checkpoint.atomic_write(path, full_disk)
+    assert checkpoint.load(path)[1]["epoch"] == 0 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "last.json", "last.safetensors"]
+
+
+def test_the_temporaries_of_another_process_s_killed_write_are_removed_and_this_process_s_own_kept(tmp_path):
+    """What a SIGKILL leaves is atomic_write's own temporary, named by its writer's process; the temporaries of
+    writes this process has under way are not stale."""
+    written = []
+    checkpoint.write_text(tmp_path / "config.json", "{}\n")
+    checkpoint.atomic_write(tmp_path / "best.safetensors", lambda tmp: written.append(tmp.name) or tmp.write_text("x"))
+    own = tmp_path / written[0]
+    killed = tmp_path / written[0].replace(str(os.getpid()), "99999999")  # the same write, by a process now gone
+    assert own != killed
+    for names in (None, ["best.safetensors"]):
+        own.write_text("under way")
+        killed.write_text("cut short")
+        checkpoint.remove_stale_temporaries(tmp_path, names)
+        assert own.exists() and not killed.exists(), names
+    assert (tmp_path / "config.json").read_text() == "{}\n"
+
+
+def test_a_shared_folder_keeps_the_temporaries_of_another_user_s_live_process(tmp_path, monkeypatch):
+    """os.kill(pid, 0) on another user's process raises PermissionError: the process runs, its file is in use."""
+    stale = tmp_path / ".x.npy.tmp4242"
+    stale.write_bytes(b"part")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+
+    def kill(pid, signal):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(checkpoint.os, "kill", kill)
+    checkpoint.remove_stale_temporaries(tmp_path, shared=True)
+    assert stale.exists()
+
+
+def test_the_weights_digest_covers_batchnorm_statistics():
+    """The digest keys the caches of a model's figures (RiFT's α curves and test results, AutoAttack states): θ(α)
+    with re-estimated BatchNorm statistics differs from the interpolation in its buffers alone."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    before = checkpoint.weights_digest(model)
+    model[1].running_var.mul_(2)
+    assert checkpoint.weights_digest(model) != before
