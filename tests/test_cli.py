@@ -504,9 +504,19 @@ def test_summary_table_gives_long_trainings_in_minutes_and_names_only_what_diffe
            "autoattack_stage": "AutoAttack after square", "ood": None, "train_s": 600.0, "sanity": None}
     text = table([row, {**row, "name": "b", "train_s": 90.0}])
     assert "| – | 10.0 min |" in text and "| – | 90 s |" in text
-    assert text.endswith("\nattack: PGD")  # alike in all else: nothing more to say
+    assert text.splitlines()[4:] == ["", "attack: PGD"]  # alike in all else: nothing more to say
     lowered = {**row, "name": "c", "autoattack_stage": "AutoAttack after square (off-protocol: 5 steps, 50 queries)"}
     assert "AutoAttack ran with a lowered budget (off-protocol) in some reports" in table([row, lowered])
+
+
+def test_summary_plot_takes_the_reports_attack_where_one_report_lacks_autoattack(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from robustlab.evaluate.summary import plot
+    monkeypatch.setattr(Figure, "savefig", lambda self, path, **kw: None)
+    row = {"name": "a", "n": 100, "clean": 0.85, "attack": "PGD-50×3", "robust": 0.75, "autoattack": 0.74,
+           "autoattack_n": 100, "sanity": None}
+    assert plot([row, {**row, "name": "b", "autoattack": None, "autoattack_n": None}], tmp_path / "p.png") == "PGD-50×3"
 
 
 def test_checkpoint_choice_and_non_model_files_are_one_line_errors(tmp_path, run_cli):

@@ -373,3 +373,18 @@ def test_the_gallery_shows_the_first_correctly_classified_images(one_thread):
     assert torch.equal(x, images[right].float() / 255) and torch.equal(y, labels[right])
     with torch.no_grad():
         assert torch.equal(pred, model(x_adv).argmax(1))
+
+
+def test_the_report_keeps_its_markdown_in_report_md_and_its_figures_in_report_json(tmp_path):
+    """report.json holds the figures (what `summary` reads), report.md the readable form: the sanity checks' table
+    is written into the second only."""
+    from robustlab.evaluate.report import write_report
+    results = {"run": {"model": "cnn-small", "dataset": "fashion-mnist", "method": "pgd-at", "epoch": 2, "epochs": 3},
+               "rows": [{"name": "clean", "n": 10, "accuracy": 0.5}], "wall_s": 2.0,
+               "sanity": {"verdict": "trustworthy", "n": 5}, "sanity_markdown": "| check | passed |"}
+    write_report(tmp_path, results, {}, "run")
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert "sanity_markdown" not in saved and saved["sanity"] == results["sanity"]
+    text = (tmp_path / "report.md").read_text()
+    assert "method: `pgd-at`, epoch 3 of 3" in text and "| clean | 10 | 50.00% |" in text
+    assert "On the first 5 of the evaluated images" in text and "| check | passed |" in text
